@@ -1,0 +1,386 @@
+//! The `tickgate` command line (OPS.md): argument parsing and the thin glue from each
+//! command to the library. Exit codes: 0 ok, 1 bad config or arguments (one line on
+//! stderr), 2 runtime failure.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::keys::KeySet;
+use crate::auth::mint::{self, Claims};
+use crate::auth::seclog::SecurityLog;
+use crate::config::Config;
+use crate::state::{AuthState, Shared};
+
+#[derive(Parser, Debug)]
+#[command(name = "tickgate", version, about = "Market-data WebSocket gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server: the embedded demo without --config, production mode with it.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Override admin.listen.
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// Override server.shards.
+        #[arg(long)]
+        shards: Option<String>,
+        /// Override any key: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Create an Ed25519 key pair: DIR/ID.key, DIR/ID.pub, DIR/jwks.json.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "k1")]
+        kid: String,
+    },
+    /// Print one signed token.
+    Token {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value = "k1")]
+        kid: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 300)]
+        ttl: u64,
+        #[arg(long, default_value = "subscriber")]
+        roles: String,
+        /// Entitlement patterns, comma-separated ('BTC-*,ETH-USD', '*').
+        #[arg(long)]
+        symbols: Option<String>,
+        #[arg(long)]
+        sid: Option<String>,
+        #[arg(long)]
+        did: Option<String>,
+        #[arg(long)]
+        cip: Option<String>,
+        #[arg(long)]
+        jti: Option<String>,
+        #[arg(long)]
+        iss: Option<String>,
+        #[arg(long)]
+        aud: Option<String>,
+    },
+    /// Validate a config file and print the effective settings.
+    CheckConfig { file: PathBuf },
+    /// A minimal stream client: connects, subscribes, prints every message (demo aid).
+    Client {
+        #[arg(long, default_value = "ws://127.0.0.1:8080/v1/stream")]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value = "BTC-USD,ETH-USD")]
+        symbols: String,
+        /// Stop after this many messages (0 = forever).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// Inspect the host and print what to tune.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+/// Run a parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Keygen { out, kid } => match mint::keygen(&out, &kid) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+                0
+            }
+            Err(e) => fail(1, &e.to_string()),
+        },
+        Command::Token { key, sub, kid, ttl, roles, symbols, sid, did, cip, jti, iss, aud } => {
+            let pem = match std::fs::read_to_string(&key) {
+                Ok(p) => p,
+                Err(e) => return fail(1, &format!("--key {}: {e}", key.display())),
+            };
+            let sk = match mint::signing_key_from_pkcs8_pem(&pem) {
+                Ok(k) => k,
+                Err(e) => return fail(1, &format!("--key {}: {e}", key.display())),
+            };
+            let now = unix_now();
+            let split = |s: &str| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>();
+            let claims = Claims {
+                sub,
+                exp: now + ttl,
+                iat: Some(now),
+                jti,
+                sid,
+                did,
+                cip,
+                roles: split(&roles),
+                symbols: symbols.as_deref().map(split).unwrap_or_default(),
+                iss,
+                aud,
+                ..Claims::default()
+            };
+            println!("{}", mint::sign_token(&sk, &kid, &claims));
+            0
+        }
+        Command::CheckConfig { file } => {
+            let cfg = match Config::load(&file, &env_vars()).and_then(|c| {
+                c.validate()?;
+                c.validate_files()?;
+                Ok(c)
+            }) {
+                Ok(c) => c,
+                Err(e) => return fail(1, &e.to_string()),
+            };
+            if let Err(e) = AuthState::load_keys(&cfg).and_then(|k| AuthState::build(&cfg, k)) {
+                return fail(1, &e);
+            }
+            print!("{}", cfg.to_toml_string());
+            0
+        }
+        Command::Doctor { config } => {
+            let cfg = match config.map(|p| Config::load(&p, &env_vars())).transpose() {
+                Ok(c) => c,
+                Err(e) => return fail(1, &e.to_string()),
+            };
+            print!("{}", crate::doctor::render(&crate::doctor::run(cfg.as_ref())));
+            0
+        }
+        Command::Client { url, token, symbols, count } => match crate::client::run(&url, &token, &symbols, count) {
+            Ok(()) => 0,
+            Err(e) => fail(2, &e),
+        },
+        Command::Serve { config, listen, admin_listen, shards, set } => {
+            serve(config, listen, admin_listen, shards, set)
+        }
+    }
+}
+
+fn fail(code: i32, msg: &str) -> i32 {
+    eprintln!("tickgate: {}", msg.lines().next().unwrap_or(msg));
+    code
+}
+
+/// The embedded demo's configuration (OPS.md "The embedded demo").
+pub fn demo_config() -> Config {
+    let mut cfg = Config::default_production();
+    cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
+    cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
+    cfg.auth.allowed_origins = vec![
+        "http://127.0.0.1:8080".into(),
+        "http://localhost:8080".into(),
+    ];
+    cfg.auth.allow_missing_origin = true;
+    cfg.feed.simulator = true;
+    cfg.feed.simulator_symbols = vec!["BTC-USD".into(), "ETH-USD".into(), "SOL-USD".into(), "XRP-USD".into()];
+    cfg
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<String>, admin_listen: Option<String>, shards: Option<String>, set: Vec<String>) -> i32 {
+    let demo = config.is_none();
+    let mut cfg = match &config {
+        Some(p) => match Config::load(p, &env_vars()) {
+            Ok(c) => c,
+            Err(e) => return fail(1, &e.to_string()),
+        },
+        None => {
+            let mut c = demo_config();
+            for (k, v) in env_vars() {
+                if let Some(rest) = k.strip_prefix("TICKGATE_") {
+                    let Some((section, key)) = rest.split_once('_') else {
+                        return fail(1, &format!("{k}: expected TICKGATE_<SECTION>_<KEY>"));
+                    };
+                    if let Err(e) = c.apply_override(&section.to_lowercase(), &key.to_lowercase(), &v) {
+                        return fail(1, &e.to_string());
+                    }
+                }
+            }
+            c
+        }
+    };
+    let mut overrides: Vec<(String, String, String)> = Vec::new();
+    if let Some(v) = listen {
+        overrides.push(("server".into(), "listen".into(), v));
+    }
+    if let Some(v) = admin_listen {
+        overrides.push(("admin".into(), "listen".into(), v));
+    }
+    if let Some(v) = shards {
+        overrides.push(("server".into(), "shards".into(), v));
+    }
+    for s in set {
+        let Some((path, value)) = s.split_once('=') else {
+            return fail(1, &format!("--set {s}: expected section.key=value"));
+        };
+        let Some((section, key)) = path.split_once('.') else {
+            return fail(1, &format!("--set {s}: expected section.key=value"));
+        };
+        overrides.push((section.into(), key.into(), value.into()));
+    }
+    for (section, key, value) in overrides {
+        if let Err(e) = cfg.apply_override(&section, &key, &value) {
+            return fail(1, &e.to_string());
+        }
+    }
+    if cfg.server.shards == 0 {
+        cfg.server.shards = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(64);
+    }
+    if let Err(e) = cfg.validate() {
+        return fail(1, &e.to_string());
+    }
+    init_tracing(&cfg.log.level);
+
+    // Keys: from the config, or (demo) one made in memory.
+    let mut demo_key = None;
+    let keys = if demo {
+        let sk = match mint::generate_signing_key() {
+            Ok(k) => k,
+            Err(_) => return fail(2, "cannot generate a key: the OS random source failed"),
+        };
+        let mut ks = KeySet::new();
+        if ks.insert("demo", sk.verifying_key()).is_err() {
+            return fail(2, "demo key set");
+        }
+        demo_key = Some(sk);
+        ks
+    } else {
+        match AuthState::load_keys(&cfg) {
+            Ok(k) => k,
+            Err(e) => return fail(1, &e),
+        }
+    };
+    let auth = match AuthState::build(&cfg, keys) {
+        Ok(a) => a,
+        Err(e) => return fail(1, &e),
+    };
+    let seclog = match SecurityLog::open(&cfg.log.security) {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("log.security: {}: {e}", cfg.log.security)),
+    };
+    let shared = Arc::new(Shared::new(cfg, auth, seclog));
+    let handle = match crate::rt::start(shared.clone()) {
+        Ok(h) => h,
+        Err(e) => return fail(2, &format!("cannot start: {e}")),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if shared.cfg.feed.simulator
+        && let Err(e) = crate::feed::sim::spawn(
+            shared.clone(),
+            &shared.cfg.feed.simulator_symbols,
+            shared.cfg.feed.simulator_rate,
+            stop.clone(),
+        )
+    {
+        return fail(2, &format!("simulator: {e}"));
+    }
+    tracing::info!(
+        shards = handle.shard_threads(),
+        driver = handle.driver.name(),
+        entries = shared.cfg.server.io_uring_entries,
+        sqpoll = shared.cfg.server.sqpoll,
+        "tickgate started"
+    );
+    println!(
+        "tickgate listening on {} ({} shards, driver {}), admin on {}",
+        handle.public_addr,
+        handle.shard_threads(),
+        handle.driver.name(),
+        handle.admin_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+    );
+    if let Some(sk) = &demo_key {
+        print_demo_banner(sk, handle.public_addr);
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    wait_for_signals(&handle, config.as_deref())
+}
+
+fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr) {
+    let now = unix_now();
+    let claims = Claims {
+        sub: "demo".into(),
+        exp: now + 600,
+        iat: Some(now),
+        sid: Some("demo-1".into()),
+        roles: vec!["subscriber".into(), "publisher".into()],
+        symbols: vec!["*".into()],
+        ..Claims::default()
+    };
+    let token = mint::sign_token(sk, "demo", &claims);
+    println!("demo token (sub=demo, subscriber+publisher, all symbols, valid 10 minutes):");
+    println!("{token}");
+    println!("try it (in another terminal):");
+    println!("  cargo run --release -- client --url ws://{addr}/v1/stream --token {token} --symbols BTC-USD,ETH-USD");
+    println!("or with websocat: websocat -H 'Authorization: Bearer {token}' ws://{addr}/v1/stream  and type {{\"op\":\"subscribe\",\"symbols\":[\"BTC-USD\"]}}");
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn wait_for_signals(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) -> i32 {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => return fail(2, &format!("signals: {e}")),
+    };
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => reload(handle, config),
+            _ => {
+                tracing::info!("draining");
+                let timeout = handle.shared.cfg.server.drain_timeout;
+                let clean = handle.drain_and_wait(timeout);
+                // Give the last close frames a moment to reach the wire.
+                std::thread::sleep(Duration::from_millis(50));
+                tracing::info!(clean, "drained, exiting");
+                return 0;
+            }
+        }
+    }
+    0
+}
+
+/// SIGHUP: reload keys and allow-lists from the config file; live connections stay.
+fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) {
+    let Some(path) = config else {
+        tracing::info!("SIGHUP: the embedded demo has nothing to reload");
+        return;
+    };
+    let result = Config::load(path, &env_vars())
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| AuthState::load_keys(&cfg).and_then(|k| AuthState::build(&cfg, k)));
+    match result {
+        Ok(auth) => {
+            let kids = auth.verifier.keys().kids();
+            handle.shared.swap_auth(auth);
+            tracing::info!(?kids, "SIGHUP: keys and allow-lists reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists"),
+    }
+}

@@ -1,0 +1,118 @@
+//! `tickgate client`: a deliberately small blocking WebSocket client for the demo, so
+//! trying the server needs nothing but this binary. Plain `ws://` only.
+//!
+//! It writes the upgrade request by hand, checks the `101` and `Sec-WebSocket-Accept`,
+//! sends one `subscribe`, then prints every text message, answering pings.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use crate::proto::frame::{OpCode, encode_client_frame_into};
+use crate::proto::http::accept_key;
+
+fn parse_ws_url(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs are supported")?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/v1/stream"),
+    };
+    Ok((host.to_string(), path.to_string()))
+}
+
+fn mask() -> [u8; 4] {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(7);
+    n.to_le_bytes()
+}
+
+fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    encode_client_frame_into(OpCode::Text, true, text.as_bytes(), mask(), &mut out);
+    s.write_all(&out)
+}
+
+pub fn run(url: &str, token: &str, symbols: &str, count: u64) -> Result<(), String> {
+    let (host, path) = parse_ws_url(url)?;
+    let mut s = TcpStream::connect(&host).map_err(|e| format!("connect {host}: {e}"))?;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: md.v1.json\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("server closed: {}", String::from_utf8_lossy(&buf)));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return Err("response head too large".into());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("upgrade refused: {}", head.lines().next().unwrap_or("")));
+    }
+    let expected = accept_key(key);
+    if !head.lines().any(|l| l.to_ascii_lowercase().starts_with("sec-websocket-accept:") && l.contains(&expected)) {
+        return Err("bad Sec-WebSocket-Accept".into());
+    }
+    buf.drain(..head_end);
+    let list: Vec<String> = symbols.split(',').map(|x| format!("\"{}\"", x.trim())).collect();
+    send_text(&mut s, &format!("{{\"op\":\"subscribe\",\"id\":1,\"symbols\":[{}],\"snapshot\":true}}", list.join(",")))
+        .map_err(|e| e.to_string())?;
+    let mut seen = 0u64;
+    loop {
+        // Parse as many server frames (unmasked) as are buffered.
+        while buf.len() >= 2 {
+            let op = buf[0] & 0x0f;
+            let (len, hl) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&buf[2..10]);
+                    (u64::from_be_bytes(b) as usize, 10)
+                }
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if len > 16 * 1024 * 1024 {
+                return Err("frame too large".into());
+            }
+            if buf.len() < hl + len {
+                break;
+            }
+            let payload = buf[hl..hl + len].to_vec();
+            buf.drain(..hl + len);
+            match op {
+                0x1 => {
+                    println!("{}", String::from_utf8_lossy(&payload));
+                    seen += 1;
+                    if count > 0 && seen >= count {
+                        return Ok(());
+                    }
+                }
+                0x8 => {
+                    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                    println!("closed by server: {code} {}", String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])));
+                    return Ok(());
+                }
+                0x9 => {
+                    let mut out = Vec::new();
+                    encode_client_frame_into(OpCode::Pong, true, &payload, mask(), &mut out);
+                    s.write_all(&out).map_err(|e| e.to_string())?;
+                }
+                _ => {}
+            }
+        }
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

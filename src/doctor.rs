@@ -1,0 +1,175 @@
+//! `tickgate doctor`: inspect the host and say what to tune (see perf/TUNING.md).
+//!
+//! Each check reads a kernel interface, compares it with what a gateway holding tens of
+//! thousands of sockets per core wants, and prints `ok`, `warn` or `info` with the command
+//! that fixes it. Doctor never changes anything and exits 0 unless it cannot run at all.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Ok,
+    Info,
+    Warn,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub level: Level,
+    pub check: &'static str,
+    pub detail: String,
+}
+
+fn read(p: &str) -> Option<String> {
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn f(level: Level, check: &'static str, detail: impl Into<String>) -> Finding {
+    Finding { level, check, detail: detail.into() }
+}
+
+/// Run every check. `cfg`, when given, adds the config-dependent ones.
+pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    // io_uring
+    let disabled = read("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse::<u32>().ok());
+    if crate::rt::Driver::detect() == crate::rt::Driver::IoUring {
+        out.push(f(Level::Ok, "io_uring", "available: shards run on the io_uring driver"));
+    } else {
+        out.push(f(
+            Level::Warn,
+            "io_uring",
+            format!(
+                "unavailable (kernel.io_uring_disabled={}): shards fall back to epoll; enable with `sysctl -w kernel.io_uring_disabled=0` or run on kernel >= 5.11",
+                disabled.map(|d| d.to_string()).unwrap_or_else(|| "?".into())
+            ),
+        ));
+    }
+    // cores
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let shards = cfg.map(|c| c.server.shards).unwrap_or(0);
+    out.push(f(
+        Level::Info,
+        "cores",
+        format!(
+            "{cores} usable cores; server.shards={} ({}). For the lowest latency give each shard a core of its own and keep IRQs and the load generator off them",
+            shards,
+            if shards == 0 { "one per core" } else { "fixed" }
+        ),
+    ));
+    // nofile
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass by pointer.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        // Each WebSocket uses two descriptors (reader and writer handles).
+        let conns = lim.rlim_max / 2;
+        let level = if lim.rlim_max < 200_000 { Level::Warn } else { Level::Ok };
+        out.push(f(
+            level,
+            "nofile",
+            format!(
+                "open files soft={} hard={} (tickgate raises soft to hard at start: room for ~{conns} connections); raise with `ulimit -n 1048576` or LimitNOFILE=1048576 in the systemd unit",
+                lim.rlim_cur, lim.rlim_max
+            ),
+        ));
+    }
+    // somaxconn
+    if let Some(v) = read("/proc/sys/net/core/somaxconn").and_then(|s| s.parse::<u64>().ok()) {
+        let level = if v < 4096 { Level::Warn } else { Level::Ok };
+        out.push(f(level, "somaxconn", format!("net.core.somaxconn={v} (listen backlog is 4096; set `sysctl -w net.core.somaxconn=65535` for connection storms)")));
+    }
+    if let Some(v) = read("/proc/sys/net/ipv4/tcp_max_syn_backlog") {
+        out.push(f(Level::Info, "syn_backlog", format!("net.ipv4.tcp_max_syn_backlog={v} (65535 recommended for reconnect storms)")));
+    }
+    // port range (matters for load generators and for proxies in front)
+    if let Some(v) = read("/proc/sys/net/ipv4/ip_local_port_range") {
+        let parts: Vec<u64> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let span = if parts.len() == 2 { parts[1].saturating_sub(parts[0]) } else { 0 };
+        let level = if span < 28_000 { Level::Warn } else { Level::Info };
+        out.push(f(level, "port_range", format!("net.ipv4.ip_local_port_range={v} ({span} ports per source address; a proxy or load generator needs `sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"` or several source addresses)")));
+    }
+    // TCP buffers
+    for (key, path) in [("tcp_wmem", "/proc/sys/net/ipv4/tcp_wmem"), ("tcp_rmem", "/proc/sys/net/ipv4/tcp_rmem")] {
+        if let Some(v) = read(path) {
+            out.push(f(Level::Info, key, format!("net.ipv4.{key}={v} (the middle value is the per-socket default; fan-out to many small consumers prefers modest defaults, e.g. \"4096 65536 4194304\")")));
+        }
+    }
+    // THP
+    if let Some(v) = read("/sys/kernel/mm/transparent_hugepage/enabled") {
+        let level = if v.contains("[always]") { Level::Warn } else { Level::Ok };
+        out.push(f(level, "thp", format!("transparent_hugepage: {v} (`always` can add compaction stalls to tail latency; prefer madvise: `echo madvise > /sys/kernel/mm/transparent_hugepage/enabled`)")));
+    }
+    // CPU governor
+    match read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") {
+        Some(g) => {
+            let level = if g == "performance" { Level::Ok } else { Level::Warn };
+            out.push(f(level, "governor", format!("cpu0 scaling_governor={g} (use `cpupower frequency-set -g performance` for stable latency)")));
+        }
+        None => out.push(f(Level::Info, "governor", "no cpufreq interface (a VM or a fixed-frequency host): nothing to tune")),
+    }
+    // IRQ balance
+    let irqbalance = Path::new("/proc").read_dir().ok().is_some_and(|d| {
+        d.filter_map(|e| e.ok())
+            .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "irqbalance"))
+    });
+    out.push(f(
+        Level::Info,
+        "irq_affinity",
+        if irqbalance {
+            "irqbalance is running: for pinned shards, steer NIC queues to cores without shards (/proc/irq/*/smp_affinity_list) or keep irqbalance away from shard cores".to_string()
+        } else {
+            "irqbalance not running: check /proc/irq/*/smp_affinity_list keeps NIC interrupts off the shard cores".to_string()
+        },
+    ));
+    if let Some(cfg) = cfg {
+        if cfg.server.sqpoll {
+            out.push(f(Level::Info, "sqpoll", "server.sqpoll=true: each shard gets a kernel polling thread that burns a core while busy; worth it only with spare cores"));
+        }
+        if cfg.tls.is_none() && !cfg.server.listen.ip().is_loopback() {
+            out.push(f(
+                Level::Warn,
+                "tls",
+                format!(
+                    "[tls] is absent and server.listen={} is not loopback: tokens travel in clear text unless a TLS-terminating proxy is in front",
+                    cfg.server.listen
+                ),
+            ));
+        }
+    }
+    out
+}
+
+pub fn render(findings: &[Finding]) -> String {
+    let mut s = String::new();
+    for x in findings {
+        let tag = match x.level {
+            Level::Ok => "ok  ",
+            Level::Info => "info",
+            Level::Warn => "WARN",
+        };
+        let _ = writeln!(s, "[{tag}] {:<13} {}", x.check, x.detail);
+    }
+    let warns = findings.iter().filter(|x| x.level == Level::Warn).count();
+    let _ = writeln!(s, "{warns} warning(s). See perf/TUNING.md for the reasoning behind each setting.");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_about_plain_text_on_a_public_address() {
+        let mut cfg = Config::default_production();
+        cfg.server.listen = "0.0.0.0:8080".parse().unwrap();
+        let found = run(Some(&cfg));
+        assert!(found.iter().any(|x| x.check == "tls" && x.level == Level::Warn));
+        cfg.server.listen = "127.0.0.1:8080".parse().unwrap();
+        assert!(!run(Some(&cfg)).iter().any(|x| x.check == "tls"));
+        assert!(render(&found).contains("warning(s)"));
+    }
+}

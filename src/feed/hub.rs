@@ -1,0 +1,302 @@
+//! The cross-core fan-out: ticks in from any shard, encoded once, out to the shards that
+//! have subscribers.
+//!
+//! Per symbol the hub keeps a small mutex-protected [`SymbolState`]: the server-wide `seq`,
+//! the latest tick (for `snapshot`) and the bitmask of shards with at least one local
+//! subscriber. Publishing a tick takes that symbol's lock only: it assigns `seq`, encodes the
+//! WebSocket frame once (an `Arc<SharedTick>` every subscriber on every shard writes as is)
+//! and pushes it into the lock-free inbox of each interested shard *while still holding the
+//! lock*. That last point is what makes `seq` order hold across shards: two publishers on
+//! different cores serialise on the symbol, so every inbox receives a symbol's ticks in `seq`
+//! order. There is no global lock: different symbols never contend.
+//!
+//! A shard that subscribes its first local connection to a symbol sets its bit under the same
+//! lock and reads the current `seq` as the subscription's baseline, so the subscriber is owed
+//! exactly the ticks after it (no duplicate of the snapshot, no false gap).
+//!
+//! Inboxes are bounded (`crossbeam_queue::ArrayQueue`): a shard that falls that far behind
+//! loses ticks instead of growing memory; its subscribers then see a `seq` jump, which the
+//! shard reports as `skipped`. Control messages (revocation, drain) travel on a separate
+//! unbounded channel so they are never dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+
+use crate::auth::revocation::RevokeTarget;
+use crate::feed::outbound::SharedTick;
+use crate::feed::symbol::{SymbolError, SymbolId, SymbolTable};
+use crate::feed::tick::{Tick, TickKind, encode_tick_json};
+use crate::proto::frame::{OpCode, write_header};
+
+/// Ticks queued per shard inbox before the hub starts dropping for that shard.
+pub const INBOX_CAPACITY: usize = 1 << 16;
+
+/// Messages for a shard that must not be lost.
+#[derive(Debug)]
+pub enum Control {
+    /// Close every live connection matching the target with `4003`; reply with the count.
+    Revoke(RevokeTarget, crossbeam_channel::Sender<usize>),
+    /// Stop accepting, close every connection with `1001`.
+    Drain,
+}
+
+/// One shard's inbox: ticks, control messages, and the waker of the shard's dispatcher.
+pub struct ShardInbox {
+    pub ticks: ArrayQueue<Arc<SharedTick>>,
+    pub control_tx: crossbeam_channel::Sender<Control>,
+    pub control_rx: crossbeam_channel::Receiver<Control>,
+    pub waker: AtomicWaker,
+    /// Set by producers when they have pushed since the dispatcher last looked: collapses
+    /// a burst of pushes into one cross-thread wake-up.
+    pub pending: AtomicBool,
+    pub dropped: AtomicU64,
+}
+
+impl ShardInbox {
+    fn new() -> Self {
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        ShardInbox {
+            ticks: ArrayQueue::new(INBOX_CAPACITY),
+            control_tx,
+            control_rx,
+            waker: AtomicWaker::new(),
+            pending: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Wake the shard's dispatcher unless a wake-up is already on its way.
+    pub fn notify(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+}
+
+#[derive(Default)]
+struct SymbolState {
+    seq: u64,
+    last: Option<Arc<SharedTick>>,
+    shard_mask: u64,
+}
+
+pub struct Hub {
+    symbols: SymbolTable,
+    states: Box<[Mutex<SymbolState>]>,
+    inboxes: Box<[ShardInbox]>,
+    published: AtomicU64,
+}
+
+/// What a shard gets back when it subscribes its first (or any) local connection.
+pub struct Baseline {
+    /// The subscriber is owed ticks with `seq > baseline`.
+    pub seq: u64,
+    pub snapshot: Option<Arc<SharedTick>>,
+}
+
+impl Hub {
+    pub fn new(shards: usize, max_symbols: usize) -> Self {
+        let states = (0..max_symbols).map(|_| Mutex::new(SymbolState::default())).collect();
+        let inboxes = (0..shards.max(1)).map(|_| ShardInbox::new()).collect();
+        Hub { symbols: SymbolTable::new(max_symbols), states, inboxes, published: AtomicU64::new(0) }
+    }
+
+    pub fn symbols(&self) -> &SymbolTable {
+        &self.symbols
+    }
+
+    pub fn intern(&self, name: &str) -> Result<SymbolId, SymbolError> {
+        self.symbols.intern(name)
+    }
+
+    pub fn inbox(&self, shard: usize) -> &ShardInbox {
+        &self.inboxes[shard % self.inboxes.len()]
+    }
+
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    pub fn published_total(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    fn state(&self, id: SymbolId) -> Option<&Mutex<SymbolState>> {
+        self.states.get(id.0 as usize)
+    }
+
+    /// Stamp, encode once and fan out a validated batch. Returns how many ticks went out.
+    pub fn publish(&self, batch: &[(SymbolId, Tick)]) -> usize {
+        let mut wake_mask = 0u64;
+        let mut json = Vec::with_capacity(192);
+        let mut count = 0;
+        for (id, tick) in batch {
+            let (Some(state), Some(name)) = (self.state(*id), self.symbols.name(*id)) else {
+                continue;
+            };
+            let mut st = lock(state);
+            st.seq += 1;
+            let seq = st.seq;
+            json.clear();
+            encode_tick_json(TickKind::Tick, &name, seq, tick, 0, &mut json);
+            let frame = text_frame(&json);
+            let shared = Arc::new(SharedTick { symbol: *id, seq, frame, tick: *tick, name });
+            let mask = st.shard_mask;
+            let mut m = mask;
+            while m != 0 {
+                let shard = m.trailing_zeros() as usize;
+                m &= m - 1;
+                if let Some(inbox) = self.inboxes.get(shard)
+                    && inbox.ticks.push(shared.clone()).is_err()
+                {
+                    inbox.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            st.last = Some(shared);
+            drop(st);
+            wake_mask |= mask;
+            count += 1;
+        }
+        self.published.fetch_add(count as u64, Ordering::Relaxed);
+        let mut m = wake_mask;
+        while m != 0 {
+            let shard = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if let Some(inbox) = self.inboxes.get(shard) {
+                inbox.notify();
+            }
+        }
+        count
+    }
+
+    /// A shard subscribes a connection. `first_on_shard` sets the shard's bit.
+    pub fn subscribe(&self, shard: usize, id: SymbolId, first_on_shard: bool) -> Baseline {
+        let Some(state) = self.state(id) else {
+            return Baseline { seq: 0, snapshot: None };
+        };
+        let mut st = lock(state);
+        if first_on_shard && shard < 64 {
+            st.shard_mask |= 1 << shard;
+        }
+        Baseline { seq: st.seq, snapshot: st.last.clone() }
+    }
+
+    /// The shard's last local subscriber of `id` left.
+    pub fn unsubscribe_last(&self, shard: usize, id: SymbolId) {
+        if let Some(state) = self.state(id)
+            && shard < 64
+        {
+            lock(state).shard_mask &= !(1 << shard);
+        }
+    }
+
+    /// Latest tick of a symbol, if any.
+    pub fn latest(&self, id: SymbolId) -> Option<Arc<SharedTick>> {
+        self.state(id).and_then(|s| lock(s).last.clone())
+    }
+
+    /// Send a control message to every shard and wake them.
+    pub fn broadcast(&self, make: impl Fn() -> Control) {
+        for inbox in self.inboxes.iter() {
+            let _ = inbox.control_tx.send(make());
+            inbox.notify();
+        }
+    }
+}
+
+/// A poisoned symbol lock only means another thread panicked while holding it; the state
+/// (a counter and an `Arc`) is still consistent, so keep serving.
+fn lock(m: &Mutex<SymbolState>) -> std::sync::MutexGuard<'_, SymbolState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An unmasked final text frame, in one exact-size allocation.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let mut hdr = [0u8; 10];
+    let n = write_header(OpCode::Text, payload.len(), &mut hdr);
+    let mut v = Vec::with_capacity(n + payload.len());
+    v.extend_from_slice(&hdr[..n]);
+    v.extend_from_slice(payload);
+    Bytes::from(v)
+}
+
+/// The frame of a tick re-encoded for one subscriber (snapshot, or a tick after a gap).
+pub fn encode_for_subscriber(kind: TickKind, t: &SharedTick, skipped: u64) -> Bytes {
+    let mut json = Vec::with_capacity(192);
+    encode_tick_json(kind, &t.name, t.seq, &t.tick, skipped, &mut json);
+    text_frame(&json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(p: f64) -> Tick {
+        Tick { ts: 1, bid: p, ask: p + 1.0, last: p, qty: 1.0 }
+    }
+
+    #[test]
+    fn seq_is_per_symbol_and_reaches_only_subscribed_shards() {
+        let hub = Hub::new(3, 16);
+        let a = hub.intern("BTC-USD").unwrap();
+        let b = hub.intern("ETH-USD").unwrap();
+        let base = hub.subscribe(1, a, true);
+        assert_eq!(base.seq, 0);
+        assert!(base.snapshot.is_none());
+        assert_eq!(hub.publish(&[(a, tick(1.0)), (b, tick(2.0)), (a, tick(3.0))]), 3);
+        assert!(hub.inbox(0).ticks.is_empty());
+        assert!(hub.inbox(2).ticks.is_empty());
+        let got: Vec<u64> = std::iter::from_fn(|| hub.inbox(1).ticks.pop()).map(|t| t.seq).collect();
+        assert_eq!(got, vec![1, 2]);
+        let snap = hub.subscribe(2, b, true);
+        assert_eq!(snap.seq, 1);
+        assert_eq!(snap.snapshot.unwrap().tick.bid, 2.0);
+        hub.unsubscribe_last(1, a);
+        hub.publish(&[(a, tick(4.0))]);
+        assert!(hub.inbox(1).ticks.is_empty());
+        assert_eq!(hub.latest(a).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn concurrent_publishers_keep_seq_order_per_inbox() {
+        let hub = Arc::new(Hub::new(2, 4));
+        let a = hub.intern("BTC-USD").unwrap();
+        hub.subscribe(0, a, true);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        hub.publish(&[(a, tick(i as f64))]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let seqs: Vec<u64> = std::iter::from_fn(|| hub.inbox(0).ticks.pop()).map(|t| t.seq).collect();
+        assert_eq!(seqs.len(), 8000);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    }
+
+    #[test]
+    fn frame_is_a_text_frame_holding_the_json() {
+        let hub = Hub::new(1, 4);
+        let a = hub.intern("BTC-USD").unwrap();
+        hub.subscribe(0, a, true);
+        hub.publish(&[(a, tick(1.5))]);
+        let t = hub.inbox(0).ticks.pop().unwrap();
+        assert_eq!(t.frame[0], 0x81);
+        let len = t.frame[1] as usize;
+        let json: serde_json::Value = serde_json::from_slice(&t.frame[2..2 + len]).unwrap();
+        assert_eq!(json["type"], "tick");
+        assert_eq!(json["s"], "BTC-USD");
+        assert_eq!(json["seq"], 1);
+        assert_eq!(json["bid"], 1.5);
+    }
+}

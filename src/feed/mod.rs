@@ -1,0 +1,19 @@
+//! Market data: symbols, entitlements, messages, the per-connection outbound queue, and the
+//! cross-core fan-out.
+//!
+//! # Layout
+//! - [`symbol`]: symbol syntax and the server-wide interning table (dense `SymbolId`s).
+//! - [`entitlement`]: the token's `symbols` patterns compiled once per connection.
+//! - [`msg`]: client message parsing (simd-json, strict schema) and server message encoding.
+//! - [`tick`]: the tick value and its hot-path JSON encoder.
+//! - [`outbound`]: the bounded per-connection queue with conflation (slow consumers).
+//! - [`hub`]: stamping `seq`, encoding once, handing frames to the shards with subscribers.
+//! - [`sim`]: the tick simulator of the embedded demo.
+
+pub mod entitlement;
+pub mod hub;
+pub mod msg;
+pub mod outbound;
+pub mod sim;
+pub mod symbol;
+pub mod tick;

@@ -1,0 +1,633 @@
+//! The per-connection outbound queue: bounded, with per-symbol conflation for slow consumers
+//! (PROTOCOL.md section 6).
+//!
+//! # Design
+//!
+//! Fan-out encodes a tick once into a complete WebSocket frame ([`SharedTick::frame`], a
+//! `Bytes`) and hands the same `Arc<SharedTick>` to every subscribed connection, so queuing
+//! a tick costs a refcount increment, never a copy or an encode.
+//!
+//! The queue has two parts:
+//! - a FIFO of frames (control frames and ticks) in push order;
+//! - a conflation map, used only past the byte bound: newest tick per symbol plus how many
+//!   ticks of that symbol it replaced. Its size is bounded by the number of symbols the
+//!   connection is subscribed to, whatever the tick rate.
+//!
+//! A tick goes to the FIFO while the queued bytes plus its frame stay within `max_bytes`;
+//! otherwise the queue enters *conflation mode* and every further tick goes to the map
+//! until the map has been drained completely. Staying in the mode until then is what keeps
+//! per-symbol order: a tick newer than one waiting in the map must never overtake it
+//! through the FIFO. Control frames (acks, errors, pings, close) always go to the FIFO:
+//! they are small, rare and must never be dropped.
+//!
+//! [`OutboundQueue::drain_into`] moves whole frames, FIFO first, into the connection's write
+//! buffer (many frames coalesced into one write). A map entry that replaced N > 0 ticks is
+//! re-encoded on the way out with `"skipped":N` (one encode per slow connection and drain,
+//! not per tick); the client sees `seq` jump by N + 1 and the exact count of ticks it missed.
+//!
+//! # Invariants (checked by the property test against a model)
+//! - per symbol, delivered `seq` is strictly increasing;
+//! - the newest tick pushed for a symbol is eventually delivered;
+//! - per symbol, delivered + sum of `skipped` == pushed (for ticks pushed after the last
+//!   `remove_symbol`), and each `skipped` equals the `seq` gap it explains;
+//! - control frames keep their relative order;
+//! - `queued_bytes() <= max_bytes + control bytes + symbols * max tick frame`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::symbol::SymbolId;
+use super::tick::{Tick, TickKind, encode_tick_json};
+
+/// One published tick, encoded once and shared by every subscriber's queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedTick {
+    pub symbol: SymbolId,
+    pub seq: u64,
+    /// The complete WebSocket text frame of the `tick` message.
+    pub frame: Bytes,
+    pub tick: Tick,
+    pub name: Arc<str>,
+}
+
+impl SharedTick {
+    /// Encodes the tick frame (`"type":"tick"`, no `skipped`) and bundles it.
+    pub fn new(symbol: SymbolId, name: Arc<str>, seq: u64, tick: Tick) -> Self {
+        let mut frame = Vec::new();
+        encode_tick_frame(TickKind::Tick, &name, seq, &tick, 0, &mut frame);
+        Self {
+            symbol,
+            seq,
+            frame: Bytes::from(frame),
+            tick,
+            name,
+        }
+    }
+}
+
+/// Appends an unmasked, final WebSocket text frame (RFC 6455 section 5.2) carrying `payload`.
+pub fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(payload.len() + 10);
+    out.push(0x81);
+    push_len(payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+fn push_len(len: usize, out: &mut Vec<u8>) {
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(l) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&l.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+/// Appends a complete WebSocket text frame carrying the tick JSON (see
+/// [`encode_tick_json`]), encoding the JSON in place (no intermediate buffer).
+pub fn encode_tick_frame(
+    kind: TickKind,
+    symbol: &str,
+    seq: u64,
+    tick: &Tick,
+    skipped: u64,
+    out: &mut Vec<u8>,
+) {
+    // Tick JSON is 126..65535 bytes in practice, so reserve a 4-byte header and fix it up
+    // afterwards; the rare other sizes shift the payload once.
+    let start = out.len();
+    out.extend_from_slice(&[0x81, 126, 0, 0]);
+    encode_tick_json(kind, symbol, seq, tick, skipped, out);
+    let len = out.len() - start - 4;
+    if let Ok(l) = u16::try_from(len)
+        && len >= 126
+    {
+        out[start + 2..start + 4].copy_from_slice(&l.to_be_bytes());
+    } else {
+        let mut header = Vec::with_capacity(10);
+        header.push(0x81);
+        push_len(len, &mut header);
+        out.splice(start..start + 4, header);
+    }
+}
+
+/// What happened to a pushed tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued in order, nothing lost.
+    Queued,
+    /// Kept in the conflation map (possibly replacing an older tick of the same symbol);
+    /// the queue was already conflating.
+    Conflated,
+    /// This push hit the bound and switched the queue into conflation mode (the tick is
+    /// kept in the map): arm the slow-consumer timer if it is not armed.
+    OverBudget,
+}
+
+enum Entry {
+    Control(Bytes),
+    Tick(Arc<SharedTick>),
+}
+
+impl Entry {
+    fn len(&self) -> usize {
+        match self {
+            Entry::Control(b) => b.len(),
+            Entry::Tick(t) => t.frame.len(),
+        }
+    }
+}
+
+struct Slot {
+    tick: Arc<SharedTick>,
+    /// Ticks of this symbol replaced (left out) since the last one queued or delivered.
+    skipped: u64,
+}
+
+/// A connection's bounded outbound queue with per-symbol conflation.
+pub struct OutboundQueue {
+    max_bytes: usize,
+    fifo: VecDeque<Entry>,
+    slots: HashMap<SymbolId, Slot>,
+    /// Symbols in `slots`, oldest first, so conflated symbols are served fairly.
+    slot_order: VecDeque<SymbolId>,
+    queued_bytes: usize,
+    conflating: bool,
+    conflated_total: u64,
+}
+
+impl OutboundQueue {
+    /// A queue that starts conflating past `max_bytes` (`limits.outbound_queue_bytes`).
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            fifo: VecDeque::new(),
+            slots: HashMap::new(),
+            slot_order: VecDeque::new(),
+            queued_bytes: 0,
+            conflating: false,
+            conflated_total: 0,
+        }
+    }
+
+    /// Queues a control or response frame (acks, errors, close, pings); never dropped,
+    /// always in order relative to other control frames, counted in `queued_bytes`.
+    pub fn push_control(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.fifo.push_back(Entry::Control(frame));
+    }
+
+    /// Queues a tick for this connection (FIFO below the bound, conflated at/over it).
+    pub fn push_tick(&mut self, t: &Arc<SharedTick>) -> Pushed {
+        let len = t.frame.len();
+        if !self.conflating && self.queued_bytes.saturating_add(len) <= self.max_bytes {
+            self.queued_bytes += len;
+            self.fifo.push_back(Entry::Tick(Arc::clone(t)));
+            return Pushed::Queued;
+        }
+        let entered = !self.conflating;
+        self.conflating = true;
+        match self.slots.get_mut(&t.symbol) {
+            Some(slot) => {
+                self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
+                slot.tick = Arc::clone(t);
+                slot.skipped += 1;
+                self.conflated_total += 1;
+            }
+            None => {
+                self.queued_bytes += len;
+                self.slots.insert(
+                    t.symbol,
+                    Slot {
+                        tick: Arc::clone(t),
+                        skipped: 0,
+                    },
+                );
+                self.slot_order.push_back(t.symbol);
+            }
+        }
+        if entered {
+            Pushed::OverBudget
+        } else {
+            Pushed::Conflated
+        }
+    }
+
+    /// Moves whole frames, FIFO first then conflated ticks, into `out` until `max` bytes
+    /// would be exceeded; returns the bytes appended. A first frame larger than `max` is
+    /// still moved, so a small `max` cannot stall the queue.
+    pub fn drain_into(&mut self, out: &mut Vec<u8>, max: usize) -> usize {
+        let start = out.len();
+        while let Some(e) = self.fifo.front() {
+            let len = e.len();
+            let moved = out.len() - start;
+            if moved > 0 && moved.saturating_add(len) > max {
+                return moved;
+            }
+            match self.fifo.pop_front() {
+                Some(Entry::Control(b)) => out.extend_from_slice(&b),
+                Some(Entry::Tick(t)) => out.extend_from_slice(&t.frame),
+                None => break,
+            }
+            self.queued_bytes -= len;
+        }
+        while let Some(sym) = self.slot_order.front().copied() {
+            let Some(slot) = self.slots.get(&sym) else {
+                self.slot_order.pop_front();
+                continue;
+            };
+            let moved = out.len() - start;
+            // Re-encoding adds `,"skipped":N` (at most 31 bytes): estimate conservatively.
+            let len = slot.tick.frame.len() + if slot.skipped > 0 { 32 } else { 0 };
+            if moved > 0 && moved.saturating_add(len) > max {
+                return moved;
+            }
+            self.slot_order.pop_front();
+            if let Some(slot) = self.slots.remove(&sym) {
+                let t = &slot.tick;
+                if slot.skipped == 0 {
+                    out.extend_from_slice(&t.frame);
+                } else {
+                    encode_tick_frame(TickKind::Tick, &t.name, t.seq, &t.tick, slot.skipped, out);
+                }
+                self.queued_bytes -= t.frame.len();
+            }
+        }
+        // Map fully drained (FIFO was drained first): per-symbol order is safe again.
+        self.conflating = false;
+        out.len() - start
+    }
+
+    /// Bytes of frames waiting (FIFO plus conflated ticks, as originally encoded).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fifo.is_empty() && self.slots.is_empty()
+    }
+
+    /// Whether new ticks are being conflated (the queue hit its bound and has not fully
+    /// drained since).
+    pub fn is_conflating(&self) -> bool {
+        self.conflating
+    }
+
+    /// Whether the connection is behind: conflating, or past the bound (control frames
+    /// alone can push it there). The slow-consumer timer runs while this is true.
+    pub fn over_budget(&self) -> bool {
+        self.conflating || self.queued_bytes > self.max_bytes
+    }
+
+    /// Drops everything queued (the connection is being cut as a slow consumer: its close
+    /// frame must not wait behind the backlog).
+    pub fn clear(&mut self) {
+        self.fifo.clear();
+        self.slots.clear();
+        self.slot_order.clear();
+        self.queued_bytes = 0;
+        self.conflating = false;
+    }
+
+    /// Ticks left out by conflation so far (for metrics).
+    pub fn conflated_total(&self) -> u64 {
+        self.conflated_total
+    }
+
+    /// Drops queued ticks of `symbol` (on unsubscribe); control frames stay.
+    pub fn remove_symbol(&mut self, symbol: SymbolId) {
+        let mut freed = 0;
+        self.fifo.retain(|e| match e {
+            Entry::Tick(t) if t.symbol == symbol => {
+                freed += t.frame.len();
+                false
+            }
+            _ => true,
+        });
+        if let Some(slot) = self.slots.remove(&symbol) {
+            freed += slot.tick.frame.len();
+            self.slot_order.retain(|s| *s != symbol);
+        }
+        self.queued_bytes -= freed;
+        if self.slots.is_empty() && self.fifo.iter().all(|e| matches!(e, Entry::Control(_))) {
+            // Nothing conflated and no ticks in flight: no order to protect any more.
+            self.conflating = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tick(px: f64) -> Tick {
+        Tick {
+            ts: 1_700_000_000_000_000_000,
+            bid: px,
+            ask: px + 0.5,
+            last: px,
+            qty: 1.0,
+        }
+    }
+
+    fn shared(sym: u32, seq: u64) -> Arc<SharedTick> {
+        let name: Arc<str> = Arc::from(format!("SYM{sym}").as_str());
+        Arc::new(SharedTick::new(
+            SymbolId(sym),
+            name,
+            seq,
+            tick(100.0 + seq as f64),
+        ))
+    }
+
+    /// Splits a buffer of unmasked server frames into payloads.
+    fn frames(mut b: &[u8]) -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            assert_eq!(b[0], 0x81);
+            let (len, hdr) = match b[1] {
+                126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            v.push(serde_json::from_slice(&b[hdr..hdr + len]).unwrap());
+            b = &b[hdr + len..];
+        }
+        v
+    }
+
+    fn control(k: u64) -> Bytes {
+        let mut p = Vec::new();
+        crate::feed::msg::encode_pong(Some(k), &mut p);
+        let mut f = Vec::new();
+        text_frame(&p, &mut f);
+        Bytes::from(f)
+    }
+
+    #[test]
+    fn text_frame_lengths() {
+        for (n, hdr) in [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+            let mut out = Vec::new();
+            text_frame(&vec![b'x'; n], &mut out);
+            assert_eq!(out.len(), n + hdr);
+            assert_eq!(out[0], 0x81);
+        }
+        let mut out = Vec::new();
+        text_frame(&[b'a'; 200], &mut out);
+        assert_eq!(&out[..4], &[0x81, 126, 0, 200]);
+        let mut out = Vec::new();
+        text_frame(&vec![b'a'; 70000], &mut out);
+        assert_eq!(&out[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(out[2..10].try_into().unwrap()), 70000);
+    }
+
+    #[test]
+    fn tick_frame_matches_text_frame() {
+        for name in ["A", "BTC-USD", &"X".repeat(32), &"Y".repeat(70_000)] {
+            let t = tick(1.0);
+            let mut json = Vec::new();
+            encode_tick_json(TickKind::Tick, name, 9, &t, 3, &mut json);
+            let mut want = b"pre".to_vec();
+            text_frame(&json, &mut want);
+            let mut got = b"pre".to_vec();
+            encode_tick_frame(TickKind::Tick, name, 9, &t, 3, &mut got);
+            assert_eq!(got, want, "{}", name.len());
+        }
+    }
+
+    #[test]
+    fn fifo_below_bound() {
+        let mut q = OutboundQueue::new(10_000);
+        assert!(q.is_empty());
+        q.push_control(control(1));
+        assert_eq!(q.push_tick(&shared(0, 1)), Pushed::Queued);
+        assert_eq!(q.push_tick(&shared(0, 2)), Pushed::Queued);
+        assert!(!q.is_conflating() && !q.over_budget());
+        let mut out = Vec::new();
+        let n = q.drain_into(&mut out, usize::MAX);
+        assert_eq!(n, out.len());
+        assert_eq!(q.queued_bytes(), 0);
+        assert!(q.is_empty());
+        let f = frames(&out);
+        assert_eq!(f[0]["type"], "pong");
+        assert_eq!(f[1]["seq"], 1);
+        assert_eq!(f[2]["seq"], 2);
+        assert!(f[2].get("skipped").is_none());
+    }
+
+    #[test]
+    fn conflation_keeps_newest_and_counts_skipped() {
+        let flen = shared(0, 1).frame.len();
+        let mut q = OutboundQueue::new(flen * 2);
+        assert_eq!(q.push_tick(&shared(0, 1)), Pushed::Queued);
+        assert_eq!(q.push_tick(&shared(0, 2)), Pushed::Queued);
+        assert_eq!(q.push_tick(&shared(0, 3)), Pushed::OverBudget);
+        assert!(q.is_conflating() && q.over_budget());
+        for seq in 4..=10 {
+            assert_eq!(q.push_tick(&shared(0, seq)), Pushed::Conflated);
+        }
+        assert_eq!(q.push_tick(&shared(1, 1)), Pushed::Conflated);
+        q.push_control(control(7));
+        assert_eq!(q.conflated_total(), 7);
+        let mut out = Vec::new();
+        q.drain_into(&mut out, usize::MAX);
+        let f = frames(&out);
+        let seqs: Vec<_> = f
+            .iter()
+            .map(|v| (v["type"].clone(), v["seq"].clone()))
+            .collect();
+        assert_eq!(f.len(), 5, "{seqs:?}");
+        assert_eq!(f[0]["seq"], 1);
+        assert_eq!(f[1]["seq"], 2);
+        assert_eq!(f[2]["type"], "pong");
+        assert_eq!(f[3]["seq"], 10);
+        assert_eq!(f[3]["skipped"], 7);
+        assert_eq!(f[4]["s"], "SYM1");
+        assert!(f[4].get("skipped").is_none());
+        assert!(!q.is_conflating() && q.is_empty() && q.queued_bytes() == 0);
+        // Back to FIFO.
+        assert_eq!(q.push_tick(&shared(0, 11)), Pushed::Queued);
+    }
+
+    #[test]
+    fn stays_conflating_until_map_drained() {
+        let flen = shared(0, 1).frame.len();
+        let mut q = OutboundQueue::new(flen);
+        q.push_tick(&shared(0, 1));
+        q.push_tick(&shared(0, 2)); // map
+        let mut out = Vec::new();
+        // Drain only the FIFO frame: map still holds seq 2.
+        q.drain_into(&mut out, flen);
+        assert!(q.is_conflating());
+        // Under the bound now, but seq 3 must not overtake seq 2 through the FIFO.
+        assert_eq!(q.push_tick(&shared(0, 3)), Pushed::Conflated);
+        q.drain_into(&mut out, usize::MAX);
+        let f = frames(&out);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1]["seq"], 3);
+        assert_eq!(f[1]["skipped"], 1);
+    }
+
+    #[test]
+    fn drain_respects_max_but_always_progresses() {
+        let mut q = OutboundQueue::new(1 << 20);
+        for s in 1..=4 {
+            q.push_tick(&shared(0, s));
+        }
+        let flen = shared(0, 1).frame.len();
+        let mut out = Vec::new();
+        assert_eq!(q.drain_into(&mut out, 1), flen);
+        assert_eq!(q.drain_into(&mut out, flen * 2 + 1), flen * 2);
+        assert_eq!(q.drain_into(&mut out, 0), flen);
+        assert_eq!(q.drain_into(&mut out, 100), 0);
+    }
+
+    #[test]
+    fn remove_symbol_keeps_control() {
+        let flen = shared(0, 1).frame.len();
+        let mut q = OutboundQueue::new(flen * 2);
+        q.push_tick(&shared(0, 1));
+        q.push_control(control(1));
+        q.push_tick(&shared(1, 1));
+        q.push_tick(&shared(0, 2)); // conflated
+        q.push_tick(&shared(0, 3)); // conflated, replaces
+        q.remove_symbol(SymbolId(0));
+        let mut out = Vec::new();
+        q.drain_into(&mut out, usize::MAX);
+        let f = frames(&out);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0]["type"], "pong");
+        assert_eq!(f[1]["s"], "SYM1");
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn control_over_budget_without_ticks() {
+        let mut q = OutboundQueue::new(10);
+        q.push_control(control(1));
+        assert!(q.over_budget() && !q.is_conflating());
+        let mut out = Vec::new();
+        q.drain_into(&mut out, usize::MAX);
+        assert!(!q.over_budget());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Tick(u32),
+        Control,
+        Drain(usize),
+        Remove(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0u32..4).prop_map(Op::Tick),
+            1 => Just(Op::Control),
+            2 => (0usize..1200).prop_map(Op::Drain),
+            1 => (0u32..4).prop_map(Op::Remove),
+        ]
+    }
+
+    #[derive(Default, Clone)]
+    struct SymModel {
+        next_seq: u64,
+        /// First seq of the current subscription epoch (after the last remove).
+        epoch_start: u64,
+        pushed_in_epoch: u64,
+        accounted_in_epoch: u64,
+        last_delivered: u64,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn queue_matches_model(max in 0usize..1500, ops in proptest::collection::vec(op(), 0..200)) {
+            const NSYM: usize = 4;
+            let max_frame = (0..NSYM as u32).map(|s| shared(s, u64::MAX).frame.len()).max().unwrap();
+            let mut q = OutboundQueue::new(max);
+            let mut m = vec![SymModel::default(); NSYM];
+            for s in &mut m { s.next_seq = 1; s.epoch_start = 1; }
+            let mut next_control = 0u64;
+            let mut next_expected_control = 0u64;
+            let mut pending_control_bytes = 0usize;
+            let mut control_lens: VecDeque<usize> = VecDeque::new();
+            let mut check = |out: &[u8], m: &mut Vec<SymModel>, pcb: &mut usize, cl: &mut VecDeque<usize>| -> Result<(), TestCaseError> {
+                for f in frames(out) {
+                    if f["type"] == "pong" {
+                        prop_assert_eq!(f["id"].as_u64(), Some(next_expected_control));
+                        next_expected_control += 1;
+                        *pcb -= cl.pop_front().unwrap();
+                        continue;
+                    }
+                    prop_assert_eq!(&f["type"], "tick");
+                    let sym: usize = f["s"].as_str().unwrap()[3..].parse().unwrap();
+                    let seq = f["seq"].as_u64().unwrap();
+                    let skipped = f.get("skipped").map(|v| v.as_u64().unwrap()).unwrap_or(0);
+                    let sm = &mut m[sym];
+                    prop_assert!(seq > sm.last_delivered, "reordered or duplicate");
+                    prop_assert!(seq >= sm.epoch_start, "delivered a removed tick");
+                    prop_assert!(seq < sm.next_seq);
+                    // The gap since the previous delivery in this epoch is exactly `skipped`.
+                    let prev = sm.last_delivered.max(sm.epoch_start - 1);
+                    prop_assert_eq!(seq - prev - 1, skipped);
+                    sm.last_delivered = seq;
+                    sm.accounted_in_epoch += 1 + skipped;
+                }
+                Ok(())
+            };
+            for o in ops {
+                match o {
+                    Op::Tick(s) => {
+                        let sm = &mut m[s as usize];
+                        let t = shared(s, sm.next_seq);
+                        sm.next_seq += 1;
+                        sm.pushed_in_epoch += 1;
+                        q.push_tick(&t);
+                    }
+                    Op::Control => {
+                        let c = control(next_control);
+                        next_control += 1;
+                        pending_control_bytes += c.len();
+                        control_lens.push_back(c.len());
+                        q.push_control(c);
+                    }
+                    Op::Drain(n) => {
+                        let mut out = Vec::new();
+                        let moved = q.drain_into(&mut out, n);
+                        prop_assert_eq!(moved, out.len());
+                        check(&out, &mut m, &mut pending_control_bytes, &mut control_lens)?;
+                    }
+                    Op::Remove(s) => {
+                        q.remove_symbol(SymbolId(s));
+                        let sm = &mut m[s as usize];
+                        sm.epoch_start = sm.next_seq;
+                        sm.pushed_in_epoch = 0;
+                        sm.accounted_in_epoch = 0;
+                    }
+                }
+                prop_assert!(q.queued_bytes() <= max + pending_control_bytes + NSYM * max_frame,
+                    "queued {} max {} control {}", q.queued_bytes(), max, pending_control_bytes);
+            }
+            let mut out = Vec::new();
+            q.drain_into(&mut out, usize::MAX);
+            check(&out, &mut m, &mut pending_control_bytes, &mut control_lens)?;
+            prop_assert!(q.is_empty());
+            prop_assert_eq!(q.queued_bytes(), 0);
+            prop_assert_eq!(next_expected_control, next_control);
+            for sm in &m {
+                prop_assert_eq!(sm.pushed_in_epoch, sm.accounted_in_epoch);
+                if sm.pushed_in_epoch > 0 {
+                    prop_assert_eq!(sm.last_delivered, sm.next_seq - 1, "newest not delivered");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Symbol syntax and the process-wide symbol table.
+//!
+//! Every tick, subscription and conflation slot is keyed by a symbol. Hashing and
+//! comparing strings on each of those paths would be wasteful, so a symbol is interned
+//! once, at first sight, into a dense [`SymbolId`] (`u32`); everything downstream works
+//! on ids and only the edges (parsing a client message, encoding a frame) deal with names.
+//!
+//! # Design
+//!
+//! The table is shared by all shards (`&self` methods, `Sync`):
+//! - `DashMap<Box<str>, SymbolId>` maps names to ids. It is sharded internally, so
+//!   concurrent lookups of *existing* symbols (the overwhelmingly common case) take one
+//!   shard read lock and never contend with the other shards.
+//! - an append-only `RwLock<Vec<Arc<str>>>` maps ids back to names. Ids are dense, so
+//!   the name of an id is one bounds-checked index under a read lock; handing out an
+//!   `Arc<str>` lets callers keep the name without holding the lock.
+//!
+//! The table is bounded (`max_symbols`): clients choose symbol names, and an unbounded
+//! table would let anyone grow server memory by subscribing to made-up symbols. Ids are
+//! never freed (a symbol seen once is likely to be seen again, and recycling an id would
+//! race with in-flight ticks that still carry it).
+//!
+//! Lock order: a DashMap shard lock, then the name table lock; `name()` only takes the
+//! latter, so there is no cycle. Both the bound check and the push happen under the
+//! name-table write lock, so the bound is exact even under concurrent interning.
+
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+/// Longest valid symbol in bytes (`[A-Z0-9][A-Z0-9._:/-]{0,31}`).
+pub const MAX_SYMBOL_LEN: usize = 32;
+
+/// Whether `s` matches `[A-Z0-9][A-Z0-9._:/-]{0,31}` (PROTOCOL.md section 5).
+///
+/// ASCII only: no lowercase, so case-folding tricks cannot alias two symbols, and every
+/// valid symbol is safe to embed in JSON without escaping.
+pub fn is_valid_symbol(s: &str) -> bool {
+    let b = s.as_bytes();
+    match b.split_first() {
+        Some((first, rest)) if b.len() <= MAX_SYMBOL_LEN => {
+            is_first_char(*first) && rest.iter().all(|c| is_rest_char(*c))
+        }
+        _ => false,
+    }
+}
+
+pub(crate) fn is_first_char(c: u8) -> bool {
+    c.is_ascii_uppercase() || c.is_ascii_digit()
+}
+
+pub(crate) fn is_rest_char(c: u8) -> bool {
+    is_first_char(c) || matches!(c, b'.' | b'_' | b':' | b'/' | b'-')
+}
+
+/// Dense id of an interned symbol; valid for the life of its [`SymbolTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SymbolId(pub u32);
+
+/// Why a symbol could not be interned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SymbolError {
+    /// The name does not match the symbol syntax (reported to the client as `bad_request`).
+    #[error("invalid symbol")]
+    Invalid,
+    /// The table already holds `max_symbols` symbols; existing symbols still work.
+    #[error("symbol table full")]
+    TableFull,
+}
+
+/// Interns symbols to dense ids at first sight, bounded by `max_symbols`, shared by all shards.
+pub struct SymbolTable {
+    ids: DashMap<Box<str>, SymbolId>,
+    names: RwLock<Vec<Arc<str>>>,
+    max_symbols: usize,
+}
+
+impl SymbolTable {
+    /// An empty table that will hold at most `max_symbols` symbols (capped at `u32::MAX`).
+    pub fn new(max_symbols: usize) -> Self {
+        Self {
+            ids: DashMap::new(),
+            names: RwLock::new(Vec::new()),
+            max_symbols: max_symbols.min(u32::MAX as usize),
+        }
+    }
+
+    /// The id of `s`, interning it if it is new.
+    ///
+    /// Fails with [`SymbolError::Invalid`] if `s` is not a valid symbol and with
+    /// [`SymbolError::TableFull`] if it is new and the table is at its bound.
+    pub fn intern(&self, s: &str) -> Result<SymbolId, SymbolError> {
+        // Fast path first: existing symbols only need a shard read lock. Only valid
+        // symbols are ever inserted, so a hit needs no syntax check.
+        if let Some(id) = self.ids.get(s) {
+            return Ok(*id);
+        }
+        if !is_valid_symbol(s) {
+            return Err(SymbolError::Invalid);
+        }
+        match self.ids.entry(Box::from(s)) {
+            // Another shard interned it between our lookup and the entry lock.
+            Entry::Occupied(e) => Ok(*e.get()),
+            Entry::Vacant(v) => {
+                let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+                if names.len() >= self.max_symbols {
+                    return Err(SymbolError::TableFull);
+                }
+                let id = u32::try_from(names.len()).map_err(|_| SymbolError::TableFull)?;
+                names.push(Arc::from(s));
+                v.insert(SymbolId(id));
+                Ok(SymbolId(id))
+            }
+        }
+    }
+
+    /// The id of `s` if it was interned before; never inserts.
+    pub fn lookup(&self, s: &str) -> Option<SymbolId> {
+        self.ids.get(s).map(|id| *id)
+    }
+
+    /// The name of an interned symbol.
+    pub fn name(&self, id: SymbolId) -> Option<Arc<str>> {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        names.get(id.0 as usize).cloned()
+    }
+
+    /// Number of interned symbols.
+    pub fn len(&self) -> usize {
+        self.names.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no symbol was interned yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The configured bound.
+    pub fn max_symbols(&self) -> usize {
+        self.max_symbols
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn syntax_edge_cases() {
+        for ok in [
+            "A",
+            "0",
+            "BTC-USD",
+            "ES.Z24",
+            "X:Y/Z_1-2.3",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", // 32
+            "9/",
+        ] {
+            assert!(is_valid_symbol(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "btc-usd",
+            "Btc",
+            "-BTC",
+            ".A",
+            "_A",
+            ":A",
+            "/A",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", // 33
+            "BTC USD",
+            "BTC*",
+            "*",
+            "BTC\0",
+            "BTC\n",
+            "ÄBC",
+            "AÉ",
+            "A\u{200b}",
+            "BTC,USD",
+            "BTC\"",
+        ] {
+            assert!(!is_valid_symbol(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn interning_is_dense_and_stable() {
+        let t = SymbolTable::new(10);
+        assert!(t.is_empty());
+        let a = t.intern("BTC-USD").unwrap();
+        let b = t.intern("ETH-USD").unwrap();
+        assert_eq!(a, SymbolId(0));
+        assert_eq!(b, SymbolId(1));
+        assert_eq!(t.intern("BTC-USD").unwrap(), a);
+        assert_eq!(t.lookup("ETH-USD"), Some(b));
+        assert_eq!(t.lookup("SOL-USD"), None);
+        assert_eq!(t.name(a).as_deref(), Some("BTC-USD"));
+        assert_eq!(t.name(SymbolId(7)), None);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn interning_rejects_invalid_without_growing() {
+        let t = SymbolTable::new(10);
+        assert_eq!(t.intern("btc"), Err(SymbolError::Invalid));
+        assert_eq!(t.intern(""), Err(SymbolError::Invalid));
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.lookup("btc"), None);
+    }
+
+    #[test]
+    fn interning_bound_is_exact() {
+        let t = SymbolTable::new(3);
+        for s in ["A", "B", "C"] {
+            t.intern(s).unwrap();
+        }
+        assert_eq!(t.intern("D"), Err(SymbolError::TableFull));
+        assert_eq!(t.lookup("D"), None);
+        // Existing symbols keep working when full.
+        assert_eq!(t.intern("B"), Ok(SymbolId(1)));
+        assert_eq!(t.len(), 3);
+        let z = SymbolTable::new(0);
+        assert_eq!(z.intern("A"), Err(SymbolError::TableFull));
+    }
+
+    #[test]
+    fn concurrent_interning_respects_bound_and_agrees() {
+        let t = Arc::new(SymbolTable::new(50));
+        let handles: Vec<_> = (0..4)
+            .map(|k| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    for i in 0..100 {
+                        let name = format!("S{}", (i * 7 + k) % 80);
+                        got.push((name.clone(), t.intern(&name)));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().unwrap());
+        }
+        assert_eq!(t.len(), 50);
+        for (name, r) in all {
+            if let Ok(id) = r {
+                assert_eq!(t.name(id).as_deref(), Some(name.as_str()));
+                assert_eq!(t.lookup(&name), Some(id));
+            } else {
+                assert_eq!(r, Err(SymbolError::TableFull));
+            }
+        }
+    }
+
+    fn naive_valid(s: &str) -> bool {
+        let chars: Vec<char> = s.chars().collect();
+        !chars.is_empty()
+            && chars.len() <= 32
+            && (chars[0].is_ascii_uppercase() || chars[0].is_ascii_digit())
+            && chars[1..]
+                .iter()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || "._:/-".contains(*c))
+    }
+
+    proptest! {
+        #[test]
+        fn syntax_matches_naive(s in "[A-Za-z0-9._:/*\\- é]{0,40}") {
+            prop_assert_eq!(is_valid_symbol(&s), naive_valid(&s));
+        }
+    }
+}

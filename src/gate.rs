@@ -1,0 +1,244 @@
+//! The gate: one function from a parsed HTTP request to "upgrade" or "answer with this
+//! response" (PROTOCOL.md sections 1-3 and 8).
+//!
+//! The checks run in the contract's order, each with its status: request shape (405/426/400),
+//! per-IP rate limit (429 + `Retry-After`), Origin (403), token (401 with
+//! `WWW-Authenticate`), bindings and revocation (401 `invalid_token`), per-user cap (429),
+//! subprotocol (400). Only when every check passed does the caller write `101`; the
+//! returned [`Admitted`] carries the verified identity and the per-user slot, whose `Drop`
+//! releases the cap on every close path.
+//!
+//! Every outcome is written to the security log (never the token; a short hash at most) and
+//! counted for `/metrics`.
+
+use std::net::IpAddr;
+
+use crate::auth::jwt::{AuthError, VerifiedClaims};
+use crate::auth::origin::OriginDecision;
+use crate::auth::ratelimit::RateDecision;
+use crate::auth::seclog::{SecurityEvent, token_hash};
+use crate::auth::usercap::{self, UserSlot};
+use crate::proto::http::{self, Credential, Request, Response, Route};
+use crate::state::Shared;
+
+/// A connection that passed every check: the caller answers `101` with these values.
+pub struct Admitted {
+    pub claims: VerifiedClaims,
+    pub slot: UserSlot,
+    pub accept: String,
+    pub protocol: Option<&'static str>,
+    pub client_ip: IpAddr,
+}
+
+pub enum Outcome {
+    Upgrade(Box<Admitted>),
+    Respond(Response),
+}
+
+/// Context for the security log line of one request.
+struct Audit<'a> {
+    shared: &'a Shared,
+    now_ms: u64,
+    event: &'static str,
+    ip: IpAddr,
+    origin: Option<&'a str>,
+}
+
+impl Audit<'_> {
+    fn log(&self, outcome: &'static str, reason: &'static str, claims: Option<&VerifiedClaims>, status: u16, token: Option<&str>) {
+        self.shared.sec_counters.inc(self.event, outcome, reason);
+        let hash = token.map(token_hash);
+        self.shared.seclog.write(&SecurityEvent {
+            ts_unix_ms: self.now_ms,
+            event: self.event,
+            outcome,
+            reason,
+            ip: Some(self.ip),
+            origin: self.origin,
+            sub: claims.map(|c| c.sub.as_str()),
+            sid: claims.and_then(|c| c.sid.as_deref()),
+            status: Some(status),
+            token_hash: hash.as_deref(),
+        });
+    }
+
+    fn reject(&self, resp: Response, reason: &'static str, claims: Option<&VerifiedClaims>, token: Option<&str>) -> Outcome {
+        self.log("rejected", reason, claims, resp.status, token);
+        Outcome::Respond(resp)
+    }
+}
+
+fn unauthorized(with_error: bool) -> Response {
+    let v = if with_error { "Bearer error=\"invalid_token\"" } else { "Bearer" };
+    Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", v)
+}
+
+fn too_many(retry_after_secs: u64) -> Response {
+    Response::text(429, "too many requests\n").with_header("Retry-After", &retry_after_secs.max(1).to_string())
+}
+
+/// Route and judge one request of the public listener.
+pub fn handle_public(shared: &Shared, req: &Request, peer: IpAddr, now_ms: u64) -> Outcome {
+    let auth = shared.auth();
+    let ip = http::client_ip(req, peer, |p| auth.proxies.contains(p));
+    // Every request counts against the per-IP limit (PROTOCOL.md section 1).
+    let rate = shared.rate.check(ip, now_ms);
+    let origin = req.header("origin");
+    match http::route(&req.path) {
+        Route::Healthz => Outcome::Respond(Response::text(200, "ok\n")),
+        Route::Readyz => Outcome::Respond(if shared.is_draining() {
+            Response::text(503, "draining\n")
+        } else {
+            Response::text(200, "ready\n")
+        }),
+        Route::Stream => {
+            let audit = Audit { shared, now_ms, event: "handshake", ip, origin };
+            admit(shared, &auth, req, ip, rate, now_ms, &audit)
+        }
+        Route::Ticket => {
+            let audit = Audit { shared, now_ms, event: "ticket", ip, origin };
+            ticket(shared, &auth, req, ip, rate, now_ms, &audit)
+        }
+        _ => match rate {
+            RateDecision::Deny { retry_after_secs } => Outcome::Respond(too_many(retry_after_secs)),
+            RateDecision::Allow => Outcome::Respond(Response::text(404, "not found\n")),
+        },
+    }
+}
+
+/// Steps 2-5 shared by the upgrade and the ticket endpoint: rate, origin, token, bindings,
+/// revocation. Returns the verified claims or the rejection already logged.
+#[allow(clippy::too_many_arguments)]
+fn authenticate(
+    shared: &Shared,
+    auth: &crate::state::AuthState,
+    req: &Request,
+    ip: IpAddr,
+    rate: RateDecision,
+    cred: Credential,
+    now_ms: u64,
+    audit: &Audit<'_>,
+) -> Result<(VerifiedClaims, Option<String>), Outcome> {
+    if let RateDecision::Deny { retry_after_secs } = rate {
+        return Err(audit.reject(too_many(retry_after_secs), "rate_limited", None, None));
+    }
+    if auth.origins.check(req.header("origin")) == OriginDecision::Rejected {
+        return Err(audit.reject(Response::text(403, "origin not allowed\n"), "origin", None, None));
+    }
+    let (claims, token) = match cred {
+        Credential::None => return Err(audit.reject(unauthorized(false), "no_token", None, None)),
+        Credential::Bearer(t) => match shared.verify_token(&t, now_ms) {
+            Ok(c) => (c, t),
+            Err(e) => return Err(audit.reject(unauthorized(true), e.reason(), None, Some(&t))),
+        },
+        Credential::Ticket(t) => match shared.tickets.redeem(&t, now_ms) {
+            Ok(c) => {
+                // A ticket carries the token's identity and expiry: both still apply.
+                let leeway = shared.cfg.auth.leeway.as_secs();
+                if c.exp.saturating_add(leeway) <= now_ms / 1000 {
+                    return Err(audit.reject(unauthorized(true), AuthError::Expired.reason(), Some(&c), Some(&t)));
+                }
+                if shared.revoked.is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms) {
+                    return Err(audit.reject(unauthorized(true), AuthError::Revoked.reason(), Some(&c), Some(&t)));
+                }
+                (c, t)
+            }
+            Err(_) => return Err(audit.reject(unauthorized(true), "bad_ticket", None, Some(&t))),
+        },
+    };
+    let device = req.header("x-device-id").or_else(|| req.query_param("device"));
+    if let Some(did) = &claims.did
+        && device != Some(did.as_str())
+    {
+        return Err(audit.reject(unauthorized(true), "device_binding", Some(&claims), Some(&token)));
+    }
+    if let Some(cip) = claims.cip
+        && !same_ip(cip, ip)
+    {
+        return Err(audit.reject(unauthorized(true), "ip_binding", Some(&claims), Some(&token)));
+    }
+    Ok((claims, Some(token)))
+}
+
+/// IPv4-mapped IPv6 peers compare equal to their IPv4 form.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+fn admit(
+    shared: &Shared,
+    auth: &crate::state::AuthState,
+    req: &Request,
+    ip: IpAddr,
+    rate: RateDecision,
+    now_ms: u64,
+    audit: &Audit<'_>,
+) -> Outcome {
+    let up = match http::check_upgrade(req) {
+        Ok(u) => u,
+        Err(resp) => return audit.reject(resp, "bad_request_shape", None, None),
+    };
+    if shared.is_draining() {
+        return audit.reject(Response::text(503, "draining\n"), "draining", None, None);
+    }
+    let cred = http::extract_credential(req, &up.offered_protocols, shared.cfg.auth.allow_query_token);
+    let (claims, token) = match authenticate(shared, auth, req, ip, rate, cred, now_ms, audit) {
+        Ok(v) => v,
+        Err(o) => return o,
+    };
+    let token = token.as_deref();
+    let Some(slot) = usercap::acquire(&shared.caps, &claims.sub) else {
+        return audit.reject(too_many(1), "user_cap", Some(&claims), token);
+    };
+    let protocol = match http::select_subprotocol(&up.offered_protocols) {
+        Ok(p) => p,
+        Err(()) => {
+            return audit.reject(Response::text(400, "unsupported subprotocol\n"), "subprotocol", Some(&claims), token);
+        }
+    };
+    audit.log("accepted", "ok", Some(&claims), 101, token);
+    Outcome::Upgrade(Box::new(Admitted { claims, slot, accept: up.accept, protocol, client_ip: ip }))
+}
+
+fn ticket(
+    shared: &Shared,
+    auth: &crate::state::AuthState,
+    req: &Request,
+    ip: IpAddr,
+    rate: RateDecision,
+    now_ms: u64,
+    audit: &Audit<'_>,
+) -> Outcome {
+    if req.method != "POST" {
+        return audit.reject(Response::text(405, "method not allowed\n").with_header("Allow", "POST"), "method", None, None);
+    }
+    // Tickets are minted from a header token only: a ticket must not buy a ticket, and a
+    // query token would defeat the point of tickets (keeping tokens out of URLs).
+    let cred = match req.header("authorization").and_then(bearer_of) {
+        Some(t) => Credential::Bearer(t.to_string()),
+        None => Credential::None,
+    };
+    let (claims, token) = match authenticate(shared, auth, req, ip, rate, cred, now_ms, audit) {
+        Ok(v) => v,
+        Err(o) => return o,
+    };
+    match shared.tickets.issue(claims.clone(), now_ms) {
+        Ok(t) => {
+            audit.log("accepted", "ok", Some(&claims), 200, token.as_deref());
+            let ttl = shared.tickets.ttl_ms() / 1000;
+            let body = format!("{{\"ticket\":\"{t}\",\"expires_in\":{ttl}}}");
+            Outcome::Respond(Response::json(200, body.as_bytes()))
+        }
+        Err(_) => audit.reject(too_many(1), "ticket_store_full", Some(&claims), token.as_deref()),
+    }
+}
+
+fn bearer_of(h: &str) -> Option<&str> {
+    let (scheme, rest) = h.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let t = rest.trim();
+        (!t.is_empty()).then_some(t)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,616 @@
+//! RFC 6455 framing for the server side: a decoder for masked client frames and encoders
+//! for unmasked server frames (plus a masked client encoder for tests and load generators).
+//!
+//! # Decoder model
+//!
+//! [`Decoder::decode`] is sans-IO in the tungstenite `try_parse` style: it looks at the front
+//! of the caller's read buffer and answers either "need more bytes" (`(0, None)`), "consumed
+//! `n` bytes" (`(n, None)`, a data fragment was absorbed), "consumed `n` bytes and here is a
+//! message" (`(n, Some(msg))`) or a [`ProtocolError`] that ends the connection with
+//! [`ProtocolError::close_code`].
+//!
+//! A frame stays in the caller's buffer until all of it has arrived, so the caller's buffer
+//! must hold one whole frame (`max_frame_bytes` + 14 header bytes). While it waits, the decoder
+//! already unmasks, and for text validates, the part of the payload that has arrived, in place:
+//! a peer that sends a broken code point early in a large text frame is failed at once
+//! (Autobahn 6.4.x), and the bytes are never unmasked twice because the decoder remembers how
+//! far it got (`PartialFrame::unmasked`). The contract that follows: after `(0, None)` the
+//! next call must see the same bytes at the front of `buf`, with more appended.
+//!
+//! # Limits and memory
+//!
+//! Both limits are checked from the header, before a single payload byte is buffered:
+//! `max_frame_bytes` per data frame and `max_message_bytes` summed over the fragments of a
+//! message. The only memory the decoder owns is the reassembly buffer of a fragmented message,
+//! which never grows past `max_message_bytes`. An unfragmented frame (the common case) is
+//! copied exactly once, from the caller's reusable buffer into the `Bytes` it returns.
+//!
+//! # Errors
+//!
+//! Every [`ProtocolError`] ends the connection; the decoder is poisoned afterwards and keeps
+//! returning the same error. The checks run in the order the bytes arrive (first byte, second
+//! byte, extended length, payload), so the outcome does not depend on how reads split a stream.
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use super::close::{CloseCode, is_valid_close_code};
+use super::mask::{apply_mask, apply_mask_ascii};
+use super::utf8::Utf8Validator;
+
+/// Largest payload of a control frame (RFC 6455 5.5).
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Largest close reason: a control payload minus the 2-byte code.
+pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD - 2;
+/// Longest server (unmasked) frame header.
+pub const MAX_SERVER_HEADER: usize = 10;
+/// Longest client (masked) frame header.
+pub const MAX_CLIENT_HEADER: usize = 14;
+
+const FIN_BIT: u8 = 0x80;
+const RSV_BITS: u8 = 0x70;
+const MASK_BIT: u8 = 0x80;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpCode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OpCode {
+    /// Maps the 4-bit wire value; reserved values (3-7, 0xB-0xF) are `None`.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0x0 => Some(Self::Continuation),
+            0x1 => Some(Self::Text),
+            0x2 => Some(Self::Binary),
+            0x8 => Some(Self::Close),
+            0x9 => Some(Self::Ping),
+            0xA => Some(Self::Pong),
+            _ => None,
+        }
+    }
+
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Self::Continuation => 0x0,
+            Self::Text => 0x1,
+            Self::Binary => 0x2,
+            Self::Close => 0x8,
+            Self::Ping => 0x9,
+            Self::Pong => 0xA,
+        }
+    }
+
+    pub fn is_control(self) -> bool {
+        matches!(self, Self::Close | Self::Ping | Self::Pong)
+    }
+}
+
+/// Inbound size limits. The defaults exist to keep a hostile peer from eating memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderConfig {
+    /// Largest reassembled data message (sum of its fragments' payloads).
+    pub max_message_bytes: usize,
+    /// Largest payload of one data frame; also bounds the caller's read buffer.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 65536,
+            max_frame_bytes: 65536,
+        }
+    }
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// Always valid UTF-8.
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    /// `None` for an empty close payload, else the code and the (valid UTF-8) reason.
+    Close(Option<(u16, String)>),
+}
+
+/// A violation of RFC 6455 by the peer. Every variant ends the connection with
+/// [`close_code`](Self::close_code).
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("client frame is not masked")]
+    UnmaskedFrame,
+    #[error("reserved bits set without a negotiated extension")]
+    ReservedBits,
+    #[error("reserved opcode")]
+    UnknownOpcode,
+    #[error("fragmented control frame")]
+    FragmentedControl,
+    #[error("control frame payload over 125 bytes")]
+    ControlTooLong,
+    #[error("continuation frame without a message in progress")]
+    UnexpectedContinuation,
+    #[error("new data frame while a fragmented message is in progress")]
+    ExpectedContinuation,
+    #[error("64-bit payload length with the most significant bit set")]
+    InvalidLength,
+    #[error("frame or message over the size limit")]
+    TooBig,
+    #[error("invalid UTF-8 in a text message or close reason")]
+    InvalidUtf8,
+    #[error("close payload of 1 byte")]
+    BadClosePayload,
+    #[error("invalid close code")]
+    InvalidCloseCode,
+}
+
+impl ProtocolError {
+    /// The close code to send before dropping the connection.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Self::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Self::TooBig => CloseCode::TOO_BIG,
+            Self::UnmaskedFrame
+            | Self::ReservedBits
+            | Self::UnknownOpcode
+            | Self::FragmentedControl
+            | Self::ControlTooLong
+            | Self::UnexpectedContinuation
+            | Self::ExpectedContinuation
+            | Self::InvalidLength
+            | Self::BadClosePayload
+            | Self::InvalidCloseCode => CloseCode::PROTOCOL,
+        }
+    }
+}
+
+/// A fully validated frame header.
+#[derive(Clone, Copy, Debug)]
+struct FrameHeader {
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: usize,
+}
+
+/// A frame whose header has been accepted but whose payload has not fully arrived.
+#[derive(Clone, Copy, Debug)]
+struct PartialFrame {
+    header: FrameHeader,
+    /// Payload bytes already unmasked (and, for text, validated) in the caller's buffer.
+    unmasked: usize,
+}
+
+/// Outcome of [`Decoder::unmask_whole_frame`].
+#[derive(Clone, Copy, Debug)]
+enum WholeFrame {
+    NotApplicable,
+    InvalidUtf8,
+    /// Unmasked (and validated, for text) in place.
+    Ready {
+        is_text: bool,
+        header_len: usize,
+        payload_len: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MessageKind {
+    Text,
+    Binary,
+}
+
+/// Server-side frame decoder for one connection. See the module docs for the buffer contract.
+#[derive(Debug)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    partial: Option<PartialFrame>,
+    /// Kind of the fragmented message being reassembled, if any.
+    message: Option<MessageKind>,
+    /// Payload of the fragments so far; never longer than `cfg.max_message_bytes`.
+    message_buf: Vec<u8>,
+    /// UTF-8 state of the current text message, carried across fragments and partial reads.
+    utf8: Utf8Validator,
+    poisoned: Option<ProtocolError>,
+}
+
+impl Decoder {
+    pub fn new(cfg: DecoderConfig) -> Self {
+        Self {
+            cfg,
+            partial: None,
+            message: None,
+            message_buf: Vec::new(),
+            utf8: Utf8Validator::new(),
+            poisoned: None,
+        }
+    }
+
+    /// Decode from the front of `buf` (unmasking in place). Returns (bytes consumed, maybe a message).
+    ///
+    /// `(0, None)` = need more bytes. A consumed data fragment that does not complete a
+    /// message returns `(n, None)`. Callers loop while `n > 0`, drop the consumed bytes, and
+    /// after `(0, None)` call again with the same unconsumed bytes plus whatever arrived.
+    /// After an `Err` the decoder is poisoned (the connection is closed by the caller).
+    pub fn decode(&mut self, buf: &mut [u8]) -> Result<(usize, Option<Incoming>), ProtocolError> {
+        if self.partial.is_none() && self.message.is_none() && self.poisoned.is_none() {
+            match self.unmask_whole_frame(buf) {
+                WholeFrame::Ready {
+                    is_text,
+                    header_len,
+                    payload_len,
+                } => {
+                    let end = header_len + payload_len;
+                    let data = Bytes::copy_from_slice(buf.get(header_len..end).unwrap_or_default());
+                    let msg = if is_text {
+                        Incoming::Text(data)
+                    } else {
+                        Incoming::Binary(data)
+                    };
+                    return Ok((end, Some(msg)));
+                }
+                WholeFrame::InvalidUtf8 => {
+                    self.poisoned = Some(ProtocolError::InvalidUtf8);
+                    return Err(ProtocolError::InvalidUtf8);
+                }
+                WholeFrame::NotApplicable => {}
+            }
+        }
+        if let Some(e) = self.poisoned {
+            return Err(e);
+        }
+        match self.decode_frame(buf) {
+            Ok(done) => Ok(done),
+            Err(e) => {
+                self.poisoned = Some(e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether a fragmented data message is being reassembled.
+    pub fn in_message(&self) -> bool {
+        self.message.is_some()
+    }
+
+    /// Fast path for the common case: a complete, unfragmented, masked text or binary frame
+    /// with a 7- or 16-bit length, within the limits, while nothing else is in progress.
+    /// Unmasks and validates it in place and says where its payload is; returns
+    /// [`WholeFrame::NotApplicable`] (having changed nothing) for anything else, and the
+    /// general path then applies every rule, including producing the right error.
+    ///
+    /// It returns positions rather than the message so the message is built once, in
+    /// `decode`'s return value, instead of being moved through an extra `Option<Result<..>>`.
+    #[inline]
+    fn unmask_whole_frame(&self, buf: &mut [u8]) -> WholeFrame {
+        let [b0, b1, rest @ ..] = buf else {
+            return WholeFrame::NotApplicable;
+        };
+        let is_text = match *b0 {
+            0x81 => true,
+            0x82 => false,
+            _ => return WholeFrame::NotApplicable,
+        };
+        if *b1 & MASK_BIT == 0 {
+            return WholeFrame::NotApplicable;
+        }
+        let (payload_len, header_len, rest) = match *b1 & 0x7f {
+            126 => match rest.split_first_chunk_mut::<2>() {
+                Some((len, rest)) => (usize::from(u16::from_be_bytes(*len)), 8, rest),
+                None => return WholeFrame::NotApplicable,
+            },
+            127 => return WholeFrame::NotApplicable,
+            n => (usize::from(n), 6, rest),
+        };
+        if payload_len > self.cfg.max_frame_bytes || payload_len > self.cfg.max_message_bytes {
+            return WholeFrame::NotApplicable;
+        }
+        let Some((mask, rest)) = rest.split_first_chunk_mut::<4>() else {
+            return WholeFrame::NotApplicable;
+        };
+        let Some(payload) = rest.get_mut(..payload_len) else {
+            return WholeFrame::NotApplicable;
+        };
+        let ascii = apply_mask_ascii(payload, *mask, 0);
+        if is_text && !ascii && std::str::from_utf8(payload).is_err() {
+            return WholeFrame::InvalidUtf8;
+        }
+        WholeFrame::Ready {
+            is_text,
+            header_len,
+            payload_len,
+        }
+    }
+
+    fn decode_frame(&mut self, buf: &mut [u8]) -> Result<(usize, Option<Incoming>), ProtocolError> {
+        let (header, unmasked) = match self.partial.take() {
+            Some(p) => (p.header, p.unmasked),
+            None => match self.parse_header(buf)? {
+                Some(h) => (h, 0),
+                None => return Ok((0, None)),
+            },
+        };
+        // Cannot overflow in practice (payload_len is bounded by the limits), but a limit of
+        // usize::MAX must not wrap: a saturated end simply never arrives.
+        let frame_end = header.header_len.saturating_add(header.payload_len);
+        let arrived_end = buf.len().min(frame_end);
+        let Some(fresh) = buf.get_mut(header.header_len + unmasked..arrived_end) else {
+            // Fewer bytes than last time: the caller broke the contract. Wait, change nothing.
+            self.partial = Some(PartialFrame { header, unmasked });
+            return Ok((0, None));
+        };
+        // ASCII needs no validation unless it has to finish a code point cut earlier.
+        let ascii = apply_mask_ascii(fresh, header.mask, unmasked);
+        if self.is_text(header.opcode) && (!ascii || self.utf8.is_incomplete()) {
+            self.utf8
+                .feed(fresh)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if arrived_end < frame_end {
+            self.partial = Some(PartialFrame {
+                header,
+                unmasked: unmasked + fresh.len(),
+            });
+            return Ok((0, None));
+        }
+        let payload = buf.get(header.header_len..frame_end).unwrap_or_default();
+        let message = self.complete_frame(header, payload)?;
+        Ok((frame_end, message))
+    }
+
+    /// Parses and checks a header at the front of `buf`, in wire order, failing as soon as
+    /// the bytes seen so far are invalid. `Ok(None)` means the header is incomplete.
+    fn parse_header(&mut self, buf: &[u8]) -> Result<Option<FrameHeader>, ProtocolError> {
+        let Some(&b0) = buf.first() else {
+            return Ok(None);
+        };
+        if b0 & RSV_BITS != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        let fin = b0 & FIN_BIT != 0;
+        let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(ProtocolError::UnknownOpcode)?;
+        match opcode {
+            OpCode::Continuation if self.message.is_none() => {
+                return Err(ProtocolError::UnexpectedContinuation);
+            }
+            OpCode::Text | OpCode::Binary if self.message.is_some() => {
+                return Err(ProtocolError::ExpectedContinuation);
+            }
+            OpCode::Close | OpCode::Ping | OpCode::Pong if !fin => {
+                return Err(ProtocolError::FragmentedControl);
+            }
+            _ => {}
+        }
+
+        let Some(&b1) = buf.get(1) else {
+            return Ok(None);
+        };
+        if b1 & MASK_BIT == 0 {
+            return Err(ProtocolError::UnmaskedFrame);
+        }
+        let len7 = b1 & 0x7f;
+        if opcode.is_control() && usize::from(len7) > MAX_CONTROL_PAYLOAD {
+            return Err(ProtocolError::ControlTooLong);
+        }
+        let (payload_len, len_end) = match len7 {
+            126 => match buf.get(2..).and_then(|s| s.first_chunk::<2>()) {
+                Some(b) => (u64::from(u16::from_be_bytes(*b)), 4),
+                None => return Ok(None),
+            },
+            127 => match buf.get(2..).and_then(|s| s.first_chunk::<8>()) {
+                Some(b) => {
+                    let len = u64::from_be_bytes(*b);
+                    if len >> 63 != 0 {
+                        return Err(ProtocolError::InvalidLength);
+                    }
+                    (len, 10)
+                }
+                None => return Ok(None),
+            },
+            // Non-minimal length encodings are accepted: RFC 6455 asks senders for the
+            // minimal form but gives receivers no reason to fail on it.
+            n => (u64::from(n), 2),
+        };
+        let payload_len = usize::try_from(payload_len).map_err(|_| ProtocolError::TooBig)?;
+        if !opcode.is_control() {
+            // Only now, before any payload is buffered, is the size known: check it here.
+            if payload_len > self.cfg.max_frame_bytes
+                || self.message_buf.len().saturating_add(payload_len) > self.cfg.max_message_bytes
+            {
+                return Err(ProtocolError::TooBig);
+            }
+        }
+        let Some(mask) = buf.get(len_end..).and_then(|s| s.first_chunk::<4>()) else {
+            return Ok(None);
+        };
+        if opcode == OpCode::Text {
+            self.utf8.reset();
+        }
+        Ok(Some(FrameHeader {
+            fin,
+            opcode,
+            mask: *mask,
+            header_len: len_end + 4,
+            payload_len,
+        }))
+    }
+
+    /// Whether payload bytes of a frame with this opcode are text to validate incrementally.
+    fn is_text(&self, opcode: OpCode) -> bool {
+        match opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.message == Some(MessageKind::Text),
+            _ => false,
+        }
+    }
+
+    /// Acts on a frame whose payload is complete, unmasked and (for text) fed to `utf8`.
+    fn complete_frame(
+        &mut self,
+        header: FrameHeader,
+        payload: &[u8],
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        let kind = match header.opcode {
+            OpCode::Ping => return Ok(Some(Incoming::Ping(Bytes::copy_from_slice(payload)))),
+            OpCode::Pong => return Ok(Some(Incoming::Pong(Bytes::copy_from_slice(payload)))),
+            OpCode::Close => return parse_close_payload(payload).map(|c| Some(Incoming::Close(c))),
+            OpCode::Text => MessageKind::Text,
+            OpCode::Binary => MessageKind::Binary,
+            OpCode::Continuation => self.message.ok_or(ProtocolError::UnexpectedContinuation)?,
+        };
+        if header.opcode != OpCode::Continuation && header.fin {
+            // The fast, common case: one frame, one copy.
+            if kind == MessageKind::Text {
+                self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+            return Ok(Some(message(kind, Bytes::copy_from_slice(payload))));
+        }
+        self.message = Some(kind);
+        self.append_fragment(payload);
+        if !header.fin {
+            return Ok(None);
+        }
+        self.message = None;
+        if kind == MessageKind::Text {
+            self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        let data = std::mem::take(&mut self.message_buf);
+        Ok(Some(message(kind, Bytes::from(data))))
+    }
+
+    /// Appends to the reassembly buffer, growing geometrically but never past the limit
+    /// (which `parse_header` already guaranteed the total respects).
+    fn append_fragment(&mut self, payload: &[u8]) {
+        let need = self.message_buf.len() + payload.len();
+        if need > self.message_buf.capacity() {
+            let target = need
+                .max(self.message_buf.capacity().saturating_mul(2))
+                .min(self.cfg.max_message_bytes.max(need));
+            self.message_buf
+                .reserve_exact(target - self.message_buf.len());
+        }
+        self.message_buf.extend_from_slice(payload);
+    }
+}
+
+fn message(kind: MessageKind, data: Bytes) -> Incoming {
+    match kind {
+        MessageKind::Text => Incoming::Text(data),
+        MessageKind::Binary => Incoming::Binary(data),
+    }
+}
+
+/// Parses a complete, unmasked close payload (RFC 6455 5.5.1).
+pub fn parse_close_payload(payload: &[u8]) -> Result<Option<(u16, String)>, ProtocolError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::BadClosePayload),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(ProtocolError::InvalidCloseCode);
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
+            Ok(Some((code, reason.to_owned())))
+        }
+    }
+}
+
+/// Writes a server frame header (FIN set, unmasked) and returns its length (2, 4 or 10).
+pub fn write_header(opcode: OpCode, payload_len: usize, out: &mut [u8; 10]) -> usize {
+    write_header_bits(FIN_BIT | opcode.as_u8(), 0, payload_len, out)
+}
+
+fn write_header_bits(b0: u8, mask_bit: u8, payload_len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = b0;
+    if payload_len < 126 {
+        out[1] = mask_bit | payload_len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(payload_len) {
+        out[1] = mask_bit | 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        out[1] = mask_bit | 127;
+        out[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Appends an unmasked server frame with FIN set.
+///
+/// Control frames must carry at most [`MAX_CONTROL_PAYLOAD`] bytes; that is the caller's duty.
+pub fn encode_frame_into(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    let mut header = [0u8; MAX_SERVER_HEADER];
+    let n = write_header(opcode, payload.len(), &mut header);
+    out.reserve(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// An unmasked server frame with FIN set, in one exactly sized allocation.
+pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut header = [0u8; MAX_SERVER_HEADER];
+    let n = write_header(opcode, payload.len(), &mut header);
+    let mut out = Vec::with_capacity(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+    // len == capacity, so this hands the allocation over without copying.
+    Bytes::from(out)
+}
+
+/// A close frame with `code` and `reason`, the reason cut on a char boundary to fit the
+/// 125-byte control payload. The caller picks a sendable code (never 1005/1006/1015).
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let reason = truncate_to_char_boundary(reason, MAX_CLOSE_REASON);
+    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+    let len = 2 + reason.len();
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..len].copy_from_slice(reason.as_bytes());
+    encode_frame(OpCode::Close, &payload[..len])
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Appends a masked client frame (for tests and the load generator).
+pub fn encode_client_frame_into(
+    opcode: OpCode,
+    fin: bool,
+    payload: &[u8],
+    mask: [u8; 4],
+    out: &mut Vec<u8>,
+) {
+    let mut header = [0u8; MAX_SERVER_HEADER];
+    let b0 = if fin { FIN_BIT } else { 0 } | opcode.as_u8();
+    let n = write_header_bits(b0, MASK_BIT, payload.len(), &mut header);
+    out.reserve(n + 4 + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(body) = out.get_mut(start..) {
+        apply_mask(body, mask, 0);
+    }
+}
+
+#[cfg(test)]
+#[path = "frame_tests.rs"]
+mod tests;

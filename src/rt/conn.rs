@@ -1,0 +1,345 @@
+//! The connection pump: bytes between a socket and the sans-IO parts.
+//!
+//! A connection runs as two tasks on its shard:
+//! - the **reader** owns the accepted `TcpStream`. It waits for readiness (an io_uring
+//!   `PollAdd`) and then reads with `recv(MSG_DONTWAIT)` into the *shard's* read buffer, so an
+//!   idle connection pins no read buffer at all; only the bytes of an incomplete frame are
+//!   kept per connection. During the HTTP phase it parses the request, asks the gate, and
+//!   writes the response or the `101`.
+//! - the **writer** owns a second handle on the same socket (a `dup`ed descriptor, since
+//!   io_uring writes need the stream by `&mut`). It sleeps until the session's outbound
+//!   queue has frames, coalesces everything queued into one buffer and submits one write;
+//!   the writes of every connection woken in the same loop turn go to the kernel in one
+//!   `io_uring_enter`.
+//!
+//! Every error path ends the same way: `ShardCtx::task_done`, which shuts the socket down
+//! (waking the other task) and, when both tasks are gone, frees the slot, the
+//! subscriptions, the timers and the per-user cap. Network input never panics: parsers
+//! return errors, which become a status code or a close code for this connection only.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::rc::Rc;
+use std::task::Poll;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::gate::{self, Outcome};
+use crate::proto::frame::{Decoder, DecoderConfig};
+use crate::proto::http::{self, RequestLimits, Response};
+use crate::rt::shard::{ConnRef, ShardCtx, shutdown};
+use crate::session::Session;
+
+/// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
+const MAX_WRITE: usize = 256 * 1024;
+
+enum Read {
+    Data(usize),
+    WouldBlock,
+    Eof,
+}
+
+fn recv(fd: i32, buf: &mut [u8]) -> Read {
+    loop {
+        // SAFETY: `buf` is a valid, exclusively borrowed byte slice for its whole length;
+        // recv writes at most `buf.len()` bytes into it and returns how many it wrote.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            return Read::Data(n as usize);
+        }
+        if n == 0 {
+            return Read::Eof;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Read::WouldBlock,
+            _ => return Read::Eof,
+        }
+    }
+}
+
+pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let (idx, generation, conn) = ctx.register(fd);
+    ctx.handshakes.set(ctx.handshakes.get() + 1);
+    let admitted = handshake(&ctx, &stream, peer).await;
+    ctx.handshakes.set(ctx.handshakes.get().saturating_sub(1));
+    let Some((admitted, leftover)) = admitted else {
+        ctx.task_done(idx, generation, true);
+        return;
+    };
+    // The writer gets its own descriptor for the same socket.
+    // SAFETY: dup has no memory effects; the result is checked before use.
+    let wfd = unsafe { libc::dup(fd) };
+    let wstream = if wfd >= 0 {
+        // SAFETY: `wfd` is a fresh descriptor we own (just returned by dup) and nothing else
+        // will close it; the std stream takes ownership of it.
+        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(wfd) }).ok()
+    } else {
+        None
+    };
+    let Some(wstream) = wstream else {
+        ctx.task_done(idx, generation, true);
+        return;
+    };
+    let now = ctx.now_ms();
+    let a = *admitted;
+    let session = Session::new(ctx.shared.session_cfg.clone(), a.claims, a.client_ip, now);
+    let max = ctx.shared.cfg.limits.max_message_bytes;
+    let decoder = Decoder::new(DecoderConfig { max_message_bytes: max, max_frame_bytes: max });
+    {
+        let mut c = conn.borrow_mut();
+        c.slot = Some(a.slot);
+        ctx.open(idx, &mut c, session, decoder);
+    }
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, wstream));
+    if !leftover.is_empty() {
+        let mut data = leftover;
+        process(&ctx, &conn, idx, &mut data);
+    }
+    reader(&ctx, &stream, &conn, idx).await;
+    ctx.task_done(idx, generation, true);
+}
+
+/// The HTTP phase. Returns the admitted identity and any bytes after the request.
+async fn handshake(
+    ctx: &Rc<ShardCtx>,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Option<(Box<gate::Admitted>, Vec<u8>)> {
+    let limits = RequestLimits {
+        max_head_bytes: ctx.shared.cfg.limits.max_head_bytes,
+        max_headers: ctx.shared.cfg.limits.max_headers,
+        ..RequestLimits::default()
+    };
+    let cap = limits.max_head_bytes + limits.max_body_bytes;
+    let mut req_buf: Vec<u8> = Vec::new();
+    let (consumed, req) = loop {
+        if stream.readable(false).await.is_err() {
+            return None;
+        }
+        loop {
+            let r = {
+                let mut buf = ctx.read_buf.borrow_mut();
+                let room = cap.saturating_sub(req_buf.len()).clamp(1, buf.len());
+                match recv(stream.as_raw_fd(), &mut buf[..room]) {
+                    Read::Data(n) => {
+                        req_buf.extend_from_slice(&buf[..n]);
+                        Read::Data(n)
+                    }
+                    other => other,
+                }
+            };
+            match r {
+                Read::Eof => return None,
+                Read::WouldBlock => break,
+                Read::Data(_) => {}
+            }
+        }
+        match http::try_parse(&req_buf, &limits) {
+            Ok(Some(done)) => break done,
+            Ok(None) if req_buf.len() < cap => continue,
+            Ok(None) => {
+                respond(stream, Response::text(400, "request too large\n")).await;
+                return None;
+            }
+            Err(e) => {
+                ctx.shared.sec_counters.inc("handshake", "rejected", "malformed_http");
+                respond(stream, Response::text(e.status(), "bad request\n")).await;
+                return None;
+            }
+        }
+    };
+    let now = ctx.now_ms();
+    match gate::handle_public(&ctx.shared, &req, peer.ip(), now) {
+        Outcome::Respond(resp) => {
+            respond(stream, resp).await;
+            None
+        }
+        Outcome::Upgrade(adm) => {
+            let bytes = http::switching_protocols(&adm.accept, adm.protocol);
+            if write_all_fd(stream, bytes).await.is_err() {
+                return None;
+            }
+            req_buf.drain(..consumed);
+            Some((adm, req_buf))
+        }
+    }
+}
+
+/// Writes through a shared reference: the reader holds the stream by `&`, so the HTTP
+/// phase writes with `send` after waiting for writability (the response is small and the
+/// socket buffer empty, so this normally completes at once).
+async fn write_all_fd(stream: &TcpStream, bytes: Vec<u8>) -> std::io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: the pointer/length pair denotes the initialised tail of `bytes`.
+        let n = unsafe {
+            libc::send(fd, bytes[off..].as_ptr().cast(), bytes.len() - off, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n > 0 {
+            off += n as usize;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => stream.writable(false).await?,
+            _ => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+async fn respond(stream: &TcpStream, resp: Response) {
+    let _ = write_all_fd(stream, resp.to_bytes()).await;
+    shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+}
+
+async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usize) {
+    let fd = stream.as_raw_fd();
+    loop {
+        {
+            let c = conn.borrow();
+            // Done once the close handshake completed in both directions.
+            if c.dead || (c.peer_closed && c.tasks <= 1) {
+                return;
+            }
+        }
+        if stream.readable(false).await.is_err() {
+            return;
+        }
+        loop {
+            let r = {
+                let mut buf = ctx.read_buf.borrow_mut();
+                match recv(fd, &mut buf) {
+                    Read::Data(n) => {
+                        process(ctx, conn, idx, &mut buf[..n]);
+                        Read::Data(n)
+                    }
+                    other => other,
+                }
+            };
+            match r {
+                Read::Eof => return,
+                Read::WouldBlock => break,
+                Read::Data(n) if n < ctx.read_buf.borrow().len() => break,
+                Read::Data(_) => {}
+            }
+        }
+    }
+}
+
+/// Feed received bytes to the decoder and the session.
+fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
+    let mut c = conn.borrow_mut();
+    let now = ctx.now_ms();
+    let mut actions = Vec::new();
+    let mut partial = std::mem::take(&mut c.rx_partial);
+    let mut peer_closed = false;
+    {
+        let c = &mut *c;
+        let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
+            return;
+        };
+        session.note_rx(now);
+        if session.is_closing() {
+            // After our close frame only the peer's close matters; drop the rest unread.
+            partial.clear();
+        }
+        let buf: &mut [u8] = if partial.is_empty() {
+            data
+        } else {
+            partial.extend_from_slice(data);
+            &mut partial
+        };
+        let mut off = 0;
+        loop {
+            match decoder.decode(&mut buf[off..]) {
+                Ok((0, _)) => break,
+                Ok((n, msg)) => {
+                    off += n;
+                    if let Some(m) = msg {
+                        if matches!(m, crate::proto::frame::Incoming::Close(_)) {
+                            peer_closed = true;
+                        }
+                        session.handle_message(now, m, ctx.shared.hub.symbols(), &*ctx.shared, &mut actions);
+                    }
+                }
+                Err(e) => {
+                    session.protocol_error(e.close_code(), "protocol error", &mut actions);
+                    off = buf.len();
+                    break;
+                }
+            }
+        }
+        let rest = buf.len() - off;
+        if rest > 0 {
+            let tail = buf[off..].to_vec();
+            partial.clear();
+            partial.extend_from_slice(&tail);
+        } else {
+            partial.clear();
+        }
+    }
+    c.rx_partial = partial;
+    c.peer_closed |= peer_closed;
+    ctx.apply(idx, &mut c, &mut actions);
+}
+
+async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, mut stream: TcpStream) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut graceful = false;
+    loop {
+        // Wait until there is something to write or the connection is over.
+        poll_fn(|cx| {
+            let mut c = conn.borrow_mut();
+            let ready = c.dead || c.session.as_ref().is_none_or(|s| !s.outbound.is_empty());
+            if ready {
+                Poll::Ready(())
+            } else {
+                c.writer_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        let closing_done;
+        {
+            let mut c = conn.borrow_mut();
+            if c.dead {
+                break;
+            }
+            let Some(s) = c.session.as_mut() else { break };
+            buf.clear();
+            s.outbound.drain_into(&mut buf, MAX_WRITE);
+            s.note_drained();
+            closing_done = s.is_closing() && s.outbound.is_empty();
+        }
+        if !buf.is_empty() {
+            let (res, b) = stream.write_all(std::mem::take(&mut buf)).await;
+            buf = b;
+            if res.is_err() {
+                break;
+            }
+            // An idle connection keeps no large write buffer.
+            if buf.capacity() > 64 * 1024 {
+                buf = Vec::new();
+            }
+        }
+        if closing_done {
+            // Our close frame is out. If the peer closed first, the handshake is complete
+            // and the server closes TCP first (RFC 6455 7.1.1). Otherwise half-close and let
+            // the reader wait for the peer's close frame (the hard-drop timer bounds that).
+            if !conn.borrow().peer_closed {
+                shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+                graceful = true;
+            }
+            break;
+        }
+    }
+    ctx.task_done(idx, generation, !graceful);
+}

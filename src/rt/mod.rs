@@ -1,0 +1,214 @@
+//! The runtime layer: the only code that touches sockets, threads and clocks.
+//!
+//! [`start`] binds the public listener once per shard with `SO_REUSEPORT` (the first bind
+//! resolves port 0, the others reuse the resolved port), starts one pinned thread per shard
+//! running a monoio runtime on the io_uring driver (epoll only where io_uring is
+//! unavailable, and then it says so), starts the admin listener, and returns a
+//! [`ServerHandle`] with the bound addresses. Tests start servers in-process this way;
+//! `tickgate serve` does the same and then waits for signals.
+
+pub mod conn;
+pub mod shard;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::feed::hub::Control;
+use crate::state::Shared;
+
+/// Which io driver the shards run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn detect() -> Driver {
+        if monoio::utils::detect_uring() { Driver::IoUring } else { Driver::Epoll }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll (io_uring unavailable)",
+        }
+    }
+}
+
+pub struct ServerHandle {
+    pub public_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub driver: Driver,
+    pub shared: Arc<Shared>,
+    shards: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Begin draining: `/readyz` turns 503, listeners stop accepting, clients get `1001`.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.shared.hub.broadcast(|| Control::Drain);
+    }
+
+    /// Live connections across all shards.
+    pub fn connections(&self) -> u64 {
+        self.shared.metrics.shards.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Drain and wait (up to `timeout`) until every connection is gone.
+    pub fn drain_and_wait(&self, timeout: Duration) -> bool {
+        self.drain();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.connections() == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.connections() == 0
+    }
+
+    pub fn shard_threads(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+/// Raise the open-file soft limit to the hard limit (each connection uses two descriptors).
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read/write the plain struct we pass by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Start every shard and the admin listener.
+pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
+    raise_nofile();
+    let cfg = &shared.cfg;
+    let shards = shared.hub.shards();
+    let first = bind_reuseport(cfg.server.listen)?;
+    let public_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind_reuseport(public_addr)?);
+    }
+    let driver = Driver::detect();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(shards);
+    for (id, l) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let t = std::thread::Builder::new().name(format!("tickgate-shard-{id}")).spawn(move || {
+            if shared.cfg.server.pin_cores {
+                let _ = monoio::utils::bind_to_cpu_set([id % cores]);
+            }
+            run_shard(id, shared, l, ready);
+        })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(std::io::Error::other(e)),
+            Err(_) => return Err(std::io::Error::other("a shard thread died during start-up")),
+        }
+    }
+    let admin_addr = if cfg.admin.enabled { Some(crate::admin::start(shared.clone())?) } else { None };
+    Ok(ServerHandle { public_addr, admin_addr, driver, shared, shards: threads })
+}
+
+fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    ready: crossbeam_channel::Sender<Result<(), String>>,
+) {
+    let entries = shared.cfg.server.io_uring_entries;
+    let mut urb = io_uring::IoUring::builder();
+    if shared.cfg.server.sqpoll {
+        urb.setup_sqpoll(2000);
+    }
+    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .with_entries(entries)
+        .uring_builder(urb)
+        .enable_timer()
+        .build();
+    let mut rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: cannot build the runtime: {e}")));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match monoio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: listener: {e}")));
+                return;
+            }
+        };
+        let ctx = shard::ShardCtx::new(id, shared);
+        monoio::spawn(shard::dispatcher(ctx.clone()));
+        monoio::spawn(shard::ticker(ctx.clone()));
+        let _ = ready.send(Ok(()));
+        drop(ready);
+        accept_loop(ctx, listener).await;
+        // Keep serving the connections being drained; the process exits from main.
+        std::future::pending::<()>().await;
+    });
+}
+
+async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListener) {
+    let Some(handle) = ctx.accept_cancel.borrow().as_ref().map(|c| c.handle()) else {
+        return;
+    };
+    let max_conns = ctx.shared.cfg.server.max_connections_per_shard;
+    let max_pending = ctx.shared.cfg.server.pending_handshakes_per_shard;
+    loop {
+        let accepted = listener.cancelable_accept(handle.clone()).await;
+        if ctx.draining.get() {
+            return;
+        }
+        match accepted {
+            Ok((stream, peer)) => {
+                if ctx.conns.borrow().len() >= max_conns || ctx.handshakes.get() >= max_pending {
+                    // Over capacity: refuse at once rather than queue unbounded work.
+                    ctx.shared.sec_counters.inc("handshake", "rejected", "shard_full");
+                    drop(stream);
+                    continue;
+                }
+                monoio::spawn(conn::run(ctx.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(shard = ctx.id, error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning.
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,545 @@
+//! One shard: a monoio runtime on its own pinned thread, with its own `SO_REUSEPORT`
+//! listener, its connections, its subscription table and its timer wheel.
+//!
+//! Three kinds of tasks run on a shard:
+//! - the **acceptor**, which spawns a connection task per accepted socket;
+//! - the **dispatcher**, which drains the shard's hub inbox (ticks and control messages)
+//!   and appends each tick's shared frame to the outbound queue of every local subscriber,
+//!   then wakes their writers; since it drains everything available before yielding, the
+//!   writers that run next find many frames and write them with one `write` each;
+//! - the **ticker**, which advances the timer wheel and fires connection deadlines
+//!   (handshake timeout, reauth, heartbeat, idle, slow consumer, hard drop) and does the
+//!   periodic housekeeping. There is no timer task per connection.
+//!
+//! Connection tasks (see `conn.rs`) share the shard state through `Rc<ShardCtx>`; nothing
+//! here is `Send`, and no borrow of a `RefCell` is ever held across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use slab::Slab;
+
+use crate::feed::hub::{Control, encode_for_subscriber};
+use crate::feed::outbound::SharedTick;
+use crate::feed::symbol::SymbolId;
+use crate::feed::tick::TickKind;
+use crate::proto::close::CloseCode;
+use crate::proto::frame::Decoder;
+use crate::session::{Action, Session, TimerKind};
+use crate::state::Shared;
+use crate::timer::wheel::{TimerKey, TimerWheel};
+
+/// Timers the shard keeps per connection, one slot each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RtTimer {
+    Session(TimerKind),
+    Handshake,
+    /// After a close frame was queued: the peer gets this long to answer before the socket
+    /// is shut down regardless.
+    HardDrop,
+}
+
+impl RtTimer {
+    fn slot(self) -> usize {
+        match self {
+            RtTimer::Session(TimerKind::ReauthRequired) => 0,
+            RtTimer::Session(TimerKind::ReauthDeadline) => 1,
+            RtTimer::Session(TimerKind::Heartbeat) => 2,
+            RtTimer::Session(TimerKind::Idle) => 3,
+            RtTimer::Session(TimerKind::SlowConsumer) => 4,
+            RtTimer::Handshake => 5,
+            RtTimer::HardDrop => 6,
+        }
+    }
+}
+
+const TIMER_SLOTS: usize = 7;
+const HARD_DROP_MS: u64 = 2_000;
+/// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
+const DISPATCH_BUDGET: usize = 8192;
+
+#[derive(Clone, Copy, Debug)]
+pub struct TimerEvent {
+    idx: usize,
+    generation: u32,
+    kind: RtTimer,
+}
+
+/// A connection slot. `session` is `None` during the HTTP phase.
+pub struct Conn {
+    pub generation: u32,
+    pub fd: RawFd,
+    pub session: Option<Session>,
+    pub decoder: Option<Decoder>,
+    pub rx_partial: Vec<u8>,
+    pub writer_waker: Option<Waker>,
+    /// The writer must stop (socket broken or connection finished).
+    pub dead: bool,
+    /// The peer's close frame arrived.
+    pub peer_closed: bool,
+    /// Tasks still running for this connection (reader, writer).
+    pub tasks: u8,
+    timers: [Option<TimerKey>; TIMER_SLOTS],
+    pub slot: Option<crate::auth::usercap::UserSlot>,
+}
+
+impl Conn {
+    pub fn wake_writer(&mut self) {
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+struct SubEntry {
+    idx: usize,
+    generation: u32,
+    /// The subscriber is owed ticks with a greater `seq`.
+    last_seq: u64,
+}
+
+pub struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub conns: RefCell<Slab<Rc<RefCell<Conn>>>>,
+    table: RefCell<Vec<Vec<SubEntry>>>,
+    wheel: RefCell<TimerWheel<TimerEvent>>,
+    pub read_buf: RefCell<Box<[u8]>>,
+    pub handshakes: Cell<usize>,
+    next_gen: Cell<u32>,
+    pub draining: Cell<bool>,
+    pub accept_cancel: RefCell<Option<monoio::io::Canceller>>,
+    actions: RefCell<Vec<Action>>,
+}
+
+pub type ConnRef = Rc<RefCell<Conn>>;
+
+impl ShardCtx {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<ShardCtx> {
+        let now = shared.now_ms();
+        Rc::new(ShardCtx {
+            id,
+            shared,
+            conns: RefCell::new(Slab::with_capacity(1024)),
+            table: RefCell::new(Vec::new()),
+            wheel: RefCell::new(TimerWheel::with_capacity(now, 4096)),
+            read_buf: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
+            handshakes: Cell::new(0),
+            next_gen: Cell::new(1),
+            draining: Cell::new(false),
+            accept_cancel: RefCell::new(Some(monoio::io::Canceller::new())),
+            actions: RefCell::new(Vec::new()),
+        })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
+    /// A new socket: a slot with its handshake deadline armed.
+    pub fn register(&self, fd: RawFd) -> (usize, u32, ConnRef) {
+        let generation = self.next_gen.get();
+        self.next_gen.set(generation.wrapping_add(1).max(1));
+        let conn = Rc::new(RefCell::new(Conn {
+            generation,
+            fd,
+            session: None,
+            decoder: None,
+            rx_partial: Vec::new(),
+            writer_waker: None,
+            dead: false,
+            peer_closed: false,
+            tasks: 1,
+            timers: [None; TIMER_SLOTS],
+            slot: None,
+        }));
+        let idx = self.conns.borrow_mut().insert(conn.clone());
+        self.shared.metrics.shard(self.id).connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let at = self.now_ms() + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
+        self.arm(&mut conn.borrow_mut(), idx, RtTimer::Handshake, at);
+        (idx, generation, conn)
+    }
+
+    pub fn arm(&self, c: &mut Conn, idx: usize, kind: RtTimer, at: u64) {
+        let mut wheel = self.wheel.borrow_mut();
+        if let Some(old) = c.timers[kind.slot()].take() {
+            wheel.cancel(old);
+        }
+        c.timers[kind.slot()] = Some(wheel.insert(at, TimerEvent { idx, generation: c.generation, kind }));
+    }
+
+    pub fn disarm(&self, c: &mut Conn, kind: RtTimer) {
+        if let Some(old) = c.timers[kind.slot()].take() {
+            self.wheel.borrow_mut().cancel(old);
+        }
+    }
+
+    /// The handshake succeeded: the connection becomes a session with its deadlines armed.
+    pub fn open(&self, idx: usize, c: &mut Conn, session: Session, decoder: Decoder) {
+        self.disarm(c, RtTimer::Handshake);
+        for (kind, at) in session.timers() {
+            self.arm(c, idx, RtTimer::Session(kind), at);
+        }
+        c.session = Some(session);
+        c.decoder = Some(decoder);
+        c.tasks = 2;
+        c.wake_writer();
+    }
+
+    /// One of the connection's tasks ended; the last one frees the slot, its
+    /// subscriptions, its timers and (by dropping the `UserSlot`) its per-user cap.
+    /// `force` shuts the socket down so the other task ends too; the writer passes `false`
+    /// after a graceful close so the reader can still receive the peer's close frame.
+    pub fn task_done(&self, idx: usize, generation: u32, force: bool) {
+        let conn = match self.conns.borrow().get(idx) {
+            Some(c) if c.borrow().generation == generation => c.clone(),
+            _ => return,
+        };
+        let mut c = conn.borrow_mut();
+        c.tasks = c.tasks.saturating_sub(1);
+        if force {
+            c.dead = true;
+            shutdown(c.fd, libc::SHUT_RDWR);
+            c.wake_writer();
+        }
+        if c.tasks > 0 {
+            return;
+        }
+        for slot in 0..TIMER_SLOTS {
+            if let Some(k) = c.timers[slot].take() {
+                self.wheel.borrow_mut().cancel(k);
+            }
+        }
+        if let Some(s) = c.session.take() {
+            let subs: Vec<SymbolId> = s.subscriptions().to_vec();
+            self.table_remove(idx, generation, &subs);
+        }
+        c.slot = None;
+        drop(c);
+        self.conns.borrow_mut().try_remove(idx);
+        self.shared.metrics.shard(self.id).connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn table_remove(&self, idx: usize, generation: u32, ids: &[SymbolId]) {
+        let mut table = self.table.borrow_mut();
+        for id in ids {
+            if let Some(list) = table.get_mut(id.0 as usize) {
+                let before = list.len();
+                list.retain(|e| !(e.idx == idx && e.generation == generation));
+                if before > 0 && list.is_empty() {
+                    self.shared.hub.unsubscribe_last(self.id, *id);
+                }
+            }
+        }
+    }
+
+    /// Carry out what a session asked for. Runs with the connection borrowed.
+    pub fn apply(&self, idx: usize, c: &mut Conn, actions: &mut Vec<Action>) {
+        let now = self.now_ms();
+        for a in actions.drain(..) {
+            match a {
+                Action::Subscribe { ids, snapshot } => self.subscribe(idx, c, &ids, snapshot),
+                Action::Unsubscribe { ids } => self.table_remove(idx, c.generation, &ids),
+                Action::Publish { ticks } => {
+                    let n = self.shared.hub.publish(&ticks);
+                    self.shared.metrics.ticks_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Action::DeadlinesChanged => {
+                    if let Some(s) = &c.session {
+                        let timers = s.timers();
+                        for (kind, at) in timers {
+                            if matches!(kind, TimerKind::ReauthRequired | TimerKind::ReauthDeadline) {
+                                self.arm(c, idx, RtTimer::Session(kind), at);
+                            }
+                        }
+                    }
+                }
+                Action::Close { code } => {
+                    self.shared.metrics.count_close(code);
+                    for kind in [TimerKind::ReauthRequired, TimerKind::ReauthDeadline, TimerKind::Heartbeat, TimerKind::Idle, TimerKind::SlowConsumer] {
+                        self.disarm(c, RtTimer::Session(kind));
+                    }
+                    self.arm(c, idx, RtTimer::HardDrop, now + HARD_DROP_MS);
+                }
+                Action::Log { event, outcome, reason } => {
+                    if let Some(s) = &c.session {
+                        let cl = s.claims();
+                        self.shared.sec_counters.inc(event, outcome, reason);
+                        self.shared.seclog.write(&crate::auth::seclog::SecurityEvent {
+                            ts_unix_ms: now,
+                            event,
+                            outcome,
+                            reason,
+                            ip: None,
+                            origin: None,
+                            sub: Some(&cl.sub),
+                            sid: cl.sid.as_deref(),
+                            status: None,
+                            token_hash: None,
+                        });
+                    }
+                }
+            }
+        }
+        c.wake_writer();
+    }
+
+    fn subscribe(&self, idx: usize, c: &mut Conn, ids: &[SymbolId], snapshot: bool) {
+        let generation = c.generation;
+        let Some(session) = c.session.as_mut() else { return };
+        let mut table = self.table.borrow_mut();
+        for id in ids {
+            let i = id.0 as usize;
+            if table.len() <= i {
+                table.resize_with(i + 1, Vec::new);
+            }
+            let list = &mut table[i];
+            let already = list.iter().any(|e| e.idx == idx && e.generation == generation);
+            let snap = if already {
+                self.shared.hub.latest(*id)
+            } else {
+                let base = self.shared.hub.subscribe(self.id, *id, list.is_empty());
+                list.push(SubEntry { idx, generation, last_seq: base.seq });
+                base.snapshot
+            };
+            if snapshot && let Some(t) = snap {
+                session.push_snapshot(encode_for_subscriber(TickKind::Snapshot, &t, 0));
+            }
+        }
+    }
+
+    /// Fan one tick out to this shard's subscribers of its symbol.
+    fn dispatch(&self, t: &Arc<SharedTick>, now: u64) -> usize {
+        let mut table = self.table.borrow_mut();
+        let Some(list) = table.get_mut(t.symbol.0 as usize) else { return 0 };
+        let conns = self.conns.borrow();
+        let mut delivered = 0;
+        for e in list.iter_mut() {
+            if t.seq <= e.last_seq {
+                continue;
+            }
+            let gap = t.seq - e.last_seq - 1;
+            e.last_seq = t.seq;
+            let Some(conn) = conns.get(e.idx) else { continue };
+            let mut c = conn.borrow_mut();
+            if c.generation != e.generation {
+                continue;
+            }
+            let Some(s) = c.session.as_mut() else { continue };
+            let arm = if gap == 0 {
+                s.push_tick(t, now)
+            } else {
+                // This shard's inbox overflowed: ticks never reached this subscriber.
+                let frame = encode_for_subscriber(TickKind::Tick, t, gap);
+                let one = Arc::new(SharedTick { frame, ..(**t).clone() });
+                s.push_tick(&one, now)
+            };
+            if let Some(at) = arm {
+                self.arm(&mut c, e.idx, RtTimer::Session(TimerKind::SlowConsumer), at);
+            }
+            c.wake_writer();
+            delivered += 1;
+        }
+        delivered
+    }
+
+    fn fire(&self, ev: TimerEvent, now: u64) {
+        let conn = match self.conns.borrow().get(ev.idx) {
+            Some(c) => c.clone(),
+            None => return,
+        };
+        let mut c = conn.borrow_mut();
+        if c.generation != ev.generation {
+            return;
+        }
+        c.timers[ev.kind.slot()] = None;
+        match ev.kind {
+            RtTimer::Handshake | RtTimer::HardDrop => {
+                if ev.kind == RtTimer::Handshake && c.session.is_none() {
+                    self.shared.sec_counters.inc("handshake", "rejected", "timeout");
+                }
+                shutdown(c.fd, libc::SHUT_RDWR);
+                c.dead = true;
+                c.wake_writer();
+            }
+            RtTimer::Session(kind) => {
+                let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
+                let rearm = match c.session.as_mut() {
+                    Some(s) => s.handle_timer(kind, now, &mut actions),
+                    None => None,
+                };
+                if let Some(at) = rearm {
+                    self.arm(&mut c, ev.idx, ev.kind, at);
+                }
+                self.apply(ev.idx, &mut c, &mut actions);
+                *self.actions.borrow_mut() = actions;
+            }
+        }
+    }
+
+    fn control(&self, msg: Control) {
+        match msg {
+            Control::Revoke(target, reply) => {
+                use crate::auth::revocation::RevokeTarget;
+                let mut closed = 0;
+                let conns: Vec<(usize, ConnRef)> =
+                    self.conns.borrow().iter().map(|(i, c)| (i, c.clone())).collect();
+                for (idx, conn) in conns {
+                    let mut c = conn.borrow_mut();
+                    let hit = match c.session.as_ref().map(|s| s.claims()) {
+                        Some(cl) if !c.dead => match &target {
+                            RevokeTarget::Sub(s) => &cl.sub == s,
+                            RevokeTarget::Sid(s) => cl.sid.as_ref() == Some(s),
+                            RevokeTarget::Jti(j) => cl.jti.as_ref() == Some(j),
+                        },
+                        _ => false,
+                    };
+                    if hit && let Some(s) = c.session.as_mut() && !s.is_closing() {
+                        let mut actions = vec![Action::Log { event: "close", outcome: "closed", reason: "revoked" }];
+                        s.close(CloseCode::REVOKED, "revoked", &mut actions);
+                        self.apply(idx, &mut c, &mut actions);
+                        closed += 1;
+                    }
+                }
+                let _ = reply.send(closed);
+            }
+            Control::Drain => self.drain(),
+        }
+    }
+
+    fn drain(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        if let Some(c) = self.accept_cancel.borrow_mut().take() {
+            c.cancel();
+        }
+        let conns: Vec<(usize, ConnRef)> = self.conns.borrow().iter().map(|(i, c)| (i, c.clone())).collect();
+        for (idx, conn) in conns {
+            let mut c = conn.borrow_mut();
+            match c.session.as_mut() {
+                Some(s) => {
+                    let mut actions = Vec::new();
+                    s.close(CloseCode::GOING_AWAY, "server draining", &mut actions);
+                    self.apply(idx, &mut c, &mut actions);
+                }
+                None => {
+                    shutdown(c.fd, libc::SHUT_RDWR);
+                }
+            }
+        }
+    }
+}
+
+pub fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: `shutdown` takes a plain integer and has no memory effects; on a closed or
+    // foreign descriptor it fails with EBADF/ENOTSOCK, which is harmless here because the
+    // fd stays open (owned by the connection's TcpStream) for as long as the Conn exists.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}
+
+/// Drains the hub inbox: control messages first, then ticks.
+pub async fn dispatcher(ctx: Rc<ShardCtx>) {
+    let inbox = ctx.shared.hub.inbox(ctx.id);
+    loop {
+        poll_fn(|cx| {
+            inbox.waker.register(cx.waker());
+            if inbox.pending.load(std::sync::atomic::Ordering::Acquire)
+                || !inbox.ticks.is_empty()
+                || !inbox.control_rx.is_empty()
+            {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        inbox.pending.store(false, std::sync::atomic::Ordering::Release);
+        while let Ok(m) = inbox.control_rx.try_recv() {
+            ctx.control(m);
+        }
+        let now = ctx.now_ms();
+        let mut n = 0;
+        let mut delivered = 0u64;
+        let now_ns = now.saturating_mul(1_000_000);
+        while n < DISPATCH_BUDGET {
+            let Some(t) = inbox.ticks.pop() else { break };
+            delivered += ctx.dispatch(&t, now) as u64;
+            if n % 64 == 0 && t.tick.ts > 0 && now_ns >= t.tick.ts {
+                ctx.shared.metrics.observe_latency_us((now_ns - t.tick.ts) / 1000);
+            }
+            n += 1;
+        }
+        let g = ctx.shared.metrics.shard(ctx.id);
+        g.ticks_out.fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        if n == DISPATCH_BUDGET {
+            // More may be queued: let the writers run, then come back without waiting.
+            inbox.pending.store(true, std::sync::atomic::Ordering::Release);
+            yield_now().await;
+        }
+    }
+}
+
+/// Advances the wheel; sleeps until the next deadline, at most 10 ms.
+pub async fn ticker(ctx: Rc<ShardCtx>) {
+    let mut fired = Vec::new();
+    let mut next_housekeeping = 0u64;
+    loop {
+        let now = ctx.now_ms();
+        ctx.wheel.borrow_mut().advance(now, &mut fired);
+        for (_, ev) in fired.drain(..) {
+            ctx.fire(ev, now);
+        }
+        if now >= next_housekeeping {
+            next_housekeeping = now + 1000;
+            housekeeping(&ctx, now);
+        }
+        let next = ctx.wheel.borrow().next_deadline().unwrap_or(u64::MAX);
+        let wait = next.saturating_sub(now).clamp(1, 10);
+        monoio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}
+
+fn housekeeping(ctx: &ShardCtx, now: u64) {
+    let mut queued = 0u64;
+    for (_, c) in ctx.conns.borrow().iter() {
+        if let Ok(c) = c.try_borrow()
+            && let Some(s) = &c.session
+        {
+            queued += s.outbound.queued_bytes() as u64;
+        }
+    }
+    let g = ctx.shared.metrics.shard(ctx.id);
+    g.queued_bytes.store(queued, std::sync::atomic::Ordering::Relaxed);
+    g.inbox_dropped.store(
+        ctx.shared.hub.inbox(ctx.id).dropped.load(std::sync::atomic::Ordering::Relaxed),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    if ctx.id == 0 {
+        ctx.shared.rate.sweep(now);
+        ctx.shared.tickets.sweep(now);
+        ctx.shared.revoked.sweep(now);
+    }
+}
+
+/// Yield once to the scheduler.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -1,0 +1,611 @@
+//! One connection's state after the `101`: a plain struct driven by `handle_*(now, ..)`.
+//!
+//! The session never touches a socket or a clock. The shard feeds it decoded WebSocket
+//! messages and timer firings, together with the current time (milliseconds since the Unix
+//! epoch, derived from a monotonic clock by the runtime); the session answers by queueing
+//! encoded frames in its [`OutboundQueue`] and by returning [`Action`]s for the things it
+//! cannot do alone (touching the shard's subscription table or the cross-core hub, closing
+//! the socket). That keeps every rule of PROTOCOL.md sections 5 and 6 testable on a virtual
+//! clock, in microseconds, without a network.
+//!
+//! Deadlines (see [`Session::timers`]): `reauth_required` at `exp - reauth_lead`, the `4001`
+//! close at `exp + reauth_grace` exactly (leeway never extends a deadline), the idle close at
+//! `last_rx + idle_timeout`, the heartbeat every `heartbeat`. The shard keeps them in its
+//! timer wheel and calls [`Session::handle_timer`] when one fires; stale firings (a deadline
+//! that moved after a reauth) are recognised here and ignored.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::auth::jwt::{AuthError, Role, VerifiedClaims};
+use crate::feed::entitlement::Entitlements;
+use crate::feed::msg::{self, ClientMsg, ErrorCode, MsgLimits};
+use crate::feed::outbound::{OutboundQueue, Pushed, SharedTick};
+use crate::feed::symbol::{SymbolId, SymbolTable, is_valid_symbol};
+use crate::feed::tick::Tick;
+use crate::proto::close::CloseCode;
+use crate::proto::frame::{Incoming, OpCode, encode_close, encode_frame};
+
+/// Settings a session needs, taken from the `[limits]` and `[lifetime]` config sections.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub max_symbols_per_connection: usize,
+    pub inbound_messages_per_sec: u32,
+    pub outbound_queue_bytes: usize,
+    pub reauth_lead_ms: u64,
+    pub reauth_grace_ms: u64,
+    pub heartbeat_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub slow_consumer_grace_ms: u64,
+    pub msg_limits: MsgLimits,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_symbols_per_connection: 1024,
+            inbound_messages_per_sec: 50,
+            outbound_queue_bytes: 1 << 20,
+            reauth_lead_ms: 60_000,
+            reauth_grace_ms: 30_000,
+            heartbeat_ms: 15_000,
+            idle_timeout_ms: 45_000,
+            slow_consumer_grace_ms: 5_000,
+            msg_limits: MsgLimits::default(),
+        }
+    }
+}
+
+/// Verifies an in-band `reauth` token exactly like a handshake token (signature, claims,
+/// leeway, revocation). The session itself checks that the identity (`sub`, `sid`, `did`)
+/// and the IP binding are unchanged.
+pub trait ReauthVerifier {
+    fn verify_reauth(&self, token: &str, now_unix_secs: u64) -> Result<VerifiedClaims, AuthError>;
+}
+
+/// What the shard must do on the session's behalf, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Add these (already acknowledged) symbols to the shard's subscription table; queue
+    /// snapshots when asked.
+    Subscribe { ids: Vec<SymbolId>, snapshot: bool },
+    /// Remove these symbols from the shard's subscription table.
+    Unsubscribe { ids: Vec<SymbolId> },
+    /// Hand a validated, entitled batch to the hub (the ack is already queued).
+    Publish { ticks: Vec<(SymbolId, Tick)> },
+    /// The token changed: re-arm the reauth timers.
+    DeadlinesChanged,
+    /// A close frame is queued: flush it, then end the connection.
+    Close { code: u16 },
+    /// A security-log event (reauth outcomes, policy closes).
+    Log { event: &'static str, outcome: &'static str, reason: &'static str },
+}
+
+/// The deadlines a session wants armed, each a `(kind, at_unix_ms)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerKind {
+    ReauthRequired,
+    ReauthDeadline,
+    Heartbeat,
+    Idle,
+    SlowConsumer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// A close frame is queued; everything the client sends from now on is ignored.
+    Closing,
+}
+
+/// How many `rate_limited` replies within a minute end the connection with `4029`.
+const MAX_RATE_LIMITED_REPLIES: usize = 10;
+const RATE_LIMITED_WINDOW_MS: u64 = 60_000;
+
+pub struct Session {
+    cfg: SessionConfig,
+    claims: VerifiedClaims,
+    ents: Entitlements,
+    client_ip: IpAddr,
+    state: State,
+    /// Subscribed symbols (a set; small, iterated on narrowing reauth only).
+    subs: Vec<SymbolId>,
+    pub outbound: OutboundQueue,
+    /// Inbound token bucket: tokens scaled by 1000 to stay in integers.
+    bucket_milli: u64,
+    bucket_at_ms: u64,
+    rate_limited_at: VecDeque<u64>,
+    last_rx_ms: u64,
+    /// `exp` for which `reauth_required` was already sent (so it goes out once per token).
+    reauth_notified_exp: Option<u64>,
+    /// Since when the outbound queue is over its budget (slow consumer), if it is.
+    slow_since_ms: Option<u64>,
+    scratch: Vec<u8>,
+}
+
+impl Session {
+    /// A freshly admitted connection: queues `welcome`.
+    pub fn new(cfg: SessionConfig, claims: VerifiedClaims, client_ip: IpAddr, now_ms: u64) -> Self {
+        let ents = Entitlements::compile(&claims.symbols);
+        let outbound = OutboundQueue::new(cfg.outbound_queue_bytes);
+        let burst = u64::from(cfg.inbound_messages_per_sec.max(1)) * 1000;
+        let mut s = Session {
+            cfg,
+            claims,
+            ents,
+            client_ip,
+            state: State::Open,
+            subs: Vec::new(),
+            outbound,
+            bucket_milli: burst,
+            bucket_at_ms: now_ms,
+            rate_limited_at: VecDeque::new(),
+            last_rx_ms: now_ms,
+            reauth_notified_exp: None,
+            slow_since_ms: None,
+            scratch: Vec::with_capacity(128),
+        };
+        s.scratch.clear();
+        msg::encode_welcome(
+            &s.claims.sub,
+            s.claims.sid.as_deref(),
+            s.claims.exp,
+            s.cfg.heartbeat_ms,
+            &mut s.scratch,
+        );
+        s.queue_scratch();
+        s
+    }
+
+    pub fn claims(&self) -> &VerifiedClaims {
+        &self.claims
+    }
+
+    pub fn subscriptions(&self) -> &[SymbolId] {
+        &self.subs
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state == State::Closing
+    }
+
+    pub fn last_rx_ms(&self) -> u64 {
+        self.last_rx_ms
+    }
+
+    /// The deadlines this session wants armed now, as unix milliseconds.
+    pub fn timers(&self) -> [(TimerKind, u64); 4] {
+        let exp_ms = self.claims.exp.saturating_mul(1000);
+        [
+            (TimerKind::ReauthRequired, exp_ms.saturating_sub(self.cfg.reauth_lead_ms)),
+            (TimerKind::ReauthDeadline, self.deadline_ms()),
+            (TimerKind::Heartbeat, self.last_rx_ms + self.cfg.heartbeat_ms),
+            (TimerKind::Idle, self.last_rx_ms + self.cfg.idle_timeout_ms),
+        ]
+    }
+
+    /// `exp + reauth_grace`, exactly: the moment the `4001` close goes out.
+    pub fn deadline_ms(&self) -> u64 {
+        self.claims.exp.saturating_mul(1000).saturating_add(self.cfg.reauth_grace_ms)
+    }
+
+    /// Bytes (any frame, even a pong) arrived from the peer.
+    pub fn note_rx(&mut self, now_ms: u64) {
+        self.last_rx_ms = now_ms;
+    }
+
+    /// A timer fired. Returns the time to re-arm it at, if it should be re-armed.
+    pub fn handle_timer(&mut self, kind: TimerKind, now_ms: u64, actions: &mut Vec<Action>) -> Option<u64> {
+        if self.state == State::Closing {
+            return None;
+        }
+        match kind {
+            TimerKind::ReauthRequired => {
+                let exp = self.claims.exp;
+                let due = exp.saturating_mul(1000).saturating_sub(self.cfg.reauth_lead_ms);
+                if now_ms < due {
+                    // The token changed since this was armed: the new time stands.
+                    return Some(due);
+                }
+                if self.reauth_notified_exp != Some(exp) {
+                    self.reauth_notified_exp = Some(exp);
+                    self.scratch.clear();
+                    let deadline_secs = self.deadline_ms() / 1000;
+                    msg::encode_reauth_required(exp, deadline_secs, &mut self.scratch);
+                    self.queue_scratch();
+                }
+                None
+            }
+            TimerKind::ReauthDeadline => {
+                let due = self.deadline_ms();
+                if now_ms < due {
+                    return Some(due);
+                }
+                actions.push(Action::Log { event: "close", outcome: "closed", reason: "token_expired" });
+                self.close(CloseCode::TOKEN_EXPIRED, "token expired", actions);
+                None
+            }
+            TimerKind::Heartbeat => {
+                self.outbound.push_control(encode_frame(OpCode::Ping, b""));
+                Some(now_ms + self.cfg.heartbeat_ms.max(1))
+            }
+            TimerKind::Idle => {
+                let due = self.last_rx_ms + self.cfg.idle_timeout_ms;
+                if now_ms < due {
+                    return Some(due);
+                }
+                actions.push(Action::Log { event: "close", outcome: "closed", reason: "idle" });
+                self.close(CloseCode::IDLE, "idle timeout", actions);
+                None
+            }
+            TimerKind::SlowConsumer => {
+                match self.slow_since_ms {
+                    Some(_) if self.outbound.over_budget() || self.outbound.is_conflating() => {
+                        actions.push(Action::Log { event: "close", outcome: "closed", reason: "slow_consumer" });
+                        // The queue is what is slow: do not make the close wait behind it.
+                        self.outbound.clear();
+                        self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
+                    }
+                    _ => self.slow_since_ms = None,
+                }
+                None
+            }
+        }
+    }
+
+    /// A tick from the shard's fan-out. Returns the time to arm the slow-consumer timer at
+    /// when the queue has just gone over its budget.
+    pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> Option<u64> {
+        if self.state == State::Closing {
+            return None;
+        }
+        match self.outbound.push_tick(t) {
+            Pushed::Queued => None,
+            Pushed::Conflated | Pushed::OverBudget => {
+                if self.slow_since_ms.is_none() {
+                    self.slow_since_ms = Some(now_ms);
+                    Some(now_ms + self.cfg.slow_consumer_grace_ms)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The writer drained the queue below its budget: the slow-consumer episode is over.
+    pub fn note_drained(&mut self) {
+        if !self.outbound.over_budget() && !self.outbound.is_conflating() {
+            self.slow_since_ms = None;
+        }
+    }
+
+    /// Queue a snapshot frame (after the `subscribed` ack).
+    pub fn push_snapshot(&mut self, frame: Bytes) {
+        if self.state == State::Open {
+            self.outbound.push_control(frame);
+        }
+    }
+
+    /// Queue a close frame and stop accepting input.
+    pub fn close(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
+        if self.state == State::Closing {
+            return;
+        }
+        self.state = State::Closing;
+        self.outbound.push_control(encode_close(code, reason));
+        actions.push(Action::Close { code });
+    }
+
+    /// A decoded WebSocket message from the client.
+    pub fn handle_message(
+        &mut self,
+        now_ms: u64,
+        m: Incoming,
+        symbols: &SymbolTable,
+        auth: &dyn ReauthVerifier,
+        actions: &mut Vec<Action>,
+    ) {
+        self.last_rx_ms = now_ms;
+        if self.state == State::Closing {
+            return;
+        }
+        match m {
+            Incoming::Text(text) => {
+                if !self.take_token(now_ms) {
+                    self.reply_rate_limited(now_ms, actions);
+                    return;
+                }
+                let mut buf = text.to_vec();
+                match msg::parse_client_msg(&mut buf, &self.cfg.msg_limits) {
+                    Ok(cm) => self.handle_client_msg(now_ms, cm, symbols, auth, actions),
+                    Err(e) => self.reply_error(e.id, e.code, &e.message),
+                }
+            }
+            Incoming::Binary(_) => {
+                self.close(CloseCode::UNSUPPORTED, "binary frames are not supported", actions);
+            }
+            Incoming::Ping(payload) => {
+                self.outbound.push_control(encode_frame(OpCode::Pong, &payload));
+            }
+            Incoming::Pong(_) => {}
+            Incoming::Close(code) => {
+                // Echo the peer's code (RFC 6455 5.5.1); a close without a code gets 1000.
+                let code = code.map(|(c, _)| c).unwrap_or(CloseCode::NORMAL);
+                self.close(code, "", actions);
+            }
+        }
+    }
+
+    /// A protocol violation found by the frame decoder.
+    pub fn protocol_error(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
+        actions.push(Action::Log { event: "close", outcome: "closed", reason: "protocol_error" });
+        self.close(code, reason, actions);
+    }
+
+    fn handle_client_msg(
+        &mut self,
+        now_ms: u64,
+        m: ClientMsg,
+        symbols: &SymbolTable,
+        auth: &dyn ReauthVerifier,
+        actions: &mut Vec<Action>,
+    ) {
+        match m {
+            ClientMsg::Ping { id } => {
+                self.scratch.clear();
+                msg::encode_pong(id, &mut self.scratch);
+                self.queue_scratch();
+            }
+            ClientMsg::Subscribe { id, symbols: names, snapshot } => {
+                self.subscribe(id, names, snapshot, symbols, actions)
+            }
+            ClientMsg::Unsubscribe { id, symbols: names } => self.unsubscribe(id, names, symbols, actions),
+            ClientMsg::Publish { id, ticks } => self.publish(id, ticks, symbols, actions),
+            ClientMsg::Reauth { id, token } => self.reauth(id, &token, now_ms, symbols, auth, actions),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        names: Vec<String>,
+        snapshot: bool,
+        symbols: &SymbolTable,
+        actions: &mut Vec<Action>,
+    ) {
+        if !self.claims.has_role(Role::Subscriber) {
+            self.reply_error(id, ErrorCode::Forbidden, "the subscriber role is required");
+            return;
+        }
+        let mut accepted: Vec<(SymbolId, &str)> = Vec::new();
+        let mut rejected: Vec<(&str, ErrorCode)> = Vec::new();
+        let mut new_ids: Vec<SymbolId> = Vec::new();
+        for name in &names {
+            if !is_valid_symbol(name) {
+                rejected.push((name, ErrorCode::BadRequest));
+                continue;
+            }
+            if !self.ents.allows(name) {
+                rejected.push((name, ErrorCode::Forbidden));
+                continue;
+            }
+            let Ok(sid) = symbols.intern(name) else {
+                // The server-wide symbol table is full: nothing by this name can exist.
+                rejected.push((name, ErrorCode::NotFound));
+                continue;
+            };
+            if accepted.iter().any(|(a, _)| *a == sid) {
+                continue;
+            }
+            accepted.push((sid, name));
+            if !self.subs.contains(&sid) {
+                new_ids.push(sid);
+            }
+        }
+        if self.subs.len() + new_ids.len() > self.cfg.max_symbols_per_connection {
+            let msg = format!(
+                "at most {} symbols per connection",
+                self.cfg.max_symbols_per_connection
+            );
+            self.reply_error(id, ErrorCode::TooManySymbols, &msg);
+            return;
+        }
+        self.subs.extend_from_slice(&new_ids);
+        let acked: Vec<&str> = accepted.iter().map(|(_, n)| *n).collect();
+        self.scratch.clear();
+        msg::encode_subscribed(id, &acked, &rejected, &mut self.scratch);
+        self.queue_scratch();
+        // Already-held symbols are acknowledged again but need no table change; a snapshot
+        // is still sent for them when asked, so `snapshot:true` always yields the latest.
+        let ids: Vec<SymbolId> = accepted.iter().map(|(s, _)| *s).collect();
+        if !ids.is_empty() {
+            actions.push(Action::Subscribe { ids, snapshot });
+        }
+    }
+
+    fn unsubscribe(&mut self, id: Option<u64>, names: Vec<String>, symbols: &SymbolTable, actions: &mut Vec<Action>) {
+        let mut removed_ids = Vec::new();
+        let mut removed: Vec<&str> = Vec::new();
+        for name in &names {
+            if let Some(sid) = symbols.lookup(name)
+                && let Some(pos) = self.subs.iter().position(|s| *s == sid)
+            {
+                self.subs.swap_remove(pos);
+                self.outbound.remove_symbol(sid);
+                removed_ids.push(sid);
+                removed.push(name);
+            }
+        }
+        self.scratch.clear();
+        msg::encode_unsubscribed(id, &removed, None, &mut self.scratch);
+        self.queue_scratch();
+        if !removed_ids.is_empty() {
+            actions.push(Action::Unsubscribe { ids: removed_ids });
+        }
+    }
+
+    fn publish(
+        &mut self,
+        id: Option<u64>,
+        ticks: Vec<(String, Tick)>,
+        symbols: &SymbolTable,
+        actions: &mut Vec<Action>,
+    ) {
+        if !self.claims.has_role(Role::Publisher) {
+            self.reply_error(id, ErrorCode::Forbidden, "the publisher role is required");
+            return;
+        }
+        // All or nothing: every symbol is checked before anything is handed on.
+        for (name, _) in &ticks {
+            if !is_valid_symbol(name) {
+                let m = format!("invalid symbol {}", truncate(name, 40));
+                self.reply_error(id, ErrorCode::BadRequest, &m);
+                return;
+            }
+            if !self.ents.allows(name) {
+                let m = format!("not entitled to publish {name}");
+                self.reply_error(id, ErrorCode::Forbidden, &m);
+                return;
+            }
+        }
+        let mut batch = Vec::with_capacity(ticks.len());
+        for (name, t) in &ticks {
+            match symbols.intern(name) {
+                Ok(sid) => batch.push((sid, *t)),
+                Err(_) => {
+                    self.reply_error(id, ErrorCode::NotFound, "symbol table full");
+                    return;
+                }
+            }
+        }
+        let count = batch.len();
+        if count > 0 {
+            actions.push(Action::Publish { ticks: batch });
+        }
+        self.scratch.clear();
+        msg::encode_published(id, count, &mut self.scratch);
+        self.queue_scratch();
+    }
+
+    fn reauth(
+        &mut self,
+        id: Option<u64>,
+        token: &str,
+        now_ms: u64,
+        symbols: &SymbolTable,
+        auth: &dyn ReauthVerifier,
+        actions: &mut Vec<Action>,
+    ) {
+        let fresh = match auth.verify_reauth(token, now_ms / 1000) {
+            Ok(c) => c,
+            Err(e) => {
+                let code = match e {
+                    AuthError::Malformed | AuthError::TooLarge => ErrorCode::BadRequest,
+                    _ => ErrorCode::Forbidden,
+                };
+                actions.push(Action::Log { event: "reauth", outcome: "rejected", reason: e.reason() });
+                self.reply_error(id, code, "reauth refused");
+                return;
+            }
+        };
+        let same_identity = fresh.sub == self.claims.sub && fresh.sid == self.claims.sid && fresh.did == self.claims.did;
+        let ip_ok = fresh.cip.is_none_or(|ip| ip == self.client_ip);
+        if !same_identity || !ip_ok {
+            let reason = if same_identity { "ip_binding" } else { "identity_mismatch" };
+            actions.push(Action::Log { event: "reauth", outcome: "rejected", reason });
+            self.reply_error(id, ErrorCode::Forbidden, "reauth refused");
+            return;
+        }
+        self.claims = fresh;
+        self.ents = Entitlements::compile(&self.claims.symbols);
+        // Subscriptions the new token no longer allows end now.
+        let may_subscribe = self.claims.has_role(Role::Subscriber);
+        let mut dropped_ids = Vec::new();
+        let mut dropped_names: Vec<Arc<str>> = Vec::new();
+        self.subs.retain(|sid| {
+            let keep = may_subscribe && symbols.name(*sid).is_some_and(|n| self.ents.allows(&n));
+            if !keep {
+                dropped_ids.push(*sid);
+                if let Some(n) = symbols.name(*sid) {
+                    dropped_names.push(n);
+                }
+            }
+            keep
+        });
+        for sid in &dropped_ids {
+            self.outbound.remove_symbol(*sid);
+        }
+        self.scratch.clear();
+        msg::encode_reauthed(id, self.claims.exp, &mut self.scratch);
+        self.queue_scratch();
+        if !dropped_ids.is_empty() {
+            let names: Vec<&str> = dropped_names.iter().map(|n| &**n).collect();
+            self.scratch.clear();
+            msg::encode_unsubscribed(None, &names, Some("entitlement"), &mut self.scratch);
+            self.queue_scratch();
+            actions.push(Action::Unsubscribe { ids: dropped_ids });
+        }
+        actions.push(Action::Log { event: "reauth", outcome: "accepted", reason: "ok" });
+        actions.push(Action::DeadlinesChanged);
+    }
+
+    /// Inbound message token bucket (`inbound_messages_per_sec`, burst of one second).
+    fn take_token(&mut self, now_ms: u64) -> bool {
+        let rate = u64::from(self.cfg.inbound_messages_per_sec);
+        if rate == 0 {
+            return true;
+        }
+        let cap = rate * 1000;
+        let elapsed = now_ms.saturating_sub(self.bucket_at_ms);
+        self.bucket_at_ms = self.bucket_at_ms.max(now_ms);
+        self.bucket_milli = (self.bucket_milli + elapsed.saturating_mul(rate)).min(cap);
+        if self.bucket_milli >= 1000 {
+            self.bucket_milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn reply_rate_limited(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        while self
+            .rate_limited_at
+            .front()
+            .is_some_and(|t| now_ms.saturating_sub(*t) >= RATE_LIMITED_WINDOW_MS)
+        {
+            self.rate_limited_at.pop_front();
+        }
+        if self.rate_limited_at.len() >= MAX_RATE_LIMITED_REPLIES {
+            actions.push(Action::Log { event: "close", outcome: "closed", reason: "message_rate" });
+            self.close(CloseCode::MESSAGE_RATE, "message rate exceeded", actions);
+            return;
+        }
+        self.rate_limited_at.push_back(now_ms);
+        self.reply_error(None, ErrorCode::RateLimited, "too many messages");
+    }
+
+    fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
+        self.scratch.clear();
+        msg::encode_error(id, code, message, &mut self.scratch);
+        self.queue_scratch();
+    }
+
+    fn queue_scratch(&mut self) {
+        let frame = encode_frame(OpCode::Text, &self.scratch);
+        self.outbound.push_control(frame);
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,142 @@
+//! What every shard shares: configuration, the reloadable auth state, the gate's tables,
+//! the hub, metrics and the security log. Built once by [`Shared::new`], held in an `Arc`.
+//!
+//! Everything in here is either immutable, atomic, sharded (dashmap) or swapped whole
+//! (`RwLock<Arc<AuthState>>`: a reload builds a new `AuthState` aside and swaps the pointer,
+//! so a handshake in flight keeps the set it started with and never sees half a reload).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::auth::cidr::CidrSet;
+use crate::auth::jwt::{AuthError, VerifiedClaims, Verifier, VerifyPolicy};
+use crate::auth::keys::KeySet;
+use crate::auth::origin::OriginPolicy;
+use crate::auth::ratelimit::IpRateLimiter;
+use crate::auth::revocation::RevocationList;
+use crate::auth::seclog::{SecurityCounters, SecurityLog};
+use crate::auth::tickets::TicketStore;
+use crate::auth::usercap::UserCaps;
+use crate::config::Config;
+use crate::feed::hub::Hub;
+use crate::metrics::Metrics;
+use crate::session::{ReauthVerifier, SessionConfig};
+
+/// The part of the configuration that `SIGHUP` reloads.
+pub struct AuthState {
+    pub verifier: Verifier,
+    pub origins: OriginPolicy,
+    pub proxies: CidrSet,
+}
+
+impl AuthState {
+    pub fn build(cfg: &Config, keys: KeySet) -> Result<AuthState, String> {
+        let policy = VerifyPolicy {
+            issuer: cfg.auth.issuer.clone(),
+            audience: cfg.auth.audience.clone(),
+            max_lifetime_secs: cfg.auth.max_token_lifetime.as_secs(),
+            leeway_secs: cfg.auth.leeway.as_secs(),
+            ..VerifyPolicy::default()
+        };
+        let origins = OriginPolicy::new(&cfg.auth.allowed_origins, cfg.auth.allow_missing_origin)
+            .map_err(|e| format!("auth.allowed_origins: {e}"))?;
+        let proxies =
+            CidrSet::parse(&cfg.auth.trusted_proxies).map_err(|e| format!("auth.trusted_proxies: {e}"))?;
+        Ok(AuthState { verifier: Verifier::new(keys, policy), origins, proxies })
+    }
+
+    /// Load the key set named by the config from disk.
+    pub fn load_keys(cfg: &Config) -> Result<KeySet, String> {
+        let files: Vec<(String, std::path::PathBuf)> =
+            cfg.auth.keys.iter().map(|k| (k.kid.clone(), k.path.clone())).collect();
+        KeySet::load(&files, cfg.auth.jwks.as_deref()).map_err(|e| format!("auth keys: {e}"))
+    }
+}
+
+pub struct Shared {
+    pub cfg: Config,
+    pub auth: RwLock<Arc<AuthState>>,
+    pub rate: IpRateLimiter,
+    pub tickets: TicketStore<VerifiedClaims>,
+    pub caps: Arc<UserCaps>,
+    pub revoked: RevocationList,
+    pub seclog: SecurityLog,
+    pub sec_counters: SecurityCounters,
+    pub metrics: Metrics,
+    pub hub: Hub,
+    pub draining: AtomicBool,
+    pub session_cfg: SessionConfig,
+    /// Time base: unix ms at `epoch`, advanced by a monotonic clock (see [`Shared::now_ms`]).
+    epoch: Instant,
+    epoch_unix_ms: u64,
+}
+
+impl Shared {
+    pub fn new(cfg: Config, auth: AuthState, seclog: SecurityLog) -> Shared {
+        let shards = cfg.server.shards.max(1);
+        let l = &cfg.limits;
+        let session_cfg = SessionConfig {
+            max_symbols_per_connection: l.max_symbols_per_connection,
+            inbound_messages_per_sec: l.inbound_messages_per_sec,
+            outbound_queue_bytes: l.outbound_queue_bytes,
+            reauth_lead_ms: cfg.lifetime.reauth_lead.as_millis() as u64,
+            reauth_grace_ms: cfg.lifetime.reauth_grace.as_millis() as u64,
+            heartbeat_ms: cfg.lifetime.heartbeat.as_millis() as u64,
+            idle_timeout_ms: cfg.lifetime.idle_timeout.as_millis() as u64,
+            slow_consumer_grace_ms: l.slow_consumer_grace.as_millis() as u64,
+            msg_limits: Default::default(),
+        };
+        let leeway_ms = cfg.auth.leeway.as_millis() as u64;
+        let max_life_ms = cfg.auth.max_token_lifetime.as_millis() as u64;
+        Shared {
+            rate: IpRateLimiter::new(l.per_ip_handshakes_per_sec, l.per_ip_burst, 100_000),
+            tickets: TicketStore::new(cfg.auth.ticket_ttl.as_millis() as u64, 100_000),
+            caps: UserCaps::new(l.per_user_max_connections),
+            revoked: RevocationList::new(max_life_ms, leeway_ms, 100_000),
+            seclog,
+            sec_counters: SecurityCounters::new(),
+            metrics: Metrics::new(shards),
+            hub: Hub::new(shards, cfg.feed.max_symbols),
+            draining: AtomicBool::new(false),
+            auth: RwLock::new(Arc::new(auth)),
+            session_cfg,
+            epoch: Instant::now(),
+            epoch_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            cfg,
+        }
+    }
+
+    /// Milliseconds since the Unix epoch, read from a monotonic clock: a wall-clock step
+    /// never makes a deadline fire early or twice.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch_unix_ms + self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn swap_auth(&self, new: AuthState) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Verify a token and check it against the revocation list (handshake, ticket, reauth).
+    pub fn verify_token(&self, token: &str, now_ms: u64) -> Result<VerifiedClaims, AuthError> {
+        let claims = self.auth().verifier.verify(token, now_ms / 1000)?;
+        if self.revoked.is_revoked(&claims.sub, claims.sid.as_deref(), claims.jti.as_deref(), claims.iat, now_ms) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(claims)
+    }
+}
+
+impl ReauthVerifier for Shared {
+    fn verify_reauth(&self, token: &str, now_unix_secs: u64) -> Result<VerifiedClaims, AuthError> {
+        self.verify_token(token, now_unix_secs.saturating_mul(1000))
+    }
+}

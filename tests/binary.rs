@@ -1,0 +1,195 @@
+//! The real binary: the embedded demo, the CLI commands, SIGTERM drain and SIGHUP reload.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tickgate");
+
+struct Proc {
+    child: Child,
+    addr: std::net::SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addr = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while addr.is_none() && std::time::Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200))
+            && let Some(rest) = l.strip_prefix("tickgate listening on ")
+        {
+            addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+    }
+    Proc { child, addr: addr.expect("listening line"), lines: rx }
+}
+
+fn signal(p: &Proc, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and own.
+    unsafe {
+        libc::kill(p.child.id() as i32, sig);
+    }
+}
+
+const DEMO_ENV: [(&str, &str); 3] =
+    [("TICKGATE_SERVER_LISTEN", "127.0.0.1:0"), ("TICKGATE_ADMIN_LISTEN", "127.0.0.1:0"), ("TICKGATE_LOG_SECURITY", "/dev/null")];
+
+#[tokio::test]
+async fn demo_streams_ticks_and_drains_on_sigterm() {
+    let mut p = spawn(&["serve"], &DEMO_ENV);
+    // The banner prints a token on its own line after "demo token".
+    let mut token = None;
+    while token.is_none() {
+        let l = p.lines.recv_timeout(Duration::from_secs(10)).expect("banner");
+        if l.starts_with("demo token") {
+            token = Some(p.lines.recv_timeout(Duration::from_secs(5)).unwrap());
+        }
+    }
+    let token = token.unwrap();
+    let url = format!("ws://{}/v1/stream", p.addr);
+    let mut ws = connect(&url, Some(&token), &[]).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    send_json(&mut ws, json!({"op":"ping","id":1})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type":"pong","id":1}));
+    send_json(&mut ws, json!({"op":"subscribe","id":2,"symbols":["BTC-USD","ETH-USD"],"snapshot":true})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    let mut got = std::collections::HashSet::new();
+    while got.len() < 2 {
+        let m = next_json(&mut ws).await;
+        assert!(m["type"] == "tick" || m["type"] == "snapshot", "{m}");
+        got.insert(m["s"].as_str().unwrap().to_string());
+    }
+    signal(&p, libc::SIGTERM);
+    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, Some(1001));
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("exited within the drain timeout");
+    assert!(status.success(), "{status:?}");
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(BIN).args(args).output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn keygen_token_and_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, _, err) = run(&["keygen", "--out", d, "--kid", "k7"]);
+    assert_eq!(code, 0, "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("k7.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let key = format!("{d}/k7.key");
+    let (code, out, err) = run(&["token", "--key", &key, "--sub", "alice", "--kid", "k7", "--ttl", "120", "--roles", "subscriber,publisher", "--symbols", "BTC-*,ETH-USD", "--sid", "s-1", "--did", "d-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1);
+    let tok = out.trim();
+    assert_eq!(tok.split('.').count(), 3);
+    // It verifies against the written public key.
+    let pubkey = std::fs::read_to_string(dir.path().join("k7.pub")).unwrap();
+    let mut ks = tickgate::auth::keys::KeySet::new();
+    ks.insert("k7", tickgate::auth::keys::parse_spki_pem(&pubkey).unwrap()).unwrap();
+    let v = tickgate::auth::jwt::Verifier::new(ks, Default::default());
+    let c = v.verify(tok, now()).unwrap();
+    assert_eq!(c.sub, "alice");
+    assert_eq!(c.sid.as_deref(), Some("s-1"));
+    assert_eq!(c.did.as_deref(), Some("d-1"));
+    assert_eq!(c.symbols, vec!["BTC-*".to_string(), "ETH-USD".to_string()]);
+    // check-config: effective settings with defaults; unknown keys fail with one line.
+    let cfgp = dir.path().join("tg.toml");
+    std::fs::write(&cfgp, format!("[auth]\nkeys = [{{ kid = \"k7\", path = \"{d}/k7.pub\" }}]\n")).unwrap();
+    let (code, out, err) = run(&["check-config", cfgp.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("handshake_timeout = \"5s\""), "{out}");
+    std::fs::write(&cfgp, "[limits]\nhandshake_timeuot = \"5s\"\n").unwrap();
+    let (code, _, err) = run(&["check-config", cfgp.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("handshake_timeuot"), "{err}");
+    let (code, out, _) = run(&["doctor"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("io_uring"), "{out}");
+    let (code, _, err) = run(&["serve", "--config", "/nonexistent.toml"]);
+    assert_eq!(code, 1, "{err}");
+}
+
+#[tokio::test]
+async fn sighup_rotates_keys_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    assert_eq!(run(&["keygen", "--out", &d, "--kid", "old"]).0, 0);
+    assert_eq!(run(&["keygen", "--out", &d, "--kid", "new"]).0, 0);
+    let cfgp = dir.path().join("tg.toml");
+    let write_cfg = |kids: &[&str]| {
+        let keys: Vec<String> = kids.iter().map(|k| format!("{{ kid = \"{k}\", path = \"{d}/{k}.pub\" }}")).collect();
+        std::fs::write(
+            &cfgp,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_missing_origin = true\nkeys = [{}]\n[log]\nsecurity = \"/dev/null\"\n",
+                keys.join(", ")
+            ),
+        )
+        .unwrap();
+    };
+    write_cfg(&["old"]);
+    let p = spawn(&["serve", "--config", cfgp.to_str().unwrap()], &[]);
+    let tok = |kid: &str| run(&["token", "--key", &format!("{d}/{kid}.key"), "--kid", kid, "--sub", "rot"]).1.trim().to_string();
+    let url = format!("ws://{}/v1/stream", p.addr);
+    let mut live = connect(&url, Some(&tok("old")), &[]).await.unwrap();
+    assert_eq!(next_json(&mut live).await["type"], "welcome");
+    assert!(connect(&url, Some(&tok("new")), &[]).await.is_err());
+    write_cfg(&["new"]);
+    signal(&p, libc::SIGHUP);
+    let mut rotated = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if connect(&url, Some(&tok("new")), &[]).await.is_ok() {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "new key accepted after SIGHUP");
+    let r = raw(p.addr, &upgrade_req("/v1/stream", &format!("Authorization: Bearer {}\r\n", tok("old"))));
+    assert_eq!(status_of(&r), 401, "removed key rejected");
+    send_json(&mut live, json!({"op":"ping","id":9})).await;
+    assert_eq!(next_json(&mut live).await, json!({"type":"pong","id":9}));
+}

@@ -1,0 +1,370 @@
+//! The stream after the `101` (PROTOCOL.md sections 5 and 6) with real clients: welcome,
+//! ping, protocol errors and their close codes, subscriptions across shards, publishing,
+//! snapshots, entitlements, slow consumers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn welcome_and_ping() {
+    let srv = start(test_config(1));
+    let mut c = srv.claims("alice");
+    c.sid = Some("s-1".into());
+    let mut ws = connect(&srv.url(), Some(&srv.sign(&c)), &[]).await.unwrap();
+    let w = next_json(&mut ws).await;
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(w["sub"], "alice");
+    assert_eq!(w["sid"], "s-1");
+    assert_eq!(w["exp"], c.exp);
+    assert_eq!(w["heartbeat_ms"], 15000);
+    send_json(&mut ws, json!({"op":"ping","id":4})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type":"pong","id":4}));
+    // Bad JSON: an error, and the connection stays usable.
+    ws.send(Message::Text("{nope".into())).await.unwrap();
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["code"], "bad_request");
+    send_json(&mut ws, json!({"op":"dance","id":9})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "unknown_op");
+    assert_eq!(e["id"], 9);
+    send_json(&mut ws, json!({"op":"ping"})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type":"pong"}));
+}
+
+#[tokio::test]
+async fn binary_frame_closes_with_1003() {
+    let srv = start(test_config(1));
+    let mut ws = session(&srv, &srv.token("a")).await;
+    ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, Some(1003));
+}
+
+/// Raw socket after a real upgrade, to send frames a well-behaved client library won't.
+fn raw_session(srv: &TestServer) -> std::net::TcpStream {
+    let t = srv.token("raw");
+    let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
+    s.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {t}\r\n"))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+/// Read server frames until a close; return its code.
+fn read_close(s: &mut std::net::TcpStream) -> Option<u16> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+        // Walk frames.
+        let mut i = 0;
+        while i + 2 <= all.len() {
+            let op = all[i] & 0x0f;
+            let mut len = (all[i + 1] & 0x7f) as usize;
+            let mut h = 2;
+            if len == 126 {
+                if i + 4 > all.len() {
+                    break;
+                }
+                len = u16::from_be_bytes([all[i + 2], all[i + 3]]) as usize;
+                h = 4;
+            }
+            if i + h + len > all.len() {
+                break;
+            }
+            if op == 8 {
+                let p = &all[i + h..i + h + len];
+                return Some(if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 });
+            }
+            i += h + len;
+        }
+    }
+    None
+}
+
+fn masked(op: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let code = match op {
+        1 => tickgate::proto::frame::OpCode::Text,
+        0 => tickgate::proto::frame::OpCode::Continuation,
+        9 => tickgate::proto::frame::OpCode::Ping,
+        _ => tickgate::proto::frame::OpCode::Binary,
+    };
+    tickgate::proto::frame::encode_client_frame_into(code, fin, payload, [1, 2, 3, 4], &mut out);
+    out
+}
+
+#[test]
+fn protocol_violations_close_with_their_codes() {
+    let srv = start(test_config(1));
+    // Unmasked frame: 1002.
+    let mut s = raw_session(&srv);
+    s.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    assert_eq!(read_close(&mut s), Some(1002));
+    // Reserved bit: 1002.
+    let mut s = raw_session(&srv);
+    let mut f = masked(1, true, b"{}");
+    f[0] |= 0x40;
+    s.write_all(&f).unwrap();
+    assert_eq!(read_close(&mut s), Some(1002));
+    // Invalid UTF-8 across fragments: 1007.
+    let mut s = raw_session(&srv);
+    s.write_all(&masked(1, false, &[0xce])).unwrap();
+    s.write_all(&masked(0, true, &[0x28])).unwrap();
+    assert_eq!(read_close(&mut s), Some(1007));
+    // Too big: 1009, decided from the header before the payload arrives.
+    let mut s = raw_session(&srv);
+    let mut hdr = vec![0x81u8, 0xff];
+    hdr.extend_from_slice(&(10u64 * 1024 * 1024).to_be_bytes());
+    hdr.extend_from_slice(&[1, 2, 3, 4]);
+    s.write_all(&hdr).unwrap();
+    assert_eq!(read_close(&mut s), Some(1009));
+    // Fragmented control frame: 1002.
+    let mut s = raw_session(&srv);
+    s.write_all(&masked(9, false, b"x")).unwrap();
+    assert_eq!(read_close(&mut s), Some(1002));
+    // The server still serves others.
+    assert_eq!(status_of(&raw(srv.addr(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
+}
+
+#[tokio::test]
+async fn fragmented_text_message_is_reassembled() {
+    let srv = start(test_config(1));
+    let mut s = raw_session(&srv);
+    let msg = br#"{"op":"ping","id":77}"#;
+    s.write_all(&masked(1, false, &msg[..5])).unwrap();
+    s.write_all(&masked(9, true, b"hb")).unwrap();
+    s.write_all(&masked(0, false, &msg[5..10])).unwrap();
+    s.write_all(&masked(0, true, &msg[10..])).unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let n = s.read(&mut buf).unwrap();
+        all.extend_from_slice(&buf[..n]);
+        let txt = String::from_utf8_lossy(&all);
+        if txt.contains(r#""id":77"#) {
+            // The pong for the interleaved ping came too.
+            assert!(all.windows(4).any(|w| w == [0x8a, 0x02, b'h', b'b']), "pong frame");
+            return;
+        }
+    }
+    panic!("no pong: {:?}", String::from_utf8_lossy(&all));
+}
+
+/// Several subscribers on several shards and one publisher: every entitled subscriber gets
+/// every tick exactly once, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_across_shards_in_seq_order() {
+    let srv = start(test_config(2));
+    let mut subs = Vec::new();
+    for i in 0..6 {
+        let mut ws = session(&srv, &srv.token(&format!("sub{i}"))).await;
+        send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]})).await;
+        let ack = next_json(&mut ws).await;
+        assert_eq!(ack["type"], "subscribed");
+        assert_eq!(ack["symbols"], json!(["BTC-USD", "ETH-USD"]));
+        subs.push(ws);
+    }
+    let mut p = session(&srv, &srv.publisher_token("pub")).await;
+    const N: u64 = 200;
+    for i in 0..N {
+        let ticks = json!([
+            {"s":"BTC-USD","ts":1_732_345_678_123_456_789u64 + i,"bid":100.25,"ask":100.5,"last":100.4,"qty":3},
+            {"s":"ETH-USD","ts":1_732_345_678_123_456_789u64 + i,"bid":1.5,"ask":1.75,"last":1.5,"qty":0.5}
+        ]);
+        send_json(&mut p, json!({"op":"publish","id":i,"ticks":ticks})).await;
+        let ack = next_json(&mut p).await;
+        assert_eq!(ack, json!({"type":"published","id":i,"count":2}));
+    }
+    for ws in subs.iter_mut() {
+        let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
+        while seqs.values().map(|v| v.len() as u64).sum::<u64>() < 2 * N {
+            let m = next_json(ws).await;
+            assert_eq!(m["type"], "tick", "{m}");
+            assert!(m.get("skipped").is_none(), "{m}");
+            seqs.entry(m["s"].as_str().unwrap().to_string()).or_default().push(m["seq"].as_u64().unwrap());
+        }
+        for (_, v) in seqs {
+            assert_eq!(v, (1..=N).collect::<Vec<_>>());
+        }
+    }
+}
+
+#[tokio::test]
+async fn entitlements_roles_snapshot_unsubscribe() {
+    let srv = start(test_config(2));
+    let mut c = srv.claims("ent");
+    c.symbols = vec!["BTC-*".into()];
+    let mut ws = session(&srv, &srv.sign(&c)).await;
+    send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD","bad sym"]})).await;
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["symbols"], json!(["BTC-USD"]));
+    assert_eq!(
+        ack["rejected"],
+        json!([{"symbol":"ETH-USD","code":"forbidden"},{"symbol":"bad sym","code":"bad_request"}])
+    );
+    // Subscriber-only token cannot publish.
+    send_json(&mut ws, json!({"op":"publish","id":2,"ticks":[{"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "forbidden");
+    // A publisher entitled to ETH only: a batch with BTC is refused whole.
+    let mut pc = srv.claims("pub");
+    pc.roles = vec!["publisher".into()];
+    pc.symbols = vec!["ETH-USD".into()];
+    let mut p = session(&srv, &srv.sign(&pc)).await;
+    send_json(&mut p, json!({"op":"publish","id":3,"ticks":[
+        {"s":"ETH-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1},
+        {"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]})).await;
+    let e = next_json(&mut p).await;
+    assert_eq!(e["code"], "forbidden");
+    assert!(next_json_within(&mut ws, Duration::from_millis(300)).await.is_none(), "nothing delivered");
+    // A real publish, then snapshot for a late subscriber.
+    let mut p2 = session(&srv, &srv.publisher_token("pub2")).await;
+    send_json(&mut p2, json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":5,"bid":10.5,"ask":11,"last":10.75,"qty":2}]})).await;
+    assert_eq!(next_json(&mut p2).await["type"], "published");
+    let t = next_json(&mut ws).await;
+    assert_eq!(t["type"], "tick");
+    assert_eq!(t["seq"], 1);
+    let mut late = session(&srv, &srv.token("late")).await;
+    send_json(&mut late, json!({"op":"subscribe","id":5,"symbols":["BTC-USD"],"snapshot":true})).await;
+    assert_eq!(next_json(&mut late).await["type"], "subscribed");
+    let s = next_json(&mut late).await;
+    assert_eq!(s["type"], "snapshot");
+    assert_eq!(s["seq"], 1);
+    assert_eq!(s["bid"], 10.5);
+    // Unsubscribe stops delivery.
+    send_json(&mut ws, json!({"op":"unsubscribe","id":6,"symbols":["BTC-USD"]})).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type":"unsubscribed","id":6,"symbols":["BTC-USD"]}));
+    send_json(&mut p2, json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":6,"bid":10.5,"ask":11,"last":10.75,"qty":2}]})).await;
+    assert_eq!(next_json(&mut p2).await["type"], "published");
+    assert_eq!(next_json(&mut late).await["seq"], 2);
+    assert!(next_json_within(&mut ws, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn too_many_symbols_subscribes_nothing() {
+    let mut cfg = test_config(1);
+    cfg.limits.max_symbols_per_connection = 2;
+    let srv = start(cfg);
+    let mut ws = session(&srv, &srv.token("x")).await;
+    send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["A1","A2","A3"]})).await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["code"], "too_many_symbols");
+    send_json(&mut ws, json!({"op":"subscribe","id":2,"symbols":["A1","A2"]})).await;
+    assert_eq!(next_json(&mut ws).await["symbols"], json!(["A1", "A2"]));
+}
+
+#[tokio::test]
+async fn message_rate_limit_then_4029() {
+    let mut cfg = test_config(1);
+    cfg.limits.inbound_messages_per_sec = 5;
+    let srv = start(cfg);
+    let mut ws = session(&srv, &srv.token("flood")).await;
+    for i in 0..40 {
+        if ws.send(Message::Text(json!({"op":"ping","id":i}).to_string().into())).await.is_err() {
+            break;
+        }
+    }
+    let mut limited = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), futures_util::StreamExt::next(&mut ws)).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if t.contains("rate_limited") {
+                    limited += 1;
+                }
+            }
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 4029);
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no 4029 close: {other:?}"),
+        }
+    }
+    assert_eq!(limited, 10);
+}
+
+/// A subscriber that stops reading is conflated, then cut with 4008, while a healthy
+/// subscriber on the same shard keeps receiving every tick; memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_conflated_then_cut() {
+    let mut cfg = test_config(1);
+    cfg.limits.outbound_queue_bytes = 64 * 1024;
+    cfg.limits.slow_consumer_grace = Duration::from_millis(800);
+    let srv = start(cfg);
+    // The stalled client: raw socket with a tiny receive buffer that never reads.
+    let t = srv.token("stall");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&srv.addr().into()).unwrap();
+    let mut stalled: std::net::TcpStream = sock.into();
+    stalled.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {t}\r\n"))).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    stalled.write_all(&masked(1, true, br#"{"op":"subscribe","symbols":["BTC-USD"]}"#)).unwrap();
+    let mut healthy = session(&srv, &srv.token("ok")).await;
+    send_json(&mut healthy, json!({"op":"subscribe","symbols":["BTC-USD"]})).await;
+    assert_eq!(next_json(&mut healthy).await["type"], "subscribed");
+    let mut p = session(&srv, &srv.publisher_token("p")).await;
+    // Flood: large batches so the stalled queue overflows quickly.
+    let reader = tokio::spawn(async move {
+        let mut last = 0u64;
+        let mut n = 0u64;
+        while let Some(m) = next_json_within(&mut healthy, Duration::from_secs(3)).await {
+            if m["type"] == "tick" {
+                let seq = m["seq"].as_u64().unwrap();
+                assert_eq!(seq, last + 1, "healthy subscriber lost ticks: {m}");
+                last = seq;
+                n += 1;
+            }
+        }
+        n
+    });
+    let batches = 300u64;
+    for b in 0..batches {
+        let ticks: Vec<_> = (0..50)
+            .map(|i| json!({"s":"BTC-USD","ts":b * 1000 + i,"bid":100.0,"ask":100.5,"last":100.25,"qty":1}))
+            .collect();
+        send_json(&mut p, json!({"op":"publish","ticks":ticks})).await;
+        let _ = next_json(&mut p).await;
+        if b % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The stalled client was cut: reading now drains what the kernel held, ending in a
+    // 4008 close or a reset.
+    stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stalled.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+    let code_4008 = 4008u16.to_be_bytes();
+    let saw_close = all.windows(4).any(|w| w[0] == 0x88 && w[2..4] == code_4008);
+    let text = String::from_utf8_lossy(&all);
+    assert!(saw_close || text.contains("skipped"), "neither conflation nor 4008 seen");
+    let delivered = reader.await.unwrap();
+    assert_eq!(delivered, batches * 50, "healthy subscriber got every tick");
+    assert_eq!(srv.handle.shared.metrics.closes[tickgate::metrics::CLOSE_CODES.iter().position(|c| *c == 4008).unwrap()].load(std::sync::atomic::Ordering::Relaxed), 1);
+}
