@@ -16,8 +16,7 @@ use tickgate::proto::frame::{
 
 fn payload_128() -> Vec<u8> {
     // A realistic-looking JSON subscribe, padded to exactly 128 bytes.
-    let mut p =
-        br#"{"op":"subscribe","symbols":["AAPL","MSFT","GOOG","BTC-USD"],"id":42}"#.to_vec();
+    let mut p = br#"{"op":"subscribe","symbols":["AAPL","MSFT","GOOG","BTC-USD"],"id":42}"#.to_vec();
     p.resize(128, b' ');
     p
 }

@@ -45,12 +45,7 @@ fn bench_fanout(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 seq += 1;
-                let shared = Arc::new(SharedTick::new(
-                    SymbolId(0),
-                    Arc::clone(&name),
-                    seq,
-                    tick(seq),
-                ));
+                let shared = Arc::new(SharedTick::new(SymbolId(0), Arc::clone(&name), seq, tick(seq)));
                 for q in queues.iter_mut() {
                     black_box(q.push_tick(&shared));
                 }
@@ -66,8 +61,7 @@ fn bench_fanout(c: &mut Criterion) {
 
 fn bench_parse(c: &mut Criterion) {
     let limits = MsgLimits::default();
-    let sub =
-        br#"{"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"],"snapshot":true}"#.to_vec();
+    let sub = br#"{"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"],"snapshot":true}"#.to_vec();
     let mut publish = br#"{"op":"publish","id":5,"ticks":["#.to_vec();
     for i in 0..10 {
         if i > 0 {

@@ -52,7 +52,10 @@ async fn serve(mut stream: TcpStream) {
         }
     };
     inbuf.drain(..consumed);
-    let mut decoder = Decoder::new(DecoderConfig { max_message_bytes: LIMIT, max_frame_bytes: LIMIT });
+    let mut decoder = Decoder::new(DecoderConfig {
+        max_message_bytes: LIMIT,
+        max_frame_bytes: LIMIT,
+    });
     let mut out: Vec<u8> = Vec::new();
     loop {
         let mut off = 0;
@@ -105,7 +108,10 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let listener = TcpListener::bind(&addr).expect("bind");
-        println!("autobahn echo listening on {}", listener.local_addr().expect("addr"));
+        println!(
+            "autobahn echo listening on {}",
+            listener.local_addr().expect("addr")
+        );
         loop {
             if let Ok((stream, _)) = listener.accept().await {
                 monoio::spawn(serve(stream));

@@ -24,25 +24,29 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
     let addr = listener.local_addr()?;
     let inflight = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new().name("tickgate-admin".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            if inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT {
-                inflight.fetch_sub(1, Ordering::AcqRel);
-                continue;
+    std::thread::Builder::new()
+        .name("tickgate-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                if inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT {
+                    inflight.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+                let shared = shared.clone();
+                let slot = inflight.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("tickgate-admin-req".into())
+                    .spawn(move || {
+                        serve(&shared, stream);
+                        slot.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    // The thread never ran, so its slot is released here.
+                    inflight.fetch_sub(1, Ordering::AcqRel);
+                }
             }
-            let shared = shared.clone();
-            let slot = inflight.clone();
-            let spawned = std::thread::Builder::new().name("tickgate-admin-req".into()).spawn(move || {
-                serve(&shared, stream);
-                slot.fetch_sub(1, Ordering::AcqRel);
-            });
-            if spawned.is_err() {
-                // The thread never ran, so its slot is released here.
-                inflight.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-    })?;
+        })?;
     Ok(addr)
 }
 
@@ -127,7 +131,10 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
             token_hash: hash.as_deref(),
         });
     };
-    let unauthorized = || Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", "Bearer error=\"invalid_token\"");
+    let unauthorized = || {
+        Response::text(401, "unauthorized\n")
+            .with_header("WWW-Authenticate", "Bearer error=\"invalid_token\"")
+    };
     let Some(token) = token else {
         log("rejected", "no_token", None, 401);
         return Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", "Bearer");
@@ -147,7 +154,10 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
         Some(t) => t,
         None => {
             log("rejected", "bad_request", Some(&claims.sub), 400);
-            return Response::json(400, br#"{"error":"bad_request","message":"expected {\"sub\"|\"sid\"|\"jti\": string}"}"#);
+            return Response::json(
+                400,
+                br#"{"error":"bad_request","message":"expected {\"sub\"|\"sid\"|\"jti\": string}"}"#,
+            );
         }
     };
     if shared.revoked.revoke(target.clone(), now).is_err() {
@@ -156,7 +166,9 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     let shards = shared.hub.shards();
-    shared.hub.broadcast(|| Control::Revoke(target.clone(), tx.clone()));
+    shared
+        .hub
+        .broadcast(|| Control::Revoke(target.clone(), tx.clone()));
     drop(tx);
     let deadline = std::time::Instant::now() + Duration::from_millis(900);
     let mut closed = 0;

@@ -99,7 +99,10 @@ pub enum Command {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn env_vars() -> Vec<(String, String)> {
@@ -118,7 +121,20 @@ pub fn run(cli: Cli) -> i32 {
             }
             Err(e) => fail(1, &e.to_string()),
         },
-        Command::Token { key, sub, kid, ttl, roles, symbols, sid, did, cip, jti, iss, aud } => {
+        Command::Token {
+            key,
+            sub,
+            kid,
+            ttl,
+            roles,
+            symbols,
+            sid,
+            did,
+            cip,
+            jti,
+            iss,
+            aud,
+        } => {
             let pem = match std::fs::read_to_string(&key) {
                 Ok(p) => p,
                 Err(e) => return fail(1, &format!("--key {}: {e}", key.display())),
@@ -128,7 +144,12 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => return fail(1, &format!("--key {}: {e}", key.display())),
             };
             let now = unix_now();
-            let split = |s: &str| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect::<Vec<_>>();
+            let split = |s: &str| {
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect::<Vec<_>>()
+            };
             let claims = Claims {
                 sub,
                 exp: now + ttl,
@@ -169,13 +190,22 @@ pub fn run(cli: Cli) -> i32 {
             print!("{}", crate::doctor::render(&crate::doctor::run(cfg.as_ref())));
             0
         }
-        Command::Client { url, token, symbols, count } => match crate::client::run(&url, &token, &symbols, count) {
+        Command::Client {
+            url,
+            token,
+            symbols,
+            count,
+        } => match crate::client::run(&url, &token, &symbols, count) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },
-        Command::Serve { config, listen, admin_listen, shards, set } => {
-            serve(config, listen, admin_listen, shards, set)
-        }
+        Command::Serve {
+            config,
+            listen,
+            admin_listen,
+            shards,
+            set,
+        } => serve(config, listen, admin_listen, shards, set),
     }
 }
 
@@ -189,17 +219,25 @@ pub fn demo_config() -> Config {
     let mut cfg = Config::default_production();
     cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
     cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
-    cfg.auth.allowed_origins = vec![
-        "http://127.0.0.1:8080".into(),
-        "http://localhost:8080".into(),
-    ];
+    cfg.auth.allowed_origins = vec!["http://127.0.0.1:8080".into(), "http://localhost:8080".into()];
     cfg.auth.allow_missing_origin = true;
     cfg.feed.simulator = true;
-    cfg.feed.simulator_symbols = vec!["BTC-USD".into(), "ETH-USD".into(), "SOL-USD".into(), "XRP-USD".into()];
+    cfg.feed.simulator_symbols = vec![
+        "BTC-USD".into(),
+        "ETH-USD".into(),
+        "SOL-USD".into(),
+        "XRP-USD".into(),
+    ];
     cfg
 }
 
-fn serve(config: Option<PathBuf>, listen: Option<String>, admin_listen: Option<String>, shards: Option<String>, set: Vec<String>) -> i32 {
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    shards: Option<String>,
+    set: Vec<String>,
+) -> i32 {
     let demo = config.is_none();
     let mut cfg = match &config {
         Some(p) => match Config::load(p, &env_vars()) {
@@ -246,7 +284,10 @@ fn serve(config: Option<PathBuf>, listen: Option<String>, admin_listen: Option<S
         }
     }
     if cfg.server.shards == 0 {
-        cfg.server.shards = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(64);
+        cfg.server.shards = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(64);
     }
     if let Err(e) = cfg.validate() {
         return fail(1, &e.to_string());
@@ -308,7 +349,10 @@ fn serve(config: Option<PathBuf>, listen: Option<String>, admin_listen: Option<S
         handle.public_addr,
         handle.shard_threads(),
         handle.driver.name(),
-        handle.admin_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+        handle
+            .admin_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     if let Some(sk) = &demo_key {
         print_demo_banner(sk, handle.public_addr);
@@ -333,14 +377,21 @@ fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr)
     println!("demo token (sub=demo, subscriber+publisher, all symbols, valid 10 minutes):");
     println!("{token}");
     println!("try it (in another terminal):");
-    println!("  cargo run --release -- client --url ws://{addr}/v1/stream --token {token} --symbols BTC-USD,ETH-USD");
-    println!("or with websocat: websocat -H 'Authorization: Bearer {token}' ws://{addr}/v1/stream  and type {{\"op\":\"subscribe\",\"symbols\":[\"BTC-USD\"]}}");
+    println!(
+        "  cargo run --release -- client --url ws://{addr}/v1/stream --token {token} --symbols BTC-USD,ETH-USD"
+    );
+    println!(
+        "or with websocat: websocat -H 'Authorization: Bearer {token}' ws://{addr}/v1/stream  and type {{\"op\":\"subscribe\",\"symbols\":[\"BTC-USD\"]}}"
+    );
 }
 
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn wait_for_signals(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) -> i32 {
@@ -381,6 +432,8 @@ fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) {
             handle.shared.swap_auth(auth);
             tracing::info!(?kids, "SIGHUP: keys and allow-lists reloaded");
         }
-        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists")
+        }
     }
 }

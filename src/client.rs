@@ -20,7 +20,10 @@ fn parse_ws_url(url: &str) -> Result<(String, String), String> {
 }
 
 fn mask() -> [u8; 4] {
-    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(7);
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(7);
     n.to_le_bytes()
 }
 
@@ -58,13 +61,22 @@ pub fn run(url: &str, token: &str, symbols: &str, count: u64) -> Result<(), Stri
         return Err(format!("upgrade refused: {}", head.lines().next().unwrap_or("")));
     }
     let expected = accept_key(key);
-    if !head.lines().any(|l| l.to_ascii_lowercase().starts_with("sec-websocket-accept:") && l.contains(&expected)) {
+    if !head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("sec-websocket-accept:") && l.contains(&expected))
+    {
         return Err("bad Sec-WebSocket-Accept".into());
     }
     buf.drain(..head_end);
     let list: Vec<String> = symbols.split(',').map(|x| format!("\"{}\"", x.trim())).collect();
-    send_text(&mut s, &format!("{{\"op\":\"subscribe\",\"id\":1,\"symbols\":[{}],\"snapshot\":true}}", list.join(",")))
-        .map_err(|e| e.to_string())?;
+    send_text(
+        &mut s,
+        &format!(
+            "{{\"op\":\"subscribe\",\"id\":1,\"symbols\":[{}],\"snapshot\":true}}",
+            list.join(",")
+        ),
+    )
+    .map_err(|e| e.to_string())?;
     let mut seen = 0u64;
     loop {
         // Parse as many server frames (unmasked) as are buffered.
@@ -97,8 +109,15 @@ pub fn run(url: &str, token: &str, symbols: &str, count: u64) -> Result<(), Stri
                     }
                 }
                 0x8 => {
-                    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
-                    println!("closed by server: {code} {}", String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])));
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
+                    println!(
+                        "closed by server: {code} {}",
+                        String::from_utf8_lossy(payload.get(2..).unwrap_or(&[]))
+                    );
                     return Ok(());
                 }
                 0x9 => {

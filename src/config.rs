@@ -183,9 +183,7 @@ pub enum ConfigError {
     #[error("{key}: unknown key")]
     UnknownKey { key: String },
     /// A `TICKGATE_` environment variable that names no key.
-    #[error(
-        "{var}: unknown environment variable (expected TICKGATE_<SECTION>_<KEY> naming a config key)"
-    )]
+    #[error("{var}: unknown environment variable (expected TICKGATE_<SECTION>_<KEY> naming a config key)")]
     UnknownEnv { var: String },
     /// An environment variable whose value is rejected.
     #[error("{var}: {source}")]
@@ -512,11 +510,7 @@ impl Config {
         from_table(table).map_err(|e| match &e {
             // Point at the variable whose value broke it.
             ConfigError::Invalid { key, .. } => {
-                match applied
-                    .iter()
-                    .rev()
-                    .find(|(_, k)| key.starts_with(k.as_str()))
-                {
+                match applied.iter().rev().find(|(_, k)| key.starts_with(k.as_str())) {
                     Some((var, _)) => ConfigError::Env {
                         var: (*var).to_owned(),
                         source: Box::new(e),
@@ -531,12 +525,7 @@ impl Config {
     /// Sets `section.key` from its string form, typed as [`KEYS`] says (see the module
     /// doc for lists and optional keys). The result goes through the same checks as the
     /// file; on error `self` is unchanged.
-    pub fn apply_override(
-        &mut self,
-        section: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_override(&mut self, section: &str, key: &str, value: &str) -> Result<(), ConfigError> {
         let mut table = self.to_table()?;
         set_in_table(&mut table, section, key, value)?;
         *self = from_table(table)?;
@@ -618,8 +607,7 @@ impl Config {
                 format!("{} is not in 1..=1000000", s.max_connections_per_shard),
             ));
         }
-        if s.pending_handshakes_per_shard == 0
-            || s.pending_handshakes_per_shard > s.max_connections_per_shard
+        if s.pending_handshakes_per_shard == 0 || s.pending_handshakes_per_shard > s.max_connections_per_shard
         {
             return Err(ConfigError::invalid(
                 "server.pending_handshakes_per_shard",
@@ -630,10 +618,7 @@ impl Config {
             ));
         }
         if s.drain_timeout > Duration::from_secs(3600) {
-            return Err(ConfigError::invalid(
-                "server.drain_timeout",
-                "must be at most 1h",
-            ));
+            return Err(ConfigError::invalid("server.drain_timeout", "must be at most 1h"));
         }
         Ok(())
     }
@@ -647,10 +632,7 @@ impl Config {
                 return Err(ConfigError::invalid("tls.key", "empty path"));
             }
             if tls.cert == tls.key {
-                return Err(ConfigError::invalid(
-                    "tls.key",
-                    "is the same file as tls.cert",
-                ));
+                return Err(ConfigError::invalid("tls.key", "is the same file as tls.cert"));
             }
         }
         Ok(())
@@ -673,10 +655,7 @@ impl Config {
                 ));
             }
             if k.path.as_os_str().is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("auth.keys[{i}].path"),
-                    "empty path",
-                ));
+                return Err(ConfigError::invalid(format!("auth.keys[{i}].path"), "empty path"));
             }
         }
         if a.jwks.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
@@ -700,10 +679,7 @@ impl Config {
         if a.ticket_ttl.is_zero() || a.ticket_ttl > Duration::from_secs(60) {
             return Err(ConfigError::invalid(
                 "auth.ticket_ttl",
-                format!(
-                    "{} is not above 0 and at most 60s",
-                    format_duration(a.ticket_ttl)
-                ),
+                format!("{} is not above 0 and at most 60s", format_duration(a.ticket_ttl)),
             ));
         }
         for (i, o) in a.allowed_origins.iter().enumerate() {
@@ -818,10 +794,7 @@ impl Config {
             ));
         }
         if t.heartbeat.is_zero() {
-            return Err(ConfigError::invalid(
-                "lifetime.heartbeat",
-                "must be above 0",
-            ));
+            return Err(ConfigError::invalid("lifetime.heartbeat", "must be above 0"));
         }
         if t.idle_timeout <= t.heartbeat {
             return Err(ConfigError::invalid(
@@ -1023,15 +996,9 @@ fn key_kind(section: &str, key: &str) -> Option<KeyKind> {
 }
 
 /// Writes an override into the table, typed by [`KEYS`].
-fn set_in_table(
-    table: &mut toml::Table,
-    section: &str,
-    key: &str,
-    raw: &str,
-) -> Result<(), ConfigError> {
+fn set_in_table(table: &mut toml::Table, section: &str, key: &str, raw: &str) -> Result<(), ConfigError> {
     let path = format!("{section}.{key}");
-    let kind =
-        key_kind(section, key).ok_or_else(|| ConfigError::UnknownKey { key: path.clone() })?;
+    let kind = key_kind(section, key).ok_or_else(|| ConfigError::UnknownKey { key: path.clone() })?;
     let value = match kind {
         KeyKind::Str => Some(toml::Value::String(raw.to_owned())),
         KeyKind::OptStr if raw.is_empty() => None,
@@ -1078,9 +1045,9 @@ fn parse_list(raw: &str) -> Result<toml::Value, String> {
     let trimmed = raw.trim();
     if trimmed.starts_with('[') {
         let doc = format!("v = {trimmed}");
-        let mut t: toml::Table = doc.parse().map_err(|e: toml::de::Error| {
-            format!("invalid TOML array: {}", one_line(e.message()))
-        })?;
+        let mut t: toml::Table = doc
+            .parse()
+            .map_err(|e: toml::de::Error| format!("invalid TOML array: {}", one_line(e.message())))?;
         return match t.remove("v") {
             Some(v @ toml::Value::Array(_)) => Ok(v),
             _ => Err("invalid TOML array".to_owned()),
@@ -1332,9 +1299,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
     }
 
     fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
-        vars.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn write_tmp(text: &str) -> tempfile::NamedTempFile {
@@ -1398,11 +1363,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.security, "stdout");
         c.validate().unwrap();
-        assert_eq!(
-            Config::from_toml_str("").unwrap(),
-            c,
-            "empty file = defaults"
-        );
+        assert_eq!(Config::from_toml_str("").unwrap(), c, "empty file = defaults");
     }
 
     #[test]
@@ -1489,15 +1450,10 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         let e = Config::from_toml_str("[limits]\nmax_mesage_bytes = 5").unwrap_err();
         let s = err_line(&e);
         assert!(s.starts_with("limits.max_mesage_bytes: unknown key"), "{s}");
-        let e =
-            Config::from_toml_str("[auth]\nkeys = [{ kid = \"k1\", path = \"/p\", alg = \"x\" }]")
-                .unwrap_err();
-        assert!(
-            err_line(&e).starts_with("auth.keys.alg: unknown key"),
-            "{e}"
-        );
-        let e =
-            Config::from_toml_str("[tls]\ncert = \"/c\"\nkey = \"/k\"\nca = \"/x\"").unwrap_err();
+        let e = Config::from_toml_str("[auth]\nkeys = [{ kid = \"k1\", path = \"/p\", alg = \"x\" }]")
+            .unwrap_err();
+        assert!(err_line(&e).starts_with("auth.keys.alg: unknown key"), "{e}");
+        let e = Config::from_toml_str("[tls]\ncert = \"/c\"\nkey = \"/k\"\nca = \"/x\"").unwrap_err();
         assert!(err_line(&e).starts_with("tls.ca: unknown key"), "{e}");
     }
 
@@ -1549,18 +1505,12 @@ security = "stdout"             # or a file path: JSON lines, one per security e
             ("[server]\nlisten = \"nope\"", "server.listen: "),
             ("[server]\nshards = -1", "server.shards: "),
             ("[server]\npin_cores = \"yes\"", "server.pin_cores: "),
-            (
-                "[limits]\nper_ip_burst = 5000000000",
-                "limits.per_ip_burst: ",
-            ),
+            ("[limits]\nper_ip_burst = 5000000000", "limits.per_ip_burst: "),
             (
                 "[feed]\nsimulator_symbols = \"BTC-USD\"",
                 "feed.simulator_symbols: ",
             ),
-            (
-                "[auth]\nkeys = [{ kid = \"k1\" }]",
-                "auth.keys.path: missing key",
-            ),
+            ("[auth]\nkeys = [{ kid = \"k1\" }]", "auth.keys.path: missing key"),
             ("server = 5", "server: "),
         ];
         for (text, want) in cases {
@@ -1611,13 +1561,11 @@ security = "stdout"             # or a file path: JSON lines, one per security e
     #[test]
     fn overrides_of_every_type() {
         let mut c = Config::default_production();
-        c.apply_override("server", "listen", "0.0.0.0:9000")
-            .unwrap();
+        c.apply_override("server", "listen", "0.0.0.0:9000").unwrap();
         assert_eq!(c.server.listen, "0.0.0.0:9000".parse().unwrap());
         c.apply_override("server", "sqpoll", "true").unwrap();
         assert!(c.server.sqpoll);
-        c.apply_override("limits", "max_message_bytes", "1024")
-            .unwrap();
+        c.apply_override("limits", "max_message_bytes", "1024").unwrap();
         assert_eq!(c.limits.max_message_bytes, 1024);
         c.apply_override("lifetime", "heartbeat", "250ms").unwrap();
         assert_eq!(c.lifetime.heartbeat, Duration::from_millis(250));
@@ -1641,12 +1589,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         let before = c.clone();
         for (section, key, value, want) in [
             ("server", "listen", "nope", "server.listen: "),
-            (
-                "server",
-                "pin_cores",
-                "yes",
-                "server.pin_cores: invalid boolean",
-            ),
+            ("server", "pin_cores", "yes", "server.pin_cores: invalid boolean"),
             ("server", "shards", "many", "server.shards: invalid integer"),
             ("server", "shards", "-3", "server.shards: "),
             (
@@ -1760,10 +1703,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         let base = Config::from_toml_str(OPS_EXAMPLE).unwrap();
         type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(Mutation, &str)> = vec![
-            (
-                Box::new(|c| c.auth.ticket_ttl = secs(61)),
-                "auth.ticket_ttl",
-            ),
+            (Box::new(|c| c.auth.ticket_ttl = secs(61)), "auth.ticket_ttl"),
             (
                 Box::new(|c| c.auth.ticket_ttl = Duration::ZERO),
                 "auth.ticket_ttl",
@@ -1805,14 +1745,8 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 Box::new(|c| c.limits.max_message_bytes = (16 << 20) + 1),
                 "limits.max_message_bytes",
             ),
-            (
-                Box::new(|c| c.limits.per_ip_burst = 0),
-                "limits.per_ip_burst",
-            ),
-            (
-                Box::new(|c| c.limits.max_headers = 1000),
-                "limits.max_headers",
-            ),
+            (Box::new(|c| c.limits.per_ip_burst = 0), "limits.per_ip_burst"),
+            (Box::new(|c| c.limits.max_headers = 1000), "limits.max_headers"),
             (
                 Box::new(|c| c.limits.max_head_bytes = 100),
                 "limits.max_head_bytes",
@@ -1880,10 +1814,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 Box::new(|c| c.feed.simulator_symbols = vec!["btc-usd".into()]),
                 "feed.simulator_symbols[0]",
             ),
-            (
-                Box::new(|c| c.admin.listen = c.server.listen),
-                "admin.listen",
-            ),
+            (Box::new(|c| c.admin.listen = c.server.listen), "admin.listen"),
             (Box::new(|c| c.log.level = "verbose".into()), "log.level"),
             (
                 Box::new(|c| c.server.pending_handshakes_per_shard = 0),

@@ -28,7 +28,11 @@ fn read(p: &str) -> Option<String> {
 }
 
 fn f(level: Level, check: &'static str, detail: impl Into<String>) -> Finding {
-    Finding { level, check, detail: detail.into() }
+    Finding {
+        level,
+        check,
+        detail: detail.into(),
+    }
 }
 
 /// Run every check. `cfg`, when given, adds the config-dependent ones.
@@ -37,7 +41,11 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     // io_uring
     let disabled = read("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse::<u32>().ok());
     if crate::rt::Driver::detect() == crate::rt::Driver::IoUring {
-        out.push(f(Level::Ok, "io_uring", "available: shards run on the io_uring driver"));
+        out.push(f(
+            Level::Ok,
+            "io_uring",
+            "available: shards run on the io_uring driver",
+        ));
     } else {
         out.push(f(
             Level::Warn,
@@ -61,13 +69,20 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
         ),
     ));
     // nofile
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass by pointer.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
     if ok {
         // Each WebSocket uses two descriptors (reader and writer handles).
         let conns = lim.rlim_max / 2;
-        let level = if lim.rlim_max < 200_000 { Level::Warn } else { Level::Ok };
+        let level = if lim.rlim_max < 200_000 {
+            Level::Warn
+        } else {
+            Level::Ok
+        };
         out.push(f(
             level,
             "nofile",
@@ -83,33 +98,56 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
         out.push(f(level, "somaxconn", format!("net.core.somaxconn={v} (listen backlog is 4096; set `sysctl -w net.core.somaxconn=65535` for connection storms)")));
     }
     if let Some(v) = read("/proc/sys/net/ipv4/tcp_max_syn_backlog") {
-        out.push(f(Level::Info, "syn_backlog", format!("net.ipv4.tcp_max_syn_backlog={v} (65535 recommended for reconnect storms)")));
+        out.push(f(
+            Level::Info,
+            "syn_backlog",
+            format!("net.ipv4.tcp_max_syn_backlog={v} (65535 recommended for reconnect storms)"),
+        ));
     }
     // port range (matters for load generators and for proxies in front)
     if let Some(v) = read("/proc/sys/net/ipv4/ip_local_port_range") {
         let parts: Vec<u64> = v.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        let span = if parts.len() == 2 { parts[1].saturating_sub(parts[0]) } else { 0 };
+        let span = if parts.len() == 2 {
+            parts[1].saturating_sub(parts[0])
+        } else {
+            0
+        };
         let level = if span < 28_000 { Level::Warn } else { Level::Info };
         out.push(f(level, "port_range", format!("net.ipv4.ip_local_port_range={v} ({span} ports per source address; a proxy or load generator needs `sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"` or several source addresses)")));
     }
     // TCP buffers
-    for (key, path) in [("tcp_wmem", "/proc/sys/net/ipv4/tcp_wmem"), ("tcp_rmem", "/proc/sys/net/ipv4/tcp_rmem")] {
+    for (key, path) in [
+        ("tcp_wmem", "/proc/sys/net/ipv4/tcp_wmem"),
+        ("tcp_rmem", "/proc/sys/net/ipv4/tcp_rmem"),
+    ] {
         if let Some(v) = read(path) {
             out.push(f(Level::Info, key, format!("net.ipv4.{key}={v} (the middle value is the per-socket default; fan-out to many small consumers prefers modest defaults, e.g. \"4096 65536 4194304\")")));
         }
     }
     // THP
     if let Some(v) = read("/sys/kernel/mm/transparent_hugepage/enabled") {
-        let level = if v.contains("[always]") { Level::Warn } else { Level::Ok };
+        let level = if v.contains("[always]") {
+            Level::Warn
+        } else {
+            Level::Ok
+        };
         out.push(f(level, "thp", format!("transparent_hugepage: {v} (`always` can add compaction stalls to tail latency; prefer madvise: `echo madvise > /sys/kernel/mm/transparent_hugepage/enabled`)")));
     }
     // CPU governor
     match read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") {
         Some(g) => {
-            let level = if g == "performance" { Level::Ok } else { Level::Warn };
+            let level = if g == "performance" {
+                Level::Ok
+            } else {
+                Level::Warn
+            };
             out.push(f(level, "governor", format!("cpu0 scaling_governor={g} (use `cpupower frequency-set -g performance` for stable latency)")));
         }
-        None => out.push(f(Level::Info, "governor", "no cpufreq interface (a VM or a fixed-frequency host): nothing to tune")),
+        None => out.push(f(
+            Level::Info,
+            "governor",
+            "no cpufreq interface (a VM or a fixed-frequency host): nothing to tune",
+        )),
     }
     // IRQ balance
     let irqbalance = Path::new("/proc").read_dir().ok().is_some_and(|d| {
@@ -154,7 +192,10 @@ pub fn render(findings: &[Finding]) -> String {
         let _ = writeln!(s, "[{tag}] {:<13} {}", x.check, x.detail);
     }
     let warns = findings.iter().filter(|x| x.level == Level::Warn).count();
-    let _ = writeln!(s, "{warns} warning(s). See perf/TUNING.md for the reasoning behind each setting.");
+    let _ = writeln!(
+        s,
+        "{warns} warning(s). See perf/TUNING.md for the reasoning behind each setting."
+    );
     s
 }
 

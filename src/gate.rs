@@ -45,7 +45,14 @@ struct Audit<'a> {
 }
 
 impl Audit<'_> {
-    fn log(&self, outcome: &'static str, reason: &'static str, claims: Option<&VerifiedClaims>, status: u16, token: Option<&str>) {
+    fn log(
+        &self,
+        outcome: &'static str,
+        reason: &'static str,
+        claims: Option<&VerifiedClaims>,
+        status: u16,
+        token: Option<&str>,
+    ) {
         self.shared.sec_counters.inc(self.event, outcome, reason);
         let hash = token.map(token_hash);
         self.shared.seclog.write(&SecurityEvent {
@@ -62,19 +69,30 @@ impl Audit<'_> {
         });
     }
 
-    fn reject(&self, resp: Response, reason: &'static str, claims: Option<&VerifiedClaims>, token: Option<&str>) -> Outcome {
+    fn reject(
+        &self,
+        resp: Response,
+        reason: &'static str,
+        claims: Option<&VerifiedClaims>,
+        token: Option<&str>,
+    ) -> Outcome {
         self.log("rejected", reason, claims, resp.status, token);
         Outcome::Respond(resp)
     }
 }
 
 fn unauthorized(with_error: bool) -> Response {
-    let v = if with_error { "Bearer error=\"invalid_token\"" } else { "Bearer" };
+    let v = if with_error {
+        "Bearer error=\"invalid_token\""
+    } else {
+        "Bearer"
+    };
     Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", v)
 }
 
 fn too_many(retry_after_secs: u64) -> Response {
-    Response::text(429, "too many requests\n").with_header("Retry-After", &retry_after_secs.max(1).to_string())
+    Response::text(429, "too many requests\n")
+        .with_header("Retry-After", &retry_after_secs.max(1).to_string())
 }
 
 /// Route and judge one request of the public listener.
@@ -92,11 +110,23 @@ pub fn handle_public(shared: &Shared, req: &Request, peer: IpAddr, now_ms: u64) 
             Response::text(200, "ready\n")
         }),
         Route::Stream => {
-            let audit = Audit { shared, now_ms, event: "handshake", ip, origin };
+            let audit = Audit {
+                shared,
+                now_ms,
+                event: "handshake",
+                ip,
+                origin,
+            };
             admit(shared, &auth, req, ip, rate, now_ms, &audit)
         }
         Route::Ticket => {
-            let audit = Audit { shared, now_ms, event: "ticket", ip, origin };
+            let audit = Audit {
+                shared,
+                now_ms,
+                event: "ticket",
+                ip,
+                origin,
+            };
             ticket(shared, &auth, req, ip, rate, now_ms, &audit)
         }
         _ => match rate {
@@ -136,10 +166,23 @@ fn authenticate(
                 // A ticket carries the token's identity and expiry: both still apply.
                 let leeway = shared.cfg.auth.leeway.as_secs();
                 if c.exp.saturating_add(leeway) <= now_ms / 1000 {
-                    return Err(audit.reject(unauthorized(true), AuthError::Expired.reason(), Some(&c), Some(&t)));
+                    return Err(audit.reject(
+                        unauthorized(true),
+                        AuthError::Expired.reason(),
+                        Some(&c),
+                        Some(&t),
+                    ));
                 }
-                if shared.revoked.is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms) {
-                    return Err(audit.reject(unauthorized(true), AuthError::Revoked.reason(), Some(&c), Some(&t)));
+                if shared
+                    .revoked
+                    .is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms)
+                {
+                    return Err(audit.reject(
+                        unauthorized(true),
+                        AuthError::Revoked.reason(),
+                        Some(&c),
+                        Some(&t),
+                    ));
                 }
                 (c, t)
             }
@@ -193,11 +236,22 @@ fn admit(
     let protocol = match http::select_subprotocol(&up.offered_protocols) {
         Ok(p) => p,
         Err(()) => {
-            return audit.reject(Response::text(400, "unsupported subprotocol\n"), "subprotocol", Some(&claims), token);
+            return audit.reject(
+                Response::text(400, "unsupported subprotocol\n"),
+                "subprotocol",
+                Some(&claims),
+                token,
+            );
         }
     };
     audit.log("accepted", "ok", Some(&claims), 101, token);
-    Outcome::Upgrade(Box::new(Admitted { claims, slot, accept: up.accept, protocol, client_ip: ip }))
+    Outcome::Upgrade(Box::new(Admitted {
+        claims,
+        slot,
+        accept: up.accept,
+        protocol,
+        client_ip: ip,
+    }))
 }
 
 fn ticket(
@@ -210,7 +264,12 @@ fn ticket(
     audit: &Audit<'_>,
 ) -> Outcome {
     if req.method != "POST" {
-        return audit.reject(Response::text(405, "method not allowed\n").with_header("Allow", "POST"), "method", None, None);
+        return audit.reject(
+            Response::text(405, "method not allowed\n").with_header("Allow", "POST"),
+            "method",
+            None,
+            None,
+        );
     }
     // Tickets are minted from a header token only: a ticket must not buy a ticket, and a
     // query token would defeat the point of tickets (keeping tokens out of URLs).

@@ -81,7 +81,11 @@ pub enum Action {
     /// A close frame is queued: flush it, then end the connection.
     Close { code: u16 },
     /// A security-log event (reauth outcomes, policy closes).
-    Log { event: &'static str, outcome: &'static str, reason: &'static str },
+    Log {
+        event: &'static str,
+        outcome: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// The deadlines a session wants armed, each a `(kind, at_unix_ms)`.
@@ -180,7 +184,10 @@ impl Session {
     pub fn timers(&self) -> [(TimerKind, u64); 4] {
         let exp_ms = self.claims.exp.saturating_mul(1000);
         [
-            (TimerKind::ReauthRequired, exp_ms.saturating_sub(self.cfg.reauth_lead_ms)),
+            (
+                TimerKind::ReauthRequired,
+                exp_ms.saturating_sub(self.cfg.reauth_lead_ms),
+            ),
             (TimerKind::ReauthDeadline, self.deadline_ms()),
             (TimerKind::Heartbeat, self.last_rx_ms + self.cfg.heartbeat_ms),
             (TimerKind::Idle, self.last_rx_ms + self.cfg.idle_timeout_ms),
@@ -189,7 +196,10 @@ impl Session {
 
     /// `exp + reauth_grace`, exactly: the moment the `4001` close goes out.
     pub fn deadline_ms(&self) -> u64 {
-        self.claims.exp.saturating_mul(1000).saturating_add(self.cfg.reauth_grace_ms)
+        self.claims
+            .exp
+            .saturating_mul(1000)
+            .saturating_add(self.cfg.reauth_grace_ms)
     }
 
     /// Bytes (any frame, even a pong) arrived from the peer.
@@ -224,7 +234,11 @@ impl Session {
                 if now_ms < due {
                     return Some(due);
                 }
-                actions.push(Action::Log { event: "close", outcome: "closed", reason: "token_expired" });
+                actions.push(Action::Log {
+                    event: "close",
+                    outcome: "closed",
+                    reason: "token_expired",
+                });
                 self.close(CloseCode::TOKEN_EXPIRED, "token expired", actions);
                 None
             }
@@ -237,14 +251,22 @@ impl Session {
                 if now_ms < due {
                     return Some(due);
                 }
-                actions.push(Action::Log { event: "close", outcome: "closed", reason: "idle" });
+                actions.push(Action::Log {
+                    event: "close",
+                    outcome: "closed",
+                    reason: "idle",
+                });
                 self.close(CloseCode::IDLE, "idle timeout", actions);
                 None
             }
             TimerKind::SlowConsumer => {
                 match self.slow_since_ms {
                     Some(_) if self.outbound.over_budget() || self.outbound.is_conflating() => {
-                        actions.push(Action::Log { event: "close", outcome: "closed", reason: "slow_consumer" });
+                        actions.push(Action::Log {
+                            event: "close",
+                            outcome: "closed",
+                            reason: "slow_consumer",
+                        });
                         // The queue is what is slow: do not make the close wait behind it.
                         self.outbound.clear();
                         self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
@@ -341,7 +363,11 @@ impl Session {
 
     /// A protocol violation found by the frame decoder.
     pub fn protocol_error(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
-        actions.push(Action::Log { event: "close", outcome: "closed", reason: "protocol_error" });
+        actions.push(Action::Log {
+            event: "close",
+            outcome: "closed",
+            reason: "protocol_error",
+        });
         self.close(code, reason, actions);
     }
 
@@ -359,9 +385,11 @@ impl Session {
                 msg::encode_pong(id, &mut self.scratch);
                 self.queue_scratch();
             }
-            ClientMsg::Subscribe { id, symbols: names, snapshot } => {
-                self.subscribe(id, names, snapshot, symbols, actions)
-            }
+            ClientMsg::Subscribe {
+                id,
+                symbols: names,
+                snapshot,
+            } => self.subscribe(id, names, snapshot, symbols, actions),
             ClientMsg::Unsubscribe { id, symbols: names } => self.unsubscribe(id, names, symbols, actions),
             ClientMsg::Publish { id, ticks } => self.publish(id, ticks, symbols, actions),
             ClientMsg::Reauth { id, token } => self.reauth(id, &token, now_ms, symbols, auth, actions),
@@ -426,7 +454,13 @@ impl Session {
         }
     }
 
-    fn unsubscribe(&mut self, id: Option<u64>, names: Vec<String>, symbols: &SymbolTable, actions: &mut Vec<Action>) {
+    fn unsubscribe(
+        &mut self,
+        id: Option<u64>,
+        names: Vec<String>,
+        symbols: &SymbolTable,
+        actions: &mut Vec<Action>,
+    ) {
         let mut removed_ids = Vec::new();
         let mut removed: Vec<&str> = Vec::new();
         for name in &names {
@@ -506,16 +540,29 @@ impl Session {
                     AuthError::Malformed | AuthError::TooLarge => ErrorCode::BadRequest,
                     _ => ErrorCode::Forbidden,
                 };
-                actions.push(Action::Log { event: "reauth", outcome: "rejected", reason: e.reason() });
+                actions.push(Action::Log {
+                    event: "reauth",
+                    outcome: "rejected",
+                    reason: e.reason(),
+                });
                 self.reply_error(id, code, "reauth refused");
                 return;
             }
         };
-        let same_identity = fresh.sub == self.claims.sub && fresh.sid == self.claims.sid && fresh.did == self.claims.did;
+        let same_identity =
+            fresh.sub == self.claims.sub && fresh.sid == self.claims.sid && fresh.did == self.claims.did;
         let ip_ok = fresh.cip.is_none_or(|ip| ip == self.client_ip);
         if !same_identity || !ip_ok {
-            let reason = if same_identity { "ip_binding" } else { "identity_mismatch" };
-            actions.push(Action::Log { event: "reauth", outcome: "rejected", reason });
+            let reason = if same_identity {
+                "ip_binding"
+            } else {
+                "identity_mismatch"
+            };
+            actions.push(Action::Log {
+                event: "reauth",
+                outcome: "rejected",
+                reason,
+            });
             self.reply_error(id, ErrorCode::Forbidden, "reauth refused");
             return;
         }
@@ -548,7 +595,11 @@ impl Session {
             self.queue_scratch();
             actions.push(Action::Unsubscribe { ids: dropped_ids });
         }
-        actions.push(Action::Log { event: "reauth", outcome: "accepted", reason: "ok" });
+        actions.push(Action::Log {
+            event: "reauth",
+            outcome: "accepted",
+            reason: "ok",
+        });
         actions.push(Action::DeadlinesChanged);
     }
 
@@ -579,7 +630,11 @@ impl Session {
             self.rate_limited_at.pop_front();
         }
         if self.rate_limited_at.len() >= MAX_RATE_LIMITED_REPLIES {
-            actions.push(Action::Log { event: "close", outcome: "closed", reason: "message_rate" });
+            actions.push(Action::Log {
+                event: "close",
+                outcome: "closed",
+                reason: "message_rate",
+            });
             self.close(CloseCode::MESSAGE_RATE, "message rate exceeded", actions);
             return;
         }

@@ -43,13 +43,21 @@ impl AuthState {
             .map_err(|e| format!("auth.allowed_origins: {e}"))?;
         let proxies =
             CidrSet::parse(&cfg.auth.trusted_proxies).map_err(|e| format!("auth.trusted_proxies: {e}"))?;
-        Ok(AuthState { verifier: Verifier::new(keys, policy), origins, proxies })
+        Ok(AuthState {
+            verifier: Verifier::new(keys, policy),
+            origins,
+            proxies,
+        })
     }
 
     /// Load the key set named by the config from disk.
     pub fn load_keys(cfg: &Config) -> Result<KeySet, String> {
-        let files: Vec<(String, std::path::PathBuf)> =
-            cfg.auth.keys.iter().map(|k| (k.kid.clone(), k.path.clone())).collect();
+        let files: Vec<(String, std::path::PathBuf)> = cfg
+            .auth
+            .keys
+            .iter()
+            .map(|k| (k.kid.clone(), k.path.clone()))
+            .collect();
         KeySet::load(&files, cfg.auth.jwks.as_deref()).map_err(|e| format!("auth keys: {e}"))
     }
 }
@@ -102,7 +110,10 @@ impl Shared {
             auth: RwLock::new(Arc::new(auth)),
             session_cfg,
             epoch: Instant::now(),
-            epoch_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            epoch_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             cfg,
         }
     }
@@ -128,7 +139,13 @@ impl Shared {
     /// Verify a token and check it against the revocation list (handshake, ticket, reauth).
     pub fn verify_token(&self, token: &str, now_ms: u64) -> Result<VerifiedClaims, AuthError> {
         let claims = self.auth().verifier.verify(token, now_ms / 1000)?;
-        if self.revoked.is_revoked(&claims.sub, claims.sid.as_deref(), claims.jti.as_deref(), claims.iat, now_ms) {
+        if self.revoked.is_revoked(
+            &claims.sub,
+            claims.sid.as_deref(),
+            claims.jti.as_deref(),
+            claims.iat,
+            now_ms,
+        ) {
             return Err(AuthError::Revoked);
         }
         Ok(claims)

@@ -49,7 +49,11 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
             addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
         }
     }
-    Proc { child, addr: addr.expect("listening line"), lines: rx }
+    Proc {
+        child,
+        addr: addr.expect("listening line"),
+        lines: rx,
+    }
 }
 
 fn signal(p: &Proc, sig: i32) {
@@ -59,8 +63,11 @@ fn signal(p: &Proc, sig: i32) {
     }
 }
 
-const DEMO_ENV: [(&str, &str); 3] =
-    [("TICKGATE_SERVER_LISTEN", "127.0.0.1:0"), ("TICKGATE_ADMIN_LISTEN", "127.0.0.1:0"), ("TICKGATE_LOG_SECURITY", "/dev/null")];
+const DEMO_ENV: [(&str, &str); 3] = [
+    ("TICKGATE_SERVER_LISTEN", "127.0.0.1:0"),
+    ("TICKGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+    ("TICKGATE_LOG_SECURITY", "/dev/null"),
+];
 
 #[tokio::test]
 async fn demo_streams_ticks_and_drains_on_sigterm() {
@@ -79,7 +86,11 @@ async fn demo_streams_ticks_and_drains_on_sigterm() {
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
     send_json(&mut ws, json!({"op":"ping","id":1})).await;
     assert_eq!(next_json(&mut ws).await, json!({"type":"pong","id":1}));
-    send_json(&mut ws, json!({"op":"subscribe","id":2,"symbols":["BTC-USD","ETH-USD"],"snapshot":true})).await;
+    send_json(
+        &mut ws,
+        json!({"op":"subscribe","id":2,"symbols":["BTC-USD","ETH-USD"],"snapshot":true}),
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["type"], "subscribed");
     let mut got = std::collections::HashSet::new();
     while got.len() < 2 {
@@ -106,7 +117,11 @@ async fn demo_streams_ticks_and_drains_on_sigterm() {
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(BIN).args(args).output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 #[test]
@@ -116,10 +131,32 @@ fn keygen_token_and_check_config() {
     let (code, _, err) = run(&["keygen", "--out", d, "--kid", "k7"]);
     assert_eq!(code, 0, "{err}");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("k7.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(dir.path().join("k7.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let key = format!("{d}/k7.key");
-    let (code, out, err) = run(&["token", "--key", &key, "--sub", "alice", "--kid", "k7", "--ttl", "120", "--roles", "subscriber,publisher", "--symbols", "BTC-*,ETH-USD", "--sid", "s-1", "--did", "d-1"]);
+    let (code, out, err) = run(&[
+        "token",
+        "--key",
+        &key,
+        "--sub",
+        "alice",
+        "--kid",
+        "k7",
+        "--ttl",
+        "120",
+        "--roles",
+        "subscriber,publisher",
+        "--symbols",
+        "BTC-*,ETH-USD",
+        "--sid",
+        "s-1",
+        "--did",
+        "d-1",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1);
     let tok = out.trim();
@@ -127,7 +164,8 @@ fn keygen_token_and_check_config() {
     // It verifies against the written public key.
     let pubkey = std::fs::read_to_string(dir.path().join("k7.pub")).unwrap();
     let mut ks = tickgate::auth::keys::KeySet::new();
-    ks.insert("k7", tickgate::auth::keys::parse_spki_pem(&pubkey).unwrap()).unwrap();
+    ks.insert("k7", tickgate::auth::keys::parse_spki_pem(&pubkey).unwrap())
+        .unwrap();
     let v = tickgate::auth::jwt::Verifier::new(ks, Default::default());
     let c = v.verify(tok, now()).unwrap();
     assert_eq!(c.sub, "alice");
@@ -136,7 +174,11 @@ fn keygen_token_and_check_config() {
     assert_eq!(c.symbols, vec!["BTC-*".to_string(), "ETH-USD".to_string()]);
     // check-config: effective settings with defaults; unknown keys fail with one line.
     let cfgp = dir.path().join("tg.toml");
-    std::fs::write(&cfgp, format!("[auth]\nkeys = [{{ kid = \"k7\", path = \"{d}/k7.pub\" }}]\n")).unwrap();
+    std::fs::write(
+        &cfgp,
+        format!("[auth]\nkeys = [{{ kid = \"k7\", path = \"{d}/k7.pub\" }}]\n"),
+    )
+    .unwrap();
     let (code, out, err) = run(&["check-config", cfgp.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("handshake_timeout = \"5s\""), "{out}");
@@ -160,7 +202,10 @@ async fn sighup_rotates_keys_without_dropping_connections() {
     assert_eq!(run(&["keygen", "--out", &d, "--kid", "new"]).0, 0);
     let cfgp = dir.path().join("tg.toml");
     let write_cfg = |kids: &[&str]| {
-        let keys: Vec<String> = kids.iter().map(|k| format!("{{ kid = \"{k}\", path = \"{d}/{k}.pub\" }}")).collect();
+        let keys: Vec<String> = kids
+            .iter()
+            .map(|k| format!("{{ kid = \"{k}\", path = \"{d}/{k}.pub\" }}"))
+            .collect();
         std::fs::write(
             &cfgp,
             format!(
@@ -172,7 +217,20 @@ async fn sighup_rotates_keys_without_dropping_connections() {
     };
     write_cfg(&["old"]);
     let p = spawn(&["serve", "--config", cfgp.to_str().unwrap()], &[]);
-    let tok = |kid: &str| run(&["token", "--key", &format!("{d}/{kid}.key"), "--kid", kid, "--sub", "rot"]).1.trim().to_string();
+    let tok = |kid: &str| {
+        run(&[
+            "token",
+            "--key",
+            &format!("{d}/{kid}.key"),
+            "--kid",
+            kid,
+            "--sub",
+            "rot",
+        ])
+        .1
+        .trim()
+        .to_string()
+    };
     let url = format!("ws://{}/v1/stream", p.addr);
     let mut live = connect(&url, Some(&tok("old")), &[]).await.unwrap();
     assert_eq!(next_json(&mut live).await["type"], "welcome");
@@ -188,7 +246,10 @@ async fn sighup_rotates_keys_without_dropping_connections() {
         }
     }
     assert!(rotated, "new key accepted after SIGHUP");
-    let r = raw(p.addr, &upgrade_req("/v1/stream", &format!("Authorization: Bearer {}\r\n", tok("old"))));
+    let r = raw(
+        p.addr,
+        &upgrade_req("/v1/stream", &format!("Authorization: Bearer {}\r\n", tok("old"))),
+    );
     assert_eq!(status_of(&r), 401, "removed key rejected");
     send_json(&mut live, json!({"op":"ping","id":9})).await;
     assert_eq!(next_json(&mut live).await, json!({"type":"pong","id":9}));

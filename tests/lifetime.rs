@@ -23,14 +23,20 @@ async fn reauth_keeps_the_session_and_no_reauth_ends_with_4001() {
     let mut keeper = session(&srv, &srv.sign(&c)).await;
     let mut lapser = session(&srv, &srv.sign(&c)).await;
     // reauth_required arrives about exp - lead.
-    let r = next_json_within(&mut keeper, Duration::from_secs(5)).await.unwrap();
+    let r = next_json_within(&mut keeper, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(r["type"], "reauth_required", "{r}");
     assert_eq!(r["exp"], c.exp);
     assert_eq!(r["deadline"], c.exp + 1);
     let mut fresh = c.clone();
     fresh.iat = Some(now());
     fresh.exp = now() + 60;
-    send_json(&mut keeper, json!({"op":"reauth","id":3,"token":srv.sign(&fresh)})).await;
+    send_json(
+        &mut keeper,
+        json!({"op":"reauth","id":3,"token":srv.sign(&fresh)}),
+    )
+    .await;
     let ok = next_json(&mut keeper).await;
     assert_eq!(ok, json!({"type":"reauthed","id":3,"exp":fresh.exp}));
     // The one that did not reauth is closed with 4001 at exp + grace.
@@ -61,17 +67,27 @@ async fn narrower_reauth_unsubscribes_with_reason() {
     let srv = start(short_config());
     let c = srv.claims("nar");
     let mut ws = session(&srv, &srv.sign(&c)).await;
-    send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]})).await;
+    send_json(
+        &mut ws,
+        json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]}),
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["type"], "subscribed");
     let mut n = c.clone();
     n.symbols = vec!["BTC-*".into()];
     send_json(&mut ws, json!({"op":"reauth","id":2,"token":srv.sign(&n)})).await;
     assert_eq!(next_json(&mut ws).await["type"], "reauthed");
     let u = next_json(&mut ws).await;
-    assert_eq!(u, json!({"type":"unsubscribed","symbols":["ETH-USD"],"reason":"entitlement"}));
+    assert_eq!(
+        u,
+        json!({"type":"unsubscribed","symbols":["ETH-USD"],"reason":"entitlement"})
+    );
 }
 
-async fn revoke_case(body: serde_json::Value, make: impl Fn(&TestServer, usize) -> tickgate::auth::mint::Claims) {
+async fn revoke_case(
+    body: serde_json::Value,
+    make: impl Fn(&TestServer, usize) -> tickgate::auth::mint::Claims,
+) {
     let srv = start(test_config(2));
     let mut victims = Vec::new();
     for i in 0..4 {
@@ -81,14 +97,25 @@ async fn revoke_case(body: serde_json::Value, make: impl Fn(&TestServer, usize) 
     let admin = srv.admin();
     let tok = srv.admin_token();
     let b = body.to_string();
-    let (st, resp) = tokio::task::spawn_blocking(move || admin_post(admin, "/admin/revoke", Some(&tok), &b)).await.unwrap();
+    let (st, resp) = tokio::task::spawn_blocking(move || admin_post(admin, "/admin/revoke", Some(&tok), &b))
+        .await
+        .unwrap();
     assert_eq!(st, 200, "{resp}");
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&resp).unwrap(), json!({"closed":4}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&resp).unwrap(),
+        json!({"closed":4})
+    );
     for v in victims.iter_mut() {
         assert_eq!(close_code(v, Duration::from_secs(1)).await, Some(4003));
     }
     // New handshakes for the revoked identity fail.
-    let r = raw(srv.addr(), &upgrade_req("/v1/stream", &format!("Authorization: Bearer {}\r\n", srv.sign(&make(&srv, 0)))));
+    let r = raw(
+        srv.addr(),
+        &upgrade_req(
+            "/v1/stream",
+            &format!("Authorization: Bearer {}\r\n", srv.sign(&make(&srv, 0))),
+        ),
+    );
     assert_eq!(status_of(&r), 401, "{r}");
     send_json(&mut bystander, json!({"op":"ping","id":1})).await;
     assert_eq!(next_json(&mut bystander).await["type"], "pong");
@@ -129,9 +156,19 @@ fn revoke_needs_an_admin_token() {
     let srv = start(test_config(1));
     let (st, _) = admin_post(srv.admin(), "/admin/revoke", None, r#"{"sub":"x"}"#);
     assert_eq!(st, 401);
-    let (st, _) = admin_post(srv.admin(), "/admin/revoke", Some(&srv.token("x")), r#"{"sub":"x"}"#);
+    let (st, _) = admin_post(
+        srv.admin(),
+        "/admin/revoke",
+        Some(&srv.token("x")),
+        r#"{"sub":"x"}"#,
+    );
     assert_eq!(st, 403);
-    let (st, _) = admin_post(srv.admin(), "/admin/revoke", Some(&srv.admin_token()), r#"{"nope":"x"}"#);
+    let (st, _) = admin_post(
+        srv.admin(),
+        "/admin/revoke",
+        Some(&srv.admin_token()),
+        r#"{"nope":"x"}"#,
+    );
     assert_eq!(st, 400);
 }
 
@@ -150,7 +187,10 @@ fn metrics_endpoint_speaks_prometheus() {
     ] {
         assert!(r.contains(m), "{m} missing:\n{r}");
     }
-    assert_eq!(status_of(&raw(srv.admin(), b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
+    assert_eq!(
+        status_of(&raw(srv.admin(), b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")),
+        200
+    );
 }
 
 #[tokio::test]
@@ -163,17 +203,25 @@ async fn idle_peer_is_closed_with_4000() {
     use std::io::{Read, Write};
     let t = srv.token("idle");
     let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
-    s.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {t}\r\n"))).unwrap();
+    s.write_all(&upgrade_req(
+        "/v1/stream",
+        &format!("Authorization: Bearer {t}\r\n"),
+    ))
+    .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => all.extend_from_slice(&buf[..n]),
         }
     }
     let code = 4000u16.to_be_bytes();
-    assert!(all.windows(4).any(|w| w[0] == 0x88 && w[2..4] == code), "no 4000 close");
+    assert!(
+        all.windows(4).any(|w| w[0] == 0x88 && w[2..4] == code),
+        "no 4000 close"
+    );
     assert!(all.windows(2).any(|w| w == [0x89, 0x00]), "no ping before it");
 }

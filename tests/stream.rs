@@ -52,7 +52,11 @@ async fn binary_frame_closes_with_1003() {
 fn raw_session(srv: &TestServer) -> std::net::TcpStream {
     let t = srv.token("raw");
     let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
-    s.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {t}\r\n"))).unwrap();
+    s.write_all(&upgrade_req(
+        "/v1/stream",
+        &format!("Authorization: Bearer {t}\r\n"),
+    ))
+    .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -70,6 +74,7 @@ fn read_close(s: &mut std::net::TcpStream) -> Option<u16> {
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => all.extend_from_slice(&buf[..n]),
         }
@@ -91,7 +96,11 @@ fn read_close(s: &mut std::net::TcpStream) -> Option<u16> {
             }
             if op == 8 {
                 let p = &all[i + h..i + h + len];
-                return Some(if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 });
+                return Some(if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    1005
+                });
             }
             i += h + len;
         }
@@ -141,7 +150,10 @@ fn protocol_violations_close_with_their_codes() {
     s.write_all(&masked(9, false, b"x")).unwrap();
     assert_eq!(read_close(&mut s), Some(1002));
     // The server still serves others.
-    assert_eq!(status_of(&raw(srv.addr(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
+    assert_eq!(
+        status_of(&raw(srv.addr(), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")),
+        200
+    );
 }
 
 #[tokio::test]
@@ -162,7 +174,10 @@ async fn fragmented_text_message_is_reassembled() {
         let txt = String::from_utf8_lossy(&all);
         if txt.contains(r#""id":77"#) {
             // The pong for the interleaved ping came too.
-            assert!(all.windows(4).any(|w| w == [0x8a, 0x02, b'h', b'b']), "pong frame");
+            assert!(
+                all.windows(4).any(|w| w == [0x8a, 0x02, b'h', b'b']),
+                "pong frame"
+            );
             return;
         }
     }
@@ -177,7 +192,11 @@ async fn fanout_across_shards_in_seq_order() {
     let mut subs = Vec::new();
     for i in 0..6 {
         let mut ws = session(&srv, &srv.token(&format!("sub{i}"))).await;
-        send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]})).await;
+        send_json(
+            &mut ws,
+            json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]}),
+        )
+        .await;
         let ack = next_json(&mut ws).await;
         assert_eq!(ack["type"], "subscribed");
         assert_eq!(ack["symbols"], json!(["BTC-USD", "ETH-USD"]));
@@ -200,7 +219,9 @@ async fn fanout_across_shards_in_seq_order() {
             let m = next_json(ws).await;
             assert_eq!(m["type"], "tick", "{m}");
             assert!(m.get("skipped").is_none(), "{m}");
-            seqs.entry(m["s"].as_str().unwrap().to_string()).or_default().push(m["seq"].as_u64().unwrap());
+            seqs.entry(m["s"].as_str().unwrap().to_string())
+                .or_default()
+                .push(m["seq"].as_u64().unwrap());
         }
         for (_, v) in seqs {
             assert_eq!(v, (1..=N).collect::<Vec<_>>());
@@ -214,7 +235,11 @@ async fn entitlements_roles_snapshot_unsubscribe() {
     let mut c = srv.claims("ent");
     c.symbols = vec!["BTC-*".into()];
     let mut ws = session(&srv, &srv.sign(&c)).await;
-    send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD","bad sym"]})).await;
+    send_json(
+        &mut ws,
+        json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD","bad sym"]}),
+    )
+    .await;
     let ack = next_json(&mut ws).await;
     assert_eq!(ack["symbols"], json!(["BTC-USD"]));
     assert_eq!(
@@ -222,7 +247,11 @@ async fn entitlements_roles_snapshot_unsubscribe() {
         json!([{"symbol":"ETH-USD","code":"forbidden"},{"symbol":"bad sym","code":"bad_request"}])
     );
     // Subscriber-only token cannot publish.
-    send_json(&mut ws, json!({"op":"publish","id":2,"ticks":[{"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]})).await;
+    send_json(
+        &mut ws,
+        json!({"op":"publish","id":2,"ticks":[{"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]}),
+    )
+    .await;
     let e = next_json(&mut ws).await;
     assert_eq!(e["code"], "forbidden");
     // A publisher entitled to ETH only: a batch with BTC is refused whole.
@@ -230,21 +259,38 @@ async fn entitlements_roles_snapshot_unsubscribe() {
     pc.roles = vec!["publisher".into()];
     pc.symbols = vec!["ETH-USD".into()];
     let mut p = session(&srv, &srv.sign(&pc)).await;
-    send_json(&mut p, json!({"op":"publish","id":3,"ticks":[
+    send_json(
+        &mut p,
+        json!({"op":"publish","id":3,"ticks":[
         {"s":"ETH-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1},
-        {"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]})).await;
+        {"s":"BTC-USD","ts":1,"bid":1,"ask":2,"last":1,"qty":1}]}),
+    )
+    .await;
     let e = next_json(&mut p).await;
     assert_eq!(e["code"], "forbidden");
-    assert!(next_json_within(&mut ws, Duration::from_millis(300)).await.is_none(), "nothing delivered");
+    assert!(
+        next_json_within(&mut ws, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing delivered"
+    );
     // A real publish, then snapshot for a late subscriber.
     let mut p2 = session(&srv, &srv.publisher_token("pub2")).await;
-    send_json(&mut p2, json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":5,"bid":10.5,"ask":11,"last":10.75,"qty":2}]})).await;
+    send_json(
+        &mut p2,
+        json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":5,"bid":10.5,"ask":11,"last":10.75,"qty":2}]}),
+    )
+    .await;
     assert_eq!(next_json(&mut p2).await["type"], "published");
     let t = next_json(&mut ws).await;
     assert_eq!(t["type"], "tick");
     assert_eq!(t["seq"], 1);
     let mut late = session(&srv, &srv.token("late")).await;
-    send_json(&mut late, json!({"op":"subscribe","id":5,"symbols":["BTC-USD"],"snapshot":true})).await;
+    send_json(
+        &mut late,
+        json!({"op":"subscribe","id":5,"symbols":["BTC-USD"],"snapshot":true}),
+    )
+    .await;
     assert_eq!(next_json(&mut late).await["type"], "subscribed");
     let s = next_json(&mut late).await;
     assert_eq!(s["type"], "snapshot");
@@ -252,11 +298,22 @@ async fn entitlements_roles_snapshot_unsubscribe() {
     assert_eq!(s["bid"], 10.5);
     // Unsubscribe stops delivery.
     send_json(&mut ws, json!({"op":"unsubscribe","id":6,"symbols":["BTC-USD"]})).await;
-    assert_eq!(next_json(&mut ws).await, json!({"type":"unsubscribed","id":6,"symbols":["BTC-USD"]}));
-    send_json(&mut p2, json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":6,"bid":10.5,"ask":11,"last":10.75,"qty":2}]})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"unsubscribed","id":6,"symbols":["BTC-USD"]})
+    );
+    send_json(
+        &mut p2,
+        json!({"op":"publish","ticks":[{"s":"BTC-USD","ts":6,"bid":10.5,"ask":11,"last":10.75,"qty":2}]}),
+    )
+    .await;
     assert_eq!(next_json(&mut p2).await["type"], "published");
     assert_eq!(next_json(&mut late).await["seq"], 2);
-    assert!(next_json_within(&mut ws, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_json_within(&mut ws, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -265,7 +322,11 @@ async fn too_many_symbols_subscribes_nothing() {
     cfg.limits.max_symbols_per_connection = 2;
     let srv = start(cfg);
     let mut ws = session(&srv, &srv.token("x")).await;
-    send_json(&mut ws, json!({"op":"subscribe","id":1,"symbols":["A1","A2","A3"]})).await;
+    send_json(
+        &mut ws,
+        json!({"op":"subscribe","id":1,"symbols":["A1","A2","A3"]}),
+    )
+    .await;
     let e = next_json(&mut ws).await;
     assert_eq!(e["code"], "too_many_symbols");
     send_json(&mut ws, json!({"op":"subscribe","id":2,"symbols":["A1","A2"]})).await;
@@ -279,7 +340,11 @@ async fn message_rate_limit_then_4029() {
     let srv = start(cfg);
     let mut ws = session(&srv, &srv.token("flood")).await;
     for i in 0..40 {
-        if ws.send(Message::Text(json!({"op":"ping","id":i}).to_string().into())).await.is_err() {
+        if ws
+            .send(Message::Text(json!({"op":"ping","id":i}).to_string().into()))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -316,9 +381,16 @@ async fn slow_consumer_is_conflated_then_cut() {
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&srv.addr().into()).unwrap();
     let mut stalled: std::net::TcpStream = sock.into();
-    stalled.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {t}\r\n"))).unwrap();
+    stalled
+        .write_all(&upgrade_req(
+            "/v1/stream",
+            &format!("Authorization: Bearer {t}\r\n"),
+        ))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    stalled.write_all(&masked(1, true, br#"{"op":"subscribe","symbols":["BTC-USD"]}"#)).unwrap();
+    stalled
+        .write_all(&masked(1, true, br#"{"op":"subscribe","symbols":["BTC-USD"]}"#))
+        .unwrap();
     let mut healthy = session(&srv, &srv.token("ok")).await;
     send_json(&mut healthy, json!({"op":"subscribe","symbols":["BTC-USD"]})).await;
     assert_eq!(next_json(&mut healthy).await["type"], "subscribed");
@@ -337,7 +409,7 @@ async fn slow_consumer_is_conflated_then_cut() {
         }
         n
     });
-    let batches = 300u64;
+    let batches = 1000u64;
     for b in 0..batches {
         let ticks: Vec<_> = (0..50)
             .map(|i| json!({"s":"BTC-USD","ts":b * 1000 + i,"bid":100.0,"ask":100.5,"last":100.25,"qty":1}))
@@ -348,23 +420,47 @@ async fn slow_consumer_is_conflated_then_cut() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    // The stalled client was cut: reading now drains what the kernel held, ending in a
-    // 4008 close or a reset.
-    stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut all = Vec::new();
+    // The stalled client is cut with 4008 once the grace has passed.
+    let m = &srv.handle.shared.metrics;
+    let idx_4008 = tickgate::metrics::CLOSE_CODES
+        .iter()
+        .position(|c| *c == 4008)
+        .unwrap();
+    let mut cut = false;
+    for _ in 0..100 {
+        if m.closes[idx_4008].load(std::sync::atomic::Ordering::Relaxed) == 1 {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cut, "no 4008 close");
+    // Its socket ends (close frame then EOF, or a reset after the hard-drop timer).
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 65536];
+    let mut received = 0usize;
     loop {
         match stalled.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                assert_ne!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock,
+                    "stalled socket never closed"
+                );
+                break;
+            }
+            Ok(0) => break,
+            Ok(n) => received += n,
         }
     }
-    let code_4008 = 4008u16.to_be_bytes();
-    let saw_close = all.windows(4).any(|w| w[0] == 0x88 && w[2..4] == code_4008);
-    let text = String::from_utf8_lossy(&all);
-    assert!(saw_close || text.contains("skipped"), "neither conflation nor 4008 seen");
+    // Bounded: what reached the client is at most the queue bound plus what the kernel
+    // buffers and one coalesced write held, far less than the 7 MB published.
+    assert!(received < 6 * 1024 * 1024, "received {received}");
+    assert!(
+        m.conflated.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no conflation counted"
+    );
     let delivered = reader.await.unwrap();
     assert_eq!(delivered, batches * 50, "healthy subscriber got every tick");
-    assert_eq!(srv.handle.shared.metrics.closes[tickgate::metrics::CLOSE_CODES.iter().position(|c| *c == 4008).unwrap()].load(std::sync::atomic::Ordering::Relaxed), 1);
 }

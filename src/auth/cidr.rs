@@ -85,9 +85,7 @@ impl FromStr for Cidr {
             None => (s, None),
         };
         // Zone ids (`fe80::1%eth0`) are rejected by the std parser, as we want.
-        let net: IpAddr = addr
-            .parse()
-            .map_err(|_| CidrError::Address(s.to_string()))?;
+        let net: IpAddr = addr.parse().map_err(|_| CidrError::Address(s.to_string()))?;
         let max = if net.is_ipv4() { 32u8 } else { 128u8 };
         let prefix = match prefix {
             None => max,

@@ -313,10 +313,7 @@ impl<'de> Deserialize<'de> for Audience {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Audience, E> {
                 Ok(Audience::One(v.to_owned()))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Audience, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Audience, A::Error> {
                 let mut out = Vec::new();
                 while let Some(s) = seq.next_element::<String>()? {
                     if out.len() == MAX_AUD_ENTRIES {
@@ -421,8 +418,7 @@ impl Verifier {
             .decode_slice(h64.as_bytes(), &mut hbuf)
             .map_err(|_| AuthError::Malformed)?;
         let header_json = hbuf.get(..hn).ok_or(AuthError::Malformed)?;
-        let header: Header =
-            serde_json::from_slice(header_json).map_err(|_| AuthError::Malformed)?;
+        let header: Header = serde_json::from_slice(header_json).map_err(|_| AuthError::Malformed)?;
         match &header.alg {
             Some(serde_json::Value::String(a)) if a == "EdDSA" => {}
             _ => return Err(AuthError::BadAlg),
@@ -445,19 +441,12 @@ impl Verifier {
         verify_jws_signature(key, signing_input.as_bytes(), s64)?;
 
         // Only now is the payload trusted enough to parse.
-        let payload = B64
-            .decode(p64.as_bytes())
-            .map_err(|_| AuthError::Malformed)?;
+        let payload = B64.decode(p64.as_bytes()).map_err(|_| AuthError::Malformed)?;
         let raw: RawClaims = serde_json::from_slice(&payload).map_err(|_| AuthError::BadClaims)?;
         self.check_claims(raw, kid, now)
     }
 
-    fn check_claims(
-        &self,
-        raw: RawClaims,
-        kid: String,
-        now: u64,
-    ) -> Result<VerifiedClaims, AuthError> {
+    fn check_claims(&self, raw: RawClaims, kid: String, now: u64) -> Result<VerifiedClaims, AuthError> {
         let p = &self.policy;
         let sub = raw.sub.ok_or(AuthError::MissingSub)?;
         if sub.is_empty() {
@@ -503,10 +492,7 @@ impl Verifier {
         }
         let cip = match &raw.cip {
             None => None,
-            Some(s) => Some(
-                s.parse::<std::net::IpAddr>()
-                    .map_err(|_| AuthError::BadClaims)?,
-            ),
+            Some(s) => Some(s.parse::<std::net::IpAddr>().map_err(|_| AuthError::BadClaims)?),
         };
         let mut roles = Vec::new();
         for name in raw.roles.iter().flatten() {
@@ -592,10 +578,7 @@ mod tests {
         r#"{"alg":"EdDSA","kid":"k1","typ":"JWT"}"#
     }
     fn payload(extra: &str) -> String {
-        format!(
-            r#"{{"sub":"alice","exp":{},"iat":{NOW}{extra}}}"#,
-            NOW + 300
-        )
+        format!(r#"{{"sub":"alice","exp":{},"iat":{NOW}{extra}}}"#, NOW + 300)
     }
     fn err(t: &str) -> AuthError {
         verifier().verify(t, NOW).unwrap_err()
@@ -603,11 +586,7 @@ mod tests {
 
     #[test]
     fn rfc8037_a4_signature_is_byte_identical() {
-        let jws = sign_jws(
-            &rfc_key(),
-            br#"{"alg":"EdDSA"}"#,
-            b"Example of Ed25519 signing",
-        );
+        let jws = sign_jws(&rfc_key(), br#"{"alg":"EdDSA"}"#, b"Example of Ed25519 signing");
         assert_eq!(jws, RFC_A4);
     }
 
@@ -625,10 +604,7 @@ mod tests {
         // One flipped bit of the input, and of the signature.
         let mut bad = input.as_bytes().to_vec();
         bad[30] ^= 1;
-        assert_eq!(
-            verify_jws_signature(&vk, &bad, sig),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(verify_jws_signature(&vk, &bad, sig), Err(AuthError::BadSignature));
         let mut s = sig.to_string();
         s.replace_range(0..1, "i");
         assert_eq!(
@@ -656,9 +632,7 @@ mod tests {
             "subscriber".into(),
         ];
         c.symbols = vec!["BTC-*".into(), "ETH-USD".into(), "*".into()];
-        let v = verifier()
-            .verify(&sign_token(&sk(2), "k2", &c), NOW)
-            .unwrap();
+        let v = verifier().verify(&sign_token(&sk(2), "k2", &c), NOW).unwrap();
         assert_eq!(v.sub, "alice");
         assert_eq!(v.exp, NOW + 300);
         assert_eq!(v.iat, Some(NOW));
@@ -686,10 +660,7 @@ mod tests {
             err(&raw(1, r#"{"alg":"None","kid":"k1"}"#, &payload(""))),
             AuthError::BadAlg
         );
-        assert_eq!(
-            err(&raw(1, r#"{"kid":"k1"}"#, &payload(""))),
-            AuthError::BadAlg
-        );
+        assert_eq!(err(&raw(1, r#"{"kid":"k1"}"#, &payload(""))), AuthError::BadAlg);
         assert_eq!(
             err(&raw(1, r#"{"alg":null,"kid":"k1"}"#, &payload(""))),
             AuthError::BadAlg
@@ -725,8 +696,7 @@ mod tests {
     #[test]
     fn other_algs_rejected() {
         for alg in [
-            "ES256", "RS256", "PS256", "HS512", "eddsa", "EDDSA", "Ed25519", "EdDSA ", " EdDSA",
-            "ES256K",
+            "ES256", "RS256", "PS256", "HS512", "eddsa", "EDDSA", "Ed25519", "EdDSA ", " EdDSA", "ES256K",
         ] {
             let t = raw(1, &format!(r#"{{"alg":"{alg}","kid":"k1"}}"#), &payload(""));
             assert_eq!(err(&t), AuthError::BadAlg, "{alg}");
@@ -764,14 +734,8 @@ mod tests {
     #[test]
     fn kid_handling() {
         // Wrong kid: signed by k1's key but names k2.
-        assert_eq!(
-            err(&sign_token(&sk(1), "k2", &claims())),
-            AuthError::BadSignature
-        );
-        assert_eq!(
-            err(&sign_token(&sk(1), "k9", &claims())),
-            AuthError::UnknownKid
-        );
+        assert_eq!(err(&sign_token(&sk(1), "k2", &claims())), AuthError::BadSignature);
+        assert_eq!(err(&sign_token(&sk(1), "k9", &claims())), AuthError::UnknownKid);
         assert_eq!(
             err(&raw(1, r#"{"alg":"EdDSA"}"#, &payload(""))),
             AuthError::MissingKid
@@ -781,10 +745,7 @@ mod tests {
             AuthError::Malformed
         );
         // Same kid, another key (an attacker's key published under our kid elsewhere).
-        assert_eq!(
-            err(&sign_token(&sk(3), "k1", &claims())),
-            AuthError::BadSignature
-        );
+        assert_eq!(err(&sign_token(&sk(3), "k1", &claims())), AuthError::BadSignature);
         // A single-key set still requires kid (documented choice).
         let mut ks = KeySet::new();
         ks.insert("only", sk(1).verifying_key()).unwrap();
@@ -844,10 +805,7 @@ mod tests {
         );
         assert!(verifier().verify(&t, NOW).is_ok());
         // Header must be an object.
-        assert_eq!(
-            err(&raw(1, r#"["EdDSA"]"#, &payload(""))),
-            AuthError::Malformed
-        );
+        assert_eq!(err(&raw(1, r#"["EdDSA"]"#, &payload(""))), AuthError::Malformed);
         assert_eq!(err(&raw(1, "", &payload(""))), AuthError::Malformed);
     }
 
@@ -869,13 +827,11 @@ mod tests {
         };
         // Expired beyond leeway vs within leeway.
         assert_eq!(
-            v.verify(&mk(NOW - 30, Some(NOW - 100), None), NOW)
-                .unwrap_err(),
+            v.verify(&mk(NOW - 30, Some(NOW - 100), None), NOW).unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
-            v.verify(&mk(NOW - 31, Some(NOW - 100), None), NOW)
-                .unwrap_err(),
+            v.verify(&mk(NOW - 31, Some(NOW - 100), None), NOW).unwrap_err(),
             AuthError::Expired
         );
         assert!(v.verify(&mk(NOW - 29, Some(NOW - 100), None), NOW).is_ok());
@@ -883,15 +839,13 @@ mod tests {
         // nbf
         assert!(v.verify(&mk(NOW + 100, None, Some(NOW + 30)), NOW).is_ok());
         assert_eq!(
-            v.verify(&mk(NOW + 100, None, Some(NOW + 31)), NOW)
-                .unwrap_err(),
+            v.verify(&mk(NOW + 100, None, Some(NOW + 31)), NOW).unwrap_err(),
             AuthError::NotYetValid
         );
         // iat
         assert!(v.verify(&mk(NOW + 100, Some(NOW + 30), None), NOW).is_ok());
         assert_eq!(
-            v.verify(&mk(NOW + 100, Some(NOW + 31), None), NOW)
-                .unwrap_err(),
+            v.verify(&mk(NOW + 100, Some(NOW + 31), None), NOW).unwrap_err(),
             AuthError::IssuedInFuture
         );
         // Lifetime: exactly the max is fine, one more second is not, and leeway does not help.
@@ -917,8 +871,7 @@ mod tests {
         );
         // iat after exp is nonsense.
         assert_eq!(
-            v.verify(&mk(NOW + 10, Some(NOW + 20), None), NOW)
-                .unwrap_err(),
+            v.verify(&mk(NOW + 10, Some(NOW + 20), None), NOW).unwrap_err(),
             AuthError::BadClaims
         );
         // Overflow-prone values do not panic.
@@ -932,8 +885,7 @@ mod tests {
             AuthError::Expired
         );
         assert_eq!(
-            v.verify(&mk(u64::MAX, Some(0), Some(0)), u64::MAX)
-                .unwrap_err(),
+            v.verify(&mk(u64::MAX, Some(0), Some(0)), u64::MAX).unwrap_err(),
             AuthError::Expired
         );
     }
@@ -947,11 +899,8 @@ mod tests {
         });
         let t = |extra: &str| raw(1, h(), &payload(extra));
         assert!(
-            v.verify(
-                &t(r#","iss":"https://auth.example.com","aud":"tickgate""#),
-                NOW
-            )
-            .is_ok()
+            v.verify(&t(r#","iss":"https://auth.example.com","aud":"tickgate""#), NOW)
+                .is_ok()
         );
         assert!(
             v.verify(
@@ -961,11 +910,8 @@ mod tests {
             .is_ok()
         );
         assert_eq!(
-            v.verify(
-                &t(r#","iss":"https://evil.example.com","aud":"tickgate""#),
-                NOW
-            )
-            .unwrap_err(),
+            v.verify(&t(r#","iss":"https://evil.example.com","aud":"tickgate""#), NOW)
+                .unwrap_err(),
             AuthError::BadIssuer
         );
         assert_eq!(
@@ -973,19 +919,13 @@ mod tests {
             AuthError::BadIssuer
         );
         assert_eq!(
-            v.verify(
-                &t(r#","iss":"https://auth.example.com","aud":"tickgate2""#),
-                NOW
-            )
-            .unwrap_err(),
+            v.verify(&t(r#","iss":"https://auth.example.com","aud":"tickgate2""#), NOW)
+                .unwrap_err(),
             AuthError::BadAudience
         );
         assert_eq!(
-            v.verify(
-                &t(r#","iss":"https://auth.example.com","aud":["x","y"]"#),
-                NOW
-            )
-            .unwrap_err(),
+            v.verify(&t(r#","iss":"https://auth.example.com","aud":["x","y"]"#), NOW)
+                .unwrap_err(),
             AuthError::BadAudience
         );
         assert_eq!(
@@ -999,11 +939,8 @@ mod tests {
             AuthError::BadAudience
         );
         assert_eq!(
-            v.verify(
-                &t(r#","iss":"https://auth.example.com","aud":"TICKGATE""#),
-                NOW
-            )
-            .unwrap_err(),
+            v.verify(&t(r#","iss":"https://auth.example.com","aud":"TICKGATE""#), NOW)
+                .unwrap_err(),
             AuthError::BadAudience
         );
         assert_eq!(
@@ -1051,10 +988,7 @@ mod tests {
         );
         assert!(
             verifier()
-                .verify(
-                    &t(&format!(r#"{{"sub":"{}","exp":{e}}}"#, "a".repeat(256))),
-                    NOW
-                )
+                .verify(&t(&format!(r#"{{"sub":"{}","exp":{e}}}"#, "a".repeat(256))), NOW)
                 .is_ok()
         );
         assert_eq!(err(&t(r#"{"sub":"a"}"#)), AuthError::MissingExp);
@@ -1090,9 +1024,7 @@ mod tests {
             AuthError::BadClaims
         );
         assert_eq!(
-            err(&t(&format!(
-                r#"{{"sub":"a","exp":{e},"roles":["admin",1]}}"#
-            ))),
+            err(&t(&format!(r#"{{"sub":"a","exp":{e},"roles":["admin",1]}}"#))),
             AuthError::BadClaims
         );
         let v = verifier()
@@ -1106,19 +1038,14 @@ mod tests {
         assert_eq!(v.roles, vec![Role::Admin]);
         // symbols
         assert_eq!(
-            err(&t(&format!(
-                r#"{{"sub":"a","exp":{e},"symbols":"BTC-USD"}}"#
-            ))),
+            err(&t(&format!(r#"{{"sub":"a","exp":{e},"symbols":"BTC-USD"}}"#))),
             AuthError::BadClaims
         );
         assert_eq!(
             err(&t(&format!(r#"{{"sub":"a","exp":{e},"symbols":[null]}}"#))),
             AuthError::BadClaims
         );
-        let long = format!(
-            r#"{{"sub":"a","exp":{e},"symbols":["{}"]}}"#,
-            "A".repeat(65)
-        );
+        let long = format!(r#"{{"sub":"a","exp":{e},"symbols":["{}"]}}"#, "A".repeat(65));
         assert_eq!(err(&t(&long)), AuthError::BadClaims);
         let many: Vec<String> = (0..1025).map(|i| format!("\"{i}\"")).collect();
         let big = VerifyPolicy {
@@ -1135,11 +1062,7 @@ mod tests {
             many[..1024].join(",")
         );
         assert_eq!(
-            verifier_with(big)
-                .verify(&t(&p), NOW)
-                .unwrap()
-                .symbols
-                .len(),
+            verifier_with(big).verify(&t(&p), NOW).unwrap().symbols.len(),
             1024
         );
         // cip
@@ -1148,9 +1071,7 @@ mod tests {
             AuthError::BadClaims
         );
         assert_eq!(
-            err(&t(&format!(
-                r#"{{"sub":"a","exp":{e},"cip":"1.2.3.4:80"}}"#
-            ))),
+            err(&t(&format!(r#"{{"sub":"a","exp":{e},"cip":"1.2.3.4:80"}}"#))),
             AuthError::BadClaims
         );
         assert_eq!(
@@ -1159,10 +1080,7 @@ mod tests {
         );
         assert!(
             verifier()
-                .verify(
-                    &t(&format!(r#"{{"sub":"a","exp":{e},"cip":"1.2.3.4"}}"#)),
-                    NOW
-                )
+                .verify(&t(&format!(r#"{{"sub":"a","exp":{e},"cip":"1.2.3.4"}}"#)), NOW)
                 .is_ok()
         );
         // Other ids: typed and bounded.
@@ -1192,9 +1110,7 @@ mod tests {
         assert!(
             verifier()
                 .verify(
-                    &t(&format!(
-                        r#"{{"sub":"a","exp":{e},"x":{{"y":[1,2.5,null]}}}}"#
-                    )),
+                    &t(&format!(r#"{{"sub":"a","exp":{e},"x":{{"y":[1,2.5,null]}}}}"#)),
                     NOW
                 )
                 .is_ok()
@@ -1213,11 +1129,7 @@ mod tests {
     fn duplicate_members_rejected() {
         let e = NOW + 300;
         // Payload: duplicate known claim -> BadClaims (no first/last-wins ambiguity).
-        let t = raw(
-            1,
-            h(),
-            &format!(r#"{{"sub":"alice","sub":"admin","exp":{e}}}"#),
-        );
+        let t = raw(1, h(), &format!(r#"{{"sub":"alice","sub":"admin","exp":{e}}}"#));
         assert_eq!(err(&t), AuthError::BadClaims);
         let t = raw(
             1,
@@ -1229,11 +1141,7 @@ mod tests {
         let t = raw(1, h(), &format!(r#"{{"sub":"a","exp":{e},"x":1,"x":2}}"#));
         assert!(verifier().verify(&t, NOW).is_ok());
         // Header: duplicate alg/kid -> Malformed.
-        let t = raw(
-            1,
-            r#"{"alg":"none","alg":"EdDSA","kid":"k1"}"#,
-            &payload(""),
-        );
+        let t = raw(1, r#"{"alg":"none","alg":"EdDSA","kid":"k1"}"#, &payload(""));
         assert_eq!(err(&t), AuthError::Malformed);
         let t = raw(1, r#"{"alg":"EdDSA","kid":"k1","kid":"k2"}"#, &payload(""));
         assert_eq!(err(&t), AuthError::Malformed);
@@ -1287,8 +1195,8 @@ mod tests {
             .find(last)
             .unwrap();
         assert_eq!(idx & 0b1111, 0, "canonical encoding has zero trailing bits");
-        let noncanon = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".as_bytes()
-            [idx | 1] as char;
+        let noncanon =
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".as_bytes()[idx | 1] as char;
         let sig2 = format!("{}{noncanon}", &sig[..sig.len() - 1]);
         assert_eq!(
             err(&format!("{}.{}.{sig2}", parts[0], parts[1])),
@@ -1348,11 +1256,7 @@ mod tests {
         assert_eq!(err(&raw(1, &deep, &payload(""))), AuthError::TooLarge);
         // Nesting inside `alg` goes through serde_json's recursive Value parser, which
         // stops at its recursion limit (128) with an error, not a stack overflow.
-        let deep = format!(
-            r#"{{"alg":{}{},"kid":"k1"}}"#,
-            "[".repeat(300),
-            "]".repeat(300)
-        );
+        let deep = format!(r#"{{"alg":{}{},"kid":"k1"}}"#, "[".repeat(300), "]".repeat(300));
         assert_eq!(err(&raw(1, &deep, &payload(""))), AuthError::Malformed);
         // Nesting inside an ignored member is skipped by serde_json's iterative skipper
         // (no recursion), so it is harmless and the member is simply ignored.
@@ -1366,16 +1270,8 @@ mod tests {
             max_token_bytes: 1 << 20,
             ..VerifyPolicy::default()
         };
-        let p = payload(&format!(
-            r#","x":{}{}"#,
-            "[".repeat(50_000),
-            "]".repeat(50_000)
-        ));
-        assert!(
-            verifier_with(big.clone())
-                .verify(&raw(1, h(), &p), NOW)
-                .is_ok()
-        );
+        let p = payload(&format!(r#","x":{}{}"#, "[".repeat(50_000), "]".repeat(50_000)));
+        assert!(verifier_with(big.clone()).verify(&raw(1, h(), &p), NOW).is_ok());
         // Unbalanced deep nesting is an error, also without recursion.
         let p = payload(&format!(r#","x":{}"#, "[".repeat(50_000)));
         assert_eq!(
@@ -1403,9 +1299,7 @@ mod tests {
             "]".repeat(50_000)
         );
         assert_eq!(
-            verifier_with(big)
-                .verify(&raw(1, h(), &p), NOW)
-                .unwrap_err(),
+            verifier_with(big).verify(&raw(1, h(), &p), NOW).unwrap_err(),
             AuthError::BadClaims
         );
     }
@@ -1434,10 +1328,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for e in all {
             let r = e.reason();
-            assert!(
-                r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{r}"
-            );
+            assert!(r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{r}");
             assert!(seen.insert(r), "{r}");
         }
         assert_eq!(AuthError::Expired.reason(), "expired");

@@ -99,9 +99,7 @@ pub enum KeyError {
         reason: String,
     },
     /// A JWK in a public key set carries the private part `d`.
-    #[error(
-        "JWK (kid {0:?}) contains a private key (\"d\"): refusing to load it into a public key set"
-    )]
+    #[error("JWK (kid {0:?}) contains a private key (\"d\"): refusing to load it into a public key set")]
     PrivateKeyInJwks(Option<String>),
     /// A small-order (weak) Ed25519 public key.
     #[error("weak (small-order) Ed25519 public key for kid {0:?}")]
@@ -138,9 +136,7 @@ pub struct KeySet {
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Public keys are not secret, but the kid list is what an operator needs to see.
-        f.debug_struct("KeySet")
-            .field("kids", &self.kids())
-            .finish()
+        f.debug_struct("KeySet").field("kids", &self.kids()).finish()
     }
 }
 
@@ -213,8 +209,7 @@ impl KeySet {
                 "document larger than {MAX_JWKS_BYTES} bytes"
             )));
         }
-        let doc: JwksDoc =
-            serde_json::from_str(s).map_err(|e| KeyError::Jwks(format!("not a JWKS: {e}")))?;
+        let doc: JwksDoc = serde_json::from_str(s).map_err(|e| KeyError::Jwks(format!("not a JWKS: {e}")))?;
         if doc.keys.len() > MAX_JWKS_KEYS {
             return Err(KeyError::Jwks(format!("more than {MAX_JWKS_KEYS} keys")));
         }
@@ -297,8 +292,7 @@ fn parse_jwk(
         .as_slice()
         .try_into()
         .map_err(|_| bad("\"x\" is not 32 bytes"))?;
-    let key =
-        VerifyingKey::from_bytes(&raw).map_err(|_| bad("\"x\" is not a valid Ed25519 point"))?;
+    let key = VerifyingKey::from_bytes(&raw).map_err(|_| bad("\"x\" is not a valid Ed25519 point"))?;
     if key.is_weak() {
         return Err(KeyError::WeakKey(kid));
     }
@@ -362,12 +356,7 @@ pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<String, KeyError> 
             limit,
         });
     }
-    String::from_utf8(buf).map_err(|_| {
-        io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not UTF-8",
-        ))
-    })
+    String::from_utf8(buf).map_err(|_| io(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))
 }
 
 #[cfg(test)]
@@ -403,8 +392,7 @@ mod tests {
 
     #[test]
     fn rfc8037_a2_jwk_loads() {
-        let jwks =
-            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"rfc","x":"{RFC_X}"}}]}}"#);
+        let jwks = format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"rfc","x":"{RFC_X}"}}]}}"#);
         let set = KeySet::from_jwks_str(&jwks).unwrap();
         assert_eq!(set.kids(), vec!["rfc".to_string()]);
         assert_eq!(set.get("rfc").unwrap(), &rfc_signing_key().verifying_key());
@@ -456,10 +444,7 @@ mod tests {
             r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"w","x":"{}"}}]}}"#,
             B64.encode(id)
         );
-        assert!(matches!(
-            KeySet::from_jwks_str(&jwks),
-            Err(KeyError::WeakKey(_))
-        ));
+        assert!(matches!(KeySet::from_jwks_str(&jwks), Err(KeyError::WeakKey(_))));
     }
 
     #[test]
@@ -476,9 +461,8 @@ mod tests {
         let s = KeySet::from_jwks_str(&doc).unwrap();
         assert_eq!(s.kids(), vec!["ok"]);
 
-        let private = format!(
-            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"p","x":"{x}","d":"{RFC_D}"}}]}}"#
-        );
+        let private =
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"p","x":"{x}","d":"{RFC_D}"}}]}}"#);
         let err = KeySet::from_jwks_str(&private).unwrap_err();
         assert!(matches!(err, KeyError::PrivateKeyInJwks(Some(ref k)) if k == "p"));
         assert!(err.to_string().contains("\"p\""));
@@ -503,12 +487,8 @@ mod tests {
                 r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{}"}}]}}"#,
                 &x[..40]
             ),
-            format!(
-                r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}","alg":"RS256"}}]}}"#
-            ),
-            format!(
-                r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}","use":"enc"}}]}}"#
-            ),
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}","alg":"RS256"}}]}}"#),
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}","use":"enc"}}]}}"#),
             format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":7,"x":"{x}"}}]}}"#),
             format!(
                 r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}"}},{{"kty":"OKP","crv":"Ed25519","kid":"a","x":"{x}"}}]}}"#
@@ -553,8 +533,7 @@ mod tests {
         assert!(err.to_string().contains("k2"), "{err}");
         assert!(err.to_string().contains("jwks.json"), "{err}");
 
-        let err =
-            KeySet::load(&[("k1".into(), p.clone()), ("k1".into(), p.clone())], None).unwrap_err();
+        let err = KeySet::load(&[("k1".into(), p.clone()), ("k1".into(), p.clone())], None).unwrap_err();
         assert!(
             matches!(err, KeyError::InFile { ref source, .. } if matches!(**source, KeyError::DuplicateKid(_)))
         );

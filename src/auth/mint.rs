@@ -292,9 +292,7 @@ mod tests {
         let dalek = sk.to_pkcs8_der().unwrap();
         let ours = signing_key_to_pkcs8_der(&sk);
         assert_eq!(
-            SigningKey::from_pkcs8_der(dalek.as_bytes())
-                .unwrap()
-                .as_bytes(),
+            SigningKey::from_pkcs8_der(dalek.as_bytes()).unwrap().as_bytes(),
             sk.as_bytes()
         );
         assert_eq!(
@@ -362,11 +360,7 @@ mod tests {
         let paths = keygen(&dir, "k1").unwrap();
         assert_eq!(
             paths,
-            vec![
-                dir.join("k1.key"),
-                dir.join("k1.pub"),
-                dir.join("jwks.json")
-            ]
+            vec![dir.join("k1.key"), dir.join("k1.pub"), dir.join("jwks.json")]
         );
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&paths[0]), 0o600);

@@ -211,8 +211,7 @@ fn normalize_host(host: &str) -> Option<String> {
     // WHATWG URL parsing treats a host whose last label is numeric (or hex) as an IPv4
     // address in any of its legacy spellings; only the canonical dotted quad is accepted so
     // that one address has exactly one spelling.
-    let numeric_last =
-        last_label.bytes().all(|b| b.is_ascii_digit()) || last_label.starts_with("0x");
+    let numeric_last = last_label.bytes().all(|b| b.is_ascii_digit()) || last_label.starts_with("0x");
     if numeric_last {
         let addr: Ipv4Addr = host.parse().ok()?;
         if addr.to_string() != host {
@@ -247,10 +246,7 @@ mod tests {
     fn normalises_case_and_default_ports() {
         let cases = [
             ("https://app.example.com", Some("https://app.example.com")),
-            (
-                "HTTPS://APP.EXAMPLE.COM:443",
-                Some("https://app.example.com"),
-            ),
+            ("HTTPS://APP.EXAMPLE.COM:443", Some("https://app.example.com")),
             ("http://Example.COM:80", Some("http://example.com")),
             ("http://example.com:443", Some("http://example.com:443")),
             ("https://example.com:80", Some("https://example.com:80")),
@@ -260,10 +256,7 @@ mod tests {
             ("http://[::1]:8080", Some("http://[::1]:8080")),
             ("http://[0:0:0:0:0:0:0:1]", Some("http://[::1]")),
             ("http://[2001:DB8::1]", Some("http://[2001:db8::1]")),
-            (
-                "chrome-extension://abcdef",
-                Some("chrome-extension://abcdef"),
-            ),
+            ("chrome-extension://abcdef", Some("chrome-extension://abcdef")),
             (
                 "https://xn--bcher-kva.example",
                 Some("https://xn--bcher-kva.example"),
@@ -380,31 +373,16 @@ mod tests {
     #[test]
     fn ip_literals_match_exactly() {
         let p = policy(&["http://127.0.0.1:8080", "http://[::1]:8080"], false);
-        assert_eq!(
-            p.check(Some("http://127.0.0.1:8080")),
-            OriginDecision::Allowed
-        );
+        assert_eq!(p.check(Some("http://127.0.0.1:8080")), OriginDecision::Allowed);
         assert_eq!(p.check(Some("http://[::1]:8080")), OriginDecision::Allowed);
-        assert_eq!(
-            p.check(Some("http://[0000::0001]:8080")),
-            OriginDecision::Allowed
-        );
+        assert_eq!(p.check(Some("http://[0000::0001]:8080")), OriginDecision::Allowed);
         assert_eq!(
             p.check(Some("http://[::ffff:127.0.0.1]:8080")),
             OriginDecision::Rejected
         );
-        assert_eq!(
-            p.check(Some("http://localhost:8080")),
-            OriginDecision::Rejected
-        );
-        assert_eq!(
-            p.check(Some("http://127.0.0.2:8080")),
-            OriginDecision::Rejected
-        );
-        assert_eq!(
-            p.check(Some("http://2130706433:8080")),
-            OriginDecision::Rejected
-        );
+        assert_eq!(p.check(Some("http://localhost:8080")), OriginDecision::Rejected);
+        assert_eq!(p.check(Some("http://127.0.0.2:8080")), OriginDecision::Rejected);
+        assert_eq!(p.check(Some("http://2130706433:8080")), OriginDecision::Rejected);
         assert_eq!(p.check(Some("http://127.0.0.1")), OriginDecision::Rejected);
     }
 
@@ -420,27 +398,18 @@ mod tests {
             let err = OriginPolicy::new(&[e.to_string()], false).unwrap_err();
             assert!(err.contains(e), "{err}");
         }
-        let p = policy(
-            &["HTTPS://B.example.com:443", "https://a.example.com"],
-            false,
-        );
+        let p = policy(&["HTTPS://B.example.com:443", "https://a.example.com"], false);
         assert_eq!(
             p.allowed(),
             vec!["https://a.example.com", "https://b.example.com"]
         );
-        assert_eq!(
-            p.check(Some("https://b.example.com")),
-            OriginDecision::Allowed
-        );
+        assert_eq!(p.check(Some("https://b.example.com")), OriginDecision::Allowed);
     }
 
     #[test]
     fn empty_allow_list_rejects_every_header() {
         let p = policy(&[], true);
-        assert_eq!(
-            p.check(Some("https://app.example.com")),
-            OriginDecision::Rejected
-        );
+        assert_eq!(p.check(Some("https://app.example.com")), OriginDecision::Rejected);
         assert_eq!(p.check(None), OriginDecision::Missing);
     }
 

@@ -245,12 +245,7 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(l.check(a, 1_000), RateDecision::Allow);
         }
-        assert_eq!(
-            l.check(a, 1_000),
-            RateDecision::Deny {
-                retry_after_secs: 1
-            }
-        );
+        assert_eq!(l.check(a, 1_000), RateDecision::Deny { retry_after_secs: 1 });
         // 499 ms at 2/s = 0.998 tokens: still denied.
         assert!(matches!(l.check(a, 1_499), RateDecision::Deny { .. }));
         // 500 ms = exactly one token.
@@ -269,27 +264,12 @@ mod tests {
         let l = IpRateLimiter::new(1, 1, 10);
         let a = ip("192.0.2.1");
         assert_eq!(l.check(a, 0), RateDecision::Allow);
-        assert_eq!(
-            l.check(a, 0),
-            RateDecision::Deny {
-                retry_after_secs: 1
-            }
-        );
-        assert_eq!(
-            l.check(a, 999),
-            RateDecision::Deny {
-                retry_after_secs: 1
-            }
-        );
+        assert_eq!(l.check(a, 0), RateDecision::Deny { retry_after_secs: 1 });
+        assert_eq!(l.check(a, 999), RateDecision::Deny { retry_after_secs: 1 });
         // Fast refill still reports at least one second.
         let l = IpRateLimiter::new(1000, 1, 10);
         assert_eq!(l.check(a, 0), RateDecision::Allow);
-        assert_eq!(
-            l.check(a, 0),
-            RateDecision::Deny {
-                retry_after_secs: 1
-            }
-        );
+        assert_eq!(l.check(a, 0), RateDecision::Deny { retry_after_secs: 1 });
         assert_eq!(l.check(a, 1), RateDecision::Allow);
     }
 
@@ -314,10 +294,7 @@ mod tests {
     fn rate_zero_is_unlimited_and_keeps_no_state() {
         let l = IpRateLimiter::new(0, 0, 10);
         for i in 0..10_000u32 {
-            assert_eq!(
-                l.check(IpAddr::V4(Ipv4Addr::from(i)), 0),
-                RateDecision::Allow
-            );
+            assert_eq!(l.check(IpAddr::V4(Ipv4Addr::from(i)), 0), RateDecision::Allow);
         }
         assert_eq!(l.len(), 0);
         assert!(l.is_empty());
@@ -336,10 +313,7 @@ mod tests {
     fn clients_are_independent() {
         let l = IpRateLimiter::new(1, 1, 10);
         assert_eq!(l.check(ip("192.0.2.1"), 0), RateDecision::Allow);
-        assert!(matches!(
-            l.check(ip("192.0.2.1"), 0),
-            RateDecision::Deny { .. }
-        ));
+        assert!(matches!(l.check(ip("192.0.2.1"), 0), RateDecision::Deny { .. }));
         assert_eq!(l.check(ip("192.0.2.2"), 0), RateDecision::Allow);
         assert_eq!(l.len(), 2);
     }
@@ -424,10 +398,7 @@ mod tests {
         // Table full: the next two newcomers share one bucket of burst 2.
         assert_eq!(l.check(ip("192.0.2.2"), 0), RateDecision::Allow);
         assert_eq!(l.check(ip("192.0.2.3"), 0), RateDecision::Allow);
-        assert!(matches!(
-            l.check(ip("192.0.2.4"), 0),
-            RateDecision::Deny { .. }
-        ));
+        assert!(matches!(l.check(ip("192.0.2.4"), 0), RateDecision::Deny { .. }));
         // The tracked client is unaffected.
         assert_eq!(l.check(ip("192.0.2.1"), 0), RateDecision::Allow);
         assert_eq!(l.len(), 1);
@@ -451,9 +422,7 @@ mod tests {
             let addr = if i % 2 == 0 {
                 IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
             } else {
-                IpAddr::V6(Ipv6Addr::from(
-                    (0x2001_0db8_0000_0000u128 + u128::from(i)) << 64,
-                ))
+                IpAddr::V6(Ipv6Addr::from((0x2001_0db8_0000_0000u128 + u128::from(i)) << 64))
             };
             if l.check(addr, now) == RateDecision::Allow {
                 flood_allowed += 1;

@@ -306,17 +306,12 @@ mod tests {
     #[test]
     fn re_revoking_moves_the_instant_forward_only() {
         let l = list();
-        l.revoke(RevokeTarget::Sub("alice".into()), 10_000_000)
-            .unwrap();
+        l.revoke(RevokeTarget::Sub("alice".into()), 10_000_000).unwrap();
         assert!(!l.is_revoked("alice", None, None, Some(10_001), 10_002_000));
-        l.revoke(RevokeTarget::Sub("alice".into()), 10_005_000)
-            .unwrap();
+        l.revoke(RevokeTarget::Sub("alice".into()), 10_005_000).unwrap();
         assert!(l.is_revoked("alice", None, None, Some(10_001), 10_006_000));
         l.revoke(RevokeTarget::Sub("alice".into()), 1_000).unwrap();
-        assert_eq!(
-            l.revoked_at(&RevokeTarget::Sub("alice".into())),
-            Some(10_005_000)
-        );
+        assert_eq!(l.revoked_at(&RevokeTarget::Sub("alice".into())), Some(10_005_000));
         assert_eq!(l.len(), 1);
     }
 

@@ -130,9 +130,8 @@ impl SecurityEvent<'_> {
         };
         // Serialising a struct of strings and integers cannot fail; the fallback keeps the
         // line well-formed anyway.
-        let json = serde_json::to_string(&line).unwrap_or_else(|_| {
-            String::from(r#"{"event":"seclog","outcome":"error","reason":"serialize"}"#)
-        });
+        let json = serde_json::to_string(&line)
+            .unwrap_or_else(|_| String::from(r#"{"event":"seclog","outcome":"error","reason":"serialize"}"#));
         let mut out = escape_extra_controls(json);
         out.push('\n');
         out
@@ -154,9 +153,8 @@ fn clip(s: &str) -> &str {
 /// serde_json leaves DEL, C1 controls and the JS line separators raw; escape them. They can
 /// only occur inside string values (the keys are ours), so `\uXXXX` is always valid there.
 fn escape_extra_controls(json: String) -> String {
-    let needs = |c: char| {
-        c == '\u{7f}' || ('\u{80}'..='\u{9f}').contains(&c) || c == '\u{2028}' || c == '\u{2029}'
-    };
+    let needs =
+        |c: char| c == '\u{7f}' || ('\u{80}'..='\u{9f}').contains(&c) || c == '\u{2028}' || c == '\u{2029}';
     if !json.chars().any(needs) {
         return json;
     }
@@ -354,9 +352,7 @@ impl SecurityCounters {
             .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
             .collect();
         rows.sort_unstable();
-        out.push_str(
-            "# HELP tickgate_security_events_total Security events by event, outcome and reason.\n",
-        );
+        out.push_str("# HELP tickgate_security_events_total Security events by event, outcome and reason.\n");
         out.push_str("# TYPE tickgate_security_events_total counter\n");
         for ((event, outcome, reason), n) in rows {
             let _ = writeln!(
@@ -453,9 +449,7 @@ mod tests {
             ..base()
         };
         let v = parse(&e.to_json_line());
-        for k in [
-            "ts", "event", "outcome", "reason", "ip", "origin", "sub", "sid",
-        ] {
+        for k in ["ts", "event", "outcome", "reason", "ip", "origin", "sub", "sid"] {
             assert!(v.as_object().unwrap().contains_key(k), "{k}");
         }
         assert!(v["ip"].is_null() && v["origin"].is_null() && v["sub"].is_null());
@@ -498,8 +492,7 @@ mod tests {
 
     #[test]
     fn token_hash_only() {
-        let token =
-            "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let token = "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlc2lnbmF0dXJl";
         let h = token_hash(token);
         assert_eq!(h.len(), 12);
         assert!(
@@ -572,9 +565,7 @@ mod tests {
         }
         drop(log);
         // Reopening appends.
-        SecurityLog::open(path.to_str().unwrap())
-            .unwrap()
-            .write(&base());
+        SecurityLog::open(path.to_str().unwrap()).unwrap().write(&base());
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2001);

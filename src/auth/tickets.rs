@@ -107,12 +107,7 @@ impl<T: Clone + Send + Sync> TicketStore<T> {
 
     /// Like [`issue`](Self::issue), but the ticket also expires no later than
     /// `not_after_ms` (pass the originating token's `exp`, so a ticket never outlives it).
-    pub fn issue_until(
-        &self,
-        payload: T,
-        now_ms: u64,
-        not_after_ms: u64,
-    ) -> Result<String, TicketError> {
+    pub fn issue_until(&self, payload: T, now_ms: u64, not_after_ms: u64) -> Result<String, TicketError> {
         let expires_at_ms = now_ms.saturating_add(self.ttl_ms).min(not_after_ms);
         if expires_at_ms <= now_ms {
             return Err(TicketError::Expired);

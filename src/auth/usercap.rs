@@ -91,9 +91,7 @@ impl UserSlot {
 
 impl fmt::Debug for UserSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserSlot")
-            .field("user", &self.user)
-            .finish()
+        f.debug_struct("UserSlot").field("user", &self.user).finish()
     }
 }
 

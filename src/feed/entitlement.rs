@@ -78,10 +78,7 @@ impl Entitlements {
             prefixes: minimal,
         };
         // Exact patterns already covered by a prefix are redundant.
-        this.exact = exact
-            .into_iter()
-            .filter(|e| !this.prefix_allows(e))
-            .collect();
+        this.exact = exact.into_iter().filter(|e| !this.prefix_allows(e)).collect();
         this
     }
 
@@ -97,11 +94,7 @@ impl Entitlements {
 
     fn prefix_allows(&self, symbol: &str) -> bool {
         let i = self.prefixes.partition_point(|p| &**p <= symbol);
-        i > 0
-            && self
-                .prefixes
-                .get(i - 1)
-                .is_some_and(|p| symbol.starts_with(&**p))
+        i > 0 && self.prefixes.get(i - 1).is_some_and(|p| symbol.starts_with(&**p))
     }
 
     /// Whether the set contains `*`.
@@ -127,8 +120,7 @@ impl Entitlements {
         if self.all {
             return false;
         }
-        self.exact.iter().all(|e| other.allows(e))
-            && self.prefixes.iter().all(|p| other.prefix_allows(p))
+        self.exact.iter().all(|e| other.allows(e)) && self.prefixes.iter().all(|p| other.prefix_allows(p))
     }
 }
 
@@ -173,8 +165,7 @@ mod tests {
     #[test]
     fn invalid_patterns_never_widen() {
         let e = ents(&[
-            "*BTC", "B*C", "", "**", "BTC**", "btc-*", " BTC-*", "BTC -*", "-*", "*-", "BTC-USD ",
-            "ÄB*",
+            "*BTC", "B*C", "", "**", "BTC**", "btc-*", " BTC-*", "BTC -*", "-*", "*-", "BTC-USD ", "ÄB*",
         ]);
         assert!(e.is_empty(), "{e:?}");
         for s in ["BTC", "BTC-USD", "BXC", "B", "XBTC", "BTC*", "A"] {

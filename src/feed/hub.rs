@@ -100,9 +100,16 @@ pub struct Baseline {
 
 impl Hub {
     pub fn new(shards: usize, max_symbols: usize) -> Self {
-        let states = (0..max_symbols).map(|_| Mutex::new(SymbolState::default())).collect();
+        let states = (0..max_symbols)
+            .map(|_| Mutex::new(SymbolState::default()))
+            .collect();
         let inboxes = (0..shards.max(1)).map(|_| ShardInbox::new()).collect();
-        Hub { symbols: SymbolTable::new(max_symbols), states, inboxes, published: AtomicU64::new(0) }
+        Hub {
+            symbols: SymbolTable::new(max_symbols),
+            states,
+            inboxes,
+            published: AtomicU64::new(0),
+        }
     }
 
     pub fn symbols(&self) -> &SymbolTable {
@@ -144,7 +151,13 @@ impl Hub {
             json.clear();
             encode_tick_json(TickKind::Tick, &name, seq, tick, 0, &mut json);
             let frame = text_frame(&json);
-            let shared = Arc::new(SharedTick { symbol: *id, seq, frame, tick: *tick, name });
+            let shared = Arc::new(SharedTick {
+                symbol: *id,
+                seq,
+                frame,
+                tick: *tick,
+                name,
+            });
             let mask = st.shard_mask;
             let mut m = mask;
             while m != 0 {
@@ -176,13 +189,19 @@ impl Hub {
     /// A shard subscribes a connection. `first_on_shard` sets the shard's bit.
     pub fn subscribe(&self, shard: usize, id: SymbolId, first_on_shard: bool) -> Baseline {
         let Some(state) = self.state(id) else {
-            return Baseline { seq: 0, snapshot: None };
+            return Baseline {
+                seq: 0,
+                snapshot: None,
+            };
         };
         let mut st = lock(state);
         if first_on_shard && shard < 64 {
             st.shard_mask |= 1 << shard;
         }
-        Baseline { seq: st.seq, snapshot: st.last.clone() }
+        Baseline {
+            seq: st.seq,
+            snapshot: st.last.clone(),
+        }
     }
 
     /// The shard's last local subscriber of `id` left.
@@ -236,7 +255,13 @@ mod tests {
     use super::*;
 
     fn tick(p: f64) -> Tick {
-        Tick { ts: 1, bid: p, ask: p + 1.0, last: p, qty: 1.0 }
+        Tick {
+            ts: 1,
+            bid: p,
+            ask: p + 1.0,
+            last: p,
+            qty: 1.0,
+        }
     }
 
     #[test]
@@ -250,7 +275,9 @@ mod tests {
         assert_eq!(hub.publish(&[(a, tick(1.0)), (b, tick(2.0)), (a, tick(3.0))]), 3);
         assert!(hub.inbox(0).ticks.is_empty());
         assert!(hub.inbox(2).ticks.is_empty());
-        let got: Vec<u64> = std::iter::from_fn(|| hub.inbox(1).ticks.pop()).map(|t| t.seq).collect();
+        let got: Vec<u64> = std::iter::from_fn(|| hub.inbox(1).ticks.pop())
+            .map(|t| t.seq)
+            .collect();
         assert_eq!(got, vec![1, 2]);
         let snap = hub.subscribe(2, b, true);
         assert_eq!(snap.seq, 1);
@@ -279,7 +306,9 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let seqs: Vec<u64> = std::iter::from_fn(|| hub.inbox(0).ticks.pop()).map(|t| t.seq).collect();
+        let seqs: Vec<u64> = std::iter::from_fn(|| hub.inbox(0).ticks.pop())
+            .map(|t| t.seq)
+            .collect();
         assert_eq!(seqs.len(), 8000);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
     }

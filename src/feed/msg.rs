@@ -406,9 +406,7 @@ fn parse_symbols(
     }
     let mut out = Vec::with_capacity(len);
     for e in elems {
-        let s = e
-            .and_then(as_str)
-            .ok_or_else(|| bad("symbols must be strings"))?;
+        let s = e.and_then(as_str).ok_or_else(|| bad("symbols must be strings"))?;
         if s.len() > MAX_SYMBOL_FIELD_BYTES {
             return Err(bad("symbol too long"));
         }
@@ -456,15 +454,7 @@ fn parse_tick(v: &[Node<'_>]) -> Result<(String, Tick), &'static str> {
             return Err("duplicate field in tick");
         }
     }
-    let [
-        Some(s),
-        Some(ts),
-        Some(bid),
-        Some(ask),
-        Some(last),
-        Some(qty),
-    ] = slots
-    else {
+    let [Some(s), Some(ts), Some(bid), Some(ask), Some(last), Some(qty)] = slots else {
         return Err("a tick needs s, ts, bid, ask, last and qty");
     };
     let s = as_str(s).ok_or("tick s must be a string")?;
@@ -557,13 +547,7 @@ fn str_array(key: &str, items: &[&str], out: &mut Vec<u8>) {
 }
 
 /// `{"type":"welcome","sub":..,"sid":..|null,"exp":..,"heartbeat_ms":..}`
-pub fn encode_welcome(
-    sub: &str,
-    sid: Option<&str>,
-    exp: u64,
-    heartbeat_ms: u64,
-    out: &mut Vec<u8>,
-) {
+pub fn encode_welcome(sub: &str, sid: Option<&str>, exp: u64, heartbeat_ms: u64, out: &mut Vec<u8>) {
     open("welcome", None, out);
     field_str("sub", sub, out);
     match sid {
@@ -600,12 +584,7 @@ pub fn encode_subscribed(
 
 /// `{"type":"unsubscribed","id":..,"symbols":[..]}` plus `"reason":..` when given
 /// (`"entitlement"` when a reauth narrowed the token).
-pub fn encode_unsubscribed(
-    id: Option<u64>,
-    symbols: &[&str],
-    reason: Option<&str>,
-    out: &mut Vec<u8>,
-) {
+pub fn encode_unsubscribed(id: Option<u64>, symbols: &[&str], reason: Option<&str>, out: &mut Vec<u8>) {
     open("unsubscribed", id, out);
     str_array("symbols", symbols, out);
     if let Some(r) = reason {
@@ -781,9 +760,7 @@ mod tests {
         // Invalid UTF-8 never gets past simd-json.
         let mut b = b"{\"op\":\"ping\",\"x\":\"\xff\"}".to_vec();
         assert_eq!(
-            parse_client_msg(&mut b, &MsgLimits::default())
-                .unwrap_err()
-                .code,
+            parse_client_msg(&mut b, &MsgLimits::default()).unwrap_err().code,
             BAD
         );
     }
@@ -836,10 +813,7 @@ mod tests {
 
     #[test]
     fn duplicate_keys_rejected() {
-        assert_eq!(
-            parse_err(r#"{"op":"ping","op":"ping","id":2}"#),
-            (Some(2), BAD)
-        );
+        assert_eq!(parse_err(r#"{"op":"ping","op":"ping","id":2}"#), (Some(2), BAD));
         assert_eq!(
             parse_err(r#"{"op":"subscribe","id":2,"symbols":["A"],"symbols":["B"]}"#),
             (Some(2), BAD)
@@ -975,9 +949,7 @@ mod tests {
         let ok = "A".repeat(MAX_SYMBOL_FIELD_BYTES);
         assert!(p(&format!(r#"{{"op":"subscribe","symbols":["{ok}"]}}"#)).is_ok());
         assert_eq!(
-            p(&format!(
-                r#"{{"op":"subscribe","id":1,"symbols":["{long}"]}}"#
-            )),
+            p(&format!(r#"{{"op":"subscribe","id":1,"symbols":["{long}"]}}"#)),
             Err((Some(1), BAD))
         );
         let tl = t.replace("\"A\"", &format!("\"{long}\""));

@@ -352,10 +352,7 @@ mod tests {
             assert_eq!(b[0], 0x81);
             let (len, hdr) = match b[1] {
                 126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-                127 => (
-                    u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                    10,
-                ),
+                127 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
                 n => (n as usize, 2),
             };
             v.push(serde_json::from_slice(&b[hdr..hdr + len]).unwrap());
@@ -440,10 +437,7 @@ mod tests {
         let mut out = Vec::new();
         q.drain_into(&mut out, usize::MAX);
         let f = frames(&out);
-        let seqs: Vec<_> = f
-            .iter()
-            .map(|v| (v["type"].clone(), v["seq"].clone()))
-            .collect();
+        let seqs: Vec<_> = f.iter().map(|v| (v["type"].clone(), v["seq"].clone())).collect();
         assert_eq!(f.len(), 5, "{seqs:?}");
         assert_eq!(f[0]["seq"], 1);
         assert_eq!(f[1]["seq"], 2);

@@ -350,9 +350,7 @@ impl Decoder {
         // ASCII needs no validation unless it has to finish a code point cut earlier.
         let ascii = apply_mask_ascii(fresh, header.mask, unmasked);
         if self.is_text(header.opcode) && (!ascii || self.utf8.is_incomplete()) {
-            self.utf8
-                .feed(fresh)
-                .map_err(|_| ProtocolError::InvalidUtf8)?;
+            self.utf8.feed(fresh).map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         if arrived_end < frame_end {
             self.partial = Some(PartialFrame {
@@ -494,8 +492,7 @@ impl Decoder {
             let target = need
                 .max(self.message_buf.capacity().saturating_mul(2))
                 .min(self.cfg.max_message_bytes.max(need));
-            self.message_buf
-                .reserve_exact(target - self.message_buf.len());
+            self.message_buf.reserve_exact(target - self.message_buf.len());
         }
         self.message_buf.extend_from_slice(payload);
     }
@@ -591,13 +588,7 @@ fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
 }
 
 /// Appends a masked client frame (for tests and the load generator).
-pub fn encode_client_frame_into(
-    opcode: OpCode,
-    fin: bool,
-    payload: &[u8],
-    mask: [u8; 4],
-    out: &mut Vec<u8>,
-) {
+pub fn encode_client_frame_into(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
     let mut header = [0u8; MAX_SERVER_HEADER];
     let b0 = if fin { FIN_BIT } else { 0 } | opcode.as_u8();
     let n = write_header_bits(b0, MASK_BIT, payload.len(), &mut header);

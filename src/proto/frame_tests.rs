@@ -15,12 +15,7 @@ fn client(op: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
 /// A client frame with an arbitrary first byte (RSV bits, reserved opcodes) and mask choice.
 fn raw_frame(b0: u8, masked: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut header = [0u8; 10];
-    let n = write_header_bits(
-        b0,
-        if masked { MASK_BIT } else { 0 },
-        payload.len(),
-        &mut header,
-    );
+    let n = write_header_bits(b0, if masked { MASK_BIT } else { 0 }, payload.len(), &mut header);
     let mut v = header[..n].to_vec();
     if masked {
         v.extend_from_slice(&mask);
@@ -86,9 +81,7 @@ fn text(s: &str) -> Outcome {
 
 #[test]
 fn rfc_example_masked_hello() {
-    let mut frame = [
-        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-    ];
+    let mut frame = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
     let mut dec = Decoder::new(DecoderConfig::default());
     let (n, msg) = dec.decode(&mut frame).unwrap();
     assert_eq!(n, 11);
@@ -196,10 +189,7 @@ fn control_payload_limit() {
     );
     // Detected from the two header bytes, before the extended length arrives.
     let mut dec = Decoder::new(DecoderConfig::default());
-    assert_eq!(
-        dec.decode(&mut [0x89, 0xFE]),
-        Err(ProtocolError::ControlTooLong)
-    );
+    assert_eq!(dec.decode(&mut [0x89, 0xFE]), Err(ProtocolError::ControlTooLong));
 }
 
 #[test]
@@ -374,10 +364,7 @@ fn byte_at_a_time_delivery() {
     s.extend(client(OpCode::Continuation, true, "με".as_bytes()));
     s.extend(client(OpCode::Binary, true, &[9u8; 300]));
     let cuts: Vec<usize> = (1..s.len()).collect();
-    assert_eq!(
-        feed_chunks(DecoderConfig::default(), &s, &cuts),
-        feed_whole(&s)
-    );
+    assert_eq!(feed_chunks(DecoderConfig::default(), &s, &cuts), feed_whole(&s));
     assert_eq!(feed_whole(&s).len(), 3);
 }
 
@@ -505,11 +492,7 @@ fn sixteen_and_sixty_four_bit_lengths() {
         };
         assert_eq!(frame.len(), expected_header + len);
         let out = feed_chunks(cfg, &frame, &[]);
-        assert_eq!(
-            out,
-            vec![Ok(Incoming::Binary(Bytes::from(payload)))],
-            "len {len}"
-        );
+        assert_eq!(out, vec![Ok(Incoming::Binary(Bytes::from(payload)))], "len {len}");
     }
 }
 
@@ -534,10 +517,7 @@ fn non_minimal_lengths_are_accepted() {
 #[test]
 fn decoder_is_poisoned_after_error() {
     let mut dec = Decoder::new(DecoderConfig::default());
-    assert_eq!(
-        dec.decode(&mut [0x83, 0x80]),
-        Err(ProtocolError::UnknownOpcode)
-    );
+    assert_eq!(dec.decode(&mut [0x83, 0x80]), Err(ProtocolError::UnknownOpcode));
     let mut ok = client(OpCode::Text, true, b"hi");
     assert_eq!(dec.decode(&mut ok), Err(ProtocolError::UnknownOpcode));
 }
@@ -559,10 +539,7 @@ fn fast_path_leaves_trailing_bytes() {
     s.extend_from_slice(&[0x81]);
     let mut dec = Decoder::new(DecoderConfig::default());
     let (n, m) = dec.decode(&mut s).unwrap();
-    assert_eq!(
-        (n, m),
-        (first, Some(Incoming::Text(Bytes::from_static(b"one"))))
-    );
+    assert_eq!((n, m), (first, Some(Incoming::Text(Bytes::from_static(b"one")))));
     s.drain(..n);
     let (n, m) = dec.decode(&mut s).unwrap();
     assert_eq!(n, 208);
@@ -689,14 +666,14 @@ fn raw_spec_strategy() -> impl Strategy<Value = RawSpec> {
         Just(vec![0x03, 0xe8]),
         Just(vec![0xce, 0xba, 0xe1]),
     ];
-    (b0, prop::bool::weighted(0.95), payload, any::<[u8; 4]>()).prop_map(
-        |(b0, masked, payload, mask)| RawSpec {
+    (b0, prop::bool::weighted(0.95), payload, any::<[u8; 4]>()).prop_map(|(b0, masked, payload, mask)| {
+        RawSpec {
             b0,
             masked,
             payload,
             mask,
-        },
-    )
+        }
+    })
 }
 
 proptest! {

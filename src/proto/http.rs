@@ -51,11 +51,10 @@ mod upgrade;
 
 pub use client_ip::client_ip;
 pub use request::{
-    HttpError, HttpVersion, MAX_QUERY_PARAM_BYTES, MAX_QUERY_PARAMS, Request, RequestLimits,
-    try_parse,
+    HttpError, HttpVersion, MAX_QUERY_PARAM_BYTES, MAX_QUERY_PARAMS, Request, RequestLimits, try_parse,
 };
 pub use response::{Response, reason_phrase, switching_protocols};
 pub use upgrade::{
-    Credential, Route, SUBPROTOCOL_JSON, Upgrade, accept_key, check_upgrade, extract_credential,
-    route, select_subprotocol,
+    Credential, Route, SUBPROTOCOL_JSON, Upgrade, accept_key, check_upgrade, extract_credential, route,
+    select_subprotocol,
 };

@@ -16,8 +16,7 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     // Rotating the key once lets every word below start at key phase 0.
     let rotated = rotate_key(mask, offset);
     let word = u64::from_ne_bytes([
-        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
-        rotated[3],
+        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2], rotated[3],
     ]);
     let (words, tail) = buf.as_chunks_mut::<8>();
     for chunk in words {
@@ -36,8 +35,7 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 pub fn apply_mask_ascii(buf: &mut [u8], mask: [u8; 4], offset: usize) -> bool {
     let rotated = rotate_key(mask, offset);
     let word = u64::from_ne_bytes([
-        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2],
-        rotated[3],
+        rotated[0], rotated[1], rotated[2], rotated[3], rotated[0], rotated[1], rotated[2], rotated[3],
     ]);
     let (words, tail) = buf.as_chunks_mut::<8>();
     let mut seen = 0u64;
@@ -64,12 +62,7 @@ pub fn apply_mask_simple(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 /// The key as seen from a payload position `offset`: `rotate_key(m, o)[j] == m[(o + j) % 4]`.
 fn rotate_key(mask: [u8; 4], offset: usize) -> [u8; 4] {
     let r = offset & 3;
-    [
-        mask[r],
-        mask[(r + 1) & 3],
-        mask[(r + 2) & 3],
-        mask[(r + 3) & 3],
-    ]
+    [mask[r], mask[(r + 1) & 3], mask[(r + 2) & 3], mask[(r + 3) & 3]]
 }
 
 #[cfg(test)]
@@ -108,10 +101,7 @@ mod tests {
                 for offset in 0..4 {
                     let mut buf = plain.clone();
                     apply_mask_simple(&mut buf, mask, offset);
-                    assert!(
-                        !apply_mask_ascii(&mut buf, mask, offset),
-                        "len {len} hot {hot}"
-                    );
+                    assert!(!apply_mask_ascii(&mut buf, mask, offset), "len {len} hot {hot}");
                     assert_eq!(buf, plain);
                 }
             }

@@ -89,7 +89,10 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let a = *admitted;
     let session = Session::new(ctx.shared.session_cfg.clone(), a.claims, a.client_ip, now);
     let max = ctx.shared.cfg.limits.max_message_bytes;
-    let decoder = Decoder::new(DecoderConfig { max_message_bytes: max, max_frame_bytes: max });
+    let decoder = Decoder::new(DecoderConfig {
+        max_message_bytes: max,
+        max_frame_bytes: max,
+    });
     {
         let mut c = conn.borrow_mut();
         c.slot = Some(a.slot);
@@ -147,7 +150,9 @@ async fn handshake(
                 return None;
             }
             Err(e) => {
-                ctx.shared.sec_counters.inc("handshake", "rejected", "malformed_http");
+                ctx.shared
+                    .sec_counters
+                    .inc("handshake", "rejected", "malformed_http");
                 respond(stream, Response::text(e.status(), "bad request\n")).await;
                 return None;
             }
@@ -179,7 +184,12 @@ async fn write_all_fd(stream: &TcpStream, bytes: Vec<u8>) -> std::io::Result<()>
     while off < bytes.len() {
         // SAFETY: the pointer/length pair denotes the initialised tail of `bytes`.
         let n = unsafe {
-            libc::send(fd, bytes[off..].as_ptr().cast(), bytes.len() - off, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            libc::send(
+                fd,
+                bytes[off..].as_ptr().cast(),
+                bytes.len() - off,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
         };
         if n > 0 {
             off += n as usize;

@@ -29,7 +29,11 @@ pub enum Driver {
 
 impl Driver {
     pub fn detect() -> Driver {
-        if monoio::utils::detect_uring() { Driver::IoUring } else { Driver::Epoll }
+        if monoio::utils::detect_uring() {
+            Driver::IoUring
+        } else {
+            Driver::Epoll
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -57,7 +61,12 @@ impl ServerHandle {
 
     /// Live connections across all shards.
     pub fn connections(&self) -> u64 {
-        self.shared.metrics.shards.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum()
+        self.shared
+            .metrics
+            .shards
+            .iter()
+            .map(|s| s.connections.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Drain and wait (up to `timeout`) until every connection is gone.
@@ -80,11 +89,17 @@ impl ServerHandle {
 
 /// Raise the open-file soft limit to the hard limit (each connection uses two descriptors).
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read/write the plain struct we pass by pointer.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 lim = want;
             }
@@ -121,12 +136,14 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
     for (id, l) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let ready = ready_tx.clone();
-        let t = std::thread::Builder::new().name(format!("tickgate-shard-{id}")).spawn(move || {
-            if shared.cfg.server.pin_cores {
-                let _ = monoio::utils::bind_to_cpu_set([id % cores]);
-            }
-            run_shard(id, shared, l, ready);
-        })?;
+        let t = std::thread::Builder::new()
+            .name(format!("tickgate-shard-{id}"))
+            .spawn(move || {
+                if shared.cfg.server.pin_cores {
+                    let _ = monoio::utils::bind_to_cpu_set([id % cores]);
+                }
+                run_shard(id, shared, l, ready);
+            })?;
         threads.push(t);
     }
     drop(ready_tx);
@@ -137,8 +154,18 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
             Err(_) => return Err(std::io::Error::other("a shard thread died during start-up")),
         }
     }
-    let admin_addr = if cfg.admin.enabled { Some(crate::admin::start(shared.clone())?) } else { None };
-    Ok(ServerHandle { public_addr, admin_addr, driver, shared, shards: threads })
+    let admin_addr = if cfg.admin.enabled {
+        Some(crate::admin::start(shared.clone())?)
+    } else {
+        None
+    };
+    Ok(ServerHandle {
+        public_addr,
+        admin_addr,
+        driver,
+        shared,
+        shards: threads,
+    })
 }
 
 fn run_shard(

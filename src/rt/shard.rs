@@ -159,7 +159,11 @@ impl ShardCtx {
             slot: None,
         }));
         let idx = self.conns.borrow_mut().insert(conn.clone());
-        self.shared.metrics.shard(self.id).connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .shard(self.id)
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let at = self.now_ms() + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
         self.arm(&mut conn.borrow_mut(), idx, RtTimer::Handshake, at);
         (idx, generation, conn)
@@ -170,7 +174,14 @@ impl ShardCtx {
         if let Some(old) = c.timers[kind.slot()].take() {
             wheel.cancel(old);
         }
-        c.timers[kind.slot()] = Some(wheel.insert(at, TimerEvent { idx, generation: c.generation, kind }));
+        c.timers[kind.slot()] = Some(wheel.insert(
+            at,
+            TimerEvent {
+                idx,
+                generation: c.generation,
+                kind,
+            },
+        ));
     }
 
     pub fn disarm(&self, c: &mut Conn, kind: RtTimer) {
@@ -222,7 +233,11 @@ impl ShardCtx {
         c.slot = None;
         drop(c);
         self.conns.borrow_mut().try_remove(idx);
-        self.shared.metrics.shard(self.id).connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .shard(self.id)
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn table_remove(&self, idx: usize, generation: u32, ids: &[SymbolId]) {
@@ -247,7 +262,10 @@ impl ShardCtx {
                 Action::Unsubscribe { ids } => self.table_remove(idx, c.generation, &ids),
                 Action::Publish { ticks } => {
                     let n = self.shared.hub.publish(&ticks);
-                    self.shared.metrics.ticks_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.shared
+                        .metrics
+                        .ticks_in
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 Action::DeadlinesChanged => {
                     if let Some(s) = &c.session {
@@ -261,12 +279,22 @@ impl ShardCtx {
                 }
                 Action::Close { code } => {
                     self.shared.metrics.count_close(code);
-                    for kind in [TimerKind::ReauthRequired, TimerKind::ReauthDeadline, TimerKind::Heartbeat, TimerKind::Idle, TimerKind::SlowConsumer] {
+                    for kind in [
+                        TimerKind::ReauthRequired,
+                        TimerKind::ReauthDeadline,
+                        TimerKind::Heartbeat,
+                        TimerKind::Idle,
+                        TimerKind::SlowConsumer,
+                    ] {
                         self.disarm(c, RtTimer::Session(kind));
                     }
                     self.arm(c, idx, RtTimer::HardDrop, now + HARD_DROP_MS);
                 }
-                Action::Log { event, outcome, reason } => {
+                Action::Log {
+                    event,
+                    outcome,
+                    reason,
+                } => {
                     if let Some(s) = &c.session {
                         let cl = s.claims();
                         self.shared.sec_counters.inc(event, outcome, reason);
@@ -304,7 +332,11 @@ impl ShardCtx {
                 self.shared.hub.latest(*id)
             } else {
                 let base = self.shared.hub.subscribe(self.id, *id, list.is_empty());
-                list.push(SubEntry { idx, generation, last_seq: base.seq });
+                list.push(SubEntry {
+                    idx,
+                    generation,
+                    last_seq: base.seq,
+                });
                 base.snapshot
             };
             if snapshot && let Some(t) = snap {
@@ -316,7 +348,9 @@ impl ShardCtx {
     /// Fan one tick out to this shard's subscribers of its symbol.
     fn dispatch(&self, t: &Arc<SharedTick>, now: u64) -> usize {
         let mut table = self.table.borrow_mut();
-        let Some(list) = table.get_mut(t.symbol.0 as usize) else { return 0 };
+        let Some(list) = table.get_mut(t.symbol.0 as usize) else {
+            return 0;
+        };
         let conns = self.conns.borrow();
         let mut delivered = 0;
         for e in list.iter_mut() {
@@ -331,14 +365,25 @@ impl ShardCtx {
                 continue;
             }
             let Some(s) = c.session.as_mut() else { continue };
+            let conflated_before = s.outbound.conflated_total();
             let arm = if gap == 0 {
                 s.push_tick(t, now)
             } else {
                 // This shard's inbox overflowed: ticks never reached this subscriber.
                 let frame = encode_for_subscriber(TickKind::Tick, t, gap);
-                let one = Arc::new(SharedTick { frame, ..(**t).clone() });
+                let one = Arc::new(SharedTick {
+                    frame,
+                    ..(**t).clone()
+                });
                 s.push_tick(&one, now)
             };
+            let conflated = s.outbound.conflated_total() - conflated_before;
+            if conflated > 0 {
+                self.shared
+                    .metrics
+                    .conflated
+                    .fetch_add(conflated, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some(at) = arm {
                 self.arm(&mut c, e.idx, RtTimer::Session(TimerKind::SlowConsumer), at);
             }
@@ -399,8 +444,15 @@ impl ShardCtx {
                         },
                         _ => false,
                     };
-                    if hit && let Some(s) = c.session.as_mut() && !s.is_closing() {
-                        let mut actions = vec![Action::Log { event: "close", outcome: "closed", reason: "revoked" }];
+                    if hit
+                        && let Some(s) = c.session.as_mut()
+                        && !s.is_closing()
+                    {
+                        let mut actions = vec![Action::Log {
+                            event: "close",
+                            outcome: "closed",
+                            reason: "revoked",
+                        }];
                         s.close(CloseCode::REVOKED, "revoked", &mut actions);
                         self.apply(idx, &mut c, &mut actions);
                         closed += 1;
@@ -478,7 +530,8 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
             n += 1;
         }
         let g = ctx.shared.metrics.shard(ctx.id);
-        g.ticks_out.fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        g.ticks_out
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
         if n == DISPATCH_BUDGET {
             // More may be queued: let the writers run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);
@@ -519,7 +572,11 @@ fn housekeeping(ctx: &ShardCtx, now: u64) {
     let g = ctx.shared.metrics.shard(ctx.id);
     g.queued_bytes.store(queued, std::sync::atomic::Ordering::Relaxed);
     g.inbox_dropped.store(
-        ctx.shared.hub.inbox(ctx.id).dropped.load(std::sync::atomic::Ordering::Relaxed),
+        ctx.shared
+            .hub
+            .inbox(ctx.id)
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
         std::sync::atomic::Ordering::Relaxed,
     );
     if ctx.id == 0 {

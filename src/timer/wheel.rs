@@ -532,9 +532,7 @@ mod tests {
     #[test]
     fn fires_exactly_at_deadline_tick_by_tick() {
         let mut w = TimerWheel::new(0);
-        let deadlines = [
-            1u64, 2, 63, 64, 65, 127, 128, 4095, 4096, 4097, 5000, 70_000,
-        ];
+        let deadlines = [1u64, 2, 63, 64, 65, 127, 128, 4095, 4096, 4097, 5000, 70_000];
         for &d in &deadlines {
             w.insert(d, d);
         }

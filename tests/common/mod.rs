@@ -60,7 +60,12 @@ pub fn start_with_key(cfg: Config, key: SigningKey, kid: &str) -> TestServer {
     let (log, lines) = SecurityLog::memory();
     let shared = Arc::new(Shared::new(cfg, auth, log));
     let handle = tickgate::rt::start(shared).unwrap();
-    TestServer { handle, key, kid: kid.to_string(), log: lines }
+    TestServer {
+        handle,
+        key,
+        kid: kid.to_string(),
+        log: lines,
+    }
 }
 
 impl TestServer {
@@ -131,6 +136,7 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
                     break;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
@@ -138,7 +144,10 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 }
 
 pub fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A well-formed upgrade request with extra header lines (each ending in \r\n).
@@ -149,10 +158,15 @@ pub fn upgrade_req(path: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-pub async fn connect(url: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+pub async fn connect(
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tungstenite::Error> {
     let mut req = url.into_client_request()?;
     if let Some(t) = token {
-        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     for (k, v) in headers {
         let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
@@ -164,7 +178,9 @@ pub async fn connect(url: &str, token: Option<&str>, headers: &[(&str, &str)]) -
 
 /// Next text message as JSON (skipping pings), with a timeout.
 pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
-    next_json_within(ws, Duration::from_secs(10)).await.expect("a JSON message")
+    next_json_within(ws, Duration::from_secs(10))
+        .await
+        .expect("a JSON message")
 }
 
 pub async fn next_json_within(ws: &mut Ws, d: Duration) -> Option<serde_json::Value> {
@@ -207,7 +223,9 @@ pub async fn session(srv: &TestServer, token: &str) -> Ws {
 
 /// Admin HTTP request (blocking).
 pub fn admin_post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()

@@ -259,10 +259,7 @@ mod tests {
         let chain: Vec<String> = (0..40).map(|i| format!("10.0.1.{i}")).collect();
         let r = req(&format!("X-Forwarded-For: {}\r\n", chain.join(",")));
         assert_eq!(client_ip(&r, ip(PROXY), trusted), ip(PROXY));
-        let r = req(&format!(
-            "X-Forwarded-For: 1.2.3.4,{}\r\n",
-            chain[..31].join(",")
-        ));
+        let r = req(&format!("X-Forwarded-For: 1.2.3.4,{}\r\n", chain[..31].join(",")));
         assert_eq!(client_ip(&r, ip(PROXY), trusted), ip("1.2.3.4"));
     }
 

@@ -145,10 +145,7 @@ impl Request {
 /// the request used the first `consumed` bytes; anything after belongs to the caller.
 /// `Err`: the bytes can no longer form a valid request within `limits` (checked on
 /// incomplete input too, so an endless head fails at `max_head_bytes`).
-pub fn try_parse(
-    buf: &[u8],
-    limits: &RequestLimits,
-) -> Result<Option<(usize, Request)>, HttpError> {
+pub fn try_parse(buf: &[u8], limits: &RequestLimits) -> Result<Option<(usize, Request)>, HttpError> {
     // Only ever show httparse the first `max_head_bytes`: a head that has not ended by then
     // is too large whatever follows, and the parse cost stays bounded by the limit.
     let window = buf.get(..limits.max_head_bytes).unwrap_or(buf);
@@ -164,8 +161,7 @@ pub fn try_parse(
         Err(_) => return Err(HttpError::Malformed),
     };
 
-    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version)
-    else {
+    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {
         // Complete implies all three are set; treat the impossible as malformed, not a panic.
         return Err(HttpError::Malformed);
     };
@@ -179,10 +175,7 @@ pub fn try_parse(
     for h in parsed.headers.iter() {
         // httparse already refuses control bytes; re-check so this guarantee does not hinge
         // on a dependency's configuration defaults.
-        if h.value
-            .iter()
-            .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-        {
+        if h.value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
             return Err(HttpError::Malformed);
         }
         let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed)?;
@@ -211,9 +204,7 @@ pub fn try_parse(
 
     let (path, query) = split_target(target)?;
 
-    let end = head_len
-        .checked_add(body_len)
-        .ok_or(HttpError::BodyTooLarge)?;
+    let end = head_len.checked_add(body_len).ok_or(HttpError::BodyTooLarge)?;
     let Some(body) = buf.get(head_len..end) else {
         return Ok(None);
     };
@@ -387,10 +378,7 @@ mod tests {
     #[test]
     fn content_length_rules() {
         let base = |cl: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{cl}\r\n\r\nabc");
-        assert_eq!(
-            parse(&base("Content-Length: 3")).unwrap().unwrap().1.body,
-            b"abc"
-        );
+        assert_eq!(parse(&base("Content-Length: 3")).unwrap().unwrap().1.body, b"abc");
         assert_eq!(
             parse(&base("Content-Length: 3\r\nContent-Length: 3"))
                 .unwrap()
@@ -415,10 +403,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(
-            parse(&base("Content-Length: 4097")),
-            Err(HttpError::BodyTooLarge)
-        );
+        assert_eq!(parse(&base("Content-Length: 4097")), Err(HttpError::BodyTooLarge));
         assert_eq!(
             parse(&base("Content-Length: 99999999999999999999999999999")),
             Err(HttpError::BodyTooLarge)
@@ -434,8 +419,7 @@ mod tests {
             let raw = format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n");
             assert_eq!(parse(&raw), Err(HttpError::UnsupportedTransferEncoding));
         }
-        let both =
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let both = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(parse(both), Err(HttpError::UnsupportedTransferEncoding));
     }
 
@@ -452,17 +436,9 @@ mod tests {
 
     #[test]
     fn singleton_headers() {
-        for h in [
-            "Authorization",
-            "Origin",
-            "Sec-WebSocket-Key",
-            "X-Device-Id",
-        ] {
+        for h in ["Authorization", "Origin", "Sec-WebSocket-Key", "X-Device-Id"] {
             let raw = format!("GET / HTTP/1.1\r\nHost: x\r\n{h}: a\r\n{h}: b\r\n\r\n");
-            assert!(
-                matches!(parse(&raw), Err(HttpError::DuplicateHeader(_))),
-                "{h}"
-            );
+            assert!(matches!(parse(&raw), Err(HttpError::DuplicateHeader(_))), "{h}");
         }
     }
 
@@ -472,10 +448,7 @@ mod tests {
             let raw = format!("GET {t} HTTP/1.1\r\nHost: x\r\n\r\n");
             assert_eq!(parse(&raw), Err(HttpError::BadTarget), "{t}");
         }
-        assert_eq!(
-            parse_ok("GET /%73 HTTP/1.1\r\nHost: x\r\n\r\n").path,
-            "/%73"
-        );
+        assert_eq!(parse_ok("GET /%73 HTTP/1.1\r\nHost: x\r\n\r\n").path, "/%73");
     }
 
     #[test]
@@ -512,10 +485,7 @@ mod tests {
         };
         let long = "a".repeat(MAX_QUERY_PARAM_BYTES + 1);
         let raw = format!("GET /?t={long} HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(
-            try_parse(raw.as_bytes(), &big),
-            Err(HttpError::QueryTooLarge)
-        );
+        assert_eq!(try_parse(raw.as_bytes(), &big), Err(HttpError::QueryTooLarge));
         let fits = &long[1..];
         let raw = format!("GET /?t={fits} HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(try_parse(raw.as_bytes(), &big).unwrap().is_some());

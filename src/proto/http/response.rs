@@ -43,10 +43,7 @@ impl Response {
     pub fn text(status: u16, body: &str) -> Self {
         Self {
             status,
-            headers: vec![(
-                "Content-Type".to_owned(),
-                "text/plain; charset=utf-8".to_owned(),
-            )],
+            headers: vec![("Content-Type".to_owned(), "text/plain; charset=utf-8".to_owned())],
             body: body.as_bytes().to_vec(),
         }
     }
@@ -64,11 +61,7 @@ impl Response {
         if !informational {
             push_line(&mut out, &format!("Content-Length: {}", self.body.len()));
         }
-        let has = |name: &str| {
-            self.headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name))
-        };
+        let has = |name: &str| self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
         if !informational && !has("connection") {
             push_line(&mut out, "Connection: close");
         }
@@ -85,9 +78,7 @@ impl Response {
             }
             if !informational
                 && name.eq_ignore_ascii_case("connection")
-                && !value
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("close"))
+                && !value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
             {
                 push_line(&mut out, &format!("{name}: {value}, close"));
                 continue;
@@ -217,8 +208,7 @@ mod tests {
 
     #[test]
     fn json_and_extra_headers() {
-        let r = Response::json(200, br#"{"ticket":"t","expires_in":30}"#)
-            .with_header("Retry-After", "1");
+        let r = Response::json(200, br#"{"ticket":"t","expires_in":30}"#).with_header("Retry-After", "1");
         let s = text(&r);
         assert!(s.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 30\r\n"));
         assert!(s.contains("\r\nContent-Type: application/json\r\n"));

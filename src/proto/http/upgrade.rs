@@ -125,9 +125,7 @@ pub fn extract_credential(
     {
         return Credential::Bearer(token.to_owned());
     }
-    if allow_query_token
-        && let Some(token) = req.query_param("access_token").filter(|t| !t.is_empty())
-    {
+    if allow_query_token && let Some(token) = req.query_param("access_token").filter(|t| !t.is_empty()) {
         return Credential::Bearer(token.to_owned());
     }
     if let Some(ticket) = req.query_param("ticket").filter(|t| !t.is_empty()) {
@@ -371,9 +369,7 @@ mod tests {
 
     #[test]
     fn rejection_bodies_leak_nothing() {
-        let r = req(
-            "GET /v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret.jwt.value\r\n\r\n",
-        );
+        let r = req("GET /v1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret.jwt.value\r\n\r\n");
         let bytes = check_upgrade(&r).unwrap_err().to_bytes();
         assert!(!String::from_utf8_lossy(&bytes).contains("secret"));
     }
@@ -390,8 +386,7 @@ mod tests {
             Credential::Bearer("h.jwt".into())
         );
 
-        let no_auth =
-            req("GET /v1/stream?access_token=q.jwt&ticket=tk HTTP/1.1\r\nHost: x\r\n\r\n");
+        let no_auth = req("GET /v1/stream?access_token=q.jwt&ticket=tk HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(
             extract_credential(&no_auth, &p, true),
             Credential::Bearer("p.jwt".into())
@@ -451,10 +446,7 @@ mod tests {
     fn subprotocol_selection() {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(select_subprotocol(&[]), Ok(None));
-        assert_eq!(
-            select_subprotocol(&s(&["md.v1.json"])),
-            Ok(Some("md.v1.json"))
-        );
+        assert_eq!(select_subprotocol(&s(&["md.v1.json"])), Ok(Some("md.v1.json")));
         assert_eq!(
             select_subprotocol(&s(&["bearer.abc", "md.v1.json"])),
             Ok(Some("md.v1.json"))
