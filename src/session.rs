@@ -664,3 +664,439 @@ fn truncate(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session on a virtual clock: every deadline is a number we pass in, so reauth and
+    //! expiry tests run in microseconds and cannot flake.
+    use super::*;
+    use crate::auth::jwt::{Verifier, VerifyPolicy};
+    use crate::auth::keys::KeySet;
+    use crate::auth::mint::{Claims, generate_signing_key, sign_token};
+    use crate::proto::frame::{Decoder, DecoderConfig};
+    use ed25519_dalek::SigningKey;
+
+    const T0: u64 = 1_800_000_000; // unix seconds at the start of every test
+
+    struct World {
+        key: SigningKey,
+        verifier: Verifier,
+        symbols: SymbolTable,
+    }
+
+    impl ReauthVerifier for World {
+        fn verify_reauth(&self, token: &str, now: u64) -> Result<VerifiedClaims, AuthError> {
+            self.verifier.verify(token, now)
+        }
+    }
+
+    fn world() -> World {
+        let key = generate_signing_key().unwrap();
+        let mut ks = KeySet::new();
+        ks.insert("k1", key.verifying_key()).unwrap();
+        World {
+            key,
+            verifier: Verifier::new(ks, VerifyPolicy::default()),
+            symbols: SymbolTable::new(64),
+        }
+    }
+
+    fn claims(exp: u64) -> Claims {
+        Claims {
+            sub: "alice".into(),
+            exp,
+            iat: Some(exp - 300),
+            sid: Some("s-1".into()),
+            roles: vec!["subscriber".into(), "publisher".into()],
+            symbols: vec!["*".into()],
+            ..Claims::default()
+        }
+    }
+
+    fn verified(w: &World, c: &Claims) -> VerifiedClaims {
+        w.verifier
+            .verify(&sign_token(&w.key, "k1", c), c.exp - 10)
+            .unwrap()
+    }
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            reauth_lead_ms: 60_000,
+            reauth_grace_ms: 30_000,
+            ..SessionConfig::default()
+        }
+    }
+
+    fn open(w: &World, exp: u64) -> Session {
+        let mut s = Session::new(
+            cfg(),
+            verified(w, &claims(exp)),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        let out = drain(&mut s);
+        assert_eq!(out[0]["type"], "welcome");
+        s
+    }
+
+    /// Decode everything the session queued into JSON values (text) or `{"close":code}`.
+    fn drain(s: &mut Session) -> Vec<serde_json::Value> {
+        let mut buf = Vec::new();
+        s.outbound.drain_into(&mut buf, usize::MAX);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < buf.len() {
+            let op = buf[i] & 0x0f;
+            let (len, h) = match buf[i + 1] & 0x7f {
+                126 => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            let p = &buf[i + h..i + h + len];
+            match op {
+                1 => out.push(serde_json::from_slice(p).unwrap()),
+                8 => out.push(serde_json::json!({"close": u16::from_be_bytes([p[0], p[1]])})),
+                9 => out.push(serde_json::json!({"ping": true})),
+                10 => out.push(serde_json::json!({"pong": true})),
+                _ => {}
+            }
+            i += h + len;
+        }
+        out
+    }
+
+    fn text(w: &World, s: &mut Session, now_ms: u64, v: serde_json::Value, actions: &mut Vec<Action>) {
+        s.handle_message(
+            now_ms,
+            Incoming::Text(v.to_string().into()),
+            &w.symbols,
+            w,
+            actions,
+        );
+    }
+
+    /// Fire a session timer the way the shard does: at its armed time.
+    fn due(s: &Session, kind: TimerKind) -> u64 {
+        s.timers()
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, at)| *at)
+            .unwrap()
+    }
+
+    #[test]
+    fn reauth_required_then_4001_exactly_at_exp_plus_grace() {
+        let w = world();
+        let exp = T0 + 300;
+        let mut s = open(&w, exp);
+        let mut a = Vec::new();
+        let at = due(&s, TimerKind::ReauthRequired);
+        assert_eq!(at, (exp - 60) * 1000);
+        // A timer that fires early (a stale wheel slot) only re-arms.
+        assert_eq!(
+            s.handle_timer(TimerKind::ReauthRequired, at - 1, &mut a),
+            Some(at)
+        );
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.handle_timer(TimerKind::ReauthRequired, at, &mut a), None);
+        assert_eq!(
+            drain(&mut s),
+            vec![serde_json::json!({"type":"reauth_required","exp":exp,"deadline":exp + 30})]
+        );
+        let deadline = due(&s, TimerKind::ReauthDeadline);
+        assert_eq!(deadline, (exp + 30) * 1000);
+        assert_eq!(
+            s.handle_timer(TimerKind::ReauthDeadline, deadline - 1, &mut a),
+            Some(deadline)
+        );
+        assert!(!s.is_closing());
+        s.handle_timer(TimerKind::ReauthDeadline, deadline, &mut a);
+        assert!(s.is_closing());
+        assert!(a.contains(&Action::Close { code: 4001 }));
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4001})]);
+    }
+
+    #[test]
+    fn reauth_moves_the_deadline_and_narrows_subscriptions() {
+        let w = world();
+        let exp = T0 + 300;
+        let mut s = open(&w, exp);
+        let mut a = Vec::new();
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"]}),
+            &mut a,
+        );
+        assert_eq!(
+            drain(&mut s)[0]["symbols"],
+            serde_json::json!(["BTC-USD", "ETH-USD"])
+        );
+        a.clear();
+        let now = (exp - 50) * 1000;
+        let mut fresh = claims(exp + 600);
+        fresh.iat = Some(exp - 50);
+        fresh.symbols = vec!["BTC-*".into()];
+        let tok = sign_token(&w.key, "k1", &fresh);
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"reauth","id":3,"token":tok}),
+            &mut a,
+        );
+        let out = drain(&mut s);
+        assert_eq!(
+            out[0],
+            serde_json::json!({"type":"reauthed","id":3,"exp":exp + 600})
+        );
+        assert_eq!(
+            out[1],
+            serde_json::json!({"type":"unsubscribed","symbols":["ETH-USD"],"reason":"entitlement"})
+        );
+        let eth = w.symbols.lookup("ETH-USD").unwrap();
+        assert!(a.contains(&Action::Unsubscribe { ids: vec![eth] }));
+        assert!(a.contains(&Action::DeadlinesChanged));
+        assert_eq!(s.subscriptions().len(), 1);
+        // The old deadline no longer closes: the timer re-arms at the new one.
+        let old_deadline = (exp + 30) * 1000;
+        let mut a2 = Vec::new();
+        assert_eq!(
+            s.handle_timer(TimerKind::ReauthDeadline, old_deadline, &mut a2),
+            Some((exp + 630) * 1000)
+        );
+        assert!(!s.is_closing());
+    }
+
+    #[test]
+    fn refused_reauth_keeps_the_old_deadline() {
+        let w = world();
+        let exp = T0 + 300;
+        let mut s = open(&w, exp);
+        let mut a = Vec::new();
+        let now = (exp - 50) * 1000;
+        // Another user's token.
+        let mut other = claims(exp + 600);
+        other.sub = "bob".into();
+        other.iat = Some(exp - 50);
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"reauth","id":1,"token":sign_token(&w.key, "k1", &other)}),
+            &mut a,
+        );
+        // Another session's token.
+        let mut other_sid = claims(exp + 600);
+        other_sid.sid = Some("s-2".into());
+        other_sid.iat = Some(exp - 50);
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"reauth","id":2,"token":sign_token(&w.key, "k1", &other_sid)}),
+            &mut a,
+        );
+        // A malformed one.
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"reauth","id":3,"token":"x"}),
+            &mut a,
+        );
+        // One signed by an unknown key.
+        let stranger = generate_signing_key().unwrap();
+        let mut fine = claims(exp + 600);
+        fine.iat = Some(exp - 50);
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"reauth","id":4,"token":sign_token(&stranger, "k1", &fine)}),
+            &mut a,
+        );
+        let codes: Vec<_> = drain(&mut s)
+            .iter()
+            .map(|v| (v["id"].clone(), v["code"].clone()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                (1.into(), "forbidden".into()),
+                (2.into(), "forbidden".into()),
+                (3.into(), "bad_request".into()),
+                (4.into(), "forbidden".into())
+            ]
+        );
+        assert!(!a.contains(&Action::DeadlinesChanged));
+        assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
+        s.handle_timer(TimerKind::ReauthDeadline, (exp + 30) * 1000, &mut a);
+        assert!(a.contains(&Action::Close { code: 4001 }));
+    }
+
+    #[test]
+    fn idle_and_heartbeat() {
+        let w = world();
+        let mut s = open(&w, T0 + 300);
+        let mut a = Vec::new();
+        let hb = due(&s, TimerKind::Heartbeat);
+        assert_eq!(
+            s.handle_timer(TimerKind::Heartbeat, hb, &mut a),
+            Some(hb + 15_000)
+        );
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"ping": true})]);
+        // Traffic pushes the idle deadline.
+        let idle = due(&s, TimerKind::Idle);
+        s.note_rx(idle - 1000);
+        assert_eq!(
+            s.handle_timer(TimerKind::Idle, idle, &mut a),
+            Some(idle - 1000 + 45_000)
+        );
+        s.handle_timer(TimerKind::Idle, idle - 1000 + 45_000, &mut a);
+        assert!(a.contains(&Action::Close { code: 4000 }));
+    }
+
+    #[test]
+    fn rate_limit_replies_then_4029() {
+        let w = world();
+        let mut c = cfg();
+        c.inbound_messages_per_sec = 2;
+        let mut s = Session::new(
+            c,
+            verified(&w, &claims(T0 + 300)),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        drain(&mut s);
+        let mut a = Vec::new();
+        let now = T0 * 1000;
+        // 2 pass, 10 get `rate_limited`, the 11th excess message closes.
+        for i in 0..13 {
+            text(&w, &mut s, now, serde_json::json!({"op":"ping","id":i}), &mut a);
+        }
+        let out = drain(&mut s);
+        assert_eq!(out.iter().filter(|v| v["type"] == "pong").count(), 2);
+        assert_eq!(out.iter().filter(|v| v["code"] == "rate_limited").count(), 10);
+        assert!(a.contains(&Action::Close { code: 4029 }));
+        // The bucket refills with (virtual) time.
+        let mut s2 = Session::new(
+            cfg(),
+            verified(&w, &claims(T0 + 300)),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        drain(&mut s2);
+        for i in 0..200u64 {
+            text(
+                &w,
+                &mut s2,
+                now + i * 100,
+                serde_json::json!({"op":"ping"}),
+                &mut a,
+            );
+        }
+        assert!(drain(&mut s2).iter().all(|v| v["type"] == "pong"));
+    }
+
+    #[test]
+    fn publish_is_all_or_nothing_and_needs_the_role() {
+        let w = world();
+        let mut c = claims(T0 + 300);
+        c.symbols = vec!["BTC-*".into()];
+        let mut s = Session::new(cfg(), verified(&w, &c), "127.0.0.1".parse().unwrap(), T0 * 1000);
+        drain(&mut s);
+        let mut a = Vec::new();
+        let tick = |sym: &str| serde_json::json!({"s":sym,"ts":1,"bid":1.0,"ask":2.0,"last":1.5,"qty":1});
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"publish","id":1,"ticks":[tick("BTC-USD"), tick("ETH-USD")]}),
+            &mut a,
+        );
+        assert!(a.is_empty());
+        assert_eq!(drain(&mut s)[0]["code"], "forbidden");
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"publish","id":2,"ticks":[tick("BTC-USD"), tick("BTC-EUR")]}),
+            &mut a,
+        );
+        assert!(matches!(&a[0], Action::Publish { ticks } if ticks.len() == 2));
+        assert_eq!(
+            drain(&mut s)[0],
+            serde_json::json!({"type":"published","id":2,"count":2})
+        );
+        // Without the publisher role.
+        let mut sub_only = claims(T0 + 300);
+        sub_only.roles = vec!["subscriber".into()];
+        let mut s = Session::new(
+            cfg(),
+            verified(&w, &sub_only),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        drain(&mut s);
+        a.clear();
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"publish","ticks":[tick("BTC-USD")]}),
+            &mut a,
+        );
+        assert!(a.is_empty());
+        assert_eq!(drain(&mut s)[0]["code"], "forbidden");
+    }
+
+    #[test]
+    fn close_and_binary() {
+        let w = world();
+        let mut s = open(&w, T0 + 300);
+        let mut a = Vec::new();
+        s.handle_message(
+            T0 * 1000,
+            Incoming::Binary(bytes::Bytes::from_static(b"x")),
+            &w.symbols,
+            &w,
+            &mut a,
+        );
+        assert_eq!(a, vec![Action::Close { code: 1003 }]);
+        // Nothing is processed after our close.
+        text(&w, &mut s, T0 * 1000, serde_json::json!({"op":"ping"}), &mut a);
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 1003})]);
+        let mut s = open(&w, T0 + 300);
+        let mut a = Vec::new();
+        s.handle_message(
+            T0 * 1000,
+            Incoming::Close(Some((4321, String::new()))),
+            &w.symbols,
+            &w,
+            &mut a,
+        );
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4321})]);
+    }
+
+    #[test]
+    fn decoder_and_session_compose() {
+        // A client frame through the real decoder into the session.
+        let w = world();
+        let mut s = open(&w, T0 + 300);
+        let mut d = Decoder::new(DecoderConfig::default());
+        let mut wire = Vec::new();
+        crate::proto::frame::encode_client_frame_into(
+            OpCode::Text,
+            true,
+            br#"{"op":"ping","id":9}"#,
+            [9, 8, 7, 6],
+            &mut wire,
+        );
+        let (n, m) = d.decode(&mut wire).unwrap();
+        assert_eq!(n, wire.len());
+        let mut a = Vec::new();
+        s.handle_message(T0 * 1000, m.unwrap(), &w.symbols, &w, &mut a);
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"type":"pong","id":9})]);
+    }
+}
