@@ -464,3 +464,78 @@ async fn slow_consumer_is_conflated_then_cut() {
     let delivered = reader.await.unwrap();
     assert_eq!(delivered, batches * 50, "healthy subscriber got every tick");
 }
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Stalled clients and a flood of ticks: server memory stays bounded (the in-process
+/// server's RSS is this process's RSS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_under_a_flood_with_stalled_clients() {
+    let mut cfg = test_config(2);
+    cfg.limits.outbound_queue_bytes = 256 * 1024;
+    cfg.limits.slow_consumer_grace = Duration::from_secs(30);
+    let srv = start(cfg);
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let t = srv.token(&format!("stall{i}"));
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&srv.addr().into()).unwrap();
+        let mut s: std::net::TcpStream = sock.into();
+        s.write_all(&upgrade_req(
+            "/v1/stream",
+            &format!("Authorization: Bearer {t}\r\n"),
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let syms: Vec<String> = (0..20).map(|k| format!("\"S{k}\"")).collect();
+        let sub = format!("{{\"op\":\"subscribe\",\"symbols\":[{}]}}", syms.join(","));
+        s.write_all(&masked(1, true, sub.as_bytes())).unwrap();
+        stalled.push(s);
+    }
+    let mut p = session(&srv, &srv.publisher_token("p")).await;
+    // Warm up allocator arenas and buffers before the baseline reading.
+    let batch = |b: u64| {
+        let ticks: Vec<_> = (0..400)
+            .map(|i| json!({"s":format!("S{}", i % 20),"ts":b * 1000 + i,"bid":100.0,"ask":100.5,"last":100.25,"qty":1}))
+            .collect();
+        json!({"op":"publish","ticks":ticks})
+    };
+    for b in 0..20 {
+        send_json(&mut p, batch(b)).await;
+        let _ = next_json(&mut p).await;
+    }
+    let before = rss_bytes();
+    let total_batches = 500u64;
+    for b in 20..total_batches {
+        send_json(&mut p, batch(b)).await;
+        let _ = next_json(&mut p).await;
+    }
+    let after = rss_bytes();
+    // 200,000 ticks of ~130 bytes to each of 4 stalled clients would be ~100 MB if queued;
+    // bounded queues hold 256 KiB + conflation slots each.
+    let growth = after.saturating_sub(before);
+    eprintln!("rss growth {} KiB", growth / 1024);
+    assert!(
+        growth < 40 * 1024 * 1024,
+        "RSS grew by {} MiB",
+        growth / (1024 * 1024)
+    );
+    assert!(
+        srv.handle
+            .shared
+            .metrics
+            .conflated
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 100_000
+    );
+}

@@ -269,9 +269,17 @@ impl AuthError {
 struct Header {
     alg: Option<serde_json::Value>,
     kid: Option<String>,
-    typ: Option<String>,
+    /// Absent: `None`; present: whether it is `"JWT"` (case-insensitive). `null` counts
+    /// as present and wrong; a non-string is a parse error.
+    #[serde(default, deserialize_with = "typ_is_jwt")]
+    typ: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     crit: bool,
+}
+
+fn typ_is_jwt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    let v = Option::<String>::deserialize(d)?;
+    Ok(Some(v.is_some_and(|t| t.eq_ignore_ascii_case("JWT"))))
 }
 
 /// `true` whenever the member exists, whatever its value (including `null`).
@@ -428,9 +436,7 @@ impl Verifier {
         }
         let kid = header.kid.ok_or(AuthError::MissingKid)?;
         let key = self.keys.get(&kid).ok_or(AuthError::UnknownKid)?;
-        if let Some(typ) = &header.typ
-            && !typ.eq_ignore_ascii_case("JWT")
-        {
+        if header.typ == Some(false) {
             return Err(AuthError::BadType);
         }
 
@@ -451,6 +457,9 @@ impl Verifier {
         let sub = raw.sub.ok_or(AuthError::MissingSub)?;
         if sub.is_empty() {
             return Err(AuthError::MissingSub);
+        }
+        if sub.len() > MAX_ID_BYTES {
+            return Err(AuthError::BadClaims);
         }
         let exp = raw.exp.ok_or(AuthError::MissingExp)?;
 
@@ -487,7 +496,7 @@ impl Verifier {
 
         // Shapes and bounds of what the rest of the server will use.
         let id_ok = |s: &Option<String>| s.as_ref().is_none_or(|v| v.len() <= MAX_ID_BYTES);
-        if sub.len() > MAX_ID_BYTES || !id_ok(&raw.jti) || !id_ok(&raw.sid) || !id_ok(&raw.did) {
+        if !id_ok(&raw.jti) || !id_ok(&raw.sid) || !id_ok(&raw.did) {
             return Err(AuthError::BadClaims);
         }
         let cip = match &raw.cip {
@@ -789,6 +798,16 @@ mod tests {
             );
             assert_eq!(err(&t), AuthError::BadType, "{typ}");
         }
+        let t = raw(1, r#"{"alg":"EdDSA","kid":"k1","typ":null}"#, &payload(""));
+        assert_eq!(err(&t), AuthError::BadType);
+        let t = raw(1, r#"{"alg":"EdDSA","kid":"k1","typ":1}"#, &payload(""));
+        assert_eq!(err(&t), AuthError::Malformed);
+        let t = raw(
+            1,
+            r#"{"alg":"EdDSA","kid":"k1","typ":"JWT","typ":"JWT"}"#,
+            &payload(""),
+        );
+        assert_eq!(err(&t), AuthError::Malformed);
         for crit in [r#"["exp"]"#, "[]", "null", r#""b64""#] {
             let t = raw(
                 1,
