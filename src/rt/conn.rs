@@ -293,7 +293,8 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
             partial.clear();
             partial.extend_from_slice(&tail);
         } else {
-            partial.clear();
+            // Nothing pending: hold no buffer between messages.
+            partial = Vec::new();
         }
     }
     c.rx_partial = partial;
@@ -335,8 +336,15 @@ async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, m
             if res.is_err() {
                 break;
             }
-            // An idle connection keeps no large write buffer.
-            if buf.capacity() > 64 * 1024 {
+            // An idle connection keeps no write buffer: free it once the queue is empty
+            // (a busy connection keeps reusing it).
+            if buf.capacity() > 64 * 1024
+                || conn
+                    .borrow()
+                    .session
+                    .as_ref()
+                    .is_none_or(|s| s.outbound.is_empty())
+            {
                 buf = Vec::new();
             }
         }
