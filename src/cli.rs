@@ -90,6 +90,9 @@ pub enum Command {
         /// Stop after this many messages (0 = forever).
         #[arg(long, default_value_t = 0)]
         count: u64,
+        /// PEM certificate(s) to trust for a wss:// URL.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Inspect the host and print what to tune.
     Doctor {
@@ -195,7 +198,8 @@ pub fn run(cli: Cli) -> i32 {
             token,
             symbols,
             count,
-        } => match crate::client::run(&url, &token, &symbols, count) {
+            ca,
+        } => match crate::client::run(&url, &token, &symbols, count, ca.as_deref()) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },

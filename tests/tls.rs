@@ -150,7 +150,11 @@ fn wss_url(srv: &TestServer) -> String {
 }
 
 async fn wss_connect(srv: &TestServer, client: Arc<rustls::ClientConfig>, token: &str) -> Result<Ws, String> {
-    let mut req = wss_url(srv).into_client_request().unwrap();
+    wss_connect_url(&wss_url(srv), client, token).await
+}
+
+async fn wss_connect_url(url: &str, client: Arc<rustls::ClientConfig>, token: &str) -> Result<Ws, String> {
+    let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let fut =
@@ -455,4 +459,185 @@ fn rate_limit_is_applied_before_the_tls_handshake() {
         .sec_counters
         .get("handshake", "rejected", "rate_limited");
     assert_eq!(counted, refused);
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_tickgate");
+
+#[test]
+fn doctor_warns_when_tls_is_absent_on_a_public_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, "[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+    let with_tls = dir.path().join("tls.toml");
+    std::fs::write(
+        &with_tls,
+        "[server]\nlisten = \"0.0.0.0:8443\"\n[tls]\ncert = \"/etc/tickgate/tls.crt\"\nkey = \"/etc/tickgate/tls.key\"\n",
+    )
+    .unwrap();
+    let loopback = dir.path().join("lo.toml");
+    std::fs::write(&loopback, "[server]\nlisten = \"127.0.0.1:8080\"\n").unwrap();
+    let doctor = |p: &Path| {
+        let out = std::process::Command::new(BIN)
+            .args(["doctor", "--config"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = doctor(&plain);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[WARN] tls") && l.contains("0.0.0.0:8080")),
+        "{out}"
+    );
+    assert!(!doctor(&with_tls).lines().any(|l| l.contains("] tls ")));
+    assert!(!doctor(&loopback).lines().any(|l| l.contains("] tls ")));
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_of_the_running_binary() {
+    use std::io::BufRead as _;
+    let ca1 = Ca::new("CA one");
+    let ca2 = Ca::new("CA two");
+    let (c1, k1, leaf1) = ca1.leaf("server-1");
+    let files = Files::new(&c1, &k1);
+    let dir = tempfile::tempdir().unwrap();
+    tickgate::auth::mint::keygen(dir.path(), "k1").unwrap();
+    let sk_pem = std::fs::read_to_string(dir.path().join("k1.key")).unwrap();
+    let sk = tickgate::auth::mint::signing_key_from_pkcs8_pem(&sk_pem).unwrap();
+    let cfg_path = dir.path().join("tickgate.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin_cores = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\n[auth]\nkeys = [{{ kid = \"k1\", path = {:?} }}]\nallow_missing_origin = true\n\
+             [log]\nsecurity = \"/dev/null\"\n",
+            files.cert,
+            files.key,
+            dir.path().join("k1.pub")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let child = Child(child);
+    let mut addr: Option<std::net::SocketAddr> = None;
+    while addr.is_none() {
+        let l = rx.recv_timeout(Duration::from_secs(20)).expect("listening line");
+        if let Some(rest) = l.strip_prefix("tickgate listening on ") {
+            assert!(rest.contains("tls"), "{rest}");
+            addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+    }
+    let url = format!("wss://{}/v1/stream", addr.unwrap());
+    let now = now();
+    let token = tickgate::auth::mint::sign_token(
+        &sk,
+        "k1",
+        &tickgate::auth::mint::Claims {
+            sub: "ops".into(),
+            exp: now + 300,
+            iat: Some(now),
+            roles: vec!["subscriber".into(), "publisher".into()],
+            symbols: vec!["*".into()],
+            ..Default::default()
+        },
+    );
+    let mut old = wss_connect_url(&url, ca1.client(), &token).await.unwrap();
+    assert_eq!(served_leaf(&old), leaf1);
+    assert_eq!(next_json(&mut old).await["type"], "welcome");
+    subscribe(&mut old, "BTC-USD").await;
+
+    let (c2, k2, leaf2) = ca2.leaf("server-2");
+    files.write(&c2, &k2);
+    // SAFETY: kill(2) with the pid of the child we spawned and still own.
+    unsafe {
+        libc::kill(child.0.id() as i32, libc::SIGHUP);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a reload log line");
+        if l.contains("TLS certificate reloaded") && l.contains("SIGHUP") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no SIGHUP reload logged");
+    }
+    let mut new = wss_connect_url(&url, ca2.client(), &token).await.unwrap();
+    assert_eq!(served_leaf(&new), leaf2);
+    assert_eq!(next_json(&mut new).await["type"], "welcome");
+    // The connection made before the reload keeps streaming.
+    publish(&mut new, "BTC-USD", 1).await;
+    assert_eq!(expect_tick(&mut old, "BTC-USD").await, 1);
+}
+
+#[test]
+fn demo_client_speaks_wss_with_a_ca_file() {
+    let ca = Ca::new("tickgate test CA");
+    let (c, k, _) = ca.leaf("server-a");
+    let files = Files::new(&c, &k);
+    let srv = start_tls(test_config(1), &files);
+    let ca_file = files.cert.with_file_name("ca.pem");
+    std::fs::write(&ca_file, pem_of(&ca.cert)).unwrap();
+    let url = format!("wss://localhost:{}/v1/stream", srv.addr().port());
+    let run = |ca: Option<&Path>| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args([
+            "client",
+            "--url",
+            &url,
+            "--token",
+            &srv.token("cli"),
+            "--count",
+            "2",
+        ]);
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some(&ca_file));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"type\":\"welcome\""), "{stdout}");
+    assert!(stdout.contains("\"type\":\"subscribed\""), "{stdout}");
+    // Without --ca (or trusting the wrong CA) it refuses.
+    assert!(!run(None).status.success());
+    std::fs::write(&ca_file, pem_of(&Ca::new("other").cert)).unwrap();
+    assert!(!run(Some(&ca_file)).status.success());
 }
