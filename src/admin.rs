@@ -97,6 +97,17 @@ fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Resp
                     shared.revoked.len()
                 ),
             );
+            if let Some(tls) = shared.tls.as_ref() {
+                use std::sync::atomic::Ordering::Relaxed;
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out,
+                    format_args!(
+                        "# TYPE tickgate_tls_reloads_total counter\ntickgate_tls_reloads_total{{outcome=\"ok\"}} {}\ntickgate_tls_reloads_total{{outcome=\"failed\"}} {}\n",
+                        tls.reloads.load(Relaxed),
+                        tls.reload_failures.load(Relaxed)
+                    ),
+                );
+            }
             Response::text(200, &out).with_header("Content-Type", "text/plain; version=0.0.4")
         }
         "/admin/revoke" => {

@@ -90,6 +90,9 @@ pub enum Command {
         /// Stop after this many messages (0 = forever).
         #[arg(long, default_value_t = 0)]
         count: u64,
+        /// PEM certificate(s) to trust for a wss:// URL.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Inspect the host and print what to tune.
     Doctor {
@@ -195,7 +198,8 @@ pub fn run(cli: Cli) -> i32 {
             token,
             symbols,
             count,
-        } => match crate::client::run(&url, &token, &symbols, count) {
+            ca,
+        } => match crate::client::run(&url, &token, &symbols, count, ca.as_deref()) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },
@@ -321,7 +325,15 @@ fn serve(
         Ok(l) => l,
         Err(e) => return fail(1, &format!("log.security: {}: {e}", cfg.log.security)),
     };
-    let shared = Arc::new(Shared::new(cfg, auth, seclog));
+    let tls = match cfg.tls.as_ref().map(crate::tls::TlsState::load).transpose() {
+        Ok(t) => t,
+        Err(e) => return fail(1, &e),
+    };
+    let mut shared = Shared::new(cfg, auth, seclog);
+    if let Some(t) = tls {
+        shared = shared.with_tls(t);
+    }
+    let shared = Arc::new(shared);
     let handle = match crate::rt::start(shared.clone()) {
         Ok(h) => h,
         Err(e) => return fail(2, &format!("cannot start: {e}")),
@@ -338,6 +350,7 @@ fn serve(
         return fail(2, &format!("simulator: {e}"));
     }
     tracing::info!(
+        tls = shared.tls.is_some(),
         shards = handle.shard_threads(),
         driver = handle.driver.name(),
         entries = shared.cfg.server.io_uring_entries,
@@ -345,10 +358,11 @@ fn serve(
         "tickgate started"
     );
     println!(
-        "tickgate listening on {} ({} shards, driver {}), admin on {}",
+        "tickgate listening on {} ({} shards, driver {}{}), admin on {}",
         handle.public_addr,
         handle.shard_threads(),
         handle.driver.name(),
+        if shared.tls.is_some() { ", tls" } else { "" },
         handle
             .admin_addr
             .map(|a| a.to_string())
@@ -417,8 +431,14 @@ fn wait_for_signals(handle: &crate::rt::ServerHandle, config: Option<&std::path:
     0
 }
 
-/// SIGHUP: reload keys and allow-lists from the config file; live connections stay.
-fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) {
+/// SIGHUP: reload keys and allow-lists from the config file and the TLS certificate from
+/// its files; live connections stay (they keep the keys' verdict and the TLS session they
+/// have). Each part is reloaded on its own: a bad certificate does not block a key rotation
+/// and vice versa. The certificate is re-read from the paths the server started with.
+pub fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) {
+    if let Some(tls) = handle.shared.tls.as_ref() {
+        tls.reload_logged("SIGHUP");
+    }
     let Some(path) = config else {
         tracing::info!("SIGHUP: the embedded demo has nothing to reload");
         return;

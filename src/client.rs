@@ -1,22 +1,62 @@
 //! `tickgate client`: a deliberately small blocking WebSocket client for the demo, so
-//! trying the server needs nothing but this binary. Plain `ws://` only.
+//! trying the server needs nothing but this binary. `ws://`, and `wss://` with `--ca FILE`
+//! naming the PEM certificate(s) to trust (no system roots are built in).
 //!
 //! It writes the upgrade request by hand, checks the `101` and `Sec-WebSocket-Accept`,
 //! sends one `subscribe`, then prints every text message, answering pings.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::proto::frame::{OpCode, encode_client_frame_into};
 use crate::proto::http::accept_key;
 
-fn parse_ws_url(url: &str) -> Result<(String, String), String> {
-    let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs are supported")?;
+/// `(tls, host:port, path)`.
+fn parse_ws_url(url: &str) -> Result<(bool, String, String), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("ws://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (true, r)
+    } else {
+        return Err("only ws:// and wss:// URLs are supported".into());
+    };
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/v1/stream"),
     };
-    Ok((host.to_string(), path.to_string()))
+    let host = if host.contains(':') && !host.ends_with(']') {
+        host.to_string()
+    } else {
+        format!("{host}:{}", if tls { 443 } else { 80 })
+    };
+    Ok((tls, host, path.to_string()))
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed) for SNI and checks.
+fn server_name(host_port: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    let host = match host_port.rfind(':') {
+        Some(i) => &host_port[..i],
+        None => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))
+}
+
+fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in crate::tls::parse_chain(&pem).map_err(|e| format!("--ca {}: {e}", ca.display()))? {
+        roots.add(c).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn mask() -> [u8; 4] {
@@ -27,15 +67,35 @@ fn mask() -> [u8; 4] {
     n.to_le_bytes()
 }
 
-fn send_text(s: &mut TcpStream, text: &str) -> std::io::Result<()> {
+fn send_text(s: &mut impl Write, text: &str) -> std::io::Result<()> {
     let mut out = Vec::new();
     encode_client_frame_into(OpCode::Text, true, text.as_bytes(), mask(), &mut out);
     s.write_all(&out)
 }
 
-pub fn run(url: &str, token: &str, symbols: &str, count: u64) -> Result<(), String> {
-    let (host, path) = parse_ws_url(url)?;
-    let mut s = TcpStream::connect(&host).map_err(|e| format!("connect {host}: {e}"))?;
+pub fn run(url: &str, token: &str, symbols: &str, count: u64, ca: Option<&Path>) -> Result<(), String> {
+    let (tls, host, path) = parse_ws_url(url)?;
+    let tcp = TcpStream::connect(&host).map_err(|e| format!("connect {host}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    if !tls {
+        let mut s = tcp;
+        return stream(&mut s, &host, &path, token, symbols, count);
+    }
+    let ca = ca.ok_or("wss:// needs --ca FILE (the PEM certificate(s) to trust)")?;
+    let conn =
+        rustls::ClientConnection::new(tls_client(ca)?, server_name(&host)?).map_err(|e| e.to_string())?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    stream(&mut s, &host, &path, token, symbols, count)
+}
+
+fn stream(
+    s: &mut (impl Read + Write),
+    host: &str,
+    path: &str,
+    token: &str,
+    symbols: &str,
+    count: u64,
+) -> Result<(), String> {
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: md.v1.json\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -70,7 +130,7 @@ pub fn run(url: &str, token: &str, symbols: &str, count: u64) -> Result<(), Stri
     buf.drain(..head_end);
     let list: Vec<String> = symbols.split(',').map(|x| format!("\"{}\"", x.trim())).collect();
     send_text(
-        &mut s,
+        s,
         &format!(
             "{{\"op\":\"subscribe\",\"id\":1,\"symbols\":[{}],\"snapshot\":true}}",
             list.join(",")

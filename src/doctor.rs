@@ -212,5 +212,20 @@ mod tests {
         cfg.server.listen = "127.0.0.1:8080".parse().unwrap();
         assert!(!run(Some(&cfg)).iter().any(|x| x.check == "tls"));
         assert!(render(&found).contains("warning(s)"));
+        // With [tls] a public address is fine.
+        cfg.server.listen = "0.0.0.0:8443".parse().unwrap();
+        cfg.tls = Some(crate::config::TlsConfig {
+            cert: "/etc/tickgate/tls.crt".into(),
+            key: "/etc/tickgate/tls.key".into(),
+        });
+        assert!(!run(Some(&cfg)).iter().any(|x| x.check == "tls"));
+        // IPv6 wildcard without [tls] warns too.
+        cfg.tls = None;
+        cfg.server.listen = "[::]:8080".parse().unwrap();
+        assert!(
+            run(Some(&cfg))
+                .iter()
+                .any(|x| x.check == "tls" && x.level == Level::Warn)
+        );
     }
 }

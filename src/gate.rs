@@ -95,12 +95,73 @@ fn too_many(retry_after_secs: u64) -> Response {
         .with_header("Retry-After", &retry_after_secs.max(1).to_string())
 }
 
+/// The per-IP rate limit as judged at accept time, before a TLS handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRate {
+    /// Not checked yet: the gate checks (plain listener, or a trusted proxy's socket whose
+    /// client IP is only known from the request's forwarding headers).
+    Unchecked,
+    /// Checked and charged for the socket peer: the gate must not charge this request again.
+    Charged,
+    /// Over the limit: the caller closes the socket without a TLS handshake.
+    Refused,
+}
+
+/// The per-IP rate limit before the TLS handshake (the expensive part of an upgrade).
+///
+/// Over TLS a `429` can only be sent after a completed handshake, which is the very work a
+/// flooding address must not get. So an address over its limit is refused by closing the
+/// socket before the ServerHello (the client sees the connection end during its handshake);
+/// the refusal is logged and counted like the `429` it replaces (`reason: rate_limited`,
+/// `status` absent). A socket from a trusted proxy is left to the gate, which knows the real
+/// client from the forwarding headers and answers `429` with `Retry-After` as usual.
+pub fn pre_tls_rate(shared: &Shared, peer: IpAddr, now_ms: u64) -> PeerRate {
+    if shared.auth().proxies.contains(peer) {
+        return PeerRate::Unchecked;
+    }
+    match shared.rate.check(peer, now_ms) {
+        RateDecision::Allow => PeerRate::Charged,
+        RateDecision::Deny { .. } => {
+            shared.sec_counters.inc("handshake", "rejected", "rate_limited");
+            shared.seclog.write(&SecurityEvent {
+                ts_unix_ms: now_ms,
+                event: "handshake",
+                outcome: "rejected",
+                reason: "rate_limited",
+                ip: Some(peer),
+                origin: None,
+                sub: None,
+                sid: None,
+                status: None,
+                token_hash: None,
+            });
+            PeerRate::Refused
+        }
+    }
+}
+
 /// Route and judge one request of the public listener.
 pub fn handle_public(shared: &Shared, req: &Request, peer: IpAddr, now_ms: u64) -> Outcome {
+    handle_public_with(shared, req, peer, now_ms, PeerRate::Unchecked)
+}
+
+/// [`handle_public`] for a request whose socket peer was already charged by
+/// [`pre_tls_rate`] (`PeerRate::Charged`): the request is not counted twice.
+pub fn handle_public_with(
+    shared: &Shared,
+    req: &Request,
+    peer: IpAddr,
+    now_ms: u64,
+    peer_rate: PeerRate,
+) -> Outcome {
     let auth = shared.auth();
     let ip = http::client_ip(req, peer, |p| auth.proxies.contains(p));
-    // Every request counts against the per-IP limit (PROTOCOL.md section 1).
-    let rate = shared.rate.check(ip, now_ms);
+    // Every request counts against the per-IP limit (PROTOCOL.md section 1), once.
+    let rate = match peer_rate {
+        PeerRate::Charged if ip == peer => RateDecision::Allow,
+        PeerRate::Refused => RateDecision::Deny { retry_after_secs: 1 },
+        _ => shared.rate.check(ip, now_ms),
+    };
     let origin = req.header("origin");
     match http::route(&req.path) {
         Route::Healthz => Outcome::Respond(Response::text(200, "ok\n")),

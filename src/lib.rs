@@ -36,6 +36,8 @@
 //!   messages, server message encoding), `tick`, `outbound` (bounded queue with
 //!   conflation), `hub` (cross-core fan-out), `sim` (tick simulator).
 //! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock).
+//! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reload on
+//!   SIGHUP and on file change); the connection pump drives rustls sans-IO.
 //! - [`rt`]: bootstrap, shards (acceptor, dispatcher, ticker), connection pump.
 //! - [`state`]: what all shards share; [`admin`]: the admin listener; [`metrics`];
 //!   [`doctor`]: host checks; [`client`]: the demo client.
@@ -54,3 +56,4 @@ pub mod rt;
 pub mod session;
 pub mod state;
 pub mod timer;
+pub mod tls;

@@ -75,6 +75,9 @@ pub struct Shared {
     pub hub: Hub,
     pub draining: AtomicBool,
     pub session_cfg: SessionConfig,
+    /// `[tls]` loaded: the public listener speaks TLS. Set with [`Shared::with_tls`];
+    /// `rt::start` refuses a config with `[tls]` whose state was not loaded.
+    pub tls: Option<crate::tls::TlsState>,
     /// Time base: unix ms at `epoch`, advanced by a monotonic clock (see [`Shared::now_ms`]).
     epoch: Instant,
     epoch_unix_ms: u64,
@@ -109,6 +112,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             auth: RwLock::new(Arc::new(auth)),
             session_cfg,
+            tls: None,
             epoch: Instant::now(),
             epoch_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -122,6 +126,12 @@ impl Shared {
     /// never makes a deadline fire early or twice.
     pub fn now_ms(&self) -> u64 {
         self.epoch_unix_ms + self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Attach the loaded `[tls]` state (see [`crate::tls::TlsState::load`]).
+    pub fn with_tls(mut self, tls: crate::tls::TlsState) -> Shared {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn auth(&self) -> Arc<AuthState> {

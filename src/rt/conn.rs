@@ -12,6 +12,17 @@
 //!   the writes of every connection woken in the same loop turn go to the kernel in one
 //!   `io_uring_enter`.
 //!
+//! **TLS** (when `[tls]` is configured) is rustls driven sans-IO, not a stream wrapper: the
+//! per-IP rate limit is charged at accept, before any TLS work (an address over its limit is
+//! closed without a handshake, see `gate::pre_tls_rate`); the HTTP phase feeds received
+//! ciphertext to the connection's `rustls::ServerConnection`, parses the plaintext it yields
+//! and writes its handshake flights and the encrypted response with `write_all_fd`, all
+//! under the same handshake deadline as plain HTTP; after the `101` the `ServerConnection`
+//! moves into the `Conn`, the reader decrypts into the shard's `plain_buf` before the frame
+//! decoder, and the writer encrypts the coalesced buffer after `drain_into`. The fan-out is
+//! untouched: frames are still encoded once and shared; only the encryption is per
+//! connection.
+//!
 //! Every error path ends the same way: `ShardCtx::task_done`, which shuts the socket down
 //! (waking the other task) and, when both tasks are gone, frees the slot, the
 //! subscriptions, the timers and the per-user cap. Network input never panics: parsers
@@ -26,7 +37,9 @@ use std::task::Poll;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use crate::gate::{self, Outcome};
+use rustls::ServerConnection;
+
+use crate::gate::{self, Outcome, PeerRate};
 use crate::proto::frame::{Decoder, DecoderConfig};
 use crate::proto::http::{self, RequestLimits, Response};
 use crate::rt::shard::{ConnRef, ShardCtx, shutdown};
@@ -60,12 +73,94 @@ fn recv(fd: i32, buf: &mut [u8]) -> Read {
     }
 }
 
+/// Outcome of feeding received ciphertext to rustls.
+enum TlsIn {
+    /// Everything consumed; any plaintext was appended.
+    Ok,
+    /// The peer sent `close_notify`: no more data will come.
+    Closed,
+    /// A TLS protocol error (rustls has queued an alert for the peer).
+    Failed(String),
+}
+
+/// Feed `data` to rustls and append the plaintext it yields to `plain`.
+fn tls_feed(tls: &mut ServerConnection, mut data: &[u8], plain: &mut Vec<u8>) -> TlsIn {
+    use std::io::BufRead as _;
+    while !data.is_empty() {
+        if let Err(e) = tls.read_tls(&mut data) {
+            // Backpressure cannot happen (plaintext is drained after every record batch),
+            // so this is an oversized or malformed stream.
+            return TlsIn::Failed(e.to_string());
+        }
+        if let Err(e) = tls.process_new_packets() {
+            return TlsIn::Failed(e.to_string());
+        }
+        loop {
+            let mut rd = tls.reader();
+            match rd.fill_buf() {
+                Ok([]) => return TlsIn::Closed,
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    plain.extend_from_slice(chunk);
+                    rd.consume(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return TlsIn::Closed,
+            }
+        }
+    }
+    TlsIn::Ok
+}
+
+/// Encrypt `plain` (and a `close_notify` when `close`), appending the records to `out`.
+fn tls_seal(tls: &mut ServerConnection, plain: &[u8], close: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut off = 0;
+    loop {
+        while tls.wants_write() {
+            tls.write_tls(out)?;
+        }
+        if off >= plain.len() {
+            break;
+        }
+        // rustls bounds its pending ciphertext; write_tls above empties it each round.
+        let n = tls.writer().write(&plain[off..])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+    }
+    if close {
+        tls.send_close_notify();
+        while tls.wants_write() {
+            tls.write_tls(out)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let fd = stream.as_raw_fd();
+    // TLS: charge the rate limit before doing any TLS work.
+    let mut peer_rate = PeerRate::Unchecked;
+    let mut tls = None;
+    if let Some(state) = ctx.shared.tls.as_ref() {
+        peer_rate = gate::pre_tls_rate(&ctx.shared, peer.ip(), ctx.now_ms());
+        if peer_rate == PeerRate::Refused {
+            return;
+        }
+        match state.accept() {
+            Ok(t) => tls = Some(Box::new(t)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a TLS session");
+                return;
+            }
+        }
+    }
     let (idx, generation, conn) = ctx.register(fd);
     ctx.handshakes.set(ctx.handshakes.get() + 1);
-    let admitted = handshake(&ctx, &stream, peer).await;
+    let admitted = handshake(&ctx, &stream, peer, peer_rate, &mut tls).await;
     ctx.handshakes.set(ctx.handshakes.get().saturating_sub(1));
     let Some((admitted, leftover)) = admitted else {
         ctx.task_done(idx, generation, true);
@@ -96,6 +191,7 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     {
         let mut c = conn.borrow_mut();
         c.slot = Some(a.slot);
+        c.tls = tls;
         ctx.open(idx, &mut c, session, decoder);
     }
     monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, wstream));
@@ -108,10 +204,15 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// The HTTP phase. Returns the admitted identity and any bytes after the request.
+/// With TLS, `req_buf` holds decrypted bytes and the TLS handshake runs inside this loop
+/// (its flights are written as rustls produces them), so the handshake deadline armed at
+/// accept bounds both.
 async fn handshake(
     ctx: &Rc<ShardCtx>,
     stream: &TcpStream,
     peer: SocketAddr,
+    peer_rate: PeerRate,
+    tls: &mut Option<Box<ServerConnection>>,
 ) -> Option<(Box<gate::Admitted>, Vec<u8>)> {
     let limits = RequestLimits {
         max_head_bytes: ctx.shared.cfg.limits.max_head_bytes,
@@ -124,53 +225,107 @@ async fn handshake(
         if stream.readable(false).await.is_err() {
             return None;
         }
+        let mut tls_end = None;
         loop {
             let r = {
                 let mut buf = ctx.read_buf.borrow_mut();
-                let room = cap.saturating_sub(req_buf.len()).clamp(1, buf.len());
+                let room = match tls {
+                    // Ciphertext: rustls bounds what it buffers; the plaintext is capped below.
+                    Some(_) => buf.len(),
+                    None => cap.saturating_sub(req_buf.len()).clamp(1, buf.len()),
+                };
                 match recv(stream.as_raw_fd(), &mut buf[..room]) {
                     Read::Data(n) => {
-                        req_buf.extend_from_slice(&buf[..n]);
+                        match tls.as_deref_mut() {
+                            Some(t) => match tls_feed(t, &buf[..n], &mut req_buf) {
+                                TlsIn::Ok => {}
+                                other => tls_end = Some(other),
+                            },
+                            None => req_buf.extend_from_slice(&buf[..n]),
+                        }
                         Read::Data(n)
                     }
                     other => other,
                 }
             };
+            if tls_end.is_some() {
+                break;
+            }
             match r {
                 Read::Eof => return None,
                 Read::WouldBlock => break,
                 Read::Data(_) => {}
             }
         }
+        if let Some(t) = tls.as_deref_mut() {
+            // Handshake flights (and, after an error, the alert) go out as soon as rustls
+            // has them.
+            if t.wants_write() {
+                let mut out = Vec::new();
+                let sealed = tls_seal(t, &[], false, &mut out);
+                if sealed.is_err() || write_all_fd(stream, out).await.is_err() {
+                    return None;
+                }
+            }
+            match tls_end {
+                None => {}
+                Some(TlsIn::Failed(e)) => {
+                    ctx.shared.sec_counters.inc("handshake", "rejected", "tls");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Some(_) => return None,
+            }
+            if req_buf.is_empty() {
+                continue;
+            }
+        }
         match http::try_parse(&req_buf, &limits) {
             Ok(Some(done)) => break done,
             Ok(None) if req_buf.len() < cap => continue,
             Ok(None) => {
-                respond(stream, Response::text(400, "request too large\n")).await;
+                respond(stream, tls, Response::text(400, "request too large\n")).await;
                 return None;
             }
             Err(e) => {
                 ctx.shared
                     .sec_counters
                     .inc("handshake", "rejected", "malformed_http");
-                respond(stream, Response::text(e.status(), "bad request\n")).await;
+                respond(stream, tls, Response::text(e.status(), "bad request\n")).await;
                 return None;
             }
         }
     };
     let now = ctx.now_ms();
-    match gate::handle_public(&ctx.shared, &req, peer.ip(), now) {
+    match gate::handle_public_with(&ctx.shared, &req, peer.ip(), now, peer_rate) {
         Outcome::Respond(resp) => {
-            respond(stream, resp).await;
+            respond(stream, tls, resp).await;
             None
         }
         Outcome::Upgrade(adm) => {
             let bytes = http::switching_protocols(&adm.accept, adm.protocol);
-            if write_all_fd(stream, bytes).await.is_err() {
+            if send(stream, tls, bytes, false).await.is_err() {
                 return None;
             }
             req_buf.drain(..consumed);
             Some((adm, req_buf))
+        }
+    }
+}
+
+/// Write `bytes` in the HTTP phase, through TLS when the connection has it.
+async fn send(
+    stream: &TcpStream,
+    tls: &mut Option<Box<ServerConnection>>,
+    bytes: Vec<u8>,
+    close: bool,
+) -> std::io::Result<()> {
+    match tls.as_deref_mut() {
+        None => write_all_fd(stream, bytes).await,
+        Some(t) => {
+            let mut out = Vec::with_capacity(bytes.len() + 64);
+            tls_seal(t, &bytes, close, &mut out)?;
+            write_all_fd(stream, out).await
         }
     }
 }
@@ -205,13 +360,14 @@ async fn write_all_fd(stream: &TcpStream, bytes: Vec<u8>) -> std::io::Result<()>
     Ok(())
 }
 
-async fn respond(stream: &TcpStream, resp: Response) {
-    let _ = write_all_fd(stream, resp.to_bytes()).await;
+async fn respond(stream: &TcpStream, tls: &mut Option<Box<ServerConnection>>, resp: Response) {
+    let _ = send(stream, tls, resp.to_bytes(), true).await;
     shutdown(stream.as_raw_fd(), libc::SHUT_WR);
 }
 
 async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usize) {
     let fd = stream.as_raw_fd();
+    let tls = conn.borrow().tls.is_some();
     loop {
         {
             let c = conn.borrow();
@@ -227,6 +383,13 @@ async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usi
             let r = {
                 let mut buf = ctx.read_buf.borrow_mut();
                 match recv(fd, &mut buf) {
+                    Read::Data(n) if tls => {
+                        if decrypt_and_process(ctx, conn, idx, &buf[..n]) {
+                            Read::Data(n)
+                        } else {
+                            Read::Eof
+                        }
+                    }
                     Read::Data(n) => {
                         process(ctx, conn, idx, &mut buf[..n]);
                         Read::Data(n)
@@ -240,6 +403,39 @@ async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usi
                 Read::Data(n) if n < ctx.read_buf.borrow().len() => break,
                 Read::Data(_) => {}
             }
+        }
+    }
+}
+
+/// TLS: decrypt received bytes into the shard's `plain_buf` and process the plaintext.
+/// Returns `false` when the connection's input is over (close_notify or a TLS error).
+fn decrypt_and_process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, cipher: &[u8]) -> bool {
+    let mut plain = ctx.plain_buf.borrow_mut();
+    plain.clear();
+    let fed = {
+        let mut c = conn.borrow_mut();
+        let Some(t) = c.tls.as_deref_mut() else {
+            return false;
+        };
+        let fed = tls_feed(t, cipher, &mut plain);
+        if t.wants_write() {
+            // Post-handshake messages (key updates, alerts) go out with the next write.
+            c.wake_writer();
+        }
+        fed
+    };
+    if !plain.is_empty() {
+        process(ctx, conn, idx, &mut plain);
+    }
+    if plain.capacity() > 1024 * 1024 {
+        *plain = Vec::new();
+    }
+    match fed {
+        TlsIn::Ok => true,
+        TlsIn::Closed => false,
+        TlsIn::Failed(e) => {
+            tracing::debug!(error = %e, "TLS error on a live connection");
+            false
         }
     }
 }
@@ -304,12 +500,16 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 
 async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, mut stream: TcpStream) {
     let mut buf: Vec<u8> = Vec::new();
+    // TLS: the records sealed from `buf`.
+    let mut sealed: Vec<u8> = Vec::new();
     let mut graceful = false;
     loop {
         // Wait until there is something to write or the connection is over.
         poll_fn(|cx| {
             let mut c = conn.borrow_mut();
-            let ready = c.dead || c.session.as_ref().is_none_or(|s| !s.outbound.is_empty());
+            let ready = c.dead
+                || c.session.as_ref().is_none_or(|s| !s.outbound.is_empty())
+                || c.tls.as_ref().is_some_and(|t| t.wants_write());
             if ready {
                 Poll::Ready(())
             } else {
@@ -319,34 +519,51 @@ async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, m
         })
         .await;
         let closing_done;
+        let encrypted;
         {
             let mut c = conn.borrow_mut();
             if c.dead {
                 break;
             }
+            let c = &mut *c;
             let Some(s) = c.session.as_mut() else { break };
             buf.clear();
             s.outbound.drain_into(&mut buf, MAX_WRITE);
             s.note_drained();
             closing_done = s.is_closing() && s.outbound.is_empty();
+            encrypted = match c.tls.as_deref_mut() {
+                Some(t) => {
+                    // The frames were encoded once for every subscriber; only this step
+                    // is per connection.
+                    sealed.clear();
+                    if tls_seal(t, &buf, closing_done, &mut sealed).is_err() {
+                        break;
+                    }
+                    true
+                }
+                None => false,
+            };
         }
-        if !buf.is_empty() {
-            let (res, b) = stream.write_all(std::mem::take(&mut buf)).await;
-            buf = b;
+        let out = if encrypted { &mut sealed } else { &mut buf };
+        if !out.is_empty() {
+            let (res, b) = stream.write_all(std::mem::take(out)).await;
+            *out = b;
             if res.is_err() {
                 break;
             }
-            // An idle connection keeps no write buffer: free it once the queue is empty
-            // (a busy connection keeps reusing it).
-            if buf.capacity() > 64 * 1024
-                || conn
-                    .borrow()
-                    .session
-                    .as_ref()
-                    .is_none_or(|s| s.outbound.is_empty())
-            {
-                buf = Vec::new();
-            }
+        }
+        // An idle connection keeps no write buffers: free them once the queue is empty
+        // (a busy connection keeps reusing them).
+        let idle = conn
+            .borrow()
+            .session
+            .as_ref()
+            .is_none_or(|s| s.outbound.is_empty());
+        if idle || buf.capacity() > 64 * 1024 {
+            buf = Vec::new();
+        }
+        if idle || sealed.capacity() > 64 * 1024 {
+            sealed = Vec::new();
         }
         if closing_done {
             // Our close frame is out. If the peer closed first, the handshake is complete

@@ -4,7 +4,8 @@
 //! resolves port 0, the others reuse the resolved port), starts one pinned thread per shard
 //! running a monoio runtime on the io_uring driver (epoll only where io_uring is
 //! unavailable, and then it says so), starts the admin listener, and returns a
-//! [`ServerHandle`] with the bound addresses. Tests start servers in-process this way;
+//! [`ServerHandle`] with the bound addresses. With `[tls]` it also starts the thread that
+//! reloads the certificate when its files change. Tests start servers in-process this way;
 //! `tickgate serve` does the same and then waits for signals.
 
 pub mod conn;
@@ -122,6 +123,12 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
     raise_nofile();
     let cfg = &shared.cfg;
+    if cfg.tls.is_some() && shared.tls.is_none() {
+        // Never serve plain text on a listener configured for TLS.
+        return Err(std::io::Error::other(
+            "[tls] is configured but not loaded (Shared::with_tls)",
+        ));
+    }
     let shards = shared.hub.shards();
     let first = bind_reuseport(cfg.server.listen)?;
     let public_addr = first.local_addr()?;
@@ -153,6 +160,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
             Ok(Err(e)) => return Err(std::io::Error::other(e)),
             Err(_) => return Err(std::io::Error::other("a shard thread died during start-up")),
         }
+    }
+    if shared.tls.is_some() {
+        crate::tls::spawn_watcher(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
     }
     let admin_addr = if cfg.admin.enabled {
         Some(crate::admin::start(shared.clone())?)

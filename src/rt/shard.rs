@@ -76,6 +76,10 @@ pub struct Conn {
     pub fd: RawFd,
     pub session: Option<Session>,
     pub decoder: Option<Decoder>,
+    /// The TLS state machine (TLS listener only), moved in after the `101`: the reader
+    /// decrypts through it before the frame decoder, the writer encrypts through it after
+    /// draining the session's queue.
+    pub tls: Option<Box<rustls::ServerConnection>>,
     pub rx_partial: Vec<u8>,
     pub writer_waker: Option<Waker>,
     /// The writer must stop (socket broken or connection finished).
@@ -110,6 +114,8 @@ pub struct ShardCtx {
     table: RefCell<Vec<Vec<SubEntry>>>,
     wheel: RefCell<TimerWheel<TimerEvent>>,
     pub read_buf: RefCell<Box<[u8]>>,
+    /// Decrypted bytes of the current read (TLS only), shared like `read_buf`.
+    pub plain_buf: RefCell<Vec<u8>>,
     pub handshakes: Cell<usize>,
     next_gen: Cell<u32>,
     pub draining: Cell<bool>,
@@ -129,6 +135,7 @@ impl ShardCtx {
             table: RefCell::new(Vec::new()),
             wheel: RefCell::new(TimerWheel::with_capacity(now, 4096)),
             read_buf: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
+            plain_buf: RefCell::new(Vec::new()),
             handshakes: Cell::new(0),
             next_gen: Cell::new(1),
             draining: Cell::new(false),
@@ -150,6 +157,7 @@ impl ShardCtx {
             fd,
             session: None,
             decoder: None,
+            tls: None,
             rx_partial: Vec::new(),
             writer_waker: None,
             dead: false,
