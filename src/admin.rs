@@ -161,9 +161,9 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
         log("rejected", "not_admin", Some(&claims.sub), 403);
         return Response::text(403, "forbidden\n");
     }
-    let target = match parse_target(&req.body) {
-        Some(t) => t,
-        None => {
+    let target = match RevokeTarget::from_admin_body(&req.body) {
+        Ok(t) => t,
+        Err(_) => {
             log("rejected", "bad_request", Some(&claims.sub), 400);
             return Response::json(
                 400,
@@ -192,23 +192,4 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
     }
     log("accepted", "ok", Some(&claims.sub), 200);
     Response::json(200, format!("{{\"closed\":{closed}}}").as_bytes())
-}
-
-fn parse_target(body: &[u8]) -> Option<RevokeTarget> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let obj = v.as_object()?;
-    if obj.len() != 1 {
-        return None;
-    }
-    let (k, v) = obj.iter().next()?;
-    let s = v.as_str()?.to_string();
-    if s.is_empty() || s.len() > 256 {
-        return None;
-    }
-    match k.as_str() {
-        "sub" => Some(RevokeTarget::Sub(s)),
-        "sid" => Some(RevokeTarget::Sid(s)),
-        "jti" => Some(RevokeTarget::Jti(s)),
-        _ => None,
-    }
 }

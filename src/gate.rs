@@ -17,6 +17,7 @@ use crate::auth::jwt::{AuthError, VerifiedClaims};
 use crate::auth::origin::OriginDecision;
 use crate::auth::ratelimit::RateDecision;
 use crate::auth::seclog::{SecurityEvent, token_hash};
+use crate::auth::tickets::TicketError;
 use crate::auth::usercap::{self, UserSlot};
 use crate::proto::http::{self, Credential, Request, Response, Route};
 use crate::state::Shared;
@@ -342,14 +343,20 @@ fn ticket(
         Ok(v) => v,
         Err(o) => return o,
     };
-    match shared.tickets.issue(claims.clone(), now_ms) {
+    // A ticket never outlives the token it was made from.
+    let leeway_ms = shared.cfg.auth.leeway.as_millis() as u64;
+    let not_after_ms = claims.exp.saturating_mul(1000).saturating_add(leeway_ms);
+    match shared.tickets.issue_until(claims.clone(), now_ms, not_after_ms) {
         Ok(t) => {
             audit.log("accepted", "ok", Some(&claims), 200, token.as_deref());
-            let ttl = shared.tickets.ttl_ms() / 1000;
-            let body = format!("{{\"ticket\":\"{t}\",\"expires_in\":{ttl}}}");
+            let ttl_ms = shared.tickets.ttl_ms().min(not_after_ms.saturating_sub(now_ms));
+            let body = format!("{{\"ticket\":\"{t}\",\"expires_in\":{}}}", ttl_ms / 1000);
             Outcome::Respond(Response::json(200, body.as_bytes()))
         }
-        Err(_) => audit.reject(too_many(1), "ticket_store_full", Some(&claims), token.as_deref()),
+        Err(TicketError::Full) => {
+            audit.reject(too_many(1), "ticket_store_full", Some(&claims), token.as_deref())
+        }
+        Err(_) => audit.reject(unauthorized(true), "expired", Some(&claims), token.as_deref()),
     }
 }
 
