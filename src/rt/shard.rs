@@ -438,20 +438,16 @@ impl ShardCtx {
     fn control(&self, msg: Control) {
         match msg {
             Control::Revoke(target, reply) => {
-                use crate::auth::revocation::RevokeTarget;
                 let mut closed = 0;
                 let conns: Vec<(usize, ConnRef)> =
                     self.conns.borrow().iter().map(|(i, c)| (i, c.clone())).collect();
                 for (idx, conn) in conns {
                     let mut c = conn.borrow_mut();
-                    let hit = match c.session.as_ref().map(|s| s.claims()) {
-                        Some(cl) if !c.dead => match &target {
-                            RevokeTarget::Sub(s) => &cl.sub == s,
-                            RevokeTarget::Sid(s) => cl.sid.as_ref() == Some(s),
-                            RevokeTarget::Jti(j) => cl.jti.as_ref() == Some(j),
-                        },
-                        _ => false,
-                    };
+                    let hit = !c.dead
+                        && c.session
+                            .as_ref()
+                            .map(|s| s.claims())
+                            .is_some_and(|cl| target.matches(&cl.sub, cl.sid.as_deref(), cl.jti.as_deref()));
                     if hit
                         && let Some(s) = c.session.as_mut()
                         && !s.is_closing()
