@@ -329,6 +329,15 @@ fn serve(
         Ok(t) => t,
         Err(e) => return fail(1, &e),
     };
+    // Handlers go in before the listener opens, so a SIGTERM that arrives as soon as the
+    // first client is served still drains instead of killing the process.
+    let signals = {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+            Ok(s) => s,
+            Err(e) => return fail(2, &format!("signals: {e}")),
+        }
+    };
     let mut shared = Shared::new(cfg, auth, seclog);
     if let Some(t) = tls {
         shared = shared.with_tls(t);
@@ -373,7 +382,7 @@ fn serve(
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    wait_for_signals(&handle, config.as_deref())
+    wait_for_signals(signals, &handle, config.as_deref())
 }
 
 fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr) {
@@ -408,12 +417,12 @@ fn init_tracing(level: &str) {
         .try_init();
 }
 
-fn wait_for_signals(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) -> i32 {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-        Ok(s) => s,
-        Err(e) => return fail(2, &format!("signals: {e}")),
-    };
+fn wait_for_signals(
+    mut signals: signal_hook::iterator::Signals,
+    handle: &crate::rt::ServerHandle,
+    config: Option<&std::path::Path>,
+) -> i32 {
+    use signal_hook::consts::SIGHUP;
     for sig in signals.forever() {
         match sig {
             SIGHUP => reload(handle, config),

@@ -495,7 +495,10 @@ impl Session {
         // All or nothing: every symbol is checked before anything is handed on.
         for (name, _) in &ticks {
             if !is_valid_symbol(name) {
-                let m = format!("invalid symbol {}", truncate(name, 40));
+                let m = format!(
+                    "invalid symbol {}",
+                    crate::proto::frame::truncate_to_char_boundary(name, 40)
+                );
                 self.reply_error(id, ErrorCode::BadRequest, &m);
                 return;
             }
@@ -652,17 +655,6 @@ impl Session {
         let frame = encode_frame(OpCode::Text, &self.scratch);
         self.outbound.push_control(frame);
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

@@ -27,10 +27,9 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 
 use crate::auth::revocation::RevokeTarget;
-use crate::feed::outbound::SharedTick;
+use crate::feed::outbound::{SharedTick, encode_tick_frame};
 use crate::feed::symbol::{SymbolError, SymbolId, SymbolTable};
-use crate::feed::tick::{Tick, TickKind, encode_tick_json};
-use crate::proto::frame::{OpCode, write_header};
+use crate::feed::tick::{MAX_TICK_JSON_LEN, Tick, TickKind};
 
 /// Ticks queued per shard inbox before the hub starts dropping for that shard.
 pub const INBOX_CAPACITY: usize = 1 << 16;
@@ -139,7 +138,6 @@ impl Hub {
     /// Stamp, encode once and fan out a validated batch. Returns how many ticks went out.
     pub fn publish(&self, batch: &[(SymbolId, Tick)]) -> usize {
         let mut wake_mask = 0u64;
-        let mut json = Vec::with_capacity(192);
         let mut count = 0;
         for (id, tick) in batch {
             let (Some(state), Some(name)) = (self.state(*id), self.symbols.name(*id)) else {
@@ -148,9 +146,7 @@ impl Hub {
             let mut st = lock(state);
             st.seq += 1;
             let seq = st.seq;
-            json.clear();
-            encode_tick_json(TickKind::Tick, &name, seq, tick, 0, &mut json);
-            let frame = text_frame(&json);
+            let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);
             let shared = Arc::new(SharedTick {
                 symbol: *id,
                 seq,
@@ -233,21 +229,16 @@ fn lock(m: &Mutex<SymbolState>) -> std::sync::MutexGuard<'_, SymbolState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An unmasked final text frame, in one exact-size allocation.
-pub fn text_frame(payload: &[u8]) -> Bytes {
-    let mut hdr = [0u8; 10];
-    let n = write_header(OpCode::Text, payload.len(), &mut hdr);
-    let mut v = Vec::with_capacity(n + payload.len());
-    v.extend_from_slice(&hdr[..n]);
-    v.extend_from_slice(payload);
+/// A tick's WebSocket frame, encoded in one pass into one allocation.
+fn tick_frame(kind: TickKind, name: &str, seq: u64, tick: &Tick, skipped: u64) -> Bytes {
+    let mut v = Vec::with_capacity(MAX_TICK_JSON_LEN + 10);
+    encode_tick_frame(kind, name, seq, tick, skipped, &mut v);
     Bytes::from(v)
 }
 
 /// The frame of a tick re-encoded for one subscriber (snapshot, or a tick after a gap).
 pub fn encode_for_subscriber(kind: TickKind, t: &SharedTick, skipped: u64) -> Bytes {
-    let mut json = Vec::with_capacity(192);
-    encode_tick_json(kind, &t.name, t.seq, &t.tick, skipped, &mut json);
-    text_frame(&json)
+    tick_frame(kind, &t.name, t.seq, &t.tick, skipped)
 }
 
 #[cfg(test)]

@@ -69,22 +69,7 @@ impl SharedTick {
 
 /// Appends an unmasked, final WebSocket text frame (RFC 6455 section 5.2) carrying `payload`.
 pub fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(payload.len() + 10);
-    out.push(0x81);
-    push_len(payload.len(), out);
-    out.extend_from_slice(payload);
-}
-
-fn push_len(len: usize, out: &mut Vec<u8>) {
-    if len < 126 {
-        out.push(len as u8);
-    } else if let Ok(l) = u16::try_from(len) {
-        out.push(126);
-        out.extend_from_slice(&l.to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+    crate::proto::frame::encode_frame_into(crate::proto::frame::OpCode::Text, payload, out);
 }
 
 /// Appends a complete WebSocket text frame carrying the tick JSON (see
@@ -108,10 +93,9 @@ pub fn encode_tick_frame(
     {
         out[start + 2..start + 4].copy_from_slice(&l.to_be_bytes());
     } else {
-        let mut header = Vec::with_capacity(10);
-        header.push(0x81);
-        push_len(len, &mut header);
-        out.splice(start..start + 4, header);
+        let mut header = [0u8; 10];
+        let n = crate::proto::frame::write_header(crate::proto::frame::OpCode::Text, len, &mut header);
+        out.splice(start..start + 4, header[..n].iter().copied());
     }
 }
 

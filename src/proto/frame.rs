@@ -576,7 +576,7 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
-fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
+pub fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
