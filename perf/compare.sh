@@ -106,10 +106,10 @@ T0=$SECONDS
 for S in tickgate baseline; do
   echo "# [$S] (A) fanout 1000 x 10/100 @ 1000 ticks/s" >&2
   start "$S"
-  lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR"
+  lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID"
   echo "# [$S] (B) zero-drop search over $RATES ticks/s" >&2
   lg "B:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates "$RATES" --stop-on-drop \
-    --warmup "$B_WARM" --duration "$B_DUR" --drain "$B_DRAIN"
+    --warmup "$B_WARM" --duration "$B_DUR" --drain "$B_DRAIN" --server-pid "$SPID"
   stop
   echo "# [$S] (C) $C_N idle connections" >&2
   start "$S"
@@ -117,7 +117,7 @@ for S in tickgate baseline; do
   stop
   echo "# [$S] (D) handshake storm" >&2
   start "$S"
-  lg "D:$S" handshake --concurrency 64 --sources 8 --duration "$D_DUR"
+  lg "D:$S" handshake --concurrency 64 --sources 8 --duration "$D_DUR" --server-pid "$SPID"
   stop
 done
 echo "# scenarios took $((SECONDS - T0)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -142,7 +142,7 @@ def row(name, t, b, better):  # better: "low" or "high"
     lines.append((name, fmt(t), fmt(b), ratio))
 def one(label, mode):
     r = get(label, mode); return r[-1] if r else {}
-for key, what in [("p50_us","low"),("p99_us","low"),("p999_us","low"),("delivered_per_s","high"),("delivery_pct","high"),("drops","low")]:
+for key, what in [("p50_us","low"),("p99_us","low"),("p999_us","low"),("delivered_per_s","high"),("delivery_pct","high"),("drops","low"),("server_cpu_pct","low"),("server_runq_wait_pct","low"),("client_cpu_pct","low")]:
     row(f"(A) {key}", one("A:tickgate","fanout").get(key), one("A:baseline","fanout").get(key), what)
 bt, bb = one("B:tickgate","search"), one("B:baseline","search")
 row("(B) zero-drop deliveries/s", bt.get("max_zero_drop_deliveries_per_s"), bb.get("max_zero_drop_deliveries_per_s"), "high")
@@ -157,6 +157,8 @@ row("(C) RSS/conn KiB", ct.get("rss_per_conn_kib"), cb.get("rss_per_conn_kib"), 
 dt, db = one("D:tickgate","handshake"), one("D:baseline","handshake")
 row("(D) upgrades/s", dt.get("accepted_per_s"), db.get("accepted_per_s"), "high")
 row("(D) p99_us", dt.get("p99_us"), db.get("p99_us"), "low")
+row("(D) server_cpu_pct", dt.get("server_cpu_pct"), db.get("server_cpu_pct"), "low")
+row("(D) server_runq_wait_pct", dt.get("server_runq_wait_pct"), db.get("server_runq_wait_pct"), "low")
 row("(D) rejected+errors", (dt.get("rejected",0) or 0)+(dt.get("errors",0) or 0) if dt else None,
     (db.get("rejected",0) or 0)+(db.get("errors",0) or 0) if db else None, "low")
 w = max(len(l[0]) for l in lines)

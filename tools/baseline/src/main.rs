@@ -29,7 +29,10 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 #[derive(Parser, Debug)]
-#[command(name = "baseline", about = "Typical tokio + tokio-tungstenite market-data server (comparison)")]
+#[command(
+    name = "baseline",
+    about = "Typical tokio + tokio-tungstenite market-data server (comparison)"
+)]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
@@ -61,7 +64,10 @@ struct App {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn main() {
@@ -118,6 +124,8 @@ fn reject(status: StatusCode) -> ErrorResponse {
     r
 }
 
+// tungstenite's handshake callback returns its (large) `ErrorResponse` by value.
+#[allow(clippy::result_large_err)]
 async fn handle(app: Arc<App>, stream: TcpStream) {
     let mut claims: Option<VerifiedClaims> = None;
     let cb = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -145,8 +153,13 @@ async fn handle(app: Arc<App>, stream: TcpStream) {
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let (mut sink, mut stream) = ws.split();
-    let welcome = json!({"type":"welcome","sub":claims.sub,"sid":claims.sid,"exp":claims.exp,"heartbeat_ms":15000});
-    if sink.send(Message::Text(welcome.to_string().into())).await.is_err() {
+    let welcome =
+        json!({"type":"welcome","sub":claims.sub,"sid":claims.sid,"exp":claims.exp,"heartbeat_ms":15000});
+    if sink
+        .send(Message::Text(welcome.to_string().into()))
+        .await
+        .is_err()
+    {
         return;
     }
     let mut mine: Vec<String> = Vec::new();
@@ -270,7 +283,8 @@ fn on_message(
                     "bid":t.bid,"ask":t.ask,"last":t.last,"qty":t.qty})
                 .to_string();
                 let bytes = Utf8Bytes::from(out);
-                st.subs.retain(|(_, s)| s.send(Message::Text(bytes.clone())).is_ok());
+                st.subs
+                    .retain(|(_, s)| s.send(Message::Text(bytes.clone())).is_ok());
             }
             Some(json!({"type":"published","id":msg.id,"count":count}).to_string())
         }

@@ -54,7 +54,9 @@ impl Ctx {
             other => return Err(format!("--target {other}: loopback only (127.0.0.0/8, ::1)")),
         }
         let key = mint::load_signing_key(&c.key).map_err(|e| format!("--key: {e}"))?;
-        let sources = (1..=c.sources.max(1)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        let sources = (1..=c.sources.max(1))
+            .map(|i| Ipv4Addr::new(127, 0, 0, i))
+            .collect();
         Ok(Ctx {
             target: c.target,
             host: c.target.to_string(),
@@ -225,4 +227,27 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sum over a process's threads of (time on CPU, time waiting on a run queue), ns, from
+/// /proc/PID/task/*/schedstat. The wait share shows CPU contention on a shared host.
+pub fn schedstat(pid: u32) -> Option<(u64, u64)> {
+    let mut run = 0u64;
+    let mut wait = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        run += it.next().unwrap_or(0);
+        wait += it.next().unwrap_or(0);
+    }
+    Some((run, wait))
+}
+
+/// Adds `server_cpu_pct` and `server_runq_wait_pct` (of wall time) between two readings.
+pub fn add_sched(r: &mut Report, a: Option<(u64, u64)>, b: Option<(u64, u64)>, secs: f64) {
+    if let (Some(a), Some(b)) = (a, b) {
+        let pct = |ns: u64| (ns as f64 / (secs * 1e9) * 1000.0).round() / 10.0;
+        r.add("server_cpu_pct", pct(b.0.saturating_sub(a.0)));
+        r.add("server_runq_wait_pct", pct(b.1.saturating_sub(a.1)));
+    }
 }

@@ -72,6 +72,16 @@ pub struct FanoutArgs {
     /// Concurrent connection attempts while connecting.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
+    /// Also apply HdrHistogram's coordinated-omission correction (record_correct with the
+    /// per-subscriber expected inter-tick interval, at most 1,000 synthetic values per
+    /// sample). Off by default: the publisher is open-loop and stamps late ticks with their
+    /// due time, so every tick is measured and nothing is omitted; the correction would
+    /// double-count and, at millions of samples per second, starve the client.
+    #[arg(long)]
+    pub co_correct: bool,
+    /// The server's pid: report its CPU and run-queue wait during the window (schedstat).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
@@ -103,6 +113,8 @@ struct Shared {
     t1: AtomicU64,
     c: Counters,
     interval_ns: AtomicU64,
+    co_correct: bool,
+    pub_max_lag_ns: AtomicU64,
     hists: Vec<Mutex<Histogram<u64>>>,
     hs_hist: Mutex<Histogram<u64>>,
 }
@@ -158,10 +170,16 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         t1: AtomicU64::new(u64::MAX),
         c: Counters::default(),
         interval_ns: AtomicU64::new(0),
+        co_correct: a.co_correct,
+        pub_max_lag_ns: AtomicU64::new(0),
         hists: (0..NHIST).map(|_| Mutex::new(histogram())).collect(),
         hs_hist: Mutex::new(histogram()),
     });
-    let ttl = if reauth && a.common.ttl == 300 { 20 } else { a.common.ttl };
+    let ttl = if reauth && a.common.ttl == 300 {
+        20
+    } else {
+        a.common.ttl
+    };
 
     // Tokens up front (signing is not what we measure).
     let tokens: Vec<String> = (0..a.subscribers)
@@ -235,6 +253,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             (names.len() as u64 * 1_000_000_000) / (rate.max(1) * k)
         };
         sh.interval_ns.store(interval, Relaxed);
+        sh.pub_max_lag_ns.store(0, Relaxed);
         for h in &sh.hists {
             h.lock().unwrap().reset();
         }
@@ -257,15 +276,24 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
         let t0 = now_ns();
         let cpu_a = common::cpu_time();
+        let sched_a = a.server_pid.and_then(common::schedstat);
         sh.t0.store(t0, Relaxed);
         sh.t1.store(u64::MAX, Relaxed);
         tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
         let t1 = now_ns();
         sh.t1.store(t1, Relaxed);
+        let sched_b = a.server_pid.and_then(common::schedstat);
         let secs = (t1 - t0) as f64 / 1e9;
         stop.store(true, Relaxed);
         let pstats = match publ {
-            Some(p) => match p.await {
+            Some(mut p) => match tokio::time::timeout(Duration::from_secs(5), &mut p)
+                .await
+                .unwrap_or_else(|_| {
+                    p.abort();
+                    Ok(Err(
+                        "publisher did not stop within 5 s (server not reading?)".into()
+                    ))
+                }) {
                 Ok(Ok(s)) => Some(s),
                 Ok(Err(e)) => {
                     eprintln!("loadgen: publisher: {e}");
@@ -305,12 +333,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         }
         r.add("delivered_per_s", (received as f64 / secs).round());
         if let Some(p) = &pstats {
-            let expected: u64 = p
-                .window_counts
-                .iter()
-                .zip(&per_sym)
-                .map(|(t, s)| t * s)
-                .sum();
+            let expected: u64 = p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum();
             r.add("published_window", p.window_counts.iter().sum::<u64>());
             r.add("expected", expected);
             r.add("received", received);
@@ -325,6 +348,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             );
             r.add("pub_acked_ticks", p.acked);
             r.add("pub_errors", p.errors);
+            r.add("pub_max_lag_us", us(sh.pub_max_lag_ns.load(Relaxed)));
             if expected > 0 && received >= expected && p.errors == 0 && after[5] == before[5] {
                 best_zero_drop = Some(best_zero_drop.map_or(rate, |b: u64| b.max(rate)));
             }
@@ -353,8 +377,12 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             "client_cpu_pct",
             ((cpu_b - cpu_a).as_secs_f64() * 1000.0 / (secs + a.drain)).round() / 10.0,
         );
+        common::add_sched(&mut r, sched_a, sched_b, secs);
         if step == 0 {
-            r.add("client_cpu_connect_s", (cpu_connect.as_secs_f64() * 100.0).round() / 100.0);
+            r.add(
+                "client_cpu_connect_s",
+                (cpu_connect.as_secs_f64() * 100.0).round() / 100.0,
+            );
         }
         if rates.len() > 1 {
             r.add("step", step as u64);
@@ -362,7 +390,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         println!(
             "== {} step {step}{} ==",
             if reauth { "reauth" } else { "fanout" },
-            if a.common.label.is_empty() { String::new() } else { format!(" [{}]", a.common.label) }
+            if a.common.label.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", a.common.label)
+            }
         );
         r.print(a.common.json);
         let dropped = pstats
@@ -381,7 +413,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         let deliveries = best as f64 * k as f64 * n as f64 / names.len() as f64;
         println!(
             "== zero-drop search{} ==\n  max_zero_drop_rate_ticks_per_s  {best}\n  max_zero_drop_deliveries_per_s  {}",
-            if a.common.label.is_empty() { String::new() } else { format!(" [{}]", a.common.label) },
+            if a.common.label.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", a.common.label)
+            },
             deliveries.round()
         );
         if a.common.json {
@@ -513,10 +549,17 @@ async fn subscriber(
         }
         // Flush this batch's counters.
         if !st.lat.is_empty() {
-            let interval = sh.interval_ns.load(Relaxed);
             let mut h = hist.lock().unwrap();
-            for &v in &st.lat {
-                h.record_correct(v.max(1), interval).ok();
+            if sh.co_correct {
+                let interval = sh.interval_ns.load(Relaxed);
+                for &v in &st.lat {
+                    // Bounded: at most 1,000 synthetic values per sample.
+                    h.record_correct(v.max(1), interval.max(v / 1000)).ok();
+                }
+            } else {
+                for &v in &st.lat {
+                    h.record(v.max(1)).ok();
+                }
             }
             drop(h);
             st.lat.clear();
@@ -672,7 +715,9 @@ async fn publisher(
         "authorization",
         format!("Bearer {token}").parse().map_err(|_| "header")?,
     );
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    // disable_nagle = true: with Nagle on, small batches wait for the server's delayed ACK
+    // (tens of ms of fake latency).
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (mut sink, mut stream) = ws.split();
@@ -687,10 +732,8 @@ async fn publisher(
                     Some(b"published") => {
                         ack2.fetch_add(lean::field_u64(b, b"\"count\":").unwrap_or(0), Relaxed);
                     }
-                    Some(b"error") => {
-                        if err2.fetch_add(1, Relaxed) < 3 {
-                            eprintln!("loadgen: publisher got {t}");
-                        }
+                    Some(b"error") if err2.fetch_add(1, Relaxed) < 3 => {
+                        eprintln!("loadgen: publisher got {t}");
                     }
                     _ => {}
                 }
@@ -700,6 +743,7 @@ async fn publisher(
     let n = names.len();
     let mut counts = vec![0u64; n];
     let start = Instant::now();
+    let start_ns = now_ns();
     let mut sent: u64 = 0;
     let mut next = 0usize;
     let mut id: u64 = 0;
@@ -714,8 +758,16 @@ async fn publisher(
         if due == 0 {
             continue;
         }
-        let ts = now_ns();
-        let in_window = ts >= sh.t0.load(Relaxed) && ts < sh.t1.load(Relaxed);
+        // Open loop: a tick is due at start + i/rate. On schedule (lag within two batch
+        // periods) it carries `now`; a late publisher (blocked by TCP backpressure or the
+        // CPU) stamps each tick with its due time, so the delay counts as latency
+        // (no coordinated omission).
+        let now = now_ns();
+        let due_ns = |i: u64| start_ns + (i as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
+        let lag = now.saturating_sub(due_ns(sent + 1));
+        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
+        let late = lag > 2 * batch_ms * 1_000_000;
+        let (t0, t1) = (sh.t0.load(Relaxed), sh.t1.load(Relaxed));
         let mut left = due;
         while left > 0 {
             let m = left.min(PER_MSG);
@@ -729,6 +781,7 @@ async fn publisher(
                     msg.push(',');
                 }
                 let px = 100.0 + ((sent + j) % 100) as f64 / 100.0;
+                let ts = if late { due_ns(sent + j + 1) } else { now };
                 use std::fmt::Write;
                 let _ = write!(
                     msg,
@@ -736,7 +789,7 @@ async fn publisher(
                     names[next],
                     px + 0.25
                 );
-                if in_window {
+                if ts >= t0 && ts < t1 {
                     counts[next] += 1;
                 }
                 next = (next + 1) % n;

@@ -37,6 +37,9 @@ pub struct HandshakeArgs {
     pub invalid_flood: bool,
     #[arg(long, default_value_t = 32)]
     pub flood_concurrency: usize,
+    /// The server's pid: report its CPU and run-queue wait (schedstat).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Default)]
@@ -71,7 +74,11 @@ fn valid_sources(ctx: &Ctx) -> Vec<Option<Ipv4Addr>> {
         .filter(|ip| ip.octets()[3] != 2)
         .map(|&ip| Some(ip))
         .collect();
-    if ctx.sources.len() <= 1 || v.is_empty() { vec![None] } else { v }
+    if ctx.sources.len() <= 1 || v.is_empty() {
+        vec![None]
+    } else {
+        v
+    }
 }
 
 struct Phase {
@@ -104,7 +111,9 @@ async fn run(a: HandshakeArgs, ctx: Arc<Ctx>) -> i32 {
         Arc::new(lean::upgrade_request(&ctx.host, &String::from_utf8_lossy(&b)))
     };
     let cpu0 = common::cpu_time();
+    let s0 = a.server_pid.and_then(common::schedstat);
     let p1 = phase(&a, &ctx, &reqs, None).await;
+    let s1 = a.server_pid.and_then(common::schedstat);
     let p2 = if a.invalid_flood {
         Some(phase(&a, &ctx, &reqs, Some(bad)).await)
     } else {
@@ -123,7 +132,11 @@ async fn run(a: HandshakeArgs, ctx: Arc<Ctx>) -> i32 {
         if !p.statuses.is_empty() {
             r.add(
                 &format!("{pre}statuses"),
-                p.statuses.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "),
+                p.statuses
+                    .iter()
+                    .map(|(k, v)| format!("{k}:{v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
             );
         }
         for (name, v) in percentiles(&p.hist) {
@@ -131,12 +144,17 @@ async fn run(a: HandshakeArgs, ctx: Arc<Ctx>) -> i32 {
         }
     };
     put(&mut r, "", &p1);
+    common::add_sched(&mut r, s0, s1, p1.secs);
     if let Some(p2) = &p2 {
         put(&mut r, "flood_", p2);
         r.add("flood_invalid_per_s", (p2.flood_done as f64 / p2.secs).round());
         r.add(
             "flood_invalid_statuses",
-            p2.flood_statuses.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "),
+            p2.flood_statuses
+                .iter()
+                .map(|(k, v)| format!("{k}:{v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
         r.add(
             "valid_rate_ratio_with_flood",
@@ -146,7 +164,11 @@ async fn run(a: HandshakeArgs, ctx: Arc<Ctx>) -> i32 {
     r.add("client_cpu_s", (cpu.as_secs_f64() * 100.0).round() / 100.0);
     println!(
         "== handshake{} ==",
-        if a.common.label.is_empty() { String::new() } else { format!(" [{}]", a.common.label) }
+        if a.common.label.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", a.common.label)
+        }
     );
     r.print(a.common.json);
     if p1.ok == 0 { 2 } else { 0 }
@@ -202,8 +224,16 @@ async fn phase(
             ftasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 while !stop.load(Relaxed) {
-                    one(&ctx, Some(Ipv4Addr::new(127, 0, 0, 2)), &bad, &mut buf, &fstats, None, Instant::now())
-                        .await;
+                    one(
+                        &ctx,
+                        Some(Ipv4Addr::new(127, 0, 0, 2)),
+                        &bad,
+                        &mut buf,
+                        &fstats,
+                        None,
+                        Instant::now(),
+                    )
+                    .await;
                 }
             }));
         }

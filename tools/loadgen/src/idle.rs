@@ -62,7 +62,12 @@ async fn run(a: IdleArgs, ctx: Arc<Ctx>) -> i32 {
     let rss0 = a.server_pid.and_then(rss_kib);
     let reqs: Vec<Vec<u8>> = (0..a.connections)
         .map(|i| {
-            let t = ctx.token(&format!("idle-{i}"), &format!("idle-{i}"), &["subscriber"], ctx.ttl);
+            let t = ctx.token(
+                &format!("idle-{i}"),
+                &format!("idle-{i}"),
+                &["subscriber"],
+                ctx.ttl,
+            );
             lean::upgrade_request(&ctx.host, &t)
         })
         .collect();
@@ -163,7 +168,11 @@ async fn run(a: IdleArgs, ctx: Arc<Ctx>) -> i32 {
     }
     println!(
         "== idle{} ==",
-        if a.common.label.is_empty() { String::new() } else { format!(" [{}]", a.common.label) }
+        if a.common.label.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", a.common.label)
+        }
     );
     r.print(a.common.json);
     for t in &tasks {

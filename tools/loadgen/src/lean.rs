@@ -66,11 +66,7 @@ pub fn upgrade_request(host: &str, token: &str) -> Vec<u8> {
 
 /// Sends the upgrade and reads the response head. Returns the status code; bytes after the
 /// head (the first frames) are left in `buf[..len]`, the returned length.
-pub async fn upgrade(
-    stream: &mut TcpStream,
-    req: &[u8],
-    buf: &mut Vec<u8>,
-) -> io::Result<(u16, usize)> {
+pub async fn upgrade(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> io::Result<(u16, usize)> {
     stream.write_all(req).await?;
     let mut end = 0usize;
     loop {
