@@ -1,0 +1,253 @@
+//! What every mode shares: target and key options, token minting, source addresses,
+//! clocks, CPU accounting, the runtime and report formatting.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use ed25519_dalek::SigningKey;
+use hdrhistogram::Histogram;
+use tickgate::auth::mint::{self, Claims};
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Server address (loopback only: 127.0.0.0/8 or ::1).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub target: SocketAddr,
+    /// PKCS#8 PEM private key (`tickgate keygen` output) to mint tokens with.
+    #[arg(long)]
+    pub key: PathBuf,
+    #[arg(long, default_value = "k1")]
+    pub kid: String,
+    /// Spread connections over source addresses 127.0.0.1 ..= 127.0.0.N.
+    #[arg(long, default_value_t = 1)]
+    pub sources: u8,
+    /// Tokio worker threads (the generator usually gets one core).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Token lifetime, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ttl: u64,
+    /// Print one JSON line after the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Label for the report (e.g. the server's name).
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+pub struct Ctx {
+    pub target: SocketAddr,
+    pub host: String,
+    pub key: SigningKey,
+    pub kid: String,
+    pub sources: Vec<Ipv4Addr>,
+    pub ttl: u64,
+}
+
+impl Ctx {
+    pub fn new(c: &Common) -> Result<Ctx, String> {
+        match c.target.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => {}
+            IpAddr::V6(ip) if ip.is_loopback() => {}
+            other => return Err(format!("--target {other}: loopback only (127.0.0.0/8, ::1)")),
+        }
+        let key = mint::load_signing_key(&c.key).map_err(|e| format!("--key: {e}"))?;
+        let sources = (1..=c.sources.max(1))
+            .map(|i| Ipv4Addr::new(127, 0, 0, i))
+            .collect();
+        Ok(Ctx {
+            target: c.target,
+            host: c.target.to_string(),
+            key,
+            kid: c.kid.clone(),
+            sources,
+            ttl: c.ttl,
+        })
+    }
+
+    /// Source address for connection `i` (`None`: let the kernel pick, single source).
+    pub fn source(&self, i: usize) -> Option<Ipv4Addr> {
+        if self.sources.len() <= 1 {
+            None
+        } else {
+            Some(self.sources[i % self.sources.len()])
+        }
+    }
+
+    pub fn claims(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64) -> Claims {
+        let now = unix_now();
+        Claims {
+            sub: sub.into(),
+            exp: now + ttl,
+            iat: Some(now),
+            sid: Some(sid.into()),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            symbols: vec!["*".into()],
+            ..Claims::default()
+        }
+    }
+
+    pub fn token(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64) -> String {
+        mint::sign_token(&self.key, &self.kid, &self.claims(sub, sid, roles, ttl))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[inline]
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// User + system CPU of this process.
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one rusage struct into the zeroed value we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Raises the soft open-file limit to the hard limit.
+pub fn raise_nofile() {
+    // SAFETY: get/setrlimit on a valid rlimit struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A nanosecond histogram (1 ns .. 100 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
+}
+
+/// Deterministic xorshift64*.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Microseconds with 1 decimal from nanoseconds.
+pub fn us(ns: u64) -> f64 {
+    (ns as f64 / 100.0).round() / 10.0
+}
+
+/// Percentiles (in µs) of a ns histogram as (name, value) pairs.
+pub fn percentiles(h: &Histogram<u64>) -> Vec<(&'static str, f64)> {
+    if h.is_empty() {
+        return vec![];
+    }
+    vec![
+        ("p50_us", us(h.value_at_quantile(0.50))),
+        ("p90_us", us(h.value_at_quantile(0.90))),
+        ("p99_us", us(h.value_at_quantile(0.99))),
+        ("p999_us", us(h.value_at_quantile(0.999))),
+        ("p9999_us", us(h.value_at_quantile(0.9999))),
+        ("max_us", us(h.max())),
+    ]
+}
+
+/// A report: ordered key/value rows printed as a table and optionally one JSON line.
+pub struct Report {
+    pub rows: Vec<(String, serde_json::Value)>,
+}
+
+impl Report {
+    pub fn new(mode: &str, label: &str) -> Report {
+        let mut r = Report { rows: vec![] };
+        r.add("mode", mode);
+        if !label.is_empty() {
+            r.add("label", label);
+        }
+        r
+    }
+    pub fn add(&mut self, k: &str, v: impl Into<serde_json::Value>) {
+        self.rows.push((k.to_string(), v.into()));
+    }
+    pub fn print(&self, json: bool) {
+        let w = self.rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in &self.rows {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("  {k:<w$}  {v}");
+        }
+        if json {
+            let mut m = serde_json::Map::new();
+            for (k, v) in &self.rows {
+                m.insert(k.clone(), v.clone());
+            }
+            println!("{}", serde_json::Value::Object(m));
+        }
+    }
+}
+
+/// Reads VmRSS (KiB) of a process.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sum over a process's threads of (time on CPU, time waiting on a run queue), ns, from
+/// /proc/PID/task/*/schedstat. The wait share shows CPU contention on a shared host.
+pub fn schedstat(pid: u32) -> Option<(u64, u64)> {
+    let mut run = 0u64;
+    let mut wait = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        run += it.next().unwrap_or(0);
+        wait += it.next().unwrap_or(0);
+    }
+    Some((run, wait))
+}
+
+/// Adds `server_cpu_pct` and `server_runq_wait_pct` (of wall time) between two readings.
+pub fn add_sched(r: &mut Report, a: Option<(u64, u64)>, b: Option<(u64, u64)>, secs: f64) {
+    if let (Some(a), Some(b)) = (a, b) {
+        let pct = |ns: u64| (ns as f64 / (secs * 1e9) * 1000.0).round() / 10.0;
+        r.add("server_cpu_pct", pct(b.0.saturating_sub(a.0)));
+        r.add("server_runq_wait_pct", pct(b.1.saturating_sub(a.1)));
+    }
+}

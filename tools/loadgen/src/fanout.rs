@@ -1,0 +1,815 @@
+//! `fanout` and `reauth` modes: N lean subscribers x K of S symbols, one publisher at R
+//! ticks/s (tokio-tungstenite) or the server's simulator; latency from the tick's `ts` to
+//! receipt, delivery against the exact expectation, `seq` gaps, reauth counts.
+//!
+//! Measurement window: a tick belongs to the window when its `ts` (stamped by the publisher
+//! from the same clock) is in `[t0, t1)`. The publisher counts window ticks per symbol; the
+//! expected deliveries are `sum(ticks[s] * subscribers[s])`; subscribers count the window
+//! ticks they receive until a drain period after `t1`. With `--rates a,b,c` the same
+//! connections run several steps in a row (the zero-drop search of compare.sh).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::common::{self, Common, Ctx, Report, Rng, histogram, now_ns, percentiles, us};
+use crate::lean;
+
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Distinct symbols (S0000 ..).
+    #[arg(long, default_value_t = 100)]
+    pub symbols: usize,
+    /// Symbols per subscriber.
+    #[arg(long, default_value_t = 10)]
+    pub per_sub: usize,
+    /// Total ticks per second from the publisher (spread round-robin over the symbols).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Several rates in a row on the same connections (e.g. 1000,5000,10000); overrides --rate.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u64>,
+    /// With --rates: stop after the first step that drops.
+    #[arg(long)]
+    pub stop_on_drop: bool,
+    /// Warm-up seconds per step (ticks sent, not measured).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Measured seconds per step.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds to wait after a step for in-flight ticks.
+    #[arg(long, default_value_t = 1.0)]
+    pub drain: f64,
+    /// Publisher batch period, ms.
+    #[arg(long, default_value_t = 1)]
+    pub batch_ms: u64,
+    /// Seed for the symbol assignment.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Use the server's simulator instead of a publisher (symbols from --sim-symbols).
+    #[arg(long)]
+    pub simulator: bool,
+    #[arg(long, default_value = "BTC-USD,ETH-USD", value_delimiter = ',')]
+    pub sim_symbols: Vec<String>,
+    /// The simulator's ticks/s per symbol (for the coordinated-omission interval).
+    #[arg(long, default_value_t = 10)]
+    pub sim_rate: u64,
+    /// Concurrent connection attempts while connecting.
+    #[arg(long, default_value_t = 128)]
+    pub connect_concurrency: usize,
+    /// Also apply HdrHistogram's coordinated-omission correction (record_correct with the
+    /// per-subscriber expected inter-tick interval, at most 1,000 synthetic values per
+    /// sample). Off by default: the publisher is open-loop and stamps late ticks with their
+    /// due time, so every tick is measured and nothing is omitted; the correction would
+    /// double-count and, at millions of samples per second, starve the client.
+    #[arg(long)]
+    pub co_correct: bool,
+    /// The server's pid: report its CPU and run-queue wait during the window (schedstat).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Give up connecting after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub connect_timeout: f64,
+}
+
+const NHIST: usize = 16;
+
+#[derive(Default)]
+struct Counters {
+    welcomed: AtomicU64,
+    subscribed: AtomicU64,
+    rejected_syms: AtomicU64,
+    connect_fail: AtomicU64,
+    upgrade_fail: AtomicU64,
+    closed: AtomicU64,
+    window_rx: AtomicU64,
+    total_rx: AtomicU64,
+    seq_gaps: AtomicU64,
+    seq_backwards: AtomicU64,
+    skipped_msgs: AtomicU64,
+    errors: AtomicU64,
+    reauth_req: AtomicU64,
+    reauth_ok: AtomicU64,
+    reauth_fail: AtomicU64,
+}
+
+struct Shared {
+    t0: AtomicU64,
+    t1: AtomicU64,
+    c: Counters,
+    interval_ns: AtomicU64,
+    co_correct: bool,
+    pub_max_lag_ns: AtomicU64,
+    hists: Vec<Mutex<Histogram<u64>>>,
+    hs_hist: Mutex<Histogram<u64>>,
+}
+
+pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
+    let ctx = match Ctx::new(&a.common) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return 1;
+        }
+    };
+    if a.subscribers == 0 || a.subscribers > 200_000 || a.duration > 600.0 || a.warmup > 120.0 {
+        eprintln!("loadgen: bounds: 1..=200000 subscribers, duration <= 600 s, warmup <= 120 s");
+        return 1;
+    }
+    let rt = common::runtime(a.common.threads);
+    rt.block_on(run(a, ctx, reauth))
+}
+
+fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>) {
+    let s = names.len();
+    let k = a.per_sub.min(s).max(1);
+    let mut rng = Rng::new(a.seed);
+    let mut per_sym = vec![0u64; s];
+    let mut idx: Vec<usize> = (0..s).collect();
+    let subs = (0..a.subscribers)
+        .map(|_| {
+            for j in 0..k {
+                let r = j + rng.below(s - j);
+                idx.swap(j, r);
+            }
+            let mine = idx[..k].to_vec();
+            for &m in &mine {
+                per_sym[m] += 1;
+            }
+            mine
+        })
+        .collect();
+    (subs, per_sym)
+}
+
+async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
+    let names: Vec<String> = if a.simulator {
+        a.sim_symbols.clone()
+    } else {
+        (0..a.symbols.max(1)).map(|i| format!("S{i:04}")).collect()
+    };
+    let (assignment, per_sym) = assign(&a, &names);
+    let k = a.per_sub.min(names.len()).max(1) as u64;
+    let sh = Arc::new(Shared {
+        t0: AtomicU64::new(u64::MAX),
+        t1: AtomicU64::new(u64::MAX),
+        c: Counters::default(),
+        interval_ns: AtomicU64::new(0),
+        co_correct: a.co_correct,
+        pub_max_lag_ns: AtomicU64::new(0),
+        hists: (0..NHIST).map(|_| Mutex::new(histogram())).collect(),
+        hs_hist: Mutex::new(histogram()),
+    });
+    let ttl = if reauth && a.common.ttl == 300 {
+        20
+    } else {
+        a.common.ttl
+    };
+
+    // Tokens up front (signing is not what we measure).
+    let tokens: Vec<String> = (0..a.subscribers)
+        .map(|i| ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl))
+        .collect();
+
+    let sem = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
+    let cpu0 = common::cpu_time();
+    let t_conn = Instant::now();
+    let mut tasks = Vec::with_capacity(a.subscribers);
+    for (i, (syms, token)) in assignment.iter().zip(tokens).enumerate() {
+        let sub_json = format!(
+            r#"{{"op":"subscribe","id":1,"symbols":[{}]}}"#,
+            syms.iter()
+                .map(|&s| format!("\"{}\"", names[s]))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let my: Vec<Vec<u8>> = syms.iter().map(|&s| names[s].clone().into_bytes()).collect();
+        tasks.push(tokio::spawn(subscriber(
+            i,
+            ctx.clone(),
+            sh.clone(),
+            sem.clone(),
+            token,
+            sub_json,
+            my,
+            reauth.then_some(ttl),
+        )));
+    }
+    let n = a.subscribers as u64;
+    let deadline = Instant::now() + Duration::from_secs_f64(a.connect_timeout);
+    loop {
+        let c = &sh.c;
+        let done = c.subscribed.load(Relaxed)
+            + c.connect_fail.load(Relaxed)
+            + c.upgrade_fail.load(Relaxed)
+            + c.closed.load(Relaxed);
+        if done >= n || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let connect_secs = t_conn.elapsed().as_secs_f64();
+    let subscribed = sh.c.subscribed.load(Relaxed);
+    let hs = sh.hs_hist.lock().unwrap().clone();
+    let cpu_connect = common::cpu_time() - cpu0;
+    eprintln!(
+        "loadgen: {subscribed}/{n} subscribed in {connect_secs:.2} s ({} connect failures, {} upgrade failures)",
+        sh.c.connect_fail.load(Relaxed),
+        sh.c.upgrade_fail.load(Relaxed)
+    );
+    if subscribed == 0 {
+        eprintln!("loadgen: no subscriber; is the server up at {}?", ctx.target);
+        return 2;
+    }
+
+    let rates: Vec<u64> = if a.simulator {
+        vec![0]
+    } else if a.rates.is_empty() {
+        vec![a.rate]
+    } else {
+        a.rates.clone()
+    };
+    let mut exit = 0;
+    let mut best_zero_drop: Option<u64> = None;
+    for (step, &rate) in rates.iter().enumerate() {
+        let interval = if a.simulator {
+            1_000_000_000 / (a.sim_rate.max(1) * k)
+        } else {
+            (names.len() as u64 * 1_000_000_000) / (rate.max(1) * k)
+        };
+        sh.interval_ns.store(interval, Relaxed);
+        sh.pub_max_lag_ns.store(0, Relaxed);
+        for h in &sh.hists {
+            h.lock().unwrap().reset();
+        }
+        let before = snapshot(&sh.c);
+        sh.c.window_rx.store(0, Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let publ = if a.simulator {
+            None
+        } else {
+            Some(tokio::spawn(publisher(
+                ctx.clone(),
+                sh.clone(),
+                names.clone(),
+                rate,
+                a.batch_ms.max(1),
+                stop.clone(),
+                step,
+            )))
+        };
+        tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
+        let t0 = now_ns();
+        let cpu_a = common::cpu_time();
+        let sched_a = a.server_pid.and_then(common::schedstat);
+        sh.t0.store(t0, Relaxed);
+        sh.t1.store(u64::MAX, Relaxed);
+        tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
+        let t1 = now_ns();
+        sh.t1.store(t1, Relaxed);
+        let sched_b = a.server_pid.and_then(common::schedstat);
+        let secs = (t1 - t0) as f64 / 1e9;
+        stop.store(true, Relaxed);
+        let pstats = match publ {
+            Some(mut p) => match tokio::time::timeout(Duration::from_secs(5), &mut p)
+                .await
+                .unwrap_or_else(|_| {
+                    p.abort();
+                    Ok(Err(
+                        "publisher did not stop within 5 s (server not reading?)".into()
+                    ))
+                }) {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(e)) => {
+                    eprintln!("loadgen: publisher: {e}");
+                    exit = 2;
+                    None
+                }
+                Err(e) => {
+                    eprintln!("loadgen: publisher task: {e}");
+                    exit = 2;
+                    None
+                }
+            },
+            None => None,
+        };
+        tokio::time::sleep(Duration::from_secs_f64(a.drain)).await;
+        let cpu_b = common::cpu_time();
+        let after = snapshot(&sh.c);
+        let mut h = histogram();
+        for x in &sh.hists {
+            h.add(&*x.lock().unwrap()).ok();
+        }
+        let received = sh.c.window_rx.load(Relaxed);
+        let mut r = Report::new(if reauth { "reauth" } else { "fanout" }, &a.common.label);
+        r.add("target", ctx.target.to_string());
+        r.add("subscribers", n);
+        r.add("subscribed", subscribed);
+        r.add("symbols", names.len() as u64);
+        r.add("per_sub", k);
+        if a.simulator {
+            r.add("source", "simulator");
+        } else {
+            r.add("rate_ticks_per_s", rate);
+        }
+        r.add("duration_s", (secs * 100.0).round() / 100.0);
+        for (name, v) in percentiles(&h) {
+            r.add(name, v);
+        }
+        r.add("delivered_per_s", (received as f64 / secs).round());
+        if let Some(p) = &pstats {
+            let expected: u64 = p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum();
+            r.add("published_window", p.window_counts.iter().sum::<u64>());
+            r.add("expected", expected);
+            r.add("received", received);
+            r.add("drops", expected.saturating_sub(received));
+            r.add(
+                "delivery_pct",
+                if expected == 0 {
+                    0.0
+                } else {
+                    (received as f64 * 10000.0 / expected as f64).round() / 100.0
+                },
+            );
+            r.add("pub_acked_ticks", p.acked);
+            r.add("pub_errors", p.errors);
+            r.add("pub_max_lag_us", us(sh.pub_max_lag_ns.load(Relaxed)));
+            if expected > 0 && received >= expected && p.errors == 0 && after[5] == before[5] {
+                best_zero_drop = Some(best_zero_drop.map_or(rate, |b: u64| b.max(rate)));
+            }
+        } else {
+            r.add("received", received);
+        }
+        let d = |i: usize| after[i] - before[i];
+        r.add("seq_gaps", d(0));
+        r.add("seq_backwards", d(1));
+        r.add("skipped_msgs", d(2));
+        r.add("errors", d(3));
+        r.add("closed_conns", after[5]);
+        if reauth {
+            r.add("reauth_required", d(6));
+            r.add("reauthed", d(7));
+            r.add("reauth_failed", d(8));
+            r.add("token_ttl_s", ttl);
+        }
+        r.add("connect_s", (connect_secs * 1000.0).round() / 1000.0);
+        r.add("connect_per_s", (subscribed as f64 / connect_secs).round());
+        if !hs.is_empty() {
+            r.add("handshake_p50_us", us(hs.value_at_quantile(0.5)));
+            r.add("handshake_p99_us", us(hs.value_at_quantile(0.99)));
+        }
+        r.add(
+            "client_cpu_pct",
+            ((cpu_b - cpu_a).as_secs_f64() * 1000.0 / (secs + a.drain)).round() / 10.0,
+        );
+        common::add_sched(&mut r, sched_a, sched_b, secs);
+        if step == 0 {
+            r.add(
+                "client_cpu_connect_s",
+                (cpu_connect.as_secs_f64() * 100.0).round() / 100.0,
+            );
+        }
+        if rates.len() > 1 {
+            r.add("step", step as u64);
+        }
+        println!(
+            "== {} step {step}{} ==",
+            if reauth { "reauth" } else { "fanout" },
+            if a.common.label.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", a.common.label)
+            }
+        );
+        r.print(a.common.json);
+        let dropped = pstats
+            .as_ref()
+            .map(|p| {
+                let e: u64 = p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum();
+                received < e || p.errors > 0
+            })
+            .unwrap_or(false);
+        if dropped && a.stop_on_drop {
+            break;
+        }
+    }
+    if rates.len() > 1 {
+        let best = best_zero_drop.unwrap_or(0);
+        let deliveries = best as f64 * k as f64 * n as f64 / names.len() as f64;
+        println!(
+            "== zero-drop search{} ==\n  max_zero_drop_rate_ticks_per_s  {best}\n  max_zero_drop_deliveries_per_s  {}",
+            if a.common.label.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", a.common.label)
+            },
+            deliveries.round()
+        );
+        if a.common.json {
+            println!(
+                "{}",
+                serde_json::json!({"mode":"search","label":a.common.label,
+                    "max_zero_drop_rate_ticks_per_s":best,
+                    "max_zero_drop_deliveries_per_s":deliveries.round()})
+            );
+        }
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    exit
+}
+
+fn snapshot(c: &Counters) -> [u64; 9] {
+    [
+        c.seq_gaps.load(Relaxed),
+        c.seq_backwards.load(Relaxed),
+        c.skipped_msgs.load(Relaxed),
+        c.errors.load(Relaxed),
+        c.total_rx.load(Relaxed),
+        c.closed.load(Relaxed),
+        c.reauth_req.load(Relaxed),
+        c.reauth_ok.load(Relaxed),
+        c.reauth_fail.load(Relaxed),
+    ]
+}
+
+/// Per-connection state of a lean subscriber.
+struct Conn {
+    /// (symbol, last seq seen) for this connection's symbols.
+    syms: Vec<(Vec<u8>, u64)>,
+    lat: Vec<u64>,
+    window_rx: u64,
+    total_rx: u64,
+    gaps: u64,
+    backwards: u64,
+    skipped: u64,
+    errors: u64,
+    need_reauth: bool,
+    reauth_pending: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    i: usize,
+    ctx: Arc<Ctx>,
+    sh: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    token: String,
+    sub_json: String,
+    syms: Vec<Vec<u8>>,
+    reauth_ttl: Option<u64>,
+) {
+    let c = &sh.c;
+    let permit = sem.acquire_owned().await;
+    let t = Instant::now();
+    let mut s = match lean::connect(ctx.target, ctx.source(i)).await {
+        Ok(s) => s,
+        Err(_) => {
+            c.connect_fail.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    let req = lean::upgrade_request(&ctx.host, &token);
+    drop(token);
+    let mut end = match lean::upgrade(&mut s, &req, &mut buf).await {
+        Ok((101, rest)) => rest,
+        _ => {
+            c.upgrade_fail.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    sh.hs_hist
+        .lock()
+        .unwrap()
+        .record(t.elapsed().as_nanos() as u64)
+        .ok();
+    drop(permit);
+    let mut out = Vec::with_capacity(256);
+    lean::text_frame(sub_json.as_bytes(), &mut out);
+    drop(sub_json);
+    if s.write_all(&out).await.is_err() {
+        c.closed.fetch_add(1, Relaxed);
+        return;
+    }
+    out.clear();
+    buf.resize(128 * 1024, 0);
+    let mut st = Conn {
+        syms: syms.into_iter().map(|s| (s, 0)).collect(),
+        lat: Vec::with_capacity(512),
+        window_rx: 0,
+        total_rx: 0,
+        gaps: 0,
+        backwards: 0,
+        skipped: 0,
+        errors: 0,
+        need_reauth: false,
+        reauth_pending: false,
+    };
+    let hist = &sh.hists[i % NHIST];
+    let mut reauth_id: u64 = 100;
+    loop {
+        let now = now_ns();
+        let t0 = sh.t0.load(Relaxed);
+        let t1 = sh.t1.load(Relaxed);
+        let mut start = 0usize;
+        let mut closed = false;
+        while let Some(f) = lean::parse_frame(&buf[start..end]) {
+            let payload = &buf[start + f.start..start + f.end];
+            match f.opcode {
+                1 | 0 => on_text(&mut st, payload, now, t0, t1, c),
+                9 => lean::pong_frame(payload, &mut out),
+                8 => closed = true,
+                _ => {}
+            }
+            start += f.end;
+        }
+        if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+        }
+        if end == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        // Flush this batch's counters.
+        if !st.lat.is_empty() {
+            let mut h = hist.lock().unwrap();
+            if sh.co_correct {
+                let interval = sh.interval_ns.load(Relaxed);
+                for &v in &st.lat {
+                    // Bounded: at most 1,000 synthetic values per sample.
+                    h.record_correct(v.max(1), interval.max(v / 1000)).ok();
+                }
+            } else {
+                for &v in &st.lat {
+                    h.record(v.max(1)).ok();
+                }
+            }
+            drop(h);
+            st.lat.clear();
+        }
+        flush(&mut st, c);
+        if st.need_reauth {
+            st.need_reauth = false;
+            if let Some(ttl) = reauth_ttl {
+                let tok = ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl);
+                reauth_id += 1;
+                let m = format!(r#"{{"op":"reauth","id":{reauth_id},"token":"{tok}"}}"#);
+                lean::text_frame(m.as_bytes(), &mut out);
+                st.reauth_pending = true;
+            }
+        }
+        if !out.is_empty() {
+            if s.write_all(&out).await.is_err() {
+                closed = true;
+            }
+            out.clear();
+        }
+        if closed {
+            c.closed.fetch_add(1, Relaxed);
+            return;
+        }
+        match s.read(&mut buf[end..]).await {
+            Ok(0) | Err(_) => {
+                c.closed.fetch_add(1, Relaxed);
+                return;
+            }
+            Ok(n) => end += n,
+        }
+    }
+}
+
+fn flush(st: &mut Conn, c: &Counters) {
+    if st.total_rx > 0 {
+        c.total_rx.fetch_add(st.total_rx, Relaxed);
+        st.total_rx = 0;
+    }
+    if st.window_rx > 0 {
+        c.window_rx.fetch_add(st.window_rx, Relaxed);
+        st.window_rx = 0;
+    }
+    if st.gaps > 0 {
+        c.seq_gaps.fetch_add(st.gaps, Relaxed);
+        st.gaps = 0;
+    }
+    if st.backwards > 0 {
+        c.seq_backwards.fetch_add(st.backwards, Relaxed);
+        st.backwards = 0;
+    }
+    if st.skipped > 0 {
+        c.skipped_msgs.fetch_add(st.skipped, Relaxed);
+        st.skipped = 0;
+    }
+    if st.errors > 0 {
+        c.errors.fetch_add(st.errors, Relaxed);
+        st.errors = 0;
+    }
+}
+
+#[inline]
+fn on_text(st: &mut Conn, p: &[u8], now: u64, t0: u64, t1: u64, c: &Counters) {
+    let Some(ty) = lean::msg_type(p) else {
+        st.errors += 1;
+        return;
+    };
+    match ty {
+        b"tick" => {
+            st.total_rx += 1;
+            let (Some(sym), Some(seq), Some(ts)) = (
+                lean::field_str(p, b"\"s\":\""),
+                lean::field_u64(p, b"\"seq\":"),
+                lean::field_u64(p, b"\"ts\":"),
+            ) else {
+                st.errors += 1;
+                return;
+            };
+            if let Some(e) = st.syms.iter_mut().find(|e| e.0 == sym) {
+                if e.1 != 0 && seq != e.1 + 1 {
+                    if seq > e.1 {
+                        st.gaps += 1;
+                        if lean::find(p, b"\"skipped\":").is_some() {
+                            st.skipped += 1;
+                        }
+                    } else {
+                        st.backwards += 1;
+                    }
+                }
+                e.1 = seq;
+            }
+            if ts >= t0 && ts < t1 {
+                st.window_rx += 1;
+                st.lat.push(now.saturating_sub(ts));
+            }
+        }
+        b"welcome" => {
+            c.welcomed.fetch_add(1, Relaxed);
+        }
+        b"subscribed" => {
+            c.subscribed.fetch_add(1, Relaxed);
+            if lean::find(p, b"\"rejected\":[{").is_some() {
+                c.rejected_syms.fetch_add(1, Relaxed);
+            }
+        }
+        b"reauth_required" => {
+            c.reauth_req.fetch_add(1, Relaxed);
+            st.need_reauth = true;
+        }
+        b"reauthed" => {
+            c.reauth_ok.fetch_add(1, Relaxed);
+            st.reauth_pending = false;
+        }
+        b"error" => {
+            st.errors += 1;
+            if st.reauth_pending {
+                st.reauth_pending = false;
+                c.reauth_fail.fetch_add(1, Relaxed);
+            }
+        }
+        _ => {}
+    }
+}
+
+struct PubStats {
+    window_counts: Vec<u64>,
+    acked: u64,
+    errors: u64,
+}
+
+/// The publisher: paced batches every `batch_ms`, the number of ticks due so far at `rate`,
+/// round-robin over the symbols, `ts` = now (ns) at batch build.
+async fn publisher(
+    ctx: Arc<Ctx>,
+    sh: Arc<Shared>,
+    names: Vec<String>,
+    rate: u64,
+    batch_ms: u64,
+    stop: Arc<AtomicBool>,
+    step: usize,
+) -> Result<PubStats, String> {
+    let token = ctx.token(
+        &format!("lg-pub-{step}"),
+        &format!("pub-{step}"),
+        &["publisher"],
+        ctx.ttl.max(60),
+    );
+    let mut req = format!("ws://{}/v1/stream", ctx.host)
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().map_err(|_| "header")?,
+    );
+    // disable_nagle = true: with Nagle on, small batches wait for the server's delayed ACK
+    // (tens of ms of fake latency).
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sink, mut stream) = ws.split();
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let (ack2, err2) = (acked.clone(), errors.clone());
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Message::Text(t) = m {
+                let b = t.as_bytes();
+                match lean::msg_type(b) {
+                    Some(b"published") => {
+                        ack2.fetch_add(lean::field_u64(b, b"\"count\":").unwrap_or(0), Relaxed);
+                    }
+                    Some(b"error") if err2.fetch_add(1, Relaxed) < 3 => {
+                        eprintln!("loadgen: publisher got {t}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    let n = names.len();
+    let mut counts = vec![0u64; n];
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let mut sent: u64 = 0;
+    let mut next = 0usize;
+    let mut id: u64 = 0;
+    let mut iv = tokio::time::interval(Duration::from_millis(batch_ms));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    const PER_MSG: u64 = 400;
+    let mut msg = String::with_capacity(64 * 1024);
+    while !stop.load(Relaxed) {
+        iv.tick().await;
+        let target = (rate as u128 * start.elapsed().as_nanos() / 1_000_000_000) as u64;
+        let due = target.saturating_sub(sent).min(rate.max(1));
+        if due == 0 {
+            continue;
+        }
+        // Open loop: a tick is due at start + i/rate. On schedule (lag within two batch
+        // periods) it carries `now`; a late publisher (blocked by TCP backpressure or the
+        // CPU) stamps each tick with its due time, so the delay counts as latency
+        // (no coordinated omission).
+        let now = now_ns();
+        let due_ns = |i: u64| start_ns + (i as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
+        let lag = now.saturating_sub(due_ns(sent + 1));
+        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
+        let late = lag > 2 * batch_ms * 1_000_000;
+        let (t0, t1) = (sh.t0.load(Relaxed), sh.t1.load(Relaxed));
+        let mut left = due;
+        while left > 0 {
+            let m = left.min(PER_MSG);
+            id += 1;
+            msg.clear();
+            msg.push_str(r#"{"op":"publish","id":"#);
+            msg.push_str(&id.to_string());
+            msg.push_str(r#","ticks":["#);
+            for j in 0..m {
+                if j > 0 {
+                    msg.push(',');
+                }
+                let px = 100.0 + ((sent + j) % 100) as f64 / 100.0;
+                let ts = if late { due_ns(sent + j + 1) } else { now };
+                use std::fmt::Write;
+                let _ = write!(
+                    msg,
+                    r#"{{"s":"{}","ts":{ts},"bid":{px},"ask":{},"last":{px},"qty":3}}"#,
+                    names[next],
+                    px + 0.25
+                );
+                if ts >= t0 && ts < t1 {
+                    counts[next] += 1;
+                }
+                next = (next + 1) % n;
+            }
+            msg.push_str("]}");
+            sink.feed(Message::Text(msg.clone().into()))
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            left -= m;
+        }
+        sink.flush().await.map_err(|e| format!("send: {e}"))?;
+        sent += due;
+    }
+    // Let the last acks arrive, then close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = sink.send(Message::Close(None)).await;
+    reader.abort();
+    Ok(PubStats {
+        window_counts: counts,
+        acked: acked.load(Relaxed),
+        errors: errors.load(Relaxed),
+    })
+}

@@ -1,0 +1,243 @@
+//! The lean subscriber client: a raw `TcpStream`, a hand-written HTTP upgrade, hand-parsed
+//! server frames and a field scanner over the JSON text (no JSON parse), so one client core
+//! can absorb millions of messages per second.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use tickgate::proto::frame::{OpCode, encode_client_frame_into};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A fixed, valid `Sec-WebSocket-Key` (16 bytes base64). The server's accept value is not
+/// checked: the load generator trusts the server it measures.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Connects to `target`, first binding to `src` (port chosen at connect time, so each
+/// source address gets its own ephemeral port space per destination).
+pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if let Some(ip) = src {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        sock.bind(SocketAddr::new(ip.into(), 0))?;
+    }
+    let s = sock.connect(target).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Makes the next close send an RST (no TIME_WAIT on the client side).
+pub fn set_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a valid linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// The upgrade request with a bearer token.
+pub fn upgrade_request(host: &str, token: &str) -> Vec<u8> {
+    format!(
+        "GET /v1/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Sends the upgrade and reads the response head. Returns the status code; bytes after the
+/// head (the first frames) are left in `buf[..len]`, the returned length.
+pub async fn upgrade(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> io::Result<(u16, usize)> {
+    stream.write_all(req).await?;
+    let mut end = 0usize;
+    loop {
+        if end == buf.len() {
+            if buf.len() >= 64 * 1024 {
+                return Err(io::Error::other("response head too large"));
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = stream.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during upgrade",
+            ));
+        }
+        end += n;
+        if let Some(pos) = find(&buf[..end], b"\r\n\r\n") {
+            let head = &buf[..pos];
+            let status = head
+                .split(|&b| b == b' ')
+                .nth(1)
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0);
+            let rest = end - (pos + 4);
+            buf.copy_within(pos + 4..end, 0);
+            return Ok((status, rest));
+        }
+    }
+}
+
+/// A parsed server frame: opcode, payload range within the buffer, total length.
+pub struct Frame {
+    pub opcode: u8,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Parses one (unmasked, server) frame at the start of `buf`. `None` when incomplete.
+#[inline]
+pub fn parse_frame(buf: &[u8]) -> Option<Frame> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let b0 = buf[0];
+    let b1 = buf[1];
+    let masked = b1 & 0x80 != 0;
+    let (len, mut off) = match b1 & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if masked {
+        off += 4; // servers never mask; tolerate it anyway (payload is then garbage to us)
+    }
+    if buf.len() < off + len {
+        return None;
+    }
+    Some(Frame {
+        opcode: b0 & 0x0f,
+        start: off,
+        end: off + len,
+    })
+}
+
+/// Appends a masked client text frame.
+pub fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
+    encode_client_frame_into(OpCode::Text, true, payload, [0x12, 0x34, 0x56, 0x78], out);
+}
+
+/// Appends a masked client pong echoing `payload`.
+pub fn pong_frame(payload: &[u8], out: &mut Vec<u8>) {
+    encode_client_frame_into(OpCode::Pong, true, payload, [0x9a, 0xbc, 0xde, 0xf0], out);
+}
+
+/// First position of `needle` in `hay`.
+#[inline]
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let last = hay.len() - needle.len();
+    let mut i = 0;
+    while i <= last {
+        if hay[i] == first && &hay[i..i + needle.len()] == needle {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The unsigned integer right after `key` (e.g. `"seq":`).
+#[inline]
+pub fn field_u64(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let p = find(hay, key)? + key.len();
+    let mut v: u64 = 0;
+    let mut any = false;
+    for &b in &hay[p..] {
+        if b.is_ascii_digit() {
+            v = v.wrapping_mul(10).wrapping_add((b - b'0') as u64);
+            any = true;
+        } else {
+            break;
+        }
+    }
+    any.then_some(v)
+}
+
+/// The string value right after `key` (e.g. `"s":"`), without the closing quote.
+#[inline]
+pub fn field_str<'a>(hay: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let p = find(hay, key)? + key.len();
+    let rest = &hay[p..];
+    let q = rest.iter().position(|&b| b == b'"')?;
+    Some(&rest[..q])
+}
+
+/// The message type (`"type":"..."`).
+#[inline]
+pub fn msg_type(hay: &[u8]) -> Option<&[u8]> {
+    // Fast path: both servers put `type` first.
+    if let Some(rest) = hay.strip_prefix(b"{\"type\":\"") {
+        let q = rest.iter().position(|&b| b == b'"')?;
+        return Some(&rest[..q]);
+    }
+    field_str(hay, b"\"type\":\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_fields() {
+        let m = br#"{"type":"tick","s":"S0001","seq":42,"ts":1732345678123456789,"bid":1.0,"skipped":3}"#;
+        assert_eq!(msg_type(m), Some(&b"tick"[..]));
+        assert_eq!(field_str(m, b"\"s\":\""), Some(&b"S0001"[..]));
+        assert_eq!(field_u64(m, b"\"seq\":"), Some(42));
+        assert_eq!(field_u64(m, b"\"ts\":"), Some(1732345678123456789));
+        assert_eq!(field_u64(m, b"\"skipped\":"), Some(3));
+        assert_eq!(field_u64(m, b"\"nope\":"), None);
+        let m2 = br#"{"id":1,"type":"subscribed"}"#;
+        assert_eq!(msg_type(m2), Some(&b"subscribed"[..]));
+    }
+
+    #[test]
+    fn parses_frames() {
+        let mut f = vec![0x81, 5];
+        f.extend_from_slice(b"hello");
+        f.push(0x89);
+        let fr = parse_frame(&f).unwrap();
+        assert_eq!((fr.opcode, fr.start, fr.end), (1, 2, 7));
+        assert!(parse_frame(&f[..6]).is_none());
+        let mut big = vec![0x81, 126, 1, 0];
+        big.extend(std::iter::repeat_n(b'x', 256));
+        let fr = parse_frame(&big).unwrap();
+        assert_eq!((fr.start, fr.end), (4, 260));
+    }
+}
