@@ -150,7 +150,7 @@ impl Session {
             last_rx_ms: now_ms,
             reauth_notified_exp: None,
             slow_since_ms: None,
-            scratch: Vec::with_capacity(128),
+            scratch: Vec::new(),
         };
         s.scratch.clear();
         msg::encode_welcome(
@@ -200,6 +200,16 @@ impl Session {
             .exp
             .saturating_mul(1000)
             .saturating_add(self.cfg.reauth_grace_ms)
+    }
+
+    /// Give back spare heap capacity (once a second, from the shard's housekeeping): an
+    /// idle connection should cost its state and nothing more.
+    pub fn trim(&mut self) {
+        self.outbound.shrink_if_empty();
+        self.scratch = Vec::new();
+        if self.rate_limited_at.is_empty() {
+            self.rate_limited_at = VecDeque::new();
+        }
     }
 
     /// Bytes (any frame, even a pong) arrived from the peer.

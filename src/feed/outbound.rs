@@ -267,6 +267,19 @@ impl OutboundQueue {
         self.conflating || self.queued_bytes > self.max_bytes
     }
 
+    /// Release the queue's spare capacity when it is empty (an idle connection then holds
+    /// no heap memory here). Called from the shard's once-a-second housekeeping, not on the
+    /// hot path, so a busy queue does not regrow every turn.
+    pub fn shrink_if_empty(&mut self) {
+        if self.fifo.is_empty() {
+            self.fifo = VecDeque::new();
+        }
+        if self.slots.is_empty() {
+            self.slots = HashMap::new();
+            self.slot_order = VecDeque::new();
+        }
+    }
+
     /// Drops everything queued (the connection is being cut as a slow consumer: its close
     /// frame must not wait behind the backlog).
     pub fn clear(&mut self) {

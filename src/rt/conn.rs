@@ -30,7 +30,7 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::task::Poll;
 
@@ -160,23 +160,16 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     }
     let (idx, generation, conn) = ctx.register(fd);
     ctx.handshakes.set(ctx.handshakes.get() + 1);
-    let admitted = handshake(&ctx, &stream, peer, peer_rate, &mut tls).await;
+    // Boxed: the HTTP phase's state is freed once it is over instead of staying inline in
+    // this (long-lived) future, which keeps an idle connection small.
+    let admitted = Box::pin(handshake(&ctx, &stream, peer, peer_rate, &mut tls)).await;
     ctx.handshakes.set(ctx.handshakes.get().saturating_sub(1));
     let Some((admitted, leftover)) = admitted else {
         ctx.task_done(idx, generation, true);
         return;
     };
-    // The writer gets its own descriptor for the same socket.
-    // SAFETY: dup has no memory effects; the result is checked before use.
-    let wfd = unsafe { libc::dup(fd) };
-    let wstream = if wfd >= 0 {
-        // SAFETY: `wfd` is a fresh descriptor we own (just returned by dup) and nothing else
-        // will close it; the std stream takes ownership of it.
-        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(wfd) }).ok()
-    } else {
-        None
-    };
-    let Some(wstream) = wstream else {
+    let stream = Rc::new(stream);
+    let Some(whandle) = WriteHandle::new(&ctx, &stream) else {
         ctx.task_done(idx, generation, true);
         return;
     };
@@ -194,7 +187,7 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         c.tls = tls;
         ctx.open(idx, &mut c, session, decoder);
     }
-    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, wstream));
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle));
     if !leftover.is_empty() {
         let mut data = leftover;
         process(&ctx, &conn, idx, &mut data);
@@ -498,10 +491,59 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
     ctx.apply(idx, &mut c, &mut actions);
 }
 
-async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, mut stream: TcpStream) {
-    let mut buf: Vec<u8> = Vec::new();
-    // TLS: the records sealed from `buf`.
-    let mut sealed: Vec<u8> = Vec::new();
+/// The writer's handle on the socket.
+enum WriteHandle {
+    /// io_uring: a second `TcpStream` value over the *same* descriptor (no extra fd per
+    /// connection). `keep` holds the reader's stream alive, so the descriptor cannot be
+    /// closed (and its number reused) while a write is in flight; at the end the alias is
+    /// released with `into_raw_fd`, which does not close.
+    Alias { stream: TcpStream, keep: Rc<TcpStream> },
+    /// epoll: a `dup`ed descriptor (an alias would register the same fd twice with epoll).
+    Dup(TcpStream),
+}
+
+impl WriteHandle {
+    fn new(ctx: &ShardCtx, stream: &Rc<TcpStream>) -> Option<WriteHandle> {
+        let fd = stream.as_raw_fd();
+        if ctx.uring {
+            // SAFETY: `fd` is open and stays open for as long as `keep` (the reader's
+            // stream) lives, which outlives every use of the alias; the alias never closes
+            // it (released with `into_raw_fd` in `release`).
+            let alias = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?;
+            return Some(WriteHandle::Alias {
+                stream: alias,
+                keep: stream.clone(),
+            });
+        }
+        // SAFETY: dup has no memory effects; the result is checked before use.
+        let wfd = unsafe { libc::dup(fd) };
+        if wfd < 0 {
+            return None;
+        }
+        // SAFETY: `wfd` is a fresh descriptor we own; the std stream takes ownership of it.
+        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(wfd) })
+            .ok()
+            .map(WriteHandle::Dup)
+    }
+
+    fn stream(&mut self) -> &mut TcpStream {
+        match self {
+            WriteHandle::Alias { stream, .. } | WriteHandle::Dup(stream) => stream,
+        }
+    }
+
+    /// Give the descriptor back without closing it (alias) or close the dup.
+    fn release(self) {
+        if let WriteHandle::Alias { stream, keep } = self {
+            // No operation is in flight (every write was awaited), so the alias is the
+            // only reference to its shared fd and `into_raw_fd` succeeds.
+            let _ = stream.into_raw_fd();
+            drop(keep);
+        }
+    }
+}
+
+async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, mut handle: WriteHandle) {
     let mut graceful = false;
     loop {
         // Wait until there is something to write or the connection is over.
@@ -518,16 +560,24 @@ async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, m
             }
         })
         .await;
+        // Buffers come from the shard's pool and go back after the write: a busy
+        // connection never regrows one, an idle one holds none.
+        let mut buf = ctx.take_buffer();
+        let mut sealed = Vec::new();
         let closing_done;
         let encrypted;
         {
             let mut c = conn.borrow_mut();
             if c.dead {
+                ctx.put_buffer(buf);
                 break;
             }
             let c = &mut *c;
-            let Some(s) = c.session.as_mut() else { break };
-            buf.clear();
+            let Some(s) = c.session.as_mut() else {
+                ctx.put_buffer(buf);
+                break;
+            };
+            buf.reserve(s.outbound.queued_bytes().min(MAX_WRITE));
             s.outbound.drain_into(&mut buf, MAX_WRITE);
             s.note_drained();
             closing_done = s.is_closing() && s.outbound.is_empty();
@@ -535,8 +585,10 @@ async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, m
                 Some(t) => {
                     // The frames were encoded once for every subscriber; only this step
                     // is per connection.
-                    sealed.clear();
+                    sealed = ctx.take_buffer();
                     if tls_seal(t, &buf, closing_done, &mut sealed).is_err() {
+                        ctx.put_buffer(buf);
+                        ctx.put_buffer(sealed);
                         break;
                     }
                     true
@@ -544,37 +596,35 @@ async fn writer(ctx: Rc<ShardCtx>, conn: ConnRef, idx: usize, generation: u32, m
                 None => false,
             };
         }
-        let out = if encrypted { &mut sealed } else { &mut buf };
-        if !out.is_empty() {
-            let (res, b) = stream.write_all(std::mem::take(out)).await;
-            *out = b;
-            if res.is_err() {
-                break;
-            }
-        }
-        // An idle connection keeps no write buffers: free them once the queue is empty
-        // (a busy connection keeps reusing them).
-        let idle = conn
-            .borrow()
-            .session
-            .as_ref()
-            .is_none_or(|s| s.outbound.is_empty());
-        if idle || buf.capacity() > 64 * 1024 {
-            buf = Vec::new();
-        }
-        if idle || sealed.capacity() > 64 * 1024 {
-            sealed = Vec::new();
+        let out = if encrypted {
+            std::mem::take(&mut sealed)
+        } else {
+            std::mem::take(&mut buf)
+        };
+        let mut failed = false;
+        let out = if out.is_empty() {
+            out
+        } else {
+            let (res, b) = handle.stream().write_all(out).await;
+            failed = res.is_err();
+            b
+        };
+        ctx.put_buffer(out);
+        ctx.put_buffer(buf);
+        if failed {
+            break;
         }
         if closing_done {
             // Our close frame is out. If the peer closed first, the handshake is complete
             // and the server closes TCP first (RFC 6455 7.1.1). Otherwise half-close and let
             // the reader wait for the peer's close frame (the hard-drop timer bounds that).
             if !conn.borrow().peer_closed {
-                shutdown(stream.as_raw_fd(), libc::SHUT_WR);
+                shutdown(handle.stream().as_raw_fd(), libc::SHUT_WR);
                 graceful = true;
             }
             break;
         }
     }
+    handle.release();
     ctx.task_done(idx, generation, !graceful);
 }

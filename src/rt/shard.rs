@@ -121,7 +121,15 @@ pub struct ShardCtx {
     pub draining: Cell<bool>,
     pub accept_cancel: RefCell<Option<monoio::io::Canceller>>,
     actions: RefCell<Vec<Action>>,
+    /// Write buffers shared by the shard's writers (see `take_buffer`).
+    write_pool: RefCell<Vec<Vec<u8>>>,
+    /// The shard runs on io_uring (not the epoll fallback).
+    pub uring: bool,
 }
+
+/// Buffers kept in a shard's pool, and the largest one worth keeping.
+const POOL_BUFFERS: usize = 256;
+const POOL_MAX_CAPACITY: usize = 1 << 20;
 
 pub type ConnRef = Rc<RefCell<Conn>>;
 
@@ -141,11 +149,30 @@ impl ShardCtx {
             draining: Cell::new(false),
             accept_cancel: RefCell::new(Some(monoio::io::Canceller::new())),
             actions: RefCell::new(Vec::new()),
+            write_pool: RefCell::new(Vec::new()),
+            uring: crate::rt::Driver::detect() == crate::rt::Driver::IoUring,
         })
     }
 
     pub fn now_ms(&self) -> u64 {
         self.shared.now_ms()
+    }
+
+    /// A write buffer from the shard's pool (empty, possibly with capacity).
+    pub fn take_buffer(&self) -> Vec<u8> {
+        self.write_pool.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Return a buffer to the pool; buffers beyond the pool's bounds are freed.
+    pub fn put_buffer(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_CAPACITY {
+            return;
+        }
+        let mut pool = self.write_pool.borrow_mut();
+        if pool.len() < POOL_BUFFERS {
+            buf.clear();
+            pool.push(buf);
+        }
     }
 
     /// A new socket: a slot with its handshake deadline armed.
@@ -567,10 +594,11 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
 fn housekeeping(ctx: &ShardCtx, now: u64) {
     let mut queued = 0u64;
     for (_, c) in ctx.conns.borrow().iter() {
-        if let Ok(c) = c.try_borrow()
-            && let Some(s) = &c.session
+        if let Ok(mut c) = c.try_borrow_mut()
+            && let Some(s) = c.session.as_mut()
         {
             queued += s.outbound.queued_bytes() as u64;
+            s.trim();
         }
     }
     let g = ctx.shared.metrics.shard(ctx.id);
