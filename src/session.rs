@@ -64,6 +64,14 @@ impl Default for SessionConfig {
 /// and the IP binding are unchanged.
 pub trait ReauthVerifier {
     fn verify_reauth(&self, token: &str, now_unix_secs: u64) -> Result<VerifiedClaims, AuthError>;
+
+    /// Hand the verification to someone else (the runtime's verifier threads, so a burst
+    /// of reauths never stalls a shard's event loop): return `true` when taken, and the
+    /// result comes back later through [`Session::finish_reauth`]. The default verifies
+    /// inline.
+    fn defer_reauth(&self, _id: Option<u64>, _token: &str, _now_unix_secs: u64) -> bool {
+        false
+    }
 }
 
 /// What the shard must do on the session's behalf, in order.
@@ -546,7 +554,26 @@ impl Session {
         auth: &dyn ReauthVerifier,
         actions: &mut Vec<Action>,
     ) {
-        let fresh = match auth.verify_reauth(token, now_ms / 1000) {
+        if auth.defer_reauth(id, token, now_ms / 1000) {
+            return;
+        }
+        let result = auth.verify_reauth(token, now_ms / 1000);
+        self.finish_reauth(id, result, symbols, actions);
+    }
+
+    /// The outcome of verifying a `reauth` token (inline, or from the verifier threads):
+    /// identity and binding checks, then the new token takes effect or nothing changes.
+    pub fn finish_reauth(
+        &mut self,
+        id: Option<u64>,
+        result: Result<VerifiedClaims, AuthError>,
+        symbols: &SymbolTable,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.state == State::Closing {
+            return;
+        }
+        let fresh = match result {
             Ok(c) => c,
             Err(e) => {
                 let code = match e {
@@ -935,6 +962,53 @@ mod tests {
         assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
         s.handle_timer(TimerKind::ReauthDeadline, (exp + 30) * 1000, &mut a);
         assert!(a.contains(&Action::Close { code: 4001 }));
+    }
+
+    /// A verifier that takes the token away (like the runtime's verifier threads).
+    struct Deferring(std::cell::RefCell<Vec<(Option<u64>, String)>>);
+
+    impl ReauthVerifier for Deferring {
+        fn verify_reauth(&self, _: &str, _: u64) -> Result<VerifiedClaims, AuthError> {
+            unreachable!("deferred")
+        }
+        fn defer_reauth(&self, id: Option<u64>, token: &str, _: u64) -> bool {
+            self.0.borrow_mut().push((id, token.to_string()));
+            true
+        }
+    }
+
+    #[test]
+    fn deferred_reauth_completes_later() {
+        let w = world();
+        let exp = T0 + 300;
+        let mut s = open(&w, exp);
+        let d = Deferring(Default::default());
+        let mut a = Vec::new();
+        let mut fresh = claims(exp + 600);
+        fresh.iat = Some(exp - 50);
+        let tok = sign_token(&w.key, "k1", &fresh);
+        s.handle_message(
+            (exp - 50) * 1000,
+            Incoming::Text(
+                serde_json::json!({"op":"reauth","id":7,"token":tok})
+                    .to_string()
+                    .into(),
+            ),
+            &w.symbols,
+            &d,
+            &mut a,
+        );
+        // Nothing happens until the result comes back.
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
+        let (id, token) = d.0.borrow_mut().pop().unwrap();
+        s.finish_reauth(id, w.verifier.verify(&token, exp - 50), &w.symbols, &mut a);
+        assert_eq!(
+            drain(&mut s),
+            vec![serde_json::json!({"type":"reauthed","id":7,"exp":exp + 600})]
+        );
+        assert!(a.contains(&Action::DeadlinesChanged));
+        assert_eq!(s.deadline_ms(), (exp + 630) * 1000);
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub enum Control {
     Revoke(RevokeTarget, crossbeam_channel::Sender<usize>),
     /// Stop accepting, close every connection with `1001`.
     Drain,
+    /// A `reauth` token verified off the event loop, for connection `(idx, generation)`.
+    ReauthDone {
+        idx: usize,
+        generation: u32,
+        id: Option<u64>,
+        result: Box<Result<crate::auth::jwt::VerifiedClaims, crate::auth::jwt::AuthError>>,
+    },
 }
 
 /// One shard's inbox: ticks, control messages, and the waker of the shard's dispatcher.

@@ -440,6 +440,7 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
     let mut actions = Vec::new();
     let mut partial = std::mem::take(&mut c.rx_partial);
     let mut peer_closed = false;
+    let conn_generation = c.generation;
     {
         let c = &mut *c;
         let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
@@ -466,7 +467,14 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
                         if matches!(m, crate::proto::frame::Incoming::Close(_)) {
                             peer_closed = true;
                         }
-                        session.handle_message(now, m, ctx.shared.hub.symbols(), &*ctx.shared, &mut actions);
+                        let verifier = crate::rt::verify::ConnVerifier {
+                            shared: &ctx.shared,
+                            pool: &ctx.verify_pool,
+                            shard: ctx.id,
+                            idx,
+                            generation: conn_generation,
+                        };
+                        session.handle_message(now, m, ctx.shared.hub.symbols(), &verifier, &mut actions);
                     }
                 }
                 Err(e) => {

@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod shard;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -140,16 +141,18 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(shards);
+    let pool = verify::VerifyPool::start(shared.clone(), shards.div_ceil(2))?;
     for (id, l) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let ready = ready_tx.clone();
+        let pool = pool.clone();
         let t = std::thread::Builder::new()
             .name(format!("tickgate-shard-{id}"))
             .spawn(move || {
                 if shared.cfg.server.pin_cores {
                     let _ = monoio::utils::bind_to_cpu_set([id % cores]);
                 }
-                run_shard(id, shared, l, ready);
+                run_shard(id, shared, l, ready, pool);
             })?;
         threads.push(t);
     }
@@ -183,6 +186,7 @@ fn run_shard(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
     ready: crossbeam_channel::Sender<Result<(), String>>,
+    pool: verify::VerifyPool,
 ) {
     let entries = shared.cfg.server.io_uring_entries;
     let mut urb = io_uring::IoUring::builder();
@@ -209,7 +213,7 @@ fn run_shard(
                 return;
             }
         };
-        let ctx = shard::ShardCtx::new(id, shared);
+        let ctx = shard::ShardCtx::new(id, shared, pool);
         monoio::spawn(shard::dispatcher(ctx.clone()));
         monoio::spawn(shard::ticker(ctx.clone()));
         let _ = ready.send(Ok(()));

@@ -125,6 +125,8 @@ pub struct ShardCtx {
     write_pool: RefCell<Vec<Vec<u8>>>,
     /// The shard runs on io_uring (not the epoll fallback).
     pub uring: bool,
+    /// Verifier threads for in-band reauth tokens.
+    pub verify_pool: crate::rt::verify::VerifyPool,
 }
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
@@ -134,7 +136,7 @@ const POOL_MAX_CAPACITY: usize = 1 << 20;
 pub type ConnRef = Rc<RefCell<Conn>>;
 
 impl ShardCtx {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<ShardCtx> {
+    pub fn new(id: usize, shared: Arc<Shared>, verify_pool: crate::rt::verify::VerifyPool) -> Rc<ShardCtx> {
         let now = shared.now_ms();
         Rc::new(ShardCtx {
             id,
@@ -150,6 +152,7 @@ impl ShardCtx {
             accept_cancel: RefCell::new(Some(monoio::io::Canceller::new())),
             actions: RefCell::new(Vec::new()),
             write_pool: RefCell::new(Vec::new()),
+            verify_pool,
             uring: crate::rt::Driver::detect() == crate::rt::Driver::IoUring,
         })
     }
@@ -492,6 +495,26 @@ impl ShardCtx {
                 let _ = reply.send(closed);
             }
             Control::Drain => self.drain(),
+            Control::ReauthDone {
+                idx,
+                generation,
+                id,
+                result,
+            } => {
+                let conn = match self.conns.borrow().get(idx) {
+                    Some(c) => c.clone(),
+                    None => return,
+                };
+                let mut c = conn.borrow_mut();
+                if c.generation != generation {
+                    return;
+                }
+                let mut actions = Vec::new();
+                if let Some(s) = c.session.as_mut() {
+                    s.finish_reauth(id, *result, self.shared.hub.symbols(), &mut actions);
+                }
+                self.apply(idx, &mut c, &mut actions);
+            }
         }
     }
 
