@@ -92,6 +92,18 @@ impl Ctx {
     pub fn token(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64) -> String {
         mint::sign_token(&self.key, &self.kid, &self.claims(sub, sid, roles, ttl))
     }
+
+    /// Tokens for successive reauths, minted ahead of time so the generator's own signing
+    /// never stalls it mid-measurement: token k expires `ttl * (k + 2)` seconds from now.
+    pub fn reauth_tokens(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64, rounds: usize) -> Vec<String> {
+        (0..rounds as u64)
+            .map(|k| {
+                let mut c = self.claims(sub, sid, roles, ttl);
+                c.exp = c.iat.unwrap_or(c.exp) + ttl * (k + 2);
+                mint::sign_token(&self.key, &self.kid, &c)
+            })
+            .collect()
+    }
 }
 
 pub fn unix_now() -> u64 {

@@ -207,7 +207,12 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             token,
             sub_json,
             my,
-            reauth.then_some(ttl),
+            reauth.then(|| {
+                // Enough rounds for the whole run (a reauth at least every ttl/2 seconds).
+                let run_s = a.warmup + a.duration + a.drain + a.connect_timeout;
+                let rounds = (run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2;
+                (ttl, ctx.reauth_tokens(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl, rounds))
+            }),
         )));
     }
     let n = a.subscribers as u64;
@@ -473,8 +478,13 @@ async fn subscriber(
     token: String,
     sub_json: String,
     syms: Vec<Vec<u8>>,
-    reauth_ttl: Option<u64>,
+    reauth_ttl: Option<(u64, Vec<String>)>,
 ) {
+    // Pre-minted reauth tokens, used in order; minted live only if they run out.
+    let (reauth_ttl, mut reauth_tokens) = match reauth_ttl {
+        Some((ttl, toks)) => (Some(ttl), toks.into_iter()),
+        None => (None, Vec::new().into_iter()),
+    };
     let c = &sh.c;
     let permit = sem.acquire_owned().await;
     let t = Instant::now();
@@ -568,7 +578,9 @@ async fn subscriber(
         if st.need_reauth {
             st.need_reauth = false;
             if let Some(ttl) = reauth_ttl {
-                let tok = ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl);
+                let tok = reauth_tokens
+                    .next()
+                    .unwrap_or_else(|| ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl));
                 reauth_id += 1;
                 let m = format!(r#"{{"op":"reauth","id":{reauth_id},"token":"{tok}"}}"#);
                 lean::text_frame(m.as_bytes(), &mut out);
