@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
@@ -35,6 +36,15 @@ pub struct Common {
     /// Label for the report (e.g. the server's name).
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Speak TLS (`wss://`) to the target; needs `--ca`.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM certificate(s) to trust for `--tls`.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Name to verify the server certificate against (SNI) with `--tls`.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
 }
 
 pub struct Ctx {
@@ -44,6 +54,8 @@ pub struct Ctx {
     pub kid: String,
     pub sources: Vec<Ipv4Addr>,
     pub ttl: u64,
+    /// `--tls`: the client config and the name to verify.
+    pub tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
 }
 
 impl Ctx {
@@ -57,6 +69,25 @@ impl Ctx {
         let sources = (1..=c.sources.max(1))
             .map(|i| Ipv4Addr::new(127, 0, 0, i))
             .collect();
+        let tls = if c.tls {
+            let ca = c.ca.as_ref().ok_or("--tls needs --ca FILE")?;
+            let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in tickgate::tls::parse_chain(&pem).map_err(|e| format!("--ca: {e}"))? {
+                roots.add(cert).map_err(|e| format!("--ca: {e}"))?;
+            }
+            let mut cfg = rustls::ClientConfig::builder_with_provider(tickgate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(c.server_name.clone())
+                .map_err(|e| format!("--server-name: {e}"))?;
+            Some((Arc::new(cfg), name))
+        } else {
+            None
+        };
         Ok(Ctx {
             target: c.target,
             host: c.target.to_string(),
@@ -64,6 +95,7 @@ impl Ctx {
             kid: c.kid.clone(),
             sources,
             ttl: c.ttl,
+            tls,
         })
     }
 
@@ -95,7 +127,14 @@ impl Ctx {
 
     /// Tokens for successive reauths, minted ahead of time so the generator's own signing
     /// never stalls it mid-measurement: token k expires `ttl * (k + 2)` seconds from now.
-    pub fn reauth_tokens(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64, rounds: usize) -> Vec<String> {
+    pub fn reauth_tokens(
+        &self,
+        sub: &str,
+        sid: &str,
+        roles: &[&str],
+        ttl: u64,
+        rounds: usize,
+    ) -> Vec<String> {
         (0..rounds as u64)
             .map(|k| {
                 let mut c = self.claims(sub, sid, roles, ttl);

@@ -211,7 +211,16 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
                 // Enough rounds for the whole run (a reauth at least every ttl/2 seconds).
                 let run_s = a.warmup + a.duration + a.drain + a.connect_timeout;
                 let rounds = (run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2;
-                (ttl, ctx.reauth_tokens(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl, rounds))
+                (
+                    ttl,
+                    ctx.reauth_tokens(
+                        &format!("lg-{i}"),
+                        &format!("s-{i}"),
+                        &["subscriber"],
+                        ttl,
+                        rounds,
+                    ),
+                )
             }),
         )));
     }
@@ -488,7 +497,7 @@ async fn subscriber(
     let c = &sh.c;
     let permit = sem.acquire_owned().await;
     let t = Instant::now();
-    let mut s = match lean::connect(ctx.target, ctx.source(i)).await {
+    let mut s = match lean::Stream::connect(&ctx, ctx.source(i)).await {
         Ok(s) => s,
         Err(_) => {
             c.connect_fail.fetch_add(1, Relaxed);
@@ -578,9 +587,9 @@ async fn subscriber(
         if st.need_reauth {
             st.need_reauth = false;
             if let Some(ttl) = reauth_ttl {
-                let tok = reauth_tokens
-                    .next()
-                    .unwrap_or_else(|| ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl));
+                let tok = reauth_tokens.next().unwrap_or_else(|| {
+                    ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl)
+                });
                 reauth_id += 1;
                 let m = format!(r#"{{"op":"reauth","id":{reauth_id},"token":"{tok}"}}"#);
                 lean::text_frame(m.as_bytes(), &mut out);
@@ -720,16 +729,25 @@ async fn publisher(
         &["publisher"],
         ctx.ttl.max(60),
     );
-    let mut req = format!("ws://{}/v1/stream", ctx.host)
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
+    let url = match &ctx.tls {
+        Some(_) => format!("wss://{}:{}/v1/stream", ctx_server_name(&ctx), ctx.target.port()),
+        None => format!("ws://{}/v1/stream", ctx.host),
+    };
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
     req.headers_mut().insert(
         "authorization",
         format!("Bearer {token}").parse().map_err(|_| "header")?,
     );
     // disable_nagle = true: with Nagle on, small batches wait for the server's delayed ACK
     // (tens of ms of fake latency).
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+    let tcp = lean::connect(ctx.target, None)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let connector = ctx
+        .tls
+        .as_ref()
+        .map(|(cfg, _)| tokio_tungstenite::Connector::Rustls(cfg.clone()));
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(req, tcp, None, connector)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (mut sink, mut stream) = ws.split();
@@ -824,4 +842,13 @@ async fn publisher(
         acked: acked.load(Relaxed),
         errors: errors.load(Relaxed),
     })
+}
+
+/// The name the publisher's `wss://` URL carries (SNI and certificate check).
+fn ctx_server_name(ctx: &Ctx) -> String {
+    match &ctx.tls {
+        Some((_, rustls::pki_types::ServerName::DnsName(n))) => n.as_ref().to_string(),
+        Some((_, rustls::pki_types::ServerName::IpAddress(ip))) => std::net::IpAddr::from(*ip).to_string(),
+        _ => "localhost".into(),
+    }
 }

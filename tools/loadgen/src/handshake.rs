@@ -280,7 +280,7 @@ async fn one(
     hist: Option<&mut Histogram<u64>>,
     t: Instant,
 ) {
-    let mut s = match lean::connect(ctx.target, src).await {
+    let s = match lean::connect(ctx.target, src).await {
         Ok(s) => s,
         Err(_) => {
             stats.errors.fetch_add(1, Relaxed);
@@ -289,7 +289,11 @@ async fn one(
         }
     };
     lean::set_linger_zero(&s);
-    match tokio::time::timeout(Duration::from_secs(10), lean::upgrade(&mut s, req, buf)).await {
+    let up = async {
+        let mut s = lean::Stream::wrap(ctx, s).await?;
+        lean::upgrade(&mut s, req, buf).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), up).await {
         Ok(Ok((101, _))) => {
             stats.ok.fetch_add(1, Relaxed);
             if let Some(h) = hist {

@@ -79,7 +79,7 @@ async fn run(a: IdleArgs, ctx: Arc<Ctx>) -> i32 {
         let (ctx, c, sem) = (ctx.clone(), c.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
-            let Ok(mut s) = lean::connect(ctx.target, ctx.source(i)).await else {
+            let Ok(mut s) = lean::Stream::connect(&ctx, ctx.source(i)).await else {
                 c.failed.fetch_add(1, Relaxed);
                 return;
             };

@@ -37,6 +37,77 @@ pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<Tc
     Ok(s)
 }
 
+/// A subscriber's connection: plain TCP or TLS over it (`--tls`).
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Wrap a connected socket per the context (`--tls` does the TLS handshake here).
+    pub async fn wrap(ctx: &crate::common::Ctx, tcp: TcpStream) -> io::Result<Stream> {
+        match &ctx.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some((cfg, name)) => {
+                let c = tokio_rustls::TlsConnector::from(cfg.clone());
+                Ok(Stream::Tls(Box::new(c.connect(name.clone(), tcp).await?)))
+            }
+        }
+    }
+
+    /// Connect (from `src`) and wrap.
+    pub async fn connect(ctx: &crate::common::Ctx, src: Option<Ipv4Addr>) -> io::Result<Stream> {
+        let tcp = connect(ctx.target, src).await?;
+        Stream::wrap(ctx, tcp).await
+    }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Makes the next close send an RST (no TIME_WAIT on the client side).
 pub fn set_linger_zero(s: &TcpStream) {
     let l = libc::linger {
@@ -66,7 +137,11 @@ pub fn upgrade_request(host: &str, token: &str) -> Vec<u8> {
 
 /// Sends the upgrade and reads the response head. Returns the status code; bytes after the
 /// head (the first frames) are left in `buf[..len]`, the returned length.
-pub async fn upgrade(stream: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> io::Result<(u16, usize)> {
+pub async fn upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    req: &[u8],
+    buf: &mut Vec<u8>,
+) -> io::Result<(u16, usize)> {
     stream.write_all(req).await?;
     let mut end = 0usize;
     loop {
