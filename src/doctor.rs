@@ -76,8 +76,14 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     // SAFETY: getrlimit writes into the struct we pass by pointer.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
     if ok {
-        // Each WebSocket uses two descriptors (reader and writer handles).
-        let conns = lim.rlim_max / 2;
+        // One descriptor per WebSocket on io_uring, two on the epoll fallback (a dup for
+        // the writer).
+        let per_conn = if crate::rt::Driver::detect() == crate::rt::Driver::IoUring {
+            1
+        } else {
+            2
+        };
+        let conns = lim.rlim_max / per_conn;
         let level = if lim.rlim_max < 200_000 {
             Level::Warn
         } else {

@@ -89,7 +89,8 @@ impl ServerHandle {
     }
 }
 
-/// Raise the open-file soft limit to the hard limit (each connection uses two descriptors).
+/// Raise the open-file soft limit to the hard limit (one descriptor per connection on
+/// io_uring, two on the epoll fallback).
 pub fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
