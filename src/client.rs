@@ -45,18 +45,7 @@ fn server_name(host_port: &str) -> Result<rustls::pki_types::ServerName<'static>
 }
 
 fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in crate::tls::parse_chain(&pem).map_err(|e| format!("--ca {}: {e}", ca.display()))? {
-        roots.add(c).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    crate::tls::client_config_from_ca_file(ca).map_err(|e| format!("--ca {e}"))
 }
 
 fn mask() -> [u8; 4] {

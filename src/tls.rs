@@ -236,6 +236,23 @@ pub fn spawn_watcher(
         })
 }
 
+/// A client configuration trusting the PEM certificates in `ca` (ring provider, TLS 1.3 and
+/// 1.2, ALPN `http/1.1`): for the demo client and the load generator.
+pub fn client_config_from_ca_file(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in parse_chain(&pem).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

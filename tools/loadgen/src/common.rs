@@ -71,20 +71,10 @@ impl Ctx {
             .collect();
         let tls = if c.tls {
             let ca = c.ca.as_ref().ok_or("--tls needs --ca FILE")?;
-            let pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in tickgate::tls::parse_chain(&pem).map_err(|e| format!("--ca: {e}"))? {
-                roots.add(cert).map_err(|e| format!("--ca: {e}"))?;
-            }
-            let mut cfg = rustls::ClientConfig::builder_with_provider(tickgate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let cfg = tickgate::tls::client_config_from_ca_file(ca).map_err(|e| format!("--ca {e}"))?;
             let name = rustls::pki_types::ServerName::try_from(c.server_name.clone())
                 .map_err(|e| format!("--server-name: {e}"))?;
-            Some((Arc::new(cfg), name))
+            Some((cfg, name))
         } else {
             None
         };
