@@ -135,6 +135,10 @@ pub struct Session {
     reauth_notified_exp: Option<u64>,
     /// Since when the outbound queue is over its budget (slow consumer), if it is.
     slow_since_ms: Option<u64>,
+    /// How much earlier than one full period this session's first heartbeat goes out:
+    /// connections opened in the same second (a reconnect storm) would otherwise ping in
+    /// lockstep, thousands of writes in one loop turn every `heartbeat`.
+    heartbeat_phase_ms: u64,
     scratch: Vec<u8>,
 }
 
@@ -142,6 +146,7 @@ impl Session {
     /// A freshly admitted connection: queues `welcome`.
     pub fn new(cfg: SessionConfig, claims: VerifiedClaims, client_ip: IpAddr, now_ms: u64) -> Self {
         let ents = Entitlements::compile(&claims.symbols);
+        let cfg_heartbeat_ms = cfg.heartbeat_ms;
         let outbound = OutboundQueue::new(cfg.outbound_queue_bytes);
         let burst = u64::from(cfg.inbound_messages_per_sec.max(1)) * 1000;
         let mut s = Session {
@@ -158,6 +163,7 @@ impl Session {
             last_rx_ms: now_ms,
             reauth_notified_exp: None,
             slow_since_ms: None,
+            heartbeat_phase_ms: heartbeat_phase(cfg_heartbeat_ms),
             scratch: Vec::new(),
         };
         s.scratch.clear();
@@ -197,7 +203,10 @@ impl Session {
                 exp_ms.saturating_sub(self.cfg.reauth_lead_ms),
             ),
             (TimerKind::ReauthDeadline, self.deadline_ms()),
-            (TimerKind::Heartbeat, self.last_rx_ms + self.cfg.heartbeat_ms),
+            (
+                TimerKind::Heartbeat,
+                self.last_rx_ms + self.cfg.heartbeat_ms - self.heartbeat_phase_ms,
+            ),
             (TimerKind::Idle, self.last_rx_ms + self.cfg.idle_timeout_ms),
         ]
     }
@@ -694,6 +703,19 @@ impl Session {
     }
 }
 
+/// A spread of first-heartbeat offsets over half a period (a Weyl sequence over a counter:
+/// deterministic, no clock, no RNG).
+fn heartbeat_phase(heartbeat_ms: u64) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let spread = heartbeat_ms / 2;
+    if spread == 0 {
+        return 0;
+    }
+    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % spread
+}
+
 #[cfg(test)]
 mod tests {
     //! The session on a virtual clock: every deadline is a number we pass in, so reauth and
@@ -1009,6 +1031,19 @@ mod tests {
         );
         assert!(a.contains(&Action::DeadlinesChanged));
         assert_eq!(s.deadline_ms(), (exp + 630) * 1000);
+    }
+
+    #[test]
+    fn first_heartbeats_are_spread_over_half_a_period() {
+        let w = world();
+        let dues: Vec<u64> = (0..64)
+            .map(|_| due(&open(&w, T0 + 300), TimerKind::Heartbeat))
+            .collect();
+        for d in &dues {
+            assert!((T0 * 1000 + 7_500..=T0 * 1000 + 15_000).contains(d), "{d}");
+        }
+        let distinct: std::collections::HashSet<_> = dues.iter().collect();
+        assert!(distinct.len() > 32, "phases collapse: {distinct:?}");
     }
 
     #[test]
