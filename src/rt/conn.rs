@@ -173,6 +173,26 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         ctx.task_done(idx, generation, true);
         return;
     };
+    // A plain function, so nothing of the admission (claims, strings) stays in this
+    // long-lived future's state while the reader waits.
+    open_session(&ctx, &conn, idx, admitted, tls);
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle));
+    if !leftover.is_empty() {
+        let mut data = leftover;
+        process(&ctx, &conn, idx, &mut data);
+    }
+    reader(&ctx, &stream, &conn, idx).await;
+    ctx.task_done(idx, generation, true);
+}
+
+/// The connection becomes a session: verified identity, decoder, timers, user slot.
+fn open_session(
+    ctx: &ShardCtx,
+    conn: &ConnRef,
+    idx: usize,
+    admitted: Box<gate::Admitted>,
+    tls: Option<Box<ServerConnection>>,
+) {
     let now = ctx.now_ms();
     let a = *admitted;
     let session = Session::new(ctx.shared.session_cfg.clone(), a.claims, a.client_ip, now);
@@ -181,19 +201,10 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         max_message_bytes: max,
         max_frame_bytes: max,
     });
-    {
-        let mut c = conn.borrow_mut();
-        c.slot = Some(a.slot);
-        c.tls = tls;
-        ctx.open(idx, &mut c, session, decoder);
-    }
-    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle));
-    if !leftover.is_empty() {
-        let mut data = leftover;
-        process(&ctx, &conn, idx, &mut data);
-    }
-    reader(&ctx, &stream, &conn, idx).await;
-    ctx.task_done(idx, generation, true);
+    let mut c = conn.borrow_mut();
+    c.slot = Some(a.slot);
+    c.tls = tls;
+    ctx.open(idx, &mut c, session, decoder);
 }
 
 /// The HTTP phase. Returns the admitted identity and any bytes after the request.
