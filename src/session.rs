@@ -118,7 +118,7 @@ const MAX_RATE_LIMITED_REPLIES: usize = 10;
 const RATE_LIMITED_WINDOW_MS: u64 = 60_000;
 
 pub struct Session {
-    cfg: SessionConfig,
+    cfg: Arc<SessionConfig>,
     claims: VerifiedClaims,
     ents: Entitlements,
     client_ip: IpAddr,
@@ -144,7 +144,7 @@ pub struct Session {
 
 impl Session {
     /// A freshly admitted connection: queues `welcome`.
-    pub fn new(cfg: SessionConfig, claims: VerifiedClaims, client_ip: IpAddr, now_ms: u64) -> Self {
+    pub fn new(cfg: Arc<SessionConfig>, claims: VerifiedClaims, client_ip: IpAddr, now_ms: u64) -> Self {
         let ents = Entitlements::compile(&claims.symbols);
         let cfg_heartbeat_ms = cfg.heartbeat_ms;
         let outbound = OutboundQueue::new(cfg.outbound_queue_bytes);
@@ -780,7 +780,7 @@ mod tests {
 
     fn open(w: &World, exp: u64) -> Session {
         let mut s = Session::new(
-            cfg(),
+            Arc::new(cfg()),
             verified(w, &claims(exp)),
             "127.0.0.1".parse().unwrap(),
             T0 * 1000,
@@ -1074,7 +1074,7 @@ mod tests {
         let mut c = cfg();
         c.inbound_messages_per_sec = 2;
         let mut s = Session::new(
-            c,
+            Arc::new(c),
             verified(&w, &claims(T0 + 300)),
             "127.0.0.1".parse().unwrap(),
             T0 * 1000,
@@ -1092,7 +1092,7 @@ mod tests {
         assert!(a.contains(&Action::Close { code: 4029 }));
         // The bucket refills with (virtual) time.
         let mut s2 = Session::new(
-            cfg(),
+            Arc::new(cfg()),
             verified(&w, &claims(T0 + 300)),
             "127.0.0.1".parse().unwrap(),
             T0 * 1000,
@@ -1115,7 +1115,12 @@ mod tests {
         let w = world();
         let mut c = claims(T0 + 300);
         c.symbols = vec!["BTC-*".into()];
-        let mut s = Session::new(cfg(), verified(&w, &c), "127.0.0.1".parse().unwrap(), T0 * 1000);
+        let mut s = Session::new(
+            Arc::new(cfg()),
+            verified(&w, &c),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
         drain(&mut s);
         let mut a = Vec::new();
         let tick = |sym: &str| serde_json::json!({"s":sym,"ts":1,"bid":1.0,"ask":2.0,"last":1.5,"qty":1});
@@ -1144,7 +1149,7 @@ mod tests {
         let mut sub_only = claims(T0 + 300);
         sub_only.roles = vec!["subscriber".into()];
         let mut s = Session::new(
-            cfg(),
+            Arc::new(cfg()),
             verified(&w, &sub_only),
             "127.0.0.1".parse().unwrap(),
             T0 * 1000,

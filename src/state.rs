@@ -74,7 +74,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub hub: Hub,
     pub draining: AtomicBool,
-    pub session_cfg: SessionConfig,
+    pub session_cfg: Arc<SessionConfig>,
     /// `[tls]` loaded: the public listener speaks TLS. Set with [`Shared::with_tls`];
     /// `rt::start` refuses a config with `[tls]` whose state was not loaded.
     pub tls: Option<crate::tls::TlsState>,
@@ -111,7 +111,7 @@ impl Shared {
             hub: Hub::new(shards, cfg.feed.max_symbols),
             draining: AtomicBool::new(false),
             auth: RwLock::new(Arc::new(auth)),
-            session_cfg,
+            session_cfg: Arc::new(session_cfg),
             tls: None,
             epoch: Instant::now(),
             epoch_unix_ms: SystemTime::now()
