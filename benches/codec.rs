@@ -7,7 +7,6 @@
 //! running this code and is the figure to compare with the targets on a busy machine.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Bencher, Criterion, criterion_group, criterion_main};
 use tickgate::proto::frame::{
@@ -21,16 +20,9 @@ fn payload_128() -> Vec<u8> {
     p
 }
 
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec for the duration of the call,
-    // and CLOCK_THREAD_CPUTIME_ID is supported on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
+#[path = "support/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::thread_cpu_time;
 
 /// Runs `f` under both clocks: criterion's wall clock and the thread CPU clock.
 fn both_clocks(c: &mut Criterion, name: &str, mut f: impl FnMut()) {

@@ -33,16 +33,9 @@ use tickgate::auth::jwt::{Verifier, VerifyPolicy};
 use tickgate::auth::keys::KeySet;
 use tickgate::auth::mint::{self, Claims};
 
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec for the duration of the call,
-    // and CLOCK_THREAD_CPUTIME_ID is supported on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
+#[path = "support/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::thread_cpu_time;
 
 struct Setup {
     server: Arc<ServerConfig>,

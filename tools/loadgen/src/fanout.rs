@@ -617,30 +617,18 @@ async fn subscriber(
 }
 
 fn flush(st: &mut Conn, c: &Counters) {
-    if st.total_rx > 0 {
-        c.total_rx.fetch_add(st.total_rx, Relaxed);
-        st.total_rx = 0;
+    /// Move a connection-local count into the shared counter (skipping the atomic when zero).
+    fn take(local: &mut u64, global: &AtomicU64) {
+        if *local > 0 {
+            global.fetch_add(std::mem::take(local), Relaxed);
+        }
     }
-    if st.window_rx > 0 {
-        c.window_rx.fetch_add(st.window_rx, Relaxed);
-        st.window_rx = 0;
-    }
-    if st.gaps > 0 {
-        c.seq_gaps.fetch_add(st.gaps, Relaxed);
-        st.gaps = 0;
-    }
-    if st.backwards > 0 {
-        c.seq_backwards.fetch_add(st.backwards, Relaxed);
-        st.backwards = 0;
-    }
-    if st.skipped > 0 {
-        c.skipped_msgs.fetch_add(st.skipped, Relaxed);
-        st.skipped = 0;
-    }
-    if st.errors > 0 {
-        c.errors.fetch_add(st.errors, Relaxed);
-        st.errors = 0;
-    }
+    take(&mut st.total_rx, &c.total_rx);
+    take(&mut st.window_rx, &c.window_rx);
+    take(&mut st.gaps, &c.seq_gaps);
+    take(&mut st.backwards, &c.seq_backwards);
+    take(&mut st.skipped, &c.skipped_msgs);
+    take(&mut st.errors, &c.errors);
 }
 
 #[inline]
