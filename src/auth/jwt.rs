@@ -24,8 +24,8 @@
 //!    "the only key" would then all fail at once; better to fail at the first token;
 //! 7. `typ`, if present, must be `JWT` (ASCII case-insensitive);
 //! 8. the Ed25519 signature over the ASCII signing input `header.payload`, with
-//!    `verify_strict` (rejects non-canonical `S`, small-order `R` and weak keys, so no
-//!    signature malleability);
+//!    [`PreparedKey::verify`], equivalent to ed25519-dalek's `verify_strict` (rejects
+//!    non-canonical `S`, small-order `R` and weak keys, so no signature malleability);
 //! 9. only then is the payload decoded and parsed into typed claims, and the claims
 //!    checked: time (`exp`, `nbf`, `iat` with leeway), lifetime (no leeway), `iss`/`aud`
 //!    when configured, shapes and bounds of the rest.
@@ -48,9 +48,9 @@
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::{DecodePaddingMode, Engine};
-use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Deserialize;
 
+use super::ed25519::PreparedKey;
 use super::keys::KeySet;
 
 /// Strict base64url without padding (RFC 7515 §2 "Base64url Encoding"): padding is
@@ -347,13 +347,10 @@ impl Audience {
 
 /// Checks an Ed25519 JWS signature at the raw layer: `sig_b64` (strict base64url) over
 /// the ASCII `signing_input` (`BASE64URL(header) || '.' || BASE64URL(payload)`), with
-/// `verify_strict`. No header or claim semantics; [`Verifier::verify`] uses this after
+/// strict Ed25519 ([`PreparedKey::verify`], which agrees with ed25519-dalek's
+/// `verify_strict`). No header or claim semantics; [`Verifier::verify`] uses this after
 /// its header checks, and the RFC 8037 A.4 vector (whose payload is not claims) tests it.
-pub fn verify_jws_signature(
-    key: &VerifyingKey,
-    signing_input: &[u8],
-    sig_b64: &str,
-) -> Result<(), AuthError> {
+pub fn verify_jws_signature(key: &PreparedKey, signing_input: &[u8], sig_b64: &str) -> Result<(), AuthError> {
     if sig_b64.len() != SIG_B64_LEN {
         // Both "not base64" and "wrong length" are possible here; a wrong-length part
         // that is valid base64 is still not an Ed25519 signature.
@@ -372,9 +369,11 @@ pub fn verify_jws_signature(
         .get(..n)
         .and_then(|s| s.try_into().ok())
         .ok_or(AuthError::BadSignature)?;
-    let sig = Signature::from_bytes(&bytes);
-    key.verify_strict(signing_input, &sig)
-        .map_err(|_| AuthError::BadSignature)
+    if key.verify(signing_input, &bytes) {
+        Ok(())
+    } else {
+        Err(AuthError::BadSignature)
+    }
 }
 
 /// Verifies tokens against a key set and a policy. Cheap to clone.
@@ -435,7 +434,7 @@ impl Verifier {
             return Err(AuthError::Crit);
         }
         let kid = header.kid.ok_or(AuthError::MissingKid)?;
-        let key = self.keys.get(&kid).ok_or(AuthError::UnknownKid)?;
+        let key = self.keys.prepared(&kid).ok_or(AuthError::UnknownKid)?;
         if header.typ == Some(false) {
             return Err(AuthError::BadType);
         }
@@ -602,22 +601,23 @@ mod tests {
     #[test]
     fn rfc8037_a5_verification() {
         let vk = rfc_key().verifying_key();
+        let pk = PreparedKey::new(&vk).unwrap();
         let (input, sig) = RFC_A4.rsplit_once('.').unwrap();
-        verify_jws_signature(&vk, input.as_bytes(), sig).unwrap();
+        verify_jws_signature(&pk, input.as_bytes(), sig).unwrap();
         let (input2, sig2) = RFC_A4_ALTERED.rsplit_once('.').unwrap();
         assert_eq!(input, input2);
         assert_eq!(
-            verify_jws_signature(&vk, input2.as_bytes(), sig2),
+            verify_jws_signature(&pk, input2.as_bytes(), sig2),
             Err(AuthError::BadSignature)
         );
         // One flipped bit of the input, and of the signature.
         let mut bad = input.as_bytes().to_vec();
         bad[30] ^= 1;
-        assert_eq!(verify_jws_signature(&vk, &bad, sig), Err(AuthError::BadSignature));
+        assert_eq!(verify_jws_signature(&pk, &bad, sig), Err(AuthError::BadSignature));
         let mut s = sig.to_string();
         s.replace_range(0..1, "i");
         assert_eq!(
-            verify_jws_signature(&vk, input.as_bytes(), &s),
+            verify_jws_signature(&pk, input.as_bytes(), &s),
             Err(AuthError::BadSignature)
         );
         // Through the full verifier the A.4 token fails only for lack of a kid.

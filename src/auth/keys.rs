@@ -30,6 +30,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use ed25519_dalek::VerifyingKey;
+
+use super::ed25519::PreparedKey;
 use ed25519_dalek::pkcs8::DecodePublicKey;
 
 use super::jwt::B64;
@@ -130,7 +132,7 @@ impl KeyError {
 /// A set of verifying keys by `kid`. Cheap to clone; see the module docs.
 #[derive(Clone, Default)]
 pub struct KeySet {
-    keys: Arc<BTreeMap<String, VerifyingKey>>,
+    keys: Arc<BTreeMap<String, (VerifyingKey, PreparedKey)>>,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -149,20 +151,26 @@ impl KeySet {
     /// Adds `key` under `kid`. A `kid` already present is an error, never a replacement.
     pub fn insert(&mut self, kid: &str, key: VerifyingKey) -> Result<(), KeyError> {
         check_kid(kid)?;
-        if key.is_weak() {
-            return Err(KeyError::WeakKey(kid.to_owned()));
-        }
+        let prepared = match PreparedKey::new(&key) {
+            Some(p) if !key.is_weak() => p,
+            _ => return Err(KeyError::WeakKey(kid.to_owned())),
+        };
         let map = Arc::make_mut(&mut self.keys);
         if map.contains_key(kid) {
             return Err(KeyError::DuplicateKid(kid.to_owned()));
         }
-        map.insert(kid.to_owned(), key);
+        map.insert(kid.to_owned(), (key, prepared));
         Ok(())
     }
 
     /// The key for `kid`, if any.
     pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
-        self.keys.get(kid)
+        self.keys.get(kid).map(|(k, _)| k)
+    }
+
+    /// The key for `kid` prepared for verification ([`PreparedKey`]), if any.
+    pub fn prepared(&self, kid: &str) -> Option<&PreparedKey> {
+        self.keys.get(kid).map(|(_, p)| p)
     }
 
     /// Number of keys.
@@ -192,7 +200,7 @@ impl KeySet {
         if let Some(path) = jwks {
             let text = read_bounded(path, MAX_JWKS_BYTES)?;
             let from_jwks = KeySet::from_jwks_str(&text).map_err(|e| e.in_file(path))?;
-            for (kid, key) in from_jwks.keys.iter() {
+            for (kid, key) in from_jwks.iter() {
                 set.insert(kid, *key).map_err(|e| e.in_file(path))?;
             }
         }
@@ -224,7 +232,7 @@ impl KeySet {
 
     /// Iterates `(kid, key)` in kid order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &VerifyingKey)> {
-        self.keys.iter().map(|(k, v)| (k.as_str(), v))
+        self.keys.iter().map(|(k, (v, _))| (k.as_str(), v))
     }
 }
 

@@ -5,6 +5,7 @@
 //! atomics, so a lookup locks one map shard, never a process-wide mutex.
 //!
 //! # Layout
+//! - [`ed25519`]: strict Ed25519 signature verification with per-key preparation.
 //! - [`jwt`]: strict EdDSA (Ed25519) JWS verification producing `VerifiedClaims`, which
 //!   only the verifier can construct.
 //! - [`keys`]: key sets from SPKI PEM files and JWKS documents; a duplicate kid is an error.
@@ -18,6 +19,7 @@
 //! - [`seclog`]: security event JSON lines and Prometheus counters.
 
 pub mod cidr;
+pub mod ed25519;
 pub mod jwt;
 pub mod keys;
 pub mod mint;
