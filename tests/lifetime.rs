@@ -225,3 +225,39 @@ async fn idle_peer_is_closed_with_4000() {
     );
     assert!(all.windows(2).any(|w| w == [0x89, 0x00]), "no ping before it");
 }
+
+/// Deadlines that fall in the same millisecond are fired in slices (the shard yields
+/// between them so ticks interleave), and reauth results come back through the control
+/// inbox in slices too: every connection must still get its `reauth_required` and its
+/// `reauthed`, across several slices on each shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_simultaneous_expiries_is_fully_served() {
+    const N: usize = 300;
+    let mut cfg = test_config(2);
+    cfg.lifetime.reauth_lead = Duration::from_secs(2);
+    cfg.lifetime.reauth_grace = Duration::from_secs(20);
+    let srv = start(cfg);
+    let exp = now() + 8;
+    let mut conns = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut c = srv.claims(&format!("burst-{i}"));
+        c.exp = exp;
+        conns.push((session(&srv, &srv.sign(&c)).await, c));
+    }
+    for (ws, _) in conns.iter_mut() {
+        let r = next_json_within(ws, Duration::from_secs(15)).await.unwrap();
+        assert_eq!(r["type"], "reauth_required", "{r}");
+        assert_eq!(r["exp"], exp);
+    }
+    for (ws, c) in conns.iter_mut() {
+        let mut fresh = c.clone();
+        fresh.iat = Some(now());
+        fresh.exp = now() + 120;
+        send_json(ws, json!({"op":"reauth","id":7,"token":srv.sign(&fresh)})).await;
+    }
+    for (ws, _) in conns.iter_mut() {
+        let r = next_json_within(ws, Duration::from_secs(15)).await.unwrap();
+        assert_eq!(r["type"], "reauthed", "{r}");
+        assert_eq!(r["id"], 7);
+    }
+}

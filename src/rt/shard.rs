@@ -63,6 +63,15 @@ const HARD_DROP_MS: u64 = 2_000;
 /// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
 const DISPATCH_BUDGET: usize = 8192;
 
+/// Timer events fired, and control messages (reauth results, ...) handled, per loop
+/// turn before the task yields. Deadlines cluster: 10,000 tokens minted in the same
+/// second reach `exp - reauth_lead` in the same millisecond, and their reauth results
+/// come back together. Handled in one go, that is 10,000 messages queued and 10,000
+/// writes submitted before the dispatcher runs again, and every tick behind them waited
+/// (a 30 ms p99 spike with 10,000 connections). In slices, ticks interleave; the burst
+/// itself is spread over a few more milliseconds, far inside any reauth lead time.
+const BURST_SLICE: usize = 64;
+
 #[derive(Clone, Copy, Debug)]
 pub struct TimerEvent {
     idx: usize,
@@ -568,9 +577,13 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         })
         .await;
         inbox.pending.store(false, std::sync::atomic::Ordering::Release);
-        while let Ok(m) = inbox.control_rx.try_recv() {
+        let mut handled = 0;
+        while handled < BURST_SLICE {
+            let Ok(m) = inbox.control_rx.try_recv() else { break };
             ctx.control(m);
+            handled += 1;
         }
+        let more_control = handled == BURST_SLICE;
         let now = ctx.now_ms();
         let mut n = 0;
         let mut delivered = 0u64;
@@ -586,7 +599,7 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         let g = ctx.shared.metrics.shard(ctx.id);
         g.ticks_out
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-        if n == DISPATCH_BUDGET {
+        if n == DISPATCH_BUDGET || more_control {
             // More may be queued: let the writers run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);
             yield_now().await;
@@ -601,7 +614,10 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
     loop {
         let now = ctx.now_ms();
         ctx.wheel.borrow_mut().advance(now, &mut fired);
-        for (_, ev) in fired.drain(..) {
+        for (i, (_, ev)) in fired.drain(..).enumerate() {
+            if i > 0 && i % BURST_SLICE == 0 {
+                yield_now().await;
+            }
             ctx.fire(ev, now);
         }
         if now >= next_housekeeping {
