@@ -1,5 +1,6 @@
 //! The admin listener (`admin.listen`, loopback by default): `/healthz`, `/readyz`,
-//! `/metrics` and `POST /admin/revoke` (PROTOCOL.md sections 1 and 7).
+//! `/metrics` and `POST /admin/revoke` (PROTOCOL.md sections 1 and 7). Revocations are
+//! relayed to `admin.peers` ([`crate::cluster`]).
 //!
 //! It is off the hot path, so it runs on plain threads with blocking sockets: one acceptor
 //! and a bounded number of request threads, each request bounded in size and time. It keeps
@@ -14,6 +15,7 @@ use std::time::Duration;
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
 use crate::auth::seclog::{SecurityEvent, token_hash};
+use crate::cluster::{RELAY_HEADER, Relay};
 use crate::feed::hub::Control;
 use crate::proto::http::{self, RequestLimits, Response};
 use crate::state::Shared;
@@ -24,6 +26,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
     let addr = listener.local_addr()?;
     let inflight = Arc::new(AtomicUsize::new(0));
+    let relay = Relay::new(&shared.cfg.admin.peers);
     std::thread::Builder::new()
         .name("tickgate-admin".into())
         .spawn(move || {
@@ -35,10 +38,11 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
                 }
                 let shared = shared.clone();
                 let slot = inflight.clone();
+                let relay = relay.clone();
                 let spawned = std::thread::Builder::new()
                     .name("tickgate-admin-req".into())
                     .spawn(move || {
-                        serve(&shared, stream);
+                        serve(&shared, &relay, stream);
                         slot.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
@@ -50,7 +54,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
-fn serve(shared: &Shared, mut stream: TcpStream) {
+fn serve(shared: &Arc<Shared>, relay: &Relay, mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let limits = RequestLimits::default();
@@ -71,11 +75,11 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
             }
         }
     };
-    let resp = route(shared, &req, stream.peer_addr().ok());
+    let resp = route(shared, relay, &req, stream.peer_addr().ok());
     let _ = stream.write_all(&resp.to_bytes());
 }
 
-fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Response {
+fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<SocketAddr>) -> Response {
     match req.path.as_str() {
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" => {
@@ -114,13 +118,13 @@ fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Resp
             if req.method != "POST" {
                 return Response::text(405, "method not allowed\n").with_header("Allow", "POST");
             }
-            revoke(shared, req, peer)
+            revoke(shared, relay, req, peer)
         }
         _ => Response::text(404, "not found\n"),
     }
 }
 
-fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Response {
+fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<SocketAddr>) -> Response {
     let now = shared.now_ms();
     let token = req.header("authorization").and_then(|h| {
         let (scheme, rest) = h.split_once(' ')?;
@@ -182,6 +186,21 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
         .broadcast(|| Control::Revoke(target.clone(), tx.clone()));
     drop(tx);
     let deadline = std::time::Instant::now() + Duration::from_millis(900);
+    // A relayed request is applied here and goes no further (no loops between peers).
+    let peers = (!relay.is_empty() && req.header(RELAY_HEADER).is_none()).then(|| {
+        // Retry while the admin token is good: once it expires every peer refuses it.
+        let left = claims
+            .exp
+            .saturating_sub(now / 1000)
+            .min(shared.cfg.auth.max_token_lifetime.as_secs());
+        relay.relay(
+            shared,
+            token,
+            &req.body,
+            std::time::Instant::now() + Duration::from_secs(left),
+            Duration::from_millis(1500),
+        )
+    });
     let mut closed = 0;
     for _ in 0..shards {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -191,5 +210,15 @@ fn revoke(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>) -> Res
         }
     }
     log("accepted", "ok", Some(&claims.sub), 200);
-    Response::json(200, format!("{{\"closed\":{closed}}}").as_bytes())
+    let body = match peers {
+        None => format!("{{\"closed\":{closed}}}"),
+        Some(p) => format!(
+            "{{\"closed\":{},\"peers\":{{\"reached\":{},\"refused\":{},\"pending\":{}}}}}",
+            closed as u64 + p.closed,
+            p.reached,
+            p.refused,
+            p.pending
+        ),
+    };
+    Response::json(200, body.as_bytes())
 }

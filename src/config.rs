@@ -157,7 +157,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("max_symbols", Int),
             ],
         ),
-        ("admin", &[("listen", Str), ("enabled", Bool)]),
+        ("admin", &[("listen", Str), ("enabled", Bool), ("peers", List)]),
         ("log", &[("level", Str), ("security", Str)]),
     ]
 };
@@ -366,6 +366,10 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Extension: run the admin listener. Default true.
     pub enabled: bool,
+    /// Extension: the admin listeners (`host:port`) of the other nodes of a multi-node
+    /// deployment. A revocation accepted here is relayed to each of them (PROTOCOL.md
+    /// section 7, "the revocation reaches every node"). Default empty (single node).
+    pub peers: Vec<String>,
 }
 
 /// `[log]`.
@@ -457,6 +461,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             enabled: true,
+            peers: Vec::new(),
         }
     }
 }
@@ -852,6 +857,23 @@ impl Config {
             return Err(ConfigError::invalid(
                 "admin.listen",
                 format!("{} is also server.listen", self.admin.listen),
+            ));
+        }
+        if self.admin.peers.len() > crate::cluster::MAX_PEERS {
+            return Err(ConfigError::invalid(
+                "admin.peers",
+                format!("at most {} peers", crate::cluster::MAX_PEERS),
+            ));
+        }
+        for (i, p) in self.admin.peers.iter().enumerate() {
+            if let Err(why) = crate::cluster::check_peer(p) {
+                return Err(ConfigError::invalid(format!("admin.peers[{i}]"), why));
+            }
+        }
+        if !self.admin.peers.is_empty() && !self.admin.enabled {
+            return Err(ConfigError::invalid(
+                "admin.peers",
+                "relaying revocations needs the admin listener (admin.enabled = true)",
             ));
         }
         if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
@@ -1828,6 +1850,21 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 Box::new(|c| c.limits.max_symbols_per_connection = 200_000),
                 "limits.max_symbols_per_connection",
             ),
+            (
+                Box::new(|c| c.admin.peers = vec!["10.0.0.2:9090".into(), "http://n3:9090".into()]),
+                "admin.peers[1]",
+            ),
+            (
+                Box::new(|c| c.admin.peers = vec!["n2:9090".into(); 65]),
+                "admin.peers",
+            ),
+            (
+                Box::new(|c| {
+                    c.admin.peers = vec!["n2:9090".into()];
+                    c.admin.enabled = false;
+                }),
+                "admin.peers",
+            ),
         ];
         for (mutate, want) in cases {
             let mut c = base.clone();
@@ -1851,6 +1888,13 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         c.auth.trusted_proxies = vec!["192.168.1.1".into(), "fd00::/8".into()];
         c.admin.enabled = false;
         c.admin.listen = c.server.listen;
+        c.validate().unwrap();
+        let mut c = base.clone();
+        c.admin.peers = vec![
+            "10.0.0.2:9090".into(),
+            "node-c.internal:9090".into(),
+            "[fd00::3]:9090".into(),
+        ];
         c.validate().unwrap();
     }
 

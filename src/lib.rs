@@ -39,13 +39,15 @@
 //! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reload on
 //!   SIGHUP and on file change); the connection pump drives rustls sans-IO.
 //! - [`rt`]: bootstrap, shards (acceptor, dispatcher, ticker), connection pump.
-//! - [`state`]: what all shards share; [`admin`]: the admin listener; [`metrics`];
+//! - [`state`]: what all shards share; [`admin`]: the admin listener ([`cluster`]: its
+//!   revocation relay to the other nodes); [`metrics`];
 //!   [`doctor`]: host checks; [`client`]: the demo client.
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod doctor;
 pub mod feed;

@@ -261,3 +261,68 @@ async fn a_burst_of_simultaneous_expiries_is_fully_served() {
         assert_eq!(r["id"], 7);
     }
 }
+
+/// PROTOCOL.md section 7, multi-node: a revocation accepted by one node reaches its
+/// `admin.peers`; a relayed revocation is applied but not relayed again; an unreachable
+/// peer is reported as pending, not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_the_peers() {
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    // Node B lists a dead peer: if B relayed what A relayed to it, B would wait for that
+    // peer and A would report B as pending.
+    let mut cfg_b = test_config(2);
+    cfg_b.admin.peers = vec!["127.0.0.1:1".into()];
+    let b = start_with_key(cfg_b, key.clone(), "k1");
+    let mut cfg_a = test_config(2);
+    cfg_a.admin.peers = vec![b.admin().to_string()];
+    let a = start_with_key(cfg_a, key, "k1");
+
+    let mut victims = Vec::new();
+    for i in 0..2 {
+        let mut c = b.claims("mallory");
+        c.sid = Some(format!("m{i}"));
+        victims.push(session(&b, &b.sign(&c)).await);
+    }
+    let mut bystander = session(&b, &b.token("bystander")).await;
+
+    let (admin_a, tok) = (a.admin(), a.admin_token());
+    let (st, resp) = tokio::task::spawn_blocking(move || {
+        admin_post(admin_a, "/admin/revoke", Some(&tok), r#"{"sub":"mallory"}"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(st, 200, "{resp}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&resp).unwrap(),
+        json!({"closed":2,"peers":{"reached":1,"refused":0,"pending":0}})
+    );
+    for v in victims.iter_mut() {
+        assert_eq!(close_code(v, Duration::from_secs(1)).await, Some(4003));
+    }
+    // Both nodes now refuse the revoked identity; others are untouched.
+    for node in [&a, &b] {
+        let r = raw(
+            node.addr(),
+            &upgrade_req(
+                "/v1/stream",
+                &format!("Authorization: Bearer {}\r\n", node.token("mallory")),
+            ),
+        );
+        assert_eq!(status_of(&r), 401, "{r}");
+    }
+    send_json(&mut bystander, json!({"op":"ping","id":1})).await;
+    assert_eq!(next_json(&mut bystander).await["type"], "pong");
+
+    // Asked directly, B relays to its own (dead) peer and says so without hanging.
+    let (admin_b, tok) = (b.admin(), b.admin_token());
+    let (st, resp) = tokio::task::spawn_blocking(move || {
+        admin_post(admin_b, "/admin/revoke", Some(&tok), r#"{"sid":"x-1"}"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(st, 200, "{resp}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&resp).unwrap(),
+        json!({"closed":0,"peers":{"reached":0,"refused":0,"pending":1}})
+    );
+}
