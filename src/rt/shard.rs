@@ -19,7 +19,7 @@ use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use slab::Slab;
@@ -90,7 +90,11 @@ pub struct Conn {
     /// draining the session's queue.
     pub tls: Option<Box<rustls::ServerConnection>>,
     pub rx_partial: Vec<u8>,
-    pub writer_waker: Option<Waker>,
+    /// The writer's socket handle while no writer task runs. Writers run on demand: an
+    /// idle connection has no writer task (and none of its ~0.6 KiB future); queuing
+    /// output spawns one ([`ShardCtx::kick`]), and it parks the handle here again once
+    /// the queue is empty.
+    pub(crate) whandle: Option<crate::rt::conn::WriteHandle>,
     /// The writer must stop (socket broken or connection finished).
     pub dead: bool,
     /// The peer's close frame arrived.
@@ -99,14 +103,6 @@ pub struct Conn {
     pub tasks: u8,
     timers: [Option<TimerKey>; TIMER_SLOTS],
     pub slot: Option<crate::auth::usercap::UserSlot>,
-}
-
-impl Conn {
-    pub fn wake_writer(&mut self) {
-        if let Some(w) = self.writer_waker.take() {
-            w.wake();
-        }
-    }
 }
 
 struct SubEntry {
@@ -118,6 +114,8 @@ struct SubEntry {
 
 pub struct ShardCtx {
     pub id: usize,
+    /// Itself, for spawning writers from `&self` methods.
+    me: std::rc::Weak<ShardCtx>,
     pub shared: Arc<Shared>,
     pub conns: RefCell<Slab<Rc<RefCell<Conn>>>>,
     table: RefCell<Vec<Vec<SubEntry>>>,
@@ -147,7 +145,8 @@ pub type ConnRef = Rc<RefCell<Conn>>;
 impl ShardCtx {
     pub fn new(id: usize, shared: Arc<Shared>, verify_pool: crate::rt::verify::VerifyPool) -> Rc<ShardCtx> {
         let now = shared.now_ms();
-        Rc::new(ShardCtx {
+        Rc::new_cyclic(|me| ShardCtx {
+            me: me.clone(),
             id,
             shared,
             conns: RefCell::new(Slab::with_capacity(1024)),
@@ -168,6 +167,20 @@ impl ShardCtx {
 
     pub fn now_ms(&self) -> u64 {
         self.shared.now_ms()
+    }
+
+    /// Output is queued for connection `idx` (or it must end): start its writer unless
+    /// one is already running (a running writer looks at the queue again after each
+    /// write, so it needs no wake-up).
+    pub fn kick(&self, idx: usize, c: &mut Conn) {
+        let Some(handle) = c.whandle.take() else { return };
+        let conn = self.conns.borrow().get(idx).cloned();
+        match (self.me.upgrade(), conn) {
+            (Some(me), Some(conn)) => {
+                monoio::spawn(crate::rt::conn::writer(me, conn, idx, c.generation, handle));
+            }
+            _ => c.whandle = Some(handle),
+        }
     }
 
     /// A write buffer from the shard's pool (empty, possibly with capacity).
@@ -198,7 +211,7 @@ impl ShardCtx {
             decoder: None,
             tls: None,
             rx_partial: Vec::new(),
-            writer_waker: None,
+            whandle: None,
             dead: false,
             peer_closed: false,
             tasks: 1,
@@ -246,7 +259,6 @@ impl ShardCtx {
         c.session = Some(session);
         c.decoder = Some(decoder);
         c.tasks = 2;
-        c.wake_writer();
     }
 
     /// One of the connection's tasks ended; the last one frees the slot, its
@@ -263,11 +275,14 @@ impl ShardCtx {
         if force {
             c.dead = true;
             shutdown(c.fd, libc::SHUT_RDWR);
-            c.wake_writer();
+            self.kick(idx, &mut c);
         }
         if c.tasks > 0 {
             return;
         }
+        // Every task has ended, so no writer holds the handle; a parked one is released
+        // (without closing the descriptor the reader's stream owns).
+        drop(c.whandle.take());
         for slot in 0..TIMER_SLOTS {
             if let Some(k) = c.timers[slot].take() {
                 self.wheel.borrow_mut().cancel(k);
@@ -361,7 +376,7 @@ impl ShardCtx {
                 }
             }
         }
-        c.wake_writer();
+        self.kick(idx, c);
     }
 
     fn subscribe(&self, idx: usize, c: &mut Conn, ids: &[SymbolId], snapshot: bool) {
@@ -434,7 +449,7 @@ impl ShardCtx {
             if let Some(at) = arm {
                 self.arm(&mut c, e.idx, RtTimer::Session(TimerKind::SlowConsumer), at);
             }
-            c.wake_writer();
+            self.kick(e.idx, &mut c);
             delivered += 1;
         }
         delivered
@@ -457,7 +472,7 @@ impl ShardCtx {
                 }
                 shutdown(c.fd, libc::SHUT_RDWR);
                 c.dead = true;
-                c.wake_writer();
+                self.kick(ev.idx, &mut c);
             }
             RtTimer::Session(kind) => {
                 let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
