@@ -136,12 +136,20 @@ struct Slot {
 pub struct OutboundQueue {
     max_bytes: usize,
     fifo: VecDeque<Entry>,
-    slots: HashMap<SymbolId, Slot>,
-    /// Symbols in `slots`, oldest first, so conflated symbols are served fairly.
-    slot_order: VecDeque<SymbolId>,
+    /// The conflation state, only while a slow consumer has some (boxed: 80 bytes that
+    /// every idle connection would otherwise carry).
+    conflated: Option<Box<Conflated>>,
     queued_bytes: usize,
     conflating: bool,
     conflated_total: u64,
+}
+
+/// Newest tick per symbol while conflating.
+#[derive(Default)]
+struct Conflated {
+    slots: HashMap<SymbolId, Slot>,
+    /// Symbols in `slots`, oldest first, so conflated symbols are served fairly.
+    order: VecDeque<SymbolId>,
 }
 
 impl OutboundQueue {
@@ -150,8 +158,7 @@ impl OutboundQueue {
         Self {
             max_bytes,
             fifo: VecDeque::new(),
-            slots: HashMap::new(),
-            slot_order: VecDeque::new(),
+            conflated: None,
             queued_bytes: 0,
             conflating: false,
             conflated_total: 0,
@@ -175,7 +182,8 @@ impl OutboundQueue {
         }
         let entered = !self.conflating;
         self.conflating = true;
-        match self.slots.get_mut(&t.symbol) {
+        let c = self.conflated.get_or_insert_with(Box::default);
+        match c.slots.get_mut(&t.symbol) {
             Some(slot) => {
                 self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
                 slot.tick = Arc::clone(t);
@@ -184,14 +192,14 @@ impl OutboundQueue {
             }
             None => {
                 self.queued_bytes += len;
-                self.slots.insert(
+                c.slots.insert(
                     t.symbol,
                     Slot {
                         tick: Arc::clone(t),
                         skipped: 0,
                     },
                 );
-                self.slot_order.push_back(t.symbol);
+                c.order.push_back(t.symbol);
             }
         }
         if entered {
@@ -219,9 +227,13 @@ impl OutboundQueue {
             }
             self.queued_bytes -= len;
         }
-        while let Some(sym) = self.slot_order.front().copied() {
-            let Some(slot) = self.slots.get(&sym) else {
-                self.slot_order.pop_front();
+        let Some(c) = self.conflated.as_deref_mut() else {
+            self.conflating = false;
+            return out.len() - start;
+        };
+        while let Some(sym) = c.order.front().copied() {
+            let Some(slot) = c.slots.get(&sym) else {
+                c.order.pop_front();
                 continue;
             };
             let moved = out.len() - start;
@@ -230,8 +242,8 @@ impl OutboundQueue {
             if moved > 0 && moved.saturating_add(len) > max {
                 return moved;
             }
-            self.slot_order.pop_front();
-            if let Some(slot) = self.slots.remove(&sym) {
+            c.order.pop_front();
+            if let Some(slot) = c.slots.remove(&sym) {
                 let t = &slot.tick;
                 if slot.skipped == 0 {
                     out.extend_from_slice(&t.frame);
@@ -252,7 +264,7 @@ impl OutboundQueue {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.fifo.is_empty() && self.slots.is_empty()
+        self.fifo.is_empty() && self.conflated.as_ref().is_none_or(|c| c.slots.is_empty())
     }
 
     /// Whether new ticks are being conflated (the queue hit its bound and has not fully
@@ -274,9 +286,8 @@ impl OutboundQueue {
         if self.fifo.is_empty() {
             self.fifo = VecDeque::new();
         }
-        if self.slots.is_empty() {
-            self.slots = HashMap::new();
-            self.slot_order = VecDeque::new();
+        if self.conflated.as_ref().is_some_and(|c| c.slots.is_empty()) {
+            self.conflated = None;
         }
     }
 
@@ -284,8 +295,7 @@ impl OutboundQueue {
     /// frame must not wait behind the backlog).
     pub fn clear(&mut self) {
         self.fifo.clear();
-        self.slots.clear();
-        self.slot_order.clear();
+        self.conflated = None;
         self.queued_bytes = 0;
         self.conflating = false;
     }
@@ -305,12 +315,16 @@ impl OutboundQueue {
             }
             _ => true,
         });
-        if let Some(slot) = self.slots.remove(&symbol) {
-            freed += slot.tick.frame.len();
-            self.slot_order.retain(|s| *s != symbol);
+        let mut none_conflated = true;
+        if let Some(c) = self.conflated.as_deref_mut() {
+            if let Some(slot) = c.slots.remove(&symbol) {
+                freed += slot.tick.frame.len();
+                c.order.retain(|s| *s != symbol);
+            }
+            none_conflated = c.slots.is_empty();
         }
         self.queued_bytes -= freed;
-        if self.slots.is_empty() && self.fifo.iter().all(|e| matches!(e, Entry::Control(_))) {
+        if none_conflated && self.fifo.iter().all(|e| matches!(e, Entry::Control(_))) {
             // Nothing conflated and no ticks in flight: no order to protect any more.
             self.conflating = false;
         }

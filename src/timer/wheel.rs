@@ -73,6 +73,7 @@
 //! keep their capacity for reuse.
 
 use std::mem;
+use std::num::NonZeroU32;
 
 /// Bits of a tick count that index one level's slots.
 const SLOT_BITS: u32 = 6;
@@ -108,13 +109,14 @@ const SPARE_MAX: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
     idx: u32,
-    generation: u32,
+    /// Never zero, so `Option<TimerKey>` is 8 bytes (connections keep several).
+    generation: NonZeroU32,
 }
 
 /// One slab entry: a pending timer (`value` is `Some`) or a free node.
 struct Node<T> {
     value: Option<T>,
-    generation: u32,
+    generation: NonZeroU32,
     /// Which list holds the node's entry (a slot id, [`OVERFLOW`] or [`READY`]), or
     /// [`FREE`].
     list: u16,
@@ -376,7 +378,7 @@ impl<T> TimerWheel<T> {
             assert!(idx < MAX_NODES, "TimerWheel: too many pending timers");
             self.nodes.push(Node {
                 value: Some(value),
-                generation: 0,
+                generation: NonZeroU32::MIN,
                 list: FREE,
                 pos: NIL,
             });
@@ -387,7 +389,7 @@ impl<T> TimerWheel<T> {
     /// Frees a node whose entry is gone, bumping its generation so keys go stale.
     fn release(&mut self, idx: u32) -> T {
         let node = &mut self.nodes[idx as usize];
-        node.generation = node.generation.wrapping_add(1);
+        node.generation = node.generation.checked_add(1).unwrap_or(NonZeroU32::MIN);
         node.list = FREE;
         node.pos = self.free_head;
         self.free_head = idx;
