@@ -26,7 +26,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
     let addr = listener.local_addr()?;
     let inflight = Arc::new(AtomicUsize::new(0));
-    let relay = Relay::new(&shared.cfg.admin.peers);
+    let relay = Relay::start(&shared)?;
     std::thread::Builder::new()
         .name("tickgate-admin".into())
         .spawn(move || {
@@ -188,9 +188,11 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
     let deadline = std::time::Instant::now() + Duration::from_millis(900);
     // A relayed request is applied here and goes no further (no loops between peers).
     let peers = (!relay.is_empty() && req.header(RELAY_HEADER).is_none()).then(|| {
-        // Retry while the admin token is good: once it expires every peer refuses it.
+        // Retry while the admin token is good (peers allow the same leeway): once it
+        // expires every peer refuses it.
         let left = claims
             .exp
+            .saturating_add(shared.cfg.auth.leeway.as_secs())
             .saturating_sub(now / 1000)
             .min(shared.cfg.auth.max_token_lifetime.as_secs());
         relay.relay(
@@ -214,7 +216,7 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
         None => format!("{{\"closed\":{closed}}}"),
         Some(p) => format!(
             "{{\"closed\":{},\"peers\":{{\"reached\":{},\"refused\":{},\"pending\":{}}}}}",
-            closed as u64 + p.closed,
+            (closed as u64).saturating_add(p.closed),
             p.reached,
             p.refused,
             p.pending

@@ -10,11 +10,14 @@
 //! does not relay it again (no loops, no storms, whatever the peer lists say). Each peer
 //! checks the token itself: relaying grants nothing a direct request would not.
 //!
-//! Delivery is at-least-once per peer: one thread per (revocation, peer) retries with
-//! [`backoff`] until the peer answers. Revoking twice is harmless (the revocation list
+//! Delivery is at-least-once per peer: each peer has one worker thread and a bounded
+//! queue ([`QUEUE_PER_PEER`]); the worker retries each revocation with [`backoff`] until
+//! the peer answers. Revoking twice is harmless (the revocation list
 //! keeps one entry, and nothing is left to close). It gives up when the peer refuses
 //! with a 4xx (a bad request or a token it does not accept: retrying cannot help), or
-//! when the admin token expires (every peer would refuse it from then on). Operators see
+//! when the admin token expires, leeway included (every peer would refuse it from then
+//! on). A full queue (a peer down through thousands of revocations) refuses the new one,
+//! logged and reported. Operators see
 //! each outcome in the security log (`event: "revoke_relay"`) and in the counters.
 //!
 //! The admin response waits for the peers for a moment (so `closed` counts what the
@@ -28,7 +31,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::auth::seclog::SecurityEvent;
@@ -38,9 +40,6 @@ use crate::state::Shared;
 pub const MAX_PEERS: usize = 64;
 /// Marks a relayed revocation: apply it, do not relay it again.
 pub const RELAY_HEADER: &str = "x-tickgate-relay";
-/// Relay threads alive at once, at most (revocations are rare; a flood of them must not
-/// become a flood of threads).
-const MAX_RELAY_THREADS: usize = 256;
 /// A peer's answer is read up to this size.
 const MAX_RESPONSE: usize = 16 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,91 +131,106 @@ pub struct Summary {
     pub reached: usize,
     /// Connections those peers closed.
     pub closed: u64,
-    /// Peers that refused it (4xx).
+    /// Peers that refused it (4xx), or whose relay queue was full: not retried.
     pub refused: usize,
     /// Peers still being retried in the background.
     pub pending: usize,
 }
 
-/// Relays revocations to `admin.peers`.
-#[derive(Clone, Default)]
-pub struct Relay {
-    peers: Arc<[String]>,
-    active: Arc<AtomicUsize>,
+/// One revocation for one peer.
+struct Job {
+    req: Vec<u8>,
+    give_up_at: Instant,
+    reply: crossbeam_channel::Sender<Outcome>,
 }
 
+/// Relays revocations to `admin.peers`: one worker thread and one bounded queue per
+/// peer, so an unreachable peer holds one thread and at most [`QUEUE_PER_PEER`]
+/// revocations, and never delays the others.
+#[derive(Clone, Default)]
+pub struct Relay {
+    peers: Arc<[(String, crossbeam_channel::Sender<Job>)]>,
+}
+
+/// Revocations waiting for one peer, at most.
+pub const QUEUE_PER_PEER: usize = 4096;
+
 impl Relay {
-    pub fn new(peers: &[String]) -> Self {
-        Relay {
-            peers: peers.iter().cloned().collect(),
-            active: Arc::new(AtomicUsize::new(0)),
+    /// Starts a worker per peer. Workers live as long as the process.
+    pub fn start(shared: &Arc<Shared>) -> std::io::Result<Self> {
+        let mut peers = Vec::new();
+        for peer in &shared.cfg.admin.peers {
+            let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE_PER_PEER);
+            let (shared, name) = (shared.clone(), peer.clone());
+            std::thread::Builder::new()
+                .name("tickgate-relay".into())
+                .spawn(move || {
+                    for job in rx.iter() {
+                        let out = deliver(&shared, &name, &job.req, job.give_up_at);
+                        let _ = job.reply.send(out);
+                    }
+                })?;
+            peers.push((peer.clone(), tx));
         }
+        Ok(Relay { peers: peers.into() })
     }
 
     pub fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }
 
-    /// Relays `body` with `bearer` to every peer, retrying until `give_up_at`; waits up to
-    /// `wait` for their answers.
+    /// Relays `body` with `bearer` to every peer, retrying until `give_up_at` (at least
+    /// one attempt each); waits up to `wait` for their answers.
     pub fn relay(
         &self,
-        shared: &Arc<Shared>,
+        shared: &Shared,
         bearer: &str,
         body: &[u8],
         give_up_at: Instant,
         wait: Duration,
     ) -> Summary {
         let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
-        let mut started = 0;
-        for peer in self.peers.iter() {
-            if self.active.fetch_add(1, Ordering::AcqRel) >= MAX_RELAY_THREADS {
-                self.active.fetch_sub(1, Ordering::AcqRel);
-                log(shared, peer, None, "failed", "relay_busy");
-                continue;
-            }
-            let (to, req, tx) = (peer.clone(), request_bytes(peer, bearer, body), tx.clone());
-            let (shared2, active) = (shared.clone(), self.active.clone());
-            let spawned = std::thread::Builder::new()
-                .name("tickgate-relay".into())
-                .spawn(move || {
-                    let out = deliver(&shared2, &to, &req, give_up_at);
-                    let _ = tx.send(out);
-                    active.fetch_sub(1, Ordering::AcqRel);
-                });
-            match spawned {
-                Ok(_) => started += 1,
-                Err(_) => {
-                    self.active.fetch_sub(1, Ordering::AcqRel);
-                    log(shared, peer, None, "failed", "relay_busy");
-                }
+        let mut s = Summary::default();
+        let mut queued = 0;
+        for (peer, q) in self.peers.iter() {
+            let job = Job {
+                req: request_bytes(peer, bearer, body),
+                give_up_at,
+                reply: tx.clone(),
+            };
+            if q.try_send(job).is_ok() {
+                queued += 1;
+            } else {
+                log(shared, peer, None, "failed", "relay_queue_full");
+                s.refused += 1;
             }
         }
         drop(tx);
         let deadline = Instant::now() + wait;
-        let mut s = Summary::default();
-        for _ in 0..started {
+        let mut answered = 0;
+        while answered < queued {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Outcome::Done { closed }) => {
                     s.reached += 1;
-                    s.closed += closed;
+                    s.closed = s.closed.saturating_add(closed);
                 }
                 Ok(_) => s.refused += 1,
                 Err(_) => break,
             }
+            answered += 1;
         }
-        s.pending = started - s.reached - s.refused;
+        s.pending = queued - answered;
         s
     }
 }
 
-/// One peer, until it answers for good or `give_up_at`.
+/// One peer, until it answers for good or `give_up_at` (the first attempt is always made).
 fn deliver(shared: &Shared, peer: &str, req: &[u8], give_up_at: Instant) -> Outcome {
     let mut attempt = 0u32;
     let mut last = "unreachable";
     loop {
         let pause = backoff(attempt);
-        if Instant::now() + pause >= give_up_at {
+        if attempt > 0 && Instant::now() + pause >= give_up_at {
             log(shared, peer, None, "failed", last);
             return Outcome::GiveUp(0);
         }
@@ -244,13 +258,26 @@ fn attempt_once(peer: &str, req: &[u8]) -> (Option<SocketAddr>, Outcome) {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, IO_TIMEOUT) else {
         return (Some(addr), Outcome::Retry("unreachable"));
     };
-    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
     if s.write_all(req).is_err() {
         return (Some(addr), Outcome::Retry("unreachable"));
     }
+    // The whole answer within IO_TIMEOUT: a peer trickling bytes cannot hold the worker.
+    let end = Instant::now() + IO_TIMEOUT;
     let mut raw = Vec::with_capacity(512);
-    let _ = (&mut s).take(MAX_RESPONSE as u64).read_to_end(&mut raw);
+    let mut chunk = [0u8; 2048];
+    while raw.len() < MAX_RESPONSE {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return (Some(addr), Outcome::Retry("slow"));
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n.min(MAX_RESPONSE - raw.len())]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return (Some(addr), Outcome::Retry("slow")),
+        }
+    }
     (Some(addr), classify(&raw))
 }
 
@@ -327,6 +354,25 @@ mod tests {
         assert_eq!(get(RELAY_HEADER).as_deref(), Some(&b"1"[..]));
         assert_eq!(get("authorization").as_deref(), Some(&b"Bearer tok"[..]));
         assert_eq!(&r[n..], br#"{"sub":"a"}"#);
+    }
+
+    #[test]
+    fn a_silent_or_trickling_peer_is_a_retry_not_a_hang() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            // One byte of an answer, then nothing (the attempt's deadline must end it).
+            let _ = s.write_all(b"H");
+            std::thread::sleep(IO_TIMEOUT + Duration::from_millis(500));
+        });
+        let (_, out) = attempt_once(&addr, &request_bytes(&addr, "t", b"{}"));
+        assert_eq!(out, Outcome::Retry("slow"));
+        server.join().unwrap();
+        // A peer that is not there at all.
+        let (_, out) = attempt_once("127.0.0.1:1", b"x");
+        assert_eq!(out, Outcome::Retry("unreachable"));
     }
 
     #[test]

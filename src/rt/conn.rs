@@ -526,7 +526,10 @@ pub(crate) enum WriteHandle {
         _keep: Rc<TcpStream>,
     },
     /// epoll: a `dup`ed descriptor (an alias would register the same fd twice with epoll).
-    Dup(TcpStream),
+    /// `_keep` holds the reader's stream too, so `Conn::fd` (which the shard shuts down on
+    /// timeouts and forced closes) stays open, and its number unused by another socket,
+    /// until the writer is done.
+    Dup { stream: TcpStream, _keep: Rc<TcpStream> },
 }
 
 impl WriteHandle {
@@ -550,13 +553,16 @@ impl WriteHandle {
         // SAFETY: `wfd` is a fresh descriptor we own; the std stream takes ownership of it.
         TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(wfd) })
             .ok()
-            .map(WriteHandle::Dup)
+            .map(|s| WriteHandle::Dup {
+                stream: s,
+                _keep: stream.clone(),
+            })
     }
 
     fn stream(&mut self) -> &mut TcpStream {
         match self {
             WriteHandle::Alias { stream, .. } => stream.as_mut().expect("alias present until drop"),
-            WriteHandle::Dup(stream) => stream,
+            WriteHandle::Dup { stream, .. } => stream,
         }
     }
 }
@@ -664,6 +670,8 @@ pub(crate) async fn writer(
             break;
         }
     }
-    drop(handle);
+    // `task_done` may shut `Conn::fd` down: it runs while this handle still keeps that
+    // descriptor open (the reader may have ended and dropped its stream already).
     ctx.task_done(idx, generation, !graceful);
+    drop(handle);
 }

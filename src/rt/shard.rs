@@ -457,14 +457,17 @@ impl ShardCtx {
         delivered
     }
 
-    fn fire(&self, ev: TimerEvent, now: u64) {
+    /// A timer taken off the wheel. `key` must still be the connection's key for that
+    /// kind: the ticker yields between slices of a burst, and a timer can be cancelled or
+    /// re-armed in between (a stale slow-consumer event would otherwise skip its grace).
+    fn fire(&self, key: TimerKey, ev: TimerEvent, now: u64) {
         let idx = ev.idx as usize;
         let conn = match self.conns.borrow().get(idx) {
             Some(c) => c.clone(),
             None => return,
         };
         let mut c = conn.borrow_mut();
-        if c.generation != ev.generation {
+        if c.generation != ev.generation || c.timers[ev.kind.slot()] != Some(key) {
             return;
         }
         c.timers[ev.kind.slot()] = None;
@@ -617,8 +620,9 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         let g = ctx.shared.metrics.shard(ctx.id);
         g.ticks_out
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-        if n == DISPATCH_BUDGET || more_control {
-            // More may be queued: let the writers run, then come back without waiting.
+        if n == DISPATCH_BUDGET || more_control || !inbox.ticks.is_empty() || !inbox.control_rx.is_empty() {
+            // More is queued (other shards' publishers keep pushing while this pass runs):
+            // let the writers, readers and ticker run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);
             yield_now().await;
         }
@@ -632,11 +636,11 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
     loop {
         let now = ctx.now_ms();
         ctx.wheel.borrow_mut().advance(now, &mut fired);
-        for (i, (_, ev)) in fired.drain(..).enumerate() {
+        for (i, (key, ev)) in fired.drain(..).enumerate() {
             if i > 0 && i % BURST_SLICE == 0 {
                 yield_now().await;
             }
-            ctx.fire(ev, now);
+            ctx.fire(key, ev, now);
         }
         if now >= next_housekeeping {
             next_housekeeping = now + 1000;
