@@ -518,8 +518,8 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 /// The writer's handle on the socket. Parked in the `Conn` between writer runs.
 pub(crate) enum WriteHandle {
     /// io_uring: a second `TcpStream` value over the *same* descriptor (no extra fd per
-    /// connection). `keep` holds the reader's stream alive, so the descriptor cannot be
-    /// closed (and its number reused) while a write is in flight (`_keep`); when the handle goes,
+    /// connection). `_keep` holds the reader's stream alive, so the descriptor cannot be
+    /// closed (and its number reused) while a write is in flight; when the handle goes,
     /// the alias is released with `into_raw_fd`, which does not close (see `Drop`).
     Alias {
         stream: Option<TcpStream>,
@@ -595,33 +595,24 @@ pub(crate) async fn writer(
 ) {
     let mut graceful = false;
     loop {
-        {
-            let mut c = conn.borrow_mut();
-            let ready = c.dead
-                || c.session.as_ref().is_none_or(|s| !s.outbound.is_empty())
-                || c.tls.as_ref().is_some_and(|t| t.wants_write());
-            if !ready {
-                c.whandle = Some(handle);
-                return;
-            }
-        }
         // Buffers come from the shard's pool and go back after the write: a busy
         // connection never regrows one, an idle one holds none.
-        let mut buf = ctx.take_buffer();
+        let mut buf;
         let mut sealed = Vec::new();
         let closing_done;
         let encrypted;
         {
             let mut c = conn.borrow_mut();
             if c.dead {
-                ctx.put_buffer(buf);
                 break;
             }
             let c = &mut *c;
-            let Some(s) = c.session.as_mut() else {
-                ctx.put_buffer(buf);
-                break;
-            };
+            let Some(s) = c.session.as_mut() else { break };
+            if s.outbound.is_empty() && !c.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                c.whandle = Some(handle);
+                return;
+            }
+            buf = ctx.take_buffer();
             buf.reserve(s.outbound.queued_bytes().min(MAX_WRITE));
             s.outbound.drain_into(&mut buf, MAX_WRITE);
             s.note_drained();

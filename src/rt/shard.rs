@@ -539,11 +539,12 @@ impl ShardCtx {
                 if c.generation != generation {
                     return;
                 }
-                let mut actions = Vec::new();
+                let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
                 if let Some(s) = c.session.as_mut() {
                     s.finish_reauth(id, *result, self.shared.hub.symbols(), &mut actions);
                 }
                 self.apply(idx, &mut c, &mut actions);
+                *self.actions.borrow_mut() = actions;
             }
         }
     }
@@ -598,13 +599,9 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         })
         .await;
         inbox.pending.store(false, std::sync::atomic::Ordering::Release);
-        let mut handled = 0;
-        while handled < BURST_SLICE {
-            let Ok(m) = inbox.control_rx.try_recv() else { break };
+        for m in inbox.control_rx.try_iter().take(BURST_SLICE) {
             ctx.control(m);
-            handled += 1;
         }
-        let more_control = handled == BURST_SLICE;
         let now = ctx.now_ms();
         let mut n = 0;
         let mut delivered = 0u64;
@@ -620,7 +617,7 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         let g = ctx.shared.metrics.shard(ctx.id);
         g.ticks_out
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-        if n == DISPATCH_BUDGET || more_control || !inbox.ticks.is_empty() || !inbox.control_rx.is_empty() {
+        if !inbox.ticks.is_empty() || !inbox.control_rx.is_empty() {
             // More is queued (other shards' publishers keep pushing while this pass runs):
             // let the writers, readers and ticker run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
@@ -61,13 +60,6 @@ struct App {
     verifier: Verifier,
     symbols: Mutex<HashMap<String, SymState>>,
     next_id: AtomicU64,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn main() {
@@ -138,7 +130,7 @@ async fn handle(app: Arc<App>, stream: TcpStream) {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| reject(StatusCode::UNAUTHORIZED))?;
-        match app.verifier.verify(token, now()) {
+        match app.verifier.verify(token, tickgate::cli::unix_now()) {
             Ok(c) => {
                 claims = Some(c);
                 Ok(resp)
@@ -292,7 +284,7 @@ fn on_message(
             let Some(tok) = msg.token else {
                 return Some(error(&msg.id, "bad_request", "token required"));
             };
-            match app.verifier.verify(&tok, now()) {
+            match app.verifier.verify(&tok, tickgate::cli::unix_now()) {
                 Ok(c) if c.sub == claims.sub && c.sid == claims.sid => {
                     let exp = c.exp;
                     *claims = c;

@@ -47,6 +47,17 @@ pub struct Common {
     pub server_name: String,
 }
 
+impl Common {
+    /// `" [label]"` for report headings, or nothing without `--label`.
+    pub fn label_suffix(&self) -> String {
+        if self.label.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", self.label)
+        }
+    }
+}
+
 pub struct Ctx {
     pub target: SocketAddr,
     pub host: String,
@@ -99,7 +110,7 @@ impl Ctx {
     }
 
     pub fn claims(&self, sub: &str, sid: &str, roles: &[&str], ttl: u64) -> Claims {
-        let now = unix_now();
+        let now = tickgate::cli::unix_now();
         Claims {
             sub: sub.into(),
             exp: now + ttl,
@@ -135,13 +146,6 @@ impl Ctx {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[inline]
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -160,18 +164,6 @@ pub fn cpu_time() -> Duration {
     };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// Raises the soft open-file limit to the hard limit.
-pub fn raise_nofile() {
-    // SAFETY: get/setrlimit on a valid rlimit struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
 }
 
 pub fn runtime(threads: usize) -> tokio::runtime::Runtime {

@@ -162,14 +162,7 @@ async fn run(a: HandshakeArgs, ctx: Arc<Ctx>) -> i32 {
         );
     }
     r.add("client_cpu_s", (cpu.as_secs_f64() * 100.0).round() / 100.0);
-    println!(
-        "== handshake{} ==",
-        if a.common.label.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", a.common.label)
-        }
-    );
+    println!("== handshake{} ==", a.common.label_suffix());
     r.print(a.common.json);
     if p1.ok == 0 { 2 } else { 0 }
 }

@@ -166,14 +166,7 @@ async fn run(a: IdleArgs, ctx: Arc<Ctx>) -> i32 {
         r.add("rss_per_conn_bytes", per.round());
         r.add("rss_per_conn_kib", (per / 1024.0 * 100.0).round() / 100.0);
     }
-    println!(
-        "== idle{} ==",
-        if a.common.label.is_empty() {
-            String::new()
-        } else {
-            format!(" [{}]", a.common.label)
-        }
-    );
+    println!("== idle{} ==", a.common.label_suffix());
     r.print(a.common.json);
     for t in &tasks {
         t.abort();

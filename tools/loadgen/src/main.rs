@@ -34,7 +34,8 @@ enum Mode {
 
 fn main() {
     let cli = Cli::parse();
-    common::raise_nofile();
+    // The soft open-file limit up to the hard one (the server's own helper).
+    let _ = tickgate::rt::raise_nofile();
     let code = match cli.mode {
         Mode::Fanout(a) => fanout::main(a, false),
         Mode::Reauth(a) => fanout::main(a, true),
