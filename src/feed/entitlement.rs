@@ -18,29 +18,32 @@
 //! # Speed
 //!
 //! `allows` runs on every subscribe and on every symbol of every publish, so it must be cheap:
-//! exact patterns sit in a `HashSet`; prefixes are sorted and minimised (a prefix covered by a
+//! exact patterns are sorted (one binary search: O(log e) comparisons of short strings,
+//! as quick as hashing one); prefixes are sorted and minimised (a prefix covered by a
 //! shorter one is dropped). In a minimised sorted set at most one prefix can match a symbol,
 //! and if one does it is the greatest prefix `<=` the symbol, so one binary search and one
 //! `starts_with` decide it: O(log p) for p prefixes.
 
-use std::collections::HashSet;
-
 use super::symbol::{MAX_SYMBOL_LEN, is_first_char, is_rest_char, is_valid_symbol};
 
 /// A compiled set of entitlement patterns.
+///
+/// Every connection keeps one, so it is compact: 40 bytes plus the pattern strings (boxed
+/// slices rather than a hash set and a vector, which took 80 bytes even when empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Entitlements {
     all: bool,
-    exact: HashSet<Box<str>>,
+    /// Sorted, deduplicated, none covered by a prefix.
+    exact: Box<[Box<str>]>,
     /// Sorted, and no element is a prefix of another.
-    prefixes: Vec<Box<str>>,
+    prefixes: Box<[Box<str>]>,
 }
 
 impl Entitlements {
     /// Compiles the patterns of a token's `symbols` claim; invalid patterns are ignored.
     pub fn compile(patterns: &[String]) -> Self {
         let mut all = false;
-        let mut exact: HashSet<Box<str>> = HashSet::new();
+        let mut exact: Vec<Box<str>> = Vec::new();
         let mut prefixes: Vec<Box<str>> = Vec::new();
         for p in patterns {
             if p == "*" {
@@ -50,15 +53,14 @@ impl Entitlements {
                     prefixes.push(prefix.into());
                 }
             } else if is_valid_symbol(p) {
-                exact.insert(Box::from(p.as_str()));
+                exact.push(Box::from(p.as_str()));
             }
         }
         if all {
             // `*` subsumes everything; keep the representation canonical.
             return Self {
                 all,
-                exact: HashSet::new(),
-                prefixes: Vec::new(),
+                ..Self::default()
             };
         }
         prefixes.sort_unstable();
@@ -74,11 +76,14 @@ impl Entitlements {
         }
         let mut this = Self {
             all,
-            exact: HashSet::new(),
-            prefixes: minimal,
+            exact: Box::default(),
+            prefixes: minimal.into_boxed_slice(),
         };
         // Exact patterns already covered by a prefix are redundant.
-        this.exact = exact.into_iter().filter(|e| !this.prefix_allows(e)).collect();
+        exact.retain(|e| !this.prefix_allows(e));
+        exact.sort_unstable();
+        exact.dedup();
+        this.exact = exact.into_boxed_slice();
         this
     }
 
@@ -89,7 +94,7 @@ impl Entitlements {
 
     /// Whether `symbol` is allowed. Does not check the symbol's syntax.
     pub fn allows(&self, symbol: &str) -> bool {
-        self.all || self.prefix_allows(symbol) || self.exact.contains(symbol)
+        self.all || self.prefix_allows(symbol) || self.exact.binary_search_by(|e| (**e).cmp(symbol)).is_ok()
     }
 
     fn prefix_allows(&self, symbol: &str) -> bool {

@@ -13,8 +13,11 @@
 //! on a virtual clock and jump straight to the next deadline, so a 15-minute token
 //! lifetime is tested in microseconds.
 //!
-//! See [`wheel`] for the level layout, ordering guarantees and complexity.
+//! See [`wheel`] for the level layout, ordering guarantees and complexity. A connection
+//! files only its earliest deadline in the wheel ([`deadlines`]).
 
+pub mod deadlines;
 pub mod wheel;
 
+pub use deadlines::DeadlineSet;
 pub use wheel::{TimerKey, TimerWheel};
