@@ -45,6 +45,7 @@
 //! | `limits.max_headers` | 32 | header lines in an HTTP request head |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
 //! | `admin.enabled` | true | whether the admin listener runs |
+//! | `lifetime.reauth_spread` | 10s | `reauth_required` goes out up to this much before `exp - reauth_lead`, spread per connection (at most half the time left) |
 //!
 //! # Environment overrides
 //!
@@ -144,6 +145,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
             &[
                 ("reauth_lead", Str),
                 ("reauth_grace", Str),
+                ("reauth_spread", Str),
                 ("heartbeat", Str),
                 ("idle_timeout", Str),
             ],
@@ -336,6 +338,13 @@ pub struct LifetimeConfig {
     /// Close with 4001 at `exp + reauth_grace`. Default 30s.
     #[serde(with = "duration_serde")]
     pub reauth_grace: Duration,
+    /// Extension: `reauth_required` goes out between `reauth_lead` and `reauth_lead +
+    /// reauth_spread` before `exp`, at a point drawn per connection and per token (and at
+    /// most half of the time left before `exp - reauth_lead` early), so tokens that all
+    /// expire in the same second (a reconnect storm an hour ago) are not refreshed in the
+    /// same millisecond. `0s` sends it at exactly `exp - reauth_lead`. Default 10s.
+    #[serde(with = "duration_serde")]
+    pub reauth_spread: Duration,
     /// WebSocket ping interval. Default 15s.
     #[serde(with = "duration_serde")]
     pub heartbeat: Duration,
@@ -439,6 +448,7 @@ impl Default for LifetimeConfig {
         LifetimeConfig {
             reauth_lead: Duration::from_secs(60),
             reauth_grace: Duration::from_secs(30),
+            reauth_spread: Duration::from_secs(10),
             heartbeat: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
         }
@@ -790,6 +800,12 @@ impl Config {
                     format_duration(t.reauth_lead),
                     format_duration(self.auth.max_token_lifetime)
                 ),
+            ));
+        }
+        if t.reauth_spread >= self.auth.max_token_lifetime {
+            return Err(ConfigError::invalid(
+                "lifetime.reauth_spread",
+                "must be below auth.max_token_lifetime",
             ));
         }
         if t.reauth_grace > self.auth.max_token_lifetime {

@@ -8,7 +8,8 @@
 //! the socket). That keeps every rule of PROTOCOL.md sections 5 and 6 testable on a virtual
 //! clock, in microseconds, without a network.
 //!
-//! Deadlines (see [`Session::timers`]): `reauth_required` at `exp - reauth_lead`, the `4001`
+//! Deadlines (see [`Session::timers`]): `reauth_required` at `exp - reauth_lead` (up to
+//! `reauth_spread` earlier, drawn per token: [`reauth_notice_ms`]), the `4001`
 //! close at `exp + reauth_grace` exactly (leeway never extends a deadline), the idle close at
 //! `last_rx + idle_timeout`, the heartbeat every `heartbeat`. The shard keeps them in its
 //! timer wheel and calls [`Session::handle_timer`] when one fires; stale firings (a deadline
@@ -37,6 +38,9 @@ pub struct SessionConfig {
     pub outbound_queue_bytes: usize,
     pub reauth_lead_ms: u64,
     pub reauth_grace_ms: u64,
+    /// `reauth_required` goes out up to this much earlier than `exp - reauth_lead` (see
+    /// [`reauth_notice_ms`]). 0 in the default (and in tests that expect exact times).
+    pub reauth_spread_ms: u64,
     pub heartbeat_ms: u64,
     pub idle_timeout_ms: u64,
     pub slow_consumer_grace_ms: u64,
@@ -51,6 +55,7 @@ impl Default for SessionConfig {
             outbound_queue_bytes: 1 << 20,
             reauth_lead_ms: 60_000,
             reauth_grace_ms: 30_000,
+            reauth_spread_ms: 0,
             heartbeat_ms: 15_000,
             idle_timeout_ms: 45_000,
             slow_consumer_grace_ms: 5_000,
@@ -179,6 +184,9 @@ pub struct Session {
     last_rx_ms: u64,
     /// `exp` for which `reauth_required` was already sent (so it goes out once per token).
     reauth_notified_exp: Option<u64>,
+    /// When `reauth_required` goes out for the token in force (unix ms), drawn when the
+    /// token was accepted: see [`reauth_notice_ms`].
+    reauth_at_ms: u64,
     /// Since when the outbound queue is over its budget (slow consumer), if it is.
     slow_since_ms: Option<u64>,
     /// How much earlier than one full period this session's first heartbeat goes out:
@@ -208,10 +216,12 @@ impl Session {
             rate_limited_at: VecDeque::new(),
             last_rx_ms: now_ms,
             reauth_notified_exp: None,
+            reauth_at_ms: 0,
             slow_since_ms: None,
             heartbeat_phase_ms: heartbeat_phase(cfg_heartbeat_ms),
             scratch: Vec::new(),
         };
+        s.reauth_at_ms = reauth_notice_ms(&s.cfg, s.claims.exp, now_ms, spread_draw());
         s.scratch.clear();
         msg::encode_welcome(
             &s.claims.sub,
@@ -243,12 +253,8 @@ impl Session {
 
     /// The deadlines this session wants armed now, as unix milliseconds.
     pub fn timers(&self) -> [(TimerKind, u64); 4] {
-        let exp_ms = self.claims.exp.saturating_mul(1000);
         [
-            (
-                TimerKind::ReauthRequired,
-                exp_ms.saturating_sub(self.cfg.reauth_lead_ms),
-            ),
+            (TimerKind::ReauthRequired, self.reauth_at_ms),
             (TimerKind::ReauthDeadline, self.deadline_ms()),
             (
                 TimerKind::Heartbeat,
@@ -289,7 +295,7 @@ impl Session {
         match kind {
             TimerKind::ReauthRequired => {
                 let exp = self.claims.exp;
-                let due = exp.saturating_mul(1000).saturating_sub(self.cfg.reauth_lead_ms);
+                let due = self.reauth_at_ms;
                 if now_ms < due {
                     // The token changed since this was armed: the new time stands.
                     return Some(due);
@@ -664,6 +670,8 @@ impl Session {
             return;
         }
         (self.claims, self.ents) = Identity::from_claims(fresh);
+        // The `reauth` message arrived at `last_rx_ms`, moments ago.
+        self.reauth_at_ms = reauth_notice_ms(&self.cfg, self.claims.exp, self.last_rx_ms, spread_draw());
         // Subscriptions the new token no longer allows end now.
         let may_subscribe = self.claims.has_role(Role::Subscriber);
         let mut dropped_ids = Vec::new();
@@ -748,6 +756,28 @@ impl Session {
         let frame = encode_frame(OpCode::Text, &self.scratch);
         self.outbound.push_control(frame);
     }
+}
+
+/// When `reauth_required` goes out for a token expiring at `exp` (unix seconds) accepted at
+/// `now_ms`: `exp - reauth_lead - offset`, where `offset` is the fraction `draw / 2^32` of
+/// the spread window. The window is `reauth_spread`, but at most half of the time from now
+/// to `exp - reauth_lead`, so a short token is never asked to refresh at once. Without
+/// it, 10,000 tokens minted in the same second (clients that reconnected together)
+/// would ask for 10,000 reauths in the same millisecond: three socket operations and a
+/// signature check each, all queued in front of the next tick (perf/RESULTS.md).
+fn reauth_notice_ms(cfg: &SessionConfig, exp: u64, now_ms: u64, draw: u32) -> u64 {
+    let latest = exp.saturating_mul(1000).saturating_sub(cfg.reauth_lead_ms);
+    let window = cfg.reauth_spread_ms.min(latest.saturating_sub(now_ms) / 2);
+    latest - ((u128::from(window) * u128::from(draw)) >> 32) as u64
+}
+
+/// A fresh spread point per token: a Weyl sequence over a counter, like
+/// [`heartbeat_phase`] (deterministic, no clock, no RNG, evenly spread).
+fn spread_draw() -> u32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
 /// A spread of first-heartbeat offsets over half a period (a Weyl sequence over a counter:
@@ -1078,6 +1108,84 @@ mod tests {
         );
         assert!(a.contains(&Action::DeadlinesChanged));
         assert_eq!(s.deadline_ms(), (exp + 630) * 1000);
+    }
+
+    #[test]
+    fn reauth_notices_are_spread_before_the_lead() {
+        let c = SessionConfig {
+            reauth_lead_ms: 60_000,
+            reauth_spread_ms: 10_000,
+            ..SessionConfig::default()
+        };
+        let exp = T0 + 900;
+        let latest = exp * 1000 - 60_000;
+        // Evenly spread over the whole window, never after exp - lead.
+        let mut at: Vec<u64> = (0..1000u32)
+            .map(|i| reauth_notice_ms(&c, exp, T0 * 1000, i.wrapping_mul(0x9E37_79B9)))
+            .collect();
+        assert!(at.iter().all(|&t| t <= latest && t > latest - 10_000));
+        at.sort_unstable();
+        let per_second = |k: u64| at.iter().filter(|&&t| (latest - t) / 1000 == k).count();
+        for k in 0..10 {
+            assert!(
+                (80..=120).contains(&per_second(k)),
+                "second {k}: {}",
+                per_second(k)
+            );
+        }
+        // A short token: at most half the time left is taken, so no notice goes out at once.
+        let short = T0 + 70; // exp - lead is 10 s away
+        assert_eq!(
+            reauth_notice_ms(&c, short, T0 * 1000, u32::MAX),
+            T0 * 1000 + 10_000 - 4_999
+        );
+        assert_eq!(reauth_notice_ms(&c, short, T0 * 1000, 0), T0 * 1000 + 10_000);
+        // Already inside the lead: exactly exp - lead (in the past, so at once).
+        assert_eq!(
+            reauth_notice_ms(&c, T0 + 30, T0 * 1000, u32::MAX),
+            (T0 + 30) * 1000 - 60_000
+        );
+        // No spread configured: exactly exp - lead.
+        assert_eq!(reauth_notice_ms(&cfg(), exp, T0 * 1000, u32::MAX), latest);
+    }
+
+    #[test]
+    fn a_session_and_its_reauth_draw_their_notice_in_the_window() {
+        let w = world();
+        let c = Arc::new(SessionConfig {
+            reauth_lead_ms: 60_000,
+            reauth_spread_ms: 10_000,
+            ..cfg()
+        });
+        let exp = T0 + 300;
+        let mut s = Session::new(
+            c,
+            verified(&w, &claims(exp)),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        drain(&mut s);
+        let due = |s: &Session| s.timers()[0].1;
+        let first = due(&s);
+        assert!(
+            first <= exp * 1000 - 60_000 && first > exp * 1000 - 70_000,
+            "{first}"
+        );
+        let mut actions = Vec::new();
+        assert_eq!(
+            s.handle_timer(TimerKind::ReauthRequired, first, &mut actions),
+            None
+        );
+        assert_eq!(drain(&mut s)[0]["type"], "reauth_required");
+        // A fresh token moves the notice into its own window.
+        let fresh = verified(&w, &claims(exp + 600));
+        s.note_rx(first + 5);
+        s.finish_reauth(Some(1), Ok(fresh), &w.symbols, &mut actions);
+        let next = due(&s);
+        assert!(
+            next <= (exp + 600) * 1000 - 60_000 && next > (exp + 600) * 1000 - 70_000,
+            "{next}"
+        );
     }
 
     #[test]

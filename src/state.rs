@@ -93,6 +93,7 @@ impl Shared {
             outbound_queue_bytes: l.outbound_queue_bytes,
             reauth_lead_ms: cfg.lifetime.reauth_lead.as_millis() as u64,
             reauth_grace_ms: cfg.lifetime.reauth_grace.as_millis() as u64,
+            reauth_spread_ms: cfg.lifetime.reauth_spread.as_millis() as u64,
             heartbeat_ms: cfg.lifetime.heartbeat.as_millis() as u64,
             idle_timeout_ms: cfg.lifetime.idle_timeout.as_millis() as u64,
             slow_consumer_grace_ms: l.slow_consumer_grace.as_millis() as u64,
