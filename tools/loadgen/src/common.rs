@@ -166,12 +166,31 @@ pub fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+/// Every mode's start: the context (key, target, source addresses), the mode's own bounds
+/// (`Err` names them), then the mode on a runtime of `--threads` workers. Returns the exit
+/// code.
+pub fn launch<F: std::future::Future<Output = i32>>(
+    common: &Common,
+    bounds: Result<(), &str>,
+    run: impl FnOnce(Arc<Ctx>) -> F,
+) -> i32 {
+    let ctx = match Ctx::new(common) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return 1;
+        }
+    };
+    if let Err(b) = bounds {
+        eprintln!("loadgen: bounds: {b}");
+        return 1;
+    }
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(common.threads.max(1))
         .enable_all()
         .build()
         .expect("tokio runtime")
+        .block_on(run(ctx))
 }
 
 /// A nanosecond histogram (1 ns .. 100 s, 3 significant digits).

@@ -117,22 +117,17 @@ struct Shared {
 }
 
 pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
-    let ctx = match Ctx::new(&a.common) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("loadgen: {e}");
-            return 1;
-        }
+    let bounds = if a.subscribers == 0 || a.subscribers > 200_000 || a.duration > 600.0 || a.warmup > 120.0 {
+        Err("1..=200000 subscribers, duration <= 600 s, warmup <= 120 s")
+    } else {
+        Ok(())
     };
-    if a.subscribers == 0 || a.subscribers > 200_000 || a.duration > 600.0 || a.warmup > 120.0 {
-        eprintln!("loadgen: bounds: 1..=200000 subscribers, duration <= 600 s, warmup <= 120 s");
-        return 1;
-    }
-    let rt = common::runtime(a.common.threads);
-    rt.block_on(run(a, ctx, reauth))
+    common::launch(&a.common.clone(), bounds, move |ctx| run(a, ctx, reauth))
 }
 
-fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>) {
+/// Each subscriber's `k` symbols (deterministic from the seed), how many subscribers each
+/// symbol has, and `k`.
+fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>, usize) {
     let s = names.len();
     let k = a.per_sub.min(s).max(1);
     let mut rng = Rng::new(a.seed);
@@ -151,7 +146,7 @@ fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>) {
             mine
         })
         .collect();
-    (subs, per_sym)
+    (subs, per_sym, k)
 }
 
 async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
@@ -160,8 +155,16 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     } else {
         (0..a.symbols.max(1)).map(|i| format!("S{i:04}")).collect()
     };
-    let (assignment, per_sym) = assign(&a, &names);
-    let k = a.per_sub.min(names.len()).max(1) as u64;
+    let (assignment, per_sym, k) = assign(&a, &names);
+    let k = k as u64;
+    let rates: Vec<u64> = if a.simulator {
+        vec![0]
+    } else if a.rates.is_empty() {
+        vec![a.rate]
+    } else {
+        a.rates.clone()
+    };
+    let mode = if reauth { "reauth" } else { "fanout" };
     let sh = Arc::new(Shared {
         t0: AtomicU64::new(u64::MAX),
         t1: AtomicU64::new(u64::MAX),
@@ -182,6 +185,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     let tokens: Vec<String> = (0..a.subscribers)
         .map(|i| ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl))
         .collect();
+
+    // Reauth tokens for the whole run, every step of a rate search included (a reauth at
+    // least every ttl/2 seconds), so none runs out mid-measurement.
+    let run_s = a.connect_timeout + rates.len() as f64 * (a.warmup + a.duration + a.drain);
+    let rounds = (run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2;
 
     let sem = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
     let cpu0 = common::cpu_time();
@@ -205,9 +213,6 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             sub_json,
             my,
             reauth.then(|| {
-                // Enough rounds for the whole run (a reauth at least every ttl/2 seconds).
-                let run_s = a.warmup + a.duration + a.drain + a.connect_timeout;
-                let rounds = (run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2;
                 (
                     ttl,
                     ctx.reauth_tokens(
@@ -248,13 +253,6 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         return 2;
     }
 
-    let rates: Vec<u64> = if a.simulator {
-        vec![0]
-    } else if a.rates.is_empty() {
-        vec![a.rate]
-    } else {
-        a.rates.clone()
-    };
     let mut exit = 0;
     let mut best_zero_drop: Option<u64> = None;
     for (step, &rate) in rates.iter().enumerate() {
@@ -332,7 +330,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             h.add(&*x.lock().unwrap()).ok();
         }
         let received = sh.c.window_rx.load(Relaxed);
-        let mut r = Report::new(if reauth { "reauth" } else { "fanout" }, &a.common.label);
+        let mut r = Report::new(mode, &a.common.label);
         r.add("target", ctx.target.to_string());
         r.add("subscribers", n);
         r.add("subscribed", subscribed);
@@ -348,8 +346,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             r.add(name, v);
         }
         r.add("delivered_per_s", (received as f64 / secs).round());
-        if let Some(p) = &pstats {
-            let expected: u64 = p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum();
+        // Deliveries owed in the window: each published tick times its symbol's subscribers.
+        let expected: Option<u64> = pstats
+            .as_ref()
+            .map(|p| p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum());
+        if let (Some(p), Some(expected)) = (&pstats, expected) {
             r.add("published_window", p.window_counts.iter().sum::<u64>());
             r.add("expected", expected);
             r.add("received", received);
@@ -403,19 +404,12 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         if rates.len() > 1 {
             r.add("step", step as u64);
         }
-        println!(
-            "== {} step {step}{} ==",
-            if reauth { "reauth" } else { "fanout" },
-            a.common.label_suffix()
-        );
+        println!("== {mode} step {step}{} ==", a.common.label_suffix());
         r.print(a.common.json);
-        let dropped = pstats
-            .as_ref()
-            .map(|p| {
-                let e: u64 = p.window_counts.iter().zip(&per_sym).map(|(t, s)| t * s).sum();
-                received < e || p.errors > 0
-            })
-            .unwrap_or(false);
+        let dropped = match (&pstats, expected) {
+            (Some(p), Some(e)) => received < e || p.errors > 0,
+            _ => false,
+        };
         if dropped && a.stop_on_drop {
             break;
         }

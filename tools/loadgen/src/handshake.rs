@@ -51,19 +51,12 @@ struct Stats {
 }
 
 pub fn main(a: HandshakeArgs) -> i32 {
-    let ctx = match Ctx::new(&a.common) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("loadgen: {e}");
-            return 1;
-        }
+    let bounds = if a.duration > 600.0 || a.concurrency == 0 || a.concurrency > 10_000 {
+        Err("duration <= 600 s, 1..=10000 workers")
+    } else {
+        Ok(())
     };
-    if a.duration > 600.0 || a.concurrency == 0 || a.concurrency > 10_000 {
-        eprintln!("loadgen: bounds: duration <= 600 s, 1..=10000 workers");
-        return 1;
-    }
-    let rt = common::runtime(a.common.threads);
-    rt.block_on(run(a, ctx))
+    common::launch(&a.common.clone(), bounds, move |ctx| run(a, ctx))
 }
 
 /// Valid workers use every source except 127.0.0.2 (the flooder's).

@@ -43,19 +43,12 @@ struct Counters {
 }
 
 pub fn main(a: IdleArgs) -> i32 {
-    let ctx = match Ctx::new(&a.common) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("loadgen: {e}");
-            return 1;
-        }
+    let bounds = if a.connections == 0 || a.connections > 1_000_000 || a.hold > 600.0 {
+        Err("1..=1000000 connections, hold <= 600 s")
+    } else {
+        Ok(())
     };
-    if a.connections == 0 || a.connections > 1_000_000 || a.hold > 600.0 {
-        eprintln!("loadgen: bounds: 1..=1000000 connections, hold <= 600 s");
-        return 1;
-    }
-    let rt = common::runtime(a.common.threads);
-    rt.block_on(run(a, ctx))
+    common::launch(&a.common.clone(), bounds, move |ctx| run(a, ctx))
 }
 
 async fn run(a: IdleArgs, ctx: Arc<Ctx>) -> i32 {
