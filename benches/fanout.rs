@@ -59,6 +59,35 @@ fn bench_fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// A slow consumer's cost per offered tick once it conflates: 1,000 queues over their
+/// bound, each subscribed to 10 symbols, taking ticks round-robin over the symbols (the
+/// newest replaces the queued one). Under overload every offered tick pays this for every
+/// conflating subscriber, so it bounds how gracefully the server degrades.
+fn bench_conflate(c: &mut Criterion) {
+    let names: Vec<Arc<str>> = (0..10).map(|i| Arc::from(format!("S{i:04}"))).collect();
+    let n = 1000;
+    let mut queues: Vec<OutboundQueue> = (0..n).map(|_| OutboundQueue::new(64)).collect();
+    let mut seq = 0u64;
+    let mut g = c.benchmark_group("conflate_push");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::from_parameter(n), |b| {
+        b.iter(|| {
+            seq += 1;
+            let sym = (seq % 10) as u32;
+            let shared = Arc::new(SharedTick::new(
+                SymbolId(sym),
+                Arc::clone(&names[sym as usize]),
+                seq,
+                tick(seq),
+            ));
+            for q in queues.iter_mut() {
+                black_box(q.push_tick(&shared));
+            }
+        })
+    });
+    g.finish();
+}
+
 fn bench_parse(c: &mut Criterion) {
     let limits = MsgLimits::default();
     let sub = br#"{"op":"subscribe","id":1,"symbols":["BTC-USD","ETH-USD"],"snapshot":true}"#.to_vec();
@@ -93,5 +122,5 @@ fn bench_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_encode, bench_fanout, bench_parse);
+criterion_group!(benches, bench_encode, bench_fanout, bench_conflate, bench_parse);
 criterion_main!(benches);

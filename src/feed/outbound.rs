@@ -144,10 +144,34 @@ pub struct OutboundQueue {
     conflated_total: u64,
 }
 
+/// Hashes a [`SymbolId`] (a dense `u32`) with one multiplication (Fibonacci hashing).
+/// SipHash's flooding resistance buys nothing here: ids are assigned by the server, not
+/// chosen by clients, and every offered tick pays the hash once per conflating subscriber.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<SymbolId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Newest tick per symbol while conflating.
 #[derive(Default)]
 struct Conflated {
-    slots: HashMap<SymbolId, Slot>,
+    slots: IdMap<Slot>,
     /// Symbols in `slots`, oldest first, so conflated symbols are served fairly.
     order: VecDeque<SymbolId>,
 }
