@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -180,20 +181,23 @@ pub struct Session {
     /// Inbound token bucket: tokens scaled by 1000 to stay in integers.
     bucket_milli: u64,
     bucket_at_ms: u64,
-    rate_limited_at: VecDeque<u64>,
+    /// Recent `rate_limited` replies. Boxed on purpose: only a flooding client ever has
+    /// one, and the box is 8 bytes where the deque is 32 in every connection.
+    #[allow(clippy::box_collection)]
+    rate_limited_at: Option<Box<VecDeque<u64>>>,
     last_rx_ms: u64,
     /// `exp` for which `reauth_required` was already sent (so it goes out once per token).
-    reauth_notified_exp: Option<u64>,
+    reauth_notified_exp: Option<NonZeroU64>,
     /// When `reauth_required` goes out for the token in force (unix ms), drawn when the
     /// token was accepted: see [`reauth_notice_ms`].
     reauth_at_ms: u64,
     /// Since when the outbound queue is over its budget (slow consumer), if it is.
-    slow_since_ms: Option<u64>,
+    slow_since_ms: Option<NonZeroU64>,
     /// How much earlier than one full period this session's first heartbeat goes out:
     /// connections opened in the same second (a reconnect storm) would otherwise ping in
     /// lockstep, thousands of writes in one loop turn every `heartbeat`.
-    heartbeat_phase_ms: u64,
-    scratch: Vec<u8>,
+    /// (32 bits: it packs with the IP address and the state.)
+    heartbeat_phase_ms: u32,
 }
 
 impl Session {
@@ -213,24 +217,24 @@ impl Session {
             outbound,
             bucket_milli: burst,
             bucket_at_ms: now_ms,
-            rate_limited_at: VecDeque::new(),
+            rate_limited_at: None,
             last_rx_ms: now_ms,
             reauth_notified_exp: None,
             reauth_at_ms: 0,
             slow_since_ms: None,
-            heartbeat_phase_ms: heartbeat_phase(cfg_heartbeat_ms),
-            scratch: Vec::new(),
+            heartbeat_phase_ms: u32::try_from(heartbeat_phase(cfg_heartbeat_ms)).unwrap_or(u32::MAX),
         };
         s.reauth_at_ms = reauth_notice_ms(&s.cfg, s.claims.exp, now_ms, spread_draw());
-        s.scratch.clear();
-        msg::encode_welcome(
-            &s.claims.sub,
-            s.claims.sid.as_deref(),
-            s.claims.exp,
-            s.cfg.heartbeat_ms,
-            &mut s.scratch,
-        );
-        s.queue_scratch();
+        let frame = json_frame(|b| {
+            msg::encode_welcome(
+                &s.claims.sub,
+                s.claims.sid.as_deref(),
+                s.claims.exp,
+                s.cfg.heartbeat_ms,
+                b,
+            )
+        });
+        s.outbound.push_control(frame);
         s
     }
 
@@ -258,7 +262,7 @@ impl Session {
             (TimerKind::ReauthDeadline, self.deadline_ms()),
             (
                 TimerKind::Heartbeat,
-                self.last_rx_ms + self.cfg.heartbeat_ms - self.heartbeat_phase_ms,
+                self.last_rx_ms + self.cfg.heartbeat_ms - u64::from(self.heartbeat_phase_ms),
             ),
             (TimerKind::Idle, self.last_rx_ms + self.cfg.idle_timeout_ms),
         ]
@@ -276,9 +280,8 @@ impl Session {
     /// idle connection should cost its state and nothing more.
     pub fn trim(&mut self) {
         self.outbound.shrink_if_empty();
-        self.scratch = Vec::new();
-        if self.rate_limited_at.is_empty() {
-            self.rate_limited_at = VecDeque::new();
+        if self.rate_limited_at.as_ref().is_some_and(|q| q.is_empty()) {
+            self.rate_limited_at = None;
         }
     }
 
@@ -300,12 +303,11 @@ impl Session {
                     // The token changed since this was armed: the new time stands.
                     return Some(due);
                 }
-                if self.reauth_notified_exp != Some(exp) {
-                    self.reauth_notified_exp = Some(exp);
-                    self.scratch.clear();
+                if self.reauth_notified_exp.map(NonZeroU64::get) != Some(exp) {
+                    self.reauth_notified_exp = NonZeroU64::new(exp);
                     let deadline_secs = self.deadline_ms() / 1000;
-                    msg::encode_reauth_required(exp, deadline_secs, &mut self.scratch);
-                    self.queue_scratch();
+                    let frame = json_frame(|b| msg::encode_reauth_required(exp, deadline_secs, b));
+                    self.outbound.push_control(frame);
                 }
                 None
             }
@@ -368,7 +370,7 @@ impl Session {
             Pushed::Queued => None,
             Pushed::Conflated | Pushed::OverBudget => {
                 if self.slow_since_ms.is_none() {
-                    self.slow_since_ms = Some(now_ms);
+                    self.slow_since_ms = NonZeroU64::new(now_ms.max(1));
                     Some(now_ms + self.cfg.slow_consumer_grace_ms)
                 } else {
                     None
@@ -461,9 +463,8 @@ impl Session {
     ) {
         match m {
             ClientMsg::Ping { id } => {
-                self.scratch.clear();
-                msg::encode_pong(id, &mut self.scratch);
-                self.queue_scratch();
+                let frame = json_frame(|b| msg::encode_pong(id, b));
+                self.outbound.push_control(frame);
             }
             ClientMsg::Subscribe {
                 id,
@@ -523,9 +524,8 @@ impl Session {
         }
         self.subs.extend_from_slice(&new_ids);
         let acked: Vec<&str> = accepted.iter().map(|(_, n)| *n).collect();
-        self.scratch.clear();
-        msg::encode_subscribed(id, &acked, &rejected, &mut self.scratch);
-        self.queue_scratch();
+        let frame = json_frame(|b| msg::encode_subscribed(id, &acked, &rejected, b));
+        self.outbound.push_control(frame);
         // Already-held symbols are acknowledged again but need no table change; a snapshot
         // is still sent for them when asked, so `snapshot:true` always yields the latest.
         let ids: Vec<SymbolId> = accepted.iter().map(|(s, _)| *s).collect();
@@ -553,9 +553,8 @@ impl Session {
                 removed.push(name);
             }
         }
-        self.scratch.clear();
-        msg::encode_unsubscribed(id, &removed, None, &mut self.scratch);
-        self.queue_scratch();
+        let frame = json_frame(|b| msg::encode_unsubscribed(id, &removed, None, b));
+        self.outbound.push_control(frame);
         if !removed_ids.is_empty() {
             actions.push(Action::Unsubscribe { ids: removed_ids });
         }
@@ -602,9 +601,8 @@ impl Session {
         if count > 0 {
             actions.push(Action::Publish { ticks: batch });
         }
-        self.scratch.clear();
-        msg::encode_published(id, count, &mut self.scratch);
-        self.queue_scratch();
+        let frame = json_frame(|b| msg::encode_published(id, count, b));
+        self.outbound.push_control(frame);
     }
 
     fn reauth(
@@ -689,14 +687,12 @@ impl Session {
         for sid in &dropped_ids {
             self.outbound.remove_symbol(*sid);
         }
-        self.scratch.clear();
-        msg::encode_reauthed(id, self.claims.exp, &mut self.scratch);
-        self.queue_scratch();
+        let frame = json_frame(|b| msg::encode_reauthed(id, self.claims.exp, b));
+        self.outbound.push_control(frame);
         if !dropped_ids.is_empty() {
             let names: Vec<&str> = dropped_names.iter().map(|n| &**n).collect();
-            self.scratch.clear();
-            msg::encode_unsubscribed(None, &names, Some("entitlement"), &mut self.scratch);
-            self.queue_scratch();
+            let frame = json_frame(|b| msg::encode_unsubscribed(None, &names, Some("entitlement"), b));
+            self.outbound.push_control(frame);
             actions.push(Action::Unsubscribe { ids: dropped_ids });
         }
         actions.push(Action::Log {
@@ -726,14 +722,14 @@ impl Session {
     }
 
     fn reply_rate_limited(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        while self
-            .rate_limited_at
+        let q = self.rate_limited_at.get_or_insert_with(Box::default);
+        while q
             .front()
             .is_some_and(|t| now_ms.saturating_sub(*t) >= RATE_LIMITED_WINDOW_MS)
         {
-            self.rate_limited_at.pop_front();
+            q.pop_front();
         }
-        if self.rate_limited_at.len() >= MAX_RATE_LIMITED_REPLIES {
+        if q.len() >= MAX_RATE_LIMITED_REPLIES {
             actions.push(Action::Log {
                 event: "close",
                 outcome: "closed",
@@ -742,20 +738,32 @@ impl Session {
             self.close(CloseCode::MESSAGE_RATE, "message rate exceeded", actions);
             return;
         }
-        self.rate_limited_at.push_back(now_ms);
+        q.push_back(now_ms);
         self.reply_error(None, ErrorCode::RateLimited, "too many messages");
     }
 
     fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
-        self.scratch.clear();
-        msg::encode_error(id, code, message, &mut self.scratch);
-        self.queue_scratch();
-    }
-
-    fn queue_scratch(&mut self) {
-        let frame = encode_frame(OpCode::Text, &self.scratch);
+        let frame = json_frame(|b| msg::encode_error(id, code, message, b));
         self.outbound.push_control(frame);
     }
+}
+
+/// A text frame of the JSON that `encode` writes, built in the thread's scratch buffer (a
+/// buffer per session would cost every idle connection 24 bytes and a reallocation after
+/// each trim).
+fn json_frame(encode: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        encode(buf);
+        let frame = encode_frame(OpCode::Text, buf);
+        if buf.capacity() > 64 * 1024 {
+            *buf = Vec::new();
+        }
+        frame
+    })
 }
 
 /// When `reauth_required` goes out for a token expiring at `exp` (unix seconds) accepted at

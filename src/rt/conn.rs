@@ -454,7 +454,7 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
     let mut c = conn.borrow_mut();
     let now = ctx.now_ms();
     let mut actions = Vec::new();
-    let mut partial = std::mem::take(&mut c.rx_partial);
+    let mut partial = c.rx_partial.take().map(|b| *b).unwrap_or_default();
     let mut peer_closed = false;
     let conn_generation = c.generation;
     {
@@ -510,7 +510,7 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
             partial = Vec::new();
         }
     }
-    c.rx_partial = partial;
+    c.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
     c.peer_closed |= peer_closed;
     ctx.apply(idx, &mut c, &mut actions);
 }
