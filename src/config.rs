@@ -339,10 +339,11 @@ pub struct LifetimeConfig {
     #[serde(with = "duration_serde")]
     pub reauth_grace: Duration,
     /// Extension: `reauth_required` goes out between `reauth_lead` and `reauth_lead +
-    /// reauth_spread` before `exp`, at a point drawn per connection and per token (and at
-    /// most half of the time left before `exp - reauth_lead` early), so tokens that all
-    /// expire in the same second (a reconnect storm an hour ago) are not refreshed in the
-    /// same millisecond. `0s` sends it at exactly `exp - reauth_lead`. Default 10s.
+    /// reauth_spread` before `exp`, at a point drawn per connection and per token, so
+    /// tokens that all expire in the same second (a reconnect storm an hour ago) are not
+    /// refreshed in the same millisecond. Never more than half of the time left before
+    /// `exp - reauth_lead` early, so any value is safe with short tokens. `0s` sends it at
+    /// exactly `exp - reauth_lead`. At most 24h. Default 10s.
     #[serde(with = "duration_serde")]
     pub reauth_spread: Duration,
     /// WebSocket ping interval. Default 15s.
@@ -802,10 +803,10 @@ impl Config {
                 ),
             ));
         }
-        if t.reauth_spread >= self.auth.max_token_lifetime {
+        if t.reauth_spread > Duration::from_secs(24 * 3600) {
             return Err(ConfigError::invalid(
                 "lifetime.reauth_spread",
-                "must be below auth.max_token_lifetime",
+                format!("{} is above 24h", format_duration(t.reauth_spread)),
             ));
         }
         if t.reauth_grace > self.auth.max_token_lifetime {
@@ -1741,6 +1742,10 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         let base = Config::from_toml_str(OPS_EXAMPLE).unwrap();
         type Mutation = Box<dyn Fn(&mut Config)>;
         let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|c| c.lifetime.reauth_spread = secs(24 * 3600 + 1)),
+                "lifetime.reauth_spread",
+            ),
             (Box::new(|c| c.auth.ticket_ttl = secs(61)), "auth.ticket_ttl"),
             (
                 Box::new(|c| c.auth.ticket_ttl = Duration::ZERO),

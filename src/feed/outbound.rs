@@ -144,15 +144,18 @@ pub struct OutboundQueue {
     conflated_total: u64,
 }
 
-/// Hashes a [`SymbolId`] (a dense `u32`) with one multiplication (Fibonacci hashing).
-/// SipHash's flooding resistance buys nothing here: ids are assigned by the server, not
-/// chosen by clients, and every offered tick pays the hash once per conflating subscriber.
+/// Hashes a [`SymbolId`] (a dense `u32`) with one multiplication, then folds the product's
+/// high half into the low bits: the map picks buckets by the low bits, which in the bare
+/// product depend only on the id's low bits (ids 128 apart, which a client can pick by
+/// subscribing to the right symbols, would share a handful of buckets). SipHash's keyed
+/// flooding resistance buys nothing more here: ids are assigned by the server in order of
+/// first sight, and every offered tick pays the hash once per conflating subscriber.
 #[derive(Default, Clone, Copy)]
 struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.0 ^ (self.0 >> 32)
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -357,6 +360,20 @@ impl OutboundQueue {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn symbol_ids_spaced_apart_still_spread_over_buckets() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let b = BuildHasherDefault::<IdHasher>::default();
+        for stride in [1u32, 64, 128, 1024] {
+            let mut buckets = std::collections::HashSet::new();
+            for i in 0..780u32 {
+                buckets.insert(b.hash_one(SymbolId(i * stride)) & 1023);
+            }
+            // 780 keys over 1,024 buckets: about 550 distinct when hashed uniformly.
+            assert!(buckets.len() > 450, "stride {stride}: {} buckets", buckets.len());
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
