@@ -618,15 +618,17 @@ impl Session {
             return;
         }
         let result = auth.verify_reauth(token, now_ms / 1000);
-        self.finish_reauth(id, result, symbols, actions);
+        self.finish_reauth(id, result, now_ms, symbols, actions);
     }
 
     /// The outcome of verifying a `reauth` token (inline, or from the verifier threads):
     /// identity and binding checks, then the new token takes effect or nothing changes.
+    /// `now_ms` is when the result is applied (it places the next `reauth_required`).
     pub fn finish_reauth(
         &mut self,
         id: Option<u64>,
         result: Result<VerifiedClaims, AuthError>,
+        now_ms: u64,
         symbols: &SymbolTable,
         actions: &mut Vec<Action>,
     ) {
@@ -668,8 +670,7 @@ impl Session {
             return;
         }
         (self.claims, self.ents) = Identity::from_claims(fresh);
-        // The `reauth` message arrived at `last_rx_ms`, moments ago.
-        self.reauth_at_ms = reauth_notice_ms(&self.cfg, self.claims.exp, self.last_rx_ms, spread_draw());
+        self.reauth_at_ms = reauth_notice_ms(&self.cfg, self.claims.exp, now_ms, spread_draw());
         // Subscriptions the new token no longer allows end now.
         let may_subscribe = self.claims.has_role(Role::Subscriber);
         let mut dropped_ids = Vec::new();
@@ -1109,7 +1110,13 @@ mod tests {
         assert!(drain(&mut s).is_empty());
         assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
         let (id, token) = d.0.borrow_mut().pop().unwrap();
-        s.finish_reauth(id, w.verifier.verify(&token, exp - 50), &w.symbols, &mut a);
+        s.finish_reauth(
+            id,
+            w.verifier.verify(&token, exp - 50),
+            (exp - 50) * 1000,
+            &w.symbols,
+            &mut a,
+        );
         assert_eq!(
             drain(&mut s),
             vec![serde_json::json!({"type":"reauthed","id":7,"exp":exp + 600})]
@@ -1187,8 +1194,7 @@ mod tests {
         assert_eq!(drain(&mut s)[0]["type"], "reauth_required");
         // A fresh token moves the notice into its own window.
         let fresh = verified(&w, &claims(exp + 600));
-        s.note_rx(first + 5);
-        s.finish_reauth(Some(1), Ok(fresh), &w.symbols, &mut actions);
+        s.finish_reauth(Some(1), Ok(fresh), first + 5, &w.symbols, &mut actions);
         let next = due(&s);
         assert!(
             next <= (exp + 600) * 1000 - 60_000 && next > (exp + 600) * 1000 - 70_000,

@@ -558,7 +558,13 @@ impl ShardCtx {
                 }
                 let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
                 if let Some(s) = c.session.as_mut() {
-                    s.finish_reauth(id, *result, self.shared.hub.symbols(), &mut actions);
+                    s.finish_reauth(
+                        id,
+                        *result,
+                        self.now_ms(),
+                        self.shared.hub.symbols(),
+                        &mut actions,
+                    );
                 }
                 self.apply(idx, &mut c, &mut actions);
                 *self.actions.borrow_mut() = actions;
