@@ -222,10 +222,10 @@ impl Session {
             reauth_notified_exp: None,
             reauth_at_ms: 0,
             slow_since_ms: None,
-            heartbeat_phase_ms: u32::try_from(heartbeat_phase(cfg_heartbeat_ms)).unwrap_or(u32::MAX),
+            heartbeat_phase_ms: heartbeat_phase(cfg_heartbeat_ms),
         };
         s.reauth_at_ms = reauth_notice_ms(&s.cfg, s.claims.exp, now_ms, spread_draw());
-        let frame = json_frame(|b| {
+        s.outbound.push_control(json_frame(|b| {
             msg::encode_welcome(
                 &s.claims.sub,
                 s.claims.sid.as_deref(),
@@ -233,8 +233,7 @@ impl Session {
                 s.cfg.heartbeat_ms,
                 b,
             )
-        });
-        s.outbound.push_control(frame);
+        }));
         s
     }
 
@@ -306,8 +305,8 @@ impl Session {
                 if self.reauth_notified_exp.map(NonZeroU64::get) != Some(exp) {
                     self.reauth_notified_exp = NonZeroU64::new(exp);
                     let deadline_secs = self.deadline_ms() / 1000;
-                    let frame = json_frame(|b| msg::encode_reauth_required(exp, deadline_secs, b));
-                    self.outbound.push_control(frame);
+                    self.outbound
+                        .push_control(json_frame(|b| msg::encode_reauth_required(exp, deadline_secs, b)));
                 }
                 None
             }
@@ -463,8 +462,8 @@ impl Session {
     ) {
         match m {
             ClientMsg::Ping { id } => {
-                let frame = json_frame(|b| msg::encode_pong(id, b));
-                self.outbound.push_control(frame);
+                self.outbound
+                    .push_control(json_frame(|b| msg::encode_pong(id, b)));
             }
             ClientMsg::Subscribe {
                 id,
@@ -524,8 +523,8 @@ impl Session {
         }
         self.subs.extend_from_slice(&new_ids);
         let acked: Vec<&str> = accepted.iter().map(|(_, n)| *n).collect();
-        let frame = json_frame(|b| msg::encode_subscribed(id, &acked, &rejected, b));
-        self.outbound.push_control(frame);
+        self.outbound
+            .push_control(json_frame(|b| msg::encode_subscribed(id, &acked, &rejected, b)));
         // Already-held symbols are acknowledged again but need no table change; a snapshot
         // is still sent for them when asked, so `snapshot:true` always yields the latest.
         let ids: Vec<SymbolId> = accepted.iter().map(|(s, _)| *s).collect();
@@ -553,8 +552,8 @@ impl Session {
                 removed.push(name);
             }
         }
-        let frame = json_frame(|b| msg::encode_unsubscribed(id, &removed, None, b));
-        self.outbound.push_control(frame);
+        self.outbound
+            .push_control(json_frame(|b| msg::encode_unsubscribed(id, &removed, None, b)));
         if !removed_ids.is_empty() {
             actions.push(Action::Unsubscribe { ids: removed_ids });
         }
@@ -601,8 +600,8 @@ impl Session {
         if count > 0 {
             actions.push(Action::Publish { ticks: batch });
         }
-        let frame = json_frame(|b| msg::encode_published(id, count, b));
-        self.outbound.push_control(frame);
+        self.outbound
+            .push_control(json_frame(|b| msg::encode_published(id, count, b)));
     }
 
     fn reauth(
@@ -688,12 +687,13 @@ impl Session {
         for sid in &dropped_ids {
             self.outbound.remove_symbol(*sid);
         }
-        let frame = json_frame(|b| msg::encode_reauthed(id, self.claims.exp, b));
-        self.outbound.push_control(frame);
+        self.outbound
+            .push_control(json_frame(|b| msg::encode_reauthed(id, self.claims.exp, b)));
         if !dropped_ids.is_empty() {
             let names: Vec<&str> = dropped_names.iter().map(|n| &**n).collect();
-            let frame = json_frame(|b| msg::encode_unsubscribed(None, &names, Some("entitlement"), b));
-            self.outbound.push_control(frame);
+            self.outbound.push_control(json_frame(|b| {
+                msg::encode_unsubscribed(None, &names, Some("entitlement"), b)
+            }));
             actions.push(Action::Unsubscribe { ids: dropped_ids });
         }
         actions.push(Action::Log {
@@ -744,8 +744,8 @@ impl Session {
     }
 
     fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
-        let frame = json_frame(|b| msg::encode_error(id, code, message, b));
-        self.outbound.push_control(frame);
+        self.outbound
+            .push_control(json_frame(|b| msg::encode_error(id, code, message, b)));
     }
 }
 
@@ -780,8 +780,9 @@ fn reauth_notice_ms(cfg: &SessionConfig, exp: u64, now_ms: u64, draw: u32) -> u6
     latest - ((u128::from(window) * u128::from(draw)) >> 32) as u64
 }
 
-/// A fresh spread point per token: a Weyl sequence over a counter, like
-/// [`heartbeat_phase`] (deterministic, no clock, no RNG, evenly spread).
+/// A point spread evenly over `u32`, fresh at each call: a Weyl sequence over a counter
+/// (deterministic, no clock, no RNG). Spreads each token's reauth notice and each
+/// session's first heartbeat.
 fn spread_draw() -> u32 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -789,17 +790,13 @@ fn spread_draw() -> u32 {
     (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
-/// A spread of first-heartbeat offsets over half a period (a Weyl sequence over a counter:
-/// deterministic, no clock, no RNG).
-fn heartbeat_phase(heartbeat_ms: u64) -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let spread = heartbeat_ms / 2;
-    if spread == 0 {
-        return 0;
+/// A spread of first-heartbeat offsets over half a period. Below 2^32 (it is at most the
+/// draw), so it fits the session's 32-bit field.
+fn heartbeat_phase(heartbeat_ms: u64) -> u32 {
+    match heartbeat_ms / 2 {
+        0 => 0,
+        spread => (u64::from(spread_draw()) % spread) as u32,
     }
-    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % spread
 }
 
 #[cfg(test)]

@@ -84,6 +84,15 @@ async fn narrower_reauth_unsubscribes_with_reason() {
     );
 }
 
+/// `POST /admin/revoke` with `body` to `srv`'s admin listener, off the test's runtime (its
+/// sessions keep being served meanwhile): the status and the response body.
+async fn revoke(srv: &TestServer, body: &str) -> (u16, String) {
+    let (admin, tok, body) = (srv.admin(), srv.admin_token(), body.to_string());
+    tokio::task::spawn_blocking(move || admin_post(admin, "/admin/revoke", Some(&tok), &body))
+        .await
+        .unwrap()
+}
+
 async fn revoke_case(
     body: serde_json::Value,
     make: impl Fn(&TestServer, usize) -> tickgate::auth::mint::Claims,
@@ -94,12 +103,7 @@ async fn revoke_case(
         victims.push(session(&srv, &srv.sign(&make(&srv, i))).await);
     }
     let mut bystander = session(&srv, &srv.token("bystander")).await;
-    let admin = srv.admin();
-    let tok = srv.admin_token();
-    let b = body.to_string();
-    let (st, resp) = tokio::task::spawn_blocking(move || admin_post(admin, "/admin/revoke", Some(&tok), &b))
-        .await
-        .unwrap();
+    let (st, resp) = revoke(&srv, &body.to_string()).await;
     assert_eq!(st, 200, "{resp}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&resp).unwrap(),
@@ -285,12 +289,7 @@ async fn revocation_reaches_the_peers() {
     }
     let mut bystander = session(&b, &b.token("bystander")).await;
 
-    let (admin_a, tok) = (a.admin(), a.admin_token());
-    let (st, resp) = tokio::task::spawn_blocking(move || {
-        admin_post(admin_a, "/admin/revoke", Some(&tok), r#"{"sub":"mallory"}"#)
-    })
-    .await
-    .unwrap();
+    let (st, resp) = revoke(&a, r#"{"sub":"mallory"}"#).await;
     assert_eq!(st, 200, "{resp}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&resp).unwrap(),
@@ -314,12 +313,7 @@ async fn revocation_reaches_the_peers() {
     assert_eq!(next_json(&mut bystander).await["type"], "pong");
 
     // Asked directly, B relays to its own (dead) peer and says so without hanging.
-    let (admin_b, tok) = (b.admin(), b.admin_token());
-    let (st, resp) = tokio::task::spawn_blocking(move || {
-        admin_post(admin_b, "/admin/revoke", Some(&tok), r#"{"sid":"x-1"}"#)
-    })
-    .await
-    .unwrap();
+    let (st, resp) = revoke(&b, r#"{"sid":"x-1"}"#).await;
     assert_eq!(st, 200, "{resp}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&resp).unwrap(),

@@ -45,29 +45,23 @@ pub enum RtTimer {
     HardDrop,
 }
 
-impl RtTimer {
-    fn from_slot(slot: usize) -> Self {
-        match slot {
-            0 => RtTimer::Session(TimerKind::ReauthRequired),
-            1 => RtTimer::Session(TimerKind::ReauthDeadline),
-            2 => RtTimer::Session(TimerKind::Heartbeat),
-            3 => RtTimer::Session(TimerKind::Idle),
-            4 => RtTimer::Session(TimerKind::SlowConsumer),
-            5 => RtTimer::Handshake,
-            _ => RtTimer::HardDrop,
-        }
-    }
+/// The connection's deadline kinds, in slot order: `RT_TIMERS[k.slot()] == k`.
+const RT_TIMERS: [RtTimer; TIMER_SLOTS] = [
+    RtTimer::Session(TimerKind::ReauthRequired),
+    RtTimer::Session(TimerKind::ReauthDeadline),
+    RtTimer::Session(TimerKind::Heartbeat),
+    RtTimer::Session(TimerKind::Idle),
+    RtTimer::Session(TimerKind::SlowConsumer),
+    RtTimer::Handshake,
+    RtTimer::HardDrop,
+];
 
+impl RtTimer {
     fn slot(self) -> usize {
-        match self {
-            RtTimer::Session(TimerKind::ReauthRequired) => 0,
-            RtTimer::Session(TimerKind::ReauthDeadline) => 1,
-            RtTimer::Session(TimerKind::Heartbeat) => 2,
-            RtTimer::Session(TimerKind::Idle) => 3,
-            RtTimer::Session(TimerKind::SlowConsumer) => 4,
-            RtTimer::Handshake => 5,
-            RtTimer::HardDrop => 6,
-        }
+        RT_TIMERS
+            .iter()
+            .position(|&k| k == self)
+            .expect("every kind has a slot")
     }
 }
 
@@ -353,14 +347,10 @@ impl ShardCtx {
                 }
                 Action::Close { code } => {
                     self.shared.metrics.count_close(code);
-                    for kind in [
-                        TimerKind::ReauthRequired,
-                        TimerKind::ReauthDeadline,
-                        TimerKind::Heartbeat,
-                        TimerKind::Idle,
-                        TimerKind::SlowConsumer,
-                    ] {
-                        self.disarm(c, RtTimer::Session(kind));
+                    for kind in RT_TIMERS {
+                        if matches!(kind, RtTimer::Session(_)) {
+                            self.disarm(c, kind);
+                        }
                     }
                     self.arm(c, idx, RtTimer::HardDrop, now + HARD_DROP_MS);
                 }
@@ -485,7 +475,7 @@ impl ShardCtx {
             return;
         };
         while let Some(slot) = c.deadlines.next_due(&mut due, now) {
-            let kind = RtTimer::from_slot(slot);
+            let kind = RT_TIMERS[slot];
             match kind {
                 RtTimer::Handshake | RtTimer::HardDrop => {
                     if kind == RtTimer::Handshake && c.session.is_none() {

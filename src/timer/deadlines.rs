@@ -170,13 +170,18 @@ mod tests {
         }
     }
 
+    /// Arms `slot` at `at` and restores the invariant, as the shard's `arm` does.
+    fn arm(set: &mut DeadlineSet<4>, wheel: &mut TimerWheel<()>, slot: usize, at: u64) {
+        set.set(slot, at);
+        set.refile(wheel, || ());
+    }
+
     #[test]
     fn one_wheel_entry_for_many_deadlines() {
         let mut wheel = TimerWheel::new(0);
         let mut set = DeadlineSet::<4>::new();
         for (slot, at) in [(0, 500), (1, 100), (2, 300), (3, 200)] {
-            set.set(slot, at);
-            set.refile(&mut wheel, || ());
+            arm(&mut set, &mut wheel, slot, at);
         }
         assert_eq!(wheel.len(), 1);
         assert_eq!(set.entry().map(|e| e.1), Some(100));
@@ -211,10 +216,8 @@ mod tests {
     fn earlier_arm_moves_the_entry_and_disarm_leaves_it() {
         let mut wheel = TimerWheel::new(0);
         let mut set = DeadlineSet::<4>::new();
-        set.set(0, 1000);
-        set.refile(&mut wheel, || ());
-        set.set(1, 10);
-        set.refile(&mut wheel, || ());
+        arm(&mut set, &mut wheel, 0, 1000);
+        arm(&mut set, &mut wheel, 1, 10);
         assert_eq!(set.entry().map(|e| e.1), Some(10));
         assert_eq!(wheel.len(), 1);
         set.clear(1);
@@ -232,11 +235,9 @@ mod tests {
     fn a_stale_key_is_ignored() {
         let mut wheel = TimerWheel::new(0);
         let mut set = DeadlineSet::<4>::new();
-        set.set(0, 100);
-        set.refile(&mut wheel, || ());
+        arm(&mut set, &mut wheel, 0, 100);
         let (old, _) = set.entry().unwrap();
-        set.set(1, 50);
-        set.refile(&mut wheel, || ());
+        arm(&mut set, &mut wheel, 1, 50);
         assert_eq!(set.fired(old, 100), None);
         assert!(set.entry().is_some());
     }
@@ -245,8 +246,7 @@ mod tests {
     fn a_handler_re_arming_at_now_fires_on_the_next_advance() {
         let mut wheel = TimerWheel::new(0);
         let mut set = DeadlineSet::<4>::new();
-        set.set(0, 5);
-        set.refile(&mut wheel, || ());
+        arm(&mut set, &mut wheel, 0, 5);
         let mut fired = Vec::new();
         wheel.advance(5, &mut fired);
         let (key, ()) = fired.pop().unwrap();
@@ -263,8 +263,7 @@ mod tests {
     fn cancel_all_removes_the_entry() {
         let mut wheel = TimerWheel::new(0);
         let mut set = DeadlineSet::<4>::new();
-        set.set(2, 7);
-        set.refile(&mut wheel, || ());
+        arm(&mut set, &mut wheel, 2, 7);
         set.cancel_all(&mut wheel);
         assert!(wheel.is_empty());
         assert_eq!(set.earliest(), UNARMED);
@@ -299,8 +298,7 @@ mod tests {
                 match op {
                     Op::Set(s, d) => {
                         let at = now + d;
-                        set.set(s, at);
-                        set.refile(&mut wheel, || ());
+                        arm(&mut set, &mut wheel, s, at);
                         model[s] = at;
                     }
                     Op::Clear(s) => {

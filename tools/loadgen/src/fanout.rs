@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use tickgate::auth::jwt::VerifyPolicy;
+
 use crate::common::{self, Common, Ctx, Report, Rng, histogram, now_ns, percentiles, us};
 use crate::lean;
 
@@ -116,10 +118,6 @@ struct Shared {
     hs_hist: Mutex<Histogram<u64>>,
 }
 
-/// The server's default `auth.max_token_lifetime` (OPS.md): pre-minted reauth tokens live
-/// no longer.
-const MAX_TOKEN_LIFETIME_S: u64 = 900;
-
 pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
     let bounds = if a.subscribers == 0 || a.subscribers > 200_000 || a.duration > 600.0 || a.warmup > 120.0 {
         Err("1..=200000 subscribers, duration <= 600 s, warmup <= 120 s")
@@ -193,11 +191,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     // Reauth tokens for the whole run, every step of a rate search included (a reauth at
     // least every ttl/2 seconds), so none runs out mid-measurement. Two caps: token k lives
     // `ttl * (k + 2)` s from now, which must stay within the server's
-    // `auth.max_token_lifetime` (900 s by default) or the reauth is refused; and at most
+    // `auth.max_token_lifetime` (its default policy's) or the reauth is refused; and at most
     // 2,000,000 tokens in all. Past either, tokens are minted live when needed.
     let run_s = a.connect_timeout + rates.len() as f64 * (a.warmup + a.duration + a.drain);
     let rounds = ((run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2)
-        .min((MAX_TOKEN_LIFETIME_S / ttl.max(1)).saturating_sub(2) as usize)
+        .min((VerifyPolicy::default().max_lifetime_secs / ttl.max(1)).saturating_sub(2) as usize)
         .min(2_000_000 / a.subscribers.max(1));
 
     let sem = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
@@ -415,10 +413,10 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         }
         println!("== {mode} step {step}{} ==", a.common.label_suffix());
         r.print(a.common.json);
-        let dropped = match (&pstats, expected) {
-            (Some(p), Some(e)) => received < e || p.errors > 0,
-            _ => false,
-        };
+        let dropped = pstats
+            .as_ref()
+            .zip(expected)
+            .is_some_and(|(p, e)| received < e || p.errors > 0);
         if dropped && a.stop_on_drop {
             break;
         }
