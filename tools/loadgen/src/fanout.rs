@@ -87,6 +87,39 @@ pub struct FanoutArgs {
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 60.0)]
     pub connect_timeout: f64,
+    /// Scheduling of the publisher thread: `fifo` (SCHED_FIFO 1, falling back to nice -10
+    /// and then to normal when not permitted), `nice` or `normal`. It shares a core with the
+    /// subscribers' runtime; at normal priority its 1 ms timer can wait a whole scheduler
+    /// slice behind a busy reader (tens of ms), and since late ticks carry their due time
+    /// that wait was reported as server latency.
+    #[arg(long, value_enum, default_value_t = PubPriority::Fifo)]
+    pub pub_priority: PubPriority,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PubPriority {
+    Fifo,
+    Nice,
+    Normal,
+}
+
+/// Raises the calling thread's priority as asked; returns what took effect.
+fn raise_priority(want: PubPriority) -> &'static str {
+    if want == PubPriority::Fifo {
+        let p = libc::sched_param { sched_priority: 1 };
+        // SAFETY: sched_setscheduler reads one valid sched_param; pid 0 is this thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) } == 0 {
+            return "fifo";
+        }
+    }
+    if want != PubPriority::Normal {
+        // SAFETY: plain syscall on this thread (tid from gettid); no pointers.
+        let ok = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) == 0 };
+        if ok {
+            return "nice";
+        }
+    }
+    "normal"
 }
 
 const NHIST: usize = 16;
@@ -262,6 +295,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
 
     let mut exit = 0;
     let mut best_zero_drop: Option<u64> = None;
+    let sched = Arc::new(std::sync::OnceLock::<&'static str>::new());
     for (step, &rate) in rates.iter().enumerate() {
         let interval = if a.simulator {
             1_000_000_000 / (a.sim_rate.max(1) * k)
@@ -286,7 +320,10 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             // reported as server latency. The kernel wakes this thread promptly instead.
             let (ctx, sh, names, stop) = (ctx.clone(), sh.clone(), names.clone(), stop.clone());
             let batch_ms = a.batch_ms.max(1);
+            let prio = a.pub_priority;
+            let sched = sched.clone();
             Some(tokio::task::spawn_blocking(move || {
+                let _ = sched.set(raise_priority(prio));
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -373,6 +410,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             r.add("pub_acked_ticks", p.acked);
             r.add("pub_errors", p.errors);
             r.add("pub_max_lag_us", us(sh.pub_max_lag_ns.load(Relaxed)));
+            r.add("pub_sched", *sched.get().unwrap_or(&"normal"));
             if expected > 0 && received >= expected && p.errors == 0 && after[4] == before[4] {
                 best_zero_drop = Some(best_zero_drop.map_or(rate, |b: u64| b.max(rate)));
             }
