@@ -7,10 +7,57 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Upper bounds (microseconds) of the publish-to-write latency histogram buckets.
+/// Upper bounds (microseconds) of the latency histograms' buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
     10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
 ];
+
+/// Nanoseconds on a monotonic clock since the first call in this process. Published ticks
+/// carry it from the moment the hub accepts them, so the latency histograms measure the
+/// server alone (a publisher's `ts` is on the publisher's clock, which may be skewed).
+pub fn mono_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A Prometheus histogram over [`LATENCY_BUCKETS_US`] (observations in microseconds,
+/// rendered in seconds).
+#[derive(Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
+            cum += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1e6);
+        }
+        cum += self.buckets[LATENCY_BUCKETS_US.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Relaxed));
+    }
+}
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -27,9 +74,12 @@ pub struct Metrics {
     pub ticks_in: AtomicU64,
     pub conflated: AtomicU64,
     pub closes: [AtomicU64; CLOSE_CODES.len()],
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    pub latency_sum_us: AtomicU64,
-    pub latency_count: AtomicU64,
+    /// From the hub accepting a tick to a shard handing it to its subscribers' queues
+    /// (one tick in 64 per dispatcher pass is sampled).
+    pub publish_to_dispatch: LatencyHistogram,
+    /// From the hub accepting a tick to the completed socket write that carried it (the
+    /// oldest tick of the write; one write in 16 per shard is sampled).
+    pub publish_to_write: LatencyHistogram,
 }
 
 /// Close codes counted individually.
@@ -53,17 +103,6 @@ impl Metrics {
         if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
             self.closes[i].fetch_add(1, Relaxed);
         }
-    }
-
-    /// One publish-to-write latency observation.
-    pub fn observe_latency_us(&self, us: u64) {
-        let i = LATENCY_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[i].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(us, Relaxed);
-        self.latency_count.fetch_add(1, Relaxed);
     }
 
     pub fn render(&self, out: &mut String) {
@@ -117,30 +156,50 @@ impl Metrics {
                 self.closes[i].load(Relaxed)
             );
         }
-        out.push_str("# TYPE tickgate_publish_to_dispatch_seconds histogram\n");
-        let mut cum = 0;
-        for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
-            cum += self.latency_buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "tickgate_publish_to_dispatch_seconds_bucket{{le=\"{}\"}} {cum}",
-                *b as f64 / 1e6
-            );
+        self.publish_to_dispatch.render(
+            "tickgate_publish_to_dispatch_seconds",
+            "Time from the hub accepting a tick to its dispatch to a shard's subscriber queues (sampled).",
+            out,
+        );
+        self.publish_to_write.render(
+            "tickgate_publish_to_write_seconds",
+            "Time from the hub accepting a tick to the completed socket write carrying it (sampled).",
+            out,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_histogram_renders_cumulative_buckets_in_seconds() {
+        let h = LatencyHistogram::default();
+        for us in [5, 10, 30, 2_000, 1_000_000] {
+            h.observe_us(us);
         }
-        cum += self.latency_buckets[LATENCY_BUCKETS_US.len()].load(Relaxed);
-        let _ = writeln!(
-            out,
-            "tickgate_publish_to_dispatch_seconds_bucket{{le=\"+Inf\"}} {cum}"
-        );
-        let _ = writeln!(
-            out,
-            "tickgate_publish_to_dispatch_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "tickgate_publish_to_dispatch_seconds_count {}",
-            self.latency_count.load(Relaxed)
-        );
+        let mut out = String::new();
+        h.render("x_seconds", "help", &mut out);
+        for line in [
+            "# TYPE x_seconds histogram",
+            "x_seconds_bucket{le=\"0.00001\"} 2",
+            "x_seconds_bucket{le=\"0.00005\"} 3",
+            "x_seconds_bucket{le=\"0.0025\"} 4",
+            "x_seconds_bucket{le=\"0.25\"} 4",
+            "x_seconds_bucket{le=\"+Inf\"} 5",
+            "x_seconds_sum 1.002045",
+            "x_seconds_count 5",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
+        }
+        assert_eq!(h.count(), 5);
+    }
+
+    #[test]
+    fn mono_ns_never_goes_back() {
+        let a = mono_ns();
+        let b = mono_ns();
+        assert!(b >= a);
     }
 }

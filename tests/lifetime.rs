@@ -187,6 +187,7 @@ fn metrics_endpoint_speaks_prometheus() {
         "tickgate_ticks_in_total",
         "tickgate_closes_total{code=\"4001\"}",
         "tickgate_publish_to_dispatch_seconds_bucket",
+        "tickgate_publish_to_write_seconds_bucket",
         "tickgate_security_events_total",
     ] {
         assert!(r.contains(m), "{m} missing:\n{r}");

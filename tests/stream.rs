@@ -227,6 +227,11 @@ async fn fanout_across_shards_in_seq_order() {
             assert_eq!(v, (1..=N).collect::<Vec<_>>());
         }
     }
+    // The latency histograms saw these ticks (stamped by the server, not by the
+    // publisher's `ts`, which here is a made-up 2024 clock).
+    let m = &srv.handle.shared.metrics;
+    assert!(m.publish_to_dispatch.count() > 0);
+    assert!(m.publish_to_write.count() > 0);
 }
 
 #[tokio::test]

@@ -146,6 +146,7 @@ impl Hub {
     pub fn publish(&self, batch: &[(SymbolId, Tick)]) -> usize {
         let mut wake_mask = 0u64;
         let mut count = 0;
+        let accepted_ns = crate::metrics::mono_ns();
         for (id, tick) in batch {
             let (Some(state), Some(name)) = (self.state(*id), self.symbols.name(*id)) else {
                 continue;
@@ -160,6 +161,7 @@ impl Hub {
                 frame,
                 tick: *tick,
                 name,
+                accepted_ns,
             });
             let mask = st.shard_mask;
             let mut m = mask;

@@ -50,6 +50,9 @@ pub struct SharedTick {
     pub frame: Bytes,
     pub tick: Tick,
     pub name: Arc<str>,
+    /// When the hub accepted the tick ([`crate::metrics::mono_ns`]); the latency
+    /// histograms start here.
+    pub accepted_ns: u64,
 }
 
 impl SharedTick {
@@ -63,6 +66,7 @@ impl SharedTick {
             frame: Bytes::from(frame),
             tick,
             name,
+            accepted_ns: crate::metrics::mono_ns(),
         }
     }
 }
@@ -240,23 +244,33 @@ impl OutboundQueue {
     /// would be exceeded; returns the bytes appended. A first frame larger than `max` is
     /// still moved, so a small `max` cannot stall the queue.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, max: usize) -> usize {
+        self.drain_stamped(out, max).0
+    }
+
+    /// [`Self::drain_into`], also returning the oldest `accepted_ns` among the ticks moved
+    /// (`u64::MAX` when no tick was moved), for the publish-to-write histogram.
+    pub fn drain_stamped(&mut self, out: &mut Vec<u8>, max: usize) -> (usize, u64) {
         let start = out.len();
+        let mut oldest = u64::MAX;
         while let Some(e) = self.fifo.front() {
             let len = e.len();
             let moved = out.len() - start;
             if moved > 0 && moved.saturating_add(len) > max {
-                return moved;
+                return (moved, oldest);
             }
             match self.fifo.pop_front() {
                 Some(Entry::Control(b)) => out.extend_from_slice(&b),
-                Some(Entry::Tick(t)) => out.extend_from_slice(&t.frame),
+                Some(Entry::Tick(t)) => {
+                    oldest = oldest.min(t.accepted_ns);
+                    out.extend_from_slice(&t.frame);
+                }
                 None => break,
             }
             self.queued_bytes -= len;
         }
         let Some(c) = self.conflated.as_deref_mut() else {
             self.conflating = false;
-            return out.len() - start;
+            return (out.len() - start, oldest);
         };
         while let Some(sym) = c.order.front().copied() {
             let Some(slot) = c.slots.get(&sym) else {
@@ -267,11 +281,12 @@ impl OutboundQueue {
             // Re-encoding adds `,"skipped":N` (at most 31 bytes): estimate conservatively.
             let len = slot.tick.frame.len() + if slot.skipped > 0 { 32 } else { 0 };
             if moved > 0 && moved.saturating_add(len) > max {
-                return moved;
+                return (moved, oldest);
             }
             c.order.pop_front();
             if let Some(slot) = c.slots.remove(&sym) {
                 let t = &slot.tick;
+                oldest = oldest.min(t.accepted_ns);
                 if slot.skipped == 0 {
                     out.extend_from_slice(&t.frame);
                 } else {
@@ -282,7 +297,7 @@ impl OutboundQueue {
         }
         // Map fully drained (FIFO was drained first): per-symbol order is safe again.
         self.conflating = false;
-        out.len() - start
+        (out.len() - start, oldest)
     }
 
     /// Bytes of frames waiting (FIFO plus conflated ticks, as originally encoded).
@@ -501,6 +516,38 @@ mod tests {
         assert!(!q.is_conflating() && q.is_empty() && q.queued_bytes() == 0);
         // Back to FIFO.
         assert_eq!(q.push_tick(&shared(0, 11)), Pushed::Queued);
+    }
+
+    #[test]
+    fn drain_stamped_reports_the_oldest_tick_moved() {
+        let stamped = |sym: u32, seq: u64, at: u64| {
+            let mut t = (*shared(sym, seq)).clone();
+            t.accepted_ns = at;
+            Arc::new(t)
+        };
+        let flen = shared(0, 1).frame.len();
+        let mut q = OutboundQueue::new(flen * 2);
+        let mut out = Vec::new();
+        q.push_control(control(1));
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, u64::MAX);
+        // FIFO ticks: the oldest stamp, whatever the order they were queued in.
+        q.push_tick(&stamped(0, 1, 500));
+        q.push_tick(&stamped(1, 1, 300));
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, 300);
+        // A partial drain reports only what it moved.
+        q.push_tick(&stamped(0, 2, 900));
+        q.push_tick(&stamped(1, 2, 700));
+        assert_eq!(q.drain_stamped(&mut out, flen).1, 900);
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, 700);
+        // Conflated ticks count too (the slot keeps the newest tick, hence its stamp).
+        q.push_tick(&stamped(0, 3, 10));
+        q.push_tick(&stamped(0, 4, 20));
+        q.push_tick(&stamped(0, 5, 30));
+        q.push_tick(&stamped(0, 6, 40));
+        assert!(q.is_conflating());
+        let (moved, oldest) = q.drain_stamped(&mut out, usize::MAX);
+        assert!(moved > 0 && q.is_empty());
+        assert_eq!(oldest, 10);
     }
 
     #[test]

@@ -599,6 +599,7 @@ pub(crate) async fn writer(
         // connection never regrows one, an idle one holds none.
         let mut buf;
         let mut sealed = Vec::new();
+        let oldest_tick;
         let closing_done;
         let encrypted;
         {
@@ -614,7 +615,7 @@ pub(crate) async fn writer(
             }
             buf = ctx.take_buffer();
             buf.reserve(s.outbound.queued_bytes().min(MAX_WRITE));
-            s.outbound.drain_into(&mut buf, MAX_WRITE);
+            oldest_tick = s.outbound.drain_stamped(&mut buf, MAX_WRITE).1;
             s.note_drained();
             closing_done = s.is_closing() && s.outbound.is_empty();
             encrypted = match c.tls.as_deref_mut() {
@@ -643,6 +644,9 @@ pub(crate) async fn writer(
         } else {
             let (res, b) = handle.stream().write_all(out).await;
             failed = res.is_err();
+            if !failed {
+                ctx.note_tick_write(oldest_tick);
+            }
             b
         };
         ctx.put_buffer(out);

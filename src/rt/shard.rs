@@ -145,6 +145,8 @@ pub struct ShardCtx {
     pub uring: bool,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
+    /// Completed writes carrying ticks, for sampling the publish-to-write histogram.
+    tick_writes: Cell<u32>,
 }
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
@@ -173,7 +175,23 @@ impl ShardCtx {
             write_pool: RefCell::new(Vec::new()),
             verify_pool,
             uring: crate::rt::Driver::detect() == crate::rt::Driver::IoUring,
+            tick_writes: Cell::new(0),
         })
+    }
+
+    /// A socket write completed; `oldest_ns` is the oldest `accepted_ns` of the ticks it
+    /// carried (`u64::MAX`: none). One such write in 16 goes into the publish-to-write
+    /// histogram (shared atomics: sampling keeps cores off each other's cache lines).
+    pub fn note_tick_write(&self, oldest_ns: u64) {
+        if oldest_ns == u64::MAX {
+            return;
+        }
+        let n = self.tick_writes.get().wrapping_add(1);
+        self.tick_writes.set(n);
+        if n % 16 == 0 {
+            let us = crate::metrics::mono_ns().saturating_sub(oldest_ns) / 1000;
+            self.shared.metrics.publish_to_write.observe_us(us);
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -618,12 +636,12 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         let now = ctx.now_ms();
         let mut n = 0;
         let mut delivered = 0u64;
-        let now_ns = now.saturating_mul(1_000_000);
         while n < DISPATCH_BUDGET {
             let Some(t) = inbox.ticks.pop() else { break };
             delivered += ctx.dispatch(&t, now) as u64;
-            if n % 64 == 0 && t.tick.ts > 0 && now_ns >= t.tick.ts {
-                ctx.shared.metrics.observe_latency_us((now_ns - t.tick.ts) / 1000);
+            if n % 64 == 0 {
+                let us = crate::metrics::mono_ns().saturating_sub(t.accepted_ns) / 1000;
+                ctx.shared.metrics.publish_to_dispatch.observe_us(us);
             }
             n += 1;
         }
