@@ -307,7 +307,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         for h in &sh.hists {
             h.lock().unwrap().reset();
         }
-        let before = snapshot(&sh.c);
+        let before = CounterSnapshot::take(&sh.c);
         sh.c.window_rx.store(0, Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let publ = if a.simulator {
@@ -368,7 +368,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         };
         tokio::time::sleep(Duration::from_secs_f64(a.drain)).await;
         let cpu_b = common::cpu_time();
-        let after = snapshot(&sh.c);
+        let after = CounterSnapshot::take(&sh.c);
         let mut h = histogram();
         for x in &sh.hists {
             h.add(&*x.lock().unwrap()).ok();
@@ -411,22 +411,22 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             r.add("pub_errors", p.errors);
             r.add("pub_max_lag_us", us(sh.pub_max_lag_ns.load(Relaxed)));
             r.add("pub_sched", *sched.get().unwrap_or(&"normal"));
-            if expected > 0 && received >= expected && p.errors == 0 && after[4] == before[4] {
+            if expected > 0 && received >= expected && p.errors == 0 && after.closed == before.closed {
                 best_zero_drop = Some(best_zero_drop.map_or(rate, |b: u64| b.max(rate)));
             }
         } else {
             r.add("received", received);
         }
-        let d = |i: usize| after[i] - before[i];
-        r.add("seq_gaps", d(0));
-        r.add("seq_backwards", d(1));
-        r.add("skipped_msgs", d(2));
-        r.add("errors", d(3));
-        r.add("closed_conns", after[4]);
+        let d = after.since(&before);
+        r.add("seq_gaps", d.seq_gaps);
+        r.add("seq_backwards", d.seq_backwards);
+        r.add("skipped_msgs", d.skipped_msgs);
+        r.add("errors", d.errors);
+        r.add("closed_conns", after.closed);
         if reauth {
-            r.add("reauth_required", d(5));
-            r.add("reauthed", d(6));
-            r.add("reauth_failed", d(7));
+            r.add("reauth_required", d.reauth_req);
+            r.add("reauthed", d.reauth_ok);
+            r.add("reauth_failed", d.reauth_fail);
             r.add("token_ttl_s", ttl);
         }
         r.add("connect_s", (connect_secs * 1000.0).round() / 1000.0);
@@ -482,17 +482,46 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     exit
 }
 
-fn snapshot(c: &Counters) -> [u64; 8] {
-    [
-        c.seq_gaps.load(Relaxed),
-        c.seq_backwards.load(Relaxed),
-        c.skipped_msgs.load(Relaxed),
-        c.errors.load(Relaxed),
-        c.closed.load(Relaxed),
-        c.reauth_req.load(Relaxed),
-        c.reauth_ok.load(Relaxed),
-        c.reauth_fail.load(Relaxed),
-    ]
+/// The window-relevant counters at one instant; two of them bracket a step.
+#[derive(Clone, Copy, Default)]
+struct CounterSnapshot {
+    seq_gaps: u64,
+    seq_backwards: u64,
+    skipped_msgs: u64,
+    errors: u64,
+    closed: u64,
+    reauth_req: u64,
+    reauth_ok: u64,
+    reauth_fail: u64,
+}
+
+impl CounterSnapshot {
+    fn take(c: &Counters) -> Self {
+        Self {
+            seq_gaps: c.seq_gaps.load(Relaxed),
+            seq_backwards: c.seq_backwards.load(Relaxed),
+            skipped_msgs: c.skipped_msgs.load(Relaxed),
+            errors: c.errors.load(Relaxed),
+            closed: c.closed.load(Relaxed),
+            reauth_req: c.reauth_req.load(Relaxed),
+            reauth_ok: c.reauth_ok.load(Relaxed),
+            reauth_fail: c.reauth_fail.load(Relaxed),
+        }
+    }
+
+    /// Field-wise `self - earlier`, saturating at zero.
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            seq_gaps: self.seq_gaps.saturating_sub(earlier.seq_gaps),
+            seq_backwards: self.seq_backwards.saturating_sub(earlier.seq_backwards),
+            skipped_msgs: self.skipped_msgs.saturating_sub(earlier.skipped_msgs),
+            errors: self.errors.saturating_sub(earlier.errors),
+            closed: self.closed.saturating_sub(earlier.closed),
+            reauth_req: self.reauth_req.saturating_sub(earlier.reauth_req),
+            reauth_ok: self.reauth_ok.saturating_sub(earlier.reauth_ok),
+            reauth_fail: self.reauth_fail.saturating_sub(earlier.reauth_fail),
+        }
+    }
 }
 
 /// Per-connection state of a lean subscriber.
@@ -860,5 +889,31 @@ fn ctx_server_name(ctx: &Ctx) -> String {
         Some((_, rustls::pki_types::ServerName::DnsName(n))) => n.as_ref().to_string(),
         Some((_, rustls::pki_types::ServerName::IpAddress(ip))) => std::net::IpAddr::from(*ip).to_string(),
         _ => "localhost".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_difference_is_field_wise_and_saturating() {
+        let before = CounterSnapshot {
+            seq_gaps: 1,
+            closed: 5,
+            reauth_fail: 9,
+            ..Default::default()
+        };
+        let after = CounterSnapshot {
+            seq_gaps: 4,
+            closed: 5,
+            reauth_ok: 2,
+            ..Default::default()
+        };
+        let d = after.since(&before);
+        assert_eq!(d.seq_gaps, 3);
+        assert_eq!(d.closed, 0);
+        assert_eq!(d.reauth_ok, 2);
+        assert_eq!(d.reauth_fail, 0);
     }
 }
