@@ -133,18 +133,13 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
     let log = |outcome: &'static str, reason: &'static str, sub: Option<&str>, status: u16| {
         shared.sec_counters.inc("revoke", outcome, reason);
         let hash = token.map(token_hash);
-        shared.seclog.write(&SecurityEvent {
-            ts_unix_ms: now,
-            event: "revoke",
-            outcome,
-            reason,
-            ip: peer.map(|p| p.ip()),
-            origin: None,
-            sub,
-            sid: None,
-            status: Some(status),
-            token_hash: hash.as_deref(),
-        });
+        shared.seclog.write(
+            &SecurityEvent::new(now, "revoke", outcome, reason)
+                .with_ip(peer.map(|p| p.ip()))
+                .with_sub(sub)
+                .with_status(status)
+                .with_token_hash(hash.as_deref()),
+        );
     };
     let unauthorized = || {
         Response::text(401, "unauthorized\n")

@@ -283,18 +283,11 @@ fn attempt_once(peer: &str, req: &[u8]) -> (Option<SocketAddr>, Outcome) {
 
 fn log(shared: &Shared, peer: &str, addr: Option<SocketAddr>, outcome: &'static str, reason: &'static str) {
     shared.sec_counters.inc("revoke_relay", outcome, reason);
-    shared.seclog.write(&SecurityEvent {
-        ts_unix_ms: shared.now_ms(),
-        event: "revoke_relay",
-        outcome,
-        reason,
-        ip: addr.map(|a| a.ip()),
-        origin: None,
-        sub: Some(peer),
-        sid: None,
-        status: None,
-        token_hash: None,
-    });
+    shared.seclog.write(
+        &SecurityEvent::new(shared.now_ms(), "revoke_relay", outcome, reason)
+            .with_ip(addr.map(|a| a.ip()))
+            .with_sub(peer),
+    );
 }
 
 #[cfg(test)]

@@ -56,18 +56,15 @@ impl Audit<'_> {
     ) {
         self.shared.sec_counters.inc(self.event, outcome, reason);
         let hash = token.map(token_hash);
-        self.shared.seclog.write(&SecurityEvent {
-            ts_unix_ms: self.now_ms,
-            event: self.event,
-            outcome,
-            reason,
-            ip: Some(self.ip),
-            origin: self.origin,
-            sub: claims.map(|c| c.sub.as_str()),
-            sid: claims.and_then(|c| c.sid.as_deref()),
-            status: Some(status),
-            token_hash: hash.as_deref(),
-        });
+        self.shared.seclog.write(
+            &SecurityEvent::new(self.now_ms, self.event, outcome, reason)
+                .with_ip(self.ip)
+                .with_origin(self.origin)
+                .with_sub(claims.map(|c| c.sub.as_str()))
+                .with_sid(claims.and_then(|c| c.sid.as_deref()))
+                .with_status(status)
+                .with_token_hash(hash.as_deref()),
+        );
     }
 
     fn reject(
@@ -124,18 +121,9 @@ pub fn pre_tls_rate(shared: &Shared, peer: IpAddr, now_ms: u64) -> PeerRate {
         RateDecision::Allow => PeerRate::Charged,
         RateDecision::Deny { .. } => {
             shared.sec_counters.inc("handshake", "rejected", "rate_limited");
-            shared.seclog.write(&SecurityEvent {
-                ts_unix_ms: now_ms,
-                event: "handshake",
-                outcome: "rejected",
-                reason: "rate_limited",
-                ip: Some(peer),
-                origin: None,
-                sub: None,
-                sid: None,
-                status: None,
-                token_hash: None,
-            });
+            shared
+                .seclog
+                .write(&SecurityEvent::new(now_ms, "handshake", "rejected", "rate_limited").with_ip(peer));
             PeerRate::Refused
         }
     }

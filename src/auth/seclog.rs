@@ -113,7 +113,62 @@ struct Line<'a> {
     token_hash: Option<&'a str>,
 }
 
-impl SecurityEvent<'_> {
+impl<'a> SecurityEvent<'a> {
+    /// An event with every optional field unknown: `ip`, `origin`, `sub` and `sid` are
+    /// written as `null`, `status` and `token_hash` are left out. Chain the setters below
+    /// for what the caller knows.
+    pub fn new(ts_unix_ms: u64, event: &'a str, outcome: &'a str, reason: &'a str) -> Self {
+        SecurityEvent {
+            ts_unix_ms,
+            event,
+            outcome,
+            reason,
+            ip: None,
+            origin: None,
+            sub: None,
+            sid: None,
+            status: None,
+            token_hash: None,
+        }
+    }
+
+    #[must_use]
+    pub fn with_ip(mut self, ip: impl Into<Option<IpAddr>>) -> Self {
+        self.ip = ip.into();
+        self
+    }
+
+    #[must_use]
+    pub fn with_origin(mut self, origin: impl Into<Option<&'a str>>) -> Self {
+        self.origin = origin.into();
+        self
+    }
+
+    #[must_use]
+    pub fn with_sub(mut self, sub: impl Into<Option<&'a str>>) -> Self {
+        self.sub = sub.into();
+        self
+    }
+
+    #[must_use]
+    pub fn with_sid(mut self, sid: impl Into<Option<&'a str>>) -> Self {
+        self.sid = sid.into();
+        self
+    }
+
+    #[must_use]
+    pub fn with_status(mut self, status: impl Into<Option<u16>>) -> Self {
+        self.status = status.into();
+        self
+    }
+
+    /// Only ever the output of [`token_hash`](fn@token_hash).
+    #[must_use]
+    pub fn with_token_hash(mut self, hash: impl Into<Option<&'a str>>) -> Self {
+        self.token_hash = hash.into();
+        self
+    }
+
     /// The event as one JSON line, ending with `\n`.
     pub fn to_json_line(&self) -> String {
         let line = Line {
@@ -514,6 +569,54 @@ mod tests {
             let w = std::str::from_utf8(w).unwrap();
             assert!(!line.contains(w), "{w} leaked");
         }
+    }
+
+    #[test]
+    fn constructor_writes_the_same_line_as_a_literal() {
+        let built = SecurityEvent::new(
+            1_732_345_678_123,
+            event::HANDSHAKE,
+            outcome::REJECTED,
+            reason::EXPIRED,
+        )
+        .with_ip("203.0.113.9".parse::<IpAddr>().unwrap())
+        .with_origin("https://app.example.com")
+        .with_sub("alice")
+        .with_status(401);
+        assert_eq!(built.to_json_line(), base().to_json_line());
+
+        // Unset optionals are null (ip, origin, sub, sid) or absent (status, token_hash),
+        // exactly as in a literal with every one of them None.
+        let bare = SecurityEvent::new(7, event::REVOKE, outcome::ACCEPTED, reason::OK);
+        let literal = SecurityEvent {
+            ts_unix_ms: 7,
+            event: event::REVOKE,
+            outcome: outcome::ACCEPTED,
+            reason: reason::OK,
+            ip: None,
+            origin: None,
+            sub: None,
+            sid: None,
+            status: None,
+            token_hash: None,
+        };
+        assert_eq!(bare.to_json_line(), literal.to_json_line());
+        assert_eq!(
+            bare.to_json_line(),
+            "{\"ts\":\"1970-01-01T00:00:00.007Z\",\"event\":\"revoke\",\"outcome\":\"accepted\",\
+             \"reason\":\"ok\",\"ip\":null,\"origin\":null,\"sub\":null,\"sid\":null}\n"
+        );
+
+        // Setters take Options too, and a later None clears an earlier value.
+        let h = token_hash("t");
+        let e = base()
+            .with_sid(Some("s-1"))
+            .with_token_hash(h.as_str())
+            .with_origin(None::<&str>);
+        let v = parse(&e.to_json_line());
+        assert_eq!(v["sid"], "s-1");
+        assert_eq!(v["token_hash"], h.as_str());
+        assert!(v["origin"].is_null());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use slab::Slab;
 
+use crate::auth::seclog::SecurityEvent;
 use crate::feed::hub::{Control, encode_for_subscriber};
 use crate::feed::outbound::SharedTick;
 use crate::feed::symbol::SymbolId;
@@ -380,18 +381,11 @@ impl ShardCtx {
                     if let Some(s) = &c.session {
                         let cl = s.claims();
                         self.shared.sec_counters.inc(event, outcome, reason);
-                        self.shared.seclog.write(&crate::auth::seclog::SecurityEvent {
-                            ts_unix_ms: now,
-                            event,
-                            outcome,
-                            reason,
-                            ip: None,
-                            origin: None,
-                            sub: Some(&cl.sub),
-                            sid: cl.sid.as_deref(),
-                            status: None,
-                            token_hash: None,
-                        });
+                        self.shared.seclog.write(
+                            &SecurityEvent::new(now, event, outcome, reason)
+                                .with_sub(&*cl.sub)
+                                .with_sid(cl.sid.as_deref()),
+                        );
                     }
                 }
             }
