@@ -453,13 +453,14 @@ fn decrypt_and_process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, cipher: &[u8]
 fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
     let mut c = conn.borrow_mut();
     let now = ctx.now_ms();
-    let mut actions = Vec::new();
+    let mut actions = ctx.take_actions();
     let mut partial = c.rx_partial.take().map(|b| *b).unwrap_or_default();
     let mut peer_closed = false;
     let conn_generation = c.generation;
     {
         let c = &mut *c;
         let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
+            ctx.put_actions(actions);
             return;
         };
         session.note_rx(now);
@@ -513,6 +514,7 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
     c.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
     c.peer_closed |= peer_closed;
     ctx.apply(idx, &mut c, &mut actions);
+    ctx.put_actions(actions);
 }
 
 /// The writer's handle on the socket. Parked in the `Conn` between writer runs.

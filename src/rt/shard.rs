@@ -213,6 +213,19 @@ impl ShardCtx {
         }
     }
 
+    /// The shard's action buffer (empty, possibly with capacity). It is taken, not
+    /// borrowed, so a nested user finds no borrow to trip over, only a fresh buffer. Take,
+    /// run the session, `apply`, then hand it back with [`Self::put_actions`].
+    pub fn take_actions(&self) -> Vec<Action> {
+        std::mem::take(&mut *self.actions.borrow_mut())
+    }
+
+    /// Return the buffer from [`Self::take_actions`] (already drained by `apply`).
+    pub fn put_actions(&self, mut actions: Vec<Action>) {
+        actions.clear();
+        *self.actions.borrow_mut() = actions;
+    }
+
     /// A write buffer from the shard's pool (empty, possibly with capacity).
     pub fn take_buffer(&self) -> Vec<u8> {
         self.write_pool.borrow_mut().pop().unwrap_or_default()
@@ -498,7 +511,7 @@ impl ShardCtx {
                     self.kick(idx, &mut c);
                 }
                 RtTimer::Session(tk) => {
-                    let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
+                    let mut actions = self.take_actions();
                     let rearm = match c.session.as_mut() {
                         Some(s) => s.handle_timer(tk, now, &mut actions),
                         None => None,
@@ -507,7 +520,7 @@ impl ShardCtx {
                         c.deadlines.set(slot, at);
                     }
                     self.apply(idx, &mut c, &mut actions);
-                    *self.actions.borrow_mut() = actions;
+                    self.put_actions(actions);
                 }
             }
         }
@@ -558,7 +571,7 @@ impl ShardCtx {
                 if c.generation != generation {
                     return;
                 }
-                let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
+                let mut actions = self.take_actions();
                 if let Some(s) = c.session.as_mut() {
                     s.finish_reauth(
                         id,
@@ -569,7 +582,7 @@ impl ShardCtx {
                     );
                 }
                 self.apply(idx, &mut c, &mut actions);
-                *self.actions.borrow_mut() = actions;
+                self.put_actions(actions);
             }
         }
     }
