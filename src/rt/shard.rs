@@ -189,7 +189,7 @@ impl ShardCtx {
         }
         let n = self.tick_writes.get().wrapping_add(1);
         self.tick_writes.set(n);
-        if n % 16 == 0 {
+        if n.is_multiple_of(16) {
             let us = crate::metrics::mono_ns().saturating_sub(oldest_ns) / 1000;
             self.shared.metrics.publish_to_write.observe_us(us);
         }
