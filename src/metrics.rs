@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds (microseconds) of the latency histograms' buckets.
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
 ];
 
 /// Nanoseconds on a monotonic clock since the first call in this process. Published ticks
@@ -75,7 +75,7 @@ pub struct Metrics {
     pub conflated: AtomicU64,
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// From the hub accepting a tick to a shard handing it to its subscribers' queues
-    /// (one tick in 64 per dispatcher pass is sampled).
+    /// (a random one tick in 64 per shard is sampled).
     pub publish_to_dispatch: LatencyHistogram,
     /// From the hub accepting a tick to the completed socket write that carried it (the
     /// oldest tick of the write; one write in 16 per shard is sampled).
@@ -163,7 +163,7 @@ impl Metrics {
         );
         self.publish_to_write.render(
             "tickgate_publish_to_write_seconds",
-            "Time from the hub accepting a tick to the completed socket write carrying it (sampled).",
+            "Time from the hub accepting a tick to the issue of the socket write carrying it (oldest tick per write, sampled).",
             out,
         );
     }
@@ -194,12 +194,5 @@ mod tests {
             assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
         }
         assert_eq!(h.count(), 5);
-    }
-
-    #[test]
-    fn mono_ns_never_goes_back() {
-        let a = mono_ns();
-        let b = mono_ns();
-        assert!(b >= a);
     }
 }

@@ -539,15 +539,17 @@ mod tests {
         q.push_tick(&stamped(1, 2, 700));
         assert_eq!(q.drain_stamped(&mut out, flen).1, 900);
         assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, 700);
-        // Conflated ticks count too (the slot keeps the newest tick, hence its stamp).
+        // Conflated ticks count too: the slot delivers the newest tick, hence its stamp.
         q.push_tick(&stamped(0, 3, 10));
         q.push_tick(&stamped(0, 4, 20));
         q.push_tick(&stamped(0, 5, 30));
         q.push_tick(&stamped(0, 6, 40));
         assert!(q.is_conflating());
+        // The FIFO part (seq 3 and 4) first, then the conflated slot (seq 6, stamp 40).
+        assert_eq!(q.drain_stamped(&mut out, flen * 2).1, 10);
         let (moved, oldest) = q.drain_stamped(&mut out, usize::MAX);
         assert!(moved > 0 && q.is_empty());
-        assert_eq!(oldest, 10);
+        assert_eq!(oldest, 40);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! and writes its handshake flights and the encrypted response with `write_all_fd`, all
 //! under the same handshake deadline as plain HTTP; after the `101` the `ServerConnection`
 //! moves into the `Conn`, the reader decrypts into the shard's `plain_buf` before the frame
-//! decoder, and the writer encrypts the coalesced buffer after `drain_into`. The fan-out is
+//! decoder, and the writer encrypts the coalesced buffer after `drain_stamped`. The fan-out is
 //! untouched: frames are still encoded once and shared; only the encryption is per
 //! connection.
 //!
@@ -644,11 +644,9 @@ pub(crate) async fn writer(
         let out = if out.is_empty() {
             out
         } else {
+            ctx.note_tick_write(oldest_tick);
             let (res, b) = handle.stream().write_all(out).await;
             failed = res.is_err();
-            if !failed {
-                ctx.note_tick_write(oldest_tick);
-            }
             b
         };
         ctx.put_buffer(out);

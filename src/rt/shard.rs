@@ -146,8 +146,8 @@ pub struct ShardCtx {
     pub uring: bool,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
-    /// Completed writes carrying ticks, for sampling the publish-to-write histogram.
-    tick_writes: Cell<u32>,
+    /// State of the sampler for the latency histograms (xorshift32, never 0).
+    sampler: Cell<u32>,
 }
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
@@ -176,23 +176,30 @@ impl ShardCtx {
             write_pool: RefCell::new(Vec::new()),
             verify_pool,
             uring: crate::rt::Driver::detect() == crate::rt::Driver::IoUring,
-            tick_writes: Cell::new(0),
+            sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
         })
     }
 
-    /// A socket write completed; `oldest_ns` is the oldest `accepted_ns` of the ticks it
-    /// carried (`u64::MAX`: none). One such write in 16 goes into the publish-to-write
-    /// histogram (shared atomics: sampling keeps cores off each other's cache lines).
+    /// A write is about to be issued; `oldest_ns` is the oldest `accepted_ns` of the
+    /// ticks it carries (`u64::MAX`: none). A random one such write in 16 goes into the
+    /// publish-to-write histogram: sampling keeps cores off the shared histogram's cache
+    /// lines, and drawing at random (not every 16th) keeps the fan-out order from always
+    /// picking the same subscribers.
     pub fn note_tick_write(&self, oldest_ns: u64) {
-        if oldest_ns == u64::MAX {
-            return;
-        }
-        let n = self.tick_writes.get().wrapping_add(1);
-        self.tick_writes.set(n);
-        if n.is_multiple_of(16) {
+        if oldest_ns != u64::MAX && self.one_in(16) {
             let us = crate::metrics::mono_ns().saturating_sub(oldest_ns) / 1000;
             self.shared.metrics.publish_to_write.observe_us(us);
         }
+    }
+
+    /// True with probability 1/`n` (`n` a power of two): xorshift32 over a per-shard state.
+    fn one_in(&self, n: u32) -> bool {
+        let mut x = self.sampler.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.sampler.set(x);
+        x & (n - 1) == 0
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -646,7 +653,7 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         while n < DISPATCH_BUDGET {
             let Some(t) = inbox.ticks.pop() else { break };
             delivered += ctx.dispatch(&t, now) as u64;
-            if n % 64 == 0 {
+            if ctx.one_in(64) {
                 let us = crate::metrics::mono_ns().saturating_sub(t.accepted_ns) / 1000;
                 ctx.shared.metrics.publish_to_dispatch.observe_us(us);
             }

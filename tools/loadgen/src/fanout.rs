@@ -112,14 +112,29 @@ fn raise_priority(want: PubPriority) -> &'static str {
             return "fifo";
         }
     }
-    if want != PubPriority::Normal {
-        // SAFETY: plain syscall on this thread (tid from gettid); no pointers.
-        let ok = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) == 0 };
-        if ok {
-            return "nice";
-        }
+    // SAFETY: setpriority takes plain integers; on Linux `who = 0` is the calling thread
+    // (the nice value is per thread there, not per process as POSIX has it).
+    if want != PubPriority::Normal && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0 {
+        return "nice";
     }
     "normal"
+}
+
+/// This thread's nice value (Linux: per thread).
+fn current_nice() -> libc::c_int {
+    // SAFETY: plain integers; `0` is this thread.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
+/// Back to SCHED_OTHER at `nice`: the publisher runs on tokio's blocking pool, whose
+/// threads are reused.
+fn restore_priority(nice: libc::c_int) {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in `raise_priority`: one valid sched_param, and `0` is this thread.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &p);
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
 }
 
 const NHIST: usize = 16;
@@ -323,12 +338,15 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             let prio = a.pub_priority;
             let sched = sched.clone();
             Some(tokio::task::spawn_blocking(move || {
+                let nice = current_nice();
                 let _ = sched.set(raise_priority(prio));
-                tokio::runtime::Builder::new_current_thread()
+                let r = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| format!("publisher runtime: {e}"))?
-                    .block_on(publisher(ctx, sh, names, rate, batch_ms, stop, step))
+                    .map_err(|e| format!("publisher runtime: {e}"))
+                    .and_then(|rt| rt.block_on(publisher(ctx, sh, names, rate, batch_ms, stop, step)));
+                restore_priority(nice);
+                r
             }))
         };
         tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
