@@ -540,6 +540,7 @@ impl ShardCtx {
                 let mut closed = 0;
                 let conns: Vec<(usize, ConnRef)> =
                     self.conns.borrow().iter().map(|(i, c)| (i, c.clone())).collect();
+                let mut actions = self.take_actions();
                 for (idx, conn) in conns {
                     let mut c = conn.borrow_mut();
                     let hit = !c.dead
@@ -551,16 +552,17 @@ impl ShardCtx {
                         && let Some(s) = c.session.as_mut()
                         && !s.is_closing()
                     {
-                        let mut actions = vec![Action::Log {
+                        actions.push(Action::Log {
                             event: "close",
                             outcome: "closed",
                             reason: "revoked",
-                        }];
+                        });
                         s.close(CloseCode::REVOKED, "revoked", &mut actions);
                         self.apply(idx, &mut c, &mut actions);
                         closed += 1;
                     }
                 }
+                self.put_actions(actions);
                 let _ = reply.send(closed);
             }
             Control::Drain => self.drain(),
@@ -602,11 +604,11 @@ impl ShardCtx {
             c.cancel();
         }
         let conns: Vec<(usize, ConnRef)> = self.conns.borrow().iter().map(|(i, c)| (i, c.clone())).collect();
+        let mut actions = self.take_actions();
         for (idx, conn) in conns {
             let mut c = conn.borrow_mut();
             match c.session.as_mut() {
                 Some(s) => {
-                    let mut actions = Vec::new();
                     s.close(CloseCode::GOING_AWAY, "server draining", &mut actions);
                     self.apply(idx, &mut c, &mut actions);
                 }
@@ -615,6 +617,7 @@ impl ShardCtx {
                 }
             }
         }
+        self.put_actions(actions);
     }
 }
 
