@@ -131,15 +131,14 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
     let log = |outcome: &'static str, reason: &'static str, sub: Option<&str>, status: u16| {
-        shared.sec_counters.inc("revoke", outcome, reason);
         let hash = token.map(token_hash);
-        shared.seclog.write(
-            &SecurityEvent::new(now, "revoke", outcome, reason)
-                .with_ip(peer.map(|p| p.ip()))
-                .with_sub(sub)
-                .with_status(status)
-                .with_token_hash(hash.as_deref()),
-        );
+        shared.audit(&SecurityEvent {
+            ip: peer.map(|p| p.ip()),
+            sub,
+            status: Some(status),
+            token_hash: hash.as_deref(),
+            ..SecurityEvent::new(now, "revoke", outcome, reason)
+        });
     };
     let unauthorized = || {
         Response::text(401, "unauthorized\n")

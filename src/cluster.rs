@@ -282,12 +282,11 @@ fn attempt_once(peer: &str, req: &[u8]) -> (Option<SocketAddr>, Outcome) {
 }
 
 fn log(shared: &Shared, peer: &str, addr: Option<SocketAddr>, outcome: &'static str, reason: &'static str) {
-    shared.sec_counters.inc("revoke_relay", outcome, reason);
-    shared.seclog.write(
-        &SecurityEvent::new(shared.now_ms(), "revoke_relay", outcome, reason)
-            .with_ip(addr.map(|a| a.ip()))
-            .with_sub(peer),
-    );
+    shared.audit(&SecurityEvent {
+        ip: addr.map(|a| a.ip()),
+        sub: Some(peer),
+        ..SecurityEvent::new(shared.now_ms(), "revoke_relay", outcome, reason)
+    });
 }
 
 #[cfg(test)]

@@ -54,17 +54,16 @@ impl Audit<'_> {
         status: u16,
         token: Option<&str>,
     ) {
-        self.shared.sec_counters.inc(self.event, outcome, reason);
         let hash = token.map(token_hash);
-        self.shared.seclog.write(
-            &SecurityEvent::new(self.now_ms, self.event, outcome, reason)
-                .with_ip(self.ip)
-                .with_origin(self.origin)
-                .with_sub(claims.map(|c| c.sub.as_str()))
-                .with_sid(claims.and_then(|c| c.sid.as_deref()))
-                .with_status(status)
-                .with_token_hash(hash.as_deref()),
-        );
+        self.shared.audit(&SecurityEvent {
+            ip: Some(self.ip),
+            origin: self.origin,
+            sub: claims.map(|c| c.sub.as_str()),
+            sid: claims.and_then(|c| c.sid.as_deref()),
+            status: Some(status),
+            token_hash: hash.as_deref(),
+            ..SecurityEvent::new(self.now_ms, self.event, outcome, reason)
+        });
     }
 
     fn reject(
@@ -120,10 +119,10 @@ pub fn pre_tls_rate(shared: &Shared, peer: IpAddr, now_ms: u64) -> PeerRate {
     match shared.rate.check(peer, now_ms) {
         RateDecision::Allow => PeerRate::Charged,
         RateDecision::Deny { .. } => {
-            shared.sec_counters.inc("handshake", "rejected", "rate_limited");
-            shared
-                .seclog
-                .write(&SecurityEvent::new(now_ms, "handshake", "rejected", "rate_limited").with_ip(peer));
+            shared.audit(&SecurityEvent {
+                ip: Some(peer),
+                ..SecurityEvent::new(now_ms, "handshake", "rejected", "rate_limited")
+            });
             PeerRate::Refused
         }
     }

@@ -123,6 +123,12 @@ impl Shared {
         }
     }
 
+    /// Counts a security event (`tickgate_security_events_total`) and writes its log line.
+    pub fn audit(&self, e: &crate::auth::seclog::SecurityEvent<'_>) {
+        self.sec_counters.inc(e.event, e.outcome, e.reason);
+        self.seclog.write(e);
+    }
+
     /// Milliseconds since the Unix epoch, read from a monotonic clock: a wall-clock step
     /// never makes a deadline fire early or twice.
     pub fn now_ms(&self) -> u64 {

@@ -82,10 +82,10 @@ pub mod reason {
 pub struct SecurityEvent<'a> {
     pub ts_unix_ms: u64,
     /// `handshake`, `ticket`, `reauth`, `revoke` or `close` (see [`event`]).
-    pub event: &'a str,
+    pub event: &'static str,
     /// `accepted`, `rejected`, ... (see [`outcome`]).
-    pub outcome: &'a str,
-    pub reason: &'a str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
     pub ip: Option<IpAddr>,
     /// The raw `Origin` header: attacker-controlled.
     pub origin: Option<&'a str>,
@@ -113,11 +113,11 @@ struct Line<'a> {
     token_hash: Option<&'a str>,
 }
 
-impl<'a> SecurityEvent<'a> {
+impl SecurityEvent<'_> {
     /// An event with every optional field unknown: `ip`, `origin`, `sub` and `sid` are
-    /// written as `null`, `status` and `token_hash` are left out. Chain the setters below
-    /// for what the caller knows.
-    pub fn new(ts_unix_ms: u64, event: &'a str, outcome: &'a str, reason: &'a str) -> Self {
+    /// written as `null`, `status` and `token_hash` are left out. Set what the caller knows
+    /// with struct update syntax: `SecurityEvent { sub: Some(..), ..SecurityEvent::new(..) }`.
+    pub fn new(ts_unix_ms: u64, event: &'static str, outcome: &'static str, reason: &'static str) -> Self {
         SecurityEvent {
             ts_unix_ms,
             event,
@@ -130,43 +130,6 @@ impl<'a> SecurityEvent<'a> {
             status: None,
             token_hash: None,
         }
-    }
-
-    #[must_use]
-    pub fn with_ip(mut self, ip: impl Into<Option<IpAddr>>) -> Self {
-        self.ip = ip.into();
-        self
-    }
-
-    #[must_use]
-    pub fn with_origin(mut self, origin: impl Into<Option<&'a str>>) -> Self {
-        self.origin = origin.into();
-        self
-    }
-
-    #[must_use]
-    pub fn with_sub(mut self, sub: impl Into<Option<&'a str>>) -> Self {
-        self.sub = sub.into();
-        self
-    }
-
-    #[must_use]
-    pub fn with_sid(mut self, sid: impl Into<Option<&'a str>>) -> Self {
-        self.sid = sid.into();
-        self
-    }
-
-    #[must_use]
-    pub fn with_status(mut self, status: impl Into<Option<u16>>) -> Self {
-        self.status = status.into();
-        self
-    }
-
-    /// Only ever the output of [`token_hash`](fn@token_hash).
-    #[must_use]
-    pub fn with_token_hash(mut self, hash: impl Into<Option<&'a str>>) -> Self {
-        self.token_hash = hash.into();
-        self
     }
 
     /// The event as one JSON line, ending with `\n`.
@@ -573,16 +536,18 @@ mod tests {
 
     #[test]
     fn constructor_writes_the_same_line_as_a_literal() {
-        let built = SecurityEvent::new(
-            1_732_345_678_123,
-            event::HANDSHAKE,
-            outcome::REJECTED,
-            reason::EXPIRED,
-        )
-        .with_ip("203.0.113.9".parse::<IpAddr>().unwrap())
-        .with_origin("https://app.example.com")
-        .with_sub("alice")
-        .with_status(401);
+        let built = SecurityEvent {
+            ip: Some("203.0.113.9".parse::<IpAddr>().unwrap()),
+            origin: Some("https://app.example.com"),
+            sub: Some("alice"),
+            status: Some(401),
+            ..SecurityEvent::new(
+                1_732_345_678_123,
+                event::HANDSHAKE,
+                outcome::REJECTED,
+                reason::EXPIRED,
+            )
+        };
         assert_eq!(built.to_json_line(), base().to_json_line());
 
         // Unset optionals are null (ip, origin, sub, sid) or absent (status, token_hash),
@@ -607,12 +572,14 @@ mod tests {
              \"reason\":\"ok\",\"ip\":null,\"origin\":null,\"sub\":null,\"sid\":null}\n"
         );
 
-        // Setters take Options too, and a later None clears an earlier value.
+        // Struct update over a full event: set fields win, a None clears an earlier value.
         let h = token_hash("t");
-        let e = base()
-            .with_sid(Some("s-1"))
-            .with_token_hash(h.as_str())
-            .with_origin(None::<&str>);
+        let e = SecurityEvent {
+            sid: Some("s-1"),
+            token_hash: Some(h.as_str()),
+            origin: None,
+            ..base()
+        };
         let v = parse(&e.to_json_line());
         assert_eq!(v["sid"], "s-1");
         assert_eq!(v["token_hash"], h.as_str());

@@ -111,6 +111,13 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// Sets the calling thread's nice value; false when not permitted. On Linux the nice value
+/// is per thread (`who = 0` is the calling thread), not per process as POSIX has it.
+pub fn set_thread_nice(nice: i32) -> bool {
+    // SAFETY: setpriority takes plain integers and touches no memory.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
+
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -400,12 +400,11 @@ impl ShardCtx {
                 } => {
                     if let Some(s) = &c.session {
                         let cl = s.claims();
-                        self.shared.sec_counters.inc(event, outcome, reason);
-                        self.shared.seclog.write(
-                            &SecurityEvent::new(now, event, outcome, reason)
-                                .with_sub(&*cl.sub)
-                                .with_sid(cl.sid.as_deref()),
-                        );
+                        self.shared.audit(&SecurityEvent {
+                            sub: Some(&cl.sub),
+                            sid: cl.sid.as_deref(),
+                            ..SecurityEvent::new(now, event, outcome, reason)
+                        });
                     }
                 }
             }

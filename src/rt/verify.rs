@@ -47,7 +47,8 @@ impl VerifyPool {
             std::thread::Builder::new()
                 .name(format!("tickgate-verify-{i}"))
                 .spawn(move || {
-                    lower_priority();
+                    // Failure only costs the priority difference.
+                    let _ = crate::rt::set_thread_nice(10);
                     for job in rx.iter() {
                         let result = shared.verify_token(&job.token, job.now_ms);
                         let inbox = shared.hub.inbox(job.shard);
@@ -62,15 +63,6 @@ impl VerifyPool {
                 })?;
         }
         Ok(VerifyPool { tx })
-    }
-}
-
-/// Nice +10 for the calling thread (Linux: the nice value is per thread). Failure only
-/// costs the priority difference, so it is ignored.
-fn lower_priority() {
-    // SAFETY: setpriority takes plain integers; `who = 0` is the calling thread on Linux.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 

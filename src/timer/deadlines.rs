@@ -171,6 +171,11 @@ mod tests {
     }
 
     /// Arms `slot` at `at` and restores the invariant, as the shard's `arm` does.
+    /// An empty wheel at 0 and an empty set of four deadlines.
+    fn fresh() -> (TimerWheel<()>, DeadlineSet<4>) {
+        (TimerWheel::new(0), DeadlineSet::new())
+    }
+
     fn arm(set: &mut DeadlineSet<4>, wheel: &mut TimerWheel<()>, slot: usize, at: u64) {
         set.set(slot, at);
         set.refile(wheel, || ());
@@ -178,8 +183,7 @@ mod tests {
 
     #[test]
     fn one_wheel_entry_for_many_deadlines() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         for (slot, at) in [(0, 500), (1, 100), (2, 300), (3, 200)] {
             arm(&mut set, &mut wheel, slot, at);
         }
@@ -199,8 +203,7 @@ mod tests {
 
     #[test]
     fn due_together_fire_in_deadline_then_slot_order() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         for (slot, at) in [(3, 50), (2, 40), (0, 50), (1, 60)] {
             set.set(slot, at);
         }
@@ -214,8 +217,7 @@ mod tests {
 
     #[test]
     fn earlier_arm_moves_the_entry_and_disarm_leaves_it() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         arm(&mut set, &mut wheel, 0, 1000);
         arm(&mut set, &mut wheel, 1, 10);
         assert_eq!(set.entry().map(|e| e.1), Some(10));
@@ -233,8 +235,7 @@ mod tests {
 
     #[test]
     fn a_stale_key_is_ignored() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         arm(&mut set, &mut wheel, 0, 100);
         let (old, _) = set.entry().unwrap();
         arm(&mut set, &mut wheel, 1, 50);
@@ -244,8 +245,7 @@ mod tests {
 
     #[test]
     fn a_handler_re_arming_at_now_fires_on_the_next_advance() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         arm(&mut set, &mut wheel, 0, 5);
         let mut fired = Vec::new();
         wheel.advance(5, &mut fired);
@@ -261,8 +261,7 @@ mod tests {
 
     #[test]
     fn cancel_all_removes_the_entry() {
-        let mut wheel = TimerWheel::new(0);
-        let mut set = DeadlineSet::<4>::new();
+        let (mut wheel, mut set) = fresh();
         arm(&mut set, &mut wheel, 2, 7);
         set.cancel_all(&mut wheel);
         assert!(wheel.is_empty());
@@ -290,8 +289,7 @@ mod tests {
         /// ever in the wheel.
         #[test]
         fn matches_independent_timers(ops in proptest::collection::vec(op(), 1..200)) {
-            let mut wheel = TimerWheel::new(0);
-            let mut set = DeadlineSet::<4>::new();
+            let (mut wheel, mut set) = fresh();
             let mut model = [UNARMED; 4];
             let mut now = 0u64;
             for op in ops {

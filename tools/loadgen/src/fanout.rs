@@ -112,9 +112,7 @@ fn raise_priority(want: PubPriority) -> &'static str {
             return "fifo";
         }
     }
-    // SAFETY: setpriority takes plain integers; on Linux `who = 0` is the calling thread
-    // (the nice value is per thread there, not per process as POSIX has it).
-    if want != PubPriority::Normal && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0 {
+    if want != PubPriority::Normal && tickgate::rt::set_thread_nice(-10) {
         return "nice";
     }
     "normal"
@@ -131,10 +129,8 @@ fn current_nice() -> libc::c_int {
 fn restore_priority(nice: libc::c_int) {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: as in `raise_priority`: one valid sched_param, and `0` is this thread.
-    unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_OTHER, &p);
-        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-    }
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &p) };
+    tickgate::rt::set_thread_nice(nice);
 }
 
 const NHIST: usize = 16;
