@@ -10,6 +10,9 @@
 #   (B) the same, rate stepped up until the first step with drops: highest zero-drop rate
 #   (C) 10,000 idle authenticated connections: server RSS per connection
 #   (D) handshake storm: authenticated upgrades/s (64 concurrent workers, 8 source addresses)
+#   (F) the machine's floor for (A): `loadgen floor`, no server at all (an ideal sender
+#       thread on core 0 writing pre-built records to the same 1,000 loopback connections,
+#       an ideal epoll receiver on core 1); no server can beat its latency on this host
 # Needs: cargo, taskset, python3 (for the table). Loopback only. Builds what it needs
 # (release) first.
 set -euo pipefail
@@ -125,6 +128,11 @@ for S in tickgate baseline; do
   lg "D:$S" handshake --concurrency 64 --sources 8 --duration "$D_DUR" --server-pid "$SPID"
   stop
 done
+echo "# (F) machine floor for (A): loadgen floor, no server" >&2
+taskset -c 0,1 "$LG" floor --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 \
+  --warmup "$A_WARM" --duration "$A_DUR" --label "F:floor" --json >"$TMP/out.txt" 2>"$TMP/err.txt" ||
+  echo "  (loadgen floor exit $?: $(tail -1 "$TMP/err.txt"))" >&2
+grep '^{' "$TMP/out.txt" >>"$RES" || true
 echo "# scenarios took $((SECONDS - T0)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 python3 - "$RES" <<'PY'
@@ -166,6 +174,10 @@ row("(D) server_cpu_pct", dt.get("server_cpu_pct"), db.get("server_cpu_pct"), "l
 row("(D) server_runq_wait_pct", dt.get("server_runq_wait_pct"), db.get("server_runq_wait_pct"), "low")
 row("(D) rejected+errors", (dt.get("rejected",0) or 0)+(dt.get("errors",0) or 0) if dt else None,
     (db.get("rejected",0) or 0)+(db.get("errors",0) or 0) if db else None, "low")
+fl = one("F:floor", "floor")
+for key in ("p50_us", "p99_us", "p999_us"):
+    lines.append((f"(F) floor for (A), no server: {key}", fmt(fl.get(key)), "", ""))
+lines.append(("(F) floor: ns of sender CPU per send", fmt(fl.get("sender_ns_per_send")), "", ""))
 w = max(len(l[0]) for l in lines)
 print(f"{'scenario / metric':<{w}}  {'tickgate':>14}  {'baseline':>14}  {'tickgate advantage':>18}")
 for n, t, b, r in lines:

@@ -98,6 +98,10 @@ pub enum Command {
     Doctor {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also spin every usable core for SECS seconds and report how often and how long
+        /// the host took the CPU away (burns the cores meanwhile; 0 = skip).
+        #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+        jitter: f64,
     },
 }
 
@@ -185,12 +189,26 @@ pub fn run(cli: Cli) -> i32 {
             print!("{}", cfg.to_toml_string());
             0
         }
-        Command::Doctor { config } => {
+        Command::Doctor { config, jitter } => {
             let cfg = match config.map(|p| Config::load(&p, &env_vars())).transpose() {
                 Ok(c) => c,
                 Err(e) => return fail(1, &e.to_string()),
             };
-            print!("{}", crate::doctor::render(&crate::doctor::run(cfg.as_ref())));
+            if !(0.0..=600.0).contains(&jitter) {
+                return fail(1, "--jitter takes 0 to 600 seconds");
+            }
+            let mut found = crate::doctor::run(cfg.as_ref());
+            if jitter > 0.0 {
+                let stats = crate::doctor::measure_jitter_all(std::time::Duration::from_secs_f64(jitter));
+                found.extend(crate::doctor::jitter_findings(&stats));
+            } else {
+                found.push(crate::doctor::Finding {
+                    level: crate::doctor::Level::Info,
+                    check: "jitter",
+                    detail: "not measured: `tickgate doctor --jitter 10` spins every core for 10 s and reports how long the host takes the CPU away".into(),
+                });
+            }
+            print!("{}", crate::doctor::render(&found));
             0
         }
         Command::Client {

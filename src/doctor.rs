@@ -187,6 +187,122 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     out
 }
 
+/// What a spinning thread saw of its core: the gaps between consecutive clock reads that
+/// were long enough to mean the thread was not running (an interrupt, another task, or, in a
+/// VM, the host descheduling the vCPU). Sans-IO: [`JitterStats::gap`] takes the gaps,
+/// [`measure_jitter`] produces them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JitterStats {
+    pub core: usize,
+    /// Wall time observed.
+    pub spun_ns: u64,
+    /// Sum of the gaps above [`JitterStats::STALL_NS`].
+    pub stalled_ns: u64,
+    pub max_ns: u64,
+    pub over_100us: u64,
+    pub over_1ms: u64,
+    pub over_5ms: u64,
+}
+
+impl JitterStats {
+    /// A gap counts as a stall from here: a timer interrupt or a clock read costs far less.
+    pub const STALL_NS: u64 = 10_000;
+
+    pub fn new(core: usize) -> JitterStats {
+        JitterStats {
+            core,
+            ..JitterStats::default()
+        }
+    }
+
+    /// One gap between consecutive clock reads.
+    pub fn gap(&mut self, ns: u64) {
+        self.spun_ns += ns;
+        if ns < Self::STALL_NS {
+            return;
+        }
+        self.stalled_ns += ns;
+        self.max_ns = self.max_ns.max(ns);
+        self.over_100us += (ns > 100_000) as u64;
+        self.over_1ms += (ns > 1_000_000) as u64;
+        self.over_5ms += (ns > 5_000_000) as u64;
+    }
+
+    /// Stalled share of the observed time, percent.
+    pub fn stalled_pct(&self) -> f64 {
+        if self.spun_ns == 0 {
+            return 0.0;
+        }
+        self.stalled_ns as f64 * 100.0 / self.spun_ns as f64
+    }
+}
+
+/// Spin on `core` (pinned) for `dur`, reading the monotonic clock, and collect the gaps.
+/// Burns the core for `dur`: doctor runs it only when asked (`--jitter SECS`).
+pub fn measure_jitter(core: usize, dur: std::time::Duration) -> JitterStats {
+    crate::rt::pin_to_core(core);
+    let mut st = JitterStats::new(core);
+    let start = std::time::Instant::now();
+    let mut last = start;
+    loop {
+        let now = std::time::Instant::now();
+        st.gap(now.duration_since(last).as_nanos() as u64);
+        last = now;
+        if now.duration_since(start) >= dur {
+            return st;
+        }
+    }
+}
+
+/// Every usable core spun at once for `dur` (as a loaded server's shards would run).
+pub fn measure_jitter_all(dur: std::time::Duration) -> Vec<JitterStats> {
+    let cores = crate::rt::usable_cores();
+    let handles: Vec<_> = cores
+        .into_iter()
+        .map(|c| std::thread::spawn(move || measure_jitter(c, dur)))
+        .collect();
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
+}
+
+/// Findings from a jitter probe, one per core: a warning when the core lost the CPU for
+/// more than 1 ms at a time (a latency target below the longest stall cannot be met at
+/// that percentile on this host, whatever the server does); `info` when only short
+/// interruptions took more than 1 % of the time; `ok` otherwise.
+pub fn jitter_findings(stats: &[JitterStats]) -> Vec<Finding> {
+    stats
+        .iter()
+        .map(|st| {
+            let (level, advice) = if st.max_ns > 1_000_000 {
+                (
+                    Level::Warn,
+                    " (a VM's vCPU descheduled by its host, or another task on this core: use dedicated cores or a dedicated host, isolcpus/nohz_full for shard cores; tail latency cannot beat these stalls)",
+                )
+            } else if st.stalled_pct() > 1.0 {
+                (
+                    Level::Info,
+                    " (many short interruptions: timer ticks or interrupts, each a VM exit in a guest; nohz_full and IRQ affinity keep them off shard cores)",
+                )
+            } else {
+                (Level::Ok, "")
+            };
+            f(
+                level,
+                "jitter",
+                format!(
+                    "core {}: spun {:.1} s, lost the CPU {:.2} % of the time, longest {:.2} ms; stalls > 0.1 ms: {}, > 1 ms: {}, > 5 ms: {}{advice}",
+                    st.core,
+                    st.spun_ns as f64 / 1e9,
+                    st.stalled_pct(),
+                    st.max_ns as f64 / 1e6,
+                    st.over_100us,
+                    st.over_1ms,
+                    st.over_5ms,
+                ),
+            )
+        })
+        .collect()
+}
+
 pub fn render(findings: &[Finding]) -> String {
     let mut s = String::new();
     for x in findings {
@@ -208,6 +324,55 @@ pub fn render(findings: &[Finding]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_counts_only_stalls_and_classifies_them() {
+        let mut st = JitterStats::new(3);
+        for _ in 0..1000 {
+            st.gap(50); // clock reads: not stalls
+        }
+        st.gap(9_999);
+        assert_eq!(st.stalled_ns, 0);
+        st.gap(20_000);
+        st.gap(150_000);
+        st.gap(2_000_000);
+        st.gap(6_000_000);
+        assert_eq!(
+            st.spun_ns,
+            1000 * 50 + 9_999 + 20_000 + 150_000 + 2_000_000 + 6_000_000
+        );
+        assert_eq!(st.stalled_ns, 20_000 + 150_000 + 2_000_000 + 6_000_000);
+        assert_eq!(st.max_ns, 6_000_000);
+        assert_eq!((st.over_100us, st.over_1ms, st.over_5ms), (3, 2, 1));
+        let warn = jitter_findings(std::slice::from_ref(&st));
+        assert_eq!(warn[0].level, Level::Warn);
+        assert!(warn[0].detail.starts_with("core 3:"), "{}", warn[0].detail);
+        // A quiet core: short stalls only, well under 1 % of the time.
+        let mut quiet = JitterStats::new(0);
+        for _ in 0..10 {
+            for _ in 0..200_000 {
+                quiet.gap(50); // 10 ms of clock reads
+            }
+            quiet.gap(20_000);
+        }
+        assert!(quiet.stalled_pct() < 1.0);
+        assert_eq!(jitter_findings(&[quiet])[0].level, Level::Ok);
+        // Many short stalls (none over 1 ms) are worth a note, not a warning.
+        let mut busy = JitterStats::new(1);
+        for _ in 0..100 {
+            busy.gap(100_000);
+            busy.gap(50_000);
+        }
+        assert!(busy.stalled_pct() > 1.0);
+        assert_eq!(jitter_findings(&[busy])[0].level, Level::Info);
+    }
+
+    #[test]
+    fn a_short_probe_reports_every_usable_core() {
+        let stats = measure_jitter_all(std::time::Duration::from_millis(20));
+        assert_eq!(stats.len(), crate::rt::usable_cores().len());
+        assert!(stats.iter().all(|s| s.spun_ns >= 20_000_000));
+    }
 
     #[test]
     fn warns_about_plain_text_on_a_public_address() {

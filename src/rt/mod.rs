@@ -111,6 +111,36 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// The CPU ids the calling thread may run on (its affinity mask), ascending. Empty only if
+/// the mask cannot be read.
+pub fn usable_cores() -> Vec<usize> {
+    // SAFETY: `set` is a plain bit set on the stack; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, and CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to one CPU. Returns whether the kernel accepted it.
+pub fn pin_to_core(core: usize) -> bool {
+    if core >= libc::CPU_SETSIZE as usize {
+        return false;
+    }
+    // SAFETY: `set` is a plain bit set on the stack, zeroed and then given one bit (`core`
+    // is below CPU_SETSIZE); sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
 /// Sets the calling thread's nice value; false when not permitted. On Linux the nice value
 /// is per thread (`who = 0` is the calling thread), not per process as POSIX has it.
 pub fn set_thread_nice(nice: i32) -> bool {
@@ -146,7 +176,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         listeners.push(bind_reuseport(public_addr)?);
     }
     let driver = Driver::detect();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Shard i goes to the i-th CPU this process may use (so `taskset -c 2,3 tickgate
+    // serve` puts shards on 2 and 3, not on 0 and 1).
+    let cores = usable_cores();
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(shards);
     let pool = verify::VerifyPool::start(shared.clone(), shards.div_ceil(2))?;
@@ -154,11 +186,14 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         let shared = shared.clone();
         let ready = ready_tx.clone();
         let pool = pool.clone();
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let t = std::thread::Builder::new()
             .name(format!("tickgate-shard-{id}"))
             .spawn(move || {
-                if shared.cfg.server.pin_cores {
-                    let _ = monoio::utils::bind_to_cpu_set([id % cores]);
+                if shared.cfg.server.pin_cores
+                    && let Some(core) = core
+                {
+                    pin_to_core(core);
                 }
                 run_shard(id, shared, l, ready, pool);
             })?;
@@ -259,5 +294,26 @@ async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListene
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_follows_the_affinity_mask() {
+        let cores = usable_cores();
+        assert!(!cores.is_empty());
+        assert!(cores.windows(2).all(|w| w[0] < w[1]));
+        let last = *cores.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            assert!(pin_to_core(last));
+            usable_cores()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, vec![last]);
+        assert!(!pin_to_core(libc::CPU_SETSIZE as usize));
     }
 }

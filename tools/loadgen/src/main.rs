@@ -2,11 +2,13 @@
 //!
 //! Modes: `fanout` (end-to-end tick latency and delivery), `reauth` (fanout with short
 //! tokens refreshed in-band), `handshake` (authenticated upgrade storm, optional invalid-token
-//! flood), `idle` (memory per idle authenticated connection). Loopback only, every mode
+//! flood), `idle` (memory per idle authenticated connection), `floor` (no server: the kernel's
+//! latency floor for the same fan-out on this machine). Loopback only, every mode
 //! bounded in count and time. See `perf/compare.sh` for the scenarios of issue 6.
 
 mod common;
 mod fanout;
+mod floor;
 mod handshake;
 mod idle;
 mod lean;
@@ -30,6 +32,9 @@ enum Mode {
     Handshake(handshake::HandshakeArgs),
     /// N idle authenticated connections; RSS per connection of --server-pid.
     Idle(idle::IdleArgs),
+    /// No server: the kernel's floor for a fan-out on this machine (ideal sender and
+    /// receiver threads over loopback TCP, same scenario shape as `fanout`).
+    Floor(floor::FloorArgs),
 }
 
 fn main() {
@@ -41,6 +46,7 @@ fn main() {
         Mode::Reauth(a) => fanout::main(a, true),
         Mode::Handshake(a) => handshake::main(a),
         Mode::Idle(a) => idle::main(a),
+        Mode::Floor(a) => floor::main(a),
     };
     std::process::exit(code);
 }
