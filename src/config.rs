@@ -105,6 +105,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("drain_timeout", Str),
                 ("max_connections_per_shard", Int),
                 ("pending_handshakes_per_shard", Int),
+                ("driver", Str),
             ],
         ),
         ("tls", &[("cert", Str), ("key", Str)]),
@@ -242,6 +243,10 @@ pub struct ServerConfig {
     pub max_connections_per_shard: usize,
     /// Extension: connections still in the upgrade, per shard. Default 1024.
     pub pending_handshakes_per_shard: usize,
+    /// Extension: the I/O driver, `"auto"` (io_uring when the kernel allows it, else epoll)
+    /// or `"epoll"` (always epoll, e.g. to compare, or where io_uring is audited). Default
+    /// `"auto"`.
+    pub driver: String,
 }
 
 /// `[tls]`: both files are required when the section is present.
@@ -404,6 +409,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(10),
             max_connections_per_shard: 100_000,
             pending_handshakes_per_shard: 1024,
+            driver: "auto".to_owned(),
         }
     }
 }
@@ -635,6 +641,12 @@ impl Config {
         }
         if s.drain_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::invalid("server.drain_timeout", "must be at most 1h"));
+        }
+        if !matches!(s.driver.as_str(), "auto" | "epoll") {
+            return Err(ConfigError::invalid(
+                "server.driver",
+                format!("{:?} is neither \"auto\" nor \"epoll\"", s.driver),
+            ));
         }
         Ok(())
     }
@@ -1867,6 +1879,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 Box::new(|c| c.server.max_connections_per_shard = 2_000_000),
                 "server.max_connections_per_shard",
             ),
+            (Box::new(|c| c.server.driver = "uring".into()), "server.driver"),
             (
                 Box::new(|c| c.limits.max_symbols_per_connection = 200_000),
                 "limits.max_symbols_per_connection",

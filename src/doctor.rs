@@ -40,7 +40,14 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     let mut out = Vec::new();
     // io_uring
     let disabled = read("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse::<u32>().ok());
-    if crate::rt::Driver::detect() == crate::rt::Driver::IoUring {
+    let driver = cfg.map_or_else(crate::rt::Driver::detect, crate::rt::Driver::for_config);
+    if cfg.is_some_and(|c| c.server.driver == "epoll") {
+        out.push(f(
+            Level::Info,
+            "io_uring",
+            "server.driver=\"epoll\": shards run on epoll by configuration (two descriptors per connection)",
+        ));
+    } else if driver == crate::rt::Driver::IoUring {
         out.push(f(
             Level::Ok,
             "io_uring",
@@ -78,7 +85,7 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     if ok {
         // One descriptor per WebSocket on io_uring, two on the epoll fallback (a dup for
         // the writer).
-        let per_conn = if crate::rt::Driver::detect() == crate::rt::Driver::IoUring {
+        let per_conn = if driver == crate::rt::Driver::IoUring {
             1
         } else {
             2

@@ -188,7 +188,22 @@ async fn fragmented_text_message_is_reassembled() {
 /// every tick exactly once, in seq order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_across_shards_in_seq_order() {
-    let srv = start(test_config(2));
+    fanout_in_seq_order(test_config(2)).await;
+}
+
+/// The epoll fallback (`server.driver = "epoll"`, what a kernel without io_uring gets)
+/// serves the same fan-out: its listener must be non-blocking and its writer a `dup`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_across_shards_on_epoll() {
+    let mut cfg = test_config(2);
+    cfg.server.driver = "epoll".into();
+    tokio::time::timeout(Duration::from_secs(60), fanout_in_seq_order(cfg))
+        .await
+        .expect("the epoll shard stopped serving");
+}
+
+async fn fanout_in_seq_order(cfg: tickgate::config::Config) {
+    let srv = start(cfg);
     let mut subs = Vec::new();
     for i in 0..6 {
         let mut ws = session(&srv, &srv.token(&format!("sub{i}"))).await;
@@ -376,7 +391,20 @@ async fn message_rate_limit_then_4029() {
 /// subscriber on the same shard keeps receiving every tick; memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_conflated_then_cut() {
+    conflated_then_cut(test_config(1)).await;
+}
+
+/// On epoll the stalled writer waits for writability through the `dup`ed descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_conflated_then_cut_on_epoll() {
     let mut cfg = test_config(1);
+    cfg.server.driver = "epoll".into();
+    tokio::time::timeout(Duration::from_secs(60), conflated_then_cut(cfg))
+        .await
+        .expect("the epoll shard stopped serving");
+}
+
+async fn conflated_then_cut(mut cfg: tickgate::config::Config) {
     cfg.limits.outbound_queue_bytes = 64 * 1024;
     cfg.limits.slow_consumer_grace = Duration::from_millis(800);
     let srv = start(cfg);

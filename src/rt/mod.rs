@@ -38,10 +38,20 @@ impl Driver {
         }
     }
 
+    /// The driver shards run on with this config: `server.driver = "epoll"` forces epoll,
+    /// `"auto"` takes io_uring when the kernel allows it.
+    pub fn for_config(cfg: &crate::config::Config) -> Driver {
+        if cfg.server.driver == "epoll" {
+            Driver::Epoll
+        } else {
+            Driver::detect()
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Driver::IoUring => "io_uring",
-            Driver::Epoll => "epoll (io_uring unavailable)",
+            Driver::Epoll => "epoll",
         }
     }
 }
@@ -175,7 +185,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
     for _ in 1..shards {
         listeners.push(bind_reuseport(public_addr)?);
     }
-    let driver = Driver::detect();
+    let driver = Driver::for_config(cfg);
     // Shard i goes to the i-th CPU this process may use (so `taskset -c 2,3 tickgate
     // serve` puts shards on 2 and 3, not on 0 and 1).
     let cores = usable_cores();
@@ -195,7 +205,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
                 {
                     pin_to_core(core);
                 }
-                run_shard(id, shared, l, ready, pool);
+                run_shard(id, shared, l, ready, pool, driver);
             })?;
         threads.push(t);
     }
@@ -230,17 +240,33 @@ fn run_shard(
     listener: std::net::TcpListener,
     ready: crossbeam_channel::Sender<Result<(), String>>,
     pool: verify::VerifyPool,
+    driver: Driver,
 ) {
-    let entries = shared.cfg.server.io_uring_entries;
-    let mut urb = io_uring::IoUring::builder();
-    if shared.cfg.server.sqpoll {
-        urb.setup_sqpoll(2000);
+    let rt = match driver {
+        Driver::IoUring => {
+            let mut urb = io_uring::IoUring::builder();
+            if shared.cfg.server.sqpoll {
+                urb.setup_sqpoll(2000);
+            }
+            monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .with_entries(shared.cfg.server.io_uring_entries)
+                .uring_builder(urb)
+                .enable_timer()
+                .build()
+        }
+        Driver::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(Into::into),
+    };
+    // epoll accepts with a plain accept(2): on a blocking listener it would block the
+    // whole shard until the next connection.
+    if driver == Driver::Epoll
+        && let Err(e) = listener.set_nonblocking(true)
+    {
+        let _ = ready.send(Err(format!("shard {id}: listener: {e}")));
+        return;
     }
-    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .with_entries(entries)
-        .uring_builder(urb)
-        .enable_timer()
-        .build();
     let mut rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -256,7 +282,7 @@ fn run_shard(
                 return;
             }
         };
-        let ctx = shard::ShardCtx::new(id, shared, pool);
+        let ctx = shard::ShardCtx::new(id, shared, pool, driver == Driver::IoUring);
         monoio::spawn(shard::dispatcher(ctx.clone()));
         monoio::spawn(shard::ticker(ctx.clone()));
         let _ = ready.send(Ok(()));

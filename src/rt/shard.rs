@@ -157,7 +157,14 @@ const POOL_MAX_CAPACITY: usize = 1 << 20;
 pub type ConnRef = Rc<RefCell<Conn>>;
 
 impl ShardCtx {
-    pub fn new(id: usize, shared: Arc<Shared>, verify_pool: crate::rt::verify::VerifyPool) -> Rc<ShardCtx> {
+    /// `uring`: the shard's runtime runs on io_uring (the writer aliases the reader's
+    /// descriptor) rather than epoll (the writer gets a `dup`).
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        verify_pool: crate::rt::verify::VerifyPool,
+        uring: bool,
+    ) -> Rc<ShardCtx> {
         let now = shared.now_ms();
         Rc::new_cyclic(|me| ShardCtx {
             me: me.clone(),
@@ -175,7 +182,7 @@ impl ShardCtx {
             actions: RefCell::new(Vec::new()),
             write_pool: RefCell::new(Vec::new()),
             verify_pool,
-            uring: crate::rt::Driver::detect() == crate::rt::Driver::IoUring,
+            uring,
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
         })
     }
