@@ -202,11 +202,7 @@ pub fn run(cli: Cli) -> i32 {
                 let stats = crate::doctor::measure_jitter_all(std::time::Duration::from_secs_f64(jitter));
                 found.extend(crate::doctor::jitter_findings(&stats));
             } else {
-                found.push(crate::doctor::Finding {
-                    level: crate::doctor::Level::Info,
-                    check: "jitter",
-                    detail: "not measured: `tickgate doctor --jitter 10` spins every core for 10 s and reports how long the host takes the CPU away".into(),
-                });
+                found.push(crate::doctor::jitter_not_measured());
             }
             print!("{}", crate::doctor::render(&found));
             0

@@ -198,6 +198,25 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
 }
 
+/// Which symbols each of `subscribers` subscribes to: `per_sub` distinct ones of `symbols`
+/// (clamped to 1..=symbols), drawn with a partial Fisher-Yates shuffle seeded by `seed`.
+/// `fanout` and `floor` share it, so the same arguments give the same scenario.
+pub fn assignment(subscribers: usize, symbols: usize, per_sub: usize, seed: u64) -> Vec<Vec<usize>> {
+    let s = symbols.max(1);
+    let k = per_sub.min(s).max(1);
+    let mut rng = Rng::new(seed);
+    let mut idx: Vec<usize> = (0..s).collect();
+    (0..subscribers)
+        .map(|_| {
+            for j in 0..k {
+                let r = j + rng.below(s - j);
+                idx.swap(j, r);
+            }
+            idx[..k].to_vec()
+        })
+        .collect()
+}
+
 /// Deterministic xorshift64*.
 pub struct Rng(u64);
 

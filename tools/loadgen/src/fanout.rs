@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use tickgate::auth::jwt::VerifyPolicy;
 
-use crate::common::{self, Common, Ctx, Report, Rng, histogram, now_ns, percentiles, us};
+use crate::common::{self, Common, Ctx, Report, histogram, now_ns, percentiles, us};
 use crate::lean;
 
 #[derive(Args, Debug, Clone)]
@@ -174,24 +174,12 @@ pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
 /// Each subscriber's `k` symbols (deterministic from the seed), how many subscribers each
 /// symbol has, and `k`.
 fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>, usize) {
-    let s = names.len();
-    let k = a.per_sub.min(s).max(1);
-    let mut rng = Rng::new(a.seed);
-    let mut per_sym = vec![0u64; s];
-    let mut idx: Vec<usize> = (0..s).collect();
-    let subs = (0..a.subscribers)
-        .map(|_| {
-            for j in 0..k {
-                let r = j + rng.below(s - j);
-                idx.swap(j, r);
-            }
-            let mine = idx[..k].to_vec();
-            for &m in &mine {
-                per_sym[m] += 1;
-            }
-            mine
-        })
-        .collect();
+    let subs = common::assignment(a.subscribers, names.len(), a.per_sub, a.seed);
+    let mut per_sym = vec![0u64; names.len()];
+    for &m in subs.iter().flatten() {
+        per_sym[m] += 1;
+    }
+    let k = subs.first().map_or(1, Vec::len);
     (subs, per_sym, k)
 }
 
