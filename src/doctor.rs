@@ -47,7 +47,7 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
         out.push(f(
             Level::Info,
             "io_uring",
-            "server.driver=\"epoll\": shards run on epoll by configuration (two descriptors per connection)",
+            "server.driver=\"epoll\": shards run on epoll by configuration",
         ));
     } else if driver == crate::rt::Driver::IoUring {
         out.push(f(
@@ -85,14 +85,8 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     // SAFETY: getrlimit writes into the struct we pass by pointer.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
     if ok {
-        // One descriptor per WebSocket on io_uring, two on the epoll fallback (a dup for
-        // the writer).
-        let per_conn = if driver == crate::rt::Driver::IoUring {
-            1
-        } else {
-            2
-        };
-        let conns = lim.rlim_max / per_conn;
+        // One descriptor per WebSocket with either driver (the writer shares the reader's).
+        let conns = lim.rlim_max;
         let level = if lim.rlim_max < 200_000 {
             Level::Warn
         } else {

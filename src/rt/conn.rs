@@ -6,8 +6,9 @@
 //!   idle connection pins no read buffer at all; only the bytes of an incomplete frame are
 //!   kept per connection. During the HTTP phase it parses the request, asks the gate, and
 //!   writes the response or the `101`.
-//! - the **writer** owns a second handle on the same socket (a `dup`ed descriptor, since
-//!   io_uring writes need the stream by `&mut`). It sleeps until the session's outbound
+//! - the **writer** owns a second handle on the same socket (on io_uring an alias of the
+//!   descriptor, since io_uring writes need the stream by `&mut`; on epoll the reader's
+//!   stream itself, written with `send(2)`). It sleeps until the session's outbound
 //!   queue has frames, coalesces everything queued into one buffer and submits one write;
 //!   the writes of every connection woken in the same loop turn go to the kernel in one
 //!   `io_uring_enter`.
@@ -272,7 +273,7 @@ async fn handshake(
             if t.wants_write() {
                 let mut out = Vec::new();
                 let sealed = tls_seal(t, &[], false, &mut out);
-                if sealed.is_err() || write_all_fd(stream, out).await.is_err() {
+                if sealed.is_err() || write_all_fd(stream, &out).await.is_err() {
                     return None;
                 }
             }
@@ -330,11 +331,11 @@ async fn send(
     close: bool,
 ) -> std::io::Result<()> {
     match tls.as_deref_mut() {
-        None => write_all_fd(stream, bytes).await,
+        None => write_all_fd(stream, &bytes).await,
         Some(t) => {
             let mut out = Vec::with_capacity(bytes.len() + 64);
             tls_seal(t, &bytes, close, &mut out)?;
-            write_all_fd(stream, out).await
+            write_all_fd(stream, &out).await
         }
     }
 }
@@ -342,7 +343,7 @@ async fn send(
 /// Writes through a shared reference: the reader holds the stream by `&`, so the HTTP
 /// phase writes with `send` after waiting for writability (the response is small and the
 /// socket buffer empty, so this normally completes at once).
-async fn write_all_fd(stream: &TcpStream, bytes: Vec<u8>) -> std::io::Result<()> {
+async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     let mut off = 0;
     while off < bytes.len() {
@@ -520,58 +521,62 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 /// The writer's handle on the socket. Parked in the `Conn` between writer runs.
 pub(crate) enum WriteHandle {
     /// io_uring: a second `TcpStream` value over the *same* descriptor (no extra fd per
-    /// connection). `_keep` holds the reader's stream alive, so the descriptor cannot be
-    /// closed (and its number reused) while a write is in flight; when the handle goes,
-    /// the alias is released with `into_raw_fd`, which does not close (see `Drop`).
+    /// connection), since io_uring writes take the stream by `&mut`. `_keep` holds the
+    /// reader's stream alive, so the descriptor cannot be closed (and its number reused)
+    /// while a write is in flight; when the handle goes, the alias is released with
+    /// `into_raw_fd`, which does not close (see `Drop`).
     Alias {
         stream: Option<TcpStream>,
         _keep: Rc<TcpStream>,
     },
-    /// epoll: a `dup`ed descriptor (an alias would register the same fd twice with epoll).
-    /// `_keep` holds the reader's stream too, so `Conn::fd` (which the shard shuts down on
-    /// timeouts and forced closes) stays open, and its number unused by another socket,
-    /// until the writer is done.
-    Dup { stream: TcpStream, _keep: Rc<TcpStream> },
+    /// epoll: the reader's own stream. The writer sends with `send(2)` and, when the socket
+    /// is full, waits for writability on it; monoio's epoll driver keeps a reader and a
+    /// writer waker per descriptor, so the two tasks wait on one registration (an alias
+    /// would register the fd twice). One descriptor per connection, as on io_uring.
+    Shared(Rc<TcpStream>),
 }
 
 impl WriteHandle {
     fn new(ctx: &ShardCtx, stream: &Rc<TcpStream>) -> Option<WriteHandle> {
+        if !ctx.uring {
+            return Some(WriteHandle::Shared(stream.clone()));
+        }
         let fd = stream.as_raw_fd();
-        if ctx.uring {
-            // SAFETY: `fd` is open and stays open for as long as `keep` (the reader's
-            // stream) lives, which outlives every use of the alias; the alias never closes
-            // it (released with `into_raw_fd` when the handle is dropped).
-            let alias = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?;
-            return Some(WriteHandle::Alias {
-                stream: Some(alias),
-                _keep: stream.clone(),
-            });
-        }
-        // SAFETY: dup has no memory effects; the result is checked before use.
-        let wfd = unsafe { libc::dup(fd) };
-        if wfd < 0 {
-            return None;
-        }
-        // SAFETY: `wfd` is a fresh descriptor we own; the std stream takes ownership of it.
-        TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(wfd) })
-            .ok()
-            .map(|s| WriteHandle::Dup {
-                stream: s,
-                _keep: stream.clone(),
-            })
+        // SAFETY: `fd` is open and stays open for as long as `keep` (the reader's stream)
+        // lives, which outlives every use of the alias; the alias never closes it
+        // (released with `into_raw_fd` when the handle is dropped).
+        let alias = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?;
+        Some(WriteHandle::Alias {
+            stream: Some(alias),
+            _keep: stream.clone(),
+        })
     }
 
-    fn stream(&mut self) -> &mut TcpStream {
+    fn fd(&self) -> i32 {
         match self {
-            WriteHandle::Alias { stream, .. } => stream.as_mut().expect("alias present until drop"),
-            WriteHandle::Dup { stream, .. } => stream,
+            WriteHandle::Alias { _keep, .. } => _keep.as_raw_fd(),
+            WriteHandle::Shared(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Writes all of `out` and hands the buffer back.
+    async fn write_all(&mut self, out: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
+        match self {
+            WriteHandle::Alias { stream, .. } => {
+                let s = stream.as_mut().expect("alias present until drop");
+                let (res, b) = s.write_all(out).await;
+                (res.map(|_| ()), b)
+            }
+            WriteHandle::Shared(s) => {
+                let res = write_all_fd(s, &out).await;
+                (res, out)
+            }
         }
     }
 }
 
 impl Drop for WriteHandle {
-    /// Gives an alias's descriptor back without closing it (the reader's stream owns
-    /// it); a dup closes with its `TcpStream`.
+    /// Gives an alias's descriptor back without closing it (the reader's stream owns it).
     fn drop(&mut self) {
         if let WriteHandle::Alias { stream, .. } = self
             && let Some(alias) = stream.take()
@@ -645,7 +650,7 @@ pub(crate) async fn writer(
             out
         } else {
             ctx.note_tick_write(oldest_tick);
-            let (res, b) = handle.stream().write_all(out).await;
+            let (res, b) = handle.write_all(out).await;
             failed = res.is_err();
             b
         };
@@ -659,7 +664,7 @@ pub(crate) async fn writer(
             // and the server closes TCP first (RFC 6455 7.1.1). Otherwise half-close and let
             // the reader wait for the peer's close frame (the hard-drop timer bounds that).
             if !conn.borrow().peer_closed {
-                shutdown(handle.stream().as_raw_fd(), libc::SHUT_WR);
+                shutdown(handle.fd(), libc::SHUT_WR);
                 graceful = true;
             }
             break;

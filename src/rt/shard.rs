@@ -158,7 +158,7 @@ pub type ConnRef = Rc<RefCell<Conn>>;
 
 impl ShardCtx {
     /// `uring`: the shard's runtime runs on io_uring (the writer aliases the reader's
-    /// descriptor) rather than epoll (the writer gets a `dup`).
+    /// descriptor) rather than epoll (the writer shares the reader's stream).
     pub fn new(
         id: usize,
         shared: Arc<Shared>,

@@ -185,12 +185,17 @@ pub fn launch<F: std::future::Future<Output = i32>>(
         eprintln!("loadgen: bounds: {b}");
         return 1;
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(common.threads.max(1))
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(run(ctx))
+    // One worker (the usual case: the generator gets one core) runs on a current-thread
+    // runtime: every task, timer and I/O event on the calling thread, with no hand-offs
+    // between a driver and a worker.
+    let mut rt = if common.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(common.threads);
+        b
+    };
+    rt.enable_all().build().expect("tokio runtime").block_on(run(ctx))
 }
 
 /// A nanosecond histogram (1 ns .. 100 s, 3 significant digits).
