@@ -41,6 +41,7 @@
 //! | --- | --- | --- |
 //! | `server.max_connections_per_shard` | 100000 | live connections per shard (at most 1,000,000) |
 //! | `server.pending_handshakes_per_shard` | 1024 | connections still in the HTTP upgrade, per shard |
+//! | `server.driver` | "auto" | `"auto"`: io_uring when the kernel allows it, else epoll; `"epoll"`: always epoll |
 //! | `limits.max_head_bytes` | 8192 | bytes of an HTTP request head (request line + headers) |
 //! | `limits.max_headers` | 32 | header lines in an HTTP request head |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
@@ -1374,6 +1375,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert!(c.server.pin_cores);
         assert_eq!(c.server.io_uring_entries, 4096);
         assert!(!c.server.sqpoll);
+        assert_eq!(c.server.driver, "auto");
         assert_eq!(c.server.drain_timeout, secs(10));
         assert_eq!(c.server.max_connections_per_shard, 100_000);
         assert_eq!(c.server.pending_handshakes_per_shard, 1024);
@@ -1616,6 +1618,9 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert_eq!(c.server.listen, "0.0.0.0:9000".parse().unwrap());
         c.apply_override("server", "sqpoll", "true").unwrap();
         assert!(c.server.sqpoll);
+        c.apply_override("server", "driver", "epoll").unwrap();
+        assert_eq!(c.server.driver, "epoll");
+        c.validate().unwrap();
         c.apply_override("limits", "max_message_bytes", "1024").unwrap();
         assert_eq!(c.limits.max_message_bytes, 1024);
         c.apply_override("lifetime", "heartbeat", "250ms").unwrap();
@@ -1880,6 +1885,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 "server.max_connections_per_shard",
             ),
             (Box::new(|c| c.server.driver = "uring".into()), "server.driver"),
+            (Box::new(|c| c.server.driver = "EPOLL".into()), "server.driver"),
             (
                 Box::new(|c| c.limits.max_symbols_per_connection = 200_000),
                 "limits.max_symbols_per_connection",

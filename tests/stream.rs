@@ -192,7 +192,8 @@ async fn fanout_across_shards_in_seq_order() {
 }
 
 /// The epoll fallback (`server.driver = "epoll"`, what a kernel without io_uring gets)
-/// serves the same fan-out: its listener must be non-blocking and its writer a `dup`.
+/// serves the same fan-out: its listener must be non-blocking, and its writer shares the
+/// reader's stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_across_shards_on_epoll() {
     let mut cfg = test_config(2);
@@ -203,7 +204,15 @@ async fn fanout_across_shards_on_epoll() {
 }
 
 async fn fanout_in_seq_order(cfg: tickgate::config::Config) {
+    let want = if cfg.server.driver == "epoll" {
+        Some(tickgate::rt::Driver::Epoll)
+    } else {
+        None
+    };
     let srv = start(cfg);
+    if let Some(d) = want {
+        assert_eq!(srv.handle.driver, d);
+    }
     let mut subs = Vec::new();
     for i in 0..6 {
         let mut ws = session(&srv, &srv.token(&format!("sub{i}"))).await;
@@ -394,7 +403,7 @@ async fn slow_consumer_is_conflated_then_cut() {
     conflated_then_cut(test_config(1)).await;
 }
 
-/// On epoll the stalled writer waits for writability through the `dup`ed descriptor.
+/// On epoll the stalled writer waits for writability on the reader's registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_conflated_then_cut_on_epoll() {
     let mut cfg = test_config(1);
@@ -405,9 +414,11 @@ async fn slow_consumer_is_conflated_then_cut_on_epoll() {
 }
 
 async fn conflated_then_cut(mut cfg: tickgate::config::Config) {
+    let epoll = cfg.server.driver == "epoll";
     cfg.limits.outbound_queue_bytes = 64 * 1024;
     cfg.limits.slow_consumer_grace = Duration::from_millis(800);
     let srv = start(cfg);
+    assert_eq!(srv.handle.driver == tickgate::rt::Driver::Epoll, epoll);
     // The stalled client: raw socket with a tiny receive buffer that never reads.
     let t = srv.token("stall");
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -468,6 +479,23 @@ async fn conflated_then_cut(mut cfg: tickgate::config::Config) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cut, "no 4008 close");
+    // Without reading a byte (so its writer stays blocked on a full socket), the stalled
+    // connection is torn down by the hard-drop timer: the shutdown must wake that writer
+    // (on epoll it waits for writability on the reader's registration). Left: the healthy
+    // subscriber and the publisher.
+    let mut gone = false;
+    for _ in 0..200 {
+        if srv.handle.connections() == 2 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gone,
+        "stalled connection still held: {}",
+        srv.handle.connections()
+    );
     // Its socket ends (close frame then EOF, or a reset after the hard-drop timer).
     stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 65536];

@@ -10,8 +10,9 @@
 //!   descriptor, since io_uring writes need the stream by `&mut`; on epoll the reader's
 //!   stream itself, written with `send(2)`). It sleeps until the session's outbound
 //!   queue has frames, coalesces everything queued into one buffer and submits one write;
-//!   the writes of every connection woken in the same loop turn go to the kernel in one
-//!   `io_uring_enter`.
+//!   on io_uring the writes of every connection woken in the same loop turn go to the
+//!   kernel in one `io_uring_enter`; on epoll each is a `send(2)` and the writer yields
+//!   between writes.
 //!
 //! **TLS** (when `[tls]` is configured) is rustls driven sans-IO, not a stream wrapper: the
 //! per-IP rate limit is charged at accept, before any TLS work (an address over its limit is
@@ -589,6 +590,21 @@ impl Drop for WriteHandle {
     }
 }
 
+/// Returns `Pending` once (waking itself), so the task goes to the back of the run queue.
+struct YieldNow(bool);
+
+impl std::future::Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// Writes what the session queued, coalesced, until the queue is empty; then parks its
 /// handle in the `Conn` and ends (the next [`ShardCtx::kick`] starts a new run). It ends
 /// for good, releasing the writer's part of the connection, when the connection is dead
@@ -658,6 +674,11 @@ pub(crate) async fn writer(
         ctx.put_buffer(buf);
         if failed {
             break;
+        }
+        if !ctx.uring && !closing_done {
+            // epoll: a `send` that did not block never yielded; let the rest of the turn
+            // run before the next `MAX_WRITE` of this connection.
+            YieldNow(false).await;
         }
         if closing_done {
             // Our close frame is out. If the peer closed first, the handshake is complete

@@ -2,8 +2,9 @@
 //!
 //! [`start`] binds the public listener once per shard with `SO_REUSEPORT` (the first bind
 //! resolves port 0, the others reuse the resolved port), starts one pinned thread per shard
-//! running a monoio runtime on the io_uring driver (epoll only where io_uring is
-//! unavailable, and then it says so), starts the admin listener, and returns a
+//! running a monoio runtime on the io_uring driver (epoll where io_uring is unavailable,
+//! with a warning, or with `server.driver = "epoll"`), starts the admin listener, and
+//! returns a
 //! [`ServerHandle`] with the bound addresses. With `[tls]` it also starts the thread that
 //! reloads the certificate when its files change. Tests start servers in-process this way;
 //! `tickgate serve` does the same and then waits for signals.
@@ -99,8 +100,8 @@ impl ServerHandle {
     }
 }
 
-/// Raise the open-file soft limit to the hard limit (one descriptor per connection on
-/// io_uring, two on the epoll fallback).
+/// Raise the open-file soft limit to the hard limit (one descriptor per connection with
+/// either driver).
 pub fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -186,6 +187,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         listeners.push(bind_reuseport(public_addr)?);
     }
     let driver = Driver::for_config(cfg);
+    if driver == Driver::Epoll && cfg.server.driver == "auto" {
+        tracing::warn!("io_uring is unavailable (kernel, sysctl or seccomp): shards run on epoll");
+    }
     // Shard i goes to the i-th CPU this process may use (so `taskset -c 2,3 tickgate
     // serve` puts shards on 2 and 3, not on 0 and 1).
     let cores = usable_cores();
