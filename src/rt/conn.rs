@@ -675,9 +675,16 @@ pub(crate) async fn writer(
         if failed {
             break;
         }
-        if !ctx.uring && !closing_done {
+        if !ctx.uring
+            && !closing_done
+            && conn
+                .borrow()
+                .session
+                .as_ref()
+                .is_some_and(|s| !s.outbound.is_empty())
+        {
             // epoll: a `send` that did not block never yielded; let the rest of the turn
-            // run before the next `MAX_WRITE` of this connection.
+            // run before this connection's next `MAX_WRITE`.
             YieldNow(false).await;
         }
         if closing_done {
