@@ -42,7 +42,7 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     let mut out = Vec::new();
     // io_uring
     let disabled = read("/proc/sys/kernel/io_uring_disabled").and_then(|s| s.parse::<u32>().ok());
-    let driver = cfg.map_or_else(crate::rt::Driver::detect, crate::rt::Driver::for_config);
+    let driver = crate::rt::Driver::detect();
     if cfg.is_some_and(|c| c.server.driver == "epoll") {
         out.push(f(
             Level::Info,

@@ -77,8 +77,8 @@ pub struct Metrics {
     /// From the hub accepting a tick to a shard handing it to its subscribers' queues
     /// (a random one tick in 64 per shard is sampled).
     pub publish_to_dispatch: LatencyHistogram,
-    /// From the hub accepting a tick to the completed socket write that carried it (the
-    /// oldest tick of the write; one write in 16 per shard is sampled).
+    /// From the hub accepting a tick to the issue of the socket write that carries it (the
+    /// oldest tick of the write; a random one write in 16 per shard is sampled).
     pub publish_to_write: LatencyHistogram,
 }
 

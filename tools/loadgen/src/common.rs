@@ -203,6 +203,27 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("histogram bounds")
 }
 
+/// The fan-out scenario's shape, shared by `fanout` and `floor` (same flags, same
+/// defaults, same assignment for the same seed).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Subscriber connections (`floor` holds both ends: two descriptors each).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Distinct symbols (S0000 ..).
+    #[arg(long, default_value_t = 100)]
+    pub symbols: usize,
+    /// Symbols per subscriber.
+    #[arg(long, default_value_t = 10)]
+    pub per_sub: usize,
+    /// Total ticks per second (spread round-robin over the symbols).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Seed for the symbol assignment.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
 /// Which symbols each of `subscribers` subscribes to: `per_sub` distinct ones of `symbols`
 /// (clamped to 1..=symbols), drawn with a partial Fisher-Yates shuffle seeded by `seed`.
 /// `fanout` and `floor` share it, so the same arguments give the same scenario.

@@ -23,25 +23,15 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use tickgate::auth::jwt::VerifyPolicy;
 
-use crate::common::{self, Common, Ctx, Report, histogram, now_ns, percentiles, us};
+use crate::common::{self, Common, Ctx, Report, Scenario, histogram, now_ns, percentiles, us};
 use crate::lean;
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Subscriber connections.
-    #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Distinct symbols (S0000 ..).
-    #[arg(long, default_value_t = 100)]
-    pub symbols: usize,
-    /// Symbols per subscriber.
-    #[arg(long, default_value_t = 10)]
-    pub per_sub: usize,
-    /// Total ticks per second from the publisher (spread round-robin over the symbols).
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
+    #[command(flatten)]
+    pub scenario: Scenario,
     /// Several rates in a row on the same connections (e.g. 1000,5000,10000); overrides --rate.
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<u64>,
@@ -60,9 +50,6 @@ pub struct FanoutArgs {
     /// Publisher batch period, ms.
     #[arg(long, default_value_t = 1)]
     pub batch_ms: u64,
-    /// Seed for the symbol assignment.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
     /// Use the server's simulator instead of a publisher (symbols from --sim-symbols).
     #[arg(long)]
     pub simulator: bool,
@@ -163,7 +150,11 @@ struct Shared {
 }
 
 pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
-    let bounds = if a.subscribers == 0 || a.subscribers > 200_000 || a.duration > 600.0 || a.warmup > 120.0 {
+    let bounds = if a.scenario.subscribers == 0
+        || a.scenario.subscribers > 200_000
+        || a.duration > 600.0
+        || a.warmup > 120.0
+    {
         Err("1..=200000 subscribers, duration <= 600 s, warmup <= 120 s")
     } else {
         Ok(())
@@ -174,7 +165,12 @@ pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
 /// Each subscriber's `k` symbols (deterministic from the seed), how many subscribers each
 /// symbol has, and `k`.
 fn assign(a: &FanoutArgs, names: &[String]) -> (Vec<Vec<usize>>, Vec<u64>, usize) {
-    let subs = common::assignment(a.subscribers, names.len(), a.per_sub, a.seed);
+    let subs = common::assignment(
+        a.scenario.subscribers,
+        names.len(),
+        a.scenario.per_sub,
+        a.scenario.seed,
+    );
     let mut per_sym = vec![0u64; names.len()];
     for &m in subs.iter().flatten() {
         per_sym[m] += 1;
@@ -187,14 +183,16 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     let names: Vec<String> = if a.simulator {
         a.sim_symbols.clone()
     } else {
-        (0..a.symbols.max(1)).map(|i| format!("S{i:04}")).collect()
+        (0..a.scenario.symbols.max(1))
+            .map(|i| format!("S{i:04}"))
+            .collect()
     };
     let (assignment, per_sym, k) = assign(&a, &names);
     let k = k as u64;
     let rates: Vec<u64> = if a.simulator {
         vec![0]
     } else if a.rates.is_empty() {
-        vec![a.rate]
+        vec![a.scenario.rate]
     } else {
         a.rates.clone()
     };
@@ -216,7 +214,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     };
 
     // Tokens up front (signing is not what we measure).
-    let tokens: Vec<String> = (0..a.subscribers)
+    let tokens: Vec<String> = (0..a.scenario.subscribers)
         .map(|i| ctx.token(&format!("lg-{i}"), &format!("s-{i}"), &["subscriber"], ttl))
         .collect();
 
@@ -228,12 +226,12 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     let run_s = a.connect_timeout + rates.len() as f64 * (a.warmup + a.duration + a.drain);
     let rounds = ((run_s / (ttl as f64 / 2.0).max(1.0)).ceil() as usize + 2)
         .min((VerifyPolicy::default().max_lifetime_secs / ttl.max(1)).saturating_sub(2) as usize)
-        .min(2_000_000 / a.subscribers.max(1));
+        .min(2_000_000 / a.scenario.subscribers.max(1));
 
     let sem = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
     let cpu0 = common::cpu_time();
     let t_conn = Instant::now();
-    let mut tasks = Vec::with_capacity(a.subscribers);
+    let mut tasks = Vec::with_capacity(a.scenario.subscribers);
     for (i, (syms, token)) in assignment.iter().zip(tokens).enumerate() {
         let sub_json = format!(
             r#"{{"op":"subscribe","id":1,"symbols":[{}]}}"#,
@@ -265,7 +263,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             }),
         )));
     }
-    let n = a.subscribers as u64;
+    let n = a.scenario.subscribers as u64;
     let deadline = Instant::now() + Duration::from_secs_f64(a.connect_timeout);
     loop {
         let c = &sh.c;

@@ -29,22 +29,12 @@ use std::time::Duration;
 use clap::Args;
 use hdrhistogram::Histogram;
 
-use crate::common::{Report, assignment, histogram, percentiles};
+use crate::common::{Report, Scenario, assignment, histogram, percentiles};
 
 #[derive(Args, Debug, Clone)]
 pub struct FloorArgs {
-    /// Subscriber connections (each takes two descriptors in this one process).
-    #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Distinct symbols.
-    #[arg(long, default_value_t = 100)]
-    pub symbols: usize,
-    /// Symbols per subscriber.
-    #[arg(long, default_value_t = 10)]
-    pub per_sub: usize,
-    /// Ticks per second (round-robin over the symbols).
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
+    #[command(flatten)]
+    pub scenario: Scenario,
     /// Bytes per tick record (tickgate's tick frames are about 110 bytes).
     #[arg(long, default_value_t = 112)]
     pub frame_bytes: usize,
@@ -65,9 +55,6 @@ pub struct FloorArgs {
     /// (counted), as a conflating server would.
     #[arg(long, default_value_t = 256 * 1024)]
     pub max_queued: usize,
-    /// Seed for the symbol assignment (as `fanout`).
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
     /// Print one JSON line after the table.
     #[arg(long)]
     pub json: bool,
@@ -83,11 +70,11 @@ const HDR: usize = 8;
 const ON_TIME_NS: u64 = 2_000_000;
 
 fn bounds(a: &FloorArgs) -> Result<(), String> {
-    let ok = (1..=100_000).contains(&a.subscribers)
-        && (1..=100_000).contains(&a.symbols)
-        && (1..=a.symbols).contains(&a.per_sub)
+    let ok = (1..=100_000).contains(&a.scenario.subscribers)
+        && (1..=100_000).contains(&a.scenario.symbols)
+        && (1..=a.scenario.symbols).contains(&a.scenario.per_sub)
         && a.max_queued <= 64 * 1024 * 1024
-        && (1..=10_000_000).contains(&a.rate)
+        && (1..=10_000_000).contains(&a.scenario.rate)
         && (HDR..=64 * 1024).contains(&a.frame_bytes)
         && a.max_queued >= a.frame_bytes
         && (0.0..=120.0).contains(&a.warmup)
@@ -104,22 +91,20 @@ fn bounds(a: &FloorArgs) -> Result<(), String> {
     }
 }
 
-fn clock_ns(id: libc::clockid_t) -> u64 {
+/// The monotonic clock both threads stamp and read (the server's own, so records and its
+/// histograms share one clock).
+fn mono_ns() -> u64 {
+    tickgate::metrics::mono_ns()
+}
+
+fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(id, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn mono_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn thread_cpu_ns() -> u64 {
-    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 fn sleep_until(t: u64) {
@@ -274,7 +259,7 @@ fn sender(
         .collect();
     let mut dirty: Vec<u32> = Vec::with_capacity(socks.len());
     let mut rec = vec![0u8; a.frame_bytes];
-    let due = |i: u64| start + (i as u128 * 1_000_000_000 / a.rate as u128) as u64;
+    let due = |i: u64| start + (i as u128 * 1_000_000_000 / a.scenario.rate as u128) as u64;
     let (mut ticks, mut sends, mut dropped, mut max_lag, mut enqueued) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut wcpu = WindowCpu::default();
     sleep_until(start);
@@ -460,14 +445,19 @@ pub struct Outcome {
 
 pub fn run(a: &FloorArgs) -> Result<Outcome, String> {
     bounds(a)?;
-    let subs = assignment(a.subscribers, a.symbols, a.per_sub, a.seed);
-    let mut by_sym: Vec<Vec<u32>> = vec![Vec::new(); a.symbols];
+    let subs = assignment(
+        a.scenario.subscribers,
+        a.scenario.symbols,
+        a.scenario.per_sub,
+        a.scenario.seed,
+    );
+    let mut by_sym: Vec<Vec<u32>> = vec![Vec::new(); a.scenario.symbols];
     for (i, mine) in subs.iter().enumerate() {
         for &s in mine {
             by_sym[s].push(i as u32);
         }
     }
-    let (srv, cli) = pairs(a.subscribers)
+    let (srv, cli) = pairs(a.scenario.subscribers)
         .map_err(|e| format!("{e} (two descriptors per subscriber: raise the open-file limit?)"))?;
     let usable = tickgate::rt::usable_cores();
     let pick = |i: usize| usable.get(i).copied();
@@ -522,10 +512,10 @@ pub fn main(a: FloorArgs) -> i32 {
     };
     let secs = o.secs;
     let mut r = Report::new("floor", &a.label);
-    r.add("subscribers", a.subscribers as u64);
-    r.add("symbols", a.symbols as u64);
-    r.add("per_sub", a.per_sub.min(a.symbols) as u64);
-    r.add("rate_ticks_per_s", a.rate);
+    r.add("subscribers", a.scenario.subscribers as u64);
+    r.add("symbols", a.scenario.symbols as u64);
+    r.add("per_sub", a.scenario.per_sub.min(a.scenario.symbols) as u64);
+    r.add("rate_ticks_per_s", a.scenario.rate);
     r.add("frame_bytes", a.frame_bytes as u64);
     r.add("duration_s", secs);
     let core = |c: Option<usize>| c.map_or(serde_json::Value::Null, |c| (c as u64).into());
@@ -563,17 +553,19 @@ mod tests {
     #[test]
     fn a_short_run_delivers_every_record_exactly_once() {
         let a = FloorArgs {
-            subscribers: 20,
-            symbols: 10,
-            per_sub: 2,
-            rate: 2000,
+            scenario: Scenario {
+                subscribers: 20,
+                symbols: 10,
+                per_sub: 2,
+                rate: 2000,
+                seed: 1,
+            },
             frame_bytes: 100,
             warmup: 0.05,
             duration: 0.3,
             sender_core: 0,
             receiver_core: 0,
             max_queued: 1 << 20,
-            seed: 1,
             json: false,
             label: String::new(),
         };
@@ -607,28 +599,36 @@ mod tests {
     #[test]
     fn bounds_refuse_what_cannot_run() {
         let ok = FloorArgs {
-            subscribers: 1,
-            symbols: 1,
-            per_sub: 1,
-            rate: 1,
+            scenario: Scenario {
+                subscribers: 1,
+                symbols: 1,
+                per_sub: 1,
+                rate: 1,
+                seed: 1,
+            },
             frame_bytes: 8,
             warmup: 0.0,
             duration: 1.0,
             sender_core: 0,
             receiver_core: 1,
             max_queued: 8,
-            seed: 1,
             json: false,
             label: String::new(),
         };
         assert!(bounds(&ok).is_ok());
         for bad in [
             FloorArgs {
-                rate: 0,
+                scenario: Scenario {
+                    rate: 0,
+                    ..ok.scenario
+                },
                 ..ok.clone()
             },
             FloorArgs {
-                rate: 20_000_000,
+                scenario: Scenario {
+                    rate: 20_000_000,
+                    ..ok.scenario
+                },
                 ..ok.clone()
             },
             FloorArgs {
@@ -652,7 +652,10 @@ mod tests {
                 ..ok.clone()
             },
             FloorArgs {
-                subscribers: 0,
+                scenario: Scenario {
+                    subscribers: 0,
+                    ..ok.scenario
+                },
                 ..ok.clone()
             },
         ] {
