@@ -658,6 +658,24 @@ mod tests {
                 },
                 ..ok.clone()
             },
+            FloorArgs {
+                scenario: Scenario {
+                    per_sub: 0,
+                    ..ok.scenario
+                },
+                ..ok.clone()
+            },
+            FloorArgs {
+                scenario: Scenario {
+                    per_sub: 2,
+                    ..ok.scenario
+                },
+                ..ok.clone()
+            },
+            FloorArgs {
+                max_queued: 1 << 30,
+                ..ok.clone()
+            },
         ] {
             assert!(bounds(&bad).is_err());
         }
