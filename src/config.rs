@@ -44,6 +44,8 @@
 //! | `server.driver` | "auto" | `"auto"`: io_uring when the kernel allows it, else epoll; `"epoll"`: always epoll |
 //! | `limits.max_head_bytes` | 8192 | bytes of an HTTP request head (request line + headers) |
 //! | `limits.max_headers` | 32 | header lines in an HTTP request head |
+//! | `limits.first_byte_timeout` | 2s | a new socket must send its first byte within this (at most `handshake_timeout`) |
+//! | `limits.per_ip_pending_handshakes` | 64 | connections one address may hold in the HTTP upgrade, per shard (trusted proxies exempt) |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
 //! | `admin.enabled` | true | whether the admin listener runs |
 //! | `lifetime.reauth_spread` | 10s | `reauth_required` goes out up to this much before `exp - reauth_lead`, spread per connection (at most half the time left) |
@@ -140,6 +142,8 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("slow_consumer_grace", Str),
                 ("max_head_bytes", Int),
                 ("max_headers", Int),
+                ("first_byte_timeout", Str),
+                ("per_ip_pending_handshakes", Int),
             ],
         ),
         (
@@ -332,6 +336,14 @@ pub struct LimitsConfig {
     pub max_head_bytes: usize,
     /// Extension: HTTP header lines. Default 32.
     pub max_headers: usize,
+    /// Extension: a new socket must send its first byte within this (then
+    /// `handshake_timeout`, counted from accept, applies). At most `handshake_timeout`.
+    /// Default 2s.
+    #[serde(with = "duration_serde")]
+    pub first_byte_timeout: Duration,
+    /// Extension: connections one client address may hold in the HTTP upgrade, per shard
+    /// (sockets from `auth.trusted_proxies` are exempt). Default 64.
+    pub per_ip_pending_handshakes: usize,
 }
 
 /// `[lifetime]`: reauth and liveness.
@@ -447,6 +459,8 @@ impl Default for LimitsConfig {
             slow_consumer_grace: Duration::from_secs(5),
             max_head_bytes: 8192,
             max_headers: 32,
+            first_byte_timeout: Duration::from_secs(2),
+            per_ip_pending_handshakes: 64,
         }
     }
 }
@@ -781,6 +795,23 @@ impl Config {
             return Err(ConfigError::invalid(
                 "limits.outbound_queue_bytes",
                 format!("{} is not in 4096..=1073741824", l.outbound_queue_bytes),
+            ));
+        }
+        if l.first_byte_timeout.is_zero() || l.first_byte_timeout > l.handshake_timeout {
+            return Err(ConfigError::invalid(
+                "limits.first_byte_timeout",
+                "must be above 0 and at most limits.handshake_timeout",
+            ));
+        }
+        if l.per_ip_pending_handshakes == 0
+            || l.per_ip_pending_handshakes > self.server.pending_handshakes_per_shard
+        {
+            return Err(ConfigError::invalid(
+                "limits.per_ip_pending_handshakes",
+                format!(
+                    "{} is not in 1..=server.pending_handshakes_per_shard ({})",
+                    l.per_ip_pending_handshakes, self.server.pending_handshakes_per_shard
+                ),
             ));
         }
         if l.slow_consumer_grace.is_zero() {
@@ -1403,6 +1434,8 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert_eq!(l.slow_consumer_grace, secs(5));
         assert_eq!(l.max_head_bytes, 8192);
         assert_eq!(l.max_headers, 32);
+        assert_eq!(l.first_byte_timeout, secs(2));
+        assert_eq!(l.per_ip_pending_handshakes, 64);
         assert_eq!(c.lifetime.reauth_lead, secs(60));
         assert_eq!(c.lifetime.reauth_grace, secs(30));
         assert_eq!(c.lifetime.heartbeat, secs(15));

@@ -22,6 +22,8 @@ use crate::auth::usercap::{self, UserSlot};
 use crate::proto::http::{self, Credential, Request, Response, Route};
 use crate::state::Shared;
 
+pub mod pending;
+
 /// A connection that passed every check: the caller answers `101` with these values.
 pub struct Admitted {
     pub claims: VerifiedClaims,

@@ -84,10 +84,19 @@ pub trait ReauthVerifier {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Add these (already acknowledged) symbols to the shard's subscription table; queue
-    /// snapshots when asked.
-    Subscribe { ids: Vec<SymbolId>, snapshot: bool },
-    /// Remove these symbols from the shard's subscription table.
-    Unsubscribe { ids: Vec<SymbolId> },
+    /// snapshots when asked. `waiting`: acknowledged names that no tick has created yet;
+    /// the shard waits for their first tick on this connection's behalf and then calls
+    /// [`Session::activate`].
+    Subscribe {
+        ids: Vec<SymbolId>,
+        snapshot: bool,
+        waiting: Vec<Box<str>>,
+    },
+    /// Remove these symbols (and these waiting names) from the shard's tables.
+    Unsubscribe {
+        ids: Vec<SymbolId>,
+        waiting: Vec<Box<str>>,
+    },
     /// Hand a validated, entitled batch to the hub (the ack is already queued).
     Publish { ticks: Vec<(SymbolId, Tick)> },
     /// The token changed: re-arm the reauth timers.
@@ -169,6 +178,17 @@ impl Identity {
     }
 }
 
+/// The part of a session most connections never need.
+#[derive(Default)]
+struct Rare {
+    /// Recent `rate_limited` replies (only a flooding client has any).
+    rate_limited_at: VecDeque<u64>,
+    /// Subscriptions to names no tick has created yet, acknowledged and held here rather
+    /// than in the server-wide symbol table, which only publishers fill; counted against
+    /// `max_symbols_per_connection` like the others. See [`Session::activate`].
+    waiting: Vec<Box<str>>,
+}
+
 pub struct Session {
     cfg: Arc<SessionConfig>,
     claims: Identity,
@@ -181,10 +201,9 @@ pub struct Session {
     /// Inbound token bucket: tokens scaled by 1000 to stay in integers.
     bucket_milli: u64,
     bucket_at_ms: u64,
-    /// Recent `rate_limited` replies. Boxed on purpose: only a flooding client ever has
-    /// one, and the box is 8 bytes where the deque is 32 in every connection.
-    #[allow(clippy::box_collection)]
-    rate_limited_at: Option<Box<VecDeque<u64>>>,
+    /// State only some connections ever have (see [`Rare`]). Boxed on purpose: 8 bytes
+    /// in every connection instead of 56.
+    rare: Option<Box<Rare>>,
     last_rx_ms: u64,
     /// `exp` for which `reauth_required` was already sent (so it goes out once per token).
     reauth_notified_exp: Option<NonZeroU64>,
@@ -217,7 +236,7 @@ impl Session {
             outbound,
             bucket_milli: burst,
             bucket_at_ms: now_ms,
-            rate_limited_at: None,
+            rare: None,
             last_rx_ms: now_ms,
             reauth_notified_exp: None,
             reauth_at_ms: 0,
@@ -244,6 +263,26 @@ impl Session {
 
     pub fn subscriptions(&self) -> &[SymbolId] {
         &self.subs
+    }
+
+    /// Subscribed names that no tick has created yet.
+    pub fn waiting_subscriptions(&self) -> &[Box<str>] {
+        self.rare.as_ref().map_or(&[], |r| &r.waiting)
+    }
+
+    /// The symbol `name`, which this session subscribed to before it existed, now exists
+    /// as `id`: the subscription becomes an ordinary one. Returns false when the session
+    /// no longer waits for `name` (it unsubscribed meanwhile).
+    pub fn activate(&mut self, name: &str, id: SymbolId) -> bool {
+        let Some(r) = self.rare.as_mut() else { return false };
+        let Some(pos) = r.waiting.iter().position(|n| **n == *name) else {
+            return false;
+        };
+        r.waiting.swap_remove(pos);
+        if !self.subs.contains(&id) {
+            self.subs.push(id);
+        }
+        true
     }
 
     pub fn is_closing(&self) -> bool {
@@ -279,8 +318,12 @@ impl Session {
     /// idle connection should cost its state and nothing more.
     pub fn trim(&mut self) {
         self.outbound.shrink_if_empty();
-        if self.rate_limited_at.as_ref().is_some_and(|q| q.is_empty()) {
-            self.rate_limited_at = None;
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.rate_limited_at.is_empty() && r.waiting.is_empty())
+        {
+            self.rare = None;
         }
     }
 
@@ -378,6 +421,38 @@ impl Session {
         }
     }
 
+    /// Holds the outbound queue to its budget after the session queued replies (the shard
+    /// calls it after every batch of [`Action`]s, ticks go through [`Self::push_tick`]).
+    /// Every queued byte counts, control frames included:
+    /// - past `outbound_queue_bytes` a slow-consumer episode starts: returns the time to
+    ///   arm the slow-consumer timer at (once per episode), which closes with `4008` unless
+    ///   the client has read its way back under the bound by then;
+    /// - control frames alone past twice `outbound_queue_bytes` (a client that keeps
+    ///   asking and never reads; replies are never conflated, and a reply-heavy client
+    ///   could otherwise queue megabytes within the grace) close with `4008` at once, so
+    ///   a connection's replies never hold more than twice the bound plus one reply.
+    #[must_use]
+    pub fn enforce_budget(&mut self, now_ms: u64, actions: &mut Vec<Action>) -> Option<u64> {
+        if self.state == State::Closing {
+            return None;
+        }
+        if self.outbound.control_bytes() > self.cfg.outbound_queue_bytes.saturating_mul(2) {
+            actions.push(Action::Log {
+                event: "close",
+                outcome: "closed",
+                reason: "slow_consumer",
+            });
+            self.outbound.clear();
+            self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
+            return None;
+        }
+        if self.outbound.over_budget() && self.slow_since_ms.is_none() {
+            self.slow_since_ms = NonZeroU64::new(now_ms.max(1));
+            return Some(now_ms + self.cfg.slow_consumer_grace_ms);
+        }
+        None
+    }
+
     /// The writer drained the queue below its budget: the slow-consumer episode is over.
     pub fn note_drained(&mut self) {
         if !self.outbound.over_budget() && !self.outbound.is_conflating() {
@@ -417,12 +492,20 @@ impl Session {
         }
         match m {
             Incoming::Text(text) => {
-                if !self.take_token(now_ms) {
-                    self.reply_rate_limited(now_ms, actions);
+                let allowed = self.take_token(now_ms);
+                let mut buf = text.to_vec();
+                let parsed = msg::parse_client_msg(&mut buf, &self.cfg.msg_limits);
+                if !allowed {
+                    // Refused, but with the request's `id`, so a client that correlates
+                    // replies learns which request it was.
+                    let id = match &parsed {
+                        Ok(cm) => cm.id(),
+                        Err(e) => e.id,
+                    };
+                    self.reply_rate_limited(now_ms, id, actions);
                     return;
                 }
-                let mut buf = text.to_vec();
-                match msg::parse_client_msg(&mut buf, &self.cfg.msg_limits) {
+                match parsed {
                     Ok(cm) => self.handle_client_msg(now_ms, cm, symbols, auth, actions),
                     Err(e) => self.reply_error(e.id, e.code, &e.message),
                 }
@@ -430,10 +513,20 @@ impl Session {
             Incoming::Binary(_) => {
                 self.close(CloseCode::UNSUPPORTED, "binary frames are not supported", actions);
             }
+            // Control frames count against the message rate like data frames: a ping costs
+            // the server a reply, a pong a wake-up.
             Incoming::Ping(payload) => {
-                self.outbound.push_control(encode_frame(OpCode::Pong, &payload));
+                if self.take_token(now_ms) {
+                    self.outbound.push_pong(encode_frame(OpCode::Pong, &payload));
+                } else {
+                    self.reply_rate_limited(now_ms, None, actions);
+                }
             }
-            Incoming::Pong(_) => {}
+            Incoming::Pong(_) => {
+                if !self.take_token(now_ms) {
+                    self.reply_rate_limited(now_ms, None, actions);
+                }
+            }
             Incoming::Close(code) => {
                 // Echo the peer's code (RFC 6455 5.5.1); a close without a code gets 1000.
                 let code = code.map(|(c, _)| c).unwrap_or(CloseCode::NORMAL);
@@ -489,8 +582,10 @@ impl Session {
             return;
         }
         let mut accepted: Vec<(SymbolId, &str)> = Vec::new();
+        let mut acked: Vec<&str> = Vec::new();
         let mut rejected: Vec<(&str, ErrorCode)> = Vec::new();
         let mut new_ids: Vec<SymbolId> = Vec::new();
+        let mut new_waiting: Vec<&str> = Vec::new();
         for name in &names {
             if !is_valid_symbol(name) {
                 rejected.push((name, ErrorCode::BadRequest));
@@ -500,20 +595,25 @@ impl Session {
                 rejected.push((name, ErrorCode::Forbidden));
                 continue;
             }
-            let Ok(sid) = symbols.intern(name) else {
-                // The server-wide symbol table is full: nothing by this name can exist.
-                rejected.push((name, ErrorCode::NotFound));
-                continue;
-            };
-            if accepted.iter().any(|(a, _)| *a == sid) {
+            if acked.contains(&name.as_str()) {
                 continue;
             }
-            accepted.push((sid, name));
-            if !self.subs.contains(&sid) {
-                new_ids.push(sid);
+            acked.push(name);
+            // A subscriber never creates a symbol: a name no tick has created yet waits
+            // on this connection (see `Rare::waiting`).
+            match symbols.lookup(name) {
+                _ if self.waiting_subscriptions().iter().any(|w| **w == **name) => {}
+                Some(sid) => {
+                    accepted.push((sid, name));
+                    if !self.subs.contains(&sid) {
+                        new_ids.push(sid);
+                    }
+                }
+                None => new_waiting.push(name),
             }
         }
-        if self.subs.len() + new_ids.len() > self.cfg.max_symbols_per_connection {
+        let held = self.subs.len() + self.waiting_subscriptions().len();
+        if held + new_ids.len() + new_waiting.len() > self.cfg.max_symbols_per_connection {
             let msg = format!(
                 "at most {} symbols per connection",
                 self.cfg.max_symbols_per_connection
@@ -522,14 +622,22 @@ impl Session {
             return;
         }
         self.subs.extend_from_slice(&new_ids);
-        let acked: Vec<&str> = accepted.iter().map(|(_, n)| *n).collect();
+        let waiting: Vec<Box<str>> = new_waiting.iter().map(|n| Box::from(*n)).collect();
+        if !waiting.is_empty() {
+            let r = self.rare.get_or_insert_with(Box::default);
+            r.waiting.extend(waiting.iter().cloned());
+        }
         self.outbound
             .push_control(json_frame(|b| msg::encode_subscribed(id, &acked, &rejected, b)));
         // Already-held symbols are acknowledged again but need no table change; a snapshot
         // is still sent for them when asked, so `snapshot:true` always yields the latest.
         let ids: Vec<SymbolId> = accepted.iter().map(|(s, _)| *s).collect();
-        if !ids.is_empty() {
-            actions.push(Action::Subscribe { ids, snapshot });
+        if !ids.is_empty() || !waiting.is_empty() {
+            actions.push(Action::Subscribe {
+                ids,
+                snapshot,
+                waiting,
+            });
         }
     }
 
@@ -541,9 +649,15 @@ impl Session {
         actions: &mut Vec<Action>,
     ) {
         let mut removed_ids = Vec::new();
+        let mut removed_waiting: Vec<Box<str>> = Vec::new();
         let mut removed: Vec<&str> = Vec::new();
         for name in &names {
-            if let Some(sid) = symbols.lookup(name)
+            if let Some(r) = self.rare.as_mut()
+                && let Some(pos) = r.waiting.iter().position(|w| **w == **name)
+            {
+                removed_waiting.push(r.waiting.swap_remove(pos));
+                removed.push(name);
+            } else if let Some(sid) = symbols.lookup(name)
                 && let Some(pos) = self.subs.iter().position(|s| *s == sid)
             {
                 self.subs.swap_remove(pos);
@@ -554,8 +668,11 @@ impl Session {
         }
         self.outbound
             .push_control(json_frame(|b| msg::encode_unsubscribed(id, &removed, None, b)));
-        if !removed_ids.is_empty() {
-            actions.push(Action::Unsubscribe { ids: removed_ids });
+        if !removed_ids.is_empty() || !removed_waiting.is_empty() {
+            actions.push(Action::Unsubscribe {
+                ids: removed_ids,
+                waiting: removed_waiting,
+            });
         }
     }
 
@@ -687,14 +804,32 @@ impl Session {
         for sid in &dropped_ids {
             self.outbound.remove_symbol(*sid);
         }
+        let mut dropped_waiting: Vec<Box<str>> = Vec::new();
+        if let Some(r) = self.rare.as_mut() {
+            let ents = &self.ents;
+            r.waiting.retain(|n| {
+                let keep = may_subscribe && ents.allows(n);
+                if !keep {
+                    dropped_waiting.push(n.clone());
+                }
+                keep
+            });
+        }
         self.outbound
             .push_control(json_frame(|b| msg::encode_reauthed(id, self.claims.exp, b)));
-        if !dropped_ids.is_empty() {
-            let names: Vec<&str> = dropped_names.iter().map(|n| &**n).collect();
+        if !dropped_ids.is_empty() || !dropped_waiting.is_empty() {
+            let names: Vec<&str> = dropped_names
+                .iter()
+                .map(|n| &**n)
+                .chain(dropped_waiting.iter().map(|n| &**n))
+                .collect();
             self.outbound.push_control(json_frame(|b| {
                 msg::encode_unsubscribed(None, &names, Some("entitlement"), b)
             }));
-            actions.push(Action::Unsubscribe { ids: dropped_ids });
+            actions.push(Action::Unsubscribe {
+                ids: dropped_ids,
+                waiting: dropped_waiting,
+            });
         }
         actions.push(Action::Log {
             event: "reauth",
@@ -722,8 +857,8 @@ impl Session {
         }
     }
 
-    fn reply_rate_limited(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let q = self.rate_limited_at.get_or_insert_with(Box::default);
+    fn reply_rate_limited(&mut self, now_ms: u64, id: Option<u64>, actions: &mut Vec<Action>) {
+        let q = &mut self.rare.get_or_insert_with(Box::default).rate_limited_at;
         while q
             .front()
             .is_some_and(|t| now_ms.saturating_sub(*t) >= RATE_LIMITED_WINDOW_MS)
@@ -740,7 +875,7 @@ impl Session {
             return;
         }
         q.push_back(now_ms);
-        self.reply_error(None, ErrorCode::RateLimited, "too many messages");
+        self.reply_error(id, ErrorCode::RateLimited, "too many messages");
     }
 
     fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
@@ -828,10 +963,15 @@ mod tests {
         let key = generate_signing_key().unwrap();
         let mut ks = KeySet::new();
         ks.insert("k1", key.verifying_key()).unwrap();
+        // Two symbols exist (a publisher created them); any other name a test subscribes
+        // to is one no tick has created yet.
+        let symbols = SymbolTable::new(64);
+        symbols.intern("BTC-USD").unwrap();
+        symbols.intern("ETH-USD").unwrap();
         World {
             key,
             verifier: Verifier::new(ks, VerifyPolicy::default()),
-            symbols: SymbolTable::new(64),
+            symbols,
         }
     }
 
@@ -989,7 +1129,10 @@ mod tests {
             serde_json::json!({"type":"unsubscribed","symbols":["ETH-USD"],"reason":"entitlement"})
         );
         let eth = w.symbols.lookup("ETH-USD").unwrap();
-        assert!(a.contains(&Action::Unsubscribe { ids: vec![eth] }));
+        assert!(a.contains(&Action::Unsubscribe {
+            ids: vec![eth],
+            waiting: vec![]
+        }));
         assert!(a.contains(&Action::DeadlinesChanged));
         assert_eq!(s.subscriptions().len(), 1);
         // The old deadline no longer closes: the timer re-arms at the new one.
@@ -1232,6 +1375,227 @@ mod tests {
         );
         s.handle_timer(TimerKind::Idle, idle - 1000 + 45_000, &mut a);
         assert!(a.contains(&Action::Close { code: 4000 }));
+    }
+
+    fn session_with(w: &World, c: SessionConfig) -> Session {
+        let mut s = Session::new(
+            Arc::new(c),
+            verified(w, &claims(T0 + 300)),
+            "127.0.0.1".parse().unwrap(),
+            T0 * 1000,
+        );
+        drain(&mut s);
+        s
+    }
+
+    /// Issue 14, hole 2: a client that pings and never reads. Its pongs are coalesced (one
+    /// waits, answering the latest ping), pings count against the message rate, and the
+    /// connection ends with `4029` instead of growing a queue of pongs.
+    #[test]
+    fn a_ping_flood_holds_one_pong_and_ends_with_4029() {
+        let w = world();
+        let mut c = cfg();
+        c.inbound_messages_per_sec = 50;
+        let mut s = session_with(&w, c);
+        let mut a = Vec::new();
+        let now = T0 * 1000;
+        for i in 0..10_000u32 {
+            let payload = Bytes::from(vec![(i % 251) as u8; 125]);
+            s.handle_message(
+                now + u64::from(i / 1000),
+                Incoming::Ping(payload),
+                &w.symbols,
+                &w,
+                &mut a,
+            );
+            if s.is_closing() {
+                break;
+            }
+        }
+        assert!(a.contains(&Action::Close { code: 4029 }), "{a:?}");
+        // One pong (125 bytes + 2 header), ten `rate_limited` replies and the close.
+        assert!(s.outbound.queued_bytes() < 2048, "{}", s.outbound.queued_bytes());
+        let out = drain(&mut s);
+        assert_eq!(out.iter().filter(|v| v["pong"] == true).count(), 1);
+        assert_eq!(out.iter().filter(|v| v["code"] == "rate_limited").count(), 10);
+        assert_eq!(out.last(), Some(&serde_json::json!({"close": 4029})));
+    }
+
+    #[test]
+    fn the_waiting_pong_answers_the_latest_ping() {
+        let w = world();
+        let mut s = session_with(&w, cfg());
+        let mut a = Vec::new();
+        for p in [&b"one"[..], b"two", b"three"] {
+            s.handle_message(
+                T0 * 1000,
+                Incoming::Ping(Bytes::copy_from_slice(p)),
+                &w.symbols,
+                &w,
+                &mut a,
+            );
+        }
+        let mut buf = Vec::new();
+        s.outbound.drain_into(&mut buf, usize::MAX);
+        assert_eq!(buf, [&[0x8a, 5][..], b"three"].concat());
+        // Once written, the next ping gets its own pong.
+        s.handle_message(
+            T0 * 1000,
+            Incoming::Ping(Bytes::from_static(b"four")),
+            &w.symbols,
+            &w,
+            &mut a,
+        );
+        assert_eq!(s.outbound.queued_bytes(), 6);
+    }
+
+    /// Issue 14, hole 2 with replies: requests that each cost a reply, from a client that
+    /// never reads, start the slow-consumer episode past the bound and, once the replies
+    /// alone exceed it, close with `4008` at once.
+    #[test]
+    fn unread_replies_count_against_the_outbound_bound() {
+        let w = world();
+        let mut c = cfg();
+        c.inbound_messages_per_sec = 1_000_000;
+        c.outbound_queue_bytes = 4096;
+        let mut s = session_with(&w, c);
+        let mut a = Vec::new();
+        let now = T0 * 1000;
+        let mut armed = None;
+        for i in 0..10_000u64 {
+            text(&w, &mut s, now, serde_json::json!({"op":"ping","id":i}), &mut a);
+            if let Some(at) = s.enforce_budget(now, &mut a) {
+                assert!(armed.is_none(), "armed once per episode");
+                armed = Some((at, s.outbound.queued_bytes()));
+            }
+            if s.is_closing() {
+                break;
+            }
+        }
+        let (at, queued) = armed.expect("the slow-consumer timer was armed");
+        assert_eq!(at, now + 5_000);
+        assert!(queued > 4096 && queued < 4096 + 64, "{queued}");
+        assert!(a.contains(&Action::Close { code: 4008 }), "{a:?}");
+        // The backlog was dropped: only the close frame waits.
+        assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4008})]);
+    }
+
+    /// Issue 15 defect: `rate_limited` echoes the refused request's `id`.
+    #[test]
+    fn rate_limited_echoes_the_id() {
+        let w = world();
+        let mut c = cfg();
+        c.inbound_messages_per_sec = 1;
+        let mut s = session_with(&w, c);
+        let mut a = Vec::new();
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"ping","id":1}),
+            &mut a,
+        );
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"subscribe","id":77,"symbols":["BTC-USD"]}),
+            &mut a,
+        );
+        let out = drain(&mut s);
+        assert_eq!(out[1]["code"], "rate_limited");
+        assert_eq!(out[1]["id"], 77);
+    }
+
+    /// Issue 14, hole 5: subscribing to names no tick has created never touches the
+    /// server-wide table; the subscriptions wait on the connection, count against its
+    /// bound, and are released by unsubscribe.
+    #[test]
+    fn subscribers_never_create_symbols() {
+        let w = world();
+        let mut s = open(&w, T0 + 300);
+        let mut a = Vec::new();
+        for round in 0..100u64 {
+            // A second per round: the message rate is not what this test is about.
+            let now = T0 * 1000 + round * 1000;
+            let names: Vec<String> = (0..1024).map(|i| format!("BTC-J{round:03}{i:04}")).collect();
+            text(
+                &w,
+                &mut s,
+                now,
+                serde_json::json!({"op":"subscribe","symbols":names}),
+                &mut a,
+            );
+            assert_eq!(s.waiting_subscriptions().len(), 1024);
+            let out = drain(&mut s);
+            assert_eq!(out[0]["symbols"].as_array().unwrap().len(), 1024, "acknowledged");
+            assert!(
+                matches!(a.pop(), Some(Action::Subscribe { ref ids, ref waiting, .. }) if ids.is_empty() && waiting.len() == 1024)
+            );
+            // The bound counts waiting subscriptions.
+            text(
+                &w,
+                &mut s,
+                now,
+                serde_json::json!({"op":"subscribe","id":2,"symbols":["BTC-USD"]}),
+                &mut a,
+            );
+            assert_eq!(drain(&mut s)[0]["code"], "too_many_symbols");
+            text(
+                &w,
+                &mut s,
+                now,
+                serde_json::json!({"op":"unsubscribe","symbols":names}),
+                &mut a,
+            );
+            assert!(
+                matches!(a.pop(), Some(Action::Unsubscribe { ref ids, ref waiting }) if ids.is_empty() && waiting.len() == 1024)
+            );
+            assert_eq!(drain(&mut s)[0]["symbols"].as_array().unwrap().len(), 1024);
+            assert!(s.waiting_subscriptions().is_empty());
+        }
+        assert_eq!(w.symbols.len(), 2, "only the published symbols exist");
+    }
+
+    #[test]
+    fn a_waiting_subscription_activates_and_narrows() {
+        let w = world();
+        let mut s = open(&w, T0 + 300);
+        let mut a = Vec::new();
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"subscribe","symbols":["NEW-1","NEW-2"]}),
+            &mut a,
+        );
+        drain(&mut s);
+        // A publisher creates NEW-1: the shard activates the waiting subscription.
+        let id = w.symbols.intern("NEW-1").unwrap();
+        assert!(s.activate("NEW-1", id));
+        assert!(!s.activate("NEW-1", id), "once");
+        assert_eq!(s.subscriptions().last(), Some(&id));
+        assert_eq!(&*s.waiting_subscriptions(), &[Box::<str>::from("NEW-2")]);
+        // A reauth that no longer allows `NEW-*` ends both kinds.
+        let mut fresh = claims(T0 + 600);
+        fresh.iat = Some(T0);
+        fresh.symbols = vec!["BTC-*".into()];
+        let tok = sign_token(&w.key, "k1", &fresh);
+        a.clear();
+        text(
+            &w,
+            &mut s,
+            T0 * 1000,
+            serde_json::json!({"op":"reauth","token":tok}),
+            &mut a,
+        );
+        let out = drain(&mut s);
+        assert_eq!(out[1]["symbols"], serde_json::json!(["NEW-1", "NEW-2"]));
+        assert!(a.contains(&Action::Unsubscribe {
+            ids: vec![id],
+            waiting: vec!["NEW-2".into()]
+        }));
+        assert!(s.waiting_subscriptions().is_empty());
     }
 
     #[test]

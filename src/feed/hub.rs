@@ -152,6 +152,9 @@ impl Hub {
                 continue;
             };
             let mut st = lock(state);
+            // Shards whose connections subscribed before the symbol existed get its first
+            // tick (and every later one) like any subscribed shard.
+            st.shard_mask |= self.symbols.take_handoff(*id);
             st.seq += 1;
             let seq = st.seq;
             let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);

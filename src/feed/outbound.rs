@@ -103,6 +103,11 @@ pub fn encode_tick_frame(
     }
 }
 
+/// A frame length for the 32-bit control counter (saturating).
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// What happened to a pushed tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -118,15 +123,21 @@ pub enum Pushed {
 
 enum Entry {
     Control(Bytes),
+    /// A pong frame: at most one is queued; a newer ping replaces its payload.
+    Pong(Bytes),
     Tick(Arc<SharedTick>),
 }
 
 impl Entry {
     fn len(&self) -> usize {
         match self {
-            Entry::Control(b) => b.len(),
+            Entry::Control(b) | Entry::Pong(b) => b.len(),
             Entry::Tick(t) => t.frame.len(),
         }
+    }
+
+    fn is_control(&self) -> bool {
+        !matches!(self, Entry::Tick(_))
     }
 }
 
@@ -144,7 +155,14 @@ pub struct OutboundQueue {
     /// every idle connection would otherwise carry).
     conflated: Option<Box<Conflated>>,
     queued_bytes: usize,
+    /// Bytes of queued control frames (replies, pings, pongs, close): they are never
+    /// conflated, so this is what a client that asks without reading can grow. 32 bits
+    /// (saturating): the session closes a connection long before 4 GiB, and the queue then
+    /// stays in the connection's 640-byte allocation class.
+    control_bytes: u32,
     conflating: bool,
+    /// A pong is in the FIFO.
+    pong_queued: bool,
     conflated_total: u64,
 }
 
@@ -191,7 +209,9 @@ impl OutboundQueue {
             fifo: VecDeque::new(),
             conflated: None,
             queued_bytes: 0,
+            control_bytes: 0,
             conflating: false,
+            pong_queued: false,
             conflated_total: 0,
         }
     }
@@ -200,7 +220,34 @@ impl OutboundQueue {
     /// always in order relative to other control frames, counted in `queued_bytes`.
     pub fn push_control(&mut self, frame: Bytes) {
         self.queued_bytes += frame.len();
+        self.control_bytes = self.control_bytes.saturating_add(len32(frame.len()));
         self.fifo.push_back(Entry::Control(frame));
+    }
+
+    /// Queues a pong. A pong still waiting is replaced, not joined: it answers the latest
+    /// ping (RFC 6455 section 5.5.3 allows answering only the most recent), so a client
+    /// that pings without reading holds one pong here, whatever its ping rate.
+    pub fn push_pong(&mut self, frame: Bytes) {
+        if self.pong_queued
+            && let Some(Entry::Pong(old)) = self.fifo.iter_mut().rev().find(|e| matches!(e, Entry::Pong(_)))
+        {
+            self.queued_bytes = self.queued_bytes - old.len() + frame.len();
+            self.control_bytes = self
+                .control_bytes
+                .saturating_sub(len32(old.len()))
+                .saturating_add(len32(frame.len()));
+            *old = frame;
+            return;
+        }
+        self.queued_bytes += frame.len();
+        self.control_bytes = self.control_bytes.saturating_add(len32(frame.len()));
+        self.pong_queued = true;
+        self.fifo.push_back(Entry::Pong(frame));
+    }
+
+    /// Bytes of control frames waiting (see the field).
+    pub fn control_bytes(&self) -> usize {
+        self.control_bytes as usize
     }
 
     /// Queues a tick for this connection (FIFO below the bound, conflated at/over it).
@@ -259,7 +306,15 @@ impl OutboundQueue {
                 return (moved, oldest);
             }
             match self.fifo.pop_front() {
-                Some(Entry::Control(b)) => out.extend_from_slice(&b),
+                Some(Entry::Control(b)) => {
+                    self.control_bytes = self.control_bytes.saturating_sub(len32(len));
+                    out.extend_from_slice(&b);
+                }
+                Some(Entry::Pong(b)) => {
+                    self.control_bytes = self.control_bytes.saturating_sub(len32(len));
+                    self.pong_queued = false;
+                    out.extend_from_slice(&b);
+                }
                 Some(Entry::Tick(t)) => {
                     oldest = oldest.min(t.accepted_ns);
                     out.extend_from_slice(&t.frame);
@@ -339,6 +394,8 @@ impl OutboundQueue {
         self.fifo.clear();
         self.conflated = None;
         self.queued_bytes = 0;
+        self.control_bytes = 0;
+        self.pong_queued = false;
         self.conflating = false;
     }
 
@@ -366,7 +423,7 @@ impl OutboundQueue {
             none_conflated = c.slots.is_empty();
         }
         self.queued_bytes -= freed;
-        if none_conflated && self.fifo.iter().all(|e| matches!(e, Entry::Control(_))) {
+        if none_conflated && self.fifo.iter().all(Entry::is_control) {
             // Nothing conflated and no ticks in flight: no order to protect any more.
             self.conflating = false;
         }

@@ -20,11 +20,27 @@
 //! never freed (a symbol seen once is likely to be seen again, and recycling an id would
 //! race with in-flight ticks that still carry it).
 //!
-//! Lock order: a DashMap shard lock, then the name table lock; `name()` only takes the
-//! latter, so there is no cycle. Both the bound check and the push happen under the
-//! name-table write lock, so the bound is exact even under concurrent interning.
+//! Lock order: the waiting lock, then a DashMap shard lock, then the name table lock;
+//! `name()` only takes the last, so there is no cycle. Both the bound check and the push
+//! happen under the name-table write lock, so the bound is exact even under concurrent
+//! interning.
+//!
+//! # Who creates a symbol
+//!
+//! Only a published tick (or a configured symbol) takes an entry: [`SymbolTable::intern`]
+//! is for publishers and the simulator. A subscriber names symbols with
+//! [`SymbolTable::lookup`], and a subscription to a name that does not exist yet is held by
+//! its connection, not by this table: the shard registers the name with
+//! [`SymbolTable::wait_for`] (a bit per shard, an entry only while some connection waits),
+//! and when a publisher interns the name the shards waiting for it are handed to the hub
+//! ([`SymbolTable::take_handoff`]) before the first tick goes out, so a subscription made
+//! before the first tick still receives that tick. The waiting entries are bounded by the
+//! connections' own subscription bounds and freed with them ([`SymbolTable::stop_waiting`]),
+//! so subscribing to made-up names can no longer fill the table (issue 14).
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -54,6 +70,12 @@ pub(crate) fn is_rest_char(c: u8) -> bool {
     is_first_char(c) || matches!(c, b'.' | b'_' | b':' | b'/' | b'-')
 }
 
+/// A poisoned lock only means another thread panicked holding it; the maps stay
+/// consistent (every update is a single insert or remove).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Dense id of an interned symbol; valid for the life of its [`SymbolTable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SymbolId(pub u32);
@@ -74,6 +96,23 @@ pub struct SymbolTable {
     ids: DashMap<Box<str>, SymbolId>,
     names: RwLock<Vec<Arc<str>>>,
     max_symbols: usize,
+    /// Names some shard's connections subscribed to before they existed: name -> mask of
+    /// those shards. Also guards the interning of new names (see [`Self::intern`]).
+    waiting: Mutex<HashMap<Box<str>, u64>>,
+    /// Shards waiting for a symbol interned since, until its first tick takes them
+    /// ([`Self::take_handoff`]): id -> shard mask.
+    handoff: Mutex<HashMap<SymbolId, u64>>,
+    /// `handoff` is not empty (a lock-free check for the publish path).
+    handoff_pending: AtomicBool,
+}
+
+/// What [`SymbolTable::wait_for`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The symbol exists now: subscribe to it as usual.
+    Exists(SymbolId),
+    /// The shard is registered as waiting for the name.
+    Waiting,
 }
 
 impl SymbolTable {
@@ -83,6 +122,9 @@ impl SymbolTable {
             ids: DashMap::new(),
             names: RwLock::new(Vec::new()),
             max_symbols: max_symbols.min(u32::MAX as usize),
+            waiting: Mutex::new(HashMap::new()),
+            handoff: Mutex::new(HashMap::new()),
+            handoff_pending: AtomicBool::new(false),
         }
     }
 
@@ -99,6 +141,20 @@ impl SymbolTable {
         if !is_valid_symbol(s) {
             return Err(SymbolError::Invalid);
         }
+        // A new name: under the waiting lock, so a shard registering as waiting for it
+        // either sees it interned or is handed over with it, never neither.
+        let mut waiting = lock(&self.waiting);
+        let id = self.insert_new(s)?;
+        if let Some(mask) = waiting.remove(s) {
+            let mut handoff = lock(&self.handoff);
+            *handoff.entry(id).or_insert(0) |= mask;
+            self.handoff_pending.store(true, Ordering::Release);
+        }
+        drop(waiting);
+        Ok(id)
+    }
+
+    fn insert_new(&self, s: &str) -> Result<SymbolId, SymbolError> {
         match self.ids.entry(Box::from(s)) {
             // Another shard interned it between our lookup and the entry lock.
             Entry::Occupied(e) => Ok(*e.get()),
@@ -118,6 +174,65 @@ impl SymbolTable {
     /// The id of `s` if it was interned before; never inserts.
     pub fn lookup(&self, s: &str) -> Option<SymbolId> {
         self.ids.get(s).map(|id| *id)
+    }
+
+    /// Shard `shard` has connections subscribed to `name` (a valid symbol), which may not
+    /// exist yet. Only for shards 0..64 (the hub's shard masks).
+    pub fn wait_for(&self, shard: usize, name: &str) -> Wait {
+        if let Some(id) = self.lookup(name) {
+            return Wait::Exists(id);
+        }
+        let mut waiting = lock(&self.waiting);
+        if let Some(id) = self.lookup(name) {
+            return Wait::Exists(id);
+        }
+        if shard < 64 {
+            *waiting.entry(Box::from(name)).or_insert(0) |= 1 << shard;
+        }
+        Wait::Waiting
+    }
+
+    /// Shard `shard` no longer has connections waiting for `name`. When the name was
+    /// interned meanwhile, returns its id: the shard may have been handed to the hub
+    /// already, and must then leave the symbol there too (`Hub::unsubscribe_last`).
+    pub fn stop_waiting(&self, shard: usize, name: &str) -> Option<SymbolId> {
+        let bit = if shard < 64 { 1u64 << shard } else { 0 };
+        let mut waiting = lock(&self.waiting);
+        if let Some(mask) = waiting.get_mut(name) {
+            *mask &= !bit;
+            if *mask == 0 {
+                waiting.remove(name);
+            }
+            return None;
+        }
+        let id = self.lookup(name)?;
+        let mut handoff = lock(&self.handoff);
+        if let Some(mask) = handoff.get_mut(&id) {
+            *mask &= !bit;
+            if *mask == 0 {
+                handoff.remove(&id);
+            }
+        }
+        Some(id)
+    }
+
+    /// The shards that waited for `id` before it existed (once; 0 when none). The hub
+    /// calls it under the symbol's lock before sending a tick.
+    pub fn take_handoff(&self, id: SymbolId) -> u64 {
+        if !self.handoff_pending.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut handoff = lock(&self.handoff);
+        let mask = handoff.remove(&id).unwrap_or(0);
+        if handoff.is_empty() {
+            self.handoff_pending.store(false, Ordering::Release);
+        }
+        mask
+    }
+
+    /// Names some connection waits for (for `/metrics`).
+    pub fn waiting_len(&self) -> usize {
+        lock(&self.waiting).len()
     }
 
     /// The name of an interned symbol.

@@ -158,12 +158,21 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
             }
         }
     }
+    let accepted_ms = ctx.now_ms();
     let (idx, generation, conn) = ctx.register(fd);
-    ctx.handshakes.set(ctx.handshakes.get() + 1);
+    if !ctx.admit_pending(idx, peer.ip()) {
+        ctx.task_done(idx, generation, true);
+        return;
+    }
     // Boxed: the HTTP phase's state is freed once it is over instead of staying inline in
     // this (long-lived) future, which keeps an idle connection small.
-    let admitted = Box::pin(handshake(&ctx, &stream, peer, peer_rate, &mut tls)).await;
-    ctx.handshakes.set(ctx.handshakes.get().saturating_sub(1));
+    let pending = Pending {
+        idx,
+        conn: &conn,
+        accepted_ms,
+    };
+    let admitted = Box::pin(handshake(&ctx, &stream, peer, peer_rate, &mut tls, pending)).await;
+    ctx.pending.borrow_mut().remove(idx);
     let Some((admitted, leftover)) = admitted else {
         ctx.task_done(idx, generation, true);
         return;
@@ -214,6 +223,13 @@ fn open_session(
     ctx.open(idx, &mut c, session, decoder);
 }
 
+/// A connection in the upgrade, for its deadlines.
+struct Pending<'a> {
+    idx: usize,
+    conn: &'a ConnRef,
+    accepted_ms: u64,
+}
+
 /// The HTTP phase. Returns the admitted identity and any bytes after the request.
 /// With TLS, `req_buf` holds decrypted bytes and the TLS handshake runs inside this loop
 /// (its flights are written as rustls produces them), so the handshake deadline armed at
@@ -224,6 +240,7 @@ async fn handshake(
     peer: SocketAddr,
     peer_rate: PeerRate,
     tls: &mut Option<Box<ServerConnection>>,
+    pending: Pending<'_>,
 ) -> Option<(Box<gate::Admitted>, Vec<u8>)> {
     let limits = RequestLimits {
         max_head_bytes: ctx.shared.cfg.limits.max_head_bytes,
@@ -232,42 +249,51 @@ async fn handshake(
     };
     let cap = limits.max_head_bytes + limits.max_body_bytes;
     let mut req_buf: Vec<u8> = Vec::new();
+    // Wait for readability only after a read found the socket empty: a client that keeps
+    // the socket full is read once per turn (see the yield below), never in a tight loop.
+    let mut wait = true;
     let (consumed, req) = loop {
-        if stream.readable(false).await.is_err() {
+        if wait && stream.readable(false).await.is_err() {
             return None;
         }
+        // One read per turn, at most what the request may still need: a head that has not
+        // ended within `max_head_bytes` is refused by the parser below as soon as those bytes
+        // are here, so an endless head costs one bounded buffer and a few reads, and the
+        // handshake deadline (armed at accept, never extended by arriving bytes) can fire
+        // between turns.
         let mut tls_end = None;
-        loop {
-            let r = {
-                let mut buf = ctx.read_buf.borrow_mut();
-                let room = match tls {
-                    // Ciphertext: rustls bounds what it buffers; the plaintext is capped below.
-                    Some(_) => buf.len(),
-                    None => cap.saturating_sub(req_buf.len()).clamp(1, buf.len()),
-                };
-                match recv(stream.as_raw_fd(), &mut buf[..room]) {
-                    Read::Data(n) => {
-                        match tls.as_deref_mut() {
-                            Some(t) => match tls_feed(t, &buf[..n], &mut req_buf) {
-                                TlsIn::Ok => {}
-                                other => tls_end = Some(other),
-                            },
-                            None => req_buf.extend_from_slice(&buf[..n]),
-                        }
-                        Read::Data(n)
-                    }
-                    other => other,
-                }
+        let r = {
+            let mut buf = ctx.read_buf.borrow_mut();
+            let room = match tls {
+                // Ciphertext: rustls bounds what it buffers; the plaintext is capped below.
+                Some(_) => buf.len(),
+                None => cap.saturating_sub(req_buf.len()).clamp(1, buf.len()),
             };
-            if tls_end.is_some() {
-                break;
+            match recv(stream.as_raw_fd(), &mut buf[..room]) {
+                Read::Data(n) => {
+                    match tls.as_deref_mut() {
+                        Some(t) => match tls_feed(t, &buf[..n], &mut req_buf) {
+                            TlsIn::Ok => {}
+                            other => tls_end = Some(other),
+                        },
+                        None => req_buf.extend_from_slice(&buf[..n]),
+                    }
+                    Read::Data(n)
+                }
+                other => other,
             }
-            match r {
-                Read::Eof => return None,
-                Read::WouldBlock => break,
-                Read::Data(_) => {}
+        };
+        match r {
+            Read::Eof => return None,
+            Read::WouldBlock => {
+                wait = true;
+                continue;
             }
+            _ => {}
         }
+        // The first byte: the short first-byte deadline gives way to the handshake
+        // deadline, counted from accept.
+        ctx.pending_heard(pending.idx, pending.conn, pending.accepted_ms);
         if let Some(t) = tls.as_deref_mut() {
             // Handshake flights (and, after an error, the alert) go out as soon as rustls
             // has them.
@@ -287,25 +313,27 @@ async fn handshake(
                 }
                 Some(_) => return None,
             }
-            if req_buf.is_empty() {
-                continue;
+        }
+        if !req_buf.is_empty() {
+            match http::try_parse(&req_buf, &limits) {
+                Ok(Some(done)) => break done,
+                Ok(None) if req_buf.len() < cap => {}
+                Ok(None) => {
+                    respond(stream, tls, Response::text(400, "request too large\n")).await;
+                    return None;
+                }
+                Err(e) => {
+                    ctx.shared
+                        .sec_counters
+                        .inc("handshake", "rejected", "malformed_http");
+                    respond(stream, tls, Response::text(e.status(), "bad request\n")).await;
+                    return None;
+                }
             }
         }
-        match http::try_parse(&req_buf, &limits) {
-            Ok(Some(done)) => break done,
-            Ok(None) if req_buf.len() < cap => continue,
-            Ok(None) => {
-                respond(stream, tls, Response::text(400, "request too large\n")).await;
-                return None;
-            }
-            Err(e) => {
-                ctx.shared
-                    .sec_counters
-                    .inc("handshake", "rejected", "malformed_http");
-                respond(stream, tls, Response::text(e.status(), "bad request\n")).await;
-                return None;
-            }
-        }
+        // More may be waiting: read again after the other tasks of this shard had a turn.
+        wait = false;
+        crate::rt::shard::yield_now().await;
     };
     let now = ctx.now_ms();
     match gate::handle_public_with(&ctx.shared, &req, peer.ip(), now, peer_rate) {
@@ -412,7 +440,10 @@ async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usi
                 Read::Eof => return,
                 Read::WouldBlock => break,
                 Read::Data(n) if n < ctx.read_buf.borrow().len() => break,
-                Read::Data(_) => {}
+                // A full buffer: more is likely waiting. Read it on the next turn, after
+                // the shard's other tasks, so a client that keeps its socket full gets one
+                // buffer per turn and cannot hold the loop.
+                Read::Data(_) => crate::rt::shard::yield_now().await,
             }
         }
     }

@@ -302,7 +302,6 @@ async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListene
         return;
     };
     let max_conns = ctx.shared.cfg.server.max_connections_per_shard;
-    let max_pending = ctx.shared.cfg.server.pending_handshakes_per_shard;
     loop {
         let accepted = listener.cancelable_accept(handle.clone()).await;
         if ctx.draining.get() {
@@ -310,9 +309,18 @@ async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListene
         }
         match accepted {
             Ok((stream, peer)) => {
-                if ctx.conns.borrow().len() >= max_conns || ctx.handshakes.get() >= max_pending {
-                    // Over capacity: refuse at once rather than queue unbounded work.
-                    ctx.shared.sec_counters.inc("handshake", "rejected", "shard_full");
+                if ctx.conns.borrow().len() >= max_conns {
+                    // Over capacity: refuse at once rather than queue unbounded work. (A
+                    // full pending table is not a refusal: see `ShardCtx::admit_pending`.)
+                    ctx.shared.audit(&crate::auth::seclog::SecurityEvent {
+                        ip: Some(peer.ip()),
+                        ..crate::auth::seclog::SecurityEvent::new(
+                            ctx.now_ms(),
+                            "handshake",
+                            "rejected",
+                            "shard_full",
+                        )
+                    });
                     drop(stream);
                     continue;
                 }

@@ -27,8 +27,9 @@ use slab::Slab;
 use crate::auth::seclog::SecurityEvent;
 use crate::feed::hub::{Control, encode_for_subscriber};
 use crate::feed::outbound::SharedTick;
-use crate::feed::symbol::SymbolId;
+use crate::feed::symbol::{SymbolId, Wait};
 use crate::feed::tick::TickKind;
+use crate::gate::pending::{Admission, PendingLimits, PendingTable};
 use crate::proto::close::CloseCode;
 use crate::proto::frame::Decoder;
 use crate::session::{Action, Session, TimerKind};
@@ -131,11 +132,17 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     pub conns: RefCell<Slab<Rc<RefCell<Conn>>>>,
     table: RefCell<Vec<Vec<SubEntry>>>,
+    /// Connections subscribed to names no tick has created yet: name -> (idx, generation).
+    /// Bounded by the connections' own subscription bounds; an entry lives while one of
+    /// them waits. The first tick of the name (or a subscription to it once it exists)
+    /// turns them into ordinary subscriptions ([`Self::activate_waiting`]).
+    waiting: RefCell<Waiters>,
     wheel: RefCell<TimerWheel<TimerEvent>>,
     pub read_buf: RefCell<Box<[u8]>>,
     /// Decrypted bytes of the current read (TLS only), shared like `read_buf`.
     pub plain_buf: RefCell<Vec<u8>>,
-    pub handshakes: Cell<usize>,
+    /// Connections still in the HTTP upgrade: who may wait, who gives way.
+    pub pending: RefCell<PendingTable>,
     next_gen: Cell<u32>,
     pub draining: Cell<bool>,
     pub accept_cancel: RefCell<Option<monoio::io::Canceller>>,
@@ -156,6 +163,9 @@ const POOL_MAX_CAPACITY: usize = 1 << 20;
 
 pub type ConnRef = Rc<RefCell<Conn>>;
 
+/// Names awaited by this shard's connections: name -> (connection index, generation).
+type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32)>>;
+
 impl ShardCtx {
     /// `uring`: the shard's runtime runs on io_uring (the writer aliases the reader's
     /// descriptor) rather than epoll (the writer shares the reader's stream).
@@ -166,16 +176,21 @@ impl ShardCtx {
         uring: bool,
     ) -> Rc<ShardCtx> {
         let now = shared.now_ms();
+        let pending = PendingTable::new(PendingLimits {
+            max: shared.cfg.server.pending_handshakes_per_shard,
+            per_ip: shared.cfg.limits.per_ip_pending_handshakes,
+        });
         Rc::new_cyclic(|me| ShardCtx {
             me: me.clone(),
             id,
             shared,
             conns: RefCell::new(Slab::with_capacity(1024)),
             table: RefCell::new(Vec::new()),
+            waiting: RefCell::new(std::collections::HashMap::new()),
             wheel: RefCell::new(TimerWheel::with_capacity(now, 4096)),
             read_buf: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
             plain_buf: RefCell::new(Vec::new()),
-            handshakes: Cell::new(0),
+            pending: RefCell::new(pending),
             next_gen: Cell::new(1),
             draining: Cell::new(false),
             accept_cancel: RefCell::new(Some(monoio::io::Canceller::new())),
@@ -281,9 +296,52 @@ impl ShardCtx {
             .shard(self.id)
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let at = self.now_ms() + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
+        let limits = &self.shared.cfg.limits;
+        let first = limits.first_byte_timeout.min(limits.handshake_timeout);
+        let at = self.now_ms() + first.as_millis() as u64;
         self.arm(&mut conn.borrow_mut(), idx, RtTimer::Handshake, at);
         (idx, generation, conn)
+    }
+
+    /// A new socket `idx` from `peer` enters the upgrade: the pending table admits it,
+    /// possibly closing another pending socket to make room, or refuses it (the caller
+    /// then ends it). Refusals and evictions are logged and counted.
+    pub fn admit_pending(&self, idx: usize, peer: std::net::IpAddr) -> bool {
+        let trusted = self.shared.auth().proxies.contains(peer);
+        let answer = self.pending.borrow_mut().admit(idx, peer, trusted);
+        let now = self.now_ms();
+        let log = |ip, reason| {
+            self.shared.audit(&SecurityEvent {
+                ip: Some(ip),
+                ..SecurityEvent::new(now, "handshake", "rejected", reason)
+            });
+        };
+        match answer {
+            Admission::Admit => true,
+            Admission::RefuseIp => {
+                log(peer, "pending_per_ip");
+                false
+            }
+            Admission::Evict { idx: victim, ip } => {
+                log(ip, "pending_evicted");
+                if let Some(c) = self.conns.borrow().get(victim) {
+                    // The victim's handshake task sees EOF and ends through `task_done`.
+                    let mut c = c.borrow_mut();
+                    shutdown(c.fd, libc::SHUT_RDWR);
+                    c.dead = true;
+                }
+                true
+            }
+        }
+    }
+
+    /// Bytes arrived on pending socket `idx`: on the first, its deadline becomes
+    /// `accepted_ms + handshake_timeout` (which later bytes never move).
+    pub fn pending_heard(&self, idx: usize, conn: &ConnRef, accepted_ms: u64) {
+        if self.pending.borrow_mut().heard(idx) {
+            let at = accepted_ms + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
+            self.arm(&mut conn.borrow_mut(), idx, RtTimer::Handshake, at);
+        }
     }
 
     /// Arms (or moves) the connection's deadline of that kind.
@@ -341,8 +399,8 @@ impl ShardCtx {
         drop(c.whandle.take());
         c.deadlines.cancel_all(&mut self.wheel.borrow_mut());
         if let Some(s) = c.session.take() {
-            let subs: Vec<SymbolId> = s.subscriptions().to_vec();
-            self.table_remove(idx, generation, &subs);
+            self.table_remove(idx, generation, s.subscriptions());
+            self.unwait(idx, generation, s.waiting_subscriptions());
         }
         c.slot = None;
         drop(c);
@@ -370,10 +428,38 @@ impl ShardCtx {
     /// Carry out what a session asked for. Runs with the connection borrowed.
     pub fn apply(&self, idx: usize, c: &mut Conn, actions: &mut Vec<Action>) {
         let now = self.now_ms();
+        loop {
+            self.apply_once(idx, c, actions, now);
+            // What the actions queued (replies, snapshots) counts against the outbound
+            // budget; a close it decides is applied in the next round.
+            let arm = c.session.as_mut().and_then(|s| s.enforce_budget(now, actions));
+            if let Some(at) = arm {
+                self.arm(c, idx, RtTimer::Session(TimerKind::SlowConsumer), at);
+            }
+            if actions.is_empty() {
+                break;
+            }
+        }
+        self.kick(idx, c);
+    }
+
+    fn apply_once(&self, idx: usize, c: &mut Conn, actions: &mut Vec<Action>, now: u64) {
         for a in actions.drain(..) {
             match a {
-                Action::Subscribe { ids, snapshot } => self.subscribe(idx, c, &ids, snapshot),
-                Action::Unsubscribe { ids } => self.table_remove(idx, c.generation, &ids),
+                Action::Subscribe {
+                    ids,
+                    snapshot,
+                    waiting,
+                } => {
+                    self.subscribe(idx, c, &ids, snapshot);
+                    for name in waiting {
+                        self.wait(idx, c, name, snapshot);
+                    }
+                }
+                Action::Unsubscribe { ids, waiting } => {
+                    self.table_remove(idx, c.generation, &ids);
+                    self.unwait(idx, c.generation, &waiting);
+                }
                 Action::Publish { ticks } => {
                     let n = self.shared.hub.publish(&ticks);
                     self.shared
@@ -416,10 +502,104 @@ impl ShardCtx {
                 }
             }
         }
-        self.kick(idx, c);
+    }
+
+    /// The connection subscribed to `name`, which did not exist when its session looked.
+    fn wait(&self, idx: usize, c: &mut Conn, name: Box<str>, snapshot: bool) {
+        match self.shared.hub.symbols().wait_for(self.id, &name) {
+            Wait::Exists(id) => {
+                // Created in between: an ordinary subscription after all.
+                if c.session.as_mut().is_some_and(|s| s.activate(&name, id)) {
+                    self.subscribe(idx, c, &[id], snapshot);
+                }
+            }
+            Wait::Waiting => self
+                .waiting
+                .borrow_mut()
+                .entry(name)
+                .or_default()
+                .push((idx, c.generation)),
+        }
+    }
+
+    /// The connection no longer waits for these names (unsubscribe, narrowing, close).
+    fn unwait(&self, idx: usize, generation: u32, names: &[Box<str>]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut waiting = self.waiting.borrow_mut();
+        for name in names {
+            let Some(list) = waiting.get_mut(name) else {
+                continue;
+            };
+            list.retain(|&(i, g)| !(i == idx && g == generation));
+            if !list.is_empty() {
+                continue;
+            }
+            waiting.remove(name);
+            // The last one here: release the shard's claim on the name, and on the symbol
+            // if it was created (and this shard handed to the hub) meanwhile.
+            if let Some(id) = self.shared.hub.symbols().stop_waiting(self.id, name)
+                && self
+                    .table
+                    .borrow()
+                    .get(id.0 as usize)
+                    .is_none_or(|l| l.is_empty())
+            {
+                self.shared.hub.unsubscribe_last(self.id, id);
+            }
+        }
+    }
+
+    /// `name` exists now as `id` (its first tick is being dispatched, or a connection just
+    /// subscribed to it): this shard's connections waiting for it become ordinary
+    /// subscribers, owed every tick from `seq` 1 (the shard was handed to the hub before
+    /// the first tick, so none has passed it by). `current` is the connection the caller
+    /// already holds borrowed, if any.
+    fn activate_waiting(&self, name: &str, id: SymbolId, mut current: Option<(usize, &mut Conn)>) {
+        let Some(list) = self.waiting.borrow_mut().remove(name) else {
+            return;
+        };
+        // The shard's claim moves from the name to the symbol's entry in the hub.
+        let _ = self.shared.hub.symbols().stop_waiting(self.id, name);
+        let conns = self.conns.borrow();
+        let mut table = self.table.borrow_mut();
+        let i = id.0 as usize;
+        if table.len() <= i {
+            table.resize_with(i + 1, Vec::new);
+        }
+        for (widx, generation) in list {
+            let activated = match current.as_mut() {
+                Some((cidx, c)) if *cidx == widx => {
+                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
+                }
+                _ => conns.get(widx).is_some_and(|conn| {
+                    let mut c = conn.borrow_mut();
+                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
+                }),
+            };
+            if activated {
+                table[i].push(SubEntry {
+                    idx: widx,
+                    generation,
+                    last_seq: 0,
+                });
+            }
+        }
+        if table[i].is_empty() {
+            drop(table);
+            self.shared.hub.unsubscribe_last(self.id, id);
+        }
     }
 
     fn subscribe(&self, idx: usize, c: &mut Conn, ids: &[SymbolId], snapshot: bool) {
+        if !self.waiting.borrow().is_empty() {
+            for id in ids {
+                if let Some(name) = self.shared.hub.symbols().name(*id) {
+                    self.activate_waiting(&name, *id, Some((idx, &mut *c)));
+                }
+            }
+        }
         let generation = c.generation;
         let Some(session) = c.session.as_mut() else { return };
         let mut table = self.table.borrow_mut();
@@ -449,6 +629,9 @@ impl ShardCtx {
 
     /// Fan one tick out to this shard's subscribers of its symbol.
     fn dispatch(&self, t: &Arc<SharedTick>, now: u64) -> usize {
+        if !self.waiting.borrow().is_empty() {
+            self.activate_waiting(&t.name, t.symbol, None);
+        }
         let mut table = self.table.borrow_mut();
         let Some(list) = table.get_mut(t.symbol.0 as usize) else {
             return 0;
@@ -517,7 +700,10 @@ impl ShardCtx {
             match kind {
                 RtTimer::Handshake | RtTimer::HardDrop => {
                     if kind == RtTimer::Handshake && c.session.is_none() {
-                        self.shared.sec_counters.inc("handshake", "rejected", "timeout");
+                        self.shared.audit(&SecurityEvent {
+                            ip: self.pending.borrow().ip_of(idx),
+                            ..SecurityEvent::new(now, "handshake", "rejected", "timeout")
+                        });
                     }
                     shutdown(c.fd, libc::SHUT_RDWR);
                     c.dead = true;
