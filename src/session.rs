@@ -1575,7 +1575,7 @@ mod tests {
         assert!(s.activate("NEW-1", id));
         assert!(!s.activate("NEW-1", id), "once");
         assert_eq!(s.subscriptions().last(), Some(&id));
-        assert_eq!(&*s.waiting_subscriptions(), &[Box::<str>::from("NEW-2")]);
+        assert_eq!(s.waiting_subscriptions(), &[Box::<str>::from("NEW-2")]);
         // A reauth that no longer allows `NEW-*` ends both kinds.
         let mut fresh = claims(T0 + 600);
         fresh.iat = Some(T0);
