@@ -5,78 +5,279 @@
 //! It is off the hot path, so it runs on plain threads with blocking sockets: one acceptor
 //! and a bounded number of request threads, each request bounded in size and time. It keeps
 //! answering while the public listener drains (`/readyz` then says 503).
+//!
+//! Revocation is the emergency brake, so no client may lock the listener by holding its
+//! slots with requests that never end:
+//!
+//! - a request has `admin.request_timeout` from accept to its last byte (each read waits
+//!   only for the time left), and its response as long again to be written;
+//! - at most `admin.max_connections` are in flight, at most `admin.max_connections_per_ip`
+//!   of them from one peer IP;
+//! - at a bound, the oldest connection still sending its request (of that IP for the
+//!   per-IP bound) is shut down to make room for the newcomer, which is refused only when
+//!   every connection in the way is already being answered. A legitimate request arrives
+//!   whole and is answered at once, so on a shared address (loopback) the operator's
+//!   request still gets through a slow-request attack from the same IP.
+//!
+//! Evictions, refusals and timeouts go to the security log as event `admin`, outcome
+//! `rejected`, reason `evicted`, `per_ip_limit`, `full` or `timeout`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
-use crate::auth::seclog::{SecurityEvent, token_hash};
+use crate::auth::seclog::{SecurityEvent, outcome, reason, token_hash};
 use crate::cluster::{RELAY_HEADER, Relay};
 use crate::feed::hub::Control;
 use crate::proto::http::{self, RequestLimits, Response};
 use crate::state::Shared;
 
-const MAX_INFLIGHT: usize = 16;
+/// The security-log event of this listener's own rejections.
+const EVENT: &str = "admin";
 
 pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
     let addr = listener.local_addr()?;
-    let inflight = Arc::new(AtomicUsize::new(0));
+    let registry = Arc::new(Registry::new(
+        shared.cfg.admin.max_connections,
+        shared.cfg.admin.max_connections_per_ip,
+    ));
     let relay = Relay::start(&shared)?;
     std::thread::Builder::new()
         .name("tickgate-admin".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                if inflight.fetch_add(1, Ordering::AcqRel) >= MAX_INFLIGHT {
-                    inflight.fetch_sub(1, Ordering::AcqRel);
+            loop {
+                let Ok((stream, peer)) = listener.accept() else {
                     continue;
-                }
+                };
+                let accepted = Instant::now();
+                let Ok(handle) = stream.try_clone() else { continue };
+                let id = match registry.admit(peer.ip(), accepted, handle) {
+                    Ok((id, evicted)) => {
+                        if let Some(old) = evicted {
+                            // Its blocked read returns at once and its thread ends.
+                            let _ = old.stream.shutdown(Shutdown::Both);
+                            reject(&shared, old.ip, "evicted");
+                        }
+                        id
+                    }
+                    Err(why) => {
+                        reject(&shared, peer.ip(), why);
+                        continue;
+                    }
+                };
+                // Leaves the registry when the thread ends, or when the closure is dropped
+                // because the thread could not be started.
+                let slot = Slot {
+                    registry: registry.clone(),
+                    id,
+                };
                 let shared = shared.clone();
-                let slot = inflight.clone();
                 let relay = relay.clone();
-                let spawned = std::thread::Builder::new()
+                let _ = std::thread::Builder::new()
                     .name("tickgate-admin-req".into())
                     .spawn(move || {
-                        serve(&shared, &relay, stream);
-                        slot.fetch_sub(1, Ordering::AcqRel);
+                        serve(&shared, &relay, &slot, stream, peer, accepted);
+                        drop(slot);
                     });
-                if spawned.is_err() {
-                    // The thread never ran, so its slot is released here.
-                    inflight.fetch_sub(1, Ordering::AcqRel);
-                }
             }
         })?;
     Ok(addr)
 }
 
-fn serve(shared: &Arc<Shared>, relay: &Relay, mut stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+/// Logs (and counts) a connection this listener closed without answering it.
+fn reject(shared: &Shared, ip: IpAddr, why: &'static str) {
+    shared.audit(&SecurityEvent {
+        ip: Some(ip),
+        ..SecurityEvent::new(shared.now_ms(), EVENT, outcome::REJECTED, why)
+    });
+}
+
+/// One admin connection in flight.
+struct Conn {
+    id: u64,
+    ip: IpAddr,
+    accepted: Instant,
+    /// True until the whole request (head and body) has arrived: only such a connection
+    /// can be evicted.
+    reading: bool,
+    /// A clone of the request thread's socket, to shut it down from the acceptor.
+    stream: TcpStream,
+}
+
+/// The admin connections in flight, shared by the acceptor and the request threads.
+struct Registry {
+    max_total: usize,
+    max_per_ip: usize,
+    inner: Mutex<Table>,
+}
+
+struct Table {
+    next_id: u64,
+    conns: Vec<Conn>,
+}
+
+impl Table {
+    /// Index of the oldest connection still reading its request among those `pick` keeps.
+    fn oldest_reading(&self, pick: impl Fn(&Conn) -> bool) -> Option<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.reading && pick(c))
+            .min_by_key(|(_, c)| c.accepted)
+            .map(|(i, _)| i)
+    }
+}
+
+impl Registry {
+    fn new(max_total: usize, max_per_ip: usize) -> Registry {
+        Registry {
+            max_total,
+            max_per_ip,
+            inner: Mutex::new(Table {
+                next_id: 0,
+                conns: Vec::new(),
+            }),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection from `ip`, making room at a bound by taking out the
+    /// oldest connection still reading its request (of `ip` at the per-IP bound, of anyone
+    /// at the total bound). Returns the new id and the evicted connection, which the
+    /// caller shuts down; or the reason for refusing the newcomer when every connection in
+    /// the way is already being answered.
+    fn admit(
+        &self,
+        ip: IpAddr,
+        accepted: Instant,
+        stream: TcpStream,
+    ) -> Result<(u64, Option<Conn>), &'static str> {
+        let mut t = self.table();
+        let from_ip = t.conns.iter().filter(|c| c.ip == ip).count();
+        // Taking out one of `ip`'s connections also makes room under the total bound.
+        let victim = if from_ip >= self.max_per_ip {
+            Some(t.oldest_reading(|c| c.ip == ip).ok_or("per_ip_limit")?)
+        } else if t.conns.len() >= self.max_total {
+            Some(t.oldest_reading(|_| true).ok_or("full")?)
+        } else {
+            None
+        };
+        let evicted = victim.map(|i| t.conns.swap_remove(i));
+        let id = t.next_id;
+        t.next_id += 1;
+        t.conns.push(Conn {
+            id,
+            ip,
+            accepted,
+            reading: true,
+            stream,
+        });
+        Ok((id, evicted))
+    }
+
+    /// Marks the request as received (no longer evictable). False when the connection was
+    /// evicted meanwhile: its socket is shut down, the request is dropped.
+    fn received(&self, id: u64) -> bool {
+        let mut t = self.table();
+        match t.conns.iter_mut().find(|c| c.id == id) {
+            Some(c) => {
+                c.reading = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.table().conns.retain(|c| c.id != id);
+    }
+}
+
+/// A request thread's place in the [`Registry`], given back on drop.
+struct Slot {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
+fn serve(
+    shared: &Arc<Shared>,
+    relay: &Relay,
+    slot: &Slot,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let timeout = shared.cfg.admin.request_timeout;
+    let deadline = accepted + timeout;
     let limits = RequestLimits::default();
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let req = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            reject(shared, peer.ip(), reason::TIMEOUT);
+            return;
+        }
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                reject(shared, peer.ip(), reason::TIMEOUT);
+                return;
+            }
+            Err(_) => return,
         }
         match http::try_parse(&buf, &limits) {
             Ok(Some((_, req))) => break req,
             Ok(None) if buf.len() < limits.max_head_bytes + limits.max_body_bytes => continue,
             Ok(None) => return,
             Err(e) => {
-                let _ = stream.write_all(&Response::text(e.status(), "bad request\n").to_bytes());
+                let resp = Response::text(e.status(), "bad request\n");
+                let _ = write_by(&mut stream, &resp.to_bytes(), Instant::now() + timeout);
                 return;
             }
         }
     };
-    let resp = route(shared, relay, &req, stream.peer_addr().ok());
-    let _ = stream.write_all(&resp.to_bytes());
+    if !slot.registry.received(slot.id) {
+        return;
+    }
+    let resp = route(shared, relay, &req, Some(peer));
+    let _ = write_by(&mut stream, &resp.to_bytes(), Instant::now() + timeout);
+}
+
+/// `write_all` that gives up at `deadline`, however slowly the peer reads.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<SocketAddr>) -> Response {

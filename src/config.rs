@@ -48,6 +48,9 @@
 //! | `limits.per_ip_pending_handshakes` | 64 | connections one address may hold in the HTTP upgrade, per shard (trusted proxies exempt) |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
 //! | `admin.enabled` | true | whether the admin listener runs |
+//! | `admin.request_timeout` | 2s | whole admin request, accept to last byte of the body (100ms..=60s) |
+//! | `admin.max_connections` | 64 | admin connections in flight (1..=4096) |
+//! | `admin.max_connections_per_ip` | 16 | admin connections in flight per peer IP (1..=`admin.max_connections`) |
 //! | `lifetime.reauth_spread` | 10s | `reauth_required` goes out up to this much before `exp - reauth_lead`, spread per connection (at most half the time left) |
 //!
 //! # Environment overrides
@@ -165,7 +168,17 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("max_symbols", Int),
             ],
         ),
-        ("admin", &[("listen", Str), ("enabled", Bool), ("peers", List)]),
+        (
+            "admin",
+            &[
+                ("listen", Str),
+                ("enabled", Bool),
+                ("peers", List),
+                ("request_timeout", Str),
+                ("max_connections", Int),
+                ("max_connections_per_ip", Int),
+            ],
+        ),
         ("log", &[("level", Str), ("security", Str)]),
     ]
 };
@@ -398,6 +411,16 @@ pub struct AdminConfig {
     /// deployment. A revocation accepted here is relayed to each of them (PROTOCOL.md
     /// section 7, "the revocation reaches every node"). Default empty (single node).
     pub peers: Vec<String>,
+    /// Extension: time a connection gets to send its whole request (head and body), from
+    /// accept; the response gets as long again to be written. In 100ms..=60s. Default 2s.
+    #[serde(with = "duration_serde")]
+    pub request_timeout: Duration,
+    /// Extension: admin connections in flight, in 1..=4096. When full, the oldest one still
+    /// sending its request is closed to make room. Default 64.
+    pub max_connections: usize,
+    /// Extension: admin connections in flight per peer IP, in
+    /// 1..=`admin.max_connections`. Default 16.
+    pub max_connections_per_ip: usize,
 }
 
 /// `[log]`.
@@ -494,6 +517,9 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             enabled: true,
             peers: Vec::new(),
+            request_timeout: Duration::from_secs(2),
+            max_connections: 64,
+            max_connections_per_ip: 16,
         }
     }
 }
@@ -935,6 +961,28 @@ impl Config {
             return Err(ConfigError::invalid(
                 "admin.peers",
                 "relaying revocations needs the admin listener (admin.enabled = true)",
+            ));
+        }
+        let a = &self.admin;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&a.request_timeout) {
+            return Err(ConfigError::invalid(
+                "admin.request_timeout",
+                format!("{} is not in 100ms..=60s", format_duration(a.request_timeout)),
+            ));
+        }
+        if !(1..=4096).contains(&a.max_connections) {
+            return Err(ConfigError::invalid(
+                "admin.max_connections",
+                format!("{} is not in 1..=4096", a.max_connections),
+            ));
+        }
+        if a.max_connections_per_ip == 0 || a.max_connections_per_ip > a.max_connections {
+            return Err(ConfigError::invalid(
+                "admin.max_connections_per_ip",
+                format!(
+                    "{} is not in 1..=admin.max_connections ({})",
+                    a.max_connections_per_ip, a.max_connections
+                ),
             ));
         }
         if !["trace", "debug", "info", "warn", "error"].contains(&self.log.level.as_str()) {
@@ -1446,6 +1494,9 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert_eq!(c.feed.max_symbols, 100_000);
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert!(c.admin.enabled);
+        assert_eq!(c.admin.request_timeout, secs(2));
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(c.admin.max_connections_per_ip, 16);
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.security, "stdout");
         c.validate().unwrap();
@@ -1653,6 +1704,10 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert!(c.server.sqpoll);
         c.apply_override("server", "driver", "epoll").unwrap();
         assert_eq!(c.server.driver, "epoll");
+        c.apply_override("admin", "request_timeout", "500ms").unwrap();
+        assert_eq!(c.admin.request_timeout, Duration::from_millis(500));
+        c.apply_override("admin", "max_connections_per_ip", "4").unwrap();
+        assert_eq!(c.admin.max_connections_per_ip, 4);
         c.validate().unwrap();
         c.apply_override("limits", "max_message_bytes", "1024").unwrap();
         assert_eq!(c.limits.max_message_bytes, 1024);
@@ -1938,6 +1993,30 @@ security = "stdout"             # or a file path: JSON lines, one per security e
                 }),
                 "admin.peers",
             ),
+            (
+                Box::new(|c| c.admin.request_timeout = Duration::from_millis(99)),
+                "admin.request_timeout",
+            ),
+            (
+                Box::new(|c| c.admin.request_timeout = secs(61)),
+                "admin.request_timeout",
+            ),
+            (Box::new(|c| c.admin.max_connections = 0), "admin.max_connections"),
+            (
+                Box::new(|c| c.admin.max_connections = 4097),
+                "admin.max_connections",
+            ),
+            (
+                Box::new(|c| c.admin.max_connections_per_ip = 0),
+                "admin.max_connections_per_ip",
+            ),
+            (
+                Box::new(|c| {
+                    c.admin.max_connections = 8;
+                    c.admin.max_connections_per_ip = 9;
+                }),
+                "admin.max_connections_per_ip: 9 is not in 1..=admin.max_connections (8)",
+            ),
         ];
         for (mutate, want) in cases {
             let mut c = base.clone();
@@ -1961,6 +2040,13 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         c.auth.trusted_proxies = vec!["192.168.1.1".into(), "fd00::/8".into()];
         c.admin.enabled = false;
         c.admin.listen = c.server.listen;
+        c.admin.request_timeout = Duration::from_millis(100);
+        c.admin.max_connections = 4096;
+        c.admin.max_connections_per_ip = 4096;
+        c.validate().unwrap();
+        c.admin.request_timeout = secs(60);
+        c.admin.max_connections = 1;
+        c.admin.max_connections_per_ip = 1;
         c.validate().unwrap();
         let mut c = base.clone();
         c.admin.peers = vec![
