@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 use crate::auth::keys::KeySet;
@@ -110,6 +111,64 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Parses the command line (the binary passes `std::env::args_os()`). `--help` and
+/// `--version` print what clap prints and give `Err(0)`. Any other clap error (an unknown
+/// command or flag, a missing or malformed value, no command at all) is a usage error:
+/// one line on stderr and `Err(1)`, the exit code of bad arguments (OPS.md).
+pub fn parse_args<I, T>(args: I) -> Result<Cli, i32>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            Err(0)
+        }
+        Err(e) => Err(fail(1, &usage_error_line(&e))),
+    }
+}
+
+/// A clap usage error as one line: clap's message without its `error: ` prefix, with the
+/// indented lines that belong to it (the missing arguments) joined on, its `tip:` when it
+/// has one, and the command whose `--help` explains the rest. clap's multi-line usage
+/// block is left to `--help`.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let flat = |block: &str| {
+        block
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let blocks: Vec<String> = text.split("\n\n").map(flat).filter(|b| !b.is_empty()).collect();
+    let command = blocks
+        .iter()
+        .find_map(|b| b.strip_prefix("Usage: "))
+        .map(|u| {
+            u.split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '[', '<']))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "tickgate".to_owned());
+    let mut line = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // clap's "error" here is the whole help text.
+        "a command is required".to_owned()
+    } else {
+        let first = blocks.first().map(String::as_str).unwrap_or("invalid arguments");
+        first.strip_prefix("error: ").unwrap_or(first).to_owned()
+    };
+    if let Some(tip) = blocks.iter().find(|b| b.starts_with("tip: ")) {
+        line = format!("{line} ({tip})");
+    }
+    format!("{line}; see '{command} --help'")
 }
 
 fn env_vars() -> Vec<(String, String)> {
@@ -477,6 +536,50 @@ pub fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage_error(args: &[&str]) -> (ErrorKind, String) {
+        let e = Cli::try_parse_from(std::iter::once("tickgate").chain(args.iter().copied())).unwrap_err();
+        (e.kind(), usage_error_line(&e))
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for (args, want) in [
+            (
+                &["keygen"][..],
+                "the following required arguments were not provided: --out <OUT>; see 'tickgate keygen --help'",
+            ),
+            (
+                &["token", "--sub", "a"][..],
+                "the following required arguments were not provided: --key <KEY>; see 'tickgate token --help'",
+            ),
+            (&[][..], "a command is required; see 'tickgate --help'"),
+            (
+                &["serv"][..],
+                "unrecognized subcommand 'serv' (tip: a similar subcommand exists: 'serve'); see 'tickgate --help'",
+            ),
+        ] {
+            let (_, line) = usage_error(args);
+            assert_eq!(line, want, "{args:?}");
+        }
+        for args in [
+            &["serve", "--frob"][..],
+            &["token", "--key", "k", "--sub", "a", "--ttl", "soon"],
+            &["doctor", "--jitter"],
+        ] {
+            let (kind, line) = usage_error(args);
+            assert!(
+                !line.contains('\n') && !line.starts_with("error"),
+                "{kind:?}: {line}"
+            );
+            assert!(line.ends_with("--help'"), "{kind:?}: {line}");
         }
     }
 }

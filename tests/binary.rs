@@ -194,6 +194,46 @@ fn keygen_token_and_check_config() {
     assert_eq!(code, 1, "{err}");
 }
 
+#[test]
+fn usage_errors_exit_1_with_one_line() {
+    for (args, names) in [
+        (&["keygen"][..], "--out"),
+        (&["token", "--sub", "alice"][..], "--key"),
+        (&["token", "--key", "k1.key"][..], "--sub"),
+        (&["frobnicate"][..], "frobnicate"),
+        (&["serve", "--frob"][..], "--frob"),
+        (
+            &["token", "--key", "k", "--sub", "a", "--ttl", "soon"][..],
+            "soon",
+        ),
+        (&[][..], "command"),
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err:?}");
+        assert!(
+            err.starts_with("tickgate: ") && err.contains(names),
+            "{args:?}: {err}"
+        );
+        assert!(out.is_empty(), "{args:?}: {out}");
+    }
+    // Help and version are not errors: stdout, exit 0, as clap prints them.
+    for args in [
+        &["--help"][..],
+        &["keygen", "--help"],
+        &["help", "token"],
+        &["--version"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+        assert!(
+            out.contains("Usage:") || out.starts_with("tickgate "),
+            "{args:?}: {out}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sighup_rotates_keys_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
