@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
+use crate::auth::jwt::Role;
 use crate::auth::keys::KeySet;
 use crate::auth::mint::{self, Claims};
 use crate::auth::seclog::SecurityLog;
-use crate::config::Config;
+use crate::config::{AuthConfig, Config, format_duration};
 use crate::state::{AuthState, Shared};
 
 #[derive(Parser, Debug)]
@@ -57,12 +58,15 @@ pub enum Command {
         sub: String,
         #[arg(long, default_value = "k1")]
         kid: String,
-        /// Lifetime in seconds.
+        /// Lifetime in seconds. A server refuses a token that lives longer than its
+        /// auth.max_token_lifetime (15m by default); above the default, a warning says so.
         #[arg(long, default_value_t = 300)]
         ttl: u64,
         #[arg(long, default_value = "subscriber")]
         roles: String,
-        /// Entitlement patterns, comma-separated ('BTC-*,ETH-USD', '*').
+        /// Entitlement patterns, comma-separated ('BTC-*,ETH-USD', '*'). Without any, the
+        /// token grants no symbol: every symbol of a subscribe or publish is refused as
+        /// forbidden (a warning says so).
         #[arg(long)]
         symbols: Option<String>,
         #[arg(long)]
@@ -230,6 +234,23 @@ pub fn run(cli: Cli) -> i32 {
                 aud,
                 ..Claims::default()
             };
+            // Warnings go to stderr: stdout carries the token alone.
+            let max = AuthConfig::default().max_token_lifetime;
+            if Duration::from_secs(ttl) > max {
+                eprintln!(
+                    "tickgate: warning: --ttl {ttl} is above the default auth.max_token_lifetime ({}): a server with that default refuses this token (too_long_lived)",
+                    format_duration(max)
+                );
+            }
+            let streams_symbols = claims
+                .roles
+                .iter()
+                .any(|r| matches!(Role::from_name(r), Some(Role::Subscriber | Role::Publisher)));
+            if streams_symbols && claims.symbols.is_empty() {
+                eprintln!(
+                    "tickgate: warning: no --symbols: the token grants no symbol, so every symbol of a subscribe or publish is refused as forbidden"
+                );
+            }
             println!("{}", mint::sign_token(&sk, &kid, &claims));
             0
         }

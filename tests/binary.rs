@@ -234,6 +234,54 @@ fn usage_errors_exit_1_with_one_line() {
     }
 }
 
+#[test]
+fn token_warns_on_stderr_when_the_default_server_would_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_eq!(run(&["keygen", "--out", d]).0, 0);
+    let key = format!("{d}/k1.key");
+    let token = |extra: &[&str]| {
+        let mut args = vec!["token", "--key", &key, "--sub", "alice"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        assert_eq!(
+            out.lines().count(),
+            1,
+            "{extra:?}: the token alone on stdout: {out}"
+        );
+        assert_eq!(out.trim().split('.').count(), 3, "{out}");
+        err
+    };
+    // Above the default auth.max_token_lifetime (15m): the default server says too_long_lived.
+    let err = token(&["--ttl", "3600", "--symbols", "*"]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("auth.max_token_lifetime"),
+        "{err}"
+    );
+    // No --symbols: every subscribe is refused.
+    let err = token(&[]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("--symbols") && err.contains("forbidden"),
+        "{err}"
+    );
+    let err = token(&["--ttl", "3600"]);
+    assert_eq!(err.lines().count(), 2, "both warnings: {err}");
+    // Nothing to say: at the limit, with symbols; or an admin token, which needs none.
+    assert_eq!(token(&["--ttl", "900", "--symbols", "BTC-*"]), "");
+    assert_eq!(token(&["--roles", "admin"]), "");
+    let (code, help, _) = run(&["token", "--help"]);
+    assert_eq!(code, 0);
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("every symbol of a subscribe or publish is refused"),
+        "{help}"
+    );
+    assert!(help.contains("max_token_lifetime"), "{help}");
+}
+
 #[tokio::test]
 async fn sighup_rotates_keys_without_dropping_connections() {
     let dir = tempfile::tempdir().unwrap();
