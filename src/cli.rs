@@ -2,6 +2,7 @@
 //! command to the library. Exit codes: 0 ok, 1 bad config or arguments (one line on
 //! stderr), 2 runtime failure.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -312,12 +313,13 @@ fn fail(code: i32, msg: &str) -> i32 {
     code
 }
 
-/// The embedded demo's configuration (OPS.md "The embedded demo").
+/// The embedded demo's configuration (OPS.md "The embedded demo"). It allows a missing
+/// `Origin`; the origins of its own address are added by `serve` once the address is final
+/// (after overrides, and after the bind for port 0), see [`demo_origins`].
 pub fn demo_config() -> Config {
     let mut cfg = Config::default_production();
     cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
     cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
-    cfg.auth.allowed_origins = vec!["http://127.0.0.1:8080".into(), "http://localhost:8080".into()];
     cfg.auth.allow_missing_origin = true;
     cfg.feed.simulator = true;
     cfg.feed.simulator_symbols = vec![
@@ -327,6 +329,45 @@ pub fn demo_config() -> Config {
         "XRP-USD".into(),
     ];
     cfg
+}
+
+/// The origins a browser sends for pages served from the demo's own address `addr`: the
+/// address itself and, when it is a loopback address, `localhost` on the same port. The
+/// unspecified address (`0.0.0.0`, `[::]`) stands for every local address, of which the
+/// loopback ones are the ones known here: `127.0.0.1` (and `[::1]` for `[::]`) and
+/// `localhost`. `https` with `[tls]`. Empty for port 0, which is not an address a browser
+/// can use (the port is known after the bind).
+pub fn demo_origins(addr: SocketAddr, tls: bool) -> Vec<String> {
+    let port = addr.port();
+    if port == 0 {
+        return Vec::new();
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let ip = addr.ip();
+    let hosts: Vec<IpAddr> = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
+        IpAddr::V6(v6) if v6.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
+        ip => vec![ip],
+    };
+    // `SocketAddr::new` drops an IPv6 scope id, which an origin cannot carry.
+    let mut origins: Vec<String> = hosts
+        .into_iter()
+        .map(|h| format!("{scheme}://{}", SocketAddr::new(h, port)))
+        .collect();
+    if ip.is_loopback() || ip.is_unspecified() {
+        origins.push(format!("{scheme}://localhost:{port}"));
+    }
+    origins
+}
+
+/// Adds the origins of `addr` ([`demo_origins`]) to the allow-list, after any the operator
+/// configured.
+fn add_demo_origins(cfg: &mut Config, addr: SocketAddr) {
+    for o in demo_origins(addr, cfg.tls.is_some()) {
+        if !cfg.auth.allowed_origins.contains(&o) {
+            cfg.auth.allowed_origins.push(o);
+        }
+    }
 }
 
 fn serve(
@@ -387,6 +428,10 @@ fn serve(
             .unwrap_or(1)
             .min(64);
     }
+    if demo {
+        let listen = cfg.server.listen;
+        add_demo_origins(&mut cfg, listen);
+    }
     if let Err(e) = cfg.validate() {
         return fail(1, &e.to_string());
     }
@@ -441,6 +486,15 @@ fn serve(
         Ok(h) => h,
         Err(e) => return fail(2, &format!("cannot start: {e}")),
     };
+    if demo && shared.cfg.server.listen.port() == 0 {
+        // Only now is the port known: allow the origins of the bound address.
+        let mut cfg = shared.cfg.clone();
+        add_demo_origins(&mut cfg, handle.public_addr);
+        match AuthState::build(&cfg, shared.auth().verifier.keys().clone()) {
+            Ok(auth) => shared.swap_auth(auth),
+            Err(e) => return fail(2, &e),
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     if shared.cfg.feed.simulator
         && let Err(e) = crate::feed::sim::spawn(
@@ -564,6 +618,72 @@ pub fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn origins(addr: &str, tls: bool) -> Vec<String> {
+        demo_origins(addr.parse().unwrap(), tls)
+    }
+
+    #[test]
+    fn demo_origins_follow_the_listen_address() {
+        assert_eq!(
+            origins("127.0.0.1:8082", false),
+            ["http://127.0.0.1:8082", "http://localhost:8082"]
+        );
+        assert_eq!(
+            origins("127.0.0.2:80", true),
+            ["https://127.0.0.2:80", "https://localhost:80"]
+        );
+        assert_eq!(
+            origins("[::1]:9000", false),
+            ["http://[::1]:9000", "http://localhost:9000"]
+        );
+        assert_eq!(
+            origins("0.0.0.0:8080", false),
+            ["http://127.0.0.1:8080", "http://localhost:8080"]
+        );
+        assert_eq!(
+            origins("[::]:8080", false),
+            [
+                "http://127.0.0.1:8080",
+                "http://[::1]:8080",
+                "http://localhost:8080"
+            ]
+        );
+        assert_eq!(origins("192.0.2.7:8443", true), ["https://192.0.2.7:8443"]);
+        assert_eq!(origins("[fe80::1%2]:8080", false), ["http://[fe80::1]:8080"]);
+        assert!(origins("127.0.0.1:0", false).is_empty());
+    }
+
+    #[test]
+    fn demo_origins_pass_the_config_and_origin_checks() {
+        let mut cfg = demo_config();
+        cfg.server.listen = "[::]:8082".parse().unwrap();
+        cfg.auth.allowed_origins = vec!["https://app.example.com".into()];
+        let listen = cfg.server.listen;
+        add_demo_origins(&mut cfg, listen);
+        add_demo_origins(&mut cfg, listen);
+        assert_eq!(
+            cfg.auth.allowed_origins.len(),
+            4,
+            "{:?}",
+            cfg.auth.allowed_origins
+        );
+        cfg.validate().unwrap();
+        let auth = AuthState::build(&cfg, KeySet::new()).unwrap();
+        use crate::auth::origin::OriginDecision;
+        for o in [
+            "http://localhost:8082",
+            "http://[::1]:8082",
+            "https://app.example.com",
+        ] {
+            assert_eq!(auth.origins.check(Some(o)), OriginDecision::Allowed, "{o}");
+        }
+        assert_eq!(
+            auth.origins.check(Some("http://localhost:8080")),
+            OriginDecision::Rejected
+        );
+        assert_eq!(auth.origins.check(None), OriginDecision::Missing);
+    }
 
     fn usage_error(args: &[&str]) -> (ErrorKind, String) {
         let e = Cli::try_parse_from(std::iter::once("tickgate").chain(args.iter().copied())).unwrap_err();

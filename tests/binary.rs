@@ -69,18 +69,20 @@ const DEMO_ENV: [(&str, &str); 3] = [
     ("TICKGATE_LOG_SECURITY", "/dev/null"),
 ];
 
+/// The demo banner prints a token on its own line after "demo token".
+fn demo_token(p: &Proc) -> String {
+    loop {
+        let l = p.lines.recv_timeout(Duration::from_secs(10)).expect("banner");
+        if l.starts_with("demo token") {
+            return p.lines.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn demo_streams_ticks_and_drains_on_sigterm() {
     let mut p = spawn(&["serve"], &DEMO_ENV);
-    // The banner prints a token on its own line after "demo token".
-    let mut token = None;
-    while token.is_none() {
-        let l = p.lines.recv_timeout(Duration::from_secs(10)).expect("banner");
-        if l.starts_with("demo token") {
-            token = Some(p.lines.recv_timeout(Duration::from_secs(5)).unwrap());
-        }
-    }
-    let token = token.unwrap();
+    let token = demo_token(&p);
     let url = format!("ws://{}/v1/stream", p.addr);
     let mut ws = connect(&url, Some(&token), &[]).await.unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
@@ -113,6 +115,31 @@ async fn demo_streams_ticks_and_drains_on_sigterm() {
     .unwrap()
     .expect("exited within the drain timeout");
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn demo_accepts_the_origins_of_its_own_address() {
+    // A port chosen by the kernel (the address is known after the bind) and a port given
+    // with --listen (known before): both must allow their own origins, and only them.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fixed = free.local_addr().unwrap().to_string();
+    drop(free);
+    for args in [&["serve"][..], &["serve", "--listen", &fixed]] {
+        let p = spawn(args, &DEMO_ENV);
+        let token = demo_token(&p);
+        let port = p.addr.port();
+        let status = |origin: Option<String>| {
+            let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+            let auth = format!("Authorization: Bearer {token}\r\n{origin}");
+            status_of(&raw(p.addr, &upgrade_req("/v1/stream", &auth)))
+        };
+        assert_eq!(status(Some(format!("http://127.0.0.1:{port}"))), 101, "{args:?}");
+        assert_eq!(status(Some(format!("http://localhost:{port}"))), 101, "{args:?}");
+        assert_eq!(status(None), 101, "{args:?}");
+        let other = if port == 8080 { 8081 } else { 8080 };
+        assert_eq!(status(Some(format!("http://127.0.0.1:{other}"))), 403, "{args:?}");
+        assert_eq!(status(Some(format!("http://localhost:{other}"))), 403, "{args:?}");
+    }
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
