@@ -2,17 +2,20 @@
 //! command to the library. Exit codes: 0 ok, 1 bad config or arguments (one line on
 //! stderr), 2 runtime failure.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
+use crate::auth::jwt::Role;
 use crate::auth::keys::KeySet;
 use crate::auth::mint::{self, Claims};
 use crate::auth::seclog::SecurityLog;
-use crate::config::Config;
+use crate::config::{AuthConfig, Config, format_duration};
 use crate::state::{AuthState, Shared};
 
 #[derive(Parser, Debug)]
@@ -56,12 +59,15 @@ pub enum Command {
         sub: String,
         #[arg(long, default_value = "k1")]
         kid: String,
-        /// Lifetime in seconds.
+        /// Lifetime in seconds. A server refuses a token that lives longer than its
+        /// auth.max_token_lifetime (15m by default); above the default, a warning says so.
         #[arg(long, default_value_t = 300)]
         ttl: u64,
         #[arg(long, default_value = "subscriber")]
         roles: String,
-        /// Entitlement patterns, comma-separated ('BTC-*,ETH-USD', '*').
+        /// Entitlement patterns, comma-separated ('BTC-*,ETH-USD', '*'). Without any, the
+        /// token grants no symbol: every symbol of a subscribe or publish is refused as
+        /// forbidden (a warning says so).
         #[arg(long)]
         symbols: Option<String>,
         #[arg(long)]
@@ -110,6 +116,64 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Parses the command line (the binary passes `std::env::args_os()`). `--help` and
+/// `--version` print what clap prints and give `Err(0)`. Any other clap error (an unknown
+/// command or flag, a missing or malformed value, no command at all) is a usage error:
+/// one line on stderr and `Err(1)`, the exit code of bad arguments (OPS.md).
+pub fn parse_args<I, T>(args: I) -> Result<Cli, i32>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            Err(0)
+        }
+        Err(e) => Err(fail(1, &usage_error_line(&e))),
+    }
+}
+
+/// A clap usage error as one line: clap's message without its `error: ` prefix, with the
+/// indented lines that belong to it (the missing arguments) joined on, its `tip:` when it
+/// has one, and the command whose `--help` explains the rest. clap's multi-line usage
+/// block is left to `--help`.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let flat = |block: &str| {
+        block
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let blocks: Vec<String> = text.split("\n\n").map(flat).filter(|b| !b.is_empty()).collect();
+    let command = blocks
+        .iter()
+        .find_map(|b| b.strip_prefix("Usage: "))
+        .map(|u| {
+            u.split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '[', '<']))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "tickgate".to_owned());
+    let mut line = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // clap's "error" here is the whole help text.
+        "a command is required".to_owned()
+    } else {
+        let first = blocks.first().map(String::as_str).unwrap_or("invalid arguments");
+        first.strip_prefix("error: ").unwrap_or(first).to_owned()
+    };
+    if let Some(tip) = blocks.iter().find(|b| b.starts_with("tip: ")) {
+        line = format!("{line} ({tip})");
+    }
+    format!("{line}; see '{command} --help'")
 }
 
 fn env_vars() -> Vec<(String, String)> {
@@ -171,6 +235,23 @@ pub fn run(cli: Cli) -> i32 {
                 aud,
                 ..Claims::default()
             };
+            // Warnings go to stderr: stdout carries the token alone.
+            let max = AuthConfig::default().max_token_lifetime;
+            if Duration::from_secs(ttl) > max {
+                eprintln!(
+                    "tickgate: warning: --ttl {ttl} is above the default auth.max_token_lifetime ({}): a server with that default refuses this token (too_long_lived)",
+                    format_duration(max)
+                );
+            }
+            let streams_symbols = claims
+                .roles
+                .iter()
+                .any(|r| matches!(Role::from_name(r), Some(Role::Subscriber | Role::Publisher)));
+            if streams_symbols && claims.symbols.is_empty() {
+                eprintln!(
+                    "tickgate: warning: no --symbols: the token grants no symbol, so every symbol of a subscribe or publish is refused as forbidden"
+                );
+            }
             println!("{}", mint::sign_token(&sk, &kid, &claims));
             0
         }
@@ -232,12 +313,13 @@ fn fail(code: i32, msg: &str) -> i32 {
     code
 }
 
-/// The embedded demo's configuration (OPS.md "The embedded demo").
+/// The embedded demo's configuration (OPS.md "The embedded demo"). It allows a missing
+/// `Origin`; the origins of its own address are added by `serve` once the address is final
+/// (after overrides, and after the bind for port 0), see [`demo_origins`].
 pub fn demo_config() -> Config {
     let mut cfg = Config::default_production();
     cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
     cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
-    cfg.auth.allowed_origins = vec!["http://127.0.0.1:8080".into(), "http://localhost:8080".into()];
     cfg.auth.allow_missing_origin = true;
     cfg.feed.simulator = true;
     cfg.feed.simulator_symbols = vec![
@@ -247,6 +329,45 @@ pub fn demo_config() -> Config {
         "XRP-USD".into(),
     ];
     cfg
+}
+
+/// The origins a browser sends for pages served from the demo's own address `addr`: the
+/// address itself and, when it is a loopback address, `localhost` on the same port. The
+/// unspecified address (`0.0.0.0`, `[::]`) stands for every local address, of which the
+/// loopback ones are the ones known here: `127.0.0.1` (and `[::1]` for `[::]`) and
+/// `localhost`. `https` with `[tls]`. Empty for port 0, which is not an address a browser
+/// can use (the port is known after the bind).
+pub fn demo_origins(addr: SocketAddr, tls: bool) -> Vec<String> {
+    let port = addr.port();
+    if port == 0 {
+        return Vec::new();
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let ip = addr.ip();
+    let hosts: Vec<IpAddr> = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
+        IpAddr::V6(v6) if v6.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
+        ip => vec![ip],
+    };
+    // `SocketAddr::new` drops an IPv6 scope id, which an origin cannot carry.
+    let mut origins: Vec<String> = hosts
+        .into_iter()
+        .map(|h| format!("{scheme}://{}", SocketAddr::new(h, port)))
+        .collect();
+    if ip.is_loopback() || ip.is_unspecified() {
+        origins.push(format!("{scheme}://localhost:{port}"));
+    }
+    origins
+}
+
+/// Adds the origins of `addr` ([`demo_origins`]) to the allow-list, after any the operator
+/// configured.
+fn add_demo_origins(cfg: &mut Config, addr: SocketAddr) {
+    for o in demo_origins(addr, cfg.tls.is_some()) {
+        if !cfg.auth.allowed_origins.contains(&o) {
+            cfg.auth.allowed_origins.push(o);
+        }
+    }
 }
 
 fn serve(
@@ -307,6 +428,10 @@ fn serve(
             .unwrap_or(1)
             .min(64);
     }
+    if demo {
+        let listen = cfg.server.listen;
+        add_demo_origins(&mut cfg, listen);
+    }
     if let Err(e) = cfg.validate() {
         return fail(1, &e.to_string());
     }
@@ -361,6 +486,15 @@ fn serve(
         Ok(h) => h,
         Err(e) => return fail(2, &format!("cannot start: {e}")),
     };
+    if demo && shared.cfg.server.listen.port() == 0 {
+        // Only now is the port known: allow the origins of the bound address.
+        let mut cfg = shared.cfg.clone();
+        add_demo_origins(&mut cfg, handle.public_addr);
+        match AuthState::build(&cfg, shared.auth().verifier.keys().clone()) {
+            Ok(auth) => shared.swap_auth(auth),
+            Err(e) => return fail(2, &e),
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     if shared.cfg.feed.simulator
         && let Err(e) = crate::feed::sim::spawn(
@@ -477,6 +611,116 @@ pub fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>
         }
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origins(addr: &str, tls: bool) -> Vec<String> {
+        demo_origins(addr.parse().unwrap(), tls)
+    }
+
+    #[test]
+    fn demo_origins_follow_the_listen_address() {
+        assert_eq!(
+            origins("127.0.0.1:8082", false),
+            ["http://127.0.0.1:8082", "http://localhost:8082"]
+        );
+        assert_eq!(
+            origins("127.0.0.2:80", true),
+            ["https://127.0.0.2:80", "https://localhost:80"]
+        );
+        assert_eq!(
+            origins("[::1]:9000", false),
+            ["http://[::1]:9000", "http://localhost:9000"]
+        );
+        assert_eq!(
+            origins("0.0.0.0:8080", false),
+            ["http://127.0.0.1:8080", "http://localhost:8080"]
+        );
+        assert_eq!(
+            origins("[::]:8080", false),
+            [
+                "http://127.0.0.1:8080",
+                "http://[::1]:8080",
+                "http://localhost:8080"
+            ]
+        );
+        assert_eq!(origins("192.0.2.7:8443", true), ["https://192.0.2.7:8443"]);
+        assert_eq!(origins("[fe80::1%2]:8080", false), ["http://[fe80::1]:8080"]);
+        assert!(origins("127.0.0.1:0", false).is_empty());
+    }
+
+    #[test]
+    fn demo_origins_pass_the_config_and_origin_checks() {
+        let mut cfg = demo_config();
+        cfg.server.listen = "[::]:8082".parse().unwrap();
+        cfg.auth.allowed_origins = vec!["https://app.example.com".into()];
+        let listen = cfg.server.listen;
+        add_demo_origins(&mut cfg, listen);
+        add_demo_origins(&mut cfg, listen);
+        assert_eq!(
+            cfg.auth.allowed_origins.len(),
+            4,
+            "{:?}",
+            cfg.auth.allowed_origins
+        );
+        cfg.validate().unwrap();
+        let auth = AuthState::build(&cfg, KeySet::new()).unwrap();
+        use crate::auth::origin::OriginDecision;
+        for o in [
+            "http://localhost:8082",
+            "http://[::1]:8082",
+            "https://app.example.com",
+        ] {
+            assert_eq!(auth.origins.check(Some(o)), OriginDecision::Allowed, "{o}");
+        }
+        assert_eq!(
+            auth.origins.check(Some("http://localhost:8080")),
+            OriginDecision::Rejected
+        );
+        assert_eq!(auth.origins.check(None), OriginDecision::Missing);
+    }
+
+    fn usage_error(args: &[&str]) -> (ErrorKind, String) {
+        let e = Cli::try_parse_from(std::iter::once("tickgate").chain(args.iter().copied())).unwrap_err();
+        (e.kind(), usage_error_line(&e))
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for (args, want) in [
+            (
+                &["keygen"][..],
+                "the following required arguments were not provided: --out <OUT>; see 'tickgate keygen --help'",
+            ),
+            (
+                &["token", "--sub", "a"][..],
+                "the following required arguments were not provided: --key <KEY>; see 'tickgate token --help'",
+            ),
+            (&[][..], "a command is required; see 'tickgate --help'"),
+            (
+                &["serv"][..],
+                "unrecognized subcommand 'serv' (tip: a similar subcommand exists: 'serve'); see 'tickgate --help'",
+            ),
+        ] {
+            let (_, line) = usage_error(args);
+            assert_eq!(line, want, "{args:?}");
+        }
+        for args in [
+            &["serve", "--frob"][..],
+            &["token", "--key", "k", "--sub", "a", "--ttl", "soon"],
+            &["doctor", "--jitter"],
+        ] {
+            let (kind, line) = usage_error(args);
+            assert!(
+                !line.contains('\n') && !line.starts_with("error"),
+                "{kind:?}: {line}"
+            );
+            assert!(line.ends_with("--help'"), "{kind:?}: {line}");
         }
     }
 }

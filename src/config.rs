@@ -32,8 +32,9 @@
 //! * Defaults: the values listed in OPS.md. Keys whose OPS.md value is only an example of
 //!   a deployment (`[tls]`, `auth.keys`, `auth.jwks`, `auth.issuer`, `auth.audience`,
 //!   `auth.allowed_origins`, `auth.trusted_proxies`) default to absent / empty: no TLS,
-//!   no verifying key (the key loader refuses to serve without one), no issuer or
-//!   audience check, no browser origin allowed, no trusted proxy.
+//!   no verifying key (nothing refuses such a config, not even `check-config`: every token
+//!   is then refused), no issuer or audience check, no browser origin allowed, no trusted
+//!   proxy.
 //!
 //! # Extensions to OPS.md
 //!

@@ -4,7 +4,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    use clap::Parser;
-    let cli = tickgate::cli::Cli::parse();
-    std::process::exit(tickgate::cli::run(cli));
+    let code = match tickgate::cli::parse_args(std::env::args_os()) {
+        Ok(cli) => tickgate::cli::run(cli),
+        Err(code) => code,
+    };
+    std::process::exit(code);
 }

@@ -69,18 +69,20 @@ const DEMO_ENV: [(&str, &str); 3] = [
     ("TICKGATE_LOG_SECURITY", "/dev/null"),
 ];
 
+/// The demo banner prints a token on its own line after "demo token".
+fn demo_token(p: &Proc) -> String {
+    loop {
+        let l = p.lines.recv_timeout(Duration::from_secs(10)).expect("banner");
+        if l.starts_with("demo token") {
+            return p.lines.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn demo_streams_ticks_and_drains_on_sigterm() {
     let mut p = spawn(&["serve"], &DEMO_ENV);
-    // The banner prints a token on its own line after "demo token".
-    let mut token = None;
-    while token.is_none() {
-        let l = p.lines.recv_timeout(Duration::from_secs(10)).expect("banner");
-        if l.starts_with("demo token") {
-            token = Some(p.lines.recv_timeout(Duration::from_secs(5)).unwrap());
-        }
-    }
-    let token = token.unwrap();
+    let token = demo_token(&p);
     let url = format!("ws://{}/v1/stream", p.addr);
     let mut ws = connect(&url, Some(&token), &[]).await.unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
@@ -113,6 +115,31 @@ async fn demo_streams_ticks_and_drains_on_sigterm() {
     .unwrap()
     .expect("exited within the drain timeout");
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn demo_accepts_the_origins_of_its_own_address() {
+    // A port chosen by the kernel (the address is known after the bind) and a port given
+    // with --listen (known before): both must allow their own origins, and only them.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fixed = free.local_addr().unwrap().to_string();
+    drop(free);
+    for args in [&["serve"][..], &["serve", "--listen", &fixed]] {
+        let p = spawn(args, &DEMO_ENV);
+        let token = demo_token(&p);
+        let port = p.addr.port();
+        let status = |origin: Option<String>| {
+            let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+            let auth = format!("Authorization: Bearer {token}\r\n{origin}");
+            status_of(&raw(p.addr, &upgrade_req("/v1/stream", &auth)))
+        };
+        assert_eq!(status(Some(format!("http://127.0.0.1:{port}"))), 101, "{args:?}");
+        assert_eq!(status(Some(format!("http://localhost:{port}"))), 101, "{args:?}");
+        assert_eq!(status(None), 101, "{args:?}");
+        let other = if port == 8080 { 8081 } else { 8080 };
+        assert_eq!(status(Some(format!("http://127.0.0.1:{other}"))), 403, "{args:?}");
+        assert_eq!(status(Some(format!("http://localhost:{other}"))), 403, "{args:?}");
+    }
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -192,6 +219,94 @@ fn keygen_token_and_check_config() {
     assert!(out.contains("io_uring"), "{out}");
     let (code, _, err) = run(&["serve", "--config", "/nonexistent.toml"]);
     assert_eq!(code, 1, "{err}");
+}
+
+#[test]
+fn usage_errors_exit_1_with_one_line() {
+    for (args, names) in [
+        (&["keygen"][..], "--out"),
+        (&["token", "--sub", "alice"][..], "--key"),
+        (&["token", "--key", "k1.key"][..], "--sub"),
+        (&["frobnicate"][..], "frobnicate"),
+        (&["serve", "--frob"][..], "--frob"),
+        (
+            &["token", "--key", "k", "--sub", "a", "--ttl", "soon"][..],
+            "soon",
+        ),
+        (&[][..], "command"),
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err:?}");
+        assert!(
+            err.starts_with("tickgate: ") && err.contains(names),
+            "{args:?}: {err}"
+        );
+        assert!(out.is_empty(), "{args:?}: {out}");
+    }
+    // Help and version are not errors: stdout, exit 0, as clap prints them.
+    for args in [
+        &["--help"][..],
+        &["keygen", "--help"],
+        &["help", "token"],
+        &["--version"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+        assert!(
+            out.contains("Usage:") || out.starts_with("tickgate "),
+            "{args:?}: {out}"
+        );
+    }
+}
+
+#[test]
+fn token_warns_on_stderr_when_the_default_server_would_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_eq!(run(&["keygen", "--out", d]).0, 0);
+    let key = format!("{d}/k1.key");
+    let token = |extra: &[&str]| {
+        let mut args = vec!["token", "--key", &key, "--sub", "alice"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        assert_eq!(
+            out.lines().count(),
+            1,
+            "{extra:?}: the token alone on stdout: {out}"
+        );
+        assert_eq!(out.trim().split('.').count(), 3, "{out}");
+        err
+    };
+    // Above the default auth.max_token_lifetime (15m): the default server says too_long_lived.
+    let err = token(&["--ttl", "3600", "--symbols", "*"]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("auth.max_token_lifetime"),
+        "{err}"
+    );
+    // No --symbols: every subscribe is refused.
+    let err = token(&[]);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("--symbols") && err.contains("forbidden"),
+        "{err}"
+    );
+    let err = token(&["--ttl", "3600"]);
+    assert_eq!(err.lines().count(), 2, "both warnings: {err}");
+    // Nothing to say: at the limit, with symbols; or an admin token, which needs none.
+    assert_eq!(token(&["--ttl", "900", "--symbols", "BTC-*"]), "");
+    assert_eq!(token(&["--roles", "admin"]), "");
+    let (code, help, _) = run(&["token", "--help"]);
+    assert_eq!(code, 0);
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("every symbol of a subscribe or publish is refused"),
+        "{help}"
+    );
+    assert!(help.contains("max_token_lifetime"), "{help}");
 }
 
 #[tokio::test]
