@@ -44,11 +44,19 @@ async fn session_from_other_address(srv: &TestServer, token: &str) -> Ws {
 async fn still_served(srv: &TestServer, symbol: &str) {
     let check = async {
         let mut sub = session_from_other_address(srv, &srv.token("watcher")).await;
-        send_json(&mut sub, serde_json::json!({"op":"subscribe","id":1,"symbols":[symbol]})).await;
+        send_json(
+            &mut sub,
+            serde_json::json!({"op":"subscribe","id":1,"symbols":[symbol]}),
+        )
+        .await;
         assert_eq!(next_json(&mut sub).await["type"], "subscribed");
         let mut publ = session_from_other_address(srv, &srv.publisher_token("feed")).await;
         let tick = serde_json::json!({"s":symbol,"ts":1,"bid":1.0,"ask":2.0,"last":1.5,"qty":1.0});
-        send_json(&mut publ, serde_json::json!({"op":"publish","id":9,"ticks":[tick]})).await;
+        send_json(
+            &mut publ,
+            serde_json::json!({"op":"publish","id":9,"ticks":[tick]}),
+        )
+        .await;
         assert_eq!(next_json(&mut publ).await["type"], "published");
         loop {
             let m = next_json(&mut sub).await;
@@ -81,12 +89,16 @@ async fn an_endless_head_is_cut_at_the_head_limit_and_never_holds_the_loop() {
         std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Junk: ").unwrap();
+            s.write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+                .unwrap();
             let junk = vec![b'A'; 64 * 1024];
             let mut sent = 0usize;
             let started = Instant::now();
             // Keep the socket full until the server closes it (or a bound is reached).
-            while !stop.load(Ordering::Relaxed) && sent < (256 << 20) && started.elapsed() < Duration::from_secs(30) {
+            while !stop.load(Ordering::Relaxed)
+                && sent < (256 << 20)
+                && started.elapsed() < Duration::from_secs(30)
+            {
                 match s.write(&junk) {
                     Ok(n) => sent += n,
                     Err(_) => break,
@@ -105,7 +117,10 @@ async fn an_endless_head_is_cut_at_the_head_limit_and_never_holds_the_loop() {
     let (sent, resp) = attacker.join().unwrap();
     // What the kernel buffers plus the head limit; the old loop read 256 MiB one byte at
     // a time and never answered.
-    assert!(sent < (64 << 20), "the attacker wrote {sent} bytes before the close");
+    assert!(
+        sent < (64 << 20),
+        "the attacker wrote {sent} bytes before the close"
+    );
     assert!(
         resp.is_empty() || status_of(&resp) == 400,
         "a 400 (or a reset when the answer was lost in unread data): {resp:?}"
@@ -137,7 +152,10 @@ fn server_frames(buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
         let op = buf[i] & 0x0f;
         let (len, h) = match buf[i + 1] & 0x7f {
             126 if i + 4 <= buf.len() => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
-            127 if i + 10 <= buf.len() => (u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize, 10),
+            127 if i + 10 <= buf.len() => (
+                u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize,
+                10,
+            ),
             n if n < 126 => (n as usize, 2),
             _ => break,
         };
@@ -163,8 +181,11 @@ async fn a_ping_flood_that_never_reads_is_closed_with_4029() {
         s.set_recv_buffer_size(4096).unwrap();
         s.connect(&addr.into()).unwrap();
         let mut s: TcpStream = s.into();
-        s.write_all(&upgrade_req("/v1/stream", &format!("Authorization: Bearer {token}\r\n")))
-            .unwrap();
+        s.write_all(&upgrade_req(
+            "/v1/stream",
+            &format!("Authorization: Bearer {token}\r\n"),
+        ))
+        .unwrap();
         let mut head = [0u8; 12];
         s.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"HTTP/1.1 101");
@@ -212,7 +233,9 @@ async fn silent_sockets_cannot_lock_out_other_addresses() {
     cfg.limits.first_byte_timeout = Duration::from_secs(3);
     let srv = start(cfg);
     // 200 silent sockets from 127.0.0.1: far more than the table.
-    let silent: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(srv.addr()).unwrap()).collect();
+    let silent: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(srv.addr()).unwrap())
+        .collect();
     // The table is full of them, yet another address upgrades and is served.
     still_served(&srv, "SILENT-1").await;
     let log = srv.log_lines().join("\n");
@@ -270,30 +293,57 @@ async fn subscribers_cannot_fill_the_symbol_table() {
         send_json(&mut ws, serde_json::json!({"op":"unsubscribe","symbols":names})).await;
         assert_eq!(next_json(&mut ws).await["type"], "unsubscribed");
     }
-    assert_eq!(srv.handle.shared.hub.symbols().len(), 0, "no tick published, no symbol");
-    assert_eq!(srv.handle.shared.hub.symbols().waiting_len(), 0, "released on unsubscribe");
+    assert_eq!(
+        srv.handle.shared.hub.symbols().len(),
+        0,
+        "no tick published, no symbol"
+    );
+    assert_eq!(
+        srv.handle.shared.hub.symbols().waiting_len(),
+        0,
+        "released on unsubscribe"
+    );
     // Subscribers on both shards wait for a symbol that does not exist yet...
     let mut early = Vec::new();
     for i in 0..6 {
         let mut s = session(&srv, &srv.token(&format!("early{i}"))).await;
-        send_json(&mut s, serde_json::json!({"op":"subscribe","symbols":["NEWCOIN-USD"]})).await;
-        assert_eq!(next_json(&mut s).await["symbols"], serde_json::json!(["NEWCOIN-USD"]));
+        send_json(
+            &mut s,
+            serde_json::json!({"op":"subscribe","symbols":["NEWCOIN-USD"]}),
+        )
+        .await;
+        assert_eq!(
+            next_json(&mut s).await["symbols"],
+            serde_json::json!(["NEWCOIN-USD"])
+        );
         early.push(s);
     }
     // ...its first tick is published (the table has room: it was never filled)...
     let mut publ = session(&srv, &srv.publisher_token("feed")).await;
     let tick = serde_json::json!({"s":"NEWCOIN-USD","ts":1,"bid":1.0,"ask":2.0,"last":1.5,"qty":1.0});
-    send_json(&mut publ, serde_json::json!({"op":"publish","id":1,"ticks":[tick]})).await;
+    send_json(
+        &mut publ,
+        serde_json::json!({"op":"publish","id":1,"ticks":[tick]}),
+    )
+    .await;
     assert_eq!(next_json(&mut publ).await["type"], "published");
     // ...and every early subscriber receives it, as seq 1.
     for s in &mut early {
         let t = next_json(s).await;
-        assert_eq!((t["type"].as_str(), t["seq"].as_u64()), (Some("tick"), Some(1)), "{t}");
+        assert_eq!(
+            (t["type"].as_str(), t["seq"].as_u64()),
+            (Some("tick"), Some(1)),
+            "{t}"
+        );
     }
     assert_eq!(srv.handle.shared.hub.symbols().len(), 1);
     // A connection that leaves while waiting releases its wait.
     let mut gone = session(&srv, &srv.token("gone")).await;
-    send_json(&mut gone, serde_json::json!({"op":"subscribe","symbols":["NEVER-1"]})).await;
+    send_json(
+        &mut gone,
+        serde_json::json!({"op":"subscribe","symbols":["NEVER-1"]}),
+    )
+    .await;
     next_json(&mut gone).await;
     assert_eq!(srv.handle.shared.hub.symbols().waiting_len(), 1);
     drop(gone);
