@@ -536,11 +536,20 @@ impl Session {
     }
 
     /// A protocol violation found by the frame decoder.
+    /// Once per connection: after the first, the decoder refuses everything, and later
+    /// reads must not log (or close) again.
     pub fn protocol_error(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
+        if self.state == State::Closing {
+            return;
+        }
         actions.push(Action::Log {
             event: "close",
             outcome: "closed",
-            reason: "protocol_error",
+            reason: match code {
+                CloseCode::TOO_BIG => "message_too_big",
+                CloseCode::INVALID_PAYLOAD => "invalid_payload",
+                _ => "protocol_error",
+            },
         });
         self.close(code, reason, actions);
     }

@@ -353,3 +353,33 @@ async fn subscribers_cannot_fill_the_symbol_table() {
     }
     assert_eq!(srv.handle.shared.hub.symbols().waiting_len(), 0);
 }
+
+/// Issue 15 defect: a message over `max_message_bytes` closes once with `1009` and a reason
+/// naming the cause, and is logged once, however much of it keeps arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_big_closes_once_with_its_reason() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = start(one_shard());
+    let mut ws = session(&srv, &srv.token("big")).await;
+    let big = "x".repeat(2 << 20);
+    let _ = ws.send(Message::Text(big.into())).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut close = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            close = Some((u16::from(f.code), f.reason.to_string()));
+            break;
+        }
+    }
+    assert_eq!(close, Some((1009, "message too big".to_string())));
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<String> = srv
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("\"event\":\"close\""))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("\"reason\":\"message_too_big\""), "{lines:?}");
+}

@@ -152,6 +152,16 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// The close reason to send with [`close_code`](Self::close_code): it names the cause
+    /// where the code does (`1009`, `1007`).
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            Self::TooBig => "message too big",
+            Self::InvalidUtf8 => "invalid utf-8",
+            _ => "protocol error",
+        }
+    }
+
     /// The close code to send before dropping the connection.
     pub fn close_code(&self) -> u16 {
         match self {

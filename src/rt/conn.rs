@@ -528,7 +528,7 @@ fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
                     }
                 }
                 Err(e) => {
-                    session.protocol_error(e.close_code(), "protocol error", &mut actions);
+                    session.protocol_error(e.close_code(), e.close_reason(), &mut actions);
                     off = buf.len();
                     break;
                 }
