@@ -297,8 +297,10 @@ fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<
             let _ = std::fmt::Write::write_fmt(
                 &mut out,
                 format_args!(
-                    "# TYPE tickgate_symbols gauge\ntickgate_symbols {}\n# TYPE tickgate_revocations gauge\ntickgate_revocations {}\n",
+                    "# TYPE tickgate_symbols gauge\ntickgate_symbols {}\n# TYPE tickgate_symbols_max gauge\ntickgate_symbols_max {}\n# HELP tickgate_symbols_waiting Names subscribed to before any tick created them (held by their connections).\n# TYPE tickgate_symbols_waiting gauge\ntickgate_symbols_waiting {}\n# TYPE tickgate_revocations gauge\ntickgate_revocations {}\n",
                     shared.hub.symbols().len(),
+                    shared.hub.symbols().max_symbols(),
+                    shared.hub.symbols().waiting_len(),
                     shared.revoked.len()
                 ),
             );

@@ -64,6 +64,8 @@ impl LatencyHistogram {
 pub struct ShardGauges {
     pub connections: AtomicU64,
     pub queued_bytes: AtomicU64,
+    /// Connections in the HTTP upgrade (sampled once a second).
+    pub pending_handshakes: AtomicU64,
     pub ticks_out: AtomicU64,
     pub inbox_dropped: AtomicU64,
 }
@@ -120,6 +122,14 @@ impl Metrics {
                 out,
                 "tickgate_outbound_queued_bytes{{shard=\"{i}\"}} {}",
                 s.queued_bytes.load(Relaxed)
+            );
+        }
+        out.push_str("# TYPE tickgate_pending_handshakes gauge\n");
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tickgate_pending_handshakes{{shard=\"{i}\"}} {}",
+                s.pending_handshakes.load(Relaxed)
             );
         }
         out.push_str("# TYPE tickgate_ticks_out_total counter\n");

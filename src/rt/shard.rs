@@ -901,6 +901,10 @@ fn housekeeping(ctx: &ShardCtx, now: u64) {
     }
     let g = ctx.shared.metrics.shard(ctx.id);
     g.queued_bytes.store(queued, std::sync::atomic::Ordering::Relaxed);
+    g.pending_handshakes.store(
+        ctx.pending.borrow().len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     g.inbox_dropped.store(
         ctx.shared
             .hub
