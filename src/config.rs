@@ -48,6 +48,7 @@
 //! | `limits.first_byte_timeout` | 2s | a new socket must send its first byte within this (at most `handshake_timeout`) |
 //! | `limits.per_ip_pending_handshakes` | 64 | connections one address may hold in the HTTP upgrade, per shard (trusted proxies exempt) |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
+//! | `feed.symbol_idle` | 10m | a symbol with no subscriber and no tick for this long gives its entry back (configured symbols never do) |
 //! | `admin.enabled` | true | whether the admin listener runs |
 //! | `admin.request_timeout` | 2s | whole admin request, accept to last byte of the body (100ms..=60s) |
 //! | `admin.max_connections` | 64 | admin connections in flight (1..=4096) |
@@ -167,6 +168,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("simulator_symbols", List),
                 ("simulator_rate", Int),
                 ("max_symbols", Int),
+                ("symbol_idle", Str),
             ],
         ),
         (
@@ -398,6 +400,10 @@ pub struct FeedConfig {
     pub simulator_rate: u32,
     /// Extension: distinct symbols tracked. Default 100000.
     pub max_symbols: usize,
+    /// Extension: a symbol with no subscriber (and none waiting for it) and no tick for
+    /// this long gives its entry back; configured symbols never do. Default 10m.
+    #[serde(with = "duration_serde")]
+    pub symbol_idle: Duration,
 }
 
 /// `[admin]`: the metrics / health / revocation listener.
@@ -508,6 +514,7 @@ impl Default for FeedConfig {
             simulator_symbols: vec!["BTC-USD".to_owned(), "ETH-USD".to_owned()],
             simulator_rate: 10,
             max_symbols: 100_000,
+            symbol_idle: Duration::from_secs(600),
         }
     }
 }
@@ -908,6 +915,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "feed.max_symbols",
                 format!("{} is not in 1..=10000000", f.max_symbols),
+            ));
+        }
+        if f.symbol_idle < Duration::from_secs(1) || f.symbol_idle > Duration::from_secs(30 * 86_400) {
+            return Err(ConfigError::invalid(
+                "feed.symbol_idle",
+                "must be at least 1s and at most 30 days",
             ));
         }
         let mut seen = HashSet::new();
@@ -1493,6 +1506,7 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         assert_eq!(c.feed.simulator_symbols, vec!["BTC-USD", "ETH-USD"]);
         assert_eq!(c.feed.simulator_rate, 10);
         assert_eq!(c.feed.max_symbols, 100_000);
+        assert_eq!(c.feed.symbol_idle, secs(600));
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert!(c.admin.enabled);
         assert_eq!(c.admin.request_timeout, secs(2));

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub shards: Box<[ShardGauges]>,
     pub ticks_in: AtomicU64,
     pub conflated: AtomicU64,
+    /// Symbols retired for idleness (`feed.symbol_idle`).
+    pub symbols_retired: AtomicU64,
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// From the hub accepting a tick to a shard handing it to its subscribers' queues
     /// (a random one tick in 64 per shard is sampled).
@@ -157,6 +159,11 @@ impl Metrics {
             out,
             "# TYPE tickgate_conflated_ticks_total counter\ntickgate_conflated_ticks_total {}",
             self.conflated.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_symbols_retired_total counter\ntickgate_symbols_retired_total {}",
+            self.symbols_retired.load(Relaxed)
         );
         out.push_str("# TYPE tickgate_closes_total counter\n");
         for (i, c) in CLOSE_CODES.iter().enumerate() {

@@ -265,6 +265,22 @@ impl Session {
         &self.subs
     }
 
+    /// The symbol `id` (named `name`) was retired before the shard could subscribe this
+    /// session to it: the subscription waits for the name again. False when the session
+    /// does not hold `id`.
+    pub fn wait_again(&mut self, id: SymbolId, name: &str) -> bool {
+        let Some(pos) = self.subs.iter().position(|s| *s == id) else {
+            return false;
+        };
+        self.subs.swap_remove(pos);
+        self.outbound.remove_symbol(id);
+        self.rare
+            .get_or_insert_with(Box::default)
+            .waiting
+            .push(Box::from(name));
+        true
+    }
+
     /// Subscribed names that no tick has created yet.
     pub fn waiting_subscriptions(&self) -> &[Box<str>] {
         self.rare.as_ref().map_or(&[], |r| &r.waiting)

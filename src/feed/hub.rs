@@ -88,6 +88,11 @@ struct SymbolState {
     seq: u64,
     last: Option<Arc<SharedTick>>,
     shard_mask: u64,
+    /// The sweep gave the id back ([`Hub::reclaim_idle`]); the next user of the id either
+    /// finds it reused for its name (a fresh symbol) or resolves the name again.
+    retired: bool,
+    /// A configured symbol (the simulator's): never retired.
+    pinned: bool,
 }
 
 pub struct Hub {
@@ -142,24 +147,95 @@ impl Hub {
         self.states.get(id.0 as usize)
     }
 
+    /// The state of `id`, locked, once it is live: a retired id that the table reused for
+    /// its current name starts afresh; one still in quarantine hands over to the name's
+    /// new id when `follow` (a publish), else there is none (a subscribe falls back to
+    /// waiting for the name).
+    fn lock_live(
+        &self,
+        id: SymbolId,
+        follow: bool,
+    ) -> Option<(SymbolId, Arc<str>, std::sync::MutexGuard<'_, SymbolState>)> {
+        let mut id = id;
+        for _ in 0..2 {
+            let (state, name) = (self.state(id)?, self.symbols.name(id)?);
+            let mut st = lock(state);
+            if !st.retired {
+                return Some((id, name, st));
+            }
+            if self.symbols.lookup(&name) == Some(id) {
+                *st = SymbolState::default();
+                return Some((id, name, st));
+            }
+            drop(st);
+            if !follow {
+                return None;
+            }
+            id = self.symbols.intern(&name).ok()?;
+        }
+        None
+    }
+
+    /// A configured symbol: never retired by [`Self::reclaim_idle`].
+    pub fn pin(&self, id: SymbolId) {
+        if let Some(state) = self.state(id) {
+            lock(state).pinned = true;
+        }
+    }
+
+    /// Retires idle symbols among ids `from..from + budget` (the caller walks the table a
+    /// slice per call, so no call holds a shard for long): no shard subscribed, no shard
+    /// waiting for a first tick, not pinned, and no tick accepted for `idle_ns` (monotonic
+    /// clock). Returns where the next call starts and how many were retired.
+    pub fn reclaim_idle(
+        &self,
+        now_ms: u64,
+        mono_ns: u64,
+        idle_ns: u64,
+        from: usize,
+        budget: usize,
+    ) -> (usize, usize) {
+        let slots = self.symbols.slots().min(self.states.len());
+        let from = if from >= slots { 0 } else { from };
+        let to = from.saturating_add(budget).min(slots);
+        let mut retired = 0;
+        for i in from..to {
+            let mut st = lock(&self.states[i]);
+            if st.retired || st.pinned || st.shard_mask != 0 {
+                continue;
+            }
+            let idle = st
+                .last
+                .as_ref()
+                .is_none_or(|t| mono_ns.saturating_sub(t.accepted_ns) >= idle_ns);
+            if idle && self.symbols.retire(SymbolId(i as u32), now_ms) {
+                *st = SymbolState {
+                    retired: true,
+                    ..SymbolState::default()
+                };
+                retired += 1;
+            }
+        }
+        (to, retired)
+    }
+
     /// Stamp, encode once and fan out a validated batch. Returns how many ticks went out.
     pub fn publish(&self, batch: &[(SymbolId, Tick)]) -> usize {
         let mut wake_mask = 0u64;
         let mut count = 0;
         let accepted_ns = crate::metrics::mono_ns();
         for (id, tick) in batch {
-            let (Some(state), Some(name)) = (self.state(*id), self.symbols.name(*id)) else {
+            let Some((id, name, mut st)) = self.lock_live(*id, true) else {
                 continue;
             };
-            let mut st = lock(state);
             // Shards whose connections subscribed before the symbol existed get its first
             // tick (and every later one) like any subscribed shard.
-            st.shard_mask |= self.symbols.take_handoff(*id);
+            st.shard_mask |= self.symbols.take_handoff(id);
             st.seq += 1;
             let seq = st.seq;
             let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);
             let shared = Arc::new(SharedTick {
-                symbol: *id,
+                symbol: id,
                 seq,
                 frame,
                 tick: *tick,
@@ -194,22 +270,18 @@ impl Hub {
         count
     }
 
-    /// A shard subscribes a connection. `first_on_shard` sets the shard's bit.
-    pub fn subscribe(&self, shard: usize, id: SymbolId, first_on_shard: bool) -> Baseline {
-        let Some(state) = self.state(id) else {
-            return Baseline {
-                seq: 0,
-                snapshot: None,
-            };
-        };
-        let mut st = lock(state);
+    /// A shard subscribes a connection. `first_on_shard` sets the shard's bit. `None`:
+    /// the symbol was retired since the connection looked it up (it must wait for the name
+    /// instead).
+    pub fn subscribe(&self, shard: usize, id: SymbolId, first_on_shard: bool) -> Option<Baseline> {
+        let (_, _, mut st) = self.lock_live(id, false)?;
         if first_on_shard && shard < 64 {
             st.shard_mask |= 1 << shard;
         }
-        Baseline {
+        Some(Baseline {
             seq: st.seq,
             snapshot: st.last.clone(),
-        }
+        })
     }
 
     /// The shard's last local subscriber of `id` left.
@@ -267,12 +339,61 @@ mod tests {
         }
     }
 
+    /// Issue 14, hole 5 (the publisher's side): a symbol with no subscriber and no recent
+    /// tick gives its entry back, a later tick creates it afresh, a stale id follows its
+    /// name, and the id is reused only after the quarantine. Time is virtual: the sweep is
+    /// given the monotonic "now" and the idle threshold.
+    #[test]
+    fn idle_symbols_are_retired_and_their_ids_reused_after_quarantine() {
+        let hub = Hub::new(2, 5);
+        let ids: Vec<SymbolId> = ["A", "B", "C", "D", "X"]
+            .iter()
+            .map(|n| hub.intern(n).unwrap())
+            .collect();
+        hub.publish(&[(ids[0], tick(1.0)), (ids[1], tick(1.0))]);
+        assert_eq!(hub.intern("E"), Err(SymbolError::TableFull));
+        // B has a subscriber, C is pinned (configured): neither ever goes.
+        hub.subscribe(0, ids[1], true).unwrap();
+        hub.pin(ids[2]);
+        let now_ms = 1_000_000;
+        let t_a = hub.latest(ids[0]).unwrap().accepted_ns;
+        // An hour's threshold, a minute after A's tick: only what never had a tick goes
+        // (D and X, interned by publishes that never went through).
+        let hour = 3_600 * 1_000_000_000;
+        let (next, retired) = hub.reclaim_idle(now_ms, t_a + 60_000_000_000, hour, 0, 16);
+        assert_eq!((next, retired), (5, 2));
+        assert_eq!(hub.symbols().lookup("D"), None);
+        assert_eq!(hub.symbols().lookup("X"), None);
+        assert!(hub.symbols().lookup("A").is_some());
+        // Past the threshold A goes too.
+        let (_, retired) = hub.reclaim_idle(now_ms, t_a + hour, hour, 0, 16);
+        assert_eq!(retired, 1);
+        assert_eq!(hub.symbols().len(), 2);
+        // A stale subscribe to a retired id is refused (the shard then waits for the name).
+        assert!(hub.subscribe(1, ids[0], true).is_none());
+        // A stale publish follows the name; the table is full (5 slots, 3 in quarantine)...
+        assert_eq!(hub.publish(&[(ids[0], tick(2.0))]), 0);
+        assert_eq!(hub.intern("E"), Err(SymbolError::TableFull));
+        // ...until the quarantine is over: then ids are reused, as fresh symbols.
+        hub.symbols().recycle(now_ms + crate::feed::symbol::QUARANTINE_MS);
+        assert_eq!(hub.publish(&[(ids[0], tick(2.0))]), 1);
+        let a2 = hub.symbols().lookup("A").unwrap();
+        assert_eq!(hub.latest(a2).unwrap().seq, 1, "a new symbol starts at seq 1");
+        let e = hub.intern("E").unwrap();
+        assert!([ids[0], ids[3], ids[4]].contains(&e), "a recycled id");
+        assert!(hub.latest(e).is_none(), "no tick of the old symbol");
+        hub.publish(&[(e, tick(3.0))]);
+        assert_eq!(hub.latest(e).unwrap().seq, 1);
+        assert_eq!(hub.latest(e).unwrap().name.as_ref(), "E");
+        assert_eq!(hub.symbols().len(), 4);
+    }
+
     #[test]
     fn seq_is_per_symbol_and_reaches_only_subscribed_shards() {
         let hub = Hub::new(3, 16);
         let a = hub.intern("BTC-USD").unwrap();
         let b = hub.intern("ETH-USD").unwrap();
-        let base = hub.subscribe(1, a, true);
+        let base = hub.subscribe(1, a, true).unwrap();
         assert_eq!(base.seq, 0);
         assert!(base.snapshot.is_none());
         assert_eq!(hub.publish(&[(a, tick(1.0)), (b, tick(2.0)), (a, tick(3.0))]), 3);
@@ -282,7 +403,7 @@ mod tests {
             .map(|t| t.seq)
             .collect();
         assert_eq!(got, vec![1, 2]);
-        let snap = hub.subscribe(2, b, true);
+        let snap = hub.subscribe(2, b, true).unwrap();
         assert_eq!(snap.seq, 1);
         assert_eq!(snap.snapshot.unwrap().tick.bid, 2.0);
         hub.unsubscribe_last(1, a);

@@ -56,10 +56,14 @@ pub fn spawn(
     let mut walks = Vec::new();
     for s in symbols {
         match shared.hub.intern(s) {
-            Ok(id) => walks.push(Walk {
-                id,
-                mid: start_price(s),
-            }),
+            Ok(id) => {
+                // A configured symbol: never retired for idleness.
+                shared.hub.pin(id);
+                walks.push(Walk {
+                    id,
+                    mid: start_price(s),
+                })
+            }
             Err(e) => tracing::warn!(symbol = %s, error = ?e, "simulator: symbol skipped"),
         }
     }

@@ -11,17 +11,20 @@
 //! - `DashMap<Box<str>, SymbolId>` maps names to ids. It is sharded internally, so
 //!   concurrent lookups of *existing* symbols (the overwhelmingly common case) take one
 //!   shard read lock and never contend with the other shards.
-//! - an append-only `RwLock<Vec<Arc<str>>>` maps ids back to names. Ids are dense, so
-//!   the name of an id is one bounds-checked index under a read lock; handing out an
-//!   `Arc<str>` lets callers keep the name without holding the lock.
+//! - a `RwLock<Vec<Arc<str>>>` maps ids back to names. Ids are dense, so the name of an
+//!   id is one bounds-checked index under a read lock; handing out an `Arc<str>` lets
+//!   callers keep the name without holding the lock.
 //!
-//! The table is bounded (`max_symbols`): clients choose symbol names, and an unbounded
-//! table would let anyone grow server memory by subscribing to made-up symbols. Ids are
-//! never freed (a symbol seen once is likely to be seen again, and recycling an id would
-//! race with in-flight ticks that still carry it).
+//! The table is bounded (`max_symbols`): publishers choose symbol names, and an unbounded
+//! table would let them grow server memory with made-up symbols. A symbol with no
+//! subscriber and no tick for `feed.symbol_idle` is retired by the hub's sweep
+//! ([`SymbolTable::retire`]): its name stops resolving at once, and its id is reused only
+//! after [`QUARANTINE_MS`], so an operation that looked the id up just before (they are
+//! synchronous: a publish, a subscribe) finds it retired and resolves the name again, and
+//! no tick in flight can carry a reused id.
 //!
-//! Lock order: the waiting lock, then a DashMap shard lock, then the name table lock;
-//! `name()` only takes the last, so there is no cycle. Both the bound check and the push
+//! Lock order: the waiting lock, then a DashMap shard lock, then the name table lock, then
+//! the recycle lock; `name()` only takes the name table lock, so there is no cycle. Both the bound check and the push
 //! happen under the name-table write lock, so the bound is exact even under concurrent
 //! interning.
 //!
@@ -39,7 +42,7 @@
 //! so subscribing to made-up names can no longer fill the table (issue 14).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
@@ -104,6 +107,22 @@ pub struct SymbolTable {
     handoff: Mutex<HashMap<SymbolId, u64>>,
     /// `handoff` is not empty (a lock-free check for the publish path).
     handoff_pending: AtomicBool,
+    /// Ids given back by [`Self::retire`]: quarantined, then reused.
+    recycle: Mutex<Recycle>,
+    /// Ids not in use (quarantined or free): `names.len() - retired` symbols exist.
+    retired: AtomicUsize,
+}
+
+/// How long a retired id stays unused before another name may take it: far longer than
+/// any operation that looked the id up before it was retired can take to finish (they
+/// are synchronous), so such an operation finds the id retired, never reused.
+pub const QUARANTINE_MS: u64 = 60_000;
+
+#[derive(Default)]
+struct Recycle {
+    /// (id, retired at, unix ms), oldest first.
+    quarantine: std::collections::VecDeque<(u32, u64)>,
+    free: Vec<u32>,
 }
 
 /// What [`SymbolTable::wait_for`] found.
@@ -125,6 +144,8 @@ impl SymbolTable {
             waiting: Mutex::new(HashMap::new()),
             handoff: Mutex::new(HashMap::new()),
             handoff_pending: AtomicBool::new(false),
+            recycle: Mutex::new(Recycle::default()),
+            retired: AtomicUsize::new(0),
         }
     }
 
@@ -160,11 +181,20 @@ impl SymbolTable {
             Entry::Occupied(e) => Ok(*e.get()),
             Entry::Vacant(v) => {
                 let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
-                if names.len() >= self.max_symbols {
-                    return Err(SymbolError::TableFull);
-                }
-                let id = u32::try_from(names.len()).map_err(|_| SymbolError::TableFull)?;
-                names.push(Arc::from(s));
+                let reused = lock(&self.recycle).free.pop();
+                let id = match reused {
+                    Some(id) => {
+                        names[id as usize] = Arc::from(s);
+                        self.retired.fetch_sub(1, Ordering::Relaxed);
+                        id
+                    }
+                    None if names.len() >= self.max_symbols => return Err(SymbolError::TableFull),
+                    None => {
+                        let id = u32::try_from(names.len()).map_err(|_| SymbolError::TableFull)?;
+                        names.push(Arc::from(s));
+                        id
+                    }
+                };
                 v.insert(SymbolId(id));
                 Ok(SymbolId(id))
             }
@@ -230,6 +260,39 @@ impl SymbolTable {
         mask
     }
 
+    /// Gives `id` back (the hub found it idle: no subscriber, no recent tick): its name no
+    /// longer resolves, and after [`QUARANTINE_MS`] another name may take the id. False
+    /// when a shard was handed the id and waits for its first tick, or it is not live.
+    pub fn retire(&self, id: SymbolId, now_ms: u64) -> bool {
+        let Some(name) = self.name(id) else { return false };
+        if lock(&self.handoff).contains_key(&id) {
+            return false;
+        }
+        if self.ids.remove_if(&*name, |_, v| *v == id).is_none() {
+            return false;
+        }
+        lock(&self.recycle).quarantine.push_back((id.0, now_ms));
+        self.retired.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Frees the ids whose quarantine is over (the shard's housekeeping calls it).
+    pub fn recycle(&self, now_ms: u64) {
+        let mut r = lock(&self.recycle);
+        while let Some(&(id, at)) = r.quarantine.front() {
+            if now_ms.saturating_sub(at) < QUARANTINE_MS {
+                break;
+            }
+            r.quarantine.pop_front();
+            r.free.push(id);
+        }
+    }
+
+    /// Ids handed out so far, live or retired (the hub's sweep walks `0..slots()`).
+    pub fn slots(&self) -> usize {
+        self.names.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Names some connection waits for (for `/metrics`).
     pub fn waiting_len(&self) -> usize {
         lock(&self.waiting).len()
@@ -241,9 +304,9 @@ impl SymbolTable {
         names.get(id.0 as usize).cloned()
     }
 
-    /// Number of interned symbols.
+    /// Number of symbols that exist (interned and not retired).
     pub fn len(&self) -> usize {
-        self.names.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.slots().saturating_sub(self.retired.load(Ordering::Relaxed))
     }
 
     /// Whether no symbol was interned yet.

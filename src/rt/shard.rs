@@ -155,6 +155,8 @@ pub struct ShardCtx {
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
     sampler: Cell<u32>,
+    /// Where shard 0's sweep for idle symbols goes on (see `reclaim_symbols`).
+    reclaim_cursor: Cell<usize>,
 }
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
@@ -199,6 +201,7 @@ impl ShardCtx {
             verify_pool,
             uring,
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
+            reclaim_cursor: Cell::new(0),
         })
     }
 
@@ -603,6 +606,7 @@ impl ShardCtx {
         let generation = c.generation;
         let Some(session) = c.session.as_mut() else { return };
         let mut table = self.table.borrow_mut();
+        let mut retired = Vec::new();
         for id in ids {
             let i = id.0 as usize;
             if table.len() <= i {
@@ -613,7 +617,10 @@ impl ShardCtx {
             let snap = if already {
                 self.shared.hub.latest(*id)
             } else {
-                let base = self.shared.hub.subscribe(self.id, *id, list.is_empty());
+                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty()) else {
+                    retired.push(*id);
+                    continue;
+                };
                 list.push(SubEntry {
                     idx,
                     generation,
@@ -623,6 +630,17 @@ impl ShardCtx {
             };
             if snapshot && let Some(t) = snap {
                 session.push_snapshot(encode_for_subscriber(TickKind::Snapshot, &t, 0));
+            }
+        }
+        drop(table);
+        // Retired between the session's look-up and now (it was idle for
+        // `feed.symbol_idle`): the subscription waits for the name like any other.
+        for id in retired {
+            let name = self.shared.hub.symbols().name(id);
+            if let (Some(name), Some(s)) = (name, c.session.as_mut())
+                && s.wait_again(id, &name)
+            {
+                self.wait(idx, c, Box::from(&*name), snapshot);
             }
         }
     }
@@ -914,10 +932,42 @@ fn housekeeping(ctx: &ShardCtx, now: u64) {
         std::sync::atomic::Ordering::Relaxed,
     );
     if ctx.id == 0 {
+        reclaim_symbols(ctx, now);
         ctx.shared.rate.sweep(now);
         ctx.shared.tickets.sweep(now);
         ctx.shared.revoked.sweep(now);
     }
+}
+
+/// Symbols swept per second for idleness (one slice of the table: a full pass over the
+/// default 100,000 takes under two minutes, and no turn of shard 0 holds more than this
+/// many symbol locks).
+const RECLAIM_SLICE: usize = 1024;
+
+/// Retire idle symbols, a slice per call, and free the ids whose quarantine is over.
+fn reclaim_symbols(ctx: &ShardCtx, now: u64) {
+    let idle_ns = ctx
+        .shared
+        .cfg
+        .feed
+        .symbol_idle
+        .as_nanos()
+        .min(u128::from(u64::MAX)) as u64;
+    let (next, retired) = ctx.shared.hub.reclaim_idle(
+        now,
+        crate::metrics::mono_ns(),
+        idle_ns,
+        ctx.reclaim_cursor.get(),
+        RECLAIM_SLICE,
+    );
+    ctx.reclaim_cursor.set(next);
+    if retired > 0 {
+        ctx.shared
+            .metrics
+            .symbols_retired
+            .fetch_add(retired as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    ctx.shared.hub.symbols().recycle(now);
 }
 
 /// Yield once to the scheduler.
