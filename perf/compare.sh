@@ -57,6 +57,9 @@ per_ip_handshakes_per_sec = 1000000
 per_ip_burst = 1000000
 per_user_max_connections = 100
 inbound_messages_per_sec = 100000
+# The load generator opens its connections from one address (or eight): let its whole
+# connect burst wait in the upgrade at once.
+per_ip_pending_handshakes = 1024
 
 [admin]
 listen = "127.0.0.1:$TG_ADMIN"
