@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Before/after pairs: two tickgate binaries, (A) and (B) of perf/compare.sh, alternating
+# round by round so that both sides see the same minutes of a shared, noisy host.
+#
+#   perf/ab.sh OLD_TICKGATE NEW_TICKGATE [ROUNDS]     # ROUNDS defaults to 3
+#
+# Builds the load generator from this tree (release). Server pinned to core 0 with one
+# shard, load generator on core 1, the same config for both sides (the keys only the newer
+# binary knows are left out, so an older build accepts it). Prints one line per run and the
+# medians and spreads per side. Loopback only; every run is bounded in time.
+set -euo pipefail
+
+OLD=${1:?usage: perf/ab.sh OLD_TICKGATE NEW_TICKGATE [ROUNDS]}
+NEW=${2:?usage: perf/ab.sh OLD_TICKGATE NEW_TICKGATE [ROUNDS]}
+ROUNDS=${3:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+cargo build --release -q -p tickgate-loadgen
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+LG="$TARGET_DIR/release/loadgen"
+
+TMP=$(mktemp -d)
+SPID=""
+cleanup() {
+  if [[ -n "$SPID" ]]; then kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+PORT=18080
+"$NEW" keygen --out "$TMP/keys" >/dev/null
+cat >"$TMP/tickgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$PORT"
+shards = 1
+pin_cores = false
+
+[auth]
+keys = [{ kid = "k1", path = "$TMP/keys/k1.pub" }]
+allow_missing_origin = true
+allowed_origins = []
+
+[limits]
+per_ip_handshakes_per_sec = 1000000
+per_ip_burst = 1000000
+per_user_max_connections = 100
+inbound_messages_per_sec = 100000
+
+[admin]
+listen = "127.0.0.1:19090"
+
+[log]
+level = "warn"
+security = "$TMP/security.log"
+EOF
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "server did not come up" >&2; exit 2
+}
+RES="$TMP/res.jsonl"
+: >"$RES"
+echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for r in $(seq 1 "$ROUNDS"); do
+  # Alternate which side goes first, so neither always gets the fresher minute.
+  if (( r % 2 )); then order="old new"; else order="new old"; fi
+  for side in $order; do
+    bin=$OLD; [[ $side == new ]] && bin=$NEW
+    taskset -c 0 "$bin" serve --config "$TMP/tickgate.toml" >"$TMP/server.log" 2>&1 &
+    SPID=$!
+    wait_port
+    for mode in A B; do
+      if [[ $mode == A ]]; then
+        args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 1 --duration 4)
+      else
+        args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates 5000,10000,20000,40000
+          --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5)
+      fi
+      taskset -c 1 "$LG" "${args[@]}" --server-pid "$SPID" --target "127.0.0.1:$PORT" \
+        --key "$TMP/keys/k1.key" --label "$mode:$side:$r" --json >"$TMP/out.txt" 2>"$TMP/err.txt" ||
+        echo "  (loadgen exit $? for $mode:$side:$r: $(tail -1 "$TMP/err.txt"))" >&2
+      grep '^{' "$TMP/out.txt" >>"$RES" || true
+    done
+    kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; SPID=""; sleep 0.3
+  done
+done
+echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+python3 - "$RES" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def pick(mode, side, kind):
+    return [r for r in rows if r.get("label", "").startswith(f"{mode}:{side}:") and r.get("mode") == kind]
+def summary(vals):
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    if not vals: return "-"
+    return f"median {statistics.median(vals):,.0f} (min {min(vals):,.0f}, max {max(vals):,.0f}, n={len(vals)})"
+for side in ("old", "new"):
+    a = pick("A", side, "fanout")
+    b = pick("B", side, "search")
+    print(f"{side}: (A) p50_us {summary([r.get('p50_us') for r in a])}")
+    print(f"{side}: (A) p99_us {summary([r.get('p99_us') for r in a])}")
+    print(f"{side}: (A) server_cpu_pct {summary([r.get('server_cpu_pct') for r in a])}")
+    print(f"{side}: (B) zero-drop deliveries/s {summary([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
+print()
+for r in rows:
+    if (r.get("mode") == "fanout" and r.get("label", "").startswith("A:")) or r.get("mode") == "search":
+        keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s")
+        print(r.get("label"), {k: r[k] for k in keys if k in r})
+PY
