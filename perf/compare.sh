@@ -14,6 +14,9 @@
 #       thread on core 0 writing pre-built records to the same 1,000 loopback connections,
 #       an ideal epoll receiver on core 1): the latency (A) would have if the server's
 #       own work cost nothing
+# Not run here: `loadgen abuse --attack head|pings|silent|admin|symbols`, replays of five
+# denial-of-service attacks with a watcher measuring the service to others (pass/fail per
+# build, not a benchmark; usage at the top of tools/loadgen/src/main.rs).
 # Needs: cargo, taskset, python3 (for the table). Loopback only. Builds what it needs
 # (release) first.
 set -euo pipefail

@@ -3,9 +3,33 @@
 //! Modes: `fanout` (end-to-end tick latency and delivery), `reauth` (fanout with short
 //! tokens refreshed in-band), `handshake` (authenticated upgrade storm, optional invalid-token
 //! flood), `idle` (memory per idle authenticated connection), `floor` (no server: the kernel's
-//! latency floor for the same fan-out on this machine). Loopback only, every mode
-//! bounded in count and time. See `perf/compare.sh` for the scenarios of issue 6.
+//! latency floor for the same fan-out on this machine), `abuse` (replays one of five
+//! denial-of-service attacks while a watcher measures the server's service to others).
+//! Loopback only, every mode bounded in count and time. See `perf/compare.sh` for the
+//! scenarios of issue 6.
+//!
+//! ## `abuse`: rerunning the denial-of-service attacks against any build
+//!
+//! ```text
+//! loadgen abuse --attack head|pings|silent|admin|symbols --url ws://127.0.0.1:18080 \
+//!     --admin 127.0.0.1:19090 --key keys/k1.key --kid k1 [--duration 10] [--server-pid PID] \
+//!     [--watch-symbol BTC-USD] [--source 127.0.0.2] [--conns N] [--rounds 100] [--label L]
+//! ```
+//!
+//! The attack runs from 127.0.0.1; a watcher on `--source` holds subscribers of the watch
+//! symbol (3 s baseline, then during the attack), makes a fresh upgrade and a `/healthz`
+//! every 500 ms, and with `--server-pid` samples the server's VmRSS. `head`: an endless
+//! request head (expects 400/431 and a close); `pings`: a never-reading ping flood (expects
+//! a bounded server and close 4008/4029 or a drop); `silent`: 2,100 idle TCP connections
+//! (expects them closed and other upgrades unharmed); `admin`: 16 one-byte-every-2-s
+//! `/metrics` requests (expects healthz, readyz and revoke to keep answering 200); `symbols`:
+//! 100 rounds of 1,024 made-up `BTC-J...` subscribes (expects a new symbol to remain
+//! publishable and subscribable). It prints a table, one JSON line, then `PASS` (exit 0)
+//! or `FAIL` with the failed criteria (exit 1): tick rate within 10 % of baseline, every
+//! upgrade ok, RSS growth < 64 MiB, the expected answer to the attacker. Exit 2: could not
+//! set up (no ticks). Details in `abuse.rs`.
 
+mod abuse;
 mod common;
 mod fanout;
 mod floor;
@@ -35,6 +59,9 @@ enum Mode {
     /// No server: the kernel's floor for a fan-out on this machine (ideal sender and
     /// receiver threads over loopback TCP, same scenario shape as `fanout`).
     Floor(floor::FloorArgs),
+    /// Replays a denial-of-service attack (head, pings, silent, admin, symbols) while a
+    /// watcher from a second loopback address measures whether others are still served.
+    Abuse(abuse::AbuseArgs),
 }
 
 fn main() {
@@ -47,6 +74,7 @@ fn main() {
         Mode::Handshake(a) => handshake::main(a),
         Mode::Idle(a) => idle::main(a),
         Mode::Floor(a) => floor::main(a),
+        Mode::Abuse(a) => abuse::main(a),
     };
     std::process::exit(code);
 }
