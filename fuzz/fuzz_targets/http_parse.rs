@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
 use tickgate::proto::http::{
-    Credential, RequestLimits, check_upgrade, client_ip, extract_credential, route,
-    select_subprotocol, switching_protocols, try_parse,
+    Credential, RequestLimits, check_upgrade, client_ip, extract_credential, route, select_subprotocol,
+    switching_protocols, try_parse,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -34,10 +34,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(req.body.len() <= limits.max_body_bytes);
         // A prefix of a complete request is never an error and never a different request.
         if consumed > 0 {
-            assert!(matches!(
-                try_parse(&data[..consumed - 1], &limits),
-                Ok(None)
-            ));
+            assert!(matches!(try_parse(&data[..consumed - 1], &limits), Ok(None)));
         }
         let _ = route(&req.path);
         let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));

@@ -12,8 +12,10 @@ fn verifier() -> &'static Verifier {
     static V: OnceLock<Verifier> = OnceLock::new();
     V.get_or_init(|| {
         let mut keys = KeySet::new();
-        keys.insert("k1", SigningKey::from_bytes(&[1; 32]).verifying_key()).unwrap();
-        keys.insert("k2", SigningKey::from_bytes(&[2; 32]).verifying_key()).unwrap();
+        keys.insert("k1", SigningKey::from_bytes(&[1; 32]).verifying_key())
+            .unwrap();
+        keys.insert("k2", SigningKey::from_bytes(&[2; 32]).verifying_key())
+            .unwrap();
         Verifier::new(keys, VerifyPolicy::default())
     })
 }

@@ -573,6 +573,49 @@ mod tests {
         }
     }
 
+    fn small() -> RequestLimits {
+        RequestLimits {
+            max_head_bytes: 256,
+            max_headers: 4,
+            max_body_bytes: 16,
+        }
+    }
+
+    /// What a connection loop does: append each chunk (sizes used in turn; everything at once
+    /// if there are none) and parse the whole buffer again, until the first `Ok(Some)` or
+    /// `Err`. Returns the outcome and how many bytes were buffered then.
+    fn feed(
+        raw: &[u8],
+        sizes: &[usize],
+        l: &RequestLimits,
+    ) -> (Result<Option<(usize, Request)>, HttpError>, usize) {
+        let mut buf = Vec::new();
+        let mut rest = raw;
+        let mut i = 0;
+        loop {
+            let n = sizes
+                .get(i % sizes.len().max(1))
+                .map_or(rest.len(), |&n| n.min(rest.len()));
+            i += 1;
+            let (chunk, tail) = rest.split_at(n);
+            buf.extend_from_slice(chunk);
+            rest = tail;
+            match try_parse(&buf, l) {
+                Ok(None) => {
+                    assert!(
+                        buf.len() < l.max_head_bytes + l.max_body_bytes,
+                        "{} bytes",
+                        buf.len()
+                    );
+                    if rest.is_empty() {
+                        return (Ok(None), buf.len());
+                    }
+                }
+                done => return (done, buf.len()),
+            }
+        }
+    }
+
     fn token() -> impl Strategy<Value = String> {
         "[A-Za-z0-9_.-]{1,12}"
     }
@@ -640,6 +683,74 @@ mod tests {
                 raw[i] = b;
             }
             let _ = try_parse(&raw, &lim());
+        }
+
+        #[test]
+        fn split_feeding_matches_whole_parse(
+            (head, body) in valid_request(),
+            trailer in proptest::collection::vec(any::<u8>(), 0..16),
+            sizes in proptest::collection::vec(1usize..64, 0..12),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        ) {
+            let mut raw = head.into_bytes();
+            raw.extend_from_slice(&body);
+            let request_len = raw.len();
+            let clean = edits.is_empty();
+            for (at, b) in edits {
+                let i = at.index(raw.len());
+                raw[i] = b;
+            }
+            raw.extend_from_slice(&trailer);
+            for l in [lim(), small()] {
+                let (split, buffered) = feed(&raw, &sizes, &l);
+                // Same answer as the buffered prefix at once and as all the bytes at once.
+                prop_assert_eq!(&split, &try_parse(&raw[..buffered], &l));
+                prop_assert_eq!(&split, &try_parse(&raw, &l));
+                if let Ok(Some((n, _))) = &split {
+                    prop_assert!(*n <= buffered);
+                }
+                if let Err(e) = &split {
+                    prop_assert_eq!(e.status(), 400);
+                }
+            }
+            if clean {
+                let (split, _) = feed(&raw, &sizes, &lim());
+                let (n, req) = split.unwrap().unwrap();
+                prop_assert_eq!(n, request_len);
+                prop_assert_eq!(&req.body, &body);
+            }
+        }
+
+        #[test]
+        fn endless_header_line_fails_at_head_limit(
+            sizes in proptest::collection::vec(1usize..700, 1..12),
+            use_small in any::<bool>(),
+        ) {
+            let l = if use_small { small() } else { lim() };
+            let prefix = b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nX-Junk: ";
+            let mut buf: Vec<u8> = Vec::new();
+            let mut i = 0;
+            // Well past the head limit, and past head + body, so a late cut-off shows up too.
+            while buf.len() < l.max_head_bytes + l.max_body_bytes + 64 {
+                let n = sizes[i % sizes.len()];
+                i += 1;
+                for _ in 0..n {
+                    let b = prefix.get(buf.len()).copied().unwrap_or(b'A');
+                    buf.push(b);
+                }
+                let out = try_parse(&buf, &l);
+                if buf.len() < l.max_head_bytes {
+                    prop_assert_eq!(out, Ok(None), "{} bytes buffered", buf.len());
+                } else {
+                    prop_assert_eq!(out, Err(HttpError::HeadTooLarge), "{} bytes buffered", buf.len());
+                    // What a connection loop would see: it stops here.
+                    break;
+                }
+            }
+            prop_assert!(buf.len() >= l.max_head_bytes);
+            // Whatever arrives afterwards, the answer stays the same.
+            buf.extend_from_slice(b"\r\n\r\n");
+            prop_assert_eq!(try_parse(&buf, &l), Err(HttpError::HeadTooLarge));
         }
 
         #[test]
