@@ -1001,3 +1001,7 @@ fn kick<I: ConnIo>(effects: &mut Vec<Effect>, idx: usize, c: &mut Conn<I>) {
         }));
     }
 }
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;
