@@ -533,3 +533,51 @@ fn a_connection_gone_leaves_no_subscription_waiter_or_timer_behind() {
     assert_eq!(next.idx, id.idx);
     assert_ne!(next.generation, id.generation);
 }
+
+#[test]
+fn bytes_split_across_reads_are_decoded_once_the_frame_is_whole() {
+    use crate::proto::frame::{OpCode, encode_client_frame_into};
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    let mut wire = Vec::new();
+    let msg = br#"{"op":"subscribe","id":7,"symbols":["BTC-USD"]}"#;
+    encode_client_frame_into(OpCode::Text, true, msg, [1, 2, 3, 4], &mut wire);
+    encode_client_frame_into(OpCode::Ping, true, b"hi", [5, 6, 7, 8], &mut wire);
+    let shared = w.shared.clone();
+    let mut partial = Vec::new();
+    // The first read ends inside the text frame: nothing is decided, the start is kept.
+    let (first, second) = wire.split_at_mut(10);
+    w.core.handle_bytes(w.now, id.idx, first, &mut partial, &*shared);
+    assert_eq!(partial.len(), 10);
+    assert!(w.out(id).is_empty());
+    w.core.handle_bytes(w.now, id.idx, second, &mut partial, &*shared);
+    assert!(
+        partial.is_empty() && partial.capacity() == 0,
+        "no buffer held between messages"
+    );
+    let out = w.out(id);
+    assert_eq!(out[0]["type"], "subscribed");
+    assert_eq!(out[0]["id"], 7);
+    assert_eq!(out[1], serde_json::json!({"pong": true}));
+    // One per read (a read that queued nothing asks too, as it always did: the writer
+    // finds the queue empty and parks again).
+    assert_eq!(kicks(&w.effects()), vec![id, id]);
+    let sym = shared.hub.intern("BTC-USD").unwrap();
+    assert_eq!(w.core.subscribers(sym), 1);
+}
+
+#[test]
+fn an_unmasked_frame_closes_the_connection_with_1002() {
+    use crate::proto::frame::{OpCode, encode_frame_into};
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    let mut wire = Vec::new();
+    encode_frame_into(OpCode::Text, b"{}", &mut wire);
+    let shared = w.shared.clone();
+    let mut partial = Vec::new();
+    w.core
+        .handle_bytes(w.now, id.idx, &mut wire, &mut partial, &*shared);
+    assert_eq!(w.out(id).last().unwrap()["close"], 1002);
+    assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
+    assert_eq!(closes(&w.shared, 1002), 1);
+}
