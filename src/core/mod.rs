@@ -5,6 +5,6 @@
 //! the current time passed in (`handle_*(now, ..)`) and carries out the [`shard::Effect`]s
 //! it asks for (wake a writer, shut a socket down, write a security-log line). It never
 //! touches a socket, a thread, a clock or the io runtime, so its rules are tested without
-//! sockets on a virtual clock (see the tests in `shard.rs`).
+//! sockets on a virtual clock (see `shard_tests.rs`).
 
 pub mod shard;

@@ -18,7 +18,8 @@
 //! - outputs: [`Effect`]s, taken with [`take_effects`](ShardCore::take_effects), that the
 //!   runtime carries out in order: [`Effect::Kick`] (output queued and no writer runs:
 //!   start one), [`Effect::Shutdown`] (shut the socket down), [`Effect::Audit`] (a
-//!   security-log line), [`Effect::StopAccepting`]; and [`poll_timeout`](ShardCore::poll_timeout),
+//!   security-log line), [`Effect::StopAccepting`], [`Effect::RevokeDone`] (answer the
+//!   revocation's sender); and [`poll_timeout`](ShardCore::poll_timeout),
 //!   when to call `handle_timeout` next. Counters (`tickgate_*_total`, gauges) are atomics
 //!   in [`Shared::metrics`] and are bumped here directly: they are memory, not I/O.
 //!
@@ -118,6 +119,13 @@ pub enum Effect {
     Audit(Box<AuditEvent>),
     /// The shard drains: stop accepting connections.
     StopAccepting,
+    /// A revocation was handled here: send `closed` (the sessions it closed) on `reply`.
+    /// An effect rather than a send from the core, so the answer goes out after the
+    /// effects before it (the closes' security-log lines are written by then).
+    RevokeDone {
+        reply: crossbeam_channel::Sender<usize>,
+        closed: usize,
+    },
 }
 
 /// A security-log event owned by an [`Effect`] (a [`SecurityEvent`] borrows its strings).
@@ -913,7 +921,7 @@ impl<I: ConnIo> ShardCore<I> {
                     }
                 }
                 self.put_actions(actions);
-                let _ = reply.send(closed);
+                self.effects.push(Effect::RevokeDone { reply, closed });
             }
             Control::Drain => self.drain(now),
             Control::ReauthDone {

@@ -338,13 +338,21 @@ fn revoke_closes_sessions_matching_sub_sid_or_jti_with_4003_and_counts_them() {
     let bob = w.connect("bob", "s-b", "j-b");
     let carol = w.connect("carol", "s-c", "j-c");
     let dave = w.connect("dave", "s-d", "j-d");
-    let revoke = |w: &mut World, target| {
+    // Returns the count answered, and the effects before the answer.
+    let revoke_effects = |w: &mut World, target| {
         let (tx, rx) = crossbeam_channel::bounded(1);
         w.core.handle_control(w.now, Control::Revoke(target, tx));
-        rx.try_recv().unwrap()
+        let mut effects = w.effects();
+        // The answer comes last, after the closes' log lines.
+        let Some(Effect::RevokeDone { reply, closed }) = effects.pop() else {
+            panic!("no answer: {effects:?}");
+        };
+        reply.send(closed).unwrap();
+        (rx.try_recv().unwrap(), effects)
     };
-    assert_eq!(revoke(&mut w, RevokeTarget::Sub("alice".into())), 2);
-    let effects = w.effects();
+    let revoke = |w: &mut World, target| revoke_effects(w, target).0;
+    let (closed, effects) = revoke_effects(&mut w, RevokeTarget::Sub("alice".into()));
+    assert_eq!(closed, 2);
     assert_eq!(kicks(&effects), vec![alice1, alice2]);
     let logged: Vec<_> = audits(&effects)
         .iter()

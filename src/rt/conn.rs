@@ -438,6 +438,9 @@ pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
                         c.cancel();
                     }
                 }
+                Effect::RevokeDone { reply, closed } => {
+                    let _ = reply.send(closed);
+                }
             }
         }
     }
