@@ -9,10 +9,11 @@
 //! Thread-per-core: one monoio runtime per core on the io_uring driver, each on a pinned
 //! thread with its own `SO_REUSEPORT` listener, owning its connections outright. Everything
 //! that decides anything is sans-IO: the HTTP upgrade parser, the RFC 6455 codec, the token
-//! verifier, the gate's policies, the session state machine, the outbound queue and the
-//! timer wheel are plain data structures driven with the current time passed in, tested
+//! verifier, the gate's policies, the session state machine, the outbound queue, the timer
+//! wheel and the shard core (a shard's connection and subscription tables, fan-out and
+//! deadlines) are plain data structures driven with the current time passed in, tested
 //! without sockets on a virtual clock. The runtime layer (`rt`) only moves bytes between
-//! sockets and those structures. A published tick is stamped and encoded into a WebSocket
+//! sockets and those structures, reads the clock, and carries out the effects they ask for. A published tick is stamped and encoded into a WebSocket
 //! frame exactly once, then handed through lock-free queues to the shards that have
 //! subscribers, which append the same bytes to each subscriber's queue and write each
 //! connection's queue with one write per loop turn.
@@ -35,10 +36,20 @@
 //! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `msg` (client
 //!   messages, server message encoding), `tick`, `outbound` (bounded queue with
 //!   conflation), `hub` (cross-core fan-out), `sim` (tick simulator).
-//! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock).
+//! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock)
+//!   and `deadlines` (a connection's deadlines behind one wheel entry).
+//! - [`core`]: `shard`, one shard's decisions, sans-IO: the connection table (slab index +
+//!   generation) with each connection's session, decoder and deadlines; the subscription
+//!   table and the waiting table; the fan-out of a tick with `seq`-gap detection; applying
+//!   session [`session::Action`]s; revoke and drain; firing deadlines. `handle_*(now, ..)`
+//!   in, [`core::shard::Effect`]s out (`Kick`, `Shutdown`, `Audit`, `StopAccepting`).
 //! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reload on
 //!   SIGHUP and on file change); the connection pump drives rustls sans-IO.
-//! - [`rt`]: bootstrap, shards (acceptor, dispatcher, ticker), connection pump.
+//! - [`rt`]: the only code with sockets, threads and clocks: bootstrap and acceptor
+//!   (`mod.rs`), the shard's tasks (`shard`: dispatcher, ticker), its runtime state (`ctx`:
+//!   the core behind a `RefCell`, read buffers, write-buffer pool, latency sampler), the
+//!   connection pump (`conn`: HTTP phase, reader, writer, carrying out the core's effects),
+//!   socket-level helpers (`io`), reauth verifier threads (`verify`).
 //! - [`state`]: what all shards share; [`admin`]: the admin listener ([`cluster`]: its
 //!   revocation relay to the other nodes); [`metrics`];
 //!   [`doctor`]: host checks; [`client`]: the demo client.
@@ -49,6 +60,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod core;
 pub mod doctor;
 pub mod feed;
 pub mod gate;

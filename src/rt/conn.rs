@@ -25,119 +25,37 @@
 //! untouched: frames are still encoded once and shared; only the encryption is per
 //! connection.
 //!
-//! Every error path ends the same way: `ShardCtx::task_done`, which shuts the socket down
-//! (waking the other task) and, when both tasks are gone, frees the slot, the
+//! What the bytes mean is not decided here: after the `101` received bytes go to the shard's
+//! core ([`crate::core::shard::ShardCore::handle_bytes`]), which decodes them into the
+//! session and applies what it asks for; this module then carries out the core's effects
+//! (`carry_out`): a `Kick` spawns the connection's writer, a `Shutdown` shuts its socket
+//! down, an `Audit` writes the security log.
+//!
+//! Every error path ends the same way: `task_done`, which shuts the socket down (waking
+//! the other task) and, when both tasks are gone, has the core free the slot, the
 //! subscriptions, the timers and the per-user cap. Network input never panics: parsers
 //! return errors, which become a status code or a close code for this connection only.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use rustls::ServerConnection;
 
+use crate::core::shard::{ConnId, Effect};
 use crate::gate::{self, Outcome, PeerRate};
 use crate::proto::frame::{Decoder, DecoderConfig};
 use crate::proto::http::{self, RequestLimits, Response};
-use crate::rt::shard::{ConnRef, ShardCtx, shutdown};
+use crate::rt::ctx::ShardCtx;
+use crate::rt::io::{
+    Conn, ConnRef, Io, Read, TlsIn, WriteHandle, recv, shutdown, tls_feed, tls_seal, write_all_fd, yield_now,
+};
 use crate::session::Session;
 
 /// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
 const MAX_WRITE: usize = 256 * 1024;
-
-enum Read {
-    Data(usize),
-    WouldBlock,
-    Eof,
-}
-
-fn recv(fd: i32, buf: &mut [u8]) -> Read {
-    loop {
-        // SAFETY: `buf` is a valid, exclusively borrowed byte slice for its whole length;
-        // recv writes at most `buf.len()` bytes into it and returns how many it wrote.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n > 0 {
-            return Read::Data(n as usize);
-        }
-        if n == 0 {
-            return Read::Eof;
-        }
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return Read::WouldBlock,
-            _ => return Read::Eof,
-        }
-    }
-}
-
-/// Outcome of feeding received ciphertext to rustls.
-enum TlsIn {
-    /// Everything consumed; any plaintext was appended.
-    Ok,
-    /// The peer sent `close_notify`: no more data will come.
-    Closed,
-    /// A TLS protocol error (rustls has queued an alert for the peer).
-    Failed(String),
-}
-
-/// Feed `data` to rustls and append the plaintext it yields to `plain`.
-fn tls_feed(tls: &mut ServerConnection, mut data: &[u8], plain: &mut Vec<u8>) -> TlsIn {
-    use std::io::BufRead as _;
-    while !data.is_empty() {
-        if let Err(e) = tls.read_tls(&mut data) {
-            // Backpressure cannot happen (plaintext is drained after every record batch),
-            // so this is an oversized or malformed stream.
-            return TlsIn::Failed(e.to_string());
-        }
-        if let Err(e) = tls.process_new_packets() {
-            return TlsIn::Failed(e.to_string());
-        }
-        loop {
-            let mut rd = tls.reader();
-            match rd.fill_buf() {
-                Ok([]) => return TlsIn::Closed,
-                Ok(chunk) => {
-                    let n = chunk.len();
-                    plain.extend_from_slice(chunk);
-                    rd.consume(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return TlsIn::Closed,
-            }
-        }
-    }
-    TlsIn::Ok
-}
-
-/// Encrypt `plain` (and a `close_notify` when `close`), appending the records to `out`.
-fn tls_seal(tls: &mut ServerConnection, plain: &[u8], close: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut off = 0;
-    loop {
-        while tls.wants_write() {
-            tls.write_tls(out)?;
-        }
-        if off >= plain.len() {
-            break;
-        }
-        // rustls bounds its pending ciphertext; write_tls above empties it each round.
-        let n = tls.writer().write(&plain[off..])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        off += n;
-    }
-    if close {
-        tls.send_close_notify();
-        while tls.wants_write() {
-            tls.write_tls(out)?;
-        }
-    }
-    Ok(())
-}
 
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
@@ -159,32 +77,31 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         }
     }
     let accepted_ms = ctx.now_ms();
-    let (idx, generation, conn) = ctx.register(fd);
-    if !ctx.admit_pending(idx, peer.ip()) {
-        ctx.task_done(idx, generation, true);
+    let (id, conn) = ctx.core.borrow_mut().register(accepted_ms, Io::new(fd));
+    let (idx, generation) = (id.idx, id.generation);
+    let admitted = ctx.core.borrow_mut().admit_pending(ctx.now_ms(), idx, peer.ip());
+    carry_out(&ctx);
+    if !admitted {
+        task_done(&ctx, idx, generation, true);
         return;
     }
     // Boxed: the HTTP phase's state is freed once it is over instead of staying inline in
     // this (long-lived) future, which keeps an idle connection small.
-    let pending = Pending {
-        idx,
-        conn: &conn,
-        accepted_ms,
-    };
+    let pending = Pending { idx, accepted_ms };
     let admitted = Box::pin(handshake(&ctx, &stream, peer, peer_rate, &mut tls, pending)).await;
-    ctx.pending.borrow_mut().remove(idx);
+    ctx.core.borrow_mut().pending_done(idx);
     let Some((admitted, leftover)) = admitted else {
-        ctx.task_done(idx, generation, true);
+        task_done(&ctx, idx, generation, true);
         return;
     };
     let stream = Rc::new(stream);
-    let Some(whandle) = WriteHandle::new(&ctx, &stream) else {
-        ctx.task_done(idx, generation, true);
+    let Some(whandle) = WriteHandle::new(ctx.uring, &stream) else {
+        task_done(&ctx, idx, generation, true);
         return;
     };
     // A plain function, so nothing of the admission (claims, strings) stays in this
     // long-lived future's state while the reader waits.
-    open_session(&ctx, &conn, idx, admitted, tls);
+    open_session(&ctx, &conn, id, admitted, tls);
     monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle));
     if !leftover.is_empty() {
         let mut data = leftover;
@@ -198,14 +115,14 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
 
 async fn reader_task(ctx: Rc<ShardCtx>, stream: Rc<TcpStream>, conn: ConnRef, idx: usize, generation: u32) {
     reader(&ctx, &stream, &conn, idx).await;
-    ctx.task_done(idx, generation, true);
+    task_done(&ctx, idx, generation, true);
 }
 
 /// The connection becomes a session: verified identity, decoder, timers, user slot.
 fn open_session(
     ctx: &ShardCtx,
     conn: &ConnRef,
-    idx: usize,
+    id: ConnId,
     admitted: Box<gate::Admitted>,
     tls: Option<Box<ServerConnection>>,
 ) {
@@ -217,16 +134,18 @@ fn open_session(
         max_message_bytes: max,
         max_frame_bytes: max,
     });
-    let mut c = conn.borrow_mut();
-    c.slot = Some(a.slot);
-    c.tls = tls;
-    ctx.open(idx, &mut c, session, decoder);
+    {
+        let mut c = conn.borrow_mut();
+        c.slot = Some(a.slot);
+        c.io.tls = tls;
+        c.io.tasks = 2;
+    }
+    ctx.core.borrow_mut().open(id, session, decoder);
 }
 
 /// A connection in the upgrade, for its deadlines.
-struct Pending<'a> {
+struct Pending {
     idx: usize,
-    conn: &'a ConnRef,
     accepted_ms: u64,
 }
 
@@ -240,7 +159,7 @@ async fn handshake(
     peer: SocketAddr,
     peer_rate: PeerRate,
     tls: &mut Option<Box<ServerConnection>>,
-    pending: Pending<'_>,
+    pending: Pending,
 ) -> Option<(Box<gate::Admitted>, Vec<u8>)> {
     let limits = RequestLimits {
         max_head_bytes: ctx.shared.cfg.limits.max_head_bytes,
@@ -293,7 +212,9 @@ async fn handshake(
         }
         // The first byte: the short first-byte deadline gives way to the handshake
         // deadline, counted from accept.
-        ctx.pending_heard(pending.idx, pending.conn, pending.accepted_ms);
+        ctx.core
+            .borrow_mut()
+            .pending_heard(pending.idx, pending.accepted_ms);
         if let Some(t) = tls.as_deref_mut() {
             // Handshake flights (and, after an error, the alert) go out as soon as rustls
             // has them.
@@ -333,7 +254,7 @@ async fn handshake(
         }
         // More may be waiting: read again after the other tasks of this shard had a turn.
         wait = false;
-        crate::rt::shard::yield_now().await;
+        yield_now().await;
     };
     let now = ctx.now_ms();
     match gate::handle_public_with(&ctx.shared, &req, peer.ip(), now, peer_rate) {
@@ -369,36 +290,6 @@ async fn send(
     }
 }
 
-/// Writes through a shared reference: the reader holds the stream by `&`, so the HTTP
-/// phase writes with `send` after waiting for writability (the response is small and the
-/// socket buffer empty, so this normally completes at once).
-async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    let fd = stream.as_raw_fd();
-    let mut off = 0;
-    while off < bytes.len() {
-        // SAFETY: the pointer/length pair denotes the initialised tail of `bytes`.
-        let n = unsafe {
-            libc::send(
-                fd,
-                bytes[off..].as_ptr().cast(),
-                bytes.len() - off,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n > 0 {
-            off += n as usize;
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => stream.writable(false).await?,
-            _ => return Err(err),
-        }
-    }
-    Ok(())
-}
-
 async fn respond(stream: &TcpStream, tls: &mut Option<Box<ServerConnection>>, resp: Response) {
     let _ = send(stream, tls, resp.to_bytes(), true).await;
     shutdown(stream.as_raw_fd(), libc::SHUT_WR);
@@ -406,12 +297,12 @@ async fn respond(stream: &TcpStream, tls: &mut Option<Box<ServerConnection>>, re
 
 async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usize) {
     let fd = stream.as_raw_fd();
-    let tls = conn.borrow().tls.is_some();
+    let tls = conn.borrow().io.tls.is_some();
     loop {
         {
             let c = conn.borrow();
             // Done once the close handshake completed in both directions.
-            if c.dead || (c.peer_closed && c.tasks <= 1) {
+            if c.dead || (c.peer_closed && c.io.tasks <= 1) {
                 return;
             }
         }
@@ -443,7 +334,7 @@ async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usi
                 // A full buffer: more is likely waiting. Read it on the next turn, after
                 // the shard's other tasks, so a client that keeps its socket full gets one
                 // buffer per turn and cannot hold the loop.
-                Read::Data(_) => crate::rt::shard::yield_now().await,
+                Read::Data(_) => yield_now().await,
             }
         }
     }
@@ -451,18 +342,18 @@ async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usi
 
 /// TLS: decrypt received bytes into the shard's `plain_buf` and process the plaintext.
 /// Returns `false` when the connection's input is over (close_notify or a TLS error).
-fn decrypt_and_process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, cipher: &[u8]) -> bool {
+fn decrypt_and_process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, cipher: &[u8]) -> bool {
     let mut plain = ctx.plain_buf.borrow_mut();
     plain.clear();
     let fed = {
         let mut c = conn.borrow_mut();
-        let Some(t) = c.tls.as_deref_mut() else {
+        let Some(t) = c.io.tls.as_deref_mut() else {
             return false;
         };
         let fed = tls_feed(t, cipher, &mut plain);
         if t.wants_write() {
             // Post-handshake messages (key updates, alerts) go out with the next write.
-            ctx.kick(idx, &mut c);
+            kick(ctx, idx, conn, &mut c);
         }
         fed
     };
@@ -482,162 +373,110 @@ fn decrypt_and_process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, cipher: &[u8]
     }
 }
 
-/// Feed received bytes to the decoder and the session.
-fn process(ctx: &ShardCtx, conn: &ConnRef, idx: usize, data: &mut [u8]) {
-    let mut c = conn.borrow_mut();
-    let now = ctx.now_ms();
-    let mut actions = ctx.take_actions();
-    let mut partial = c.rx_partial.take().map(|b| *b).unwrap_or_default();
-    let mut peer_closed = false;
-    let conn_generation = c.generation;
-    {
-        let c = &mut *c;
-        let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
-            ctx.put_actions(actions);
-            return;
-        };
-        session.note_rx(now);
-        if session.is_closing() {
-            // After our close frame only the peer's close matters; drop the rest unread.
-            partial.clear();
+/// Feed received bytes to the core (which decodes them into the session), keeping the
+/// start of a frame split across reads in the connection's `rx_partial`.
+fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
+    let (generation, mut partial) = {
+        let mut c = conn.borrow_mut();
+        (
+            c.generation,
+            c.io.rx_partial.take().map(|b| *b).unwrap_or_default(),
+        )
+    };
+    let verifier = crate::rt::verify::ConnVerifier {
+        shared: &ctx.shared,
+        pool: &ctx.verify_pool,
+        shard: ctx.id,
+        idx,
+        generation,
+    };
+    ctx.core
+        .borrow_mut()
+        .handle_bytes(ctx.now_ms(), idx, data, &mut partial, &verifier);
+    conn.borrow_mut().io.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
+    carry_out(ctx);
+}
+
+/// Output is queued for connection `idx` (or it must end): start its writer unless one
+/// is already running (a running writer looks at the queue again after each write, so
+/// it needs no wake-up).
+pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn) {
+    let Some(handle) = c.io.whandle.take() else { return };
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, c.generation, handle));
+}
+
+/// Carries out the effects the shard's core produced, in order. Called after every
+/// `handle_*` call on the core, with no borrow of the core or of a connection held.
+pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
+    let mut effects = std::mem::take(&mut *ctx.effects.borrow_mut());
+    loop {
+        ctx.core.borrow_mut().take_effects(&mut effects);
+        if effects.is_empty() {
+            break;
         }
-        let buf: &mut [u8] = if partial.is_empty() {
-            data
-        } else {
-            partial.extend_from_slice(data);
-            &mut partial
-        };
-        let mut off = 0;
-        loop {
-            match decoder.decode(&mut buf[off..]) {
-                Ok((0, _)) => break,
-                Ok((n, msg)) => {
-                    off += n;
-                    if let Some(m) = msg {
-                        if matches!(m, crate::proto::frame::Incoming::Close(_)) {
-                            peer_closed = true;
+        for e in effects.drain(..) {
+            match e {
+                Effect::Kick(id) => {
+                    // The hot path's one effect: one look-up, one borrow, then the spawn.
+                    let conn = ctx.core.borrow().at(id.idx);
+                    if let Some(conn) = conn {
+                        let mut c = conn.borrow_mut();
+                        if c.generation == id.generation {
+                            kick(ctx, id.idx, &conn, &mut c);
                         }
-                        let verifier = crate::rt::verify::ConnVerifier {
-                            shared: &ctx.shared,
-                            pool: &ctx.verify_pool,
-                            shard: ctx.id,
-                            idx,
-                            generation: conn_generation,
-                        };
-                        session.handle_message(now, m, ctx.shared.hub.symbols(), &verifier, &mut actions);
                     }
                 }
-                Err(e) => {
-                    session.protocol_error(e.close_code(), e.close_reason(), &mut actions);
-                    off = buf.len();
-                    break;
+                Effect::Shutdown(id) => {
+                    let conn = ctx.core.borrow().get(id);
+                    if let Some(conn) = conn {
+                        shutdown(conn.borrow().io.fd, libc::SHUT_RDWR);
+                    }
+                }
+                Effect::Audit(e) => ctx.shared.audit(&e.as_event()),
+                Effect::StopAccepting => {
+                    if let Some(c) = ctx.accept_cancel.borrow_mut().take() {
+                        c.cancel();
+                    }
+                }
+                Effect::RevokeDone { reply, closed } => {
+                    let _ = reply.send(closed);
                 }
             }
         }
-        let rest = buf.len() - off;
-        if rest > 0 {
-            let tail = buf[off..].to_vec();
-            partial.clear();
-            partial.extend_from_slice(&tail);
-        } else {
-            // Nothing pending: hold no buffer between messages.
-            partial = Vec::new();
-        }
     }
-    c.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
-    c.peer_closed |= peer_closed;
-    ctx.apply(idx, &mut c, &mut actions);
-    ctx.put_actions(actions);
+    *ctx.effects.borrow_mut() = effects;
 }
 
-/// The writer's handle on the socket. Parked in the `Conn` between writer runs.
-pub(crate) enum WriteHandle {
-    /// io_uring: a second `TcpStream` value over the *same* descriptor (no extra fd per
-    /// connection), since io_uring writes take the stream by `&mut`. `_keep` holds the
-    /// reader's stream alive, so the descriptor cannot be closed (and its number reused)
-    /// while a write is in flight; when the handle goes, the alias is released with
-    /// `into_raw_fd`, which does not close (see `Drop`).
-    Alias {
-        stream: Option<TcpStream>,
-        _keep: Rc<TcpStream>,
-    },
-    /// epoll: the reader's own stream. The writer sends with `send(2)` and, when the socket
-    /// is full, waits for writability on it; monoio's epoll driver keeps a reader and a
-    /// writer waker per descriptor, so the two tasks wait on one registration (an alias
-    /// would register the fd twice). One descriptor per connection, as on io_uring.
-    Shared(Rc<TcpStream>),
-}
-
-impl WriteHandle {
-    fn new(ctx: &ShardCtx, stream: &Rc<TcpStream>) -> Option<WriteHandle> {
-        if !ctx.uring {
-            return Some(WriteHandle::Shared(stream.clone()));
+/// One of the connection's tasks ended; when it was the last, the core frees the slot,
+/// its subscriptions, its timers and its per-user cap. `force` shuts the socket down so
+/// the other task ends too; the writer passes `false` after a graceful close so the
+/// reader can still receive the peer's close frame.
+pub(crate) fn task_done(ctx: &Rc<ShardCtx>, idx: usize, generation: u32, force: bool) {
+    let id = ConnId { idx, generation };
+    let Some(conn) = ctx.core.borrow().get(id) else {
+        return;
+    };
+    {
+        let mut c = conn.borrow_mut();
+        c.io.tasks = c.io.tasks.saturating_sub(1);
+        if force {
+            c.dead = true;
+            shutdown(c.io.fd, libc::SHUT_RDWR);
+            kick(ctx, idx, &conn, &mut c);
         }
-        let fd = stream.as_raw_fd();
-        // SAFETY: `fd` is open and stays open for as long as `keep` (the reader's stream)
-        // lives, which outlives every use of the alias; the alias never closes it
-        // (released with `into_raw_fd` when the handle is dropped).
-        let alias = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?;
-        Some(WriteHandle::Alias {
-            stream: Some(alias),
-            _keep: stream.clone(),
-        })
-    }
-
-    fn fd(&self) -> i32 {
-        match self {
-            WriteHandle::Alias { _keep, .. } => _keep.as_raw_fd(),
-            WriteHandle::Shared(s) => s.as_raw_fd(),
+        if c.io.tasks > 0 {
+            return;
         }
+        // Every task has ended, so no writer holds the handle; a parked one is released
+        // (without closing the descriptor the reader's stream owns).
+        drop(c.io.whandle.take());
     }
-
-    /// Writes all of `out` and hands the buffer back.
-    async fn write_all(&mut self, out: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
-        match self {
-            WriteHandle::Alias { stream, .. } => {
-                let s = stream.as_mut().expect("alias present until drop");
-                let (res, b) = s.write_all(out).await;
-                (res.map(|_| ()), b)
-            }
-            WriteHandle::Shared(s) => {
-                let res = write_all_fd(s, &out).await;
-                (res, out)
-            }
-        }
-    }
-}
-
-impl Drop for WriteHandle {
-    /// Gives an alias's descriptor back without closing it (the reader's stream owns it).
-    fn drop(&mut self) {
-        if let WriteHandle::Alias { stream, .. } = self
-            && let Some(alias) = stream.take()
-        {
-            // No operation is in flight (every write is awaited before the handle is
-            // parked or dropped), so the alias is the only reference to its shared fd
-            // and `into_raw_fd` succeeds.
-            let _ = alias.into_raw_fd();
-        }
-    }
-}
-
-/// Returns `Pending` once (waking itself), so the task goes to the back of the run queue.
-struct YieldNow(bool);
-
-impl std::future::Future for YieldNow {
-    type Output = ();
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
+    ctx.core.borrow_mut().handle_gone(id);
+    carry_out(ctx);
 }
 
 /// Writes what the session queued, coalesced, until the queue is empty; then parks its
-/// handle in the `Conn` and ends (the next [`ShardCtx::kick`] starts a new run). It ends
+/// handle in the `Conn` and ends (the next [`kick`] starts a new run). It ends
 /// for good, releasing the writer's part of the connection, when the connection is dead
 /// or its close frame is out.
 pub(crate) async fn writer(
@@ -663,8 +502,8 @@ pub(crate) async fn writer(
             }
             let c = &mut *c;
             let Some(s) = c.session.as_mut() else { break };
-            if s.outbound.is_empty() && !c.tls.as_ref().is_some_and(|t| t.wants_write()) {
-                c.whandle = Some(handle);
+            if s.outbound.is_empty() && !c.io.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                c.io.whandle = Some(handle);
                 return;
             }
             buf = ctx.take_buffer();
@@ -672,7 +511,7 @@ pub(crate) async fn writer(
             oldest_tick = s.outbound.drain_stamped(&mut buf, MAX_WRITE).1;
             s.note_drained();
             closing_done = s.is_closing() && s.outbound.is_empty();
-            encrypted = match c.tls.as_deref_mut() {
+            encrypted = match c.io.tls.as_deref_mut() {
                 Some(t) => {
                     // The frames were encoded once for every subscriber; only this step
                     // is per connection.
@@ -716,7 +555,7 @@ pub(crate) async fn writer(
         {
             // epoll: a `send` that did not block never yielded; let the rest of the turn
             // run before this connection's next `MAX_WRITE`.
-            YieldNow(false).await;
+            yield_now().await;
         }
         if closing_done {
             // Our close frame is out. If the peer closed first, the handshake is complete
@@ -729,8 +568,8 @@ pub(crate) async fn writer(
             break;
         }
     }
-    // `task_done` may shut `Conn::fd` down: it runs while this handle still keeps that
+    // `task_done` may shut `Io::fd` down: it runs while this handle still keeps that
     // descriptor open (the reader may have ended and dropped its stream already).
-    ctx.task_done(idx, generation, !graceful);
+    task_done(&ctx, idx, generation, !graceful);
     drop(handle);
 }

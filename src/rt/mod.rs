@@ -1,5 +1,20 @@
 //! The runtime layer: the only code that touches sockets, threads and clocks.
 //!
+//! What a shard decides (which connection gets a tick, what a deadline does, who a
+//! revocation closes) is in the sans-IO [`crate::core::shard::ShardCore`]; this layer feeds
+//! it (bytes read, ticks and control messages from the inbox, the time) and carries out
+//! its effects. Modules, each depending only on those listed before it:
+//! - `io`: socket-level pieces: a connection's socket state (`Io`, kept in the same
+//!   allocation as the core's per-connection state), the writer's socket handle,
+//!   non-blocking `recv`/`send`, the rustls feed/seal steps, `shutdown(2)`;
+//! - `ctx`: `ShardCtx`, a shard's state shared by its tasks: the core, the shared read
+//!   buffers, the write-buffer pool, the latency sampler, the accept canceller;
+//! - `conn`: the connection pump (HTTP phase, reader, on-demand writer) and `carry_out`,
+//!   which performs the core's effects (starting writers, shutting sockets down, logging);
+//! - `shard`: the shard's long-lived tasks, the dispatcher and the ticker;
+//! - `verify`: the reauth verifier threads;
+//! - this file: bootstrap, listeners and the acceptor.
+//!
 //! [`start`] binds the public listener once per shard with `SO_REUSEPORT` (the first bind
 //! resolves port 0, the others reuse the resolved port), starts one pinned thread per shard
 //! running a monoio runtime on the io_uring driver (epoll where io_uring is unavailable,
@@ -10,6 +25,8 @@
 //! `tickgate serve` does the same and then waits for signals.
 
 pub mod conn;
+pub mod ctx;
+pub mod io;
 pub mod shard;
 pub mod verify;
 
@@ -286,7 +303,7 @@ fn run_shard(
                 return;
             }
         };
-        let ctx = shard::ShardCtx::new(id, shared, pool, driver == Driver::IoUring);
+        let ctx = ctx::ShardCtx::new(id, shared, pool, driver == Driver::IoUring);
         monoio::spawn(shard::dispatcher(ctx.clone()));
         monoio::spawn(shard::ticker(ctx.clone()));
         let _ = ready.send(Ok(()));
@@ -297,21 +314,21 @@ fn run_shard(
     });
 }
 
-async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListener) {
+async fn accept_loop(ctx: Rc<ctx::ShardCtx>, listener: monoio::net::TcpListener) {
     let Some(handle) = ctx.accept_cancel.borrow().as_ref().map(|c| c.handle()) else {
         return;
     };
     let max_conns = ctx.shared.cfg.server.max_connections_per_shard;
     loop {
         let accepted = listener.cancelable_accept(handle.clone()).await;
-        if ctx.draining.get() {
+        if ctx.core.borrow().is_draining() {
             return;
         }
         match accepted {
             Ok((stream, peer)) => {
-                if ctx.conns.borrow().len() >= max_conns {
+                if ctx.core.borrow().len() >= max_conns {
                     // Over capacity: refuse at once rather than queue unbounded work. (A
-                    // full pending table is not a refusal: see `ShardCtx::admit_pending`.)
+                    // full pending table is not a refusal: see `ShardCore::admit_pending`.)
                     ctx.shared.audit(&crate::auth::seclog::SecurityEvent {
                         ip: Some(peer.ip()),
                         ..crate::auth::seclog::SecurityEvent::new(

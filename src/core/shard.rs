@@ -1,0 +1,1015 @@
+//! One shard's decisions, sans-IO: connections, subscriptions, fan-out, deadlines.
+//!
+//! [`ShardCore`] owns what a shard knows about its connections apart from their sockets:
+//! the connection table (slab index + generation), each connection's [`Session`], frame
+//! [`Decoder`] and deadlines, the subscription table (symbol -> local subscribers, with
+//! the `seq` each is owed), the waiting table (subscribers of names no tick has created
+//! yet), the pending-upgrade table and the timer wheel. It is driven like the session:
+//!
+//! - inputs: [`register`](ShardCore::register) (a new socket),
+//!   [`admit_pending`](ShardCore::admit_pending) / [`pending_heard`](ShardCore::pending_heard)
+//!   (the upgrade), [`open`](ShardCore::open) (the `101` went out),
+//!   [`handle_bytes`](ShardCore::handle_bytes) (received bytes, decoded here),
+//!   [`handle_tick`](ShardCore::handle_tick) (a tick from the hub inbox),
+//!   [`handle_control`](ShardCore::handle_control) (revoke, drain, reauth results),
+//!   [`handle_timeout`](ShardCore::handle_timeout) (the clock advanced),
+//!   [`handle_gone`](ShardCore::handle_gone) (the connection's tasks ended). Each takes
+//!   `now` (unix milliseconds) from the caller; nothing here reads a clock.
+//! - outputs: [`Effect`]s, taken with [`take_effects`](ShardCore::take_effects), that the
+//!   runtime carries out in order: [`Effect::Kick`] (output queued and no writer runs:
+//!   start one), [`Effect::Shutdown`] (shut the socket down), [`Effect::Audit`] (a
+//!   security-log line), [`Effect::StopAccepting`], [`Effect::RevokeDone`] (answer the
+//!   revocation's sender); and [`poll_timeout`](ShardCore::poll_timeout),
+//!   when to call `handle_timeout` next. Counters (`tickgate_*_total`, gauges) are atomics
+//!   in [`Shared::metrics`] and are bumped here directly: they are memory, not I/O.
+//!
+//! Per connection the runtime's socket state (descriptor, TLS, writer handle, partial
+//! frame, task count) lives in the same allocation, as the `io` field of [`Conn`]: one
+//! `Rc<RefCell<Conn<I>>>` per connection, so the fan-out's hot path stays what it was
+//! (one slab look-up and one `RefCell` borrow per delivery, no allocation, no hashing), and
+//! a delivery to a connection whose writer runs produces no effect at all (see
+//! [`ConnIo::writer_parked`]).
+//!
+//! The hub ([`Shared::hub`]) is shared memory, not I/O: subscribing, publishing and
+//! resolving names go to it directly.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use slab::Slab;
+
+use crate::auth::seclog::SecurityEvent;
+use crate::auth::usercap::UserSlot;
+use crate::feed::hub::{Control, encode_for_subscriber};
+use crate::feed::outbound::SharedTick;
+use crate::feed::symbol::{SymbolId, Wait};
+use crate::feed::tick::TickKind;
+use crate::gate::pending::{Admission, PendingLimits, PendingTable};
+use crate::proto::close::CloseCode;
+use crate::proto::frame::{Decoder, Incoming};
+use crate::session::{Action, ReauthVerifier, Session, TimerKind};
+use crate::state::Shared;
+use crate::timer::deadlines::DeadlineSet;
+use crate::timer::wheel::{TimerKey, TimerWheel};
+
+/// Timers the shard keeps per connection, one slot each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnTimer {
+    Session(TimerKind),
+    Handshake,
+    /// After a close frame was queued: the peer gets this long to answer before the socket
+    /// is shut down regardless.
+    HardDrop,
+}
+
+/// The connection's deadline kinds, in slot order: `CONN_TIMERS[k.slot()] == k`.
+const CONN_TIMERS: [ConnTimer; TIMER_SLOTS] = [
+    ConnTimer::Session(TimerKind::ReauthRequired),
+    ConnTimer::Session(TimerKind::ReauthDeadline),
+    ConnTimer::Session(TimerKind::Heartbeat),
+    ConnTimer::Session(TimerKind::Idle),
+    ConnTimer::Session(TimerKind::SlowConsumer),
+    ConnTimer::Handshake,
+    ConnTimer::HardDrop,
+];
+
+impl ConnTimer {
+    fn slot(self) -> usize {
+        CONN_TIMERS
+            .iter()
+            .position(|&k| k == self)
+            .expect("every kind has a slot")
+    }
+}
+
+const TIMER_SLOTS: usize = 7;
+/// After our close frame is queued, the peer has this long before the socket goes.
+pub const HARD_DROP_MS: u64 = 2_000;
+
+/// A connection's wheel entry: it stands for the earliest of the connection's deadlines.
+#[derive(Clone, Copy, Debug)]
+pub struct TimerEvent {
+    /// The connection's slab index: below `max_connections_per_shard` (at most 10^6), so
+    /// 32 bits, which keeps a wheel node at 24 bytes.
+    idx: u32,
+    generation: u32,
+}
+
+/// A connection as the shard's tables name it: slab index and generation (a slot is
+/// reused by later connections with a new generation, so a stale reference finds nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub idx: usize,
+    pub generation: u32,
+}
+
+/// What the core asks the runtime to do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Output is queued for the connection (or it must end) and no writer task runs for
+    /// it: start one. A running writer looks at the queue again after each write, so it
+    /// needs no wake-up and gets no `Kick`.
+    Kick(ConnId),
+    /// Shut the connection's socket down in both directions; its tasks see EOF.
+    Shutdown(ConnId),
+    /// Count and write a security-log event (boxed: effects are mostly `Kick`s).
+    Audit(Box<AuditEvent>),
+    /// The shard drains: stop accepting connections.
+    StopAccepting,
+    /// A revocation was handled here: send `closed` (the sessions it closed) on `reply`.
+    /// An effect rather than a send from the core, so the answer goes out after the
+    /// effects before it (the closes' security-log lines are written by then).
+    RevokeDone {
+        reply: crossbeam_channel::Sender<usize>,
+        closed: usize,
+    },
+}
+
+/// A security-log event owned by an [`Effect`] (a [`SecurityEvent`] borrows its strings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub ts_unix_ms: u64,
+    pub event: &'static str,
+    pub outcome: &'static str,
+    pub reason: &'static str,
+    pub ip: Option<IpAddr>,
+    pub sub: Option<Box<str>>,
+    pub sid: Option<Box<str>>,
+}
+
+impl AuditEvent {
+    fn new(ts_unix_ms: u64, event: &'static str, outcome: &'static str, reason: &'static str) -> Self {
+        AuditEvent {
+            ts_unix_ms,
+            event,
+            outcome,
+            reason,
+            ip: None,
+            sub: None,
+            sid: None,
+        }
+    }
+
+    /// The event as the security log takes it.
+    pub fn as_event(&self) -> SecurityEvent<'_> {
+        SecurityEvent {
+            ip: self.ip,
+            sub: self.sub.as_deref(),
+            sid: self.sid.as_deref(),
+            ..SecurityEvent::new(self.ts_unix_ms, self.event, self.outcome, self.reason)
+        }
+    }
+}
+
+/// The runtime's per-connection socket state, kept in the same allocation as the core's.
+pub trait ConnIo {
+    /// No writer task runs for the connection, so queued output needs an [`Effect::Kick`].
+    fn writer_parked(&self) -> bool;
+}
+
+/// A connection slot. `session` is `None` during the HTTP phase.
+pub struct Conn<I> {
+    pub generation: u32,
+    pub session: Option<Session>,
+    pub decoder: Option<Decoder>,
+    /// The connection is finished: its writer must stop.
+    pub dead: bool,
+    /// The peer's close frame arrived.
+    pub peer_closed: bool,
+    /// The connection's deadlines, by [`ConnTimer::slot`], behind one wheel entry.
+    deadlines: DeadlineSet<TIMER_SLOTS>,
+    /// The per-user connection cap's slot, released when the connection is gone.
+    pub slot: Option<UserSlot>,
+    /// The runtime's socket state (descriptor, TLS, writer handle, partial frame, tasks).
+    pub io: I,
+}
+
+impl<I> Conn<I> {
+    /// The deadline of that kind, if armed (for tests and diagnostics).
+    pub fn deadline(&self, kind: ConnTimer) -> Option<u64> {
+        let at = self.deadlines.get(kind.slot());
+        (at != crate::timer::deadlines::UNARMED).then_some(at)
+    }
+}
+
+pub type ConnRef<I> = Rc<RefCell<Conn<I>>>;
+
+struct SubEntry {
+    idx: usize,
+    generation: u32,
+    /// The subscriber is owed ticks with a greater `seq`.
+    last_seq: u64,
+}
+
+/// Names awaited by this shard's connections: name -> (connection index, generation).
+type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32)>>;
+
+/// One shard's connections, tables and deadlines (see the module documentation).
+pub struct ShardCore<I> {
+    id: usize,
+    shared: Arc<Shared>,
+    conns: Slab<ConnRef<I>>,
+    table: Vec<Vec<SubEntry>>,
+    /// Connections subscribed to names no tick has created yet. Bounded by the
+    /// connections' own subscription bounds; an entry lives while one of them waits. The
+    /// first tick of the name (or a subscription to it once it exists) turns them into
+    /// ordinary subscriptions ([`Self::activate_waiting`]).
+    waiting: Waiters,
+    wheel: TimerWheel<TimerEvent>,
+    /// Wheel entries due at the last [`Self::advance_timers`], not fired yet, from
+    /// `fired_pos` on.
+    fired: Vec<(TimerKey, TimerEvent)>,
+    fired_pos: usize,
+    /// Connections still in the HTTP upgrade: who may wait, who gives way.
+    pending: PendingTable,
+    next_gen: u32,
+    draining: bool,
+    /// The sessions' action buffer, reused (taken while a session runs, then put back).
+    actions: Vec<Action>,
+    effects: Vec<Effect>,
+}
+
+impl<I: ConnIo> ShardCore<I> {
+    pub fn new(id: usize, shared: Arc<Shared>, now: u64) -> Self {
+        let pending = PendingTable::new(PendingLimits {
+            max: shared.cfg.server.pending_handshakes_per_shard,
+            per_ip: shared.cfg.limits.per_ip_pending_handshakes,
+        });
+        ShardCore {
+            id,
+            shared,
+            conns: Slab::with_capacity(1024),
+            table: Vec::new(),
+            waiting: Waiters::new(),
+            wheel: TimerWheel::with_capacity(now, 4096),
+            fired: Vec::new(),
+            fired_pos: 0,
+            pending,
+            next_gen: 1,
+            draining: false,
+            actions: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Live connections (pending upgrades included).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Connections still in the HTTP upgrade.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The shard was told to drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// The connection `id`, if it is still there.
+    pub fn get(&self, id: ConnId) -> Option<ConnRef<I>> {
+        self.conns
+            .get(id.idx)
+            .filter(|c| c.borrow().generation == id.generation)
+            .cloned()
+    }
+
+    /// Whatever connection holds slab index `idx` now, whatever its generation (the
+    /// caller compares it once it has the connection borrowed anyway).
+    pub fn at(&self, idx: usize) -> Option<ConnRef<I>> {
+        self.conns.get(idx).cloned()
+    }
+
+    /// Local subscribers of `id` (for tests and diagnostics).
+    pub fn subscribers(&self, id: SymbolId) -> usize {
+        self.table.get(id.0 as usize).map_or(0, Vec::len)
+    }
+
+    /// Names this shard's connections wait for (for tests and diagnostics).
+    pub fn waiting_names(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Moves the effects produced so far into `out`, in order. `out` is normally empty
+    /// (then the two buffers swap, and neither allocates once warm).
+    pub fn take_effects(&mut self, out: &mut Vec<Effect>) {
+        if out.is_empty() {
+            std::mem::swap(&mut self.effects, out);
+        } else {
+            out.append(&mut self.effects);
+        }
+    }
+
+    /// When the next deadline is due ([`Self::handle_timeout`]), if any is armed.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.wheel.next_deadline()
+    }
+
+    fn audit(&mut self, e: AuditEvent) {
+        self.effects.push(Effect::Audit(Box::new(e)));
+    }
+
+    /// A new socket: a slot with its first-byte deadline armed.
+    pub fn register(&mut self, now: u64, io: I) -> (ConnId, ConnRef<I>) {
+        let generation = self.next_gen;
+        self.next_gen = generation.wrapping_add(1).max(1);
+        let conn = Rc::new(RefCell::new(Conn {
+            generation,
+            session: None,
+            decoder: None,
+            dead: false,
+            peer_closed: false,
+            deadlines: DeadlineSet::new(),
+            slot: None,
+            io,
+        }));
+        let idx = self.conns.insert(conn.clone());
+        self.shared
+            .metrics
+            .shard(self.id)
+            .connections
+            .fetch_add(1, Relaxed);
+        let limits = &self.shared.cfg.limits;
+        let first = limits.first_byte_timeout.min(limits.handshake_timeout);
+        let at = now + first.as_millis() as u64;
+        arm(
+            &mut self.wheel,
+            &mut conn.borrow_mut(),
+            idx,
+            ConnTimer::Handshake,
+            at,
+        );
+        (ConnId { idx, generation }, conn)
+    }
+
+    /// A new socket `idx` from `peer` enters the upgrade: the pending table admits it,
+    /// possibly shutting another pending socket down to make room, or refuses it (the
+    /// caller then ends it). Refusals and evictions are logged and counted.
+    pub fn admit_pending(&mut self, now: u64, idx: usize, peer: IpAddr) -> bool {
+        let trusted = self.shared.auth().proxies.contains(peer);
+        let answer = self.pending.admit(idx, peer, trusted);
+        let log = |ip, reason| AuditEvent {
+            ip: Some(ip),
+            ..AuditEvent::new(now, "handshake", "rejected", reason)
+        };
+        match answer {
+            Admission::Admit => true,
+            Admission::RefuseIp => {
+                self.audit(log(peer, "pending_per_ip"));
+                false
+            }
+            Admission::Evict { idx: victim, ip } => {
+                self.audit(log(ip, "pending_evicted"));
+                if let Some(c) = self.conns.get(victim) {
+                    // The victim's handshake task sees EOF and ends through the runtime's
+                    // task accounting, then `handle_gone`.
+                    let mut c = c.borrow_mut();
+                    c.dead = true;
+                    self.effects.push(Effect::Shutdown(ConnId {
+                        idx: victim,
+                        generation: c.generation,
+                    }));
+                }
+                true
+            }
+        }
+    }
+
+    /// Bytes arrived on pending socket `idx`: on the first, its deadline becomes
+    /// `accepted_ms + handshake_timeout` (which later bytes never move).
+    pub fn pending_heard(&mut self, idx: usize, accepted_ms: u64) {
+        if self.pending.heard(idx)
+            && let Some(conn) = self.conns.get(idx)
+        {
+            let at = accepted_ms + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
+            arm(
+                &mut self.wheel,
+                &mut conn.borrow_mut(),
+                idx,
+                ConnTimer::Handshake,
+                at,
+            );
+        }
+    }
+
+    /// The upgrade of `idx` is over, whatever the outcome.
+    pub fn pending_done(&mut self, idx: usize) {
+        self.pending.remove(idx);
+    }
+
+    /// The handshake succeeded: the connection becomes a session with its deadlines armed.
+    pub fn open(&mut self, id: ConnId, session: Session, decoder: Decoder) {
+        let Some(conn) = self.get(id) else { return };
+        let mut c = conn.borrow_mut();
+        c.deadlines.clear(ConnTimer::Handshake.slot());
+        for (kind, at) in session.timers() {
+            arm(&mut self.wheel, &mut c, id.idx, ConnTimer::Session(kind), at);
+        }
+        c.session = Some(session);
+        c.decoder = Some(decoder);
+    }
+
+    /// The connection's tasks have all ended: frees the slot, its subscriptions, its
+    /// timers and (by dropping the `UserSlot`) its per-user cap.
+    pub fn handle_gone(&mut self, id: ConnId) {
+        let Some(conn) = self.get(id) else { return };
+        let mut c = conn.borrow_mut();
+        c.deadlines.cancel_all(&mut self.wheel);
+        if let Some(s) = c.session.take() {
+            self.table_remove(id.idx, id.generation, s.subscriptions());
+            self.unwait(id.idx, id.generation, s.waiting_subscriptions());
+        }
+        c.slot = None;
+        drop(c);
+        self.conns.try_remove(id.idx);
+        self.shared
+            .metrics
+            .shard(self.id)
+            .connections
+            .fetch_sub(1, Relaxed);
+    }
+
+    /// Bytes received on connection `idx` after the `101`: `data`, preceded by what is in
+    /// `partial` (the start of a frame split across reads, which the runtime keeps between
+    /// reads). Decodes every complete message into the session and carries out what it
+    /// asks for; the bytes of an incomplete frame are left in `partial` (emptied, and its
+    /// buffer released, when there are none).
+    pub fn handle_bytes(
+        &mut self,
+        now: u64,
+        idx: usize,
+        data: &mut [u8],
+        partial: &mut Vec<u8>,
+        verifier: &dyn ReauthVerifier,
+    ) {
+        let Some(conn) = self.conns.get(idx).cloned() else {
+            *partial = Vec::new();
+            return;
+        };
+        let mut c = conn.borrow_mut();
+        let mut actions = std::mem::take(&mut self.actions);
+        let mut peer_closed = false;
+        {
+            let c = &mut *c;
+            let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
+                *partial = Vec::new();
+                self.actions = actions;
+                return;
+            };
+            session.note_rx(now);
+            if session.is_closing() {
+                // After our close frame only the peer's close matters; drop the rest unread.
+                partial.clear();
+            }
+            let buf: &mut [u8] = if partial.is_empty() {
+                data
+            } else {
+                partial.extend_from_slice(data);
+                &mut *partial
+            };
+            let mut off = 0;
+            loop {
+                match decoder.decode(&mut buf[off..]) {
+                    Ok((0, _)) => break,
+                    Ok((n, msg)) => {
+                        off += n;
+                        if let Some(m) = msg {
+                            if matches!(m, Incoming::Close(_)) {
+                                peer_closed = true;
+                            }
+                            session.handle_message(now, m, self.shared.hub.symbols(), verifier, &mut actions);
+                        }
+                    }
+                    Err(e) => {
+                        session.protocol_error(e.close_code(), e.close_reason(), &mut actions);
+                        off = buf.len();
+                        break;
+                    }
+                }
+            }
+            let rest = buf.len() - off;
+            if rest > 0 {
+                let tail = buf[off..].to_vec();
+                partial.clear();
+                partial.extend_from_slice(&tail);
+            } else {
+                // Nothing pending: hold no buffer between messages.
+                *partial = Vec::new();
+            }
+        }
+        c.peer_closed |= peer_closed;
+        self.apply(idx, &mut c, &mut actions, now);
+        self.put_actions(actions);
+    }
+
+    /// A decoded message for connection `id`, as [`Self::handle_bytes`] hands each one to
+    /// the session (without the framing: for tests and for callers that decode elsewhere).
+    pub fn handle_message(&mut self, now: u64, id: ConnId, m: Incoming, verifier: &dyn ReauthVerifier) {
+        let Some(conn) = self.get(id) else { return };
+        let mut c = conn.borrow_mut();
+        let mut actions = std::mem::take(&mut self.actions);
+        {
+            let c = &mut *c;
+            if let Some(s) = c.session.as_mut() {
+                s.note_rx(now);
+                c.peer_closed |= matches!(m, Incoming::Close(_));
+                s.handle_message(now, m, self.shared.hub.symbols(), verifier, &mut actions);
+            }
+        }
+        self.apply(id.idx, &mut c, &mut actions, now);
+        self.put_actions(actions);
+    }
+
+    fn put_actions(&mut self, mut actions: Vec<Action>) {
+        actions.clear();
+        self.actions = actions;
+    }
+
+    /// Carry out what a session asked for. Runs with the connection borrowed.
+    fn apply(&mut self, idx: usize, c: &mut Conn<I>, actions: &mut Vec<Action>, now: u64) {
+        loop {
+            self.apply_once(idx, c, actions, now);
+            // What the actions queued (replies, snapshots) counts against the outbound
+            // budget; a close it decides is applied in the next round.
+            let arm_at = c.session.as_mut().and_then(|s| s.enforce_budget(now, actions));
+            if let Some(at) = arm_at {
+                arm(
+                    &mut self.wheel,
+                    c,
+                    idx,
+                    ConnTimer::Session(TimerKind::SlowConsumer),
+                    at,
+                );
+            }
+            if actions.is_empty() {
+                break;
+            }
+        }
+        kick(&mut self.effects, idx, c);
+    }
+
+    fn apply_once(&mut self, idx: usize, c: &mut Conn<I>, actions: &mut Vec<Action>, now: u64) {
+        for a in actions.drain(..) {
+            match a {
+                Action::Subscribe {
+                    ids,
+                    snapshot,
+                    waiting,
+                } => {
+                    self.subscribe(idx, c, &ids, snapshot);
+                    for name in waiting {
+                        self.wait(idx, c, name, snapshot);
+                    }
+                }
+                Action::Unsubscribe { ids, waiting } => {
+                    self.table_remove(idx, c.generation, &ids);
+                    self.unwait(idx, c.generation, &waiting);
+                }
+                Action::Publish { ticks } => {
+                    let n = self.shared.hub.publish(&ticks);
+                    self.shared.metrics.ticks_in.fetch_add(n as u64, Relaxed);
+                }
+                Action::DeadlinesChanged => {
+                    if let Some(s) = &c.session {
+                        let timers = s.timers();
+                        for (kind, at) in timers {
+                            if matches!(kind, TimerKind::ReauthRequired | TimerKind::ReauthDeadline) {
+                                arm(&mut self.wheel, c, idx, ConnTimer::Session(kind), at);
+                            }
+                        }
+                    }
+                }
+                Action::Close { code } => {
+                    self.shared.metrics.count_close(code);
+                    for kind in CONN_TIMERS {
+                        if matches!(kind, ConnTimer::Session(_)) {
+                            c.deadlines.clear(kind.slot());
+                        }
+                    }
+                    arm(&mut self.wheel, c, idx, ConnTimer::HardDrop, now + HARD_DROP_MS);
+                }
+                Action::Log {
+                    event,
+                    outcome,
+                    reason,
+                } => {
+                    if let Some(s) = &c.session {
+                        let cl = s.claims();
+                        let e = AuditEvent {
+                            sub: Some(cl.sub.clone()),
+                            sid: cl.sid.clone(),
+                            ..AuditEvent::new(now, event, outcome, reason)
+                        };
+                        self.audit(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn table_remove(&mut self, idx: usize, generation: u32, ids: &[SymbolId]) {
+        for id in ids {
+            if let Some(list) = self.table.get_mut(id.0 as usize) {
+                let before = list.len();
+                list.retain(|e| !(e.idx == idx && e.generation == generation));
+                if before > 0 && list.is_empty() {
+                    self.shared.hub.unsubscribe_last(self.id, *id);
+                }
+            }
+        }
+    }
+
+    /// The connection subscribed to `name`, which did not exist when its session looked.
+    fn wait(&mut self, idx: usize, c: &mut Conn<I>, name: Box<str>, snapshot: bool) {
+        match self.shared.hub.symbols().wait_for(self.id, &name) {
+            Wait::Exists(id) => {
+                // Created in between: an ordinary subscription after all.
+                if c.session.as_mut().is_some_and(|s| s.activate(&name, id)) {
+                    self.subscribe(idx, c, &[id], snapshot);
+                }
+            }
+            Wait::Waiting => self.waiting.entry(name).or_default().push((idx, c.generation)),
+        }
+    }
+
+    /// The connection no longer waits for these names (unsubscribe, narrowing, close).
+    fn unwait(&mut self, idx: usize, generation: u32, names: &[Box<str>]) {
+        for name in names {
+            let Some(list) = self.waiting.get_mut(name) else {
+                continue;
+            };
+            list.retain(|&(i, g)| !(i == idx && g == generation));
+            if !list.is_empty() {
+                continue;
+            }
+            self.waiting.remove(name);
+            // The last one here: release the shard's claim on the name, and on the symbol
+            // if it was created (and this shard handed to the hub) meanwhile.
+            if let Some(id) = self.shared.hub.symbols().stop_waiting(self.id, name)
+                && self.table.get(id.0 as usize).is_none_or(|l| l.is_empty())
+            {
+                self.shared.hub.unsubscribe_last(self.id, id);
+            }
+        }
+    }
+
+    /// `name` exists now as `id` (its first tick is being dispatched, or a connection just
+    /// subscribed to it): this shard's connections waiting for it become ordinary
+    /// subscribers, owed every tick from `seq` 1 (the shard was handed to the hub before
+    /// the first tick, so none has passed it by). `current` is the connection the caller
+    /// already holds borrowed, if any.
+    fn activate_waiting(&mut self, name: &str, id: SymbolId, mut current: Option<(usize, &mut Conn<I>)>) {
+        let Some(list) = self.waiting.remove(name) else {
+            return;
+        };
+        // The shard's claim moves from the name to the symbol's entry in the hub.
+        let _ = self.shared.hub.symbols().stop_waiting(self.id, name);
+        let i = id.0 as usize;
+        if self.table.len() <= i {
+            self.table.resize_with(i + 1, Vec::new);
+        }
+        for (widx, generation) in list {
+            let activated = match current.as_mut() {
+                Some((cidx, c)) if *cidx == widx => {
+                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
+                }
+                _ => self.conns.get(widx).is_some_and(|conn| {
+                    let mut c = conn.borrow_mut();
+                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
+                }),
+            };
+            if activated {
+                self.table[i].push(SubEntry {
+                    idx: widx,
+                    generation,
+                    last_seq: 0,
+                });
+            }
+        }
+        if self.table[i].is_empty() {
+            self.shared.hub.unsubscribe_last(self.id, id);
+        }
+    }
+
+    fn subscribe(&mut self, idx: usize, c: &mut Conn<I>, ids: &[SymbolId], snapshot: bool) {
+        if !self.waiting.is_empty() {
+            for id in ids {
+                if let Some(name) = self.shared.hub.symbols().name(*id) {
+                    self.activate_waiting(&name, *id, Some((idx, &mut *c)));
+                }
+            }
+        }
+        let generation = c.generation;
+        let Some(session) = c.session.as_mut() else { return };
+        let mut retired = Vec::new();
+        for id in ids {
+            let i = id.0 as usize;
+            if self.table.len() <= i {
+                self.table.resize_with(i + 1, Vec::new);
+            }
+            let list = &mut self.table[i];
+            let already = list.iter().any(|e| e.idx == idx && e.generation == generation);
+            let snap = if already {
+                self.shared.hub.latest(*id)
+            } else {
+                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty()) else {
+                    retired.push(*id);
+                    continue;
+                };
+                list.push(SubEntry {
+                    idx,
+                    generation,
+                    last_seq: base.seq,
+                });
+                base.snapshot
+            };
+            if snapshot && let Some(t) = snap {
+                session.push_snapshot(encode_for_subscriber(TickKind::Snapshot, &t, 0));
+            }
+        }
+        // Retired between the session's look-up and now (it was idle for
+        // `feed.symbol_idle`): the subscription waits for the name like any other.
+        for id in retired {
+            let name = self.shared.hub.symbols().name(id);
+            if let (Some(name), Some(s)) = (name, c.session.as_mut())
+                && s.wait_again(id, &name)
+            {
+                self.wait(idx, c, Box::from(&*name), snapshot);
+            }
+        }
+    }
+
+    /// A tick from the shard's inbox: fan it out to this shard's subscribers of its symbol.
+    /// Each gets the shared frame, or, when its `seq` shows ticks it never got (the inbox
+    /// overflowed), a copy re-encoded with `"skipped"`. Returns how many got it.
+    pub fn handle_tick(&mut self, now: u64, t: &Arc<SharedTick>) -> usize {
+        if !self.waiting.is_empty() {
+            self.activate_waiting(&t.name, t.symbol, None);
+        }
+        let Some(list) = self.table.get_mut(t.symbol.0 as usize) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for e in list.iter_mut() {
+            if t.seq <= e.last_seq {
+                continue;
+            }
+            let gap = t.seq - e.last_seq - 1;
+            e.last_seq = t.seq;
+            let Some(conn) = self.conns.get(e.idx) else {
+                continue;
+            };
+            let mut c = conn.borrow_mut();
+            if c.generation != e.generation {
+                continue;
+            }
+            let Some(s) = c.session.as_mut() else { continue };
+            let conflated_before = s.outbound.conflated_total();
+            let slow = if gap == 0 {
+                s.push_tick(t, now)
+            } else {
+                // This shard's inbox overflowed: ticks never reached this subscriber.
+                let frame = encode_for_subscriber(TickKind::Tick, t, gap);
+                let one = Arc::new(SharedTick {
+                    frame,
+                    ..(**t).clone()
+                });
+                s.push_tick(&one, now)
+            };
+            let conflated = s.outbound.conflated_total() - conflated_before;
+            if conflated > 0 {
+                self.shared.metrics.conflated.fetch_add(conflated, Relaxed);
+            }
+            if let Some(at) = slow {
+                arm(
+                    &mut self.wheel,
+                    &mut c,
+                    e.idx,
+                    ConnTimer::Session(TimerKind::SlowConsumer),
+                    at,
+                );
+            }
+            kick(&mut self.effects, e.idx, &mut c);
+            delivered += 1;
+        }
+        delivered
+    }
+
+    /// Takes every wheel entry due at `now` for [`Self::fire_due`].
+    pub fn advance_timers(&mut self, now: u64) {
+        self.wheel.advance(now, &mut self.fired);
+    }
+
+    /// Handles up to `max` of the entries taken by [`Self::advance_timers`] (the runtime
+    /// yields between slices of a burst). Returns whether some are left.
+    pub fn fire_due(&mut self, now: u64, max: usize) -> bool {
+        let end = self.fired.len().min(self.fired_pos.saturating_add(max));
+        while self.fired_pos < end {
+            let (key, ev) = self.fired[self.fired_pos];
+            self.fired_pos += 1;
+            self.fire(key, ev, now);
+        }
+        if self.fired_pos >= self.fired.len() {
+            self.fired.clear();
+            self.fired_pos = 0;
+            return false;
+        }
+        true
+    }
+
+    /// The clock reached `now`: every deadline due fires (handshake and hard-drop
+    /// deadlines shut the socket down, session deadlines go to [`Session::handle_timer`]).
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.advance_timers(now);
+        while self.fire_due(now, usize::MAX) {}
+    }
+
+    /// A connection's wheel entry taken off the wheel: handles every deadline of the
+    /// connection that is due, earliest first, then files the entry for the next one.
+    /// `key` must still be the connection's key: the runtime yields between slices of a
+    /// burst, and the entry can be cancelled or re-filed in between.
+    fn fire(&mut self, key: TimerKey, ev: TimerEvent, now: u64) {
+        let idx = ev.idx as usize;
+        let Some(conn) = self.conns.get(idx).cloned() else {
+            return;
+        };
+        let mut c = conn.borrow_mut();
+        if c.generation != ev.generation {
+            return;
+        }
+        let Some(mut due) = c.deadlines.fired(key, now) else {
+            return;
+        };
+        while let Some(slot) = c.deadlines.next_due(&mut due, now) {
+            let kind = CONN_TIMERS[slot];
+            match kind {
+                ConnTimer::Handshake | ConnTimer::HardDrop => {
+                    if kind == ConnTimer::Handshake && c.session.is_none() {
+                        let e = AuditEvent {
+                            ip: self.pending.ip_of(idx),
+                            ..AuditEvent::new(now, "handshake", "rejected", "timeout")
+                        };
+                        self.audit(e);
+                    }
+                    self.effects.push(Effect::Shutdown(ConnId {
+                        idx,
+                        generation: c.generation,
+                    }));
+                    c.dead = true;
+                    kick(&mut self.effects, idx, &mut c);
+                }
+                ConnTimer::Session(tk) => {
+                    let mut actions = std::mem::take(&mut self.actions);
+                    let rearm = match c.session.as_mut() {
+                        Some(s) => s.handle_timer(tk, now, &mut actions),
+                        None => None,
+                    };
+                    if let Some(at) = rearm {
+                        c.deadlines.set(slot, at);
+                    }
+                    self.apply(idx, &mut c, &mut actions, now);
+                    self.put_actions(actions);
+                }
+            }
+        }
+        refile(&mut self.wheel, &mut c, idx);
+    }
+
+    /// A control message from the hub: revocation, drain, or a reauth result.
+    pub fn handle_control(&mut self, now: u64, msg: Control) {
+        match msg {
+            Control::Revoke(target, reply) => {
+                let mut closed = 0;
+                let conns: Vec<(usize, ConnRef<I>)> =
+                    self.conns.iter().map(|(i, c)| (i, c.clone())).collect();
+                let mut actions = std::mem::take(&mut self.actions);
+                for (idx, conn) in conns {
+                    let mut c = conn.borrow_mut();
+                    let hit = !c.dead
+                        && c.session
+                            .as_ref()
+                            .map(|s| s.claims())
+                            .is_some_and(|cl| target.matches(&cl.sub, cl.sid.as_deref(), cl.jti.as_deref()));
+                    if hit
+                        && let Some(s) = c.session.as_mut()
+                        && !s.is_closing()
+                    {
+                        actions.push(Action::Log {
+                            event: "close",
+                            outcome: "closed",
+                            reason: "revoked",
+                        });
+                        s.close(CloseCode::REVOKED, "revoked", &mut actions);
+                        self.apply(idx, &mut c, &mut actions, now);
+                        closed += 1;
+                    }
+                }
+                self.put_actions(actions);
+                self.effects.push(Effect::RevokeDone { reply, closed });
+            }
+            Control::Drain => self.drain(now),
+            Control::ReauthDone {
+                idx,
+                generation,
+                id,
+                result,
+            } => {
+                let Some(conn) = self.get(ConnId { idx, generation }) else {
+                    return;
+                };
+                let mut c = conn.borrow_mut();
+                let mut actions = std::mem::take(&mut self.actions);
+                if let Some(s) = c.session.as_mut() {
+                    s.finish_reauth(id, *result, now, self.shared.hub.symbols(), &mut actions);
+                }
+                self.apply(idx, &mut c, &mut actions, now);
+                self.put_actions(actions);
+            }
+        }
+    }
+
+    /// Stop accepting; every session closes with `1001`, every pending upgrade is shut
+    /// down. Once: later drains do nothing.
+    fn drain(&mut self, now: u64) {
+        if std::mem::replace(&mut self.draining, true) {
+            return;
+        }
+        self.effects.push(Effect::StopAccepting);
+        let conns: Vec<(usize, ConnRef<I>)> = self.conns.iter().map(|(i, c)| (i, c.clone())).collect();
+        let mut actions = std::mem::take(&mut self.actions);
+        for (idx, conn) in conns {
+            let mut c = conn.borrow_mut();
+            match c.session.as_mut() {
+                Some(s) => {
+                    s.close(CloseCode::GOING_AWAY, "server draining", &mut actions);
+                    self.apply(idx, &mut c, &mut actions, now);
+                }
+                None => self.effects.push(Effect::Shutdown(ConnId {
+                    idx,
+                    generation: c.generation,
+                })),
+            }
+        }
+        self.put_actions(actions);
+    }
+
+    /// Once a second: gives back the sessions' spare capacity; returns the bytes queued
+    /// across the shard's connections. Connections borrowed elsewhere are skipped.
+    pub fn housekeeping(&mut self) -> u64 {
+        let mut queued = 0u64;
+        for (_, c) in self.conns.iter() {
+            if let Ok(mut c) = c.try_borrow_mut()
+                && let Some(s) = c.session.as_mut()
+            {
+                queued += s.outbound.queued_bytes() as u64;
+                s.trim();
+            }
+        }
+        queued
+    }
+}
+
+/// Arms (or moves) the connection's deadline of that kind.
+fn arm<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize, kind: ConnTimer, at: u64) {
+    c.deadlines.set(kind.slot(), at);
+    refile(wheel, c, idx);
+}
+
+fn refile<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize) {
+    let generation = c.generation;
+    c.deadlines.refile(wheel, || TimerEvent {
+        idx: idx as u32,
+        generation,
+    });
+}
+
+/// Output is queued for connection `idx` (or it must end): have its writer started
+/// unless one runs already.
+fn kick<I: ConnIo>(effects: &mut Vec<Effect>, idx: usize, c: &mut Conn<I>) {
+    if c.io.writer_parked() {
+        effects.push(Effect::Kick(ConnId {
+            idx,
+            generation: c.generation,
+        }));
+    }
+}
+
+#[cfg(test)]
+#[path = "shard_tests.rs"]
+mod tests;

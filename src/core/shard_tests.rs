@@ -1,0 +1,591 @@
+//! The shard core on a virtual clock: no sockets, no threads, no io runtime. Every
+//! connection is a [`ShardCore`] entry with a stand-in for the runtime's socket state;
+//! ticks go through the real hub (publish, then pop from this shard's inbox), and time is
+//! a number each test moves forward itself.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+
+use super::*;
+use crate::auth::keys::KeySet;
+use crate::auth::mint::{Claims, generate_signing_key, sign_token};
+use crate::auth::revocation::RevokeTarget;
+use crate::auth::seclog::SecurityLog;
+use crate::config::Config;
+use crate::feed::tick::Tick;
+use crate::metrics::CLOSE_CODES;
+use crate::proto::frame::DecoderConfig;
+use crate::state::{AuthState, Shared};
+
+/// Unix milliseconds at the start of every test.
+const T0: u64 = 1_800_000_000_000;
+
+/// The runtime's socket state, reduced to the one thing the core asks of it.
+#[derive(Default)]
+struct TestIo {
+    /// A writer task runs (it will see queued output without a `Kick`).
+    writer_running: bool,
+}
+
+impl ConnIo for TestIo {
+    fn writer_parked(&self) -> bool {
+        !self.writer_running
+    }
+}
+
+struct World {
+    core: ShardCore<TestIo>,
+    shared: Arc<Shared>,
+    key: SigningKey,
+    now: u64,
+}
+
+fn world() -> World {
+    world_with(|_| {})
+}
+
+fn world_with(tweak: impl FnOnce(&mut Config)) -> World {
+    let mut cfg = Config::default_production();
+    cfg.server.shards = 1;
+    tweak(&mut cfg);
+    let key = generate_signing_key().unwrap();
+    let mut ks = KeySet::new();
+    ks.insert("k1", key.verifying_key()).unwrap();
+    let auth = AuthState::build(&cfg, ks).unwrap();
+    let shared = Arc::new(Shared::new(cfg, auth, SecurityLog::discard()));
+    // Two symbols exist (a publisher created them); any other name a test subscribes to
+    // is one no tick has created yet.
+    shared.hub.intern("BTC-USD").unwrap();
+    shared.hub.intern("ETH-USD").unwrap();
+    World {
+        core: ShardCore::new(0, shared.clone(), T0),
+        shared,
+        key,
+        now: T0,
+    }
+}
+
+fn tick(price: f64) -> Tick {
+    Tick {
+        ts: 1,
+        bid: price,
+        ask: price + 1.0,
+        last: price,
+        qty: 1.0,
+    }
+}
+
+/// Server frames in `buf` as JSON (text), `{"close":code}`, `{"ping":true}`.
+fn frames(buf: &[u8]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < buf.len() {
+        let op = buf[i] & 0x0f;
+        let (len, h) = match buf[i + 1] & 0x7f {
+            126 => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(buf[i + 2..i + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let p = &buf[i + h..i + h + len];
+        out.push(match op {
+            1 => serde_json::from_slice(p).unwrap(),
+            8 => serde_json::json!({"close": u16::from_be_bytes([p[0], p[1]])}),
+            9 => serde_json::json!({"ping": true}),
+            10 => serde_json::json!({"pong": true}),
+            _ => serde_json::json!({"op": op}),
+        });
+        i += h + len;
+    }
+    out
+}
+
+fn closes(shared: &Shared, code: u16) -> u64 {
+    let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap();
+    shared.metrics.closes[i].load(Relaxed)
+}
+
+impl World {
+    /// A socket admitted to the upgrade (no session yet).
+    fn accept(&mut self) -> ConnId {
+        let (id, _) = self.core.register(self.now, TestIo::default());
+        assert!(
+            self.core
+                .admit_pending(self.now, id.idx, "10.0.0.1".parse().unwrap())
+        );
+        id
+    }
+
+    /// A socket through the upgrade, open as a session of `sub` (welcome read).
+    fn connect(&mut self, sub: &str, sid: &str, jti: &str) -> ConnId {
+        let id = self.accept();
+        self.core.pending_heard(id.idx, self.now);
+        self.core.pending_done(id.idx);
+        let secs = self.now / 1000;
+        let claims = Claims {
+            sub: sub.into(),
+            exp: secs + 300,
+            iat: Some(secs - 10),
+            sid: Some(sid.into()),
+            jti: Some(jti.into()),
+            roles: vec!["subscriber".into()],
+            symbols: vec!["*".into()],
+            ..Claims::default()
+        };
+        let token = sign_token(&self.key, "k1", &claims);
+        let verified = self.shared.verify_token(&token, self.now).unwrap();
+        let session = Session::new(
+            self.shared.session_cfg.clone(),
+            verified,
+            "10.0.0.1".parse().unwrap(),
+            self.now,
+        );
+        let decoder = Decoder::new(DecoderConfig {
+            max_message_bytes: 1 << 16,
+            max_frame_bytes: 1 << 16,
+        });
+        self.core.open(id, session, decoder);
+        assert_eq!(self.out(id)[0]["type"], "welcome");
+        self.effects();
+        id
+    }
+
+    fn text(&mut self, id: ConnId, msg: &str) {
+        let m = Incoming::Text(Bytes::copy_from_slice(msg.as_bytes()));
+        self.core.handle_message(self.now, id, m, &*self.shared);
+    }
+
+    /// Subscribes and reads the ack.
+    fn subscribe(&mut self, id: ConnId, name: &str) {
+        self.text(
+            id,
+            &format!(r#"{{"op":"subscribe","id":1,"symbols":["{name}"]}}"#),
+        );
+        let out = self.out(id);
+        assert_eq!(out[0]["type"], "subscribed", "{out:?}");
+        self.effects();
+    }
+
+    /// Everything queued for `id`, raw.
+    fn out_raw(&self, id: ConnId) -> Vec<u8> {
+        let conn = self.core.get(id).unwrap();
+        let mut c = conn.borrow_mut();
+        let mut buf = Vec::new();
+        c.session
+            .as_mut()
+            .unwrap()
+            .outbound
+            .drain_into(&mut buf, usize::MAX);
+        buf
+    }
+
+    fn out(&self, id: ConnId) -> Vec<serde_json::Value> {
+        frames(&self.out_raw(id))
+    }
+
+    fn effects(&mut self) -> Vec<Effect> {
+        let mut v = Vec::new();
+        self.core.take_effects(&mut v);
+        v
+    }
+
+    fn publish(&self, name: &str, price: f64) {
+        let sym = self.shared.hub.intern(name).unwrap();
+        assert_eq!(self.shared.hub.publish(&[(sym, tick(price))]), 1);
+    }
+
+    /// Ticks waiting in this shard's inbox.
+    fn inbox(&self) -> Vec<Arc<SharedTick>> {
+        std::iter::from_fn(|| self.shared.hub.inbox(0).ticks.pop()).collect()
+    }
+
+    /// Dispatches everything in the inbox; returns the deliveries.
+    fn dispatch(&mut self) -> usize {
+        let ticks = self.inbox();
+        ticks.iter().map(|t| self.core.handle_tick(self.now, t)).sum()
+    }
+
+    fn advance_to(&mut self, now: u64) {
+        self.now = now;
+        self.core.handle_timeout(now);
+    }
+
+    fn deadline(&self, id: ConnId, kind: ConnTimer) -> Option<u64> {
+        self.core.get(id).unwrap().borrow().deadline(kind)
+    }
+
+    fn is_dead(&self, id: ConnId) -> bool {
+        self.core.get(id).unwrap().borrow().dead
+    }
+}
+
+fn kicks(effects: &[Effect]) -> Vec<ConnId> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Kick(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn shutdowns(effects: &[Effect]) -> Vec<ConnId> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Shutdown(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn audits(effects: &[Effect]) -> Vec<&AuditEvent> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Audit(a) => Some(&**a),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_tick_reaches_every_local_subscriber_as_the_one_shared_frame_in_seq_order() {
+    let mut w = world();
+    let ids: Vec<ConnId> = (0..50)
+        .map(|i| w.connect(&format!("u{i}"), &format!("s{i}"), &format!("j{i}")))
+        .collect();
+    for &id in &ids {
+        w.subscribe(id, "BTC-USD");
+    }
+    let sym = w.shared.hub.intern("BTC-USD").unwrap();
+    assert_eq!(w.core.subscribers(sym), 50);
+    for p in [100.0, 101.0, 102.0] {
+        w.publish("BTC-USD", p);
+    }
+    let ticks = w.inbox();
+    assert_eq!(ticks.len(), 3);
+    for t in &ticks {
+        assert_eq!(w.core.handle_tick(w.now, t), 50);
+        // Every subscriber's writer is parked: each delivery asks for one.
+        let kicked = kicks(&w.effects());
+        assert_eq!(kicked, ids);
+    }
+    let expected: Vec<u8> = ticks.iter().flat_map(|t| t.frame.to_vec()).collect();
+    for &id in &ids {
+        let raw = w.out_raw(id);
+        assert_eq!(
+            raw, expected,
+            "each subscriber gets the frames encoded once, as they are"
+        );
+        let seqs: Vec<u64> = frames(&raw).iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+    assert!(frames(&ticks[0].frame).iter().all(|v| v.get("skipped").is_none()));
+}
+
+#[test]
+fn a_delivery_to_a_connection_whose_writer_runs_asks_for_nothing() {
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    w.subscribe(id, "BTC-USD");
+    w.core.get(id).unwrap().borrow_mut().io.writer_running = true;
+    w.publish("BTC-USD", 1.0);
+    assert_eq!(w.dispatch(), 1);
+    assert!(w.effects().is_empty());
+    assert_eq!(w.out(id)[0]["seq"], 1);
+}
+
+#[test]
+fn after_an_inbox_overflow_a_subscriber_gets_the_gap_as_skipped() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    w.subscribe(a, "BTC-USD");
+    for i in 1..=5 {
+        w.publish("BTC-USD", f64::from(i));
+    }
+    assert_eq!(w.dispatch(), 5);
+    let seqs: Vec<u64> = w.out(a).iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    // Ticks 6 and 7 never reach the shard (its inbox was full when they were published).
+    w.publish("BTC-USD", 6.0);
+    w.publish("BTC-USD", 7.0);
+    assert_eq!(w.inbox().len(), 2);
+    // A subscriber that joins now is owed only what comes after 7: no gap for it.
+    let b = w.connect("bob", "s2", "j2");
+    w.subscribe(b, "BTC-USD");
+    w.publish("BTC-USD", 8.0);
+    let t8 = w.inbox();
+    assert_eq!(w.core.handle_tick(w.now, &t8[0]), 2);
+    let got_a = w.out(a);
+    assert_eq!(got_a.len(), 1);
+    assert_eq!(got_a[0]["seq"], 8);
+    assert_eq!(got_a[0]["skipped"], 2, "alice had 5, gets 8: 6 and 7 are skipped");
+    assert_eq!(w.out_raw(b), t8[0].frame.to_vec(), "bob gets the shared frame");
+    // A stale (or repeated) tick is not delivered twice.
+    assert_eq!(w.core.handle_tick(w.now, &t8[0]), 0);
+}
+
+#[test]
+fn revoke_closes_sessions_matching_sub_sid_or_jti_with_4003_and_counts_them() {
+    let mut w = world();
+    let alice1 = w.connect("alice", "s-a1", "j-a1");
+    let alice2 = w.connect("alice", "s-a2", "j-a2");
+    let bob = w.connect("bob", "s-b", "j-b");
+    let carol = w.connect("carol", "s-c", "j-c");
+    let dave = w.connect("dave", "s-d", "j-d");
+    // Returns the count answered, and the effects before the answer.
+    let revoke_effects = |w: &mut World, target| {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        w.core.handle_control(w.now, Control::Revoke(target, tx));
+        let mut effects = w.effects();
+        // The answer comes last, after the closes' log lines.
+        let Some(Effect::RevokeDone { reply, closed }) = effects.pop() else {
+            panic!("no answer: {effects:?}");
+        };
+        reply.send(closed).unwrap();
+        (rx.try_recv().unwrap(), effects)
+    };
+    let revoke = |w: &mut World, target| revoke_effects(w, target).0;
+    let (closed, effects) = revoke_effects(&mut w, RevokeTarget::Sub("alice".into()));
+    assert_eq!(closed, 2);
+    assert_eq!(kicks(&effects), vec![alice1, alice2]);
+    let logged: Vec<_> = audits(&effects)
+        .iter()
+        .map(|a| (a.reason, a.sub.as_deref().unwrap().to_string(), a.sid.clone()))
+        .collect();
+    assert_eq!(
+        logged,
+        vec![
+            ("revoked", "alice".to_string(), Some("s-a1".into())),
+            ("revoked", "alice".to_string(), Some("s-a2".into())),
+        ]
+    );
+    assert_eq!(revoke(&mut w, RevokeTarget::Sid("s-b".into())), 1);
+    assert_eq!(revoke(&mut w, RevokeTarget::Jti("j-c".into())), 1);
+    // Already closing: not closed (nor counted) twice.
+    assert_eq!(revoke(&mut w, RevokeTarget::Sub("alice".into())), 0);
+    assert_eq!(revoke(&mut w, RevokeTarget::Sub("nobody".into())), 0);
+    for id in [alice1, alice2, bob, carol] {
+        let out = w.out(id);
+        assert_eq!(out.last().unwrap()["close"], 4003, "{out:?}");
+        assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
+        assert_eq!(w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)), None);
+    }
+    assert!(w.out(dave).is_empty());
+    assert_eq!(closes(&w.shared, 4003), 4);
+}
+
+#[test]
+fn drain_closes_every_session_with_1001_and_shuts_pending_handshakes_down() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    let b = w.connect("bob", "s2", "j2");
+    let pending = w.accept();
+    w.core.handle_control(w.now, Control::Drain);
+    assert!(w.core.is_draining());
+    let effects = w.effects();
+    assert!(matches!(effects[0], Effect::StopAccepting));
+    assert_eq!(shutdowns(&effects), vec![pending]);
+    assert_eq!(kicks(&effects), vec![a, b]);
+    for id in [a, b] {
+        assert_eq!(w.out(id), vec![serde_json::json!({"close": 1001})]);
+        assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
+    }
+    assert_eq!(closes(&w.shared, 1001), 2);
+    // Once.
+    w.core.handle_control(w.now, Control::Drain);
+    assert!(w.effects().is_empty());
+}
+
+#[test]
+fn a_slow_consumer_is_conflated_then_closed_with_4008_at_grace_and_dropped_2s_later() {
+    let mut w = world_with(|c| {
+        c.limits.outbound_queue_bytes = 1024;
+        c.limits.slow_consumer_grace = Duration::from_secs(3);
+    });
+    let slow = w.connect("alice", "s1", "j1");
+    let fast = w.connect("bob", "s2", "j2");
+    for id in [slow, fast] {
+        w.subscribe(id, "BTC-USD");
+        w.subscribe(id, "ETH-USD");
+    }
+    let start = w.now;
+    // The slow one never drains; the fast one reads after every tick.
+    for i in 0..40 {
+        for name in ["BTC-USD", "ETH-USD"] {
+            w.publish(name, f64::from(i));
+            assert_eq!(w.dispatch(), 2);
+            assert!(!w.out(fast).is_empty());
+        }
+    }
+    assert!(w.shared.metrics.conflated.load(Relaxed) > 0);
+    let grace = 3_000;
+    assert_eq!(
+        w.deadline(slow, ConnTimer::Session(TimerKind::SlowConsumer)),
+        Some(start + grace)
+    );
+    assert_eq!(
+        w.deadline(fast, ConnTimer::Session(TimerKind::SlowConsumer)),
+        None
+    );
+    w.effects();
+    w.advance_to(start + grace - 1);
+    assert!(w.effects().is_empty());
+    w.advance_to(start + grace);
+    let effects = w.effects();
+    assert_eq!(kicks(&effects), vec![slow]);
+    assert_eq!(audits(&effects)[0].reason, "slow_consumer");
+    // The queue is what is slow: the close does not wait behind it.
+    assert_eq!(w.out(slow), vec![serde_json::json!({"close": 4008})]);
+    assert_eq!(closes(&w.shared, 4008), 1);
+    assert!(!w.is_dead(slow));
+    // The peer never answers the close: the socket goes 2 s later.
+    w.advance_to(start + grace + HARD_DROP_MS - 1);
+    assert!(shutdowns(&w.effects()).is_empty());
+    w.advance_to(start + grace + HARD_DROP_MS);
+    assert_eq!(shutdowns(&w.effects()), vec![slow]);
+    assert!(w.is_dead(slow));
+    assert!(!w.is_dead(fast));
+}
+
+#[test]
+fn the_handshake_deadline_shuts_a_silent_socket_down_and_logs_it() {
+    let mut w = world();
+    let silent = w.accept();
+    let talking = w.accept();
+    // A first byte moves the deadline from first_byte_timeout (2 s) to handshake_timeout
+    // (5 s), counted from accept.
+    w.core.pending_heard(talking.idx, T0);
+    w.advance_to(T0 + 1_999);
+    assert!(w.effects().is_empty());
+    w.advance_to(T0 + 2_000);
+    let effects = w.effects();
+    assert_eq!(shutdowns(&effects), vec![silent]);
+    let a = audits(&effects);
+    assert_eq!(
+        (a[0].event, a[0].outcome, a[0].reason),
+        ("handshake", "rejected", "timeout")
+    );
+    assert_eq!(a[0].ip, Some("10.0.0.1".parse().unwrap()));
+    assert!(w.is_dead(silent));
+    assert!(!w.is_dead(talking));
+    w.advance_to(T0 + 5_000);
+    assert_eq!(shutdowns(&w.effects()), vec![talking]);
+    // The runtime reports both gone: nothing is left armed.
+    w.core.pending_done(silent.idx);
+    w.core.pending_done(talking.idx);
+    w.core.handle_gone(silent);
+    w.core.handle_gone(talking);
+    assert!(w.core.is_empty());
+    assert_eq!(w.core.poll_timeout(), None);
+}
+
+#[test]
+fn a_heartbeat_ping_is_queued_at_its_time_and_rearmed() {
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    let at = w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)).unwrap();
+    assert!(at > T0 && at <= T0 + 15_000);
+    assert!(w.core.poll_timeout().is_some_and(|t| t <= at));
+    w.advance_to(at - 1);
+    assert!(w.out(id).is_empty());
+    w.advance_to(at);
+    assert_eq!(w.out(id), vec![serde_json::json!({"ping": true})]);
+    assert_eq!(kicks(&w.effects()), vec![id]);
+    assert_eq!(
+        w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)),
+        Some(at + 15_000)
+    );
+}
+
+#[test]
+fn a_subscription_waiting_for_a_new_symbol_is_activated_by_its_first_tick() {
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    w.subscribe(id, "NEW-SYM");
+    assert_eq!(w.core.waiting_names(), 1);
+    // A publisher creates the symbol with its first tick.
+    w.publish("NEW-SYM", 42.0);
+    w.publish("NEW-SYM", 43.0);
+    assert_eq!(w.dispatch(), 2);
+    let out = w.out(id);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!((&out[0]["s"], &out[0]["seq"]), (&"NEW-SYM".into(), &1.into()));
+    assert!(out[0].get("skipped").is_none());
+    assert_eq!(out[1]["seq"], 2);
+    assert_eq!(w.core.waiting_names(), 0);
+    let sym = w.shared.hub.intern("NEW-SYM").unwrap();
+    assert_eq!(w.core.subscribers(sym), 1);
+}
+
+#[test]
+fn a_connection_gone_leaves_no_subscription_waiter_or_timer_behind() {
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    w.subscribe(id, "BTC-USD");
+    w.subscribe(id, "LATER-1");
+    let sym = w.shared.hub.intern("BTC-USD").unwrap();
+    assert_eq!((w.core.subscribers(sym), w.core.waiting_names()), (1, 1));
+    w.core.handle_gone(id);
+    assert_eq!((w.core.subscribers(sym), w.core.waiting_names()), (0, 0));
+    assert!(w.core.get(id).is_none());
+    assert_eq!(w.core.poll_timeout(), None);
+    assert_eq!(w.shared.metrics.shard(0).connections.load(Relaxed), 0);
+    // The slot's next tenant is a different connection.
+    let next = w.accept();
+    assert_eq!(next.idx, id.idx);
+    assert_ne!(next.generation, id.generation);
+}
+
+#[test]
+fn bytes_split_across_reads_are_decoded_once_the_frame_is_whole() {
+    use crate::proto::frame::{OpCode, encode_client_frame_into};
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    let mut wire = Vec::new();
+    let msg = br#"{"op":"subscribe","id":7,"symbols":["BTC-USD"]}"#;
+    encode_client_frame_into(OpCode::Text, true, msg, [1, 2, 3, 4], &mut wire);
+    encode_client_frame_into(OpCode::Ping, true, b"hi", [5, 6, 7, 8], &mut wire);
+    let shared = w.shared.clone();
+    let mut partial = Vec::new();
+    // The first read ends inside the text frame: nothing is decided, the start is kept.
+    let (first, second) = wire.split_at_mut(10);
+    w.core.handle_bytes(w.now, id.idx, first, &mut partial, &*shared);
+    assert_eq!(partial.len(), 10);
+    assert!(w.out(id).is_empty());
+    w.core.handle_bytes(w.now, id.idx, second, &mut partial, &*shared);
+    assert!(
+        partial.is_empty() && partial.capacity() == 0,
+        "no buffer held between messages"
+    );
+    let out = w.out(id);
+    assert_eq!(out[0]["type"], "subscribed");
+    assert_eq!(out[0]["id"], 7);
+    assert_eq!(out[1], serde_json::json!({"pong": true}));
+    // One per read (a read that queued nothing asks too, as it always did: the writer
+    // finds the queue empty and parks again).
+    assert_eq!(kicks(&w.effects()), vec![id, id]);
+    let sym = shared.hub.intern("BTC-USD").unwrap();
+    assert_eq!(w.core.subscribers(sym), 1);
+}
+
+#[test]
+fn an_unmasked_frame_closes_the_connection_with_1002() {
+    use crate::proto::frame::{OpCode, encode_frame_into};
+    let mut w = world();
+    let id = w.connect("alice", "s1", "j1");
+    let mut wire = Vec::new();
+    encode_frame_into(OpCode::Text, b"{}", &mut wire);
+    let shared = w.shared.clone();
+    let mut partial = Vec::new();
+    w.core
+        .handle_bytes(w.now, id.idx, &mut wire, &mut partial, &*shared);
+    assert_eq!(w.out(id).last().unwrap()["close"], 1002);
+    assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
+    assert_eq!(closes(&w.shared, 1002), 1);
+}

@@ -1,0 +1,127 @@
+//! A shard's runtime state, shared by its tasks through `Rc<ShardCtx>`: the sans-IO
+//! [`ShardCore`] (connections, subscriptions, deadlines) and what only the runtime needs
+//! (the shared read buffers, the write-buffer pool, the accept canceller, the verifier
+//! pool, the latency sampler). Nothing here is `Send`, and no borrow of a `RefCell` is
+//! ever held across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::core::shard::{Effect, ShardCore};
+use crate::rt::io::Io;
+use crate::state::Shared;
+
+pub struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    /// The shard's decisions. Borrowed for one `handle_*` call at a time; its effects are
+    /// carried out after the borrow ends (`conn::carry_out`).
+    pub core: RefCell<ShardCore<Io>>,
+    /// The spare effect buffer `carry_out` swaps with the core's.
+    pub(crate) effects: RefCell<Vec<Effect>>,
+    pub read_buf: RefCell<Box<[u8]>>,
+    /// Decrypted bytes of the current read (TLS only), shared like `read_buf`.
+    pub plain_buf: RefCell<Vec<u8>>,
+    pub accept_cancel: RefCell<Option<monoio::io::Canceller>>,
+    /// Write buffers shared by the shard's writers (see `take_buffer`).
+    write_pool: RefCell<Vec<Vec<u8>>>,
+    /// The shard runs on io_uring (not the epoll fallback).
+    pub uring: bool,
+    /// Verifier threads for in-band reauth tokens.
+    pub verify_pool: crate::rt::verify::VerifyPool,
+    /// State of the sampler for the latency histograms (xorshift32, never 0).
+    sampler: Cell<u32>,
+    /// Where shard 0's sweep for idle symbols goes on (see `shard::reclaim_symbols`).
+    pub(crate) reclaim_cursor: Cell<usize>,
+}
+
+/// Buffers kept in a shard's pool, and the largest one worth keeping.
+const POOL_BUFFERS: usize = 256;
+const POOL_MAX_CAPACITY: usize = 1 << 20;
+
+impl ShardCtx {
+    /// `uring`: the shard's runtime runs on io_uring (the writer aliases the reader's
+    /// descriptor) rather than epoll (the writer shares the reader's stream).
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        verify_pool: crate::rt::verify::VerifyPool,
+        uring: bool,
+    ) -> Rc<ShardCtx> {
+        let now = shared.now_ms();
+        Rc::new(ShardCtx {
+            id,
+            core: RefCell::new(ShardCore::new(id, shared.clone(), now)),
+            shared,
+            effects: RefCell::new(Vec::new()),
+            read_buf: RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice()),
+            plain_buf: RefCell::new(Vec::new()),
+            accept_cancel: RefCell::new(Some(monoio::io::Canceller::new())),
+            write_pool: RefCell::new(Vec::new()),
+            verify_pool,
+            uring,
+            sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
+            reclaim_cursor: Cell::new(0),
+        })
+    }
+
+    /// A write is about to be issued; `oldest_ns` is the oldest `accepted_ns` of the
+    /// ticks it carries (`u64::MAX`: none). A random one such write in 16 goes into the
+    /// publish-to-write histogram: sampling keeps cores off the shared histogram's cache
+    /// lines, and drawing at random (not every 16th) keeps the fan-out order from always
+    /// picking the same subscribers.
+    pub fn note_tick_write(&self, oldest_ns: u64) {
+        if oldest_ns != u64::MAX && self.one_in(16) {
+            let us = crate::metrics::mono_ns().saturating_sub(oldest_ns) / 1000;
+            self.shared.metrics.publish_to_write.observe_us(us);
+        }
+    }
+
+    /// True with probability 1/`n` (`n` a power of two): xorshift32 over a per-shard state.
+    pub fn one_in(&self, n: u32) -> bool {
+        let mut x = self.sampler.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.sampler.set(x);
+        x & (n - 1) == 0
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
+    /// A write buffer from the shard's pool (empty, possibly with capacity).
+    pub fn take_buffer(&self) -> Vec<u8> {
+        self.write_pool.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Return a buffer to the pool; buffers beyond the pool's bounds are freed.
+    pub fn put_buffer(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_CAPACITY {
+            return;
+        }
+        let mut pool = self.write_pool.borrow_mut();
+        if pool.len() < POOL_BUFFERS {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    /// Every connection is one `Rc<RefCell<Conn>>` allocation: the core's state and the
+    /// socket's ([`Io`]) together. mimalloc rounds it up to its size class (640, 768, 896,
+    /// 1024 bytes...): at 10,000 idle connections a field that pushes it over 640 costs
+    /// 128 bytes per connection, 6 % of the 2 KiB budget. A new field needs an old one to
+    /// shrink.
+    #[test]
+    fn a_connection_fits_the_640_byte_size_class() {
+        let rc_box = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<RefCell<crate::rt::io::Conn>>();
+        assert!(rc_box <= 640, "Rc<RefCell<Conn>> is {rc_box} bytes");
+    }
+}
