@@ -67,7 +67,7 @@
 //! variable that starts with `TICKGATE_` must name a key: an unknown one is an error.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,6 +82,12 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// Largest accepted `limits.max_message_bytes` (16 MiB).
 pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 << 20;
+
+/// Default `auth.max_token_lifetime` (also [`crate::auth::jwt::VerifyPolicy::default`]).
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
+/// Default `auth.leeway` (also [`crate::auth::jwt::VerifyPolicy::default`]).
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
 /// The type of a key's value, which tells an override how to read its string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -464,8 +470,8 @@ impl Default for AuthConfig {
             jwks: None,
             issuer: None,
             audience: None,
-            max_token_lifetime: Duration::from_secs(15 * 60),
-            leeway: Duration::from_secs(30),
+            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            leeway: DEFAULT_LEEWAY,
             allow_query_token: true,
             ticket_ttl: Duration::from_secs(30),
             allowed_origins: Vec::new(),
@@ -559,38 +565,17 @@ impl Config {
     /// later): call it once everything is applied.
     pub fn load(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let text = read_bounded(path)?;
-        let mut table = parse_table(&text)?;
+        let table = parse_table(&text)?;
         // Reject file errors first, naming the file's key rather than a variable.
         from_table(table.clone())?;
-        let mut applied: Vec<(&str, String)> = Vec::new();
-        for (var, value) in env {
-            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let (section, key) =
-                split_env_name(rest).ok_or_else(|| ConfigError::UnknownEnv { var: var.clone() })?;
-            set_in_table(&mut table, &section, &key, value).map_err(|e| match e {
-                ConfigError::UnknownKey { .. } => ConfigError::UnknownEnv { var: var.clone() },
-                other => ConfigError::Env {
-                    var: var.clone(),
-                    source: Box::new(other),
-                },
-            })?;
-            applied.push((var.as_str(), format!("{section}.{key}")));
-        }
-        from_table(table).map_err(|e| match &e {
-            // Point at the variable whose value broke it.
-            ConfigError::Invalid { key, .. } => {
-                match applied.iter().rev().find(|(_, k)| key.starts_with(k.as_str())) {
-                    Some((var, _)) => ConfigError::Env {
-                        var: (*var).to_owned(),
-                        source: Box::new(e),
-                    },
-                    None => e,
-                }
-            }
-            _ => e,
-        })
+        with_env(table, env)
+    }
+
+    /// Applies the `TICKGATE_<SECTION>_<KEY>` variables of `env` to a config that did not
+    /// come from a file (the demo): the same rules and errors as [`Config::load`].
+    pub fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
+        *self = with_env(self.to_table()?, env)?;
+        Ok(())
     }
 
     /// Sets `section.key` from its string form, typed as [`KEYS`] says (see the module
@@ -719,10 +704,10 @@ impl Config {
         let a = &self.auth;
         let mut kids = HashSet::new();
         for (i, k) in a.keys.iter().enumerate() {
-            if !valid_kid(&k.kid) {
+            if !crate::auth::keys::is_valid_kid(&k.kid) {
                 return Err(ConfigError::invalid(
                     format!("auth.keys[{i}].kid"),
-                    format!("{:?} is not 1 to 64 characters of A-Z a-z 0-9 . _ -", k.kid),
+                    format!("{:?} is not {}", k.kid, crate::auth::keys::KID_RULE),
                 ));
             }
             if !kids.insert(k.kid.as_str()) {
@@ -760,7 +745,7 @@ impl Config {
             ));
         }
         for (i, o) in a.allowed_origins.iter().enumerate() {
-            if let Err(why) = check_origin(o) {
+            if let Err(why) = crate::auth::origin::parse_allowed_origin(o) {
                 return Err(ConfigError::invalid(
                     format!("auth.allowed_origins[{i}]"),
                     format!("{o:?}: {why}"),
@@ -768,10 +753,10 @@ impl Config {
             }
         }
         for (i, p) in a.trusted_proxies.iter().enumerate() {
-            if !valid_ip_or_cidr(p) {
+            if let Err(why) = p.parse::<crate::auth::cidr::Cidr>() {
                 return Err(ConfigError::invalid(
                     format!("auth.trusted_proxies[{i}]"),
-                    format!("{p:?} is not an IP address or CIDR (e.g. 10.0.0.0/8)"),
+                    why.to_string(),
                 ));
             }
         }
@@ -925,7 +910,7 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, s) in f.simulator_symbols.iter().enumerate() {
-            if !valid_symbol(s) {
+            if !crate::feed::symbol::is_valid_symbol(s) {
                 return Err(ConfigError::invalid(
                     format!("feed.simulator_symbols[{i}]"),
                     format!("{s:?} does not match [A-Z0-9][A-Z0-9._:/-]{{0,31}}"),
@@ -1121,6 +1106,41 @@ fn de_error(e: &toml::de::Error) -> ConfigError {
     ConfigError::invalid(key, message)
 }
 
+/// The one home of environment overrides: applies the `TICKGATE_` variables of `env` to
+/// `table` (other variables are ignored, an unknown `TICKGATE_` one is an error) and
+/// builds the config, naming the variable whose value broke it.
+fn with_env(mut table: toml::Table, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let mut applied: Vec<(&str, String)> = Vec::new();
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let (section, key) =
+            split_env_name(rest).ok_or_else(|| ConfigError::UnknownEnv { var: var.clone() })?;
+        set_in_table(&mut table, &section, &key, value).map_err(|e| match e {
+            ConfigError::UnknownKey { .. } => ConfigError::UnknownEnv { var: var.clone() },
+            other => ConfigError::Env {
+                var: var.clone(),
+                source: Box::new(other),
+            },
+        })?;
+        applied.push((var.as_str(), format!("{section}.{key}")));
+    }
+    from_table(table).map_err(|e| match &e {
+        // Point at the variable whose value broke it.
+        ConfigError::Invalid { key, .. } => {
+            match applied.iter().rev().find(|(_, k)| key.starts_with(k.as_str())) {
+                Some((var, _)) => ConfigError::Env {
+                    var: (*var).to_owned(),
+                    source: Box::new(e),
+                },
+                None => e,
+            }
+        }
+        _ => e,
+    })
+}
+
 /// `SERVER_MAX_CONNECTIONS_PER_SHARD` -> (`server`, `max_connections_per_shard`).
 /// Section names contain no `_`, so the first one separates section and key.
 fn split_env_name(rest: &str) -> Option<(String, String)> {
@@ -1295,85 +1315,6 @@ mod duration_serde {
 
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
             Err(Self::bare(v))
-        }
-    }
-}
-
-fn valid_kid(kid: &str) -> bool {
-    (1..=64).contains(&kid.len())
-        && kid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// PROTOCOL.md section 5: `[A-Z0-9][A-Z0-9._:/-]{0,31}`.
-fn valid_symbol(s: &str) -> bool {
-    let b = s.as_bytes();
-    match b.split_first() {
-        Some((first, rest)) => {
-            b.len() <= 32
-                && (first.is_ascii_uppercase() || first.is_ascii_digit())
-                && rest.iter().all(|c| {
-                    c.is_ascii_uppercase()
-                        || c.is_ascii_digit()
-                        || matches!(c, b'.' | b'_' | b':' | b'/' | b'-')
-                })
-        }
-        None => false,
-    }
-}
-
-/// An allowed origin must look exactly like a browser's `Origin` header:
-/// lowercase `http(s)://host[:port]`, no path, no userinfo, no trailing slash.
-fn check_origin(o: &str) -> Result<(), &'static str> {
-    let rest = o
-        .strip_prefix("https://")
-        .or_else(|| o.strip_prefix("http://"))
-        .ok_or("must start with https:// or http://")?;
-    if rest.is_empty() {
-        return Err("has no host");
-    }
-    if rest.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err("must be lowercase (origins are compared exactly)");
-    }
-    if rest
-        .bytes()
-        .any(|b| matches!(b, b'/' | b'?' | b'#' | b'@' | b'*') || b <= b' ' || b >= 0x7f)
-    {
-        return Err("must be scheme://host[:port] only (no path, wildcard, userinfo or spaces)");
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("has an unclosed [")?;
-        if h.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err("has an invalid IPv6 host");
-        }
-        (h, after.strip_prefix(':'))
-    } else {
-        match rest.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("has no host");
-    }
-    if let Some(p) = port
-        && (p.is_empty() || p.len() > 5 || !matches!(p.parse::<u16>(), Ok(n) if n != 0))
-    {
-        return Err("has an invalid port");
-    }
-    Ok(())
-}
-
-fn valid_ip_or_cidr(s: &str) -> bool {
-    match s.split_once('/') {
-        None => s.parse::<IpAddr>().is_ok(),
-        Some((ip, prefix)) => {
-            let Ok(ip) = ip.parse::<IpAddr>() else {
-                return false;
-            };
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            !prefix.is_empty() && prefix.len() <= 3 && prefix.parse::<u8>().is_ok_and(|p| p <= max)
         }
     }
 }
@@ -2087,5 +2028,162 @@ security = "stdout"             # or a file path: JSON lines, one per security e
         c.validate_files().unwrap();
         c.auth.jwks = Some("/nonexistent/jwks.json".into());
         assert!(err_line(&c.validate_files().unwrap_err()).starts_with("auth.jwks: "));
+    }
+
+    /// Config validation and the runtime call one function per rule; these check that they
+    /// still agree, on arbitrary strings and on the edges of each rule.
+    mod rules_agree {
+        use super::*;
+        use crate::auth::cidr::CidrSet;
+        use crate::auth::keys::KeySet;
+        use crate::auth::origin::OriginPolicy;
+        use proptest::prelude::*;
+
+        fn config_accepts(edit: impl FnOnce(&mut Config)) -> bool {
+            let mut c = Config::default();
+            edit(&mut c);
+            c.validate().is_ok()
+        }
+
+        fn config_accepts_kid(kid: &str) -> bool {
+            config_accepts(|c| {
+                c.auth.keys = vec![KeyRef {
+                    kid: kid.to_owned(),
+                    path: "/k.pub".into(),
+                }]
+            })
+        }
+
+        fn loader_accepts_kid(kid: &str) -> bool {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+            KeySet::new().insert(kid, key).is_ok()
+        }
+
+        fn keygen_accepts_kid(kid: &str) -> bool {
+            let dir = tempfile::tempdir().unwrap();
+            crate::auth::mint::keygen(dir.path(), kid).is_ok()
+        }
+
+        fn config_accepts_symbol(s: &str) -> bool {
+            config_accepts(|c| c.feed.simulator_symbols = vec![s.to_owned()])
+        }
+
+        fn runtime_accepts_symbol(s: &str) -> bool {
+            crate::feed::symbol::is_valid_symbol(s)
+        }
+
+        fn config_accepts_origin(o: &str) -> bool {
+            config_accepts(|c| c.auth.allowed_origins = vec![o.to_owned()])
+        }
+
+        fn runtime_accepts_origin(o: &str) -> bool {
+            OriginPolicy::new(&[o.to_owned()], false).is_ok()
+        }
+
+        fn config_accepts_proxy(p: &str) -> bool {
+            config_accepts(|c| c.auth.trusted_proxies = vec![p.to_owned()])
+        }
+
+        fn runtime_accepts_proxy(p: &str) -> bool {
+            CidrSet::parse(&[p.to_owned()]).is_ok()
+        }
+
+        #[test]
+        fn edges() {
+            let long_kid = "k".repeat(64);
+            for kid in [
+                "k1",
+                "a.b_c-D9",
+                long_kid.as_str(),
+                "",
+                ".k",
+                "a b",
+                "a/b",
+                "k:1",
+                "\u{e9}",
+            ] {
+                let want = config_accepts_kid(kid);
+                assert_eq!(loader_accepts_kid(kid), want, "{kid:?}");
+                assert_eq!(keygen_accepts_kid(kid), want, "{kid:?}");
+            }
+            assert!(!config_accepts_kid(&"k".repeat(65)));
+            assert!(!loader_accepts_kid(&"k".repeat(65)));
+            for s in ["BTC-USD", "A", "9:X/Y.Z_", "btc", "-A", "", &"A".repeat(33)] {
+                assert_eq!(config_accepts_symbol(s), runtime_accepts_symbol(s), "{s:?}");
+            }
+            for o in [
+                "https://app.example.com",
+                "http://127.0.0.1:8080",
+                "http://[::1]:8080",
+                "https://App.example.com",
+                "https://app.example.com:443",
+                "https://app.example.com/",
+                "http://127.1",
+                "https://app.example.com.",
+                "wss://app.example.com",
+                "https://a:99999",
+            ] {
+                assert_eq!(config_accepts_origin(o), runtime_accepts_origin(o), "{o:?}");
+            }
+            for p in [
+                "10.0.0.0/8",
+                "192.168.1.1",
+                "fd00::/8",
+                "10.0.0.1/8",
+                "10.0.0.0/08",
+                "10.0.0.0/33",
+                "10.0.0.0/",
+                "proxy.local",
+            ] {
+                assert_eq!(config_accepts_proxy(p), runtime_accepts_proxy(p), "{p:?}");
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn kid(kid in "[A-Za-z0-9._ /:-]{0,70}|\\PC{0,10}") {
+                prop_assert_eq!(config_accepts_kid(&kid), loader_accepts_kid(&kid));
+            }
+
+            #[test]
+            fn symbol(s in "[A-Za-z0-9._:/ -]{0,34}|\\PC{0,10}") {
+                prop_assert_eq!(config_accepts_symbol(&s), runtime_accepts_symbol(&s));
+            }
+
+            #[test]
+            fn origin(o in "(https?|wss)://[A-Za-z0-9.:\\[\\]/@-]{0,24}|\\PC{0,20}") {
+                prop_assert_eq!(config_accepts_origin(&o), runtime_accepts_origin(&o));
+            }
+
+            #[test]
+            fn proxy(p in "[0-9a-f.:]{1,20}(/[0-9]{0,4})?|\\PC{0,12}") {
+                prop_assert_eq!(config_accepts_proxy(&p), runtime_accepts_proxy(&p));
+            }
+        }
+
+        #[test]
+        fn env_overrides_are_one_rule_with_or_without_a_file() {
+            let file = write_tmp("");
+            for vars in [
+                env(&[("TICKGATE_NOPE", "1")]),
+                env(&[("TICKGATE_SERVER_NOPE", "1")]),
+                env(&[("TICKGATE_AUTH_LEEWAY", "5 s")]),
+                env(&[("TICKGATE_SERVER_SHARDS", "x")]),
+                env(&[("TICKGATE_FEED_MAX_SYMBOLS", "0")]),
+            ] {
+                let from_file = Config::load(file.path(), &vars).and_then(|c| c.validate());
+                let mut demo = Config::default();
+                let without = demo.apply_env(&vars).and_then(|()| demo.validate());
+                assert_eq!(
+                    from_file.unwrap_err().to_string(),
+                    without.unwrap_err().to_string(),
+                    "{vars:?}"
+                );
+            }
+            let mut demo = Config::default();
+            demo.apply_env(&env(&[("TICKGATE_SERVER_SHARDS", "3"), ("OTHER", "x")]))
+                .unwrap();
+            assert_eq!(demo.server.shards, 3);
+        }
     }
 }

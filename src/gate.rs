@@ -224,10 +224,7 @@ fn authenticate(
                         Some(&t),
                     ));
                 }
-                if shared
-                    .revoked
-                    .is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms)
-                {
+                if shared.revoked.revokes(&c, now_ms) {
                     return Err(audit.reject(
                         unauthorized(true),
                         AuthError::Revoked.reason(),

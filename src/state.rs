@@ -156,13 +156,7 @@ impl Shared {
     /// Verify a token and check it against the revocation list (handshake, ticket, reauth).
     pub fn verify_token(&self, token: &str, now_ms: u64) -> Result<VerifiedClaims, AuthError> {
         let claims = self.auth().verifier.verify(token, now_ms / 1000)?;
-        if self.revoked.is_revoked(
-            &claims.sub,
-            claims.sid.as_deref(),
-            claims.jti.as_deref(),
-            claims.iat,
-            now_ms,
-        ) {
+        if self.revoked.revokes(&claims, now_ms) {
             return Err(AuthError::Revoked);
         }
         Ok(claims)

@@ -98,8 +98,9 @@ impl Default for VerifyPolicy {
         Self {
             issuer: None,
             audience: None,
-            max_lifetime_secs: 900,
-            leeway_secs: 30,
+            // The config's defaults, so a policy built without a config agrees with one.
+            max_lifetime_secs: crate::config::DEFAULT_MAX_TOKEN_LIFETIME.as_secs(),
+            leeway_secs: crate::config::DEFAULT_LEEWAY.as_secs(),
             max_token_bytes: 8192,
         }
     }
