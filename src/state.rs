@@ -125,7 +125,7 @@ impl Shared {
 
     /// Counts a security event (`tickgate_security_events_total`) and writes its log line.
     pub fn audit(&self, e: &crate::auth::seclog::SecurityEvent<'_>) {
-        self.sec_counters.inc(e.event, e.outcome, e.reason);
+        self.sec_counters.record(e);
         self.seclog.write(e);
     }
 

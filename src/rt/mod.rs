@@ -312,13 +312,14 @@ async fn accept_loop(ctx: Rc<shard::ShardCtx>, listener: monoio::net::TcpListene
                 if ctx.conns.borrow().len() >= max_conns {
                     // Over capacity: refuse at once rather than queue unbounded work. (A
                     // full pending table is not a refusal: see `ShardCtx::admit_pending`.)
-                    ctx.shared.audit(&crate::auth::seclog::SecurityEvent {
+                    use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent};
+                    ctx.shared.audit(&SecurityEvent {
                         ip: Some(peer.ip()),
-                        ..crate::auth::seclog::SecurityEvent::new(
+                        ..SecurityEvent::at(
                             ctx.now_ms(),
-                            "handshake",
-                            "rejected",
-                            "shard_full",
+                            Event::Handshake,
+                            Outcome::Rejected,
+                            Reason::ShardFull,
                         )
                     });
                     drop(stream);
