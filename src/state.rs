@@ -41,8 +41,8 @@ impl AuthState {
         };
         let origins = OriginPolicy::new(&cfg.auth.allowed_origins, cfg.auth.allow_missing_origin)
             .map_err(|e| format!("auth.allowed_origins: {e}"))?;
-        let proxies =
-            CidrSet::parse(&cfg.auth.trusted_proxies).map_err(|e| format!("auth.trusted_proxies: {e}"))?;
+        // CidrSet::parse names the key itself.
+        let proxies = CidrSet::parse(&cfg.auth.trusted_proxies)?;
         Ok(AuthState {
             verifier: Verifier::new(keys, policy),
             origins,
