@@ -29,14 +29,11 @@ use std::time::{Duration, Instant};
 
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
-use crate::auth::seclog::{SecurityEvent, outcome, reason, token_hash};
+use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent, token_hash};
 use crate::cluster::{RELAY_HEADER, Relay};
 use crate::feed::hub::Control;
 use crate::proto::http::{self, RequestLimits, Response};
 use crate::state::Shared;
-
-/// The security-log event of this listener's own rejections.
-const EVENT: &str = "admin";
 
 pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
@@ -60,7 +57,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
                         if let Some(old) = evicted {
                             // Its blocked read returns at once and its thread ends.
                             let _ = old.stream.shutdown(Shutdown::Both);
-                            reject(&shared, old.ip, "evicted");
+                            reject(&shared, old.ip, Reason::Evicted);
                         }
                         id
                     }
@@ -89,10 +86,10 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
 }
 
 /// Logs (and counts) a connection this listener closed without answering it.
-fn reject(shared: &Shared, ip: IpAddr, why: &'static str) {
+fn reject(shared: &Shared, ip: IpAddr, why: Reason) {
     shared.audit(&SecurityEvent {
         ip: Some(ip),
-        ..SecurityEvent::new(shared.now_ms(), EVENT, outcome::REJECTED, why)
+        ..SecurityEvent::at(shared.now_ms(), Event::Admin, Outcome::Rejected, why)
     });
 }
 
@@ -153,19 +150,14 @@ impl Registry {
     /// at the total bound). Returns the new id and the evicted connection, which the
     /// caller shuts down; or the reason for refusing the newcomer when every connection in
     /// the way is already being answered.
-    fn admit(
-        &self,
-        ip: IpAddr,
-        accepted: Instant,
-        stream: TcpStream,
-    ) -> Result<(u64, Option<Conn>), &'static str> {
+    fn admit(&self, ip: IpAddr, accepted: Instant, stream: TcpStream) -> Result<(u64, Option<Conn>), Reason> {
         let mut t = self.table();
         let from_ip = t.conns.iter().filter(|c| c.ip == ip).count();
         // Taking out one of `ip`'s connections also makes room under the total bound.
         let victim = if from_ip >= self.max_per_ip {
-            Some(t.oldest_reading(|c| c.ip == ip).ok_or("per_ip_limit")?)
+            Some(t.oldest_reading(|c| c.ip == ip).ok_or(Reason::PerIpLimit)?)
         } else if t.conns.len() >= self.max_total {
-            Some(t.oldest_reading(|_| true).ok_or("full")?)
+            Some(t.oldest_reading(|_| true).ok_or(Reason::Full)?)
         } else {
             None
         };
@@ -228,7 +220,7 @@ fn serve(
     let req = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            reject(shared, peer.ip(), reason::TIMEOUT);
+            reject(shared, peer.ip(), Reason::Timeout);
             return;
         }
         if stream.set_read_timeout(Some(left)).is_err() {
@@ -239,7 +231,7 @@ fn serve(
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                reject(shared, peer.ip(), reason::TIMEOUT);
+                reject(shared, peer.ip(), Reason::Timeout);
                 return;
             }
             Err(_) => return,
@@ -333,14 +325,14 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
         let (scheme, rest) = h.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
-    let log = |outcome: &'static str, reason: &'static str, sub: Option<&str>, status: u16| {
+    let log = |outcome: Outcome, reason: Reason, sub: Option<&str>, status: u16| {
         let hash = token.map(token_hash);
         shared.audit(&SecurityEvent {
             ip: peer.map(|p| p.ip()),
             sub,
             status: Some(status),
             token_hash: hash.as_deref(),
-            ..SecurityEvent::new(now, "revoke", outcome, reason)
+            ..SecurityEvent::at(now, Event::Revoke, outcome, reason)
         });
     };
     let unauthorized = || {
@@ -348,24 +340,24 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
             .with_header("WWW-Authenticate", "Bearer error=\"invalid_token\"")
     };
     let Some(token) = token else {
-        log("rejected", "no_token", None, 401);
+        log(Outcome::Rejected, Reason::NoToken, None, 401);
         return Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", "Bearer");
     };
     let claims = match shared.verify_token(token, now) {
         Ok(c) => c,
         Err(e) => {
-            log("rejected", e.reason(), None, 401);
+            log(Outcome::Rejected, e.log_reason(), None, 401);
             return unauthorized();
         }
     };
     if !claims.has_role(Role::Admin) {
-        log("rejected", "not_admin", Some(&claims.sub), 403);
+        log(Outcome::Rejected, Reason::NotAdmin, Some(&claims.sub), 403);
         return Response::text(403, "forbidden\n");
     }
     let target = match RevokeTarget::from_admin_body(&req.body) {
         Ok(t) => t,
         Err(_) => {
-            log("rejected", "bad_request", Some(&claims.sub), 400);
+            log(Outcome::Rejected, Reason::BadRequest, Some(&claims.sub), 400);
             return Response::json(
                 400,
                 br#"{"error":"bad_request","message":"expected {\"sub\"|\"sid\"|\"jti\": string}"}"#,
@@ -373,7 +365,12 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
         }
     };
     if shared.revoked.revoke(target.clone(), now).is_err() {
-        log("rejected", "revocation_list_full", Some(&claims.sub), 503);
+        log(
+            Outcome::Rejected,
+            Reason::RevocationListFull,
+            Some(&claims.sub),
+            503,
+        );
         return Response::text(503, "revocation list full\n");
     }
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -408,7 +405,7 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
             Err(_) => break,
         }
     }
-    log("accepted", "ok", Some(&claims.sub), 200);
+    log(Outcome::Accepted, Reason::Ok, Some(&claims.sub), 200);
     let body = match peers {
         None => format!("{{\"closed\":{closed}}}"),
         Some(p) => format!(

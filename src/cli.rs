@@ -385,15 +385,8 @@ fn serve(
         },
         None => {
             let mut c = demo_config();
-            for (k, v) in env_vars() {
-                if let Some(rest) = k.strip_prefix("TICKGATE_") {
-                    let Some((section, key)) = rest.split_once('_') else {
-                        return fail(1, &format!("{k}: expected TICKGATE_<SECTION>_<KEY>"));
-                    };
-                    if let Err(e) = c.apply_override(&section.to_lowercase(), &key.to_lowercase(), &v) {
-                        return fail(1, &e.to_string());
-                    }
-                }
+            if let Err(e) = c.apply_env(&env_vars()) {
+                return fail(1, &e.to_string());
             }
             c
         }

@@ -33,7 +33,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::seclog::SecurityEvent;
+use crate::auth::seclog::{self, Event, Reason, SecurityEvent};
 use crate::state::Shared;
 
 /// Peers in `admin.peers`, at most.
@@ -94,7 +94,7 @@ pub enum Outcome {
     /// Applied there; it closed this many connections.
     Done { closed: u64 },
     /// Try again later (5xx, 429, a cut or garbled answer).
-    Retry(&'static str),
+    Retry(Reason),
     /// Refused for good (4xx: bad request, token not accepted there).
     GiveUp(u16),
 }
@@ -105,8 +105,8 @@ pub fn classify(raw: &[u8]) -> Outcome {
     let mut resp = httparse::Response::new(&mut headers);
     let body_at = match resp.parse(raw) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Outcome::Retry("truncated"),
-        Err(_) => return Outcome::Retry("garbled"),
+        Ok(httparse::Status::Partial) => return Outcome::Retry(Reason::Truncated),
+        Err(_) => return Outcome::Retry(Reason::Garbled),
     };
     match resp.code {
         Some(200) => {
@@ -115,12 +115,12 @@ pub fn classify(raw: &[u8]) -> Outcome {
                 .and_then(|v| v.get("closed").and_then(|c| c.as_u64()));
             match closed {
                 Some(closed) => Outcome::Done { closed },
-                None => Outcome::Retry("garbled"),
+                None => Outcome::Retry(Reason::Garbled),
             }
         }
-        Some(429) => Outcome::Retry("busy"),
+        Some(429) => Outcome::Retry(Reason::Busy),
         Some(c) if (400..500).contains(&c) => Outcome::GiveUp(c),
-        _ => Outcome::Retry("server_error"),
+        _ => Outcome::Retry(Reason::ServerError),
     }
 }
 
@@ -201,7 +201,13 @@ impl Relay {
             if q.try_send(job).is_ok() {
                 queued += 1;
             } else {
-                log(shared, peer, None, "failed", "relay_queue_full");
+                log(
+                    shared,
+                    peer,
+                    None,
+                    seclog::Outcome::Failed,
+                    Reason::RelayQueueFull,
+                );
                 s.refused += 1;
             }
         }
@@ -227,11 +233,11 @@ impl Relay {
 /// One peer, until it answers for good or `give_up_at` (the first attempt is always made).
 fn deliver(shared: &Shared, peer: &str, req: &[u8], give_up_at: Instant) -> Outcome {
     let mut attempt = 0u32;
-    let mut last = "unreachable";
+    let mut last = Reason::Unreachable;
     loop {
         let pause = backoff(attempt);
         if attempt > 0 && Instant::now() + pause >= give_up_at {
-            log(shared, peer, None, "failed", last);
+            log(shared, peer, None, seclog::Outcome::Failed, last);
             return Outcome::GiveUp(0);
         }
         std::thread::sleep(pause);
@@ -239,11 +245,11 @@ fn deliver(shared: &Shared, peer: &str, req: &[u8], give_up_at: Instant) -> Outc
         let (addr, outcome) = attempt_once(peer, req);
         match outcome {
             Outcome::Done { closed } => {
-                log(shared, peer, addr, "accepted", "ok");
+                log(shared, peer, addr, seclog::Outcome::Accepted, Reason::Ok);
                 return Outcome::Done { closed };
             }
             Outcome::GiveUp(code) => {
-                log(shared, peer, addr, "rejected", "peer_refused");
+                log(shared, peer, addr, seclog::Outcome::Rejected, Reason::PeerRefused);
                 return Outcome::GiveUp(code);
             }
             Outcome::Retry(why) => last = why,
@@ -253,14 +259,14 @@ fn deliver(shared: &Shared, peer: &str, req: &[u8], give_up_at: Instant) -> Outc
 
 fn attempt_once(peer: &str, req: &[u8]) -> (Option<SocketAddr>, Outcome) {
     let Some(addr) = peer.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
-        return (None, Outcome::Retry("unresolvable"));
+        return (None, Outcome::Retry(Reason::Unresolvable));
     };
     let Ok(mut s) = TcpStream::connect_timeout(&addr, IO_TIMEOUT) else {
-        return (Some(addr), Outcome::Retry("unreachable"));
+        return (Some(addr), Outcome::Retry(Reason::Unreachable));
     };
     let _ = s.set_write_timeout(Some(IO_TIMEOUT));
     if s.write_all(req).is_err() {
-        return (Some(addr), Outcome::Retry("unreachable"));
+        return (Some(addr), Outcome::Retry(Reason::Unreachable));
     }
     // The whole answer within IO_TIMEOUT: a peer trickling bytes cannot hold the worker.
     let end = Instant::now() + IO_TIMEOUT;
@@ -269,23 +275,23 @@ fn attempt_once(peer: &str, req: &[u8]) -> (Option<SocketAddr>, Outcome) {
     while raw.len() < MAX_RESPONSE {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-            return (Some(addr), Outcome::Retry("slow"));
+            return (Some(addr), Outcome::Retry(Reason::Slow));
         }
         match s.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&chunk[..n.min(MAX_RESPONSE - raw.len())]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return (Some(addr), Outcome::Retry("slow")),
+            Err(_) => return (Some(addr), Outcome::Retry(Reason::Slow)),
         }
     }
     (Some(addr), classify(&raw))
 }
 
-fn log(shared: &Shared, peer: &str, addr: Option<SocketAddr>, outcome: &'static str, reason: &'static str) {
+fn log(shared: &Shared, peer: &str, addr: Option<SocketAddr>, outcome: seclog::Outcome, reason: Reason) {
     shared.audit(&SecurityEvent {
         ip: addr.map(|a| a.ip()),
         sub: Some(peer),
-        ..SecurityEvent::new(shared.now_ms(), "revoke_relay", outcome, reason)
+        ..SecurityEvent::at(shared.now_ms(), Event::RevokeRelay, outcome, reason)
     });
 }
 
@@ -360,11 +366,11 @@ mod tests {
             std::thread::sleep(IO_TIMEOUT + Duration::from_millis(500));
         });
         let (_, out) = attempt_once(&addr, &request_bytes(&addr, "t", b"{}"));
-        assert_eq!(out, Outcome::Retry("slow"));
+        assert_eq!(out, Outcome::Retry(Reason::Slow));
         server.join().unwrap();
         // A peer that is not there at all.
         let (_, out) = attempt_once("127.0.0.1:1", b"x");
-        assert_eq!(out, Outcome::Retry("unreachable"));
+        assert_eq!(out, Outcome::Retry(Reason::Unreachable));
     }
 
     #[test]
@@ -376,17 +382,26 @@ mod tests {
             Outcome::GiveUp(401)
         );
         assert_eq!(classify(b"HTTP/1.1 400 Bad\r\n\r\n"), Outcome::GiveUp(400));
-        assert_eq!(classify(b"HTTP/1.1 429 Busy\r\n\r\n"), Outcome::Retry("busy"));
+        assert_eq!(
+            classify(b"HTTP/1.1 429 Busy\r\n\r\n"),
+            Outcome::Retry(Reason::Busy)
+        );
         assert_eq!(
             classify(b"HTTP/1.1 503 Full\r\n\r\n"),
-            Outcome::Retry("server_error")
+            Outcome::Retry(Reason::ServerError)
         );
-        assert_eq!(classify(b"HTTP/1.1 200 OK\r\n"), Outcome::Retry("truncated"));
-        assert_eq!(classify(b""), Outcome::Retry("truncated"));
-        assert_eq!(classify(b"\x00\x01garbage\r\n\r\n"), Outcome::Retry("garbled"));
+        assert_eq!(
+            classify(b"HTTP/1.1 200 OK\r\n"),
+            Outcome::Retry(Reason::Truncated)
+        );
+        assert_eq!(classify(b""), Outcome::Retry(Reason::Truncated));
+        assert_eq!(
+            classify(b"\x00\x01garbage\r\n\r\n"),
+            Outcome::Retry(Reason::Garbled)
+        );
         assert_eq!(
             classify(b"HTTP/1.1 200 OK\r\n\r\nnot json"),
-            Outcome::Retry("garbled")
+            Outcome::Retry(Reason::Garbled)
         );
     }
 }

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use crate::auth::jwt::{AuthError, VerifiedClaims};
 use crate::auth::origin::OriginDecision;
 use crate::auth::ratelimit::RateDecision;
-use crate::auth::seclog::{SecurityEvent, token_hash};
+use crate::auth::seclog::{Event, Outcome as LogOutcome, Reason, SecurityEvent, token_hash};
 use crate::auth::tickets::TicketError;
 use crate::auth::usercap::{self, UserSlot};
 use crate::proto::http::{self, Credential, Request, Response, Route};
@@ -42,7 +42,7 @@ pub enum Outcome {
 struct Audit<'a> {
     shared: &'a Shared,
     now_ms: u64,
-    event: &'static str,
+    event: Event,
     ip: IpAddr,
     origin: Option<&'a str>,
 }
@@ -50,8 +50,8 @@ struct Audit<'a> {
 impl Audit<'_> {
     fn log(
         &self,
-        outcome: &'static str,
-        reason: &'static str,
+        outcome: LogOutcome,
+        reason: Reason,
         claims: Option<&VerifiedClaims>,
         status: u16,
         token: Option<&str>,
@@ -64,18 +64,18 @@ impl Audit<'_> {
             sid: claims.and_then(|c| c.sid.as_deref()),
             status: Some(status),
             token_hash: hash.as_deref(),
-            ..SecurityEvent::new(self.now_ms, self.event, outcome, reason)
+            ..SecurityEvent::at(self.now_ms, self.event, outcome, reason)
         });
     }
 
     fn reject(
         &self,
         resp: Response,
-        reason: &'static str,
+        reason: Reason,
         claims: Option<&VerifiedClaims>,
         token: Option<&str>,
     ) -> Outcome {
-        self.log("rejected", reason, claims, resp.status, token);
+        self.log(LogOutcome::Rejected, reason, claims, resp.status, token);
         Outcome::Respond(resp)
     }
 }
@@ -123,7 +123,12 @@ pub fn pre_tls_rate(shared: &Shared, peer: IpAddr, now_ms: u64) -> PeerRate {
         RateDecision::Deny { .. } => {
             shared.audit(&SecurityEvent {
                 ip: Some(peer),
-                ..SecurityEvent::new(now_ms, "handshake", "rejected", "rate_limited")
+                ..SecurityEvent::at(
+                    now_ms,
+                    Event::Handshake,
+                    LogOutcome::Rejected,
+                    Reason::RateLimited,
+                )
             });
             PeerRate::Refused
         }
@@ -164,7 +169,7 @@ pub fn handle_public_with(
             let audit = Audit {
                 shared,
                 now_ms,
-                event: "handshake",
+                event: Event::Handshake,
                 ip,
                 origin,
             };
@@ -174,7 +179,7 @@ pub fn handle_public_with(
             let audit = Audit {
                 shared,
                 now_ms,
-                event: "ticket",
+                event: Event::Ticket,
                 ip,
                 origin,
             };
@@ -201,16 +206,21 @@ fn authenticate(
     audit: &Audit<'_>,
 ) -> Result<(VerifiedClaims, Option<String>), Outcome> {
     if let RateDecision::Deny { retry_after_secs } = rate {
-        return Err(audit.reject(too_many(retry_after_secs), "rate_limited", None, None));
+        return Err(audit.reject(too_many(retry_after_secs), Reason::RateLimited, None, None));
     }
     if auth.origins.check(req.header("origin")) == OriginDecision::Rejected {
-        return Err(audit.reject(Response::text(403, "origin not allowed\n"), "origin", None, None));
+        return Err(audit.reject(
+            Response::text(403, "origin not allowed\n"),
+            Reason::Origin,
+            None,
+            None,
+        ));
     }
     let (claims, token) = match cred {
-        Credential::None => return Err(audit.reject(unauthorized(false), "no_token", None, None)),
+        Credential::None => return Err(audit.reject(unauthorized(false), Reason::NoToken, None, None)),
         Credential::Bearer(t) => match shared.verify_token(&t, now_ms) {
             Ok(c) => (c, t),
-            Err(e) => return Err(audit.reject(unauthorized(true), e.reason(), None, Some(&t))),
+            Err(e) => return Err(audit.reject(unauthorized(true), e.log_reason(), None, Some(&t))),
         },
         Credential::Ticket(t) => match shared.tickets.redeem(&t, now_ms) {
             Ok(c) => {
@@ -219,37 +229,39 @@ fn authenticate(
                 if c.exp.saturating_add(leeway) <= now_ms / 1000 {
                     return Err(audit.reject(
                         unauthorized(true),
-                        AuthError::Expired.reason(),
+                        AuthError::Expired.log_reason(),
                         Some(&c),
                         Some(&t),
                     ));
                 }
-                if shared
-                    .revoked
-                    .is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms)
-                {
+                if shared.revoked.revokes(&c, now_ms) {
                     return Err(audit.reject(
                         unauthorized(true),
-                        AuthError::Revoked.reason(),
+                        AuthError::Revoked.log_reason(),
                         Some(&c),
                         Some(&t),
                     ));
                 }
                 (c, t)
             }
-            Err(_) => return Err(audit.reject(unauthorized(true), "bad_ticket", None, Some(&t))),
+            Err(_) => return Err(audit.reject(unauthorized(true), Reason::BadTicket, None, Some(&t))),
         },
     };
     let device = req.header("x-device-id").or_else(|| req.query_param("device"));
     if let Some(did) = &claims.did
         && device != Some(did.as_str())
     {
-        return Err(audit.reject(unauthorized(true), "device_binding", Some(&claims), Some(&token)));
+        return Err(audit.reject(
+            unauthorized(true),
+            Reason::DeviceBinding,
+            Some(&claims),
+            Some(&token),
+        ));
     }
     if let Some(cip) = claims.cip
         && !same_ip(cip, ip)
     {
-        return Err(audit.reject(unauthorized(true), "ip_binding", Some(&claims), Some(&token)));
+        return Err(audit.reject(unauthorized(true), Reason::IpBinding, Some(&claims), Some(&token)));
     }
     Ok((claims, Some(token)))
 }
@@ -270,10 +282,10 @@ fn admit(
 ) -> Outcome {
     let up = match http::check_upgrade(req) {
         Ok(u) => u,
-        Err(resp) => return audit.reject(resp, "bad_request_shape", None, None),
+        Err(resp) => return audit.reject(resp, Reason::BadRequestShape, None, None),
     };
     if shared.is_draining() {
-        return audit.reject(Response::text(503, "draining\n"), "draining", None, None);
+        return audit.reject(Response::text(503, "draining\n"), Reason::Draining, None, None);
     }
     let cred = http::extract_credential(req, &up.offered_protocols, shared.cfg.auth.allow_query_token);
     let (claims, token) = match authenticate(shared, auth, req, ip, rate, cred, now_ms, audit) {
@@ -282,20 +294,20 @@ fn admit(
     };
     let token = token.as_deref();
     let Some(slot) = usercap::acquire(&shared.caps, &claims.sub) else {
-        return audit.reject(too_many(1), "user_cap", Some(&claims), token);
+        return audit.reject(too_many(1), Reason::UserCap, Some(&claims), token);
     };
     let protocol = match http::select_subprotocol(&up.offered_protocols) {
         Ok(p) => p,
         Err(()) => {
             return audit.reject(
                 Response::text(400, "unsupported subprotocol\n"),
-                "subprotocol",
+                Reason::Subprotocol,
                 Some(&claims),
                 token,
             );
         }
     };
-    audit.log("accepted", "ok", Some(&claims), 101, token);
+    audit.log(LogOutcome::Accepted, Reason::Ok, Some(&claims), 101, token);
     Outcome::Upgrade(Box::new(Admitted {
         claims,
         slot,
@@ -317,7 +329,7 @@ fn ticket(
     if req.method != "POST" {
         return audit.reject(
             Response::text(405, "method not allowed\n").with_header("Allow", "POST"),
-            "method",
+            Reason::Method,
             None,
             None,
         );
@@ -337,15 +349,29 @@ fn ticket(
     let not_after_ms = claims.exp.saturating_mul(1000).saturating_add(leeway_ms);
     match shared.tickets.issue_until(claims.clone(), now_ms, not_after_ms) {
         Ok(t) => {
-            audit.log("accepted", "ok", Some(&claims), 200, token.as_deref());
+            audit.log(
+                LogOutcome::Accepted,
+                Reason::Ok,
+                Some(&claims),
+                200,
+                token.as_deref(),
+            );
             let ttl_ms = shared.tickets.ttl_ms().min(not_after_ms.saturating_sub(now_ms));
             let body = format!("{{\"ticket\":\"{t}\",\"expires_in\":{}}}", ttl_ms / 1000);
             Outcome::Respond(Response::json(200, body.as_bytes()))
         }
-        Err(TicketError::Full) => {
-            audit.reject(too_many(1), "ticket_store_full", Some(&claims), token.as_deref())
-        }
-        Err(_) => audit.reject(unauthorized(true), "expired", Some(&claims), token.as_deref()),
+        Err(TicketError::Full) => audit.reject(
+            too_many(1),
+            Reason::TicketStoreFull,
+            Some(&claims),
+            token.as_deref(),
+        ),
+        Err(_) => audit.reject(
+            unauthorized(true),
+            Reason::Expired,
+            Some(&claims),
+            token.as_deref(),
+        ),
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::auth::jwt::{AuthError, Role, VerifiedClaims};
+use crate::auth::seclog::{Event, Outcome, Reason};
 use crate::feed::entitlement::Entitlements;
 use crate::feed::msg::{self, ClientMsg, ErrorCode, MsgLimits};
 use crate::feed::outbound::{OutboundQueue, Pushed, SharedTick};
@@ -105,9 +106,9 @@ pub enum Action {
     Close { code: u16 },
     /// A security-log event (reauth outcomes, policy closes).
     Log {
-        event: &'static str,
-        outcome: &'static str,
-        reason: &'static str,
+        event: Event,
+        outcome: Outcome,
+        reason: Reason,
     },
 }
 
@@ -375,9 +376,9 @@ impl Session {
                     return Some(due);
                 }
                 actions.push(Action::Log {
-                    event: "close",
-                    outcome: "closed",
-                    reason: "token_expired",
+                    event: Event::Close,
+                    outcome: Outcome::Closed,
+                    reason: Reason::TokenExpired,
                 });
                 self.close(CloseCode::TOKEN_EXPIRED, "token expired", actions);
                 None
@@ -392,9 +393,9 @@ impl Session {
                     return Some(due);
                 }
                 actions.push(Action::Log {
-                    event: "close",
-                    outcome: "closed",
-                    reason: "idle",
+                    event: Event::Close,
+                    outcome: Outcome::Closed,
+                    reason: Reason::Idle,
                 });
                 self.close(CloseCode::IDLE, "idle timeout", actions);
                 None
@@ -403,9 +404,9 @@ impl Session {
                 match self.slow_since_ms {
                     Some(_) if self.outbound.over_budget() || self.outbound.is_conflating() => {
                         actions.push(Action::Log {
-                            event: "close",
-                            outcome: "closed",
-                            reason: "slow_consumer",
+                            event: Event::Close,
+                            outcome: Outcome::Closed,
+                            reason: Reason::SlowConsumer,
                         });
                         // The queue is what is slow: do not make the close wait behind it.
                         self.outbound.clear();
@@ -454,9 +455,9 @@ impl Session {
         }
         if self.outbound.control_bytes() > self.cfg.outbound_queue_bytes.saturating_mul(2) {
             actions.push(Action::Log {
-                event: "close",
-                outcome: "closed",
-                reason: "slow_consumer",
+                event: Event::Close,
+                outcome: Outcome::Closed,
+                reason: Reason::SlowConsumer,
             });
             self.outbound.clear();
             self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
@@ -559,12 +560,12 @@ impl Session {
             return;
         }
         actions.push(Action::Log {
-            event: "close",
-            outcome: "closed",
+            event: Event::Close,
+            outcome: Outcome::Closed,
             reason: match code {
-                CloseCode::TOO_BIG => "message_too_big",
-                CloseCode::INVALID_PAYLOAD => "invalid_payload",
-                _ => "protocol_error",
+                CloseCode::TOO_BIG => Reason::MessageTooBig,
+                CloseCode::INVALID_PAYLOAD => Reason::InvalidPayload,
+                _ => Reason::ProtocolError,
             },
         });
         self.close(code, reason, actions);
@@ -784,9 +785,9 @@ impl Session {
                     _ => ErrorCode::Forbidden,
                 };
                 actions.push(Action::Log {
-                    event: "reauth",
-                    outcome: "rejected",
-                    reason: e.reason(),
+                    event: Event::Reauth,
+                    outcome: Outcome::Rejected,
+                    reason: e.log_reason(),
                 });
                 self.reply_error(id, code, "reauth refused");
                 return;
@@ -798,13 +799,13 @@ impl Session {
         let ip_ok = fresh.cip.is_none_or(|ip| ip == self.client_ip);
         if !same_identity || !ip_ok {
             let reason = if same_identity {
-                "ip_binding"
+                Reason::IpBinding
             } else {
-                "identity_mismatch"
+                Reason::IdentityMismatch
             };
             actions.push(Action::Log {
-                event: "reauth",
-                outcome: "rejected",
+                event: Event::Reauth,
+                outcome: Outcome::Rejected,
                 reason,
             });
             self.reply_error(id, ErrorCode::Forbidden, "reauth refused");
@@ -857,9 +858,9 @@ impl Session {
             });
         }
         actions.push(Action::Log {
-            event: "reauth",
-            outcome: "accepted",
-            reason: "ok",
+            event: Event::Reauth,
+            outcome: Outcome::Accepted,
+            reason: Reason::Ok,
         });
         actions.push(Action::DeadlinesChanged);
     }
@@ -892,9 +893,9 @@ impl Session {
         }
         if q.len() >= MAX_RATE_LIMITED_REPLIES {
             actions.push(Action::Log {
-                event: "close",
-                outcome: "closed",
-                reason: "message_rate",
+                event: Event::Close,
+                outcome: Outcome::Closed,
+                reason: Reason::MessageRate,
             });
             self.close(CloseCode::MESSAGE_RATE, "message rate exceeded", actions);
             return;

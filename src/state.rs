@@ -41,8 +41,8 @@ impl AuthState {
         };
         let origins = OriginPolicy::new(&cfg.auth.allowed_origins, cfg.auth.allow_missing_origin)
             .map_err(|e| format!("auth.allowed_origins: {e}"))?;
-        let proxies =
-            CidrSet::parse(&cfg.auth.trusted_proxies).map_err(|e| format!("auth.trusted_proxies: {e}"))?;
+        // CidrSet::parse names the key itself.
+        let proxies = CidrSet::parse(&cfg.auth.trusted_proxies)?;
         Ok(AuthState {
             verifier: Verifier::new(keys, policy),
             origins,
@@ -125,7 +125,7 @@ impl Shared {
 
     /// Counts a security event (`tickgate_security_events_total`) and writes its log line.
     pub fn audit(&self, e: &crate::auth::seclog::SecurityEvent<'_>) {
-        self.sec_counters.inc(e.event, e.outcome, e.reason);
+        self.sec_counters.record(e);
         self.seclog.write(e);
     }
 
@@ -156,13 +156,7 @@ impl Shared {
     /// Verify a token and check it against the revocation list (handshake, ticket, reauth).
     pub fn verify_token(&self, token: &str, now_ms: u64) -> Result<VerifiedClaims, AuthError> {
         let claims = self.auth().verifier.verify(token, now_ms / 1000)?;
-        if self.revoked.is_revoked(
-            &claims.sub,
-            claims.sid.as_deref(),
-            claims.jti.as_deref(),
-            claims.iat,
-            now_ms,
-        ) {
+        if self.revoked.revokes(&claims, now_ms) {
             return Err(AuthError::Revoked);
         }
         Ok(claims)

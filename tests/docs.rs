@@ -67,13 +67,13 @@ fn config_md_lists_every_key_with_its_default() {
     for key in &in_code {
         assert!(
             documented.contains(&key.as_str()),
-            "config key {key} (src/config.rs KEYS) is missing from the key tables of docs/CONFIG.md"
+            "config key {key} (src/config/keys.rs KEYS) is missing from the key tables of docs/CONFIG.md"
         );
     }
     for key in &documented {
         assert!(
             in_code.iter().any(|k| k == key),
-            "docs/CONFIG.md documents {key}, which src/config.rs KEYS does not have"
+            "docs/CONFIG.md documents {key}, which src/config/keys.rs KEYS does not have"
         );
     }
     let mut seen = std::collections::HashSet::new();

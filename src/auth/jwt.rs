@@ -52,6 +52,7 @@ use serde::Deserialize;
 
 use super::ed25519::PreparedKey;
 use super::keys::KeySet;
+use super::seclog::Reason;
 
 /// Strict base64url without padding (RFC 7515 §2 "Base64url Encoding"): padding is
 /// refused and trailing bits must be zero. Spelled out rather than relying on the
@@ -98,8 +99,9 @@ impl Default for VerifyPolicy {
         Self {
             issuer: None,
             audience: None,
-            max_lifetime_secs: 900,
-            leeway_secs: 30,
+            // The config's defaults, so a policy built without a config agrees with one.
+            max_lifetime_secs: crate::config::DEFAULT_MAX_TOKEN_LIFETIME.as_secs(),
+            leeway_secs: crate::config::DEFAULT_LEEWAY.as_secs(),
             max_token_bytes: 8192,
         }
     }
@@ -239,28 +241,33 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// Short snake_case reason for the security log.
-    pub fn reason(&self) -> &'static str {
+    /// The reason written to the security log.
+    pub fn log_reason(&self) -> Reason {
         match self {
-            AuthError::Malformed => "malformed",
-            AuthError::TooLarge => "too_large",
-            AuthError::BadAlg => "bad_alg",
-            AuthError::Crit => "crit",
-            AuthError::MissingKid => "missing_kid",
-            AuthError::UnknownKid => "unknown_kid",
-            AuthError::BadType => "bad_typ",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::Expired => "expired",
-            AuthError::NotYetValid => "not_yet_valid",
-            AuthError::IssuedInFuture => "issued_in_future",
-            AuthError::TooLongLived => "too_long_lived",
-            AuthError::BadIssuer => "bad_issuer",
-            AuthError::BadAudience => "bad_audience",
-            AuthError::MissingSub => "missing_sub",
-            AuthError::MissingExp => "missing_exp",
-            AuthError::BadClaims => "bad_claims",
-            AuthError::Revoked => "revoked",
+            AuthError::Malformed => Reason::Malformed,
+            AuthError::TooLarge => Reason::TooLarge,
+            AuthError::BadAlg => Reason::BadAlg,
+            AuthError::Crit => Reason::Crit,
+            AuthError::MissingKid => Reason::MissingKid,
+            AuthError::UnknownKid => Reason::UnknownKid,
+            AuthError::BadType => Reason::BadTyp,
+            AuthError::BadSignature => Reason::BadSignature,
+            AuthError::Expired => Reason::Expired,
+            AuthError::NotYetValid => Reason::NotYetValid,
+            AuthError::IssuedInFuture => Reason::IssuedInFuture,
+            AuthError::TooLongLived => Reason::TooLongLived,
+            AuthError::BadIssuer => Reason::BadIssuer,
+            AuthError::BadAudience => Reason::BadAudience,
+            AuthError::MissingSub => Reason::MissingSub,
+            AuthError::MissingExp => Reason::MissingExp,
+            AuthError::BadClaims => Reason::BadClaims,
+            AuthError::Revoked => Reason::Revoked,
         }
+    }
+
+    /// [`AuthError::log_reason`] as its string.
+    pub fn reason(&self) -> &'static str {
+        self.log_reason().as_str()
     }
 }
 

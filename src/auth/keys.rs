@@ -44,7 +44,9 @@ pub const MAX_JWKS_BYTES: u64 = 1024 * 1024;
 /// Most keys one JWKS document may list (all types counted).
 pub const MAX_JWKS_KEYS: usize = 1024;
 /// Longest accepted `kid`, in bytes. Tokens with longer ones cannot match any key.
-pub const MAX_KID_BYTES: usize = 256;
+pub const MAX_KID_BYTES: usize = 64;
+/// [`is_valid_kid`] in words, for error messages.
+pub const KID_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 . _ -, not starting with .";
 
 /// Errors from loading or building key material.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +54,8 @@ pub enum KeyError {
     /// The same `kid` appears twice (within one source or across files and JWKS).
     #[error("duplicate kid {0:?}")]
     DuplicateKid(String),
-    /// A `kid` is empty, too long, or contains control characters.
-    #[error("invalid kid {0:?}: must be 1..=256 printable bytes")]
+    /// A `kid` breaks [`is_valid_kid`].
+    #[error("invalid kid {0:?}: must be {KID_RULE}")]
     BadKid(String),
     /// A file could not be read.
     #[error("{path}: {source}")]
@@ -339,10 +341,21 @@ pub fn jwk_thumbprint(key: &VerifyingKey) -> String {
     B64.encode(digest.as_ref())
 }
 
-/// A kid is used in logs and file names (keygen), so control characters and path
-/// separators would be trouble; keep it printable and bounded.
+/// The one rule for a `kid` ([`KID_RULE`]): `auth.keys` in the config, the key loader
+/// (files and JWKS) and `tickgate keygen` all call it. A kid is used in logs and becomes
+/// a file name (keygen), so it is bounded, has no separators, spaces or control
+/// characters, and is not a hidden or relative name.
+pub fn is_valid_kid(kid: &str) -> bool {
+    (1..=MAX_KID_BYTES).contains(&kid.len())
+        && !kid.starts_with('.')
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// [`is_valid_kid`] as a [`KeyError::BadKid`].
 pub(crate) fn check_kid(kid: &str) -> Result<(), KeyError> {
-    if kid.is_empty() || kid.len() > MAX_KID_BYTES || kid.chars().any(char::is_control) {
+    if !is_valid_kid(kid) {
         return Err(KeyError::BadKid(kid.to_owned()));
     }
     Ok(())
@@ -433,9 +446,17 @@ mod tests {
         assert!(matches!(s.insert("", key(1)), Err(KeyError::BadKid(_))));
         assert!(matches!(s.insert("a\nb", key(1)), Err(KeyError::BadKid(_))));
         assert!(matches!(
-            s.insert(&"k".repeat(257), key(1)),
+            s.insert(&"k".repeat(65), key(1)),
             Err(KeyError::BadKid(_))
         ));
+        for bad in ["a b", "a/b", ".hidden", "k\u{e9}", "k:1"] {
+            assert!(
+                matches!(s.insert(bad, key(1)), Err(KeyError::BadKid(_))),
+                "{bad:?}"
+            );
+        }
+        s.insert(&"k".repeat(64), key(1)).unwrap();
+        s.insert("a.b_c-1", key(2)).unwrap();
     }
 
     #[test]

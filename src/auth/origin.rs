@@ -53,21 +53,15 @@ pub struct OriginPolicy {
 }
 
 impl OriginPolicy {
-    /// Builds the policy from `auth.allowed_origins`. Every entry must already be a bare
-    /// origin (no path, not even a trailing slash); the error names the first bad entry.
+    /// Builds the policy from `auth.allowed_origins`; every entry must pass
+    /// [`parse_allowed_origin`] (as the config check does); the error names the first bad
+    /// entry.
     pub fn new(allowed: &[String], allow_missing: bool) -> Result<Self, String> {
         let mut set = HashSet::with_capacity(allowed.len());
         for entry in allowed {
-            match normalize_origin(entry) {
-                Some(n) => {
-                    set.insert(n);
-                }
-                None => {
-                    return Err(format!(
-                        "invalid origin {entry:?} in auth.allowed_origins: expected scheme://host[:port] with no path, e.g. \"https://app.example.com\""
-                    ));
-                }
-            }
+            let n = parse_allowed_origin(entry)
+                .map_err(|why| format!("invalid origin {entry:?} in auth.allowed_origins: {why}"))?;
+            set.insert(n);
         }
         Ok(Self {
             allowed: set,
@@ -105,6 +99,24 @@ impl OriginPolicy {
         v.sort_unstable();
         v
     }
+}
+
+/// The one rule for an `auth.allowed_origins` entry (config validation and
+/// [`OriginPolicy::new`] both call it): an `http` or `https` origin, lowercase, that
+/// [`normalize_origin`] accepts (the stricter of the two checks that used to exist: the
+/// config's scheme and case rules and the runtime's host and port rules). Returns the
+/// normalised entry, the form a header is compared with.
+pub fn parse_allowed_origin(entry: &str) -> Result<String, String> {
+    if !(entry.starts_with("https://") || entry.starts_with("http://")) {
+        return Err("must start with https:// or http://".to_owned());
+    }
+    if entry.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("must be lowercase (origins are compared exactly)".to_owned());
+    }
+    normalize_origin(entry).ok_or_else(|| {
+        "expected scheme://host[:port] with no path, wildcard, userinfo or spaces, e.g. \"https://app.example.com\""
+            .to_owned()
+    })
 }
 
 /// Normalises a serialised origin, or `None` when it is not one a browser would send.
@@ -398,12 +410,25 @@ mod tests {
             let err = OriginPolicy::new(&[e.to_string()], false).unwrap_err();
             assert!(err.contains(e), "{err}");
         }
-        let p = policy(&["HTTPS://B.example.com:443", "https://a.example.com"], false);
+        // Entries are lowercase http(s) origins; the header is normalised, not only them.
+        for (e, want) in [
+            ("HTTPS://B.example.com:443", "must start with https://"),
+            ("https://B.example.com:443", "must be lowercase"),
+            ("wss://b.example.com", "must start with https://"),
+            ("https://b.example.com.", "expected scheme://host[:port]"),
+        ] {
+            let err = OriginPolicy::new(&[e.to_string()], false).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+        let p = policy(&["https://b.example.com:443", "https://a.example.com"], false);
         assert_eq!(
             p.allowed(),
             vec!["https://a.example.com", "https://b.example.com"]
         );
-        assert_eq!(p.check(Some("https://b.example.com")), OriginDecision::Allowed);
+        assert_eq!(
+            p.check(Some("HTTPS://B.example.com:443")),
+            OriginDecision::Allowed
+        );
     }
 
     #[test]

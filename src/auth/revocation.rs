@@ -225,6 +225,12 @@ impl RevocationList {
         }
     }
 
+    /// The one revocation check of a verified token (handshake, ticket redemption,
+    /// reauth): [`RevocationList::is_revoked`] on its `sub`, `sid`, `jti` and `iat`.
+    pub fn revokes(&self, c: &crate::auth::jwt::VerifiedClaims, now_ms: u64) -> bool {
+        self.is_revoked(&c.sub, c.sid.as_deref(), c.jti.as_deref(), c.iat, now_ms)
+    }
+
     /// Forgets entries that can no longer change a decision; returns how many.
     pub fn sweep(&self, now_ms: u64) -> usize {
         let mut removed = 0usize;

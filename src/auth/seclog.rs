@@ -16,9 +16,11 @@
 //!   the stdout lock), so lines from different shards never interleave and no lock of ours
 //!   sits on the path. A failed write is counted, never fatal: losing a log line must not
 //!   take the gateway down, but the counter lets monitoring notice.
-//! - [`SecurityCounters`] aggregates by `(event, outcome, reason)`. The API takes
-//!   `&'static str`, so label values come from code, never from requests, and the number of
-//!   series stays small and fixed (no label-cardinality blow-up from hostile input).
+//! - [`SecurityCounters`] aggregates by `(event, outcome, reason)`. Events, outcomes and
+//!   reasons are the enums [`Event`], [`Outcome`] and [`Reason`], each variant with its
+//!   fixed wire string, so label values come from code, never from requests, the number of
+//!   series stays small and fixed (no label-cardinality blow-up from hostile input), and a
+//!   call site cannot misspell one.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -33,58 +35,145 @@ use dashmap::DashMap;
 /// Longest value written for a free-text field (origin, sub, sid, reason, ...).
 pub const MAX_FIELD_LEN: usize = 256;
 
-/// Event names.
-pub mod event {
-    pub const HANDSHAKE: &str = "handshake";
-    pub const TICKET: &str = "ticket";
-    pub const REAUTH: &str = "reauth";
-    pub const REVOKE: &str = "revoke";
-    pub const CLOSE: &str = "close";
+/// Declares one kind of security-log word: an enum whose variants are the only values a
+/// call site can pass, each with the exact string written on the wire.
+macro_rules! wire_words {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $wire:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The string in the security log line and the `/metrics` label.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $wire,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-/// Outcome names.
-pub mod outcome {
-    pub const ACCEPTED: &str = "accepted";
-    pub const REJECTED: &str = "rejected";
-    pub const ISSUED: &str = "issued";
-    pub const CLOSED: &str = "closed";
+wire_words! {
+    /// The `event` field (docs/PROTOCOL.md section 9).
+    Event {
+        Handshake => "handshake",
+        Ticket => "ticket",
+        Reauth => "reauth",
+        Revoke => "revoke",
+        /// A revocation relayed to a peer (`admin.peers`).
+        RevokeRelay => "revoke_relay",
+        Close => "close",
+        /// The admin listener refused a connection without answering it.
+        Admin => "admin",
+    }
 }
 
-/// The fixed vocabulary of reasons, so counters stay low-cardinality.
-pub mod reason {
-    pub const OK: &str = "ok";
-    pub const BAD_REQUEST: &str = "bad_request";
-    pub const METHOD: &str = "method_not_allowed";
-    pub const UPGRADE: &str = "upgrade_required";
-    pub const RATE_LIMITED: &str = "rate_limited";
-    pub const ORIGIN: &str = "origin";
-    pub const MISSING_TOKEN: &str = "missing_token";
-    pub const INVALID_TOKEN: &str = "invalid_token";
-    pub const EXPIRED: &str = "expired";
-    pub const NOT_YET_VALID: &str = "not_yet_valid";
-    pub const BINDING: &str = "binding";
-    pub const REVOKED: &str = "revoked";
-    pub const USER_CAP: &str = "user_cap";
-    pub const SUBPROTOCOL: &str = "subprotocol";
-    pub const TIMEOUT: &str = "timeout";
-    pub const UNKNOWN_TICKET: &str = "unknown_ticket";
-    pub const TICKET_STORE_FULL: &str = "ticket_store_full";
-    pub const MALFORMED: &str = "malformed";
-    pub const FORBIDDEN: &str = "forbidden";
-    pub const REAUTH_DEADLINE: &str = "reauth_deadline";
-    pub const SLOW_CONSUMER: &str = "slow_consumer";
-    pub const MESSAGE_RATE: &str = "message_rate";
-    pub const INTERNAL: &str = "internal";
+wire_words! {
+    /// The `outcome` field.
+    Outcome {
+        Accepted => "accepted",
+        Rejected => "rejected",
+        /// The server closed a connection (`close` events).
+        Closed => "closed",
+        /// A relay given up (`revoke_relay` events).
+        Failed => "failed",
+    }
+}
+
+wire_words! {
+    /// The `reason` field: a fixed vocabulary, so counters stay low-cardinality.
+    Reason {
+        Ok => "ok",
+        // The upgrade and the ticket endpoint (gate).
+        BadRequestShape => "bad_request_shape",
+        Draining => "draining",
+        RateLimited => "rate_limited",
+        Origin => "origin",
+        NoToken => "no_token",
+        BadTicket => "bad_ticket",
+        DeviceBinding => "device_binding",
+        IpBinding => "ip_binding",
+        UserCap => "user_cap",
+        Subprotocol => "subprotocol",
+        Method => "method",
+        TicketStoreFull => "ticket_store_full",
+        // Handshake refusals before the gate (counted; some also logged).
+        MalformedHttp => "malformed_http",
+        Timeout => "timeout",
+        ShardFull => "shard_full",
+        Tls => "tls",
+        PendingPerIp => "pending_per_ip",
+        PendingEvicted => "pending_evicted",
+        // Token verification (`AuthError::log_reason`, docs/PROTOCOL.md section 3).
+        Malformed => "malformed",
+        TooLarge => "too_large",
+        BadAlg => "bad_alg",
+        Crit => "crit",
+        MissingKid => "missing_kid",
+        UnknownKid => "unknown_kid",
+        BadTyp => "bad_typ",
+        BadSignature => "bad_signature",
+        Expired => "expired",
+        NotYetValid => "not_yet_valid",
+        IssuedInFuture => "issued_in_future",
+        TooLongLived => "too_long_lived",
+        BadIssuer => "bad_issuer",
+        BadAudience => "bad_audience",
+        MissingSub => "missing_sub",
+        MissingExp => "missing_exp",
+        BadClaims => "bad_claims",
+        Revoked => "revoked",
+        // Reauth.
+        IdentityMismatch => "identity_mismatch",
+        // `POST /admin/revoke` and the admin listener.
+        NotAdmin => "not_admin",
+        BadRequest => "bad_request",
+        RevocationListFull => "revocation_list_full",
+        Evicted => "evicted",
+        PerIpLimit => "per_ip_limit",
+        Full => "full",
+        // Policy closes.
+        TokenExpired => "token_expired",
+        Idle => "idle",
+        SlowConsumer => "slow_consumer",
+        MessageRate => "message_rate",
+        MessageTooBig => "message_too_big",
+        InvalidPayload => "invalid_payload",
+        ProtocolError => "protocol_error",
+        // Revocation relay.
+        PeerRefused => "peer_refused",
+        RelayQueueFull => "relay_queue_full",
+        Unresolvable => "unresolvable",
+        Unreachable => "unreachable",
+        Slow => "slow",
+        Truncated => "truncated",
+        Garbled => "garbled",
+        Busy => "busy",
+        ServerError => "server_error",
+    }
 }
 
 /// One security-relevant event. Borrowed fields: building one allocates nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct SecurityEvent<'a> {
     pub ts_unix_ms: u64,
-    /// `handshake`, `ticket`, `reauth`, `revoke` or `close` (see [`event`]).
+    /// [`Event::as_str`] (set by [`SecurityEvent::at`]).
     pub event: &'static str,
-    /// `accepted`, `rejected`, ... (see [`outcome`]).
+    /// [`Outcome::as_str`].
     pub outcome: &'static str,
+    /// [`Reason::as_str`].
     pub reason: &'static str,
     pub ip: Option<IpAddr>,
     /// The raw `Origin` header: attacker-controlled.
@@ -116,8 +205,12 @@ struct Line<'a> {
 impl SecurityEvent<'_> {
     /// An event with every optional field unknown: `ip`, `origin`, `sub` and `sid` are
     /// written as `null`, `status` and `token_hash` are left out. Set what the caller knows
-    /// with struct update syntax: `SecurityEvent { sub: Some(..), ..SecurityEvent::new(..) }`.
-    pub fn new(ts_unix_ms: u64, event: &'static str, outcome: &'static str, reason: &'static str) -> Self {
+    /// with struct update syntax: `SecurityEvent { sub: Some(..), ..SecurityEvent::at(..) }`.
+    pub fn at(ts_unix_ms: u64, event: Event, outcome: Outcome, reason: Reason) -> Self {
+        Self::words(ts_unix_ms, event.as_str(), outcome.as_str(), reason.as_str())
+    }
+
+    fn words(ts_unix_ms: u64, event: &'static str, outcome: &'static str, reason: &'static str) -> Self {
         SecurityEvent {
             ts_unix_ms,
             event,
@@ -341,9 +434,18 @@ impl SecurityCounters {
         Self::default()
     }
 
-    /// Adds one. After the first event of a kind this only takes a shard read lock.
-    pub fn inc(&self, event: &'static str, outcome: &'static str, reason: &'static str) {
-        let key = (event, outcome, reason);
+    /// Adds one to a series.
+    pub fn count(&self, event: Event, outcome: Outcome, reason: Reason) {
+        self.add((event.as_str(), outcome.as_str(), reason.as_str()));
+    }
+
+    /// Adds one to the series of `e` (what [`crate::state::Shared::audit`] counts).
+    pub fn record(&self, e: &SecurityEvent<'_>) {
+        self.add((e.event, e.outcome, e.reason));
+    }
+
+    /// After the first event of a kind this only takes a shard read lock.
+    fn add(&self, key: CounterKey) {
         if let Some(c) = self.counts.get(&key) {
             c.fetch_add(1, Ordering::Relaxed);
             return;
@@ -405,9 +507,9 @@ mod tests {
     fn base<'a>() -> SecurityEvent<'a> {
         SecurityEvent {
             ts_unix_ms: 1_732_345_678_123,
-            event: event::HANDSHAKE,
-            outcome: outcome::REJECTED,
-            reason: reason::EXPIRED,
+            event: Event::Handshake.as_str(),
+            outcome: Outcome::Rejected.as_str(),
+            reason: Reason::Expired.as_str(),
             ip: Some("203.0.113.9".parse().unwrap()),
             origin: Some("https://app.example.com"),
             sub: Some("alice"),
@@ -541,23 +643,23 @@ mod tests {
             origin: Some("https://app.example.com"),
             sub: Some("alice"),
             status: Some(401),
-            ..SecurityEvent::new(
+            ..SecurityEvent::at(
                 1_732_345_678_123,
-                event::HANDSHAKE,
-                outcome::REJECTED,
-                reason::EXPIRED,
+                Event::Handshake,
+                Outcome::Rejected,
+                Reason::Expired,
             )
         };
         assert_eq!(built.to_json_line(), base().to_json_line());
 
         // Unset optionals are null (ip, origin, sub, sid) or absent (status, token_hash),
         // exactly as in a literal with every one of them None.
-        let bare = SecurityEvent::new(7, event::REVOKE, outcome::ACCEPTED, reason::OK);
+        let bare = SecurityEvent::at(7, Event::Revoke, Outcome::Accepted, Reason::Ok);
         let literal = SecurityEvent {
             ts_unix_ms: 7,
-            event: event::REVOKE,
-            outcome: outcome::ACCEPTED,
-            reason: reason::OK,
+            event: "revoke",
+            outcome: "accepted",
+            reason: "ok",
             ip: None,
             origin: None,
             sub: None,
@@ -591,8 +693,8 @@ mod tests {
         let (log, lines) = SecurityLog::memory();
         log.write(&base());
         log.write(&SecurityEvent {
-            outcome: outcome::ACCEPTED,
-            reason: reason::OK,
+            outcome: Outcome::Accepted.as_str(),
+            reason: Reason::Ok.as_str(),
             ..base()
         });
         let lines = lines.lock().unwrap();
@@ -650,10 +752,15 @@ mod tests {
     fn counters_render_prometheus() {
         let c = SecurityCounters::new();
         for _ in 0..3 {
-            c.inc(event::HANDSHAKE, outcome::REJECTED, reason::EXPIRED);
+            c.count(Event::Handshake, Outcome::Rejected, Reason::Expired);
         }
-        c.inc(event::HANDSHAKE, outcome::ACCEPTED, reason::OK);
-        c.inc("weird", "a\"b", "c\\d\ne");
+        c.record(&SecurityEvent::at(
+            0,
+            Event::Handshake,
+            Outcome::Accepted,
+            Reason::Ok,
+        ));
+        c.add(("weird", "a\"b", "c\\d\ne"));
         assert_eq!(c.get("handshake", "rejected", "expired"), 3);
         assert_eq!(c.get("handshake", "rejected", "origin"), 0);
         let mut out = String::new();
@@ -681,7 +788,7 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || {
                     for _ in 0..1_000 {
-                        c.inc(event::TICKET, outcome::ISSUED, reason::OK);
+                        c.count(Event::Ticket, Outcome::Accepted, Reason::Ok);
                     }
                 })
             })
@@ -689,6 +796,107 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        assert_eq!(c.get("ticket", "issued", "ok"), 8_000);
+        assert_eq!(c.get("ticket", "accepted", "ok"), 8_000);
+    }
+
+    fn strings<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str> {
+        all.iter().map(|v| as_str(*v)).collect()
+    }
+
+    #[test]
+    fn words_are_unique_and_cover_the_documented_vocabulary() {
+        let kinds = [
+            ("event", strings(Event::ALL, Event::as_str)),
+            ("outcome", strings(Outcome::ALL, Outcome::as_str)),
+            ("reason", strings(Reason::ALL, Reason::as_str)),
+        ];
+        for (kind, words) in &kinds {
+            let mut seen = std::collections::HashSet::new();
+            for w in words {
+                assert!(seen.insert(*w), "{kind} {w:?} is given to two variants");
+                assert!(
+                    !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                    "{kind} {w:?} is not snake_case (it is a Prometheus label value)"
+                );
+            }
+        }
+        // docs/PROTOCOL.md section 9 (the contract names only the fields): every word it
+        // names is a variant. Words the code has beyond these are its extensions.
+        let documented: [(&str, &[&str]); 3] = [
+            (
+                "event",
+                &["handshake", "ticket", "reauth", "revoke", "close", "revoke_relay"],
+            ),
+            ("outcome", &["accepted", "rejected", "closed", "failed"]),
+            (
+                "reason",
+                &[
+                    "ok",
+                    "bad_request_shape",
+                    "draining",
+                    "rate_limited",
+                    "origin",
+                    "no_token",
+                    "bad_ticket",
+                    "device_binding",
+                    "ip_binding",
+                    "user_cap",
+                    "subprotocol",
+                    "method",
+                    "ticket_store_full",
+                    "expired",
+                    "identity_mismatch",
+                    "not_admin",
+                    "bad_request",
+                    "revocation_list_full",
+                    "token_expired",
+                    "idle",
+                    "slow_consumer",
+                    "message_rate",
+                    "revoked",
+                    "protocol_error",
+                    "peer_refused",
+                    "relay_queue_full",
+                    "unresolvable",
+                    "unreachable",
+                    "slow",
+                    "truncated",
+                    "garbled",
+                    "busy",
+                    "server_error",
+                    "malformed_http",
+                    "timeout",
+                    "shard_full",
+                    "tls", // section 3, the verifier's reasons:
+                    "malformed",
+                    "too_large",
+                    "bad_alg",
+                    "crit",
+                    "missing_kid",
+                    "unknown_kid",
+                    "bad_typ",
+                    "bad_signature",
+                    "not_yet_valid",
+                    "issued_in_future",
+                    "too_long_lived",
+                    "bad_issuer",
+                    "bad_audience",
+                    "missing_sub",
+                    "missing_exp",
+                    "bad_claims",
+                ],
+            ),
+        ];
+        for ((kind, words), (doc_kind, doc_words)) in kinds.iter().zip(documented) {
+            assert_eq!(*kind, doc_kind);
+            for w in doc_words {
+                assert!(
+                    words.contains(w),
+                    "docs/PROTOCOL.md names {kind} {w:?}: no variant has it"
+                );
+            }
+        }
+        assert_eq!(Reason::Ok.to_string(), "ok");
+        assert_eq!(Event::RevokeRelay.as_str(), "revoke_relay");
     }
 }

@@ -47,19 +47,6 @@ pub enum TicketError {
     Rng,
 }
 
-impl TicketError {
-    /// A short, fixed reason for the security log and counters.
-    pub fn reason(self) -> &'static str {
-        match self {
-            TicketError::Full => "ticket_store_full",
-            TicketError::Expired => "expired",
-            TicketError::Unknown => "unknown_ticket",
-            TicketError::Malformed => "malformed",
-            TicketError::Rng => "internal",
-        }
-    }
-}
-
 /// What a ticket stands for until it is redeemed.
 #[derive(Clone, Debug)]
 pub struct TicketGrant<T: Clone> {
@@ -307,7 +294,6 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert_eq!(s.issue(6, 1_000), Err(TicketError::Full));
         assert_eq!(s.redeem(&d, 1_001), Ok(4));
-        assert_eq!(TicketError::Full.reason(), "ticket_store_full");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use slab::Slab;
 
-use crate::auth::seclog::SecurityEvent;
+use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent};
 use crate::auth::usercap::UserSlot;
 use crate::feed::hub::{Control, encode_for_subscriber};
 use crate::feed::outbound::SharedTick;
@@ -132,16 +132,16 @@ pub enum Effect {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEvent {
     pub ts_unix_ms: u64,
-    pub event: &'static str,
-    pub outcome: &'static str,
-    pub reason: &'static str,
+    pub event: Event,
+    pub outcome: Outcome,
+    pub reason: Reason,
     pub ip: Option<IpAddr>,
     pub sub: Option<Box<str>>,
     pub sid: Option<Box<str>>,
 }
 
 impl AuditEvent {
-    fn new(ts_unix_ms: u64, event: &'static str, outcome: &'static str, reason: &'static str) -> Self {
+    fn new(ts_unix_ms: u64, event: Event, outcome: Outcome, reason: Reason) -> Self {
         AuditEvent {
             ts_unix_ms,
             event,
@@ -159,7 +159,7 @@ impl AuditEvent {
             ip: self.ip,
             sub: self.sub.as_deref(),
             sid: self.sid.as_deref(),
-            ..SecurityEvent::new(self.ts_unix_ms, self.event, self.outcome, self.reason)
+            ..SecurityEvent::at(self.ts_unix_ms, self.event, self.outcome, self.reason)
         }
     }
 }
@@ -366,16 +366,16 @@ impl<I: ConnIo> ShardCore<I> {
         let answer = self.pending.admit(idx, peer, trusted);
         let log = |ip, reason| AuditEvent {
             ip: Some(ip),
-            ..AuditEvent::new(now, "handshake", "rejected", reason)
+            ..AuditEvent::new(now, Event::Handshake, Outcome::Rejected, reason)
         };
         match answer {
             Admission::Admit => true,
             Admission::RefuseIp => {
-                self.audit(log(peer, "pending_per_ip"));
+                self.audit(log(peer, Reason::PendingPerIp));
                 false
             }
             Admission::Evict { idx: victim, ip } => {
-                self.audit(log(ip, "pending_evicted"));
+                self.audit(log(ip, Reason::PendingEvicted));
                 if let Some(c) = self.conns.get(victim) {
                     // The victim's handshake task sees EOF and ends through the runtime's
                     // task accounting, then `handle_gone`.
@@ -863,7 +863,7 @@ impl<I: ConnIo> ShardCore<I> {
                     if kind == ConnTimer::Handshake && c.session.is_none() {
                         let e = AuditEvent {
                             ip: self.pending.ip_of(idx),
-                            ..AuditEvent::new(now, "handshake", "rejected", "timeout")
+                            ..AuditEvent::new(now, Event::Handshake, Outcome::Rejected, Reason::Timeout)
                         };
                         self.audit(e);
                     }
@@ -911,9 +911,9 @@ impl<I: ConnIo> ShardCore<I> {
                         && !s.is_closing()
                     {
                         actions.push(Action::Log {
-                            event: "close",
-                            outcome: "closed",
-                            reason: "revoked",
+                            event: Event::Close,
+                            outcome: Outcome::Closed,
+                            reason: Reason::Revoked,
                         });
                         s.close(CloseCode::REVOKED, "revoked", &mut actions);
                         self.apply(idx, &mut c, &mut actions, now);

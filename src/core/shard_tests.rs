@@ -356,7 +356,13 @@ fn revoke_closes_sessions_matching_sub_sid_or_jti_with_4003_and_counts_them() {
     assert_eq!(kicks(&effects), vec![alice1, alice2]);
     let logged: Vec<_> = audits(&effects)
         .iter()
-        .map(|a| (a.reason, a.sub.as_deref().unwrap().to_string(), a.sid.clone()))
+        .map(|a| {
+            (
+                a.reason.as_str(),
+                a.sub.as_deref().unwrap().to_string(),
+                a.sid.clone(),
+            )
+        })
         .collect();
     assert_eq!(
         logged,
@@ -439,7 +445,7 @@ fn a_slow_consumer_is_conflated_then_closed_with_4008_at_grace_and_dropped_2s_la
     w.advance_to(start + grace);
     let effects = w.effects();
     assert_eq!(kicks(&effects), vec![slow]);
-    assert_eq!(audits(&effects)[0].reason, "slow_consumer");
+    assert_eq!(audits(&effects)[0].reason.as_str(), "slow_consumer");
     // The queue is what is slow: the close does not wait behind it.
     assert_eq!(w.out(slow), vec![serde_json::json!({"close": 4008})]);
     assert_eq!(closes(&w.shared, 4008), 1);
@@ -468,7 +474,7 @@ fn the_handshake_deadline_shuts_a_silent_socket_down_and_logs_it() {
     assert_eq!(shutdowns(&effects), vec![silent]);
     let a = audits(&effects);
     assert_eq!(
-        (a[0].event, a[0].outcome, a[0].reason),
+        (a[0].event.as_str(), a[0].outcome.as_str(), a[0].reason.as_str()),
         ("handshake", "rejected", "timeout")
     );
     assert_eq!(a[0].ip, Some("10.0.0.1".parse().unwrap()));

@@ -44,6 +44,7 @@ use monoio::net::TcpStream;
 
 use rustls::ServerConnection;
 
+use crate::auth::seclog as sec;
 use crate::core::shard::{ConnId, Effect};
 use crate::gate::{self, Outcome, PeerRate};
 use crate::proto::frame::{Decoder, DecoderConfig};
@@ -228,7 +229,11 @@ async fn handshake(
             match tls_end {
                 None => {}
                 Some(TlsIn::Failed(e)) => {
-                    ctx.shared.sec_counters.inc("handshake", "rejected", "tls");
+                    ctx.shared.sec_counters.count(
+                        sec::Event::Handshake,
+                        sec::Outcome::Rejected,
+                        sec::Reason::Tls,
+                    );
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return None;
                 }
@@ -244,9 +249,11 @@ async fn handshake(
                     return None;
                 }
                 Err(e) => {
-                    ctx.shared
-                        .sec_counters
-                        .inc("handshake", "rejected", "malformed_http");
+                    ctx.shared.sec_counters.count(
+                        sec::Event::Handshake,
+                        sec::Outcome::Rejected,
+                        sec::Reason::MalformedHttp,
+                    );
                     respond(stream, tls, Response::text(e.status(), "bad request\n")).await;
                     return None;
                 }

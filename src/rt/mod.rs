@@ -329,13 +329,14 @@ async fn accept_loop(ctx: Rc<ctx::ShardCtx>, listener: monoio::net::TcpListener)
                 if ctx.core.borrow().len() >= max_conns {
                     // Over capacity: refuse at once rather than queue unbounded work. (A
                     // full pending table is not a refusal: see `ShardCore::admit_pending`.)
-                    ctx.shared.audit(&crate::auth::seclog::SecurityEvent {
+                    use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent};
+                    ctx.shared.audit(&SecurityEvent {
                         ip: Some(peer.ip()),
-                        ..crate::auth::seclog::SecurityEvent::new(
+                        ..SecurityEvent::at(
                             ctx.now_ms(),
-                            "handshake",
-                            "rejected",
-                            "shard_full",
+                            Event::Handshake,
+                            Outcome::Rejected,
+                            Reason::ShardFull,
                         )
                     });
                     drop(stream);
