@@ -603,3 +603,55 @@ fn an_unmasked_frame_closes_the_connection_with_1002() {
     assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
     assert_eq!(closes(&w.shared, 1002), 1);
 }
+
+/// The session owns its deadlines; the core files the earliest. A reauth result that moves
+/// it earlier (a shorter token, no grace) is filed at once, and the close comes exactly
+/// then.
+#[test]
+fn a_reauth_that_moves_the_session_deadline_earlier_is_filed_and_fires() {
+    let mut w = world_with(|c| c.lifetime.reauth_grace = Duration::ZERO);
+    let id = w.connect("alice", "s1", "j1");
+    let heartbeat = w.session_deadline(id, TimerKind::Heartbeat).unwrap();
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(heartbeat));
+    let secs = w.now / 1000;
+    let claims = Claims {
+        sub: "alice".into(),
+        exp: secs + 3,
+        iat: Some(secs - 10),
+        sid: Some("s1".into()),
+        jti: Some("j2".into()),
+        roles: vec!["subscriber".into()],
+        symbols: vec!["*".into()],
+        ..Claims::default()
+    };
+    let token = sign_token(&w.key, "k1", &claims);
+    let verified = w.shared.verify_token(&token, w.now);
+    assert!(verified.is_ok());
+    w.core.handle_control(
+        w.now,
+        Control::ReauthDone {
+            idx: id.idx,
+            generation: id.generation,
+            id: Some(1),
+            result: Box::new(verified),
+        },
+    );
+    assert_eq!(w.out(id)[0]["type"], "reauthed");
+    let deadline = (secs + 3) * 1000;
+    assert_eq!(w.session_deadline(id, TimerKind::ReauthDeadline), Some(deadline));
+    // The notice is due at once (already inside the lead), then the close.
+    let notice = w.session_deadline(id, TimerKind::ReauthRequired).unwrap();
+    assert!(notice <= w.now);
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(notice));
+    w.effects();
+    w.advance_to(w.now);
+    assert_eq!(w.out(id)[0]["type"], "reauth_required");
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(deadline));
+    w.advance_to(deadline - 1);
+    assert!(w.out(id).is_empty());
+    w.advance_to(deadline);
+    assert_eq!(w.out(id), vec![serde_json::json!({"close": 4001})]);
+    assert_eq!(audits(&w.effects())[0].reason.as_str(), "token_expired");
+    assert_eq!(w.deadline(id, ConnTimer::Session), None);
+    assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(deadline + HARD_DROP_MS));
+}
