@@ -1,19 +1,33 @@
 //! One connection's state after the `101`: a plain struct driven by `handle_*(now, ..)`.
 //!
 //! The session never touches a socket or a clock. The shard feeds it decoded WebSocket
-//! messages and timer firings, together with the current time (milliseconds since the Unix
-//! epoch, derived from a monotonic clock by the runtime); the session answers by queueing
-//! encoded frames in its [`OutboundQueue`] and by returning [`Action`]s for the things it
-//! cannot do alone (touching the shard's subscription table or the cross-core hub, closing
-//! the socket). That keeps every rule of PROTOCOL.md sections 5 and 6 testable on a virtual
-//! clock, in microseconds, without a network.
+//! messages and the current time (milliseconds since the Unix epoch, derived from a
+//! monotonic clock by the runtime). That keeps every rule of PROTOCOL.md sections 5 and 6
+//! testable on a virtual clock, in microseconds, without a network. Like `quinn-proto`'s
+//! `Connection`, it has inputs (`handle_*`, [`Session::push_tick`],
+//! [`Session::push_snapshot`], [`Session::close`]) and exactly three ways out, polled by
+//! its driver after every input:
 //!
-//! Deadlines (see [`Session::timers`]): `reauth_required` at `exp - reauth_lead` (up to
-//! `reauth_spread` earlier, drawn per token: [`reauth_notice_ms`]), the `4001`
-//! close at `exp + reauth_grace` exactly (leeway never extends a deadline), the idle close at
-//! `last_rx + idle_timeout`, the heartbeat every `heartbeat`. The shard keeps them in its
-//! timer wheel and calls [`Session::handle_timer`] when one fires; stale firings (a deadline
-//! that moved after a reauth) are recognised here and ignored.
+//! - [`Session::poll_transmit`]: moves queued frames (replies, ticks, pings, the close
+//!   frame) into the writer's buffer and says what went out ([`Transmit`]: bytes, the
+//!   oldest tick's stamp, whether the session is done). It also ends a slow-consumer
+//!   episode once the queue is back under its bound. The outbound queue itself is private.
+//! - [`Session::poll_timeout`]: the earliest deadline the session wants, if any. The
+//!   driver files exactly that one (one timer per connection) and, when it is reached,
+//!   calls [`Session::handle_timeout`], which handles every due deadline. The session is
+//!   the only owner of its deadlines: `reauth_required` at `exp - reauth_lead` (up to
+//!   `reauth_spread` earlier, drawn per token: [`reauth_notice_ms`]), the `4001` close at
+//!   `exp + reauth_grace` exactly (leeway never extends a deadline), the heartbeat every
+//!   `heartbeat`, the idle close at `last_rx + idle_timeout`, the slow-consumer close at
+//!   the start of an episode plus `slow_consumer_grace`. After any `handle_*` call (and
+//!   after a [`Session::push_tick`] that returns `true`) the driver compares
+//!   `poll_timeout` with what it filed and re-files when it changed. `poll_transmit` and
+//!   [`Session::note_rx`] only ever move the deadline later, so a driver that does not
+//!   re-file after them at worst wakes the session early, for nothing.
+//! - [`Session::poll_event`]: the things the session cannot do alone, in order
+//!   ([`Event`]: subscription-table changes, batches to publish, the close, security-log
+//!   entries). The queue lives in the session's rarely-allocated part and is empty
+//!   between inputs once the driver has polled it.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -23,7 +37,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::auth::jwt::{AuthError, Role, VerifiedClaims};
-use crate::auth::seclog::{Event, Outcome, Reason};
+use crate::auth::seclog::{self, Outcome, Reason};
 use crate::feed::entitlement::Entitlements;
 use crate::feed::msg::{self, ClientMsg, ErrorCode, MsgLimits};
 use crate::feed::outbound::{OutboundQueue, Pushed, SharedTick};
@@ -81,9 +95,9 @@ pub trait ReauthVerifier {
     }
 }
 
-/// What the shard must do on the session's behalf, in order.
+/// What the shard must do on the session's behalf, in order ([`Session::poll_event`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub enum Event {
     /// Add these (already acknowledged) symbols to the shard's subscription table; queue
     /// snapshots when asked. `waiting`: acknowledged names that no tick has created yet;
     /// the shard waits for their first tick on this connection's behalf and then calls
@@ -100,19 +114,40 @@ pub enum Action {
     },
     /// Hand a validated, entitled batch to the hub (the ack is already queued).
     Publish { ticks: Vec<(SymbolId, Tick)> },
-    /// The token changed: re-arm the reauth timers.
-    DeadlinesChanged,
     /// A close frame is queued: flush it, then end the connection.
     Close { code: u16 },
     /// A security-log event (reauth outcomes, policy closes).
     Log {
-        event: Event,
+        event: seclog::Event,
         outcome: Outcome,
         reason: Reason,
     },
 }
 
-/// The deadlines a session wants armed, each a `(kind, at_unix_ms)`.
+/// Every [`TimerKind`], in the order equal deadlines are handled.
+const TIMER_KINDS: [TimerKind; 5] = [
+    TimerKind::ReauthRequired,
+    TimerKind::ReauthDeadline,
+    TimerKind::Heartbeat,
+    TimerKind::Idle,
+    TimerKind::SlowConsumer,
+];
+
+/// What [`Session::poll_transmit`] moved into the writer's buffer.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Bytes appended to the buffer.
+    pub bytes: usize,
+    /// The oldest `accepted_ns` among the ticks moved (`u64::MAX`: none), for the
+    /// publish-to-write histogram.
+    pub oldest_tick_ns: u64,
+    /// The close frame has gone out with this transmit (or before): nothing more will
+    /// ever be queued, the connection can end once these bytes are written.
+    pub done: bool,
+}
+
+/// A session's deadlines (see the module documentation), for [`Session::deadline`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerKind {
     ReauthRequired,
@@ -188,6 +223,8 @@ struct Rare {
     /// than in the server-wide symbol table, which only publishers fill; counted against
     /// `max_symbols_per_connection` like the others. See [`Session::activate`].
     waiting: Vec<Box<str>>,
+    /// Events not polled yet ([`Session::poll_event`]): empty between inputs.
+    events: VecDeque<Event>,
 }
 
 pub struct Session {
@@ -198,7 +235,7 @@ pub struct Session {
     state: State,
     /// Subscribed symbols (a set; small, iterated on narrowing reauth only).
     subs: Vec<SymbolId>,
-    pub outbound: OutboundQueue,
+    outbound: OutboundQueue,
     /// Inbound token bucket: tokens scaled by 1000 to stay in integers.
     bucket_milli: u64,
     bucket_at_ms: u64,
@@ -213,11 +250,11 @@ pub struct Session {
     reauth_at_ms: u64,
     /// Since when the outbound queue is over its budget (slow consumer), if it is.
     slow_since_ms: Option<NonZeroU64>,
-    /// How much earlier than one full period this session's first heartbeat goes out:
-    /// connections opened in the same second (a reconnect storm) would otherwise ping in
-    /// lockstep, thousands of writes in one loop turn every `heartbeat`.
-    /// (32 bits: it packs with the IP address and the state.)
-    heartbeat_phase_ms: u32,
+    /// When the next heartbeat ping goes out (unix ms). The first one goes out up to half
+    /// a period early ([`heartbeat_phase`]): connections opened in the same second (a
+    /// reconnect storm) would otherwise ping in lockstep, thousands of writes in one loop
+    /// turn every `heartbeat`.
+    heartbeat_at_ms: u64,
 }
 
 impl Session {
@@ -242,7 +279,7 @@ impl Session {
             reauth_notified_exp: None,
             reauth_at_ms: 0,
             slow_since_ms: None,
-            heartbeat_phase_ms: heartbeat_phase(cfg_heartbeat_ms),
+            heartbeat_at_ms: now_ms + cfg_heartbeat_ms - heartbeat_phase(cfg_heartbeat_ms),
         };
         s.reauth_at_ms = reauth_notice_ms(&s.cfg, s.claims.exp, now_ms, spread_draw());
         s.outbound.push_control(json_frame(|b| {
@@ -310,17 +347,30 @@ impl Session {
         self.last_rx_ms
     }
 
-    /// The deadlines this session wants armed now, as unix milliseconds.
-    pub fn timers(&self) -> [(TimerKind, u64); 4] {
-        [
-            (TimerKind::ReauthRequired, self.reauth_at_ms),
-            (TimerKind::ReauthDeadline, self.deadline_ms()),
-            (
-                TimerKind::Heartbeat,
-                self.last_rx_ms + self.cfg.heartbeat_ms - u64::from(self.heartbeat_phase_ms),
-            ),
-            (TimerKind::Idle, self.last_rx_ms + self.cfg.idle_timeout_ms),
-        ]
+    /// The deadline of that kind, if the session wants it (for tests and diagnostics).
+    pub fn deadline(&self, kind: TimerKind) -> Option<u64> {
+        if self.state == State::Closing {
+            return None;
+        }
+        match kind {
+            TimerKind::ReauthRequired => (self.reauth_notified_exp.map(NonZeroU64::get)
+                != Some(self.claims.exp))
+            .then_some(self.reauth_at_ms),
+            TimerKind::ReauthDeadline => Some(self.deadline_ms()),
+            TimerKind::Heartbeat => Some(self.heartbeat_at_ms),
+            TimerKind::Idle => Some(self.last_rx_ms + self.cfg.idle_timeout_ms),
+            TimerKind::SlowConsumer => self
+                .slow_since_ms
+                .map(|t| t.get() + self.cfg.slow_consumer_grace_ms),
+        }
+    }
+
+    /// The earliest deadline the session wants (unix ms): call [`Self::handle_timeout`]
+    /// then. `None` once the session is closing (the driver's own hard-drop deadline takes
+    /// over).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        TIMER_KINDS.iter().filter_map(|&k| self.deadline(k)).min()
     }
 
     /// `exp + reauth_grace`, exactly: the moment the `4001` close goes out.
@@ -338,7 +388,7 @@ impl Session {
         if self
             .rare
             .as_ref()
-            .is_some_and(|r| r.rate_limited_at.is_empty() && r.waiting.is_empty())
+            .is_some_and(|r| r.rate_limited_at.is_empty() && r.waiting.is_empty() && r.events.is_empty())
         {
             self.rare = None;
         }
@@ -349,132 +399,175 @@ impl Session {
         self.last_rx_ms = now_ms;
     }
 
-    /// A timer fired. Returns the time to re-arm it at, if it should be re-armed.
-    pub fn handle_timer(&mut self, kind: TimerKind, now_ms: u64, actions: &mut Vec<Action>) -> Option<u64> {
-        if self.state == State::Closing {
-            return None;
+    /// The clock reached `now` (at or after [`Self::poll_timeout`], or earlier: then
+    /// nothing happens). Handles every deadline due at `now`, earliest first (equal ones
+    /// in [`TimerKind`] order); a deadline a handler moves to `now` or earlier waits for
+    /// the next call.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let mut due = [false; TIMER_KINDS.len()];
+        for (d, &k) in due.iter_mut().zip(&TIMER_KINDS) {
+            *d = self.deadline(k).is_some_and(|at| at <= now_ms);
         }
+        loop {
+            let mut best: Option<(usize, u64)> = None;
+            for (i, &k) in TIMER_KINDS.iter().enumerate() {
+                if !due[i] {
+                    continue;
+                }
+                if let Some(at) = self.deadline(k)
+                    && at <= now_ms
+                    && best.is_none_or(|(_, b)| at < b)
+                {
+                    best = Some((i, at));
+                }
+            }
+            let Some((i, _)) = best else { return };
+            due[i] = false;
+            self.fire(TIMER_KINDS[i], now_ms);
+        }
+    }
+
+    /// One due deadline.
+    fn fire(&mut self, kind: TimerKind, now_ms: u64) {
         match kind {
             TimerKind::ReauthRequired => {
                 let exp = self.claims.exp;
-                let due = self.reauth_at_ms;
-                if now_ms < due {
-                    // The token changed since this was armed: the new time stands.
-                    return Some(due);
-                }
-                if self.reauth_notified_exp.map(NonZeroU64::get) != Some(exp) {
-                    self.reauth_notified_exp = NonZeroU64::new(exp);
-                    let deadline_secs = self.deadline_ms() / 1000;
-                    self.outbound
-                        .push_control(json_frame(|b| msg::encode_reauth_required(exp, deadline_secs, b)));
-                }
-                None
+                self.reauth_notified_exp = NonZeroU64::new(exp);
+                let deadline_secs = self.deadline_ms() / 1000;
+                self.outbound
+                    .push_control(json_frame(|b| msg::encode_reauth_required(exp, deadline_secs, b)));
             }
             TimerKind::ReauthDeadline => {
-                let due = self.deadline_ms();
-                if now_ms < due {
-                    return Some(due);
-                }
-                actions.push(Action::Log {
-                    event: Event::Close,
-                    outcome: Outcome::Closed,
-                    reason: Reason::TokenExpired,
-                });
-                self.close(CloseCode::TOKEN_EXPIRED, "token expired", actions);
-                None
+                self.log(seclog::Event::Close, Outcome::Closed, Reason::TokenExpired);
+                self.close(CloseCode::TOKEN_EXPIRED, "token expired");
             }
             TimerKind::Heartbeat => {
                 self.outbound.push_control(encode_frame(OpCode::Ping, b""));
-                Some(now_ms + self.cfg.heartbeat_ms.max(1))
+                self.heartbeat_at_ms = now_ms + self.cfg.heartbeat_ms.max(1);
             }
             TimerKind::Idle => {
-                let due = self.last_rx_ms + self.cfg.idle_timeout_ms;
-                if now_ms < due {
-                    return Some(due);
-                }
-                actions.push(Action::Log {
-                    event: Event::Close,
-                    outcome: Outcome::Closed,
-                    reason: Reason::Idle,
-                });
-                self.close(CloseCode::IDLE, "idle timeout", actions);
-                None
+                self.log(seclog::Event::Close, Outcome::Closed, Reason::Idle);
+                self.close(CloseCode::IDLE, "idle timeout");
             }
             TimerKind::SlowConsumer => {
-                match self.slow_since_ms {
-                    Some(_) if self.outbound.over_budget() || self.outbound.is_conflating() => {
-                        actions.push(Action::Log {
-                            event: Event::Close,
-                            outcome: Outcome::Closed,
-                            reason: Reason::SlowConsumer,
-                        });
-                        // The queue is what is slow: do not make the close wait behind it.
-                        self.outbound.clear();
-                        self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
-                    }
-                    _ => self.slow_since_ms = None,
+                if self.outbound.over_budget() || self.outbound.is_conflating() {
+                    self.log(seclog::Event::Close, Outcome::Closed, Reason::SlowConsumer);
+                    // The queue is what is slow: do not make the close wait behind it.
+                    self.outbound.clear();
+                    self.close(CloseCode::SLOW_CONSUMER, "slow consumer");
+                } else {
+                    self.slow_since_ms = None;
                 }
-                None
             }
         }
     }
 
-    /// A tick from the shard's fan-out. Returns the time to arm the slow-consumer timer at
-    /// when the queue has just gone over its budget.
-    pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> Option<u64> {
+    /// A tick from the shard's fan-out. Returns `true` when the queue has just gone over
+    /// its budget: a slow-consumer episode started, and [`Self::poll_timeout`] may be
+    /// earlier now (the only input on the hot path, so the only one that says so).
+    #[must_use]
+    pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> bool {
         if self.state == State::Closing {
-            return None;
+            return false;
         }
         match self.outbound.push_tick(t) {
-            Pushed::Queued => None,
+            Pushed::Queued => false,
             Pushed::Conflated | Pushed::OverBudget => {
                 if self.slow_since_ms.is_none() {
                     self.slow_since_ms = NonZeroU64::new(now_ms.max(1));
-                    Some(now_ms + self.cfg.slow_consumer_grace_ms)
+                    true
                 } else {
-                    None
+                    false
                 }
             }
         }
     }
 
     /// Holds the outbound queue to its budget after the session queued replies (the shard
-    /// calls it after every batch of [`Action`]s, ticks go through [`Self::push_tick`]).
-    /// Every queued byte counts, control frames included:
-    /// - past `outbound_queue_bytes` a slow-consumer episode starts: returns the time to
-    ///   arm the slow-consumer timer at (once per episode), which closes with `4008` unless
-    ///   the client has read its way back under the bound by then;
+    /// calls it after carrying out a batch of [`Event`]s, which may queue snapshots; ticks
+    /// go through [`Self::push_tick`]). Every queued byte counts, control frames included:
+    /// - past `outbound_queue_bytes` a slow-consumer episode starts (once per episode):
+    ///   the `4008` close is due `slow_consumer_grace` later ([`Self::poll_timeout`])
+    ///   unless the client has read its way back under the bound by then;
     /// - control frames alone past twice `outbound_queue_bytes` (a client that keeps
     ///   asking and never reads; replies are never conflated, and a reply-heavy client
     ///   could otherwise queue megabytes within the grace) close with `4008` at once, so
     ///   a connection's replies never hold more than twice the bound plus one reply.
-    #[must_use]
-    pub fn enforce_budget(&mut self, now_ms: u64, actions: &mut Vec<Action>) -> Option<u64> {
+    pub fn enforce_budget(&mut self, now_ms: u64) {
         if self.state == State::Closing {
-            return None;
+            return;
         }
         if self.outbound.control_bytes() > self.cfg.outbound_queue_bytes.saturating_mul(2) {
-            actions.push(Action::Log {
-                event: Event::Close,
-                outcome: Outcome::Closed,
-                reason: Reason::SlowConsumer,
-            });
+            self.log(seclog::Event::Close, Outcome::Closed, Reason::SlowConsumer);
             self.outbound.clear();
-            self.close(CloseCode::SLOW_CONSUMER, "slow consumer", actions);
-            return None;
+            self.close(CloseCode::SLOW_CONSUMER, "slow consumer");
+            return;
         }
         if self.outbound.over_budget() && self.slow_since_ms.is_none() {
             self.slow_since_ms = NonZeroU64::new(now_ms.max(1));
-            return Some(now_ms + self.cfg.slow_consumer_grace_ms);
         }
-        None
     }
 
-    /// The writer drained the queue below its budget: the slow-consumer episode is over.
-    pub fn note_drained(&mut self) {
+    /// Moves whole queued frames into `buf` (reserving room for them first) until `max`
+    /// bytes would be exceeded; a first frame larger than `max` still moves, so a small
+    /// `max` cannot stall the queue. Once the queue is back under its bound the
+    /// slow-consumer episode is over (its deadline goes: [`Self::poll_timeout`] can only
+    /// get later here).
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>, max: usize) -> Transmit {
+        buf.reserve(self.outbound.queued_bytes().min(max));
+        let (bytes, oldest_tick_ns) = self.outbound.drain_stamped(buf, max);
         if !self.outbound.over_budget() && !self.outbound.is_conflating() {
             self.slow_since_ms = None;
         }
+        Transmit {
+            bytes,
+            oldest_tick_ns,
+            done: self.state == State::Closing && self.outbound.is_empty(),
+        }
+    }
+
+    /// Frames are waiting for [`Self::poll_transmit`].
+    pub fn has_output(&self) -> bool {
+        !self.outbound.is_empty()
+    }
+
+    /// Bytes of frames waiting (as queued; conflated ticks as originally encoded).
+    pub fn queued_bytes(&self) -> usize {
+        self.outbound.queued_bytes()
+    }
+
+    /// Ticks replaced in the conflation map so far (a running total).
+    pub fn conflated_total(&self) -> u64 {
+        self.outbound.conflated_total()
+    }
+
+    /// What the shard must do next on the session's behalf, in order: poll until `None`
+    /// after every input.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.rare.as_mut()?.events.pop_front()
+    }
+
+    fn push_event(&mut self, e: Event) {
+        self.rare.get_or_insert_with(Box::default).events.push_back(e);
+    }
+
+    fn log(&mut self, event: seclog::Event, outcome: Outcome, reason: Reason) {
+        self.push_event(Event::Log {
+            event,
+            outcome,
+            reason,
+        });
+    }
+
+    /// The token in force was revoked: log it and close with `4003`. False when the
+    /// session is already closing (then nothing happens).
+    pub fn revoke(&mut self) -> bool {
+        if self.state == State::Closing {
+            return false;
+        }
+        self.log(seclog::Event::Close, Outcome::Closed, Reason::Revoked);
+        self.close(CloseCode::REVOKED, "revoked");
+        true
     }
 
     /// Queue a snapshot frame (after the `subscribed` ack).
@@ -485,13 +578,13 @@ impl Session {
     }
 
     /// Queue a close frame and stop accepting input.
-    pub fn close(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
+    pub fn close(&mut self, code: u16, reason: &str) {
         if self.state == State::Closing {
             return;
         }
         self.state = State::Closing;
         self.outbound.push_control(encode_close(code, reason));
-        actions.push(Action::Close { code });
+        self.push_event(Event::Close { code });
     }
 
     /// A decoded WebSocket message from the client.
@@ -501,7 +594,6 @@ impl Session {
         m: Incoming,
         symbols: &SymbolTable,
         auth: &dyn ReauthVerifier,
-        actions: &mut Vec<Action>,
     ) {
         self.last_rx_ms = now_ms;
         if self.state == State::Closing {
@@ -519,16 +611,16 @@ impl Session {
                         Ok(cm) => cm.id(),
                         Err(e) => e.id,
                     };
-                    self.reply_rate_limited(now_ms, id, actions);
+                    self.reply_rate_limited(now_ms, id);
                     return;
                 }
                 match parsed {
-                    Ok(cm) => self.handle_client_msg(now_ms, cm, symbols, auth, actions),
+                    Ok(cm) => self.handle_client_msg(now_ms, cm, symbols, auth),
                     Err(e) => self.reply_error(e.id, e.code, &e.message),
                 }
             }
             Incoming::Binary(_) => {
-                self.close(CloseCode::UNSUPPORTED, "binary frames are not supported", actions);
+                self.close(CloseCode::UNSUPPORTED, "binary frames are not supported");
             }
             // Control frames count against the message rate like data frames: a ping costs
             // the server a reply, a pong a wake-up.
@@ -536,18 +628,18 @@ impl Session {
                 if self.take_token(now_ms) {
                     self.outbound.push_pong(encode_frame(OpCode::Pong, &payload));
                 } else {
-                    self.reply_rate_limited(now_ms, None, actions);
+                    self.reply_rate_limited(now_ms, None);
                 }
             }
             Incoming::Pong(_) => {
                 if !self.take_token(now_ms) {
-                    self.reply_rate_limited(now_ms, None, actions);
+                    self.reply_rate_limited(now_ms, None);
                 }
             }
             Incoming::Close(code) => {
                 // Echo the peer's code (RFC 6455 5.5.1); a close without a code gets 1000.
                 let code = code.map(|(c, _)| c).unwrap_or(CloseCode::NORMAL);
-                self.close(code, "", actions);
+                self.close(code, "");
             }
         }
     }
@@ -555,20 +647,17 @@ impl Session {
     /// A protocol violation found by the frame decoder.
     /// Once per connection: after the first, the decoder refuses everything, and later
     /// reads must not log (or close) again.
-    pub fn protocol_error(&mut self, code: u16, reason: &str, actions: &mut Vec<Action>) {
+    pub fn protocol_error(&mut self, code: u16, reason: &str) {
         if self.state == State::Closing {
             return;
         }
-        actions.push(Action::Log {
-            event: Event::Close,
-            outcome: Outcome::Closed,
-            reason: match code {
-                CloseCode::TOO_BIG => Reason::MessageTooBig,
-                CloseCode::INVALID_PAYLOAD => Reason::InvalidPayload,
-                _ => Reason::ProtocolError,
-            },
-        });
-        self.close(code, reason, actions);
+        let log_reason = match code {
+            CloseCode::TOO_BIG => Reason::MessageTooBig,
+            CloseCode::INVALID_PAYLOAD => Reason::InvalidPayload,
+            _ => Reason::ProtocolError,
+        };
+        self.log(seclog::Event::Close, Outcome::Closed, log_reason);
+        self.close(code, reason);
     }
 
     fn handle_client_msg(
@@ -577,7 +666,6 @@ impl Session {
         m: ClientMsg,
         symbols: &SymbolTable,
         auth: &dyn ReauthVerifier,
-        actions: &mut Vec<Action>,
     ) {
         match m {
             ClientMsg::Ping { id } => {
@@ -588,21 +676,14 @@ impl Session {
                 id,
                 symbols: names,
                 snapshot,
-            } => self.subscribe(id, names, snapshot, symbols, actions),
-            ClientMsg::Unsubscribe { id, symbols: names } => self.unsubscribe(id, names, symbols, actions),
-            ClientMsg::Publish { id, ticks } => self.publish(id, ticks, symbols, actions),
-            ClientMsg::Reauth { id, token } => self.reauth(id, &token, now_ms, symbols, auth, actions),
+            } => self.subscribe(id, names, snapshot, symbols),
+            ClientMsg::Unsubscribe { id, symbols: names } => self.unsubscribe(id, names, symbols),
+            ClientMsg::Publish { id, ticks } => self.publish(id, ticks, symbols),
+            ClientMsg::Reauth { id, token } => self.reauth(id, &token, now_ms, symbols, auth),
         }
     }
 
-    fn subscribe(
-        &mut self,
-        id: Option<u64>,
-        names: Vec<String>,
-        snapshot: bool,
-        symbols: &SymbolTable,
-        actions: &mut Vec<Action>,
-    ) {
+    fn subscribe(&mut self, id: Option<u64>, names: Vec<String>, snapshot: bool, symbols: &SymbolTable) {
         if !self.claims.has_role(Role::Subscriber) {
             self.reply_error(id, ErrorCode::Forbidden, "the subscriber role is required");
             return;
@@ -659,7 +740,7 @@ impl Session {
         // is still sent for them when asked, so `snapshot:true` always yields the latest.
         let ids: Vec<SymbolId> = accepted.iter().map(|(s, _)| *s).collect();
         if !ids.is_empty() || !waiting.is_empty() {
-            actions.push(Action::Subscribe {
+            self.push_event(Event::Subscribe {
                 ids,
                 snapshot,
                 waiting,
@@ -667,13 +748,7 @@ impl Session {
         }
     }
 
-    fn unsubscribe(
-        &mut self,
-        id: Option<u64>,
-        names: Vec<String>,
-        symbols: &SymbolTable,
-        actions: &mut Vec<Action>,
-    ) {
+    fn unsubscribe(&mut self, id: Option<u64>, names: Vec<String>, symbols: &SymbolTable) {
         let mut removed_ids = Vec::new();
         let mut removed_waiting: Vec<Box<str>> = Vec::new();
         let mut removed: Vec<&str> = Vec::new();
@@ -695,20 +770,14 @@ impl Session {
         self.outbound
             .push_control(json_frame(|b| msg::encode_unsubscribed(id, &removed, None, b)));
         if !removed_ids.is_empty() || !removed_waiting.is_empty() {
-            actions.push(Action::Unsubscribe {
+            self.push_event(Event::Unsubscribe {
                 ids: removed_ids,
                 waiting: removed_waiting,
             });
         }
     }
 
-    fn publish(
-        &mut self,
-        id: Option<u64>,
-        ticks: Vec<(String, Tick)>,
-        symbols: &SymbolTable,
-        actions: &mut Vec<Action>,
-    ) {
+    fn publish(&mut self, id: Option<u64>, ticks: Vec<(String, Tick)>, symbols: &SymbolTable) {
         if !self.claims.has_role(Role::Publisher) {
             self.reply_error(id, ErrorCode::Forbidden, "the publisher role is required");
             return;
@@ -741,7 +810,7 @@ impl Session {
         }
         let count = batch.len();
         if count > 0 {
-            actions.push(Action::Publish { ticks: batch });
+            self.push_event(Event::Publish { ticks: batch });
         }
         self.outbound
             .push_control(json_frame(|b| msg::encode_published(id, count, b)));
@@ -754,13 +823,12 @@ impl Session {
         now_ms: u64,
         symbols: &SymbolTable,
         auth: &dyn ReauthVerifier,
-        actions: &mut Vec<Action>,
     ) {
         if auth.defer_reauth(id, token, now_ms / 1000) {
             return;
         }
         let result = auth.verify_reauth(token, now_ms / 1000);
-        self.finish_reauth(id, result, now_ms, symbols, actions);
+        self.finish_reauth(id, result, now_ms, symbols);
     }
 
     /// The outcome of verifying a `reauth` token (inline, or from the verifier threads):
@@ -772,7 +840,6 @@ impl Session {
         result: Result<VerifiedClaims, AuthError>,
         now_ms: u64,
         symbols: &SymbolTable,
-        actions: &mut Vec<Action>,
     ) {
         if self.state == State::Closing {
             return;
@@ -784,11 +851,7 @@ impl Session {
                     AuthError::Malformed | AuthError::TooLarge => ErrorCode::BadRequest,
                     _ => ErrorCode::Forbidden,
                 };
-                actions.push(Action::Log {
-                    event: Event::Reauth,
-                    outcome: Outcome::Rejected,
-                    reason: e.log_reason(),
-                });
+                self.log(seclog::Event::Reauth, Outcome::Rejected, e.log_reason());
                 self.reply_error(id, code, "reauth refused");
                 return;
             }
@@ -803,11 +866,7 @@ impl Session {
             } else {
                 Reason::IdentityMismatch
             };
-            actions.push(Action::Log {
-                event: Event::Reauth,
-                outcome: Outcome::Rejected,
-                reason,
-            });
+            self.log(seclog::Event::Reauth, Outcome::Rejected, reason);
             self.reply_error(id, ErrorCode::Forbidden, "reauth refused");
             return;
         }
@@ -852,17 +911,12 @@ impl Session {
             self.outbound.push_control(json_frame(|b| {
                 msg::encode_unsubscribed(None, &names, Some("entitlement"), b)
             }));
-            actions.push(Action::Unsubscribe {
+            self.push_event(Event::Unsubscribe {
                 ids: dropped_ids,
                 waiting: dropped_waiting,
             });
         }
-        actions.push(Action::Log {
-            event: Event::Reauth,
-            outcome: Outcome::Accepted,
-            reason: Reason::Ok,
-        });
-        actions.push(Action::DeadlinesChanged);
+        self.log(seclog::Event::Reauth, Outcome::Accepted, Reason::Ok);
     }
 
     /// Inbound message token bucket (`inbound_messages_per_sec`, burst of one second).
@@ -883,7 +937,7 @@ impl Session {
         }
     }
 
-    fn reply_rate_limited(&mut self, now_ms: u64, id: Option<u64>, actions: &mut Vec<Action>) {
+    fn reply_rate_limited(&mut self, now_ms: u64, id: Option<u64>) {
         let q = &mut self.rare.get_or_insert_with(Box::default).rate_limited_at;
         while q
             .front()
@@ -892,12 +946,8 @@ impl Session {
             q.pop_front();
         }
         if q.len() >= MAX_RATE_LIMITED_REPLIES {
-            actions.push(Action::Log {
-                event: Event::Close,
-                outcome: Outcome::Closed,
-                reason: Reason::MessageRate,
-            });
-            self.close(CloseCode::MESSAGE_RATE, "message rate exceeded", actions);
+            self.log(seclog::Event::Close, Outcome::Closed, Reason::MessageRate);
+            self.close(CloseCode::MESSAGE_RATE, "message rate exceeded");
             return;
         }
         q.push_back(now_ms);
@@ -951,12 +1001,11 @@ fn spread_draw() -> u32 {
     (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
-/// A spread of first-heartbeat offsets over half a period. Below 2^32 (it is at most the
-/// draw), so it fits the session's 32-bit field.
-fn heartbeat_phase(heartbeat_ms: u64) -> u32 {
+/// A spread of first-heartbeat offsets over half a period.
+fn heartbeat_phase(heartbeat_ms: u64) -> u64 {
     match heartbeat_ms / 2 {
         0 => 0,
-        spread => (u64::from(spread_draw()) % spread) as u32,
+        spread => u64::from(spread_draw()) % spread,
     }
 }
 
@@ -1042,7 +1091,7 @@ mod tests {
     /// Decode everything the session queued into JSON values (text) or `{"close":code}`.
     fn drain(s: &mut Session) -> Vec<serde_json::Value> {
         let mut buf = Vec::new();
-        s.outbound.drain_into(&mut buf, usize::MAX);
+        let _ = s.poll_transmit(&mut buf, usize::MAX);
         let mut out = Vec::new();
         let mut i = 0;
         while i < buf.len() {
@@ -1064,23 +1113,34 @@ mod tests {
         out
     }
 
-    fn text(w: &World, s: &mut Session, now_ms: u64, v: serde_json::Value, actions: &mut Vec<Action>) {
-        s.handle_message(
-            now_ms,
-            Incoming::Text(v.to_string().into()),
-            &w.symbols,
-            w,
-            actions,
-        );
+    fn text(w: &World, s: &mut Session, now_ms: u64, v: serde_json::Value, events: &mut Vec<Event>) {
+        s.handle_message(now_ms, Incoming::Text(v.to_string().into()), &w.symbols, w);
+        events.extend(polled(s));
     }
 
-    /// Fire a session timer the way the shard does: at its armed time.
+    /// Traffic at `now_ms` (no idle close soon) and no heartbeat: for tests about other
+    /// deadlines.
+    fn quiet(s: &mut Session, now_ms: u64) {
+        s.note_rx(now_ms);
+        s.heartbeat_at_ms = u64::MAX / 2;
+    }
+
+    /// Every event the session has queued, in order.
+    fn polled(s: &mut Session) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    /// When the session wants its deadline of that kind.
     fn due(s: &Session, kind: TimerKind) -> u64 {
-        s.timers()
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, at)| *at)
-            .unwrap()
+        s.deadline(kind).unwrap()
+    }
+
+    /// Fire the session's deadlines the way the shard does: `handle_timeout`, then the
+    /// events it queued. Returns the next deadline the shard would file.
+    fn timeout(s: &mut Session, now_ms: u64, events: &mut Vec<Event>) -> Option<u64> {
+        s.handle_timeout(now_ms);
+        events.extend(polled(s));
+        s.poll_timeout()
     }
 
     #[test]
@@ -1091,27 +1151,30 @@ mod tests {
         let mut a = Vec::new();
         let at = due(&s, TimerKind::ReauthRequired);
         assert_eq!(at, (exp - 60) * 1000);
-        // A timer that fires early (a stale wheel slot) only re-arms.
-        assert_eq!(
-            s.handle_timer(TimerKind::ReauthRequired, at - 1, &mut a),
-            Some(at)
-        );
+        assert!(s.poll_timeout() < Some(at), "heartbeat and idle come first");
+        // Heartbeats are not what this test is about; traffic keeps the idle close away.
+        quiet(&mut s, at - 1);
+        assert_eq!(s.poll_timeout(), Some(at));
+        // A timeout that comes early (a stale wheel slot) does nothing.
+        assert_eq!(timeout(&mut s, at - 1, &mut a), Some(at));
         assert!(drain(&mut s).is_empty());
-        assert_eq!(s.handle_timer(TimerKind::ReauthRequired, at, &mut a), None);
+        let deadline = due(&s, TimerKind::ReauthDeadline);
+        assert_eq!(deadline, (exp + 30) * 1000);
+        // Once sent, the notice is no longer wanted: the next deadline is the 4001.
+        timeout(&mut s, at, &mut a);
+        assert_eq!(s.deadline(TimerKind::ReauthRequired), None);
         assert_eq!(
             drain(&mut s),
             vec![serde_json::json!({"type":"reauth_required","exp":exp,"deadline":exp + 30})]
         );
-        let deadline = due(&s, TimerKind::ReauthDeadline);
-        assert_eq!(deadline, (exp + 30) * 1000);
-        assert_eq!(
-            s.handle_timer(TimerKind::ReauthDeadline, deadline - 1, &mut a),
-            Some(deadline)
-        );
+        quiet(&mut s, deadline - 1);
+        assert_eq!(s.poll_timeout(), Some(deadline));
+        assert_eq!(timeout(&mut s, deadline - 1, &mut a), Some(deadline));
         assert!(!s.is_closing());
-        s.handle_timer(TimerKind::ReauthDeadline, deadline, &mut a);
+        assert!(a.is_empty());
+        assert_eq!(timeout(&mut s, deadline, &mut a), None);
         assert!(s.is_closing());
-        assert!(a.contains(&Action::Close { code: 4001 }));
+        assert!(a.contains(&Event::Close { code: 4001 }));
         assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4001})]);
     }
 
@@ -1155,20 +1218,22 @@ mod tests {
             serde_json::json!({"type":"unsubscribed","symbols":["ETH-USD"],"reason":"entitlement"})
         );
         let eth = w.symbols.lookup("ETH-USD").unwrap();
-        assert!(a.contains(&Action::Unsubscribe {
+        assert!(a.contains(&Event::Unsubscribe {
             ids: vec![eth],
             waiting: vec![]
         }));
-        assert!(a.contains(&Action::DeadlinesChanged));
+        // The new token's deadlines are in force.
+        assert_eq!(s.deadline(TimerKind::ReauthRequired), Some((exp + 540) * 1000));
+        assert_eq!(s.deadline(TimerKind::ReauthDeadline), Some((exp + 630) * 1000));
         assert_eq!(s.subscriptions().len(), 1);
-        // The old deadline no longer closes: the timer re-arms at the new one.
+        // The old deadline no longer closes: the session wants the new one.
         let old_deadline = (exp + 30) * 1000;
+        quiet(&mut s, old_deadline);
         let mut a2 = Vec::new();
-        assert_eq!(
-            s.handle_timer(TimerKind::ReauthDeadline, old_deadline, &mut a2),
-            Some((exp + 630) * 1000)
-        );
+        timeout(&mut s, old_deadline, &mut a2);
         assert!(!s.is_closing());
+        assert!(a2.is_empty(), "{a2:?}");
+        assert_eq!(s.deadline(TimerKind::ReauthDeadline), Some((exp + 630) * 1000));
     }
 
     #[test]
@@ -1232,10 +1297,11 @@ mod tests {
                 (4.into(), "forbidden".into())
             ]
         );
-        assert!(!a.contains(&Action::DeadlinesChanged));
+        assert_eq!(s.deadline(TimerKind::ReauthRequired), Some((exp - 60) * 1000));
         assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
-        s.handle_timer(TimerKind::ReauthDeadline, (exp + 30) * 1000, &mut a);
-        assert!(a.contains(&Action::Close { code: 4001 }));
+        quiet(&mut s, (exp + 30) * 1000 - 1);
+        timeout(&mut s, (exp + 30) * 1000, &mut a);
+        assert!(a.contains(&Event::Close { code: 4001 }));
     }
 
     /// A verifier that takes the token away (like the runtime's verifier threads).
@@ -1270,8 +1336,8 @@ mod tests {
             ),
             &w.symbols,
             &d,
-            &mut a,
         );
+        a.extend(polled(&mut s));
         // Nothing happens until the result comes back.
         assert!(drain(&mut s).is_empty());
         assert_eq!(s.deadline_ms(), (exp + 30) * 1000);
@@ -1281,13 +1347,13 @@ mod tests {
             w.verifier.verify(&token, exp - 50),
             (exp - 50) * 1000,
             &w.symbols,
-            &mut a,
         );
+        a.extend(polled(&mut s));
         assert_eq!(
             drain(&mut s),
             vec![serde_json::json!({"type":"reauthed","id":7,"exp":exp + 600})]
         );
-        assert!(a.contains(&Action::DeadlinesChanged));
+        assert_eq!(s.deadline(TimerKind::ReauthRequired), Some((exp + 540) * 1000));
         assert_eq!(s.deadline_ms(), (exp + 630) * 1000);
     }
 
@@ -1346,21 +1412,21 @@ mod tests {
             T0 * 1000,
         );
         drain(&mut s);
-        let due = |s: &Session| s.timers()[0].1;
+        let due = |s: &Session| due(s, TimerKind::ReauthRequired);
         let first = due(&s);
         assert!(
             first <= exp * 1000 - 60_000 && first > exp * 1000 - 70_000,
             "{first}"
         );
         let mut actions = Vec::new();
-        assert_eq!(
-            s.handle_timer(TimerKind::ReauthRequired, first, &mut actions),
-            None
-        );
+        quiet(&mut s, first);
+        timeout(&mut s, first, &mut actions);
+        assert_eq!(s.deadline(TimerKind::ReauthRequired), None, "sent once");
         assert_eq!(drain(&mut s)[0]["type"], "reauth_required");
         // A fresh token moves the notice into its own window.
         let fresh = verified(&w, &claims(exp + 600));
-        s.finish_reauth(Some(1), Ok(fresh), first + 5, &w.symbols, &mut actions);
+        s.finish_reauth(Some(1), Ok(fresh), first + 5, &w.symbols);
+        actions.extend(polled(&mut s));
         let next = due(&s);
         assert!(
             next <= (exp + 600) * 1000 - 60_000 && next > (exp + 600) * 1000 - 70_000,
@@ -1387,20 +1453,22 @@ mod tests {
         let mut s = open(&w, T0 + 300);
         let mut a = Vec::new();
         let hb = due(&s, TimerKind::Heartbeat);
-        assert_eq!(
-            s.handle_timer(TimerKind::Heartbeat, hb, &mut a),
-            Some(hb + 15_000)
-        );
+        assert_eq!(s.poll_timeout(), Some(hb));
+        timeout(&mut s, hb - 1, &mut a);
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(timeout(&mut s, hb, &mut a), Some(hb + 15_000));
+        assert_eq!(s.deadline(TimerKind::Heartbeat), Some(hb + 15_000));
         assert_eq!(drain(&mut s), vec![serde_json::json!({"ping": true})]);
         // Traffic pushes the idle deadline.
         let idle = due(&s, TimerKind::Idle);
         s.note_rx(idle - 1000);
-        assert_eq!(
-            s.handle_timer(TimerKind::Idle, idle, &mut a),
-            Some(idle - 1000 + 45_000)
-        );
-        s.handle_timer(TimerKind::Idle, idle - 1000 + 45_000, &mut a);
-        assert!(a.contains(&Action::Close { code: 4000 }));
+        timeout(&mut s, idle, &mut a);
+        assert!(!s.is_closing());
+        assert_eq!(s.deadline(TimerKind::Idle), Some(idle - 1000 + 45_000));
+        assert!(a.is_empty(), "{a:?}");
+        timeout(&mut s, idle - 1000 + 45_000, &mut a);
+        assert!(a.contains(&Event::Close { code: 4000 }));
+        assert_eq!(s.poll_timeout(), None, "closing: no deadline of its own");
     }
 
     fn session_with(w: &World, c: SessionConfig) -> Session {
@@ -1427,20 +1495,15 @@ mod tests {
         let now = T0 * 1000;
         for i in 0..10_000u32 {
             let payload = Bytes::from(vec![(i % 251) as u8; 125]);
-            s.handle_message(
-                now + u64::from(i / 1000),
-                Incoming::Ping(payload),
-                &w.symbols,
-                &w,
-                &mut a,
-            );
+            s.handle_message(now + u64::from(i / 1000), Incoming::Ping(payload), &w.symbols, &w);
+            a.extend(polled(&mut s));
             if s.is_closing() {
                 break;
             }
         }
-        assert!(a.contains(&Action::Close { code: 4029 }), "{a:?}");
+        assert!(a.contains(&Event::Close { code: 4029 }), "{a:?}");
         // One pong (125 bytes + 2 header), ten `rate_limited` replies and the close.
-        assert!(s.outbound.queued_bytes() < 2048, "{}", s.outbound.queued_bytes());
+        assert!(s.queued_bytes() < 2048, "{}", s.queued_bytes());
         let out = drain(&mut s);
         assert_eq!(out.iter().filter(|v| v["pong"] == true).count(), 1);
         assert_eq!(out.iter().filter(|v| v["code"] == "rate_limited").count(), 10);
@@ -1458,21 +1521,23 @@ mod tests {
                 Incoming::Ping(Bytes::copy_from_slice(p)),
                 &w.symbols,
                 &w,
-                &mut a,
             );
+            a.extend(polled(&mut s));
         }
         let mut buf = Vec::new();
-        s.outbound.drain_into(&mut buf, usize::MAX);
+        let t = s.poll_transmit(&mut buf, usize::MAX);
         assert_eq!(buf, [&[0x8a, 5][..], b"three"].concat());
+        assert_eq!(t.bytes, buf.len());
+        assert!(!t.done);
         // Once written, the next ping gets its own pong.
         s.handle_message(
             T0 * 1000,
             Incoming::Ping(Bytes::from_static(b"four")),
             &w.symbols,
             &w,
-            &mut a,
         );
-        assert_eq!(s.outbound.queued_bytes(), 6);
+        a.extend(polled(&mut s));
+        assert_eq!(s.queued_bytes(), 6);
     }
 
     /// Issue 14, hole 2 with replies: requests that each cost a reply, from a client that
@@ -1490,9 +1555,13 @@ mod tests {
         let mut armed = None;
         for i in 0..10_000u64 {
             text(&w, &mut s, now, serde_json::json!({"op":"ping","id":i}), &mut a);
-            if let Some(at) = s.enforce_budget(now, &mut a) {
-                assert!(armed.is_none(), "armed once per episode");
-                armed = Some((at, s.outbound.queued_bytes()));
+            s.enforce_budget(now);
+            a.extend(polled(&mut s));
+            if let Some(at) = s.deadline(TimerKind::SlowConsumer) {
+                match armed {
+                    None => armed = Some((at, s.queued_bytes())),
+                    Some((first, _)) => assert_eq!(first, at, "armed once per episode"),
+                }
             }
             if s.is_closing() {
                 break;
@@ -1501,7 +1570,7 @@ mod tests {
         let (at, queued) = armed.expect("the slow-consumer timer was armed");
         assert_eq!(at, now + 5_000);
         assert!(queued > 4096 && queued < 4096 + 64, "{queued}");
-        assert!(a.contains(&Action::Close { code: 4008 }), "{a:?}");
+        assert!(a.contains(&Event::Close { code: 4008 }), "{a:?}");
         // The backlog was dropped: only the close frame waits.
         assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4008})]);
     }
@@ -1556,7 +1625,7 @@ mod tests {
             let out = drain(&mut s);
             assert_eq!(out[0]["symbols"].as_array().unwrap().len(), 1024, "acknowledged");
             assert!(
-                matches!(a.pop(), Some(Action::Subscribe { ref ids, ref waiting, .. }) if ids.is_empty() && waiting.len() == 1024)
+                matches!(a.pop(), Some(Event::Subscribe { ref ids, ref waiting, .. }) if ids.is_empty() && waiting.len() == 1024)
             );
             // The bound counts waiting subscriptions.
             text(
@@ -1575,7 +1644,7 @@ mod tests {
                 &mut a,
             );
             assert!(
-                matches!(a.pop(), Some(Action::Unsubscribe { ref ids, ref waiting }) if ids.is_empty() && waiting.len() == 1024)
+                matches!(a.pop(), Some(Event::Unsubscribe { ref ids, ref waiting }) if ids.is_empty() && waiting.len() == 1024)
             );
             assert_eq!(drain(&mut s)[0]["symbols"].as_array().unwrap().len(), 1024);
             assert!(s.waiting_subscriptions().is_empty());
@@ -1617,7 +1686,7 @@ mod tests {
         );
         let out = drain(&mut s);
         assert_eq!(out[1]["symbols"], serde_json::json!(["NEW-1", "NEW-2"]));
-        assert!(a.contains(&Action::Unsubscribe {
+        assert!(a.contains(&Event::Unsubscribe {
             ids: vec![id],
             waiting: vec!["NEW-2".into()]
         }));
@@ -1645,7 +1714,7 @@ mod tests {
         let out = drain(&mut s);
         assert_eq!(out.iter().filter(|v| v["type"] == "pong").count(), 2);
         assert_eq!(out.iter().filter(|v| v["code"] == "rate_limited").count(), 10);
-        assert!(a.contains(&Action::Close { code: 4029 }));
+        assert!(a.contains(&Event::Close { code: 4029 }));
         // The bucket refills with (virtual) time.
         let mut s2 = Session::new(
             Arc::new(cfg()),
@@ -1696,7 +1765,7 @@ mod tests {
             serde_json::json!({"op":"publish","id":2,"ticks":[tick("BTC-USD"), tick("BTC-EUR")]}),
             &mut a,
         );
-        assert!(matches!(&a[0], Action::Publish { ticks } if ticks.len() == 2));
+        assert!(matches!(&a[0], Event::Publish { ticks } if ticks.len() == 2));
         assert_eq!(
             drain(&mut s)[0],
             serde_json::json!({"type":"published","id":2,"count":2})
@@ -1733,9 +1802,9 @@ mod tests {
             Incoming::Binary(bytes::Bytes::from_static(b"x")),
             &w.symbols,
             &w,
-            &mut a,
         );
-        assert_eq!(a, vec![Action::Close { code: 1003 }]);
+        a.extend(polled(&mut s));
+        assert_eq!(a, vec![Event::Close { code: 1003 }]);
         // Nothing is processed after our close.
         text(&w, &mut s, T0 * 1000, serde_json::json!({"op":"ping"}), &mut a);
         assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 1003})]);
@@ -1746,8 +1815,8 @@ mod tests {
             Incoming::Close(Some((4321, String::new()))),
             &w.symbols,
             &w,
-            &mut a,
         );
+        a.extend(polled(&mut s));
         assert_eq!(drain(&mut s), vec![serde_json::json!({"close": 4321})]);
     }
 
@@ -1768,7 +1837,8 @@ mod tests {
         let (n, m) = d.decode(&mut wire).unwrap();
         assert_eq!(n, wire.len());
         let mut a = Vec::new();
-        s.handle_message(T0 * 1000, m.unwrap(), &w.symbols, &w, &mut a);
+        s.handle_message(T0 * 1000, m.unwrap(), &w.symbols, &w);
+        a.extend(polled(&mut s));
         assert_eq!(drain(&mut s), vec![serde_json::json!({"type":"pong","id":9})]);
     }
 }

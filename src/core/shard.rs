@@ -23,6 +23,23 @@
 //!   when to call `handle_timeout` next. Counters (`tickgate_*_total`, gauges) are atomics
 //!   in [`Shared::metrics`] and are bumped here directly: they are memory, not I/O.
 //!
+//! Per connection the core drives the session through its three ways out (see
+//! [`crate::session`]): after every input to it (a message, a tick that pushed its queue
+//! over budget, a fired deadline, a reauth result, a revocation, the drain) the core
+//! carries out what [`Session::poll_event`] yields ([`SessionEvent`]: table changes,
+//! publishes, closes, security-log lines), holds the queue to its budget
+//! ([`Session::enforce_budget`]), files [`Session::poll_timeout`] if it is not the
+//! deadline already filed, and kicks the writer, which takes the frames with
+//! [`Session::poll_transmit`]. The session owns its deadlines (reauth notice and deadline,
+//! heartbeat, idle, slow consumer); the core keeps only its own per connection, in a
+//! three-slot [`DeadlineSet`] behind one wheel entry ([`ConnTimer`]): the handshake
+//! deadline before the `101`, the hard drop after a close frame, and the session's
+//! earliest deadline as last filed (a number to compare with, not a copy of the
+//! session's: when it fires the session decides what is due). The session's deadline
+//! only moves earlier on an input the core sees, so a filed deadline is never late; one
+//! that moved later (traffic, a drained queue) fires early once, does nothing, and is
+//! filed again.
+//!
 //! Per connection the runtime's socket state (descriptor, TLS, writer handle, partial
 //! frame, task count) lives in the same allocation, as the `io` field of [`Conn`]: one
 //! `Rc<RefCell<Conn<I>>>` per connection, so the fan-out's hot path stays what it was
@@ -50,42 +67,38 @@ use crate::feed::tick::TickKind;
 use crate::gate::pending::{Admission, PendingLimits, PendingTable};
 use crate::proto::close::CloseCode;
 use crate::proto::frame::{Decoder, Incoming};
-use crate::session::{Action, ReauthVerifier, Session, TimerKind};
+use crate::session::{Event as SessionEvent, ReauthVerifier, Session};
 use crate::state::Shared;
-use crate::timer::deadlines::DeadlineSet;
+use crate::timer::deadlines::{DeadlineSet, UNARMED};
 use crate::timer::wheel::{TimerKey, TimerWheel};
 
-/// Timers the shard keeps per connection, one slot each.
+/// A connection's deadlines as the core files them, one slot each behind one wheel entry.
+/// The session's own deadlines are the session's: the core only files the earliest one
+/// ([`Session::poll_timeout`]) and hands the firing back ([`Session::handle_timeout`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnTimer {
-    Session(TimerKind),
+    /// Whatever [`Session::poll_timeout`] said when the core last asked.
+    Session,
     Handshake,
     /// After a close frame was queued: the peer gets this long to answer before the socket
     /// is shut down regardless.
     HardDrop,
 }
 
-/// The connection's deadline kinds, in slot order: `CONN_TIMERS[k.slot()] == k`.
-const CONN_TIMERS: [ConnTimer; TIMER_SLOTS] = [
-    ConnTimer::Session(TimerKind::ReauthRequired),
-    ConnTimer::Session(TimerKind::ReauthDeadline),
-    ConnTimer::Session(TimerKind::Heartbeat),
-    ConnTimer::Session(TimerKind::Idle),
-    ConnTimer::Session(TimerKind::SlowConsumer),
-    ConnTimer::Handshake,
-    ConnTimer::HardDrop,
-];
-
 impl ConnTimer {
-    fn slot(self) -> usize {
-        CONN_TIMERS
-            .iter()
-            .position(|&k| k == self)
-            .expect("every kind has a slot")
+    const fn slot(self) -> usize {
+        match self {
+            ConnTimer::Session => 0,
+            ConnTimer::Handshake => 1,
+            ConnTimer::HardDrop => 2,
+        }
     }
 }
 
-const TIMER_SLOTS: usize = 7;
+/// The connection's deadline kinds, in slot order: `CONN_TIMERS[k.slot()] == k`.
+const CONN_TIMERS: [ConnTimer; TIMER_SLOTS] = [ConnTimer::Session, ConnTimer::Handshake, ConnTimer::HardDrop];
+
+const TIMER_SLOTS: usize = 3;
 /// After our close frame is queued, the peer has this long before the socket goes.
 pub const HARD_DROP_MS: u64 = 2_000;
 
@@ -179,7 +192,8 @@ pub struct Conn<I> {
     pub dead: bool,
     /// The peer's close frame arrived.
     pub peer_closed: bool,
-    /// The connection's deadlines, by [`ConnTimer::slot`], behind one wheel entry.
+    /// The connection's deadlines, by [`ConnTimer::slot`], behind one wheel entry: the
+    /// core's own (handshake, hard drop) and the session's earliest, as filed.
     deadlines: DeadlineSet<TIMER_SLOTS>,
     /// The per-user connection cap's slot, released when the connection is gone.
     pub slot: Option<UserSlot>,
@@ -191,7 +205,7 @@ impl<I> Conn<I> {
     /// The deadline of that kind, if armed (for tests and diagnostics).
     pub fn deadline(&self, kind: ConnTimer) -> Option<u64> {
         let at = self.deadlines.get(kind.slot());
-        (at != crate::timer::deadlines::UNARMED).then_some(at)
+        (at != UNARMED).then_some(at)
     }
 }
 
@@ -227,8 +241,6 @@ pub struct ShardCore<I> {
     pending: PendingTable,
     next_gen: u32,
     draining: bool,
-    /// The sessions' action buffer, reused (taken while a session runs, then put back).
-    actions: Vec<Action>,
     effects: Vec<Effect>,
 }
 
@@ -250,7 +262,6 @@ impl<I: ConnIo> ShardCore<I> {
             pending,
             next_gen: 1,
             draining: false,
-            actions: Vec::new(),
             effects: Vec::new(),
         }
     }
@@ -418,11 +429,9 @@ impl<I: ConnIo> ShardCore<I> {
         let Some(conn) = self.get(id) else { return };
         let mut c = conn.borrow_mut();
         c.deadlines.clear(ConnTimer::Handshake.slot());
-        for (kind, at) in session.timers() {
-            arm(&mut self.wheel, &mut c, id.idx, ConnTimer::Session(kind), at);
-        }
         c.session = Some(session);
         c.decoder = Some(decoder);
+        refile_session(&mut self.wheel, &mut c, id.idx);
     }
 
     /// The connection's tasks have all ended: frees the slot, its subscriptions, its
@@ -463,13 +472,11 @@ impl<I: ConnIo> ShardCore<I> {
             return;
         };
         let mut c = conn.borrow_mut();
-        let mut actions = std::mem::take(&mut self.actions);
         let mut peer_closed = false;
         {
             let c = &mut *c;
             let (Some(decoder), Some(session)) = (c.decoder.as_mut(), c.session.as_mut()) else {
                 *partial = Vec::new();
-                self.actions = actions;
                 return;
             };
             session.note_rx(now);
@@ -493,11 +500,11 @@ impl<I: ConnIo> ShardCore<I> {
                             if matches!(m, Incoming::Close(_)) {
                                 peer_closed = true;
                             }
-                            session.handle_message(now, m, self.shared.hub.symbols(), verifier, &mut actions);
+                            session.handle_message(now, m, self.shared.hub.symbols(), verifier);
                         }
                     }
                     Err(e) => {
-                        session.protocol_error(e.close_code(), e.close_reason(), &mut actions);
+                        session.protocol_error(e.close_code(), e.close_reason());
                         off = buf.len();
                         break;
                     }
@@ -514,8 +521,7 @@ impl<I: ConnIo> ShardCore<I> {
             }
         }
         c.peer_closed |= peer_closed;
-        self.apply(idx, &mut c, &mut actions, now);
-        self.put_actions(actions);
+        self.apply(idx, &mut c, now);
     }
 
     /// A decoded message for connection `id`, as [`Self::handle_bytes`] hands each one to
@@ -523,101 +529,77 @@ impl<I: ConnIo> ShardCore<I> {
     pub fn handle_message(&mut self, now: u64, id: ConnId, m: Incoming, verifier: &dyn ReauthVerifier) {
         let Some(conn) = self.get(id) else { return };
         let mut c = conn.borrow_mut();
-        let mut actions = std::mem::take(&mut self.actions);
         {
             let c = &mut *c;
             if let Some(s) = c.session.as_mut() {
                 s.note_rx(now);
                 c.peer_closed |= matches!(m, Incoming::Close(_));
-                s.handle_message(now, m, self.shared.hub.symbols(), verifier, &mut actions);
+                s.handle_message(now, m, self.shared.hub.symbols(), verifier);
             }
         }
-        self.apply(id.idx, &mut c, &mut actions, now);
-        self.put_actions(actions);
+        self.apply(id.idx, &mut c, now);
     }
 
-    fn put_actions(&mut self, mut actions: Vec<Action>) {
-        actions.clear();
-        self.actions = actions;
-    }
-
-    /// Carry out what a session asked for. Runs with the connection borrowed.
-    fn apply(&mut self, idx: usize, c: &mut Conn<I>, actions: &mut Vec<Action>, now: u64) {
+    /// Carry out what a session asked for ([`Session::poll_event`]), hold its queue to
+    /// its budget, re-file its deadline if [`Session::poll_timeout`] moved, and have its
+    /// writer started. Runs with the connection borrowed, after every input to a session.
+    fn apply(&mut self, idx: usize, c: &mut Conn<I>, now: u64) {
         loop {
-            self.apply_once(idx, c, actions, now);
-            // What the actions queued (replies, snapshots) counts against the outbound
-            // budget; a close it decides is applied in the next round.
-            let arm_at = c.session.as_mut().and_then(|s| s.enforce_budget(now, actions));
-            if let Some(at) = arm_at {
-                arm(
-                    &mut self.wheel,
-                    c,
-                    idx,
-                    ConnTimer::Session(TimerKind::SlowConsumer),
-                    at,
-                );
+            while let Some(ev) = c.session.as_mut().and_then(Session::poll_event) {
+                self.apply_event(idx, c, ev, now);
             }
-            if actions.is_empty() {
-                break;
+            // What the events queued (replies, snapshots) counts against the outbound
+            // budget; a close it decides is carried out in the next round.
+            let Some(s) = c.session.as_mut() else { break };
+            s.enforce_budget(now);
+            match s.poll_event() {
+                Some(ev) => self.apply_event(idx, c, ev, now),
+                None => break,
             }
         }
+        refile_session(&mut self.wheel, c, idx);
         kick(&mut self.effects, idx, c);
     }
 
-    fn apply_once(&mut self, idx: usize, c: &mut Conn<I>, actions: &mut Vec<Action>, now: u64) {
-        for a in actions.drain(..) {
-            match a {
-                Action::Subscribe {
-                    ids,
-                    snapshot,
-                    waiting,
-                } => {
-                    self.subscribe(idx, c, &ids, snapshot);
-                    for name in waiting {
-                        self.wait(idx, c, name, snapshot);
-                    }
+    fn apply_event(&mut self, idx: usize, c: &mut Conn<I>, ev: SessionEvent, now: u64) {
+        match ev {
+            SessionEvent::Subscribe {
+                ids,
+                snapshot,
+                waiting,
+            } => {
+                self.subscribe(idx, c, &ids, snapshot);
+                for name in waiting {
+                    self.wait(idx, c, name, snapshot);
                 }
-                Action::Unsubscribe { ids, waiting } => {
-                    self.table_remove(idx, c.generation, &ids);
-                    self.unwait(idx, c.generation, &waiting);
-                }
-                Action::Publish { ticks } => {
-                    let n = self.shared.hub.publish(&ticks);
-                    self.shared.metrics.ticks_in.fetch_add(n as u64, Relaxed);
-                }
-                Action::DeadlinesChanged => {
-                    if let Some(s) = &c.session {
-                        let timers = s.timers();
-                        for (kind, at) in timers {
-                            if matches!(kind, TimerKind::ReauthRequired | TimerKind::ReauthDeadline) {
-                                arm(&mut self.wheel, c, idx, ConnTimer::Session(kind), at);
-                            }
-                        }
-                    }
-                }
-                Action::Close { code } => {
-                    self.shared.metrics.count_close(code);
-                    for kind in CONN_TIMERS {
-                        if matches!(kind, ConnTimer::Session(_)) {
-                            c.deadlines.clear(kind.slot());
-                        }
-                    }
-                    arm(&mut self.wheel, c, idx, ConnTimer::HardDrop, now + HARD_DROP_MS);
-                }
-                Action::Log {
-                    event,
-                    outcome,
-                    reason,
-                } => {
-                    if let Some(s) = &c.session {
-                        let cl = s.claims();
-                        let e = AuditEvent {
-                            sub: Some(cl.sub.clone()),
-                            sid: cl.sid.clone(),
-                            ..AuditEvent::new(now, event, outcome, reason)
-                        };
-                        self.audit(e);
-                    }
+            }
+            SessionEvent::Unsubscribe { ids, waiting } => {
+                self.table_remove(idx, c.generation, &ids);
+                self.unwait(idx, c.generation, &waiting);
+            }
+            SessionEvent::Publish { ticks } => {
+                let n = self.shared.hub.publish(&ticks);
+                self.shared.metrics.ticks_in.fetch_add(n as u64, Relaxed);
+            }
+            SessionEvent::Close { code } => {
+                // The session wants no deadline of its own any more (`poll_timeout` is
+                // `None` once closing): the hard drop takes over.
+                self.shared.metrics.count_close(code);
+                arm(&mut self.wheel, c, idx, ConnTimer::HardDrop, now + HARD_DROP_MS);
+            }
+            SessionEvent::Log {
+                event,
+                outcome,
+                reason,
+            } => {
+                if let Some(s) = &c.session {
+                    let cl = s.claims();
+                    let e = AuditEvent {
+                        sub: Some(cl.sub.clone()),
+                        sid: cl.sid.clone(),
+                        ..AuditEvent::new(now, event, outcome, reason)
+                    };
+                    self.audit(e);
                 }
             }
         }
@@ -780,7 +762,7 @@ impl<I: ConnIo> ShardCore<I> {
                 continue;
             }
             let Some(s) = c.session.as_mut() else { continue };
-            let conflated_before = s.outbound.conflated_total();
+            let conflated_before = s.conflated_total();
             let slow = if gap == 0 {
                 s.push_tick(t, now)
             } else {
@@ -792,18 +774,13 @@ impl<I: ConnIo> ShardCore<I> {
                 });
                 s.push_tick(&one, now)
             };
-            let conflated = s.outbound.conflated_total() - conflated_before;
+            let conflated = s.conflated_total() - conflated_before;
             if conflated > 0 {
                 self.shared.metrics.conflated.fetch_add(conflated, Relaxed);
             }
-            if let Some(at) = slow {
-                arm(
-                    &mut self.wheel,
-                    &mut c,
-                    e.idx,
-                    ConnTimer::Session(TimerKind::SlowConsumer),
-                    at,
-                );
+            if slow {
+                // A slow-consumer episode started: the session's deadline may be earlier.
+                refile_session(&mut self.wheel, &mut c, e.idx);
             }
             kick(&mut self.effects, e.idx, &mut c);
             delivered += 1;
@@ -834,7 +811,7 @@ impl<I: ConnIo> ShardCore<I> {
     }
 
     /// The clock reached `now`: every deadline due fires (handshake and hard-drop
-    /// deadlines shut the socket down, session deadlines go to [`Session::handle_timer`]).
+    /// deadlines shut the socket down, a session's goes to [`Session::handle_timeout`]).
     pub fn handle_timeout(&mut self, now: u64) {
         self.advance_timers(now);
         while self.fire_due(now, usize::MAX) {}
@@ -874,17 +851,12 @@ impl<I: ConnIo> ShardCore<I> {
                     c.dead = true;
                     kick(&mut self.effects, idx, &mut c);
                 }
-                ConnTimer::Session(tk) => {
-                    let mut actions = std::mem::take(&mut self.actions);
-                    let rearm = match c.session.as_mut() {
-                        Some(s) => s.handle_timer(tk, now, &mut actions),
-                        None => None,
-                    };
-                    if let Some(at) = rearm {
-                        c.deadlines.set(slot, at);
+                ConnTimer::Session => {
+                    // Every deadline of the session due at `now`; `apply` files its next.
+                    if let Some(s) = c.session.as_mut() {
+                        s.handle_timeout(now);
                     }
-                    self.apply(idx, &mut c, &mut actions, now);
-                    self.put_actions(actions);
+                    self.apply(idx, &mut c, now);
                 }
             }
         }
@@ -898,7 +870,6 @@ impl<I: ConnIo> ShardCore<I> {
                 let mut closed = 0;
                 let conns: Vec<(usize, ConnRef<I>)> =
                     self.conns.iter().map(|(i, c)| (i, c.clone())).collect();
-                let mut actions = std::mem::take(&mut self.actions);
                 for (idx, conn) in conns {
                     let mut c = conn.borrow_mut();
                     let hit = !c.dead
@@ -906,21 +877,11 @@ impl<I: ConnIo> ShardCore<I> {
                             .as_ref()
                             .map(|s| s.claims())
                             .is_some_and(|cl| target.matches(&cl.sub, cl.sid.as_deref(), cl.jti.as_deref()));
-                    if hit
-                        && let Some(s) = c.session.as_mut()
-                        && !s.is_closing()
-                    {
-                        actions.push(Action::Log {
-                            event: Event::Close,
-                            outcome: Outcome::Closed,
-                            reason: Reason::Revoked,
-                        });
-                        s.close(CloseCode::REVOKED, "revoked", &mut actions);
-                        self.apply(idx, &mut c, &mut actions, now);
+                    if hit && c.session.as_mut().is_some_and(Session::revoke) {
+                        self.apply(idx, &mut c, now);
                         closed += 1;
                     }
                 }
-                self.put_actions(actions);
                 self.effects.push(Effect::RevokeDone { reply, closed });
             }
             Control::Drain => self.drain(now),
@@ -934,12 +895,10 @@ impl<I: ConnIo> ShardCore<I> {
                     return;
                 };
                 let mut c = conn.borrow_mut();
-                let mut actions = std::mem::take(&mut self.actions);
                 if let Some(s) = c.session.as_mut() {
-                    s.finish_reauth(id, *result, now, self.shared.hub.symbols(), &mut actions);
+                    s.finish_reauth(id, *result, now, self.shared.hub.symbols());
                 }
-                self.apply(idx, &mut c, &mut actions, now);
-                self.put_actions(actions);
+                self.apply(idx, &mut c, now);
             }
         }
     }
@@ -952,13 +911,12 @@ impl<I: ConnIo> ShardCore<I> {
         }
         self.effects.push(Effect::StopAccepting);
         let conns: Vec<(usize, ConnRef<I>)> = self.conns.iter().map(|(i, c)| (i, c.clone())).collect();
-        let mut actions = std::mem::take(&mut self.actions);
         for (idx, conn) in conns {
             let mut c = conn.borrow_mut();
             match c.session.as_mut() {
                 Some(s) => {
-                    s.close(CloseCode::GOING_AWAY, "server draining", &mut actions);
-                    self.apply(idx, &mut c, &mut actions, now);
+                    s.close(CloseCode::GOING_AWAY, "server draining");
+                    self.apply(idx, &mut c, now);
                 }
                 None => self.effects.push(Effect::Shutdown(ConnId {
                     idx,
@@ -966,7 +924,6 @@ impl<I: ConnIo> ShardCore<I> {
                 })),
             }
         }
-        self.put_actions(actions);
     }
 
     /// Once a second: gives back the sessions' spare capacity; returns the bytes queued
@@ -977,7 +934,7 @@ impl<I: ConnIo> ShardCore<I> {
             if let Ok(mut c) = c.try_borrow_mut()
                 && let Some(s) = c.session.as_mut()
             {
-                queued += s.outbound.queued_bytes() as u64;
+                queued += s.queued_bytes() as u64;
                 s.trim();
             }
         }
@@ -989,6 +946,21 @@ impl<I: ConnIo> ShardCore<I> {
 fn arm<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize, kind: ConnTimer, at: u64) {
     c.deadlines.set(kind.slot(), at);
     refile(wheel, c, idx);
+}
+
+/// Files the session's deadline ([`Session::poll_timeout`]) if it is not the one filed:
+/// after every input to the session (cheap when nothing moved: one comparison).
+fn refile_session<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize) {
+    let at = c
+        .session
+        .as_ref()
+        .and_then(Session::poll_timeout)
+        .unwrap_or(UNARMED);
+    let slot = ConnTimer::Session.slot();
+    if c.deadlines.get(slot) != at {
+        c.deadlines.set(slot, at);
+        refile(wheel, c, idx);
+    }
 }
 
 fn refile<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize) {

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::feed::tick::Tick;
 use crate::metrics::CLOSE_CODES;
 use crate::proto::frame::DecoderConfig;
+use crate::session::TimerKind;
 use crate::state::{AuthState, Shared};
 
 /// Unix milliseconds at the start of every test.
@@ -175,11 +176,8 @@ impl World {
         let conn = self.core.get(id).unwrap();
         let mut c = conn.borrow_mut();
         let mut buf = Vec::new();
-        c.session
-            .as_mut()
-            .unwrap()
-            .outbound
-            .drain_into(&mut buf, usize::MAX);
+        let t = c.session.as_mut().unwrap().poll_transmit(&mut buf, usize::MAX);
+        assert_eq!(t.bytes, buf.len());
         buf
     }
 
@@ -214,8 +212,24 @@ impl World {
         self.core.handle_timeout(now);
     }
 
+    /// A deadline of the core's own (handshake, hard drop, the session's as filed).
     fn deadline(&self, id: ConnId, kind: ConnTimer) -> Option<u64> {
         self.core.get(id).unwrap().borrow().deadline(kind)
+    }
+
+    /// A deadline of the session's, as the session owns it. The core has filed the
+    /// session's earliest ([`Session::poll_timeout`]) or an earlier one (a deadline that
+    /// moved later since is re-filed when the earlier entry fires).
+    fn session_deadline(&self, id: ConnId, kind: TimerKind) -> Option<u64> {
+        let conn = self.core.get(id).unwrap();
+        let c = conn.borrow();
+        let s = c.session.as_ref().unwrap();
+        let filed = c.deadline(ConnTimer::Session);
+        match s.poll_timeout() {
+            Some(at) => assert!(filed.is_some_and(|f| f <= at), "filed {filed:?}, wanted {at}"),
+            None => assert_eq!(filed, None),
+        }
+        s.deadline(kind)
     }
 
     fn is_dead(&self, id: ConnId) -> bool {
@@ -380,7 +394,7 @@ fn revoke_closes_sessions_matching_sub_sid_or_jti_with_4003_and_counts_them() {
         let out = w.out(id);
         assert_eq!(out.last().unwrap()["close"], 4003, "{out:?}");
         assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
-        assert_eq!(w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)), None);
+        assert_eq!(w.session_deadline(id, TimerKind::Heartbeat), None);
     }
     assert!(w.out(dave).is_empty());
     assert_eq!(closes(&w.shared, 4003), 4);
@@ -432,13 +446,10 @@ fn a_slow_consumer_is_conflated_then_closed_with_4008_at_grace_and_dropped_2s_la
     assert!(w.shared.metrics.conflated.load(Relaxed) > 0);
     let grace = 3_000;
     assert_eq!(
-        w.deadline(slow, ConnTimer::Session(TimerKind::SlowConsumer)),
+        w.session_deadline(slow, TimerKind::SlowConsumer),
         Some(start + grace)
     );
-    assert_eq!(
-        w.deadline(fast, ConnTimer::Session(TimerKind::SlowConsumer)),
-        None
-    );
+    assert_eq!(w.session_deadline(fast, TimerKind::SlowConsumer), None);
     w.effects();
     w.advance_to(start + grace - 1);
     assert!(w.effects().is_empty());
@@ -495,7 +506,7 @@ fn the_handshake_deadline_shuts_a_silent_socket_down_and_logs_it() {
 fn a_heartbeat_ping_is_queued_at_its_time_and_rearmed() {
     let mut w = world();
     let id = w.connect("alice", "s1", "j1");
-    let at = w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)).unwrap();
+    let at = w.session_deadline(id, TimerKind::Heartbeat).unwrap();
     assert!(at > T0 && at <= T0 + 15_000);
     assert!(w.core.poll_timeout().is_some_and(|t| t <= at));
     w.advance_to(at - 1);
@@ -503,10 +514,7 @@ fn a_heartbeat_ping_is_queued_at_its_time_and_rearmed() {
     w.advance_to(at);
     assert_eq!(w.out(id), vec![serde_json::json!({"ping": true})]);
     assert_eq!(kicks(&w.effects()), vec![id]);
-    assert_eq!(
-        w.deadline(id, ConnTimer::Session(TimerKind::Heartbeat)),
-        Some(at + 15_000)
-    );
+    assert_eq!(w.session_deadline(id, TimerKind::Heartbeat), Some(at + 15_000));
 }
 
 #[test]
@@ -594,4 +602,56 @@ fn an_unmasked_frame_closes_the_connection_with_1002() {
     assert_eq!(w.out(id).last().unwrap()["close"], 1002);
     assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(w.now + HARD_DROP_MS));
     assert_eq!(closes(&w.shared, 1002), 1);
+}
+
+/// The session owns its deadlines; the core files the earliest. A reauth result that moves
+/// it earlier (a shorter token, no grace) is filed at once, and the close comes exactly
+/// then.
+#[test]
+fn a_reauth_that_moves_the_session_deadline_earlier_is_filed_and_fires() {
+    let mut w = world_with(|c| c.lifetime.reauth_grace = Duration::ZERO);
+    let id = w.connect("alice", "s1", "j1");
+    let heartbeat = w.session_deadline(id, TimerKind::Heartbeat).unwrap();
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(heartbeat));
+    let secs = w.now / 1000;
+    let claims = Claims {
+        sub: "alice".into(),
+        exp: secs + 3,
+        iat: Some(secs - 10),
+        sid: Some("s1".into()),
+        jti: Some("j2".into()),
+        roles: vec!["subscriber".into()],
+        symbols: vec!["*".into()],
+        ..Claims::default()
+    };
+    let token = sign_token(&w.key, "k1", &claims);
+    let verified = w.shared.verify_token(&token, w.now);
+    assert!(verified.is_ok());
+    w.core.handle_control(
+        w.now,
+        Control::ReauthDone {
+            idx: id.idx,
+            generation: id.generation,
+            id: Some(1),
+            result: Box::new(verified),
+        },
+    );
+    assert_eq!(w.out(id)[0]["type"], "reauthed");
+    let deadline = (secs + 3) * 1000;
+    assert_eq!(w.session_deadline(id, TimerKind::ReauthDeadline), Some(deadline));
+    // The notice is due at once (already inside the lead), then the close.
+    let notice = w.session_deadline(id, TimerKind::ReauthRequired).unwrap();
+    assert!(notice <= w.now);
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(notice));
+    w.effects();
+    w.advance_to(w.now);
+    assert_eq!(w.out(id)[0]["type"], "reauth_required");
+    assert_eq!(w.deadline(id, ConnTimer::Session), Some(deadline));
+    w.advance_to(deadline - 1);
+    assert!(w.out(id).is_empty());
+    w.advance_to(deadline);
+    assert_eq!(w.out(id), vec![serde_json::json!({"close": 4001})]);
+    assert_eq!(audits(&w.effects())[0].reason.as_str(), "token_expired");
+    assert_eq!(w.deadline(id, ConnTimer::Session), None);
+    assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(deadline + HARD_DROP_MS));
 }

@@ -21,9 +21,9 @@
 //! and writes its handshake flights and the encrypted response with `write_all_fd`, all
 //! under the same handshake deadline as plain HTTP; after the `101` the `ServerConnection`
 //! moves into the `Conn`, the reader decrypts into the shard's `plain_buf` before the frame
-//! decoder, and the writer encrypts the coalesced buffer after `drain_stamped`. The fan-out is
-//! untouched: frames are still encoded once and shared; only the encryption is per
-//! connection.
+//! decoder, and the writer encrypts the coalesced buffer it took with
+//! [`Session::poll_transmit`]. The fan-out is untouched: frames are still encoded once and
+//! shared; only the encryption is per connection.
 //!
 //! What the bytes mean is not decided here: after the `101` received bytes go to the shard's
 //! core ([`crate::core::shard::ShardCore::handle_bytes`]), which decodes them into the
@@ -509,15 +509,14 @@ pub(crate) async fn writer(
             }
             let c = &mut *c;
             let Some(s) = c.session.as_mut() else { break };
-            if s.outbound.is_empty() && !c.io.tls.as_ref().is_some_and(|t| t.wants_write()) {
+            if !s.has_output() && !c.io.tls.as_ref().is_some_and(|t| t.wants_write()) {
                 c.io.whandle = Some(handle);
                 return;
             }
             buf = ctx.take_buffer();
-            buf.reserve(s.outbound.queued_bytes().min(MAX_WRITE));
-            oldest_tick = s.outbound.drain_stamped(&mut buf, MAX_WRITE).1;
-            s.note_drained();
-            closing_done = s.is_closing() && s.outbound.is_empty();
+            let t = s.poll_transmit(&mut buf, MAX_WRITE);
+            oldest_tick = t.oldest_tick_ns;
+            closing_done = t.done;
             encrypted = match c.io.tls.as_deref_mut() {
                 Some(t) => {
                     // The frames were encoded once for every subscriber; only this step
@@ -552,14 +551,7 @@ pub(crate) async fn writer(
         if failed {
             break;
         }
-        if !ctx.uring
-            && !closing_done
-            && conn
-                .borrow()
-                .session
-                .as_ref()
-                .is_some_and(|s| !s.outbound.is_empty())
-        {
+        if !ctx.uring && !closing_done && conn.borrow().session.as_ref().is_some_and(Session::has_output) {
             // epoll: a `send` that did not block never yielded; let the rest of the turn
             // run before this connection's next `MAX_WRITE`.
             yield_now().await;
