@@ -32,7 +32,7 @@
 //!   `usercap` (per-user connection cap with RAII slots), `revocation`, `seclog`.
 //! - [`gate`]: the single seam from a parsed request to "upgrade" or "reject with status".
 //! - [`session`]: one connection's state machine after the `101`: `handle_*(now, ..)` in,
-//!   frames and [`session::Action`]s out.
+//!   frames and [`session::Event`]s out.
 //! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `msg` (client
 //!   messages, server message encoding), `tick`, `outbound` (bounded queue with
 //!   conflation), `hub` (cross-core fan-out), `sim` (tick simulator).
@@ -41,7 +41,7 @@
 //! - [`core`]: `shard`, one shard's decisions, sans-IO: the connection table (slab index +
 //!   generation) with each connection's session, decoder and deadlines; the subscription
 //!   table and the waiting table; the fan-out of a tick with `seq`-gap detection; applying
-//!   session [`session::Action`]s; revoke and drain; firing deadlines. `handle_*(now, ..)`
+//!   session [`session::Event`]s; revoke and drain; firing deadlines. `handle_*(now, ..)`
 //!   in, [`core::shard::Effect`]s out (`Kick`, `Shutdown`, `Audit`, `StopAccepting`).
 //! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reload on
 //!   SIGHUP and on file change); the connection pump drives rustls sans-IO.
