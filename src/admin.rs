@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
 use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent, token_hash};
-use crate::cluster::{RELAY_HEADER, Relay};
+use crate::cluster::RELAY_HEADER;
 use crate::feed::hub::Control;
 use crate::proto::http::{self, RequestLimits, Response};
+use crate::rt::relay::Relay;
 use crate::state::Shared;
 
 pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {

@@ -27,7 +27,9 @@
 pub mod conn;
 pub mod ctx;
 pub mod io;
+pub mod relay;
 pub mod shard;
+pub mod tls_watch;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -239,7 +241,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         }
     }
     if shared.tls.is_some() {
-        crate::tls::spawn_watcher(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
+        tls_watch::spawn(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
     }
     let admin_addr = if cfg.admin.enabled {
         Some(crate::admin::start(shared.clone())?)
