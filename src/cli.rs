@@ -280,7 +280,7 @@ pub fn run(cli: Cli) -> i32 {
             }
             let mut found = crate::doctor::run(cfg.as_ref());
             if jitter > 0.0 {
-                let stats = crate::doctor::measure_jitter_all(std::time::Duration::from_secs_f64(jitter));
+                let stats = crate::rt::jitter::measure_all(std::time::Duration::from_secs_f64(jitter));
                 found.extend(crate::doctor::jitter_findings(&stats));
             } else {
                 found.push(crate::doctor::jitter_not_measured());
@@ -294,7 +294,7 @@ pub fn run(cli: Cli) -> i32 {
             symbols,
             count,
             ca,
-        } => match crate::client::run(&url, &token, &symbols, count, ca.as_deref()) {
+        } => match crate::rt::client::run(&url, &token, &symbols, count, ca.as_deref()) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },
@@ -490,7 +490,7 @@ fn serve(
     }
     let stop = Arc::new(AtomicBool::new(false));
     if shared.cfg.feed.simulator
-        && let Err(e) = crate::feed::sim::spawn(
+        && let Err(e) = crate::rt::sim::spawn(
             shared.clone(),
             &shared.cfg.feed.simulator_symbols,
             shared.cfg.feed.simulator_rate,

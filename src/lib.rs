@@ -52,12 +52,11 @@
 //!   socket-level helpers (`io`), reauth verifier threads (`verify`).
 //! - [`state`]: what all shards share; [`admin`]: the admin listener ([`cluster`]: its
 //!   revocation relay to the other nodes); [`metrics`];
-//!   [`doctor`]: host checks; [`client`]: the demo client.
+//!   [`doctor`]: host checks; [`rt::client`]: the demo client.
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod core;

@@ -24,11 +24,14 @@
 //! reloads the certificate when its files change. Tests start servers in-process this way;
 //! `tickgate serve` does the same and then waits for signals.
 
+pub mod client;
 pub mod conn;
 pub mod ctx;
 pub mod io;
+pub mod jitter;
 pub mod relay;
 pub mod shard;
+pub mod sim;
 pub mod tls_watch;
 pub mod verify;
 
