@@ -531,27 +531,19 @@ const OWNED_BY_RT: &[&str] = &[
     "monoio::net",
 ];
 
-/// Files outside `src/rt/` that still own sockets or threads, until they move: the list
-/// may only shrink (a file on it that no longer offends fails the test too).
-const NOT_YET_MOVED: &[&str] = &["admin.rs"];
-
 #[test]
 fn only_rt_owns_sockets_and_threads() {
     let mut offenders = Vec::new();
-    let mut stale: Vec<&str> = NOT_YET_MOVED.to_vec();
     for s in sources() {
         if s.rel.starts_with("rt/") || s.rel == "main.rs" {
             continue;
         }
-        let waived = NOT_YET_MOVED.contains(&s.rel.as_str());
         for (n, line) in s.code.lines().enumerate() {
             for w in OWNED_BY_RT {
                 let hit = line
                     .match_indices(w)
                     .any(|(at, _)| !prev_is_ident(line.as_bytes(), at));
-                if hit && waived {
-                    stale.retain(|f| *f != s.rel);
-                } else if hit {
+                if hit {
                     offenders.push(format!("src/{}:{}: {w}: {}", s.rel, n + 1, line.trim()));
                 }
             }
@@ -561,10 +553,6 @@ fn only_rt_owns_sockets_and_threads() {
         offenders.is_empty(),
         "sockets or threads outside src/rt/:\n{}",
         offenders.join("\n")
-    );
-    assert!(
-        stale.is_empty(),
-        "no longer own sockets or threads, drop them from NOT_YET_MOVED: {stale:?}"
     );
 }
 

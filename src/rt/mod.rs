@@ -24,6 +24,7 @@
 //! reloads the certificate when its files change. Tests start servers in-process this way;
 //! `tickgate serve` does the same and then waits for signals.
 
+pub mod admin;
 pub mod client;
 pub mod conn;
 pub mod ctx;
@@ -247,7 +248,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         tls_watch::spawn(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
     }
     let admin_addr = if cfg.admin.enabled {
-        Some(crate::admin::start(shared.clone())?)
+        Some(admin::start(shared.clone())?)
     } else {
         None
     };
