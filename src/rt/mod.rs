@@ -31,6 +31,7 @@ pub mod ctx;
 pub mod io;
 pub mod jitter;
 pub mod relay;
+pub mod serve;
 pub mod shard;
 pub mod sim;
 pub mod tls_watch;
