@@ -192,7 +192,7 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
                     shared.hub.symbols().len(),
                     shared.hub.symbols().max_symbols(),
                     shared.hub.symbols().waiting_len(),
-                    shared.revoked.len()
+                    shared.revocation.len()
                 ),
             );
             if let Some(tls) = shared.tls.as_ref() {
@@ -292,7 +292,7 @@ fn revoke(
             ));
         }
     };
-    if shared.revoked.revoke(target.clone(), now).is_err() {
+    if shared.revocation.revoke(target.clone(), now).is_err() {
         log(
             Outcome::Rejected,
             Reason::RevocationListFull,
