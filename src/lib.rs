@@ -56,8 +56,11 @@
 //!   (admission, eviction), [`admin::route`] (a request in; a response, or a revocation for
 //!   `rt::admin` to carry out, out). [`cluster`]: the revocation relay's decisions (peer
 //!   syntax, backoff, the relayed request, classifying a peer's answer).
-//! - [`state`]: what all shards share ([`state::Shared`]), and the one clock
-//!   ([`state::Shared::now_ms`]: Unix milliseconds advanced by a monotonic clock).
+//! - [`state`]: what all shards share ([`state::Shared`], in named parts: `cfg`, `auth`
+//!   ([`state::AuthParts`]: the reloadable keys, policy and allow-lists, the rate limiter,
+//!   the user caps), `tickets`, `revocation`, `seclog` and `sec_counters`, `metrics`,
+//!   `hub`, `tls`), and the one clock (`clock`, read through [`state::Shared::now_ms`]:
+//!   Unix milliseconds advanced by a monotonic clock).
 //! - [`metrics`]; [`doctor`]: host checks (what the jitter probe's gaps mean).
 //! - [`rt`]: the only code with sockets and threads: bootstrap and acceptor (`mod.rs`), the
 //!   shard's tasks (`shard`: dispatcher, ticker), its runtime state (`ctx`: the core behind
