@@ -2,8 +2,13 @@
 //! `/metrics` and `POST /admin/revoke` (PROTOCOL.md sections 1 and 7). Revocations are
 //! relayed to `admin.peers` ([`crate::cluster`]).
 //!
-//! It is off the hot path, so it runs on plain threads with blocking sockets: one acceptor
-//! and a bounded number of request threads, each request bounded in size and time. It keeps
+//! This module is the sans-IO half: the connection [`Registry`] (admission and eviction
+//! decisions, generic over the socket handle), [`route`] (a parsed request in, a
+//! [`Response`] or a [`Revocation`] to carry out, out) and the revocation's answer
+//! ([`revoked`]). `rt::admin` owns the rest: it is off the hot path, so it runs on plain
+//! threads with blocking sockets: one acceptor and a bounded number of request threads,
+//! each request bounded in size and time; it carries out a revocation (the broadcast to
+//! the shards, the relay to the peers, waiting for their counts). The listener keeps
 //! answering while the public listener drains (`/readyz` then says 503).
 //!
 //! Revocation is the emergency brake, so no client may lock the listener by holding its
@@ -22,104 +27,52 @@
 //! Evictions, refusals and timeouts go to the security log as event `admin`, outcome
 //! `rejected`, reason `evicted`, `per_ip_limit`, `full` or `timeout`.
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
 use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent, token_hash};
-use crate::cluster::{RELAY_HEADER, Relay};
-use crate::feed::hub::Control;
-use crate::proto::http::{self, RequestLimits, Response};
+use crate::cluster::{RELAY_HEADER, Summary};
+use crate::proto::http::{self, Response};
 use crate::state::Shared;
 
-pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(shared.cfg.admin.listen)?;
-    let addr = listener.local_addr()?;
-    let registry = Arc::new(Registry::new(
-        shared.cfg.admin.max_connections,
-        shared.cfg.admin.max_connections_per_ip,
-    ));
-    let relay = Relay::start(&shared)?;
-    std::thread::Builder::new()
-        .name("tickgate-admin".into())
-        .spawn(move || {
-            loop {
-                let Ok((stream, peer)) = listener.accept() else {
-                    continue;
-                };
-                let accepted = Instant::now();
-                let Ok(handle) = stream.try_clone() else { continue };
-                let id = match registry.admit(peer.ip(), accepted, handle) {
-                    Ok((id, evicted)) => {
-                        if let Some(old) = evicted {
-                            // Its blocked read returns at once and its thread ends.
-                            let _ = old.stream.shutdown(Shutdown::Both);
-                            reject(&shared, old.ip, Reason::Evicted);
-                        }
-                        id
-                    }
-                    Err(why) => {
-                        reject(&shared, peer.ip(), why);
-                        continue;
-                    }
-                };
-                // Leaves the registry when the thread ends, or when the closure is dropped
-                // because the thread could not be started.
-                let slot = Slot {
-                    registry: registry.clone(),
-                    id,
-                };
-                let shared = shared.clone();
-                let relay = relay.clone();
-                let _ = std::thread::Builder::new()
-                    .name("tickgate-admin-req".into())
-                    .spawn(move || {
-                        serve(&shared, &relay, &slot, stream, peer, accepted);
-                        drop(slot);
-                    });
-            }
-        })?;
-    Ok(addr)
-}
-
 /// Logs (and counts) a connection this listener closed without answering it.
-fn reject(shared: &Shared, ip: IpAddr, why: Reason) {
+pub fn reject(shared: &Shared, ip: IpAddr, why: Reason) {
     shared.audit(&SecurityEvent {
         ip: Some(ip),
         ..SecurityEvent::at(shared.now_ms(), Event::Admin, Outcome::Rejected, why)
     });
 }
 
-/// One admin connection in flight.
-struct Conn {
+/// One admin connection in flight; `H` is the handle to its socket.
+pub struct Conn<H> {
     id: u64,
-    ip: IpAddr,
+    pub ip: IpAddr,
     accepted: Instant,
     /// True until the whole request (head and body) has arrived: only such a connection
     /// can be evicted.
     reading: bool,
     /// A clone of the request thread's socket, to shut it down from the acceptor.
-    stream: TcpStream,
+    pub stream: H,
 }
 
 /// The admin connections in flight, shared by the acceptor and the request threads.
-struct Registry {
+pub struct Registry<H> {
     max_total: usize,
     max_per_ip: usize,
-    inner: Mutex<Table>,
+    inner: Mutex<Table<H>>,
 }
 
-struct Table {
+struct Table<H> {
     next_id: u64,
-    conns: Vec<Conn>,
+    conns: Vec<Conn<H>>,
 }
 
-impl Table {
+impl<H> Table<H> {
     /// Index of the oldest connection still reading its request among those `pick` keeps.
-    fn oldest_reading(&self, pick: impl Fn(&Conn) -> bool) -> Option<usize> {
+    fn oldest_reading(&self, pick: impl Fn(&Conn<H>) -> bool) -> Option<usize> {
         self.conns
             .iter()
             .enumerate()
@@ -129,8 +82,8 @@ impl Table {
     }
 }
 
-impl Registry {
-    fn new(max_total: usize, max_per_ip: usize) -> Registry {
+impl<H> Registry<H> {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Registry<H> {
         Registry {
             max_total,
             max_per_ip,
@@ -141,7 +94,7 @@ impl Registry {
         }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table<H>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -150,7 +103,7 @@ impl Registry {
     /// at the total bound). Returns the new id and the evicted connection, which the
     /// caller shuts down; or the reason for refusing the newcomer when every connection in
     /// the way is already being answered.
-    fn admit(&self, ip: IpAddr, accepted: Instant, stream: TcpStream) -> Result<(u64, Option<Conn>), Reason> {
+    pub fn admit(&self, ip: IpAddr, accepted: Instant, stream: H) -> Result<(u64, Option<Conn<H>>), Reason> {
         let mut t = self.table();
         let from_ip = t.conns.iter().filter(|c| c.ip == ip).count();
         // Taking out one of `ip`'s connections also makes room under the total bound.
@@ -176,7 +129,7 @@ impl Registry {
 
     /// Marks the request as received (no longer evictable). False when the connection was
     /// evicted meanwhile: its socket is shut down, the request is dropped.
-    fn received(&self, id: u64) -> bool {
+    pub fn received(&self, id: u64) -> bool {
         let mut t = self.table();
         match t.conns.iter_mut().find(|c| c.id == id) {
             Some(c) => {
@@ -187,101 +140,47 @@ impl Registry {
         }
     }
 
-    fn remove(&self, id: u64) {
+    pub fn remove(&self, id: u64) {
         self.table().conns.retain(|c| c.id != id);
     }
 }
 
-/// A request thread's place in the [`Registry`], given back on drop.
-struct Slot {
-    registry: Arc<Registry>,
-    id: u64,
+/// What a request asks of the listener.
+pub enum Routed {
+    /// Answer with this.
+    Reply(Response),
+    /// An accepted revocation, already in the revocation list: `rt::admin` broadcasts it to
+    /// the shards, relays it to the peers, and answers with [`revoked`].
+    Revoke(Revocation),
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.registry.remove(self.id);
-    }
+/// An accepted `POST /admin/revoke`, to be carried out.
+pub struct Revocation {
+    pub target: RevokeTarget,
+    /// The admin token's `sub`, for the log.
+    pub sub: String,
+    /// The admin token and the request body, relayed as they are.
+    pub token: String,
+    pub body: Vec<u8>,
+    /// Whether this request was itself relayed by a peer (then it goes no further).
+    pub relayed: bool,
+    /// How long to keep retrying the peers: while the admin token is good (peers allow the
+    /// same leeway); once it expires every peer refuses it.
+    pub relay_for: Duration,
+    /// `now` when the request was routed (Unix milliseconds).
+    pub now: u64,
+    pub peer: Option<SocketAddr>,
 }
 
-fn serve(
-    shared: &Arc<Shared>,
-    relay: &Relay,
-    slot: &Slot,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    accepted: Instant,
-) {
-    let timeout = shared.cfg.admin.request_timeout;
-    let deadline = accepted + timeout;
-    let limits = RequestLimits::default();
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let req = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            reject(shared, peer.ip(), Reason::Timeout);
-            return;
-        }
-        if stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                reject(shared, peer.ip(), Reason::Timeout);
-                return;
-            }
-            Err(_) => return,
-        }
-        match http::try_parse(&buf, &limits) {
-            Ok(Some((_, req))) => break req,
-            Ok(None) if buf.len() < limits.max_head_bytes + limits.max_body_bytes => continue,
-            Ok(None) => return,
-            Err(e) => {
-                let resp = Response::text(e.status(), "bad request\n");
-                let _ = write_by(&mut stream, &resp.to_bytes(), Instant::now() + timeout);
-                return;
-            }
-        }
-    };
-    if !slot.registry.received(slot.id) {
-        return;
-    }
-    let resp = route(shared, relay, &req, Some(peer));
-    let _ = write_by(&mut stream, &resp.to_bytes(), Instant::now() + timeout);
-}
-
-/// `write_all` that gives up at `deadline`, however slowly the peer reads.
-fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        stream.set_write_timeout(Some(left))?;
-        match stream.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<SocketAddr>) -> Response {
+/// Routes a parsed admin request at `now` (Unix milliseconds, [`Shared::now_ms`]).
+pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now: u64) -> Routed {
     match req.path.as_str() {
-        "/healthz" => Response::text(200, "ok\n"),
-        "/readyz" => {
-            if shared.is_draining() {
-                Response::text(503, "draining\n")
-            } else {
-                Response::text(200, "ready\n")
-            }
-        }
+        "/healthz" => Routed::Reply(Response::text(200, "ok\n")),
+        "/readyz" => Routed::Reply(if shared.is_draining() {
+            Response::text(503, "draining\n")
+        } else {
+            Response::text(200, "ready\n")
+        }),
         "/metrics" => {
             let mut out = String::with_capacity(4096);
             shared.metrics.render(&mut out);
@@ -293,7 +192,7 @@ fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<
                     shared.hub.symbols().len(),
                     shared.hub.symbols().max_symbols(),
                     shared.hub.symbols().waiting_len(),
-                    shared.revoked.len()
+                    shared.revocation.len()
                 ),
             );
             if let Some(tls) = shared.tls.as_ref() {
@@ -307,33 +206,62 @@ fn route(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<
                     ),
                 );
             }
-            Response::text(200, &out).with_header("Content-Type", "text/plain; version=0.0.4")
+            Routed::Reply(Response::text(200, &out).with_header("Content-Type", "text/plain; version=0.0.4"))
         }
         "/admin/revoke" => {
             if req.method != "POST" {
-                return Response::text(405, "method not allowed\n").with_header("Allow", "POST");
+                return Routed::Reply(
+                    Response::text(405, "method not allowed\n").with_header("Allow", "POST"),
+                );
             }
-            revoke(shared, relay, req, peer)
+            match revoke(shared, req, peer, now) {
+                Ok(r) => Routed::Revoke(r),
+                Err(resp) => Routed::Reply(resp),
+            }
         }
-        _ => Response::text(404, "not found\n"),
+        _ => Routed::Reply(Response::text(404, "not found\n")),
     }
 }
 
-fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option<SocketAddr>) -> Response {
-    let now = shared.now_ms();
-    let token = req.header("authorization").and_then(|h| {
+fn bearer(req: &http::Request) -> Option<&str> {
+    req.header("authorization").and_then(|h| {
         let (scheme, rest) = h.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_revoke(
+    shared: &Shared,
+    peer: Option<SocketAddr>,
+    token: Option<&str>,
+    now: u64,
+    outcome: Outcome,
+    reason: Reason,
+    sub: Option<&str>,
+    status: u16,
+) {
+    let hash = token.map(token_hash);
+    shared.audit(&SecurityEvent {
+        ip: peer.map(|p| p.ip()),
+        sub,
+        status: Some(status),
+        token_hash: hash.as_deref(),
+        ..SecurityEvent::at(now, Event::Revoke, outcome, reason)
     });
+}
+
+/// Checks and applies (to the revocation list) a `POST /admin/revoke`: the revocation to
+/// carry out, or the refusal.
+fn revoke(
+    shared: &Shared,
+    req: &http::Request,
+    peer: Option<SocketAddr>,
+    now: u64,
+) -> Result<Revocation, Response> {
+    let token = bearer(req);
     let log = |outcome: Outcome, reason: Reason, sub: Option<&str>, status: u16| {
-        let hash = token.map(token_hash);
-        shared.audit(&SecurityEvent {
-            ip: peer.map(|p| p.ip()),
-            sub,
-            status: Some(status),
-            token_hash: hash.as_deref(),
-            ..SecurityEvent::at(now, Event::Revoke, outcome, reason)
-        });
+        log_revoke(shared, peer, token, now, outcome, reason, sub, status)
     };
     let unauthorized = || {
         Response::text(401, "unauthorized\n")
@@ -341,71 +269,68 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, req: &http::Request, peer: Option
     };
     let Some(token) = token else {
         log(Outcome::Rejected, Reason::NoToken, None, 401);
-        return Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", "Bearer");
+        return Err(Response::text(401, "unauthorized\n").with_header("WWW-Authenticate", "Bearer"));
     };
     let claims = match shared.verify_token(token, now) {
         Ok(c) => c,
         Err(e) => {
             log(Outcome::Rejected, e.log_reason(), None, 401);
-            return unauthorized();
+            return Err(unauthorized());
         }
     };
     if !claims.has_role(Role::Admin) {
         log(Outcome::Rejected, Reason::NotAdmin, Some(&claims.sub), 403);
-        return Response::text(403, "forbidden\n");
+        return Err(Response::text(403, "forbidden\n"));
     }
     let target = match RevokeTarget::from_admin_body(&req.body) {
         Ok(t) => t,
         Err(_) => {
             log(Outcome::Rejected, Reason::BadRequest, Some(&claims.sub), 400);
-            return Response::json(
+            return Err(Response::json(
                 400,
                 br#"{"error":"bad_request","message":"expected {\"sub\"|\"sid\"|\"jti\": string}"}"#,
-            );
+            ));
         }
     };
-    if shared.revoked.revoke(target.clone(), now).is_err() {
+    if shared.revocation.revoke(target.clone(), now).is_err() {
         log(
             Outcome::Rejected,
             Reason::RevocationListFull,
             Some(&claims.sub),
             503,
         );
-        return Response::text(503, "revocation list full\n");
+        return Err(Response::text(503, "revocation list full\n"));
     }
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let shards = shared.hub.shards();
-    shared
-        .hub
-        .broadcast(|| Control::Revoke(target.clone(), tx.clone()));
-    drop(tx);
-    let deadline = std::time::Instant::now() + Duration::from_millis(900);
-    // A relayed request is applied here and goes no further (no loops between peers).
-    let peers = (!relay.is_empty() && req.header(RELAY_HEADER).is_none()).then(|| {
-        // Retry while the admin token is good (peers allow the same leeway): once it
-        // expires every peer refuses it.
-        let left = claims
-            .exp
-            .saturating_add(shared.cfg.auth.leeway.as_secs())
-            .saturating_sub(now / 1000)
-            .min(shared.cfg.auth.max_token_lifetime.as_secs());
-        relay.relay(
-            shared,
-            token,
-            &req.body,
-            std::time::Instant::now() + Duration::from_secs(left),
-            Duration::from_millis(1500),
-        )
-    });
-    let mut closed = 0;
-    for _ in 0..shards {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(n) => closed += n,
-            Err(_) => break,
-        }
-    }
-    log(Outcome::Accepted, Reason::Ok, Some(&claims.sub), 200);
+    let relay_for = claims
+        .exp
+        .saturating_add(shared.cfg.auth.leeway.as_secs())
+        .saturating_sub(now / 1000)
+        .min(shared.cfg.auth.max_token_lifetime.as_secs());
+    Ok(Revocation {
+        target,
+        sub: claims.sub.clone(),
+        token: token.to_owned(),
+        body: req.body.clone(),
+        relayed: req.header(RELAY_HEADER).is_some(),
+        relay_for: Duration::from_secs(relay_for),
+        now,
+        peer,
+    })
+}
+
+/// The answer to a revocation carried out: `closed` connections here, and what the peers
+/// said (`None` when it was not relayed). Logs it as accepted.
+pub fn revoked(shared: &Shared, r: &Revocation, closed: usize, peers: Option<Summary>) -> Response {
+    log_revoke(
+        shared,
+        r.peer,
+        Some(&r.token),
+        r.now,
+        Outcome::Accepted,
+        Reason::Ok,
+        Some(&r.sub),
+        200,
+    );
     let body = match peers {
         None => format!("{{\"closed\":{closed}}}"),
         Some(p) => format!(

@@ -2,21 +2,18 @@
 //! command to the library. Exit codes: 0 ok, 1 bad config or arguments (one line on
 //! stderr), 2 runtime failure.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 use crate::auth::jwt::Role;
-use crate::auth::keys::KeySet;
 use crate::auth::mint::{self, Claims};
-use crate::auth::seclog::SecurityLog;
 use crate::config::{AuthConfig, Config, format_duration};
-use crate::state::{AuthState, Shared};
+use crate::rt::serve;
+pub use crate::rt::serve::{demo_config, demo_origins, reload};
+use crate::state::AuthState;
 
 #[derive(Parser, Debug)]
 #[command(name = "tickgate", version, about = "Market-data WebSocket gateway")]
@@ -177,7 +174,7 @@ fn usage_error_line(e: &clap::Error) -> String {
 }
 
 fn env_vars() -> Vec<(String, String)> {
-    std::env::vars().collect()
+    crate::rt::serve::env_vars()
 }
 
 /// Run a parsed command; returns the process exit code.
@@ -280,7 +277,7 @@ pub fn run(cli: Cli) -> i32 {
             }
             let mut found = crate::doctor::run(cfg.as_ref());
             if jitter > 0.0 {
-                let stats = crate::doctor::measure_jitter_all(std::time::Duration::from_secs_f64(jitter));
+                let stats = crate::rt::jitter::measure_all(std::time::Duration::from_secs_f64(jitter));
                 found.extend(crate::doctor::jitter_findings(&stats));
             } else {
                 found.push(crate::doctor::jitter_not_measured());
@@ -294,7 +291,7 @@ pub fn run(cli: Cli) -> i32 {
             symbols,
             count,
             ca,
-        } => match crate::client::run(&url, &token, &symbols, count, ca.as_deref()) {
+        } => match crate::rt::client::run(&url, &token, &symbols, count, ca.as_deref()) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },
@@ -313,63 +310,8 @@ fn fail(code: i32, msg: &str) -> i32 {
     code
 }
 
-/// The embedded demo's configuration (OPS.md "The embedded demo"). It allows a missing
-/// `Origin`; the origins of its own address are added by `serve` once the address is final
-/// (after overrides, and after the bind for port 0), see [`demo_origins`].
-pub fn demo_config() -> Config {
-    let mut cfg = Config::default_production();
-    cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
-    cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
-    cfg.auth.allow_missing_origin = true;
-    cfg.feed.simulator = true;
-    cfg.feed.simulator_symbols = vec![
-        "BTC-USD".into(),
-        "ETH-USD".into(),
-        "SOL-USD".into(),
-        "XRP-USD".into(),
-    ];
-    cfg
-}
-
-/// The origins a browser sends for pages served from the demo's own address `addr`: the
-/// address itself and, when it is a loopback address, `localhost` on the same port. The
-/// unspecified address (`0.0.0.0`, `[::]`) stands for every local address, of which the
-/// loopback ones are the ones known here: `127.0.0.1` (and `[::1]` for `[::]`) and
-/// `localhost`. `https` with `[tls]`. Empty for port 0, which is not an address a browser
-/// can use (the port is known after the bind).
-pub fn demo_origins(addr: SocketAddr, tls: bool) -> Vec<String> {
-    let port = addr.port();
-    if port == 0 {
-        return Vec::new();
-    }
-    let scheme = if tls { "https" } else { "http" };
-    let ip = addr.ip();
-    let hosts: Vec<IpAddr> = match ip {
-        IpAddr::V4(v4) if v4.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
-        IpAddr::V6(v6) if v6.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
-        ip => vec![ip],
-    };
-    // `SocketAddr::new` drops an IPv6 scope id, which an origin cannot carry.
-    let mut origins: Vec<String> = hosts
-        .into_iter()
-        .map(|h| format!("{scheme}://{}", SocketAddr::new(h, port)))
-        .collect();
-    if ip.is_loopback() || ip.is_unspecified() {
-        origins.push(format!("{scheme}://localhost:{port}"));
-    }
-    origins
-}
-
-/// Adds the origins of `addr` ([`demo_origins`]) to the allow-list, after any the operator
-/// configured.
-fn add_demo_origins(cfg: &mut Config, addr: SocketAddr) {
-    for o in demo_origins(addr, cfg.tls.is_some()) {
-        if !cfg.auth.allowed_origins.contains(&o) {
-            cfg.auth.allowed_origins.push(o);
-        }
-    }
-}
-
+/// `tickgate serve`: the flags become overrides, [`crate::rt::serve`] does the rest; this
+/// prints what the operator sees.
 fn serve(
     config: Option<PathBuf>,
     listen: Option<String>,
@@ -377,20 +319,6 @@ fn serve(
     shards: Option<String>,
     set: Vec<String>,
 ) -> i32 {
-    let demo = config.is_none();
-    let mut cfg = match &config {
-        Some(p) => match Config::load(p, &env_vars()) {
-            Ok(c) => c,
-            Err(e) => return fail(1, &e.to_string()),
-        },
-        None => {
-            let mut c = demo_config();
-            if let Err(e) = c.apply_env(&env_vars()) {
-                return fail(1, &e.to_string());
-            }
-            c
-        }
-    };
     let mut overrides: Vec<(String, String, String)> = Vec::new();
     if let Some(v) = listen {
         overrides.push(("server".into(), "listen".into(), v));
@@ -410,103 +338,16 @@ fn serve(
         };
         overrides.push((section.into(), key.into(), value.into()));
     }
-    for (section, key, value) in overrides {
-        if let Err(e) = cfg.apply_override(&section, &key, &value) {
-            return fail(1, &e.to_string());
-        }
-    }
-    if cfg.server.shards == 0 {
-        cfg.server.shards = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(64);
-    }
-    if demo {
-        let listen = cfg.server.listen;
-        add_demo_origins(&mut cfg, listen);
-    }
-    if let Err(e) = cfg.validate() {
-        return fail(1, &e.to_string());
-    }
+    let cfg = match serve::load_config(config.as_deref(), &env_vars(), &overrides) {
+        Ok(c) => c,
+        Err(e) => return fail(e.code, &e.msg),
+    };
     init_tracing(&cfg.log.level);
-
-    // Keys: from the config, or (demo) one made in memory.
-    let mut demo_key = None;
-    let keys = if demo {
-        let sk = match mint::generate_signing_key() {
-            Ok(k) => k,
-            Err(_) => return fail(2, "cannot generate a key: the OS random source failed"),
-        };
-        let mut ks = KeySet::new();
-        if ks.insert("demo", sk.verifying_key()).is_err() {
-            return fail(2, "demo key set");
-        }
-        demo_key = Some(sk);
-        ks
-    } else {
-        match AuthState::load_keys(&cfg) {
-            Ok(k) => k,
-            Err(e) => return fail(1, &e),
-        }
+    let running = match serve::start(cfg, config) {
+        Ok(r) => r,
+        Err(e) => return fail(e.code, &e.msg),
     };
-    let auth = match AuthState::build(&cfg, keys) {
-        Ok(a) => a,
-        Err(e) => return fail(1, &e),
-    };
-    let seclog = match SecurityLog::open(&cfg.log.security) {
-        Ok(l) => l,
-        Err(e) => return fail(1, &format!("log.security: {}: {e}", cfg.log.security)),
-    };
-    let tls = match cfg.tls.as_ref().map(crate::tls::TlsState::load).transpose() {
-        Ok(t) => t,
-        Err(e) => return fail(1, &e),
-    };
-    // Handlers go in before the listener opens, so a SIGTERM that arrives as soon as the
-    // first client is served still drains instead of killing the process.
-    let signals = {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-            Ok(s) => s,
-            Err(e) => return fail(2, &format!("signals: {e}")),
-        }
-    };
-    let mut shared = Shared::new(cfg, auth, seclog);
-    if let Some(t) = tls {
-        shared = shared.with_tls(t);
-    }
-    let shared = Arc::new(shared);
-    let handle = match crate::rt::start(shared.clone()) {
-        Ok(h) => h,
-        Err(e) => return fail(2, &format!("cannot start: {e}")),
-    };
-    if demo && shared.cfg.server.listen.port() == 0 {
-        // Only now is the port known: allow the origins of the bound address.
-        let mut cfg = shared.cfg.clone();
-        add_demo_origins(&mut cfg, handle.public_addr);
-        match AuthState::build(&cfg, shared.auth().verifier.keys().clone()) {
-            Ok(auth) => shared.swap_auth(auth),
-            Err(e) => return fail(2, &e),
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    if shared.cfg.feed.simulator
-        && let Err(e) = crate::feed::sim::spawn(
-            shared.clone(),
-            &shared.cfg.feed.simulator_symbols,
-            shared.cfg.feed.simulator_rate,
-            stop.clone(),
-        )
-    {
-        return fail(2, &format!("simulator: {e}"));
-    }
-    tracing::info!(
-        tls = shared.tls.is_some(),
-        shards = handle.shard_threads(),
-        driver = handle.driver.name(),
-        entries = shared.cfg.server.io_uring_entries,
-        sqpoll = shared.cfg.server.sqpoll,
-        "tickgate started"
-    );
+    let (handle, shared) = (&running.handle, &running.handle.shared);
     println!(
         "tickgate listening on {} ({} shards, driver {}{}), admin on {}",
         handle.public_addr,
@@ -518,12 +359,12 @@ fn serve(
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into())
     );
-    if let Some(sk) = &demo_key {
+    if let Some(sk) = &running.demo_key {
         print_demo_banner(sk, handle.public_addr);
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    wait_for_signals(signals, &handle, config.as_deref())
+    running.wait()
 }
 
 fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr) {
@@ -558,59 +399,11 @@ fn init_tracing(level: &str) {
         .try_init();
 }
 
-fn wait_for_signals(
-    mut signals: signal_hook::iterator::Signals,
-    handle: &crate::rt::ServerHandle,
-    config: Option<&std::path::Path>,
-) -> i32 {
-    use signal_hook::consts::SIGHUP;
-    for sig in signals.forever() {
-        match sig {
-            SIGHUP => reload(handle, config),
-            _ => {
-                tracing::info!("draining");
-                let timeout = handle.shared.cfg.server.drain_timeout;
-                let clean = handle.drain_and_wait(timeout);
-                // Give the last close frames a moment to reach the wire.
-                std::thread::sleep(Duration::from_millis(50));
-                tracing::info!(clean, "drained, exiting");
-                return 0;
-            }
-        }
-    }
-    0
-}
-
-/// SIGHUP: reload keys and allow-lists from the config file and the TLS certificate from
-/// its files; live connections stay (they keep the keys' verdict and the TLS session they
-/// have). Each part is reloaded on its own: a bad certificate does not block a key rotation
-/// and vice versa. The certificate is re-read from the paths the server started with.
-pub fn reload(handle: &crate::rt::ServerHandle, config: Option<&std::path::Path>) {
-    if let Some(tls) = handle.shared.tls.as_ref() {
-        tls.reload_logged("SIGHUP");
-    }
-    let Some(path) = config else {
-        tracing::info!("SIGHUP: the embedded demo has nothing to reload");
-        return;
-    };
-    let result = Config::load(path, &env_vars())
-        .map_err(|e| e.to_string())
-        .and_then(|cfg| AuthState::load_keys(&cfg).and_then(|k| AuthState::build(&cfg, k)));
-    match result {
-        Ok(auth) => {
-            let kids = auth.verifier.keys().kids();
-            handle.shared.swap_auth(auth);
-            tracing::info!(?kids, "SIGHUP: keys and allow-lists reloaded");
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys and allow-lists")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::keys::KeySet;
+    use crate::rt::serve::add_demo_origins;
 
     fn origins(addr: &str, tls: bool) -> Vec<String> {
         demo_origins(addr.parse().unwrap(), tls)

@@ -193,7 +193,7 @@ pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
 /// What a spinning thread saw of its core: the gaps between consecutive clock reads that
 /// were long enough to mean the thread was not running (an interrupt, another task, or, in a
 /// VM, the host descheduling the vCPU). Sans-IO: [`JitterStats::gap`] takes the gaps,
-/// [`measure_jitter`] produces them.
+/// `rt::jitter::measure` produces them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JitterStats {
     pub core: usize,
@@ -241,37 +241,6 @@ impl JitterStats {
         }
         self.stalled_ns as f64 * 100.0 / self.spun_ns as f64
     }
-}
-
-/// Spin on `core` (pinned) for `dur`, reading the monotonic clock, and collect the gaps.
-/// Burns the core for `dur`: doctor runs it only when asked (`--jitter SECS`).
-pub fn measure_jitter(core: usize, dur: std::time::Duration) -> JitterStats {
-    let mut st = JitterStats::new(core);
-    st.pinned = crate::rt::pin_to_core(core);
-    let start = std::time::Instant::now();
-    let mut last = start;
-    loop {
-        let now = std::time::Instant::now();
-        st.gap(now.duration_since(last).as_nanos() as u64);
-        last = now;
-        if now.duration_since(start) >= dur {
-            return st;
-        }
-    }
-}
-
-/// The usable cores spun at once for `dur` (as a loaded server's shards would run). At
-/// most as many as `available_parallelism` allows, which also counts a cgroup CPU quota:
-/// spinning more threads than the quota would report the throttling as host stalls.
-pub fn measure_jitter_all(dur: std::time::Duration) -> Vec<JitterStats> {
-    let quota = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cores = crate::rt::usable_cores();
-    let handles: Vec<_> = cores
-        .into_iter()
-        .take(quota)
-        .map(|c| std::thread::spawn(move || measure_jitter(c, dur)))
-        .collect();
-    handles.into_iter().filter_map(|h| h.join().ok()).collect()
 }
 
 /// When `--jitter` was not given.

@@ -118,7 +118,7 @@ pub fn pre_tls_rate(shared: &Shared, peer: IpAddr, now_ms: u64) -> PeerRate {
     if shared.auth().proxies.contains(peer) {
         return PeerRate::Unchecked;
     }
-    match shared.rate.check(peer, now_ms) {
+    match shared.auth.rate.check(peer, now_ms) {
         RateDecision::Allow => PeerRate::Charged,
         RateDecision::Deny { .. } => {
             shared.audit(&SecurityEvent {
@@ -155,7 +155,7 @@ pub fn handle_public_with(
     let rate = match peer_rate {
         PeerRate::Charged if ip == peer => RateDecision::Allow,
         PeerRate::Refused => RateDecision::Deny { retry_after_secs: 1 },
-        _ => shared.rate.check(ip, now_ms),
+        _ => shared.auth.rate.check(ip, now_ms),
     };
     let origin = req.header("origin");
     match http::route(&req.path) {
@@ -234,7 +234,7 @@ fn authenticate(
                         Some(&t),
                     ));
                 }
-                if shared.revoked.revokes(&c, now_ms) {
+                if shared.revocation.revokes(&c, now_ms) {
                     return Err(audit.reject(
                         unauthorized(true),
                         AuthError::Revoked.log_reason(),
@@ -293,7 +293,7 @@ fn admit(
         Err(o) => return o,
     };
     let token = token.as_deref();
-    let Some(slot) = usercap::acquire(&shared.caps, &claims.sub) else {
+    let Some(slot) = usercap::acquire(&shared.auth.caps, &claims.sub) else {
         return audit.reject(too_many(1), Reason::UserCap, Some(&claims), token);
     };
     let protocol = match http::select_subprotocol(&up.offered_protocols) {

@@ -20,22 +20,29 @@
 //!
 //! ## Layout
 //!
-//! - `main.rs` / [`cli`]: the command line (`serve`, `keygen`, `token`, `check-config`,
-//!   `doctor`, `client`), thin glue only.
+//! Module dependencies form no cycle (at the level of top-level modules and their public
+//! submodules), and only `rt` (plus `main.rs`) owns sockets or starts threads: both are
+//! checked by `tests/layout.rs` (`cargo test --test layout`), which prints any cycle or
+//! offender it finds.
+//!
+//! - `main.rs` / [`cli`]: argument parsing and printing for `serve`, `keygen`, `token`,
+//!   `check-config`, `doctor`, `client`; the work is elsewhere (`serve` is [`rt::serve`]).
 //! - [`config`]: the TOML configuration of OPS.md, defaults, env/flag overrides, validation.
 //! - [`proto`]: wire formats, sans-IO. `http` (bounded request parser, upgrade checks,
 //!   credentials, responses), `frame` (RFC 6455 codec), `mask`, `utf8` (incremental
 //!   validation), `close` (close codes).
 //! - [`auth`]: `jwt` (EdDSA verification producing [`auth::jwt::VerifiedClaims`], which only
-//!   the verifier can construct), `keys` (key sets from PEM/JWKS), `mint` (keygen, signing),
-//!   `origin`, `cidr`, `ratelimit` (per-IP token buckets), `tickets` (one-time tickets),
-//!   `usercap` (per-user connection cap with RAII slots), `revocation`, `seclog`.
+//!   the verifier can construct), `keys` (key sets from PEM/JWKS), `b64` (the strict
+//!   base64url engine `jwt`, `keys` and `mint` share), `mint` (keygen, signing), `origin`,
+//!   `cidr`, `ratelimit` (per-IP token buckets), `tickets` (one-time tickets), `usercap`
+//!   (per-user connection cap with RAII slots), `revocation`, `seclog`.
 //! - [`gate`]: the single seam from a parsed request to "upgrade" or "reject with status".
 //! - [`session`]: one connection's state machine after the `101`: `handle_*(now, ..)` in,
 //!   frames and [`session::Event`]s out.
-//! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `msg` (client
-//!   messages, server message encoding), `tick`, `outbound` (bounded queue with
-//!   conflation), `hub` (cross-core fan-out), `sim` (tick simulator).
+//! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `json` (JSON
+//!   string escaping, a leaf shared by `msg` and `tick`), `msg` (client messages, server
+//!   message encoding), `tick`, `outbound` (bounded queue with conflation), `hub`
+//!   (cross-core fan-out), `sim` (the simulator's random walk, one batch per `step(ts)`).
 //! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock)
 //!   and `deadlines` (a connection's deadlines behind one wheel entry).
 //! - [`core`]: `shard`, one shard's decisions, sans-IO: the connection table (slab index +
@@ -43,21 +50,37 @@
 //!   table and the waiting table; the fan-out of a tick with `seq`-gap detection; applying
 //!   session [`session::Event`]s; revoke and drain; firing deadlines. `handle_*(now, ..)`
 //!   in, [`core::shard::Effect`]s out (`Kick`, `Shutdown`, `Audit`, `StopAccepting`).
-//! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reload on
-//!   SIGHUP and on file change); the connection pump drives rustls sans-IO.
-//! - [`rt`]: the only code with sockets, threads and clocks: bootstrap and acceptor
-//!   (`mod.rs`), the shard's tasks (`shard`: dispatcher, ticker), its runtime state (`ctx`:
-//!   the core behind a `RefCell`, read buffers, write-buffer pool, latency sampler), the
-//!   connection pump (`conn`: HTTP phase, reader, writer, carrying out the core's effects),
-//!   socket-level helpers (`io`), reauth verifier threads (`verify`).
-//! - [`state`]: what all shards share; [`admin`]: the admin listener ([`cluster`]: its
-//!   revocation relay to the other nodes); [`metrics`];
-//!   [`doctor`]: host checks; [`client`]: the demo client.
+//! - [`tls`]: the `[tls]` certificate as a swappable rustls `ServerConfig` (reloaded on
+//!   SIGHUP and by `rt::tls_watch`); the connection pump drives rustls sans-IO.
+//! - [`admin`]: the admin listener's decisions, sans-IO: the connection registry
+//!   (admission, eviction), [`admin::route`] (a request in; a response, or a revocation for
+//!   `rt::admin` to carry out, out). [`cluster`]: the revocation relay's decisions (peer
+//!   syntax, backoff, the relayed request, classifying a peer's answer).
+//! - [`state`]: what all shards share ([`state::Shared`], in named parts: `cfg`, `auth`
+//!   ([`state::AuthParts`]: the reloadable keys, policy and allow-lists, the rate limiter,
+//!   the user caps), `tickets`, `revocation`, `seclog` and `sec_counters`, `metrics`,
+//!   `hub`, `tls`), and the one clock (`clock`, read through [`state::Shared::now_ms`]:
+//!   Unix milliseconds advanced by a monotonic clock).
+//! - [`metrics`]; [`doctor`]: host checks (what the jitter probe's gaps mean).
+//! - [`rt`]: the only code with sockets and threads: bootstrap and acceptor (`mod.rs`), the
+//!   shard's tasks (`shard`: dispatcher, ticker), its runtime state (`ctx`: the core behind
+//!   a `RefCell`, read buffers, write-buffer pool, latency sampler), the connection pump
+//!   (`conn`: HTTP phase, reader, writer, carrying out the core's effects), socket-level
+//!   helpers (`io`), reauth verifier threads (`verify`), `serve` (building [`state::Shared`]
+//!   from the config, starting, SIGHUP reload, SIGTERM drain), `admin` (the admin
+//!   listener's acceptor and request threads), `relay` (the revocation relay's per-peer
+//!   threads and sockets), `tls_watch` (the certificate watcher thread), `sim` (the
+//!   simulator thread), `jitter` (doctor's probe threads), `client` (the demo client).
+//!
+//! Clocks are read in `rt` (deadlines of blocking sockets, pacing, the shard's `now`),
+//! in [`state::Shared::now_ms`] (the one clock everything with a `now` argument is fed
+//! from), in [`metrics`] (the monotonic nanosecond stamp of latency samples) and in
+//! [`cli::unix_now`] (`tickgate token`, the demo banner, the tools). Everything else takes
+//! `now` as an argument.
 
 pub mod admin;
 pub mod auth;
 pub mod cli;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod core;

@@ -62,13 +62,52 @@ impl AuthState {
     }
 }
 
+/// Who may connect: the reloadable keys, policy and allow-lists, and the per-IP and
+/// per-user limits the gate applies.
+pub struct AuthParts {
+    /// Keys and verify policy, origins, trusted proxies: swapped whole on `SIGHUP`
+    /// ([`Shared::auth`], [`Shared::swap_auth`]).
+    pub current: RwLock<Arc<AuthState>>,
+    /// Per-IP handshake rate limiter.
+    pub rate: IpRateLimiter,
+    /// Per-user concurrent connection caps.
+    pub caps: Arc<UserCaps>,
+}
+
+/// The one clock: Unix milliseconds at `epoch`, advanced by a monotonic clock (see
+/// [`Clock::now_ms`]).
+pub struct Clock {
+    epoch: Instant,
+    epoch_unix_ms: u64,
+}
+
+impl Clock {
+    /// Starts now.
+    pub fn start() -> Clock {
+        Clock {
+            epoch: Instant::now(),
+            epoch_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch, read from a monotonic clock: a wall-clock step
+    /// never makes a deadline fire early or twice. The one clock behind every `now`.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch_unix_ms + self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// What all shards (and the admin listener) share, in named parts: `cfg`, `auth`,
+/// `tickets`, `revocation`, the security log and counters, `metrics`, `hub`, `tls`, and
+/// the one `clock`.
 pub struct Shared {
     pub cfg: Config,
-    pub auth: RwLock<Arc<AuthState>>,
-    pub rate: IpRateLimiter,
+    pub auth: AuthParts,
     pub tickets: TicketStore<VerifiedClaims>,
-    pub caps: Arc<UserCaps>,
-    pub revoked: RevocationList,
+    pub revocation: RevocationList,
     pub seclog: SecurityLog,
     pub sec_counters: SecurityCounters,
     pub metrics: Metrics,
@@ -78,9 +117,8 @@ pub struct Shared {
     /// `[tls]` loaded: the public listener speaks TLS. Set with [`Shared::with_tls`];
     /// `rt::start` refuses a config with `[tls]` whose state was not loaded.
     pub tls: Option<crate::tls::TlsState>,
-    /// Time base: unix ms at `epoch`, advanced by a monotonic clock (see [`Shared::now_ms`]).
-    epoch: Instant,
-    epoch_unix_ms: u64,
+    /// The one clock (see [`Shared::now_ms`]).
+    pub clock: Clock,
 }
 
 impl Shared {
@@ -102,23 +140,21 @@ impl Shared {
         let leeway_ms = cfg.auth.leeway.as_millis() as u64;
         let max_life_ms = cfg.auth.max_token_lifetime.as_millis() as u64;
         Shared {
-            rate: IpRateLimiter::new(l.per_ip_handshakes_per_sec, l.per_ip_burst, 100_000),
+            auth: AuthParts {
+                current: RwLock::new(Arc::new(auth)),
+                rate: IpRateLimiter::new(l.per_ip_handshakes_per_sec, l.per_ip_burst, 100_000),
+                caps: UserCaps::new(l.per_user_max_connections),
+            },
             tickets: TicketStore::new(cfg.auth.ticket_ttl.as_millis() as u64, 100_000),
-            caps: UserCaps::new(l.per_user_max_connections),
-            revoked: RevocationList::new(max_life_ms, leeway_ms, 100_000),
+            revocation: RevocationList::new(max_life_ms, leeway_ms, 100_000),
             seclog,
             sec_counters: SecurityCounters::new(),
             metrics: Metrics::new(shards),
             hub: Hub::new(shards, cfg.feed.max_symbols),
             draining: AtomicBool::new(false),
-            auth: RwLock::new(Arc::new(auth)),
             session_cfg: Arc::new(session_cfg),
             tls: None,
-            epoch: Instant::now(),
-            epoch_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            clock: Clock::start(),
             cfg,
         }
     }
@@ -130,9 +166,9 @@ impl Shared {
     }
 
     /// Milliseconds since the Unix epoch, read from a monotonic clock: a wall-clock step
-    /// never makes a deadline fire early or twice.
+    /// never makes a deadline fire early or twice. The one clock behind every `now`.
     pub fn now_ms(&self) -> u64 {
-        self.epoch_unix_ms + self.epoch.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     /// Attach the loaded `[tls]` state (see [`crate::tls::TlsState::load`]).
@@ -142,11 +178,15 @@ impl Shared {
     }
 
     pub fn auth(&self) -> Arc<AuthState> {
-        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.auth
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn swap_auth(&self, new: AuthState) {
-        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        *self.auth.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 
     pub fn is_draining(&self) -> bool {
@@ -156,7 +196,7 @@ impl Shared {
     /// Verify a token and check it against the revocation list (handshake, ticket, reauth).
     pub fn verify_token(&self, token: &str, now_ms: u64) -> Result<VerifiedClaims, AuthError> {
         let claims = self.auth().verifier.verify(token, now_ms / 1000)?;
-        if self.revoked.revokes(&claims, now_ms) {
+        if self.revocation.revokes(&claims, now_ms) {
             return Err(AuthError::Revoked);
         }
         Ok(claims)

@@ -19,13 +19,13 @@
 //! ## Reload
 //! [`TlsState`] keeps the current `Arc<ServerConfig>` behind an `RwLock`; a handshake clones
 //! the `Arc` when it starts, so a reload never affects a connection already accepted. A
-//! reload (SIGHUP, or the file watcher that polls mtime and length) builds the new config
+//! reload (SIGHUP, or the file watcher `rt::tls_watch` that polls mtime and length) builds the new config
 //! aside; when the new files do not parse or the key does not match the certificate, the
 //! error is returned and logged and the old config stays in force.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
@@ -209,31 +209,6 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), String> {
     let c = std::fs::read(cert).map_err(|e| format!("tls.cert: {}: {e}", cert.display()))?;
     let k = std::fs::read(key).map_err(|e| format!("tls.key: {}: {e}", key.display()))?;
     Ok((c, k))
-}
-
-/// Start the thread that polls the certificate and key files every `interval` and reloads
-/// when they change. It holds only a weak reference and ends when the server state is gone.
-pub fn spawn_watcher(
-    shared: Weak<crate::state::Shared>,
-    interval: Duration,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("tickgate-tls-watch".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(interval);
-                let Some(shared) = shared.upgrade() else { return };
-                let Some(tls) = shared.tls.as_ref() else { return };
-                match tls.reload_if_changed() {
-                    None => {}
-                    Some(Ok(())) => tracing::info!("TLS files changed on disk: certificate reloaded"),
-                    Some(Err(e)) => tracing::error!(
-                        error = %e,
-                        "TLS files changed on disk but do not load; keeping the previous certificate"
-                    ),
-                }
-            }
-        })
 }
 
 /// A client configuration trusting the PEM certificates in `ca` (ring provider, TLS 1.3 and

@@ -266,12 +266,12 @@ async fn per_user_cap_is_enforced_and_released_on_every_close() {
     let mut ok = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if srv.handle.shared.caps.count("carol") == 0 {
+        if srv.handle.shared.auth.caps.count("carol") == 0 {
             ok = true;
             break;
         }
     }
-    assert!(ok, "cap leaked: {}", srv.handle.shared.caps.count("carol"));
+    assert!(ok, "cap leaked: {}", srv.handle.shared.auth.caps.count("carol"));
     let _e = session(&srv, &t).await;
     let _f = session(&srv, &t).await;
 }

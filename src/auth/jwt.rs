@@ -46,24 +46,14 @@
 //!   strings are [`AuthError::BadClaims`].
 //! - `now` is Unix seconds and comes from the caller: this module never reads a clock.
 
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-use base64::engine::{DecodePaddingMode, Engine};
+use base64::engine::Engine;
 use serde::Deserialize;
 
 use super::ed25519::PreparedKey;
 use super::keys::KeySet;
 use super::seclog::Reason;
 
-/// Strict base64url without padding (RFC 7515 §2 "Base64url Encoding"): padding is
-/// refused and trailing bits must be zero. Spelled out rather than relying on the
-/// crate's `URL_SAFE_NO_PAD` defaults so the strictness is visible here.
-pub(crate) const B64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
-        .with_decode_allow_trailing_bits(false),
-);
+use super::b64::B64;
 
 /// Largest encoded header we decode. Ours is ~50 bytes; 1 KiB leaves room for a long kid
 /// and extra parameters without letting the header dominate the token.

@@ -34,7 +34,7 @@ use ed25519_dalek::VerifyingKey;
 use super::ed25519::PreparedKey;
 use ed25519_dalek::pkcs8::DecodePublicKey;
 
-use super::jwt::B64;
+use super::b64::B64;
 
 /// Largest PEM file we read. An Ed25519 SPKI PEM is ~113 bytes; anything near this bound
 /// is not a public key.

@@ -29,7 +29,7 @@ use ed25519_dalek::pkcs8::DecodePrivateKey;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::Serialize;
 
-use super::jwt::B64;
+use super::b64::B64;
 use super::keys::{KeyError, MAX_JWKS_BYTES, check_kid, read_bounded};
 
 /// RFC 8410 PKCS#8 v1 `PrivateKeyInfo` for Ed25519, up to the 32-byte seed.

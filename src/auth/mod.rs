@@ -5,6 +5,7 @@
 //! atomics, so a lookup locks one map shard, never a process-wide mutex.
 //!
 //! # Layout
+//! - [`b64`]: the strict base64url engine (a leaf shared by `jwt`, `keys`, `mint`).
 //! - [`ed25519`]: strict Ed25519 signature verification with per-key preparation.
 //! - [`jwt`]: strict EdDSA (Ed25519) JWS verification producing `VerifiedClaims`, which
 //!   only the verifier can construct.
@@ -18,6 +19,7 @@
 //! - [`revocation`]: revoked `sub`/`sid`/`jti`, bounded and self-expiring.
 //! - [`seclog`]: security event JSON lines and Prometheus counters.
 
+pub mod b64;
 pub mod cidr;
 pub mod ed25519;
 pub mod jwt;

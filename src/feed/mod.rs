@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`symbol`]: symbol syntax and the server-wide interning table (dense `SymbolId`s).
 //! - [`entitlement`]: the token's `symbols` patterns compiled once per connection.
+//! - [`json`]: JSON string escaping (a leaf shared by `msg` and `tick`).
 //! - [`msg`]: client message parsing (simd-json, strict schema) and server message encoding.
 //! - [`tick`]: the tick value and its hot-path JSON encoder.
 //! - [`outbound`]: the bounded per-connection queue with conflation (slow consumers).
@@ -12,6 +13,7 @@
 
 pub mod entitlement;
 pub mod hub;
+pub mod json;
 pub mod msg;
 pub mod outbound;
 pub mod sim;

@@ -53,6 +53,7 @@
 
 use simd_json::{Buffers, Node, StaticNode};
 
+use super::json::write_json_str;
 use super::tick::Tick;
 
 /// A string in `symbols` (or a tick's `s`) longer than this rejects the whole message:
@@ -475,39 +476,6 @@ fn parse_tick(v: &[Node<'_>]) -> Result<(String, Tick), &'static str> {
 
 // ---------------------------------------------------------------------------------------
 // Server messages
-
-/// Appends `s` as a JSON string literal (quotes included), escaping what RFC 8259 requires.
-pub fn write_json_str(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    let b = s.as_bytes();
-    let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(b.get(start..i).unwrap_or_default());
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(c >> 4)]);
-                out.push(HEX[usize::from(c & 0xf)]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.extend_from_slice(b.get(start..i).unwrap_or_default());
-        out.extend_from_slice(esc);
-        start = i + 1;
-    }
-    out.extend_from_slice(b.get(start..).unwrap_or_default());
-    out.push(b'"');
-}
 
 fn open(kind: &str, id: Option<u64>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"type\":\"");

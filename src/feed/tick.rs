@@ -12,7 +12,7 @@
 //! publish is parsed, and should one slip through anyway the encoder writes `null` rather
 //! than produce a frame no client can parse.
 
-use super::msg::write_json_str;
+use super::json::write_json_str;
 
 /// One market-data update as published by a source.
 #[derive(Clone, Copy, Debug, PartialEq)]

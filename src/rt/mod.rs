@@ -24,10 +24,17 @@
 //! reloads the certificate when its files change. Tests start servers in-process this way;
 //! `tickgate serve` does the same and then waits for signals.
 
+pub mod admin;
+pub mod client;
 pub mod conn;
 pub mod ctx;
 pub mod io;
+pub mod jitter;
+pub mod relay;
+pub mod serve;
 pub mod shard;
+pub mod sim;
+pub mod tls_watch;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -239,10 +246,10 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
         }
     }
     if shared.tls.is_some() {
-        crate::tls::spawn_watcher(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
+        tls_watch::spawn(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
     }
     let admin_addr = if cfg.admin.enabled {
-        Some(crate::admin::start(shared.clone())?)
+        Some(admin::start(shared.clone())?)
     } else {
         None
     };

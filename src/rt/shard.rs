@@ -124,9 +124,9 @@ fn housekeeping(ctx: &ShardCtx, now: u64) {
     );
     if ctx.id == 0 {
         reclaim_symbols(ctx, now);
-        ctx.shared.rate.sweep(now);
+        ctx.shared.auth.rate.sweep(now);
         ctx.shared.tickets.sweep(now);
-        ctx.shared.revoked.sweep(now);
+        ctx.shared.revocation.sweep(now);
     }
 }
 
