@@ -46,7 +46,6 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -310,17 +309,7 @@ async fn connect_from(src: IpAddr, target: SocketAddr, rcvbuf: Option<u32>) -> i
         sock.set_recv_buffer_size(n)?;
     }
     if src.is_ipv4() {
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        crate::lean::bind_address_no_port(&sock);
     }
     sock.bind(SocketAddr::new(src, 0))?;
     let s = sock.connect(target).await?;

@@ -14,22 +14,29 @@ use tokio::net::{TcpSocket, TcpStream};
 /// checked: the load generator trusts the server it measures.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// `IP_BIND_ADDRESS_NO_PORT` on an IPv4 socket about to be bound to a source address: the
+/// port is picked at connect time, per destination, so one source address is not limited
+/// to one ephemeral port range for all destinations. Best effort.
+pub fn bind_address_no_port(sock: &TcpSocket) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Connects to `target`, first binding to `src` (port chosen at connect time, so each
 /// source address gets its own ephemeral port space per destination).
 pub async fn connect(target: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     if let Some(ip) = src {
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        bind_address_no_port(&sock);
         sock.bind(SocketAddr::new(ip.into(), 0))?;
     }
     let s = sock.connect(target).await?;
