@@ -29,30 +29,10 @@ cleanup() {
 trap cleanup EXIT
 PORT=18080
 "$NEW" keygen --out "$TMP/keys" >/dev/null
-cat >"$TMP/tickgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PORT"
-shards = 1
-pin_cores = false
-
-[auth]
-keys = [{ kid = "k1", path = "$TMP/keys/k1.pub" }]
-allow_missing_origin = true
-allowed_origins = []
-
-[limits]
-per_ip_handshakes_per_sec = 1000000
-per_ip_burst = 1000000
-per_user_max_connections = 100
-inbound_messages_per_sec = 100000
-
-[admin]
-listen = "127.0.0.1:19090"
-
-[log]
-level = "warn"
-security = "$TMP/security.log"
-EOF
+# shellcheck source=perf/bench_config.sh
+. "$ROOT/perf/bench_config.sh"
+# No extension keys: an older binary must accept the same file.
+bench_config "$TMP/tickgate.toml" "$TMP/keys" "$PORT" 19090 "$TMP"
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
 wait_port() {

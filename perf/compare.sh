@@ -44,33 +44,12 @@ trap cleanup EXIT
 
 TG_PORT=18080; TG_ADMIN=19090; BL_PORT=18090
 "$TG" keygen --out "$TMP/keys" >/dev/null
-cat >"$TMP/tickgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$TG_PORT"
-shards = 1
-pin_cores = false
-
-[auth]
-keys = [{ kid = "k1", path = "$TMP/keys/k1.pub" }]
-allow_missing_origin = true
-allowed_origins = []
-
-[limits]
-per_ip_handshakes_per_sec = 1000000
-per_ip_burst = 1000000
-per_user_max_connections = 100
-inbound_messages_per_sec = 100000
+# shellcheck source=perf/bench_config.sh
+. "$ROOT/perf/bench_config.sh"
 # The load generator opens its connections from one address (or eight): let its whole
 # connect burst wait in the upgrade at once.
-per_ip_pending_handshakes = 1024
-
-[admin]
-listen = "127.0.0.1:$TG_ADMIN"
-
-[log]
-level = "warn"
-security = "$TMP/security.log"
-EOF
+bench_config "$TMP/tickgate.toml" "$TMP/keys" "$TG_PORT" "$TG_ADMIN" "$TMP" \
+  "per_ip_pending_handshakes = 1024"
 
 # Idle connections need descriptors on both sides.
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true

@@ -356,9 +356,7 @@ impl<I: ConnIo> ShardCore<I> {
             .shard(self.id)
             .connections
             .fetch_add(1, Relaxed);
-        let limits = &self.shared.cfg.limits;
-        let first = limits.first_byte_timeout.min(limits.handshake_timeout);
-        let at = now + first.as_millis() as u64;
+        let at = self.handshake_deadline(now, false);
         arm(
             &mut self.wheel,
             &mut conn.borrow_mut(),
@@ -367,6 +365,19 @@ impl<I: ConnIo> ShardCore<I> {
             at,
         );
         (ConnId { idx, generation }, conn)
+    }
+
+    /// When a socket accepted at `accepted_ms` must have finished its upgrade: within
+    /// `first_byte_timeout` (never past `handshake_timeout`) until a byte arrived
+    /// (`heard`), then `handshake_timeout` after accept, which later bytes never move.
+    fn handshake_deadline(&self, accepted_ms: u64, heard: bool) -> u64 {
+        let limits = &self.shared.cfg.limits;
+        let d = if heard {
+            limits.handshake_timeout
+        } else {
+            limits.first_byte_timeout.min(limits.handshake_timeout)
+        };
+        accepted_ms + d.as_millis() as u64
     }
 
     /// A new socket `idx` from `peer` enters the upgrade: the pending table admits it,
@@ -408,7 +419,7 @@ impl<I: ConnIo> ShardCore<I> {
         if self.pending.heard(idx)
             && let Some(conn) = self.conns.get(idx)
         {
-            let at = accepted_ms + self.shared.cfg.limits.handshake_timeout.as_millis() as u64;
+            let at = self.handshake_deadline(accepted_ms, true);
             arm(
                 &mut self.wheel,
                 &mut conn.borrow_mut(),

@@ -1,0 +1,35 @@
+# Sourced by perf/compare.sh and perf/ab.sh: the one benchmark configuration.
+#
+#   bench_config FILE KEYDIR PORT ADMIN_PORT LOGDIR [EXTRA_LIMITS_LINES]
+#
+# One shard, no core pinning (the scripts pin with taskset), the key in KEYDIR, no Origin
+# needed, per-IP and per-user limits out of the load generator's way. EXTRA_LIMITS_LINES
+# go into `[limits]` (ab.sh leaves out keys an older binary would refuse).
+bench_config() {
+  local file=$1 keys=$2 port=$3 admin=$4 logdir=$5 extra=${6:-}
+  cat >"$file" <<CFG
+[server]
+listen = "127.0.0.1:$port"
+shards = 1
+pin_cores = false
+
+[auth]
+keys = [{ kid = "k1", path = "$keys/k1.pub" }]
+allow_missing_origin = true
+allowed_origins = []
+
+[limits]
+per_ip_handshakes_per_sec = 1000000
+per_ip_burst = 1000000
+per_user_max_connections = 100
+inbound_messages_per_sec = 100000
+$extra
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+[log]
+level = "warn"
+security = "$logdir/security.log"
+CFG
+}
