@@ -184,7 +184,7 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
         "/metrics" => {
             let mut out = String::with_capacity(4096);
             shared.metrics.render(&mut out);
-            shared.sec_counters.render_prometheus(&mut out);
+            shared.security.counters.render_prometheus(&mut out);
             let _ = std::fmt::Write::write_fmt(
                 &mut out,
                 format_args!(

@@ -58,8 +58,9 @@
 //!   syntax, backoff, the relayed request, classifying a peer's answer).
 //! - [`state`]: what all shards share ([`state::Shared`], in named parts: `cfg`, `auth`
 //!   ([`state::AuthParts`]: the reloadable keys, policy and allow-lists, the rate limiter,
-//!   the user caps), `tickets`, `revocation`, `seclog` and `sec_counters`, `metrics`,
-//!   `hub`, `tls`), and the one clock (`clock`, read through [`state::Shared::now_ms`]:
+//!   the user caps), `tickets`, `revocation`, `security` ([`state::SecurityParts`]: the
+//!   log and its counters), `metrics`, `hub`, `node` ([`state::NodeParts`]: drain state,
+//!   session limits), `tls`), and the one clock (`clock`, read through [`state::Shared::now_ms`]:
 //!   Unix milliseconds advanced by a monotonic clock).
 //! - [`metrics`]; [`doctor`]: host checks (what the jitter probe's gaps mean).
 //! - [`rt`]: the only code with sockets and threads: bootstrap and acceptor (`mod.rs`), the

@@ -74,6 +74,21 @@ pub struct AuthParts {
     pub caps: Arc<UserCaps>,
 }
 
+/// Where security events go: the log (one JSON line each) and the counters behind
+/// `tickgate_security_events_total`. Both are written by [`Shared::audit`].
+pub struct SecurityParts {
+    pub log: SecurityLog,
+    pub counters: SecurityCounters,
+}
+
+/// This node's lifecycle and the limits every session is built with.
+pub struct NodeParts {
+    /// Set once by a drain (`SIGTERM`, [`crate::rt::ServerHandle::drain`]): `/readyz` 503.
+    pub draining: AtomicBool,
+    /// The session limits derived from `[limits]` and `[lifetime]`, shared by every session.
+    pub session: Arc<SessionConfig>,
+}
+
 /// The one clock: Unix milliseconds at `epoch`, advanced by a monotonic clock (see
 /// [`Clock::now_ms`]).
 pub struct Clock {
@@ -101,19 +116,17 @@ impl Clock {
 }
 
 /// What all shards (and the admin listener) share, in named parts: `cfg`, `auth`,
-/// `tickets`, `revocation`, the security log and counters, `metrics`, `hub`, `tls`, and
-/// the one `clock`.
+/// `tickets`, `revocation`, `security` (log and counters), `metrics`, `hub`, `node`
+/// (drain state, session limits), `tls`, and the one `clock`.
 pub struct Shared {
     pub cfg: Config,
     pub auth: AuthParts,
     pub tickets: TicketStore<VerifiedClaims>,
     pub revocation: RevocationList,
-    pub seclog: SecurityLog,
-    pub sec_counters: SecurityCounters,
+    pub security: SecurityParts,
     pub metrics: Metrics,
     pub hub: Hub,
-    pub draining: AtomicBool,
-    pub session_cfg: Arc<SessionConfig>,
+    pub node: NodeParts,
     /// `[tls]` loaded: the public listener speaks TLS. Set with [`Shared::with_tls`];
     /// `rt::start` refuses a config with `[tls]` whose state was not loaded.
     pub tls: Option<crate::tls::TlsState>,
@@ -147,12 +160,16 @@ impl Shared {
             },
             tickets: TicketStore::new(cfg.auth.ticket_ttl.as_millis() as u64, 100_000),
             revocation: RevocationList::new(max_life_ms, leeway_ms, 100_000),
-            seclog,
-            sec_counters: SecurityCounters::new(),
+            security: SecurityParts {
+                log: seclog,
+                counters: SecurityCounters::new(),
+            },
             metrics: Metrics::new(shards),
             hub: Hub::new(shards, cfg.feed.max_symbols),
-            draining: AtomicBool::new(false),
-            session_cfg: Arc::new(session_cfg),
+            node: NodeParts {
+                draining: AtomicBool::new(false),
+                session: Arc::new(session_cfg),
+            },
             tls: None,
             clock: Clock::start(),
             cfg,
@@ -161,8 +178,8 @@ impl Shared {
 
     /// Counts a security event (`tickgate_security_events_total`) and writes its log line.
     pub fn audit(&self, e: &crate::auth::seclog::SecurityEvent<'_>) {
-        self.sec_counters.record(e);
-        self.seclog.write(e);
+        self.security.counters.record(e);
+        self.security.log.write(e);
     }
 
     /// Milliseconds since the Unix epoch, read from a monotonic clock: a wall-clock step
@@ -190,7 +207,7 @@ impl Shared {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.node.draining.load(Ordering::Acquire)
     }
 
     /// Verify a token and check it against the revocation list (handshake, ticket, reauth).

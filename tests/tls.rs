@@ -405,7 +405,7 @@ fn slow_tls_handshake_is_cut_by_the_handshake_timeout() {
     // Half a ClientHello, then nothing: the server answers nothing and closes at the deadline.
     let got = read_to_close(&mut s, Duration::from_secs(20)).expect("the server closes the socket");
     assert!(got.is_empty(), "no ServerHello for half a ClientHello");
-    let counters = &srv.handle.shared.sec_counters;
+    let counters = &srv.handle.shared.security.counters;
     assert_eq!(counters.get("handshake", "rejected", "timeout"), 1);
     // A complete TLS handshake that never sends its HTTP request is cut the same way.
     let client = ca.client();
@@ -456,7 +456,8 @@ fn rate_limit_is_applied_before_the_tls_handshake() {
     let counted = srv
         .handle
         .shared
-        .sec_counters
+        .security
+        .counters
         .get("handshake", "rejected", "rate_limited");
     assert_eq!(counted, refused);
 }

@@ -140,7 +140,7 @@ impl World {
         let token = sign_token(&self.key, "k1", &claims);
         let verified = self.shared.verify_token(&token, self.now).unwrap();
         let session = Session::new(
-            self.shared.session_cfg.clone(),
+            self.shared.node.session.clone(),
             verified,
             "10.0.0.1".parse().unwrap(),
             self.now,

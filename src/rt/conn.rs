@@ -129,7 +129,7 @@ fn open_session(
 ) {
     let now = ctx.now_ms();
     let a = *admitted;
-    let session = Session::new(ctx.shared.session_cfg.clone(), a.claims, a.client_ip, now);
+    let session = Session::new(ctx.shared.node.session.clone(), a.claims, a.client_ip, now);
     let max = ctx.shared.cfg.limits.max_message_bytes;
     let decoder = Decoder::new(DecoderConfig {
         max_message_bytes: max,
@@ -229,7 +229,7 @@ async fn handshake(
             match tls_end {
                 None => {}
                 Some(TlsIn::Failed(e)) => {
-                    ctx.shared.sec_counters.count(
+                    ctx.shared.security.counters.count(
                         sec::Event::Handshake,
                         sec::Outcome::Rejected,
                         sec::Reason::Tls,
@@ -249,7 +249,7 @@ async fn handshake(
                     return None;
                 }
                 Err(e) => {
-                    ctx.shared.sec_counters.count(
+                    ctx.shared.security.counters.count(
                         sec::Event::Handshake,
                         sec::Outcome::Rejected,
                         sec::Reason::MalformedHttp,

@@ -92,7 +92,7 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Begin draining: `/readyz` turns 503, listeners stop accepting, clients get `1001`.
     pub fn drain(&self) {
-        self.shared.draining.store(true, Ordering::Release);
+        self.shared.node.draining.store(true, Ordering::Release);
         self.shared.hub.broadcast(|| Control::Drain);
     }
 
