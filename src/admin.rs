@@ -178,6 +178,8 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
         "/healthz" => Routed::Reply(Response::text(200, "ok\n")),
         "/readyz" => Routed::Reply(if shared.is_draining() {
             Response::text(503, "draining\n")
+        } else if shared.bus.enabled() && !shared.bus.is_ready() {
+            Response::text(503, "bus unavailable\n")
         } else {
             Response::text(200, "ready\n")
         }),
@@ -185,6 +187,7 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
             let mut out = String::with_capacity(4096);
             shared.metrics.render(&mut out);
             shared.security.counters.render_prometheus(&mut out);
+            shared.bus.metrics.render(shared.bus.is_ready(), &mut out);
             let _ = std::fmt::Write::write_fmt(
                 &mut out,
                 format_args!(

@@ -81,6 +81,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bus;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -61,6 +61,9 @@ pub struct SessionConfig {
     pub idle_timeout_ms: u64,
     pub slow_consumer_grace_ms: u64,
     pub msg_limits: MsgLimits,
+    /// `[cluster]`: a `publish` goes to the bus ([`Event::PublishBus`]) and is acknowledged
+    /// once the ticks are in the cluster's order ([`Session::publish_done`]).
+    pub cluster: bool,
 }
 
 impl Default for SessionConfig {
@@ -76,6 +79,7 @@ impl Default for SessionConfig {
             idle_timeout_ms: 45_000,
             slow_consumer_grace_ms: 5_000,
             msg_limits: MsgLimits::default(),
+            cluster: false,
         }
     }
 }
@@ -114,6 +118,12 @@ pub enum Event {
     },
     /// Hand a validated, entitled batch to the hub (the ack is already queued).
     Publish { ticks: Vec<(SymbolId, Tick)> },
+    /// `[cluster]`: hand a validated, entitled batch to the bus; the answer comes back
+    /// through [`Session::publish_done`] with this `id`.
+    PublishBus {
+        id: Option<u64>,
+        ticks: Vec<(Box<str>, Tick)>,
+    },
     /// A close frame is queued: flush it, then end the connection.
     Close { code: u16 },
     /// A security-log event (reauth outcomes, policy closes).
@@ -798,6 +808,23 @@ impl Session {
                 return;
             }
         }
+        if self.cfg.cluster {
+            // Every node orders through the bus; the symbol need not exist on this one.
+            for (name, _) in &ticks {
+                if !crate::bus::is_bus_symbol(name) {
+                    self.reply_error(id, ErrorCode::BadRequest, "symbol not usable on the bus");
+                    return;
+                }
+            }
+            let ticks: Vec<(Box<str>, Tick)> = ticks.into_iter().map(|(n, t)| (Box::from(n), t)).collect();
+            if !ticks.is_empty() {
+                self.push_event(Event::PublishBus { id, ticks });
+            } else {
+                self.outbound
+                    .push_control(json_frame(|b| msg::encode_published(id, 0, b)));
+            }
+            return;
+        }
         let mut batch = Vec::with_capacity(ticks.len());
         for (name, t) in &ticks {
             match symbols.intern(name) {
@@ -814,6 +841,21 @@ impl Session {
         }
         self.outbound
             .push_control(json_frame(|b| msg::encode_published(id, count, b)));
+    }
+
+    /// The bus's answer to an [`Event::PublishBus`]: `Ok(count)` once the ticks are in the
+    /// cluster's order (`published`), `Err(())` when the bus could not take them (`error`
+    /// `unavailable`).
+    pub fn publish_done(&mut self, id: Option<u64>, result: Result<usize, ()>) {
+        if self.state != State::Open {
+            return;
+        }
+        match result {
+            Ok(n) => self
+                .outbound
+                .push_control(json_frame(|b| msg::encode_published(id, n, b))),
+            Err(()) => self.reply_error(id, ErrorCode::Unavailable, "the bus is unavailable"),
+        }
     }
 
     fn reauth(

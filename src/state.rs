@@ -127,6 +127,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub hub: Hub,
     pub node: NodeParts,
+    /// `[cluster]`: what the shards and the admin listener share with the bus thread.
+    pub bus: crate::bus::Link,
     /// `[tls]` loaded: the public listener speaks TLS. Set with [`Shared::with_tls`];
     /// `rt::start` refuses a config with `[tls]` whose state was not loaded.
     pub tls: Option<crate::tls::TlsState>,
@@ -149,6 +151,7 @@ impl Shared {
             idle_timeout_ms: cfg.lifetime.idle_timeout.as_millis() as u64,
             slow_consumer_grace_ms: l.slow_consumer_grace.as_millis() as u64,
             msg_limits: Default::default(),
+            cluster: cfg.cluster.is_some(),
         };
         let leeway_ms = cfg.auth.leeway.as_millis() as u64;
         let max_life_ms = cfg.auth.max_token_lifetime.as_millis() as u64;
@@ -170,6 +173,7 @@ impl Shared {
                 draining: AtomicBool::new(false),
                 session: Arc::new(session_cfg),
             },
+            bus: crate::bus::Link::default(),
             tls: None,
             clock: Clock::start(),
             cfg,

@@ -35,6 +35,15 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
         ),
         ("tls", &[("cert", Str), ("key", Str)]),
         (
+            "cluster",
+            &[
+                ("nats", List),
+                ("node", Str),
+                ("subject_prefix", Str),
+                ("credentials", Str),
+            ],
+        ),
+        (
             "auth",
             &[
                 ("keys", List),

@@ -160,7 +160,35 @@ pub struct Config {
     pub lifetime: LifetimeConfig,
     pub feed: FeedConfig,
     pub admin: AdminConfig,
+    /// Absent: one node alone, with no bus (PROTOCOL.md section 9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     pub log: LogConfig,
+}
+
+/// `[cluster]`: several nodes on one NATS deployment with JetStream (docs/CLUSTER.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`), 1 to 16. Default `["nats://127.0.0.1:4222"]`.
+    pub nats: Vec<String>,
+    /// This node's name on the bus; empty: host name and listen port. Default "".
+    pub node: String,
+    /// Subject prefix: feed handlers publish to `<prefix>.in.<SYMBOL>`. Default "tickgate".
+    pub subject_prefix: String,
+    /// NATS credentials file (`.creds`); empty: none. Default "".
+    pub credentials: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: vec!["nats://127.0.0.1:4222".to_owned()],
+            node: String::new(),
+            subject_prefix: "tickgate".to_owned(),
+            credentials: String::new(),
+        }
+    }
 }
 
 /// `[server]`: the public listener and the thread-per-core runtime.

@@ -19,7 +19,22 @@ impl Config {
         self.validate_limits()?;
         self.validate_lifetime()?;
         self.validate_feed()?;
+        self.validate_cluster()?;
         self.validate_admin_log()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        if c.nats.is_empty() || c.nats.len() > 16 {
+            return Err(ConfigError::invalid("cluster.nats", "1 to 16 server URLs"));
+        }
+        for u in &c.nats {
+            crate::bus::check_server_url(u).map_err(|e| ConfigError::invalid("cluster.nats", e))?;
+        }
+        crate::bus::check_node_name(&c.node).map_err(|e| ConfigError::invalid("cluster.node", e))?;
+        crate::bus::check_prefix(&c.subject_prefix)
+            .map_err(|e| ConfigError::invalid("cluster.subject_prefix", e))?;
+        Ok(())
     }
 
     /// Checks that the files the config names exist (TLS cert and key, key files, JWKS):
@@ -35,6 +50,11 @@ impl Config {
         }
         if let Some(jwks) = &self.auth.jwks {
             files.push(("auth.jwks".to_owned(), jwks));
+        }
+        if let Some(c) = &self.cluster
+            && !c.credentials.is_empty()
+        {
+            files.push(("cluster.credentials".to_owned(), Path::new(&c.credentials)));
         }
         for (key, path) in files {
             if !path.is_file() {

@@ -218,8 +218,9 @@ struct SubEntry {
     last_seq: u64,
 }
 
-/// Names awaited by this shard's connections: name -> (connection index, generation).
-type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32)>>;
+/// Names awaited by this shard's connections: name -> (connection index, generation,
+/// whether the subscription asked for a snapshot).
+type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32, bool)>>;
 
 /// One shard's connections, tables and deadlines (see the module documentation).
 pub struct ShardCore<I> {
@@ -592,6 +593,21 @@ impl<I: ConnIo> ShardCore<I> {
                 let n = self.shared.hub.publish(&ticks);
                 self.shared.metrics.ticks_in.fetch_add(n as u64, Relaxed);
             }
+            SessionEvent::PublishBus { id, ticks } => {
+                let r = crate::bus::PublishRequest {
+                    shard: self.id,
+                    idx,
+                    generation: c.generation,
+                    id,
+                    ticks,
+                };
+                if let Err(r) = self.shared.bus.publish(r) {
+                    self.shared.bus.metrics.unavailable.fetch_add(1, Relaxed);
+                    if let Some(s) = c.session.as_mut() {
+                        s.publish_done(r.id, Err(()));
+                    }
+                }
+            }
             SessionEvent::Close { code } => {
                 // The session wants no deadline of its own any more (`poll_timeout` is
                 // `None` once closing): the hard drop takes over.
@@ -637,7 +653,15 @@ impl<I: ConnIo> ShardCore<I> {
                     self.subscribe(idx, c, &[id], snapshot);
                 }
             }
-            Wait::Waiting => self.waiting.entry(name).or_default().push((idx, c.generation)),
+            Wait::Waiting => {
+                // With `[cluster]` the bus is asked for the name (its newest tick, then
+                // its live ticks); alone, this is a no-op.
+                self.shared.hub.want(&name);
+                self.waiting
+                    .entry(name)
+                    .or_default()
+                    .push((idx, c.generation, snapshot));
+            }
         }
     }
 
@@ -647,7 +671,7 @@ impl<I: ConnIo> ShardCore<I> {
             let Some(list) = self.waiting.get_mut(name) else {
                 continue;
             };
-            list.retain(|&(i, g)| !(i == idx && g == generation));
+            list.retain(|&(i, g, _)| !(i == idx && g == generation));
             if !list.is_empty() {
                 continue;
             }
@@ -664,10 +688,18 @@ impl<I: ConnIo> ShardCore<I> {
 
     /// `name` exists now as `id` (its first tick is being dispatched, or a connection just
     /// subscribed to it): this shard's connections waiting for it become ordinary
-    /// subscribers, owed every tick from `seq` 1 (the shard was handed to the hub before
-    /// the first tick, so none has passed it by). `current` is the connection the caller
-    /// already holds borrowed, if any.
-    fn activate_waiting(&mut self, name: &str, id: SymbolId, mut current: Option<(usize, &mut Conn<I>)>) {
+    /// subscribers. `first` is the tick that created it on this shard, if that is why: the
+    /// subscribers are owed that tick and every later one (the shard was handed to the hub
+    /// before it, so none has passed it by), or, for a bus head ([`SharedTick::prime`]),
+    /// every tick after it, with the head as their snapshot when they asked for one.
+    /// `current` is the connection the caller already holds borrowed, if any.
+    fn activate_waiting(
+        &mut self,
+        name: &str,
+        id: SymbolId,
+        mut current: Option<(usize, &mut Conn<I>)>,
+        first: Option<&SharedTick>,
+    ) {
         let Some(list) = self.waiting.remove(name) else {
             return;
         };
@@ -677,21 +709,41 @@ impl<I: ConnIo> ShardCore<I> {
         if self.table.len() <= i {
             self.table.resize_with(i + 1, Vec::new);
         }
-        for (widx, generation) in list {
-            let activated = match current.as_mut() {
-                Some((cidx, c)) if *cidx == widx => {
-                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
+        let last_seq = match first {
+            Some(t) if t.prime => t.seq,
+            Some(t) => t.seq.saturating_sub(1),
+            None => 0,
+        };
+        let head = first.filter(|t| t.prime);
+        for (widx, generation, snapshot) in list {
+            let go = |c: &mut Conn<I>, effects: &mut Vec<Effect>| {
+                if c.generation != generation {
+                    return false;
                 }
-                _ => self.conns.get(widx).is_some_and(|conn| {
-                    let mut c = conn.borrow_mut();
-                    c.generation == generation && c.session.as_mut().is_some_and(|s| s.activate(name, id))
-                }),
+                let Some(s) = c.session.as_mut() else { return false };
+                if !s.activate(name, id) {
+                    return false;
+                }
+                if let Some(t) = head
+                    && snapshot
+                {
+                    s.push_snapshot(encode_for_subscriber(TickKind::Snapshot, t, 0));
+                    kick(effects, widx, c);
+                }
+                true
+            };
+            let activated = match current.as_mut() {
+                Some((cidx, c)) if *cidx == widx => go(c, &mut self.effects),
+                _ => self
+                    .conns
+                    .get(widx)
+                    .is_some_and(|conn| go(&mut conn.borrow_mut(), &mut self.effects)),
             };
             if activated {
                 self.table[i].push(SubEntry {
                     idx: widx,
                     generation,
-                    last_seq: 0,
+                    last_seq,
                 });
             }
         }
@@ -704,7 +756,7 @@ impl<I: ConnIo> ShardCore<I> {
         if !self.waiting.is_empty() {
             for id in ids {
                 if let Some(name) = self.shared.hub.symbols().name(*id) {
-                    self.activate_waiting(&name, *id, Some((idx, &mut *c)));
+                    self.activate_waiting(&name, *id, Some((idx, &mut *c)), None);
                 }
             }
         }
@@ -753,11 +805,19 @@ impl<I: ConnIo> ShardCore<I> {
     /// overflowed), a copy re-encoded with `"skipped"`. Returns how many got it.
     pub fn handle_tick(&mut self, now: u64, t: &Arc<SharedTick>) -> usize {
         if !self.waiting.is_empty() {
-            self.activate_waiting(&t.name, t.symbol, None);
+            self.activate_waiting(&t.name, t.symbol, None, Some(t));
         }
         let Some(list) = self.table.get_mut(t.symbol.0 as usize) else {
             return 0;
         };
+        if t.prime {
+            // The bus head of a symbol this node just took interest in: the baseline of
+            // subscribers that have had nothing yet, not a tick to deliver.
+            for e in list.iter_mut().filter(|e| e.last_seq == 0) {
+                e.last_seq = t.seq;
+            }
+            return 0;
+        }
         let mut delivered = 0;
         for e in list.iter_mut() {
             if t.seq <= e.last_seq {
@@ -908,6 +968,21 @@ impl<I: ConnIo> ShardCore<I> {
                 let mut c = conn.borrow_mut();
                 if let Some(s) = c.session.as_mut() {
                     s.finish_reauth(id, *result, now, self.shared.hub.symbols());
+                }
+                self.apply(idx, &mut c, now);
+            }
+            Control::Published {
+                idx,
+                generation,
+                id,
+                result,
+            } => {
+                let Some(conn) = self.get(ConnId { idx, generation }) else {
+                    return;
+                };
+                let mut c = conn.borrow_mut();
+                if let Some(s) = c.session.as_mut() {
+                    s.publish_done(id, result);
                 }
                 self.apply(idx, &mut c, now);
             }

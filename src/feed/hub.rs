@@ -48,6 +48,13 @@ pub enum Control {
         id: Option<u64>,
         result: Box<Result<crate::auth::jwt::VerifiedClaims, crate::auth::jwt::AuthError>>,
     },
+    /// `[cluster]`: the bus's answer to connection `(idx, generation)`'s `publish`.
+    Published {
+        idx: usize,
+        generation: u32,
+        id: Option<u64>,
+        result: Result<usize, ()>,
+    },
 }
 
 /// One shard's inbox: ticks, control messages, and the waker of the shard's dispatcher.
@@ -100,6 +107,42 @@ pub struct Hub {
     states: Box<[Mutex<SymbolState>]>,
     inboxes: Box<[ShardInbox]>,
     published: AtomicU64,
+    /// `[cluster]` only: what the shards want from the bus ([`Self::want`],
+    /// [`Self::unsubscribe_last`]), for the bus thread ([`Self::take_interest`]).
+    interest: std::sync::OnceLock<InterestQueue>,
+}
+
+/// A change of this node's interest in a symbol, for the bus thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    /// A connection waits for this name: take its head and its live ticks.
+    Want(Box<str>),
+    /// The last local subscriber of this symbol left: release it if still unused.
+    Release(SymbolId),
+}
+
+/// Bounded: when full, changes are dropped and `overflowed` is set, and the bus thread
+/// reconciles from the tables instead ([`Hub::wanted_names`], [`Hub::has_interest`]).
+pub struct InterestQueue {
+    queue: ArrayQueue<Interest>,
+    overflowed: AtomicBool,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Interest changes queued for the bus thread before it reconciles instead.
+pub const INTEREST_CAPACITY: usize = 1 << 14;
+
+/// What became of a tick from the bus ([`Hub::ingest_ordered`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Fanned out to the interested shards (or, for a head, set as the baseline).
+    Accepted,
+    /// At or below the newest `seq` this node has (a duplicate, or older than the head).
+    Stale,
+    /// No connection on this node wants the symbol.
+    NoInterest,
+    /// The symbol table is full.
+    TableFull,
 }
 
 /// What a shard gets back when it subscribes its first (or any) local connection.
@@ -120,7 +163,172 @@ impl Hub {
             states,
             inboxes,
             published: AtomicU64::new(0),
+            interest: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `[cluster]`: from now on interest changes are queued for the bus thread, which
+    /// `wake` wakes. Once; later calls are ignored.
+    pub fn enable_interest(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.interest.set(InterestQueue {
+            queue: ArrayQueue::new(INTEREST_CAPACITY),
+            overflowed: AtomicBool::new(false),
+            wake,
+        });
+    }
+
+    fn note_interest(&self, i: Interest) {
+        if let Some(q) = self.interest.get() {
+            if q.queue.push(i).is_err() {
+                q.overflowed.store(true, Ordering::Release);
+            }
+            (q.wake)();
+        }
+    }
+
+    /// A connection waits for `name` (it does not exist on this node yet).
+    pub fn want(&self, name: &str) {
+        if self.interest.get().is_some() {
+            self.note_interest(Interest::Want(Box::from(name)));
+        }
+    }
+
+    /// The queued interest changes, and whether some were dropped since the last call
+    /// (then reconcile from [`Self::wanted_names`] and [`Self::has_interest`]).
+    pub fn take_interest(&self, out: &mut Vec<Interest>, max: usize) -> bool {
+        let Some(q) = self.interest.get() else {
+            return false;
+        };
+        while out.len() < max {
+            match q.queue.pop() {
+                Some(i) => out.push(i),
+                None => break,
+            }
+        }
+        q.overflowed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Names some shard waits for (bounded by the connections' own subscription bounds).
+    pub fn wanted_names(&self) -> Vec<Box<str>> {
+        self.symbols.waiting_names()
+    }
+
+    /// Some shard subscribes to `name`, waits for it, or was handed it.
+    pub fn has_interest(&self, name: &str) -> bool {
+        if self.symbols.is_waited(name) {
+            return true;
+        }
+        let Some(id) = self.symbols.lookup(name) else {
+            return false;
+        };
+        self.state(id).is_some_and(|s| lock(s).shard_mask != 0) || self.symbols.has_handoff(id)
+    }
+
+    /// A tick from the bus with its cluster-wide `seq` (`[cluster]`). Delivered only when
+    /// newer than everything this node has for the symbol (never a `seq` twice or
+    /// backwards); a jump shows as `skipped` to subscribers. `head`: the symbol's newest
+    /// tick, read when this node took interest: it becomes the baseline and the snapshot,
+    /// and is delivered to no one.
+    pub fn ingest_ordered(&self, name: &str, seq: u64, tick: &Tick, head: bool) -> Ingested {
+        let id = match self.symbols.lookup(name) {
+            Some(id) => id,
+            None if self.symbols.is_waited(name) => match self.symbols.intern(name) {
+                Ok(id) => id,
+                Err(_) => return Ingested::TableFull,
+            },
+            None => return Ingested::NoInterest,
+        };
+        let Some((id, name, mut st)) = self.lock_live(id, true) else {
+            return Ingested::TableFull;
+        };
+        let handoff = self.symbols.take_handoff(id);
+        st.shard_mask |= handoff;
+        if seq <= st.seq {
+            // Shards handed the symbol just now still get the head they wait for.
+            if handoff != 0
+                && let Some(last) = st.last.clone()
+            {
+                let h = Arc::new(SharedTick {
+                    prime: true,
+                    ..(*last).clone()
+                });
+                self.push_to(handoff, &h);
+                drop(st);
+                self.wake(handoff);
+            }
+            return Ingested::Stale;
+        }
+        st.seq = seq;
+        let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);
+        let shared = Arc::new(SharedTick {
+            symbol: id,
+            seq,
+            frame,
+            tick: *tick,
+            name,
+            accepted_ns: crate::metrics::mono_ns(),
+            prime: head,
+        });
+        let mask = st.shard_mask;
+        self.push_to(mask, &shared);
+        st.last = Some(shared);
+        drop(st);
+        if !head {
+            self.published.fetch_add(1, Ordering::Relaxed);
+        }
+        self.wake(mask);
+        Ingested::Accepted
+    }
+
+    fn push_to(&self, mask: u64, t: &Arc<SharedTick>) {
+        let mut m = mask;
+        while m != 0 {
+            let shard = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if let Some(inbox) = self.inboxes.get(shard)
+                && inbox.ticks.push(t.clone()).is_err()
+            {
+                inbox.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn wake(&self, mask: u64) {
+        let mut m = mask;
+        while m != 0 {
+            let shard = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if let Some(inbox) = self.inboxes.get(shard) {
+                inbox.notify();
+            }
+        }
+    }
+
+    /// The newest `seq` this node has for `name` (0: none).
+    pub fn seq_of(&self, name: &str) -> u64 {
+        self.symbols
+            .lookup(name)
+            .and_then(|id| self.state(id))
+            .map_or(0, |s| lock(s).seq)
+    }
+
+    /// `[cluster]`: gives `id` back when no shard subscribes to it or waits for it any
+    /// more, so the next subscriber waits for a fresh head from the bus. True when it was
+    /// released (the bus thread then drops its subscription).
+    pub fn release(&self, id: SymbolId, now_ms: u64) -> bool {
+        let Some(state) = self.state(id) else { return false };
+        let mut st = lock(state);
+        if st.retired || st.pinned || st.shard_mask != 0 {
+            return false;
+        }
+        if self.symbols.retire(id, now_ms) {
+            *st = SymbolState {
+                retired: true,
+                ..SymbolState::default()
+            };
+            return true;
+        }
+        false
     }
 
     pub fn symbols(&self) -> &SymbolTable {
@@ -241,6 +449,7 @@ impl Hub {
                 tick: *tick,
                 name,
                 accepted_ns,
+                prime: false,
             });
             let mask = st.shard_mask;
             let mut m = mask;
@@ -289,7 +498,12 @@ impl Hub {
         if let Some(state) = self.state(id)
             && shard < 64
         {
-            lock(state).shard_mask &= !(1 << shard);
+            let mut st = lock(state);
+            st.shard_mask &= !(1 << shard);
+            if st.shard_mask == 0 && self.interest.get().is_some() {
+                drop(st);
+                self.note_interest(Interest::Release(id));
+            }
         }
     }
 

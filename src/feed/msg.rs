@@ -117,6 +117,8 @@ pub enum ErrorCode {
     RateLimited,
     TooManySymbols,
     NotFound,
+    /// `[cluster]`: the bus cannot take a `publish` now.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -129,6 +131,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySymbols => "too_many_symbols",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -166,6 +169,22 @@ pub fn parse_client_msg_with_buffers(
     let tape = simd_json::to_tape_with_buffers(text, buffers)
         .map_err(|_| err(None, ErrorCode::BadRequest, "invalid JSON"))?;
     parse_tape(&tape.0, limits)
+}
+
+/// Why [`parse_tick_json`] refused a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TickJsonError {
+    /// Not UTF-8 JSON.
+    NotJson,
+    /// JSON, but not one valid tick object.
+    Invalid,
+}
+
+/// One tick object on its own (a feed handler's payload on the bus): exactly the rules of
+/// a tick in `publish`. `text` is scratch space, as for [`parse_client_msg`].
+pub fn parse_tick_json(text: &mut [u8], buffers: &mut Buffers) -> Result<(String, Tick), TickJsonError> {
+    let tape = simd_json::to_tape_with_buffers(text, buffers).map_err(|_| TickJsonError::NotJson)?;
+    parse_tick(&tape.0).map_err(|_| TickJsonError::Invalid)
 }
 
 fn err(id: Option<u64>, code: ErrorCode, message: &str) -> MsgError {

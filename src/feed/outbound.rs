@@ -53,6 +53,10 @@ pub struct SharedTick {
     /// When the hub accepted the tick ([`crate::metrics::mono_ns`]); the latency
     /// histograms start here.
     pub accepted_ns: u64,
+    /// A bus head, not a live tick (`[cluster]`): the newest tick of a symbol in the
+    /// cluster when this node took interest in it. Shards use it as the baseline and the
+    /// snapshot of the subscribers waiting for the symbol, and deliver it to no one.
+    pub prime: bool,
 }
 
 impl SharedTick {
@@ -67,6 +71,7 @@ impl SharedTick {
             tick,
             name,
             accepted_ns: crate::metrics::mono_ns(),
+            prime: false,
         }
     }
 }

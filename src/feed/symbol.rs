@@ -222,6 +222,21 @@ impl SymbolTable {
         Wait::Waiting
     }
 
+    /// Some shard waits for `name` (not interned yet).
+    pub fn is_waited(&self, name: &str) -> bool {
+        lock(&self.waiting).contains_key(name)
+    }
+
+    /// The names some shard waits for.
+    pub fn waiting_names(&self) -> Vec<Box<str>> {
+        lock(&self.waiting).keys().cloned().collect()
+    }
+
+    /// Some shard waited for `id` before it existed and has not had its first tick.
+    pub fn has_handoff(&self, id: SymbolId) -> bool {
+        self.handoff_pending.load(Ordering::Acquire) && lock(&self.handoff).contains_key(&id)
+    }
+
     /// Shard `shard` no longer has connections waiting for `name`. When the name was
     /// interned meanwhile, returns its id: the shard may have been handed to the hub
     /// already, and must then leave the symbol there too (`Hub::unsubscribe_last`).

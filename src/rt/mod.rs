@@ -25,6 +25,7 @@
 //! `tickgate serve` does the same and then waits for signals.
 
 pub mod admin;
+pub mod bus;
 pub mod client;
 pub mod conn;
 pub mod ctx;
@@ -248,6 +249,8 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<ServerHandle> {
     if shared.tls.is_some() {
         tls_watch::spawn(Arc::downgrade(&shared), crate::tls::WATCH_INTERVAL)?;
     }
+    // `[cluster]`: the bus thread (nothing without it).
+    bus::spawn(shared.clone(), public_addr.port())?;
     let admin_addr = if cfg.admin.enabled {
         Some(admin::start(shared.clone())?)
     } else {

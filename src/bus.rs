@@ -1,0 +1,699 @@
+//! Several nodes on NATS with JetStream (PROTOCOL.md section 9, docs/CLUSTER.md): the
+//! sans-IO half. Subject and stream names, the ingest parser (every byte from the bus is
+//! hostile), the per-symbol sequencer's decisions, and the reconnect backoff are plain
+//! functions and data here, unit-tested with no bus; `rt::bus` wires them to `async-nats`
+//! on its own thread.
+//!
+//! # One order per symbol
+//!
+//! Feed handlers publish raw ticks to `<prefix>.in.<SYMBOL>`. One node at a time, the
+//! ingest leader (elected with a key that expires unless refreshed), reads them: NATS
+//! keeps one publisher's messages in order to one subscriber, so a feed handler's ticks
+//! keep their order. The leader validates each and appends it to the JetStream stream over
+//! `<prefix>.t.<SYMBOL>` with two headers: `Tg-Seq` (the symbol's next `seq`, one more
+//! than the newest tick of that subject in the stream) and
+//! `Nats-Expected-Last-Subject-Sequence` (the stream sequence of that newest tick). The
+//! stream accepts the append only if nothing else was appended to the subject meanwhile;
+//! otherwise the node reads the subject's newest message again and retries
+//! ([`Sequencer`]). So two nodes can never give two ticks the same `seq`, and `seq` grows
+//! by one per tick in the stream. Every node with local subscribers of a symbol holds a
+//! plain NATS subscription on its `<prefix>.t.<SYMBOL>` subject (interest-based: taken with
+//! the first local subscriber, released with the last), reads `seq` from the header, and
+//! never delivers a `seq` at or below the last it delivered. Snapshots come from the
+//! stream's newest message of the subject, the same on every node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::feed::symbol::is_valid_symbol;
+use crate::feed::tick::Tick;
+pub use simd_json::Buffers;
+
+/// The header carrying a tick's `seq` on `<prefix>.t.<SYMBOL>`.
+pub const SEQ_HEADER: &str = "Tg-Seq";
+/// JetStream's optimistic concurrency header (per-subject).
+pub const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+/// A tick payload from the bus larger than this is dropped unread (a valid tick is about
+/// 150 bytes; the bound leaves room for whitespace).
+pub const MAX_INGEST_BYTES: usize = 1024;
+/// The JetStream error code for "wrong last sequence" (someone appended first).
+pub const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
+/// Appends of one tick tried before it is dropped as `conflict`.
+pub const MAX_APPEND_TRIES: u32 = 8;
+
+/// `nats://host:port` (or `tls://`), as `cluster.nats` takes it.
+pub fn check_server_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("nats://")
+        .or_else(|| u.strip_prefix("tls://"))
+        .ok_or_else(|| format!("{u:?}: a URL starts with nats:// or tls://"))?;
+    let hostport = rest.rsplit('@').next().unwrap_or(rest);
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{u:?}: host:port expected"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{u:?}: host:port expected"));
+    }
+    if u.len() > 256 || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{u:?}: not a URL"));
+    }
+    Ok(())
+}
+
+/// `cluster.node`: empty, or 1-64 of `[A-Za-z0-9._-]`.
+pub fn check_node_name(n: &str) -> Result<(), String> {
+    if n.len() > 64
+        || !n
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    {
+        return Err("up to 64 of A-Z a-z 0-9 . _ -".into());
+    }
+    Ok(())
+}
+
+/// `cluster.subject_prefix`: NATS tokens of `[A-Za-z0-9_-]` joined by dots, at most 64 bytes.
+pub fn check_prefix(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 64
+        && p.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("dot-separated tokens of A-Z a-z 0-9 _ -, at most 64 bytes".into())
+    }
+}
+
+/// A symbol that can be a subject's tail: a valid symbol with no empty NATS token (no
+/// `..`, no trailing `.`).
+pub fn is_bus_symbol(s: &str) -> bool {
+    is_valid_symbol(s) && !s.contains("..") && !s.ends_with('.')
+}
+
+/// The subjects and stream of one deployment (one `subject_prefix`).
+#[derive(Clone, Debug)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Subjects {
+        Subjects {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Feed handlers publish here (all symbols).
+    pub fn ingest_all(&self) -> String {
+        format!("{}.in.>", self.prefix)
+    }
+
+    /// The queue group the nodes share on [`Self::ingest_all`].
+    pub fn ingest_group(&self) -> String {
+        format!("{}-ingest", self.prefix)
+    }
+
+    /// The symbol a raw tick was published for, from its subject.
+    pub fn ingest_symbol<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".in.")
+    }
+
+    /// The ordered ticks of one symbol (the stream's subject).
+    pub fn ordered(&self, symbol: &str) -> String {
+        format!("{}.t.{symbol}", self.prefix)
+    }
+
+    /// Where the stream republishes what it stored of `symbol`: the nodes subscribe here
+    /// (a message refused by the stream's sequence check never appears on it).
+    pub fn delivered(&self, symbol: &str) -> String {
+        format!("{}.o.{symbol}", self.prefix)
+    }
+
+    /// Every republished subject (the stream's republish destination).
+    pub fn delivered_all(&self) -> String {
+        format!("{}.o.>", self.prefix)
+    }
+
+    /// The ingest leader's claim.
+    pub fn leader(&self) -> String {
+        format!("{}.leader", self.prefix)
+    }
+
+    /// Every ordered subject (the stream's filter).
+    pub fn ordered_all(&self) -> String {
+        format!("{}.t.>", self.prefix)
+    }
+
+    /// The symbol of an ordered subject.
+    pub fn ordered_symbol<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".t.")
+    }
+
+    /// The JetStream stream holding the ordered ticks: the prefix upper-cased, dots and
+    /// dashes as `_`, then `_TICKS`.
+    pub fn stream(&self) -> String {
+        let mut s: String = self
+            .prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        s.push_str("_TICKS");
+        s
+    }
+}
+
+/// Why a payload from the bus was dropped (`tickgate_ingest_rejected_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reject {
+    /// Over [`MAX_INGEST_BYTES`].
+    TooLarge,
+    /// No bytes.
+    Empty,
+    /// Not UTF-8 JSON.
+    NotJson,
+    /// JSON, but not a valid tick (fields, types, a non-finite number).
+    BadTick,
+    /// The subject's symbol is not a valid symbol.
+    BadSymbol,
+    /// The tick's `s` is not the subject's symbol.
+    SymbolMismatch,
+    /// An ordered message without a valid `Tg-Seq` header.
+    BadSeq,
+    /// The node's symbol table is full.
+    TableFull,
+    /// The stream kept refusing the append (another node kept winning), or the bus
+    /// failed it.
+    AppendFailed,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::TooLarge,
+        Reject::Empty,
+        Reject::NotJson,
+        Reject::BadTick,
+        Reject::BadSymbol,
+        Reject::SymbolMismatch,
+        Reject::BadSeq,
+        Reject::TableFull,
+        Reject::AppendFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::TooLarge => "too_large",
+            Reject::Empty => "empty",
+            Reject::NotJson => "not_json",
+            Reject::BadTick => "bad_tick",
+            Reject::BadSymbol => "bad_symbol",
+            Reject::SymbolMismatch => "symbol_mismatch",
+            Reject::BadSeq => "bad_seq",
+            Reject::TableFull => "table_full",
+            Reject::AppendFailed => "append_failed",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Reject::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Validates one tick payload from the bus for `symbol` (the subject's): exactly what a
+/// `publish` tick must be (PROTOCOL.md section 5), with `s` equal to the subject's symbol.
+/// `scratch` is copied into (simd-json parses in place) and reused; nothing is allocated
+/// beyond [`MAX_INGEST_BYTES`].
+pub fn parse_tick_payload(
+    symbol: &str,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+    buffers: &mut Buffers,
+) -> Result<Tick, Reject> {
+    if payload.is_empty() {
+        return Err(Reject::Empty);
+    }
+    if payload.len() > MAX_INGEST_BYTES {
+        return Err(Reject::TooLarge);
+    }
+    if !is_bus_symbol(symbol) {
+        return Err(Reject::BadSymbol);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(payload);
+    let (s, tick) = crate::feed::msg::parse_tick_json(scratch, buffers).map_err(|e| match e {
+        crate::feed::msg::TickJsonError::NotJson => Reject::NotJson,
+        crate::feed::msg::TickJsonError::Invalid => Reject::BadTick,
+    })?;
+    if s != symbol {
+        return Err(Reject::SymbolMismatch);
+    }
+    Ok(tick)
+}
+
+/// The `seq` of an ordered message, from its `Tg-Seq` header value.
+pub fn parse_seq(v: Option<&str>) -> Result<u64, Reject> {
+    let v = v.ok_or(Reject::BadSeq)?;
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Reject::BadSeq);
+    }
+    match v.parse::<u64>() {
+        Ok(0) | Err(_) => Err(Reject::BadSeq),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// The canonical payload of a tick on the ordered subjects (the same JSON a feed handler
+/// sends, re-encoded from the validated values).
+pub fn encode_tick_payload(symbol: &str, t: &Tick, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(b"{\"s\":");
+    crate::feed::json::write_json_str(symbol, out);
+    out.extend_from_slice(b",\"ts\":");
+    out.extend_from_slice(itoa::Buffer::new().format(t.ts).as_bytes());
+    for (k, v) in [("bid", t.bid), ("ask", t.ask), ("last", t.last), ("qty", t.qty)] {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(ryu::Buffer::new().format_finite(v).as_bytes());
+    }
+    out.push(b'}');
+}
+
+/// Where a symbol stands in the stream, as far as this node knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// The newest tick's `seq` (0: none).
+    pub seq: u64,
+    /// Its stream sequence (0: the subject is empty).
+    pub stream_seq: u64,
+}
+
+/// What to append next for a symbol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Append {
+    pub seq: u64,
+    pub expect_stream_seq: u64,
+}
+
+/// The per-symbol sequencer's memory: the head of each symbol this node appended to,
+/// bounded (a full table forgets everything and reads heads again, which costs one
+/// look-up per symbol and is always correct).
+pub struct Sequencer {
+    heads: HashMap<Box<str>, Head>,
+    max: usize,
+}
+
+impl Sequencer {
+    pub fn new(max: usize) -> Sequencer {
+        Sequencer {
+            heads: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The append for `symbol`, or `None` when its head must be read first
+    /// ([`Self::learn`]).
+    pub fn next(&self, symbol: &str) -> Option<Append> {
+        self.heads.get(symbol).map(|h| Append {
+            seq: h.seq + 1,
+            expect_stream_seq: h.stream_seq,
+        })
+    }
+
+    /// The head read from the stream (`None`: the subject is empty). `floor` is the
+    /// newest `seq` this node has seen for the symbol: a stream that lost its messages
+    /// (a bus restarted without its store) never makes `seq` go back.
+    pub fn learn(&mut self, symbol: &str, head: Option<Head>, floor: u64) {
+        let head = head.unwrap_or(Head {
+            seq: 0,
+            stream_seq: 0,
+        });
+        let head = Head {
+            seq: head.seq.max(floor),
+            stream_seq: head.stream_seq,
+        };
+        if self.heads.len() >= self.max && !self.heads.contains_key(symbol) {
+            self.heads.clear();
+        }
+        self.heads.insert(Box::from(symbol), head);
+    }
+
+    /// The stream stored `seq` at `stream_seq`.
+    pub fn appended(&mut self, symbol: &str, seq: u64, stream_seq: u64) {
+        if let Some(h) = self.heads.get_mut(symbol) {
+            *h = Head { seq, stream_seq };
+        }
+    }
+
+    /// The append was refused (another node appended first) or failed: read the head
+    /// again before the next try.
+    pub fn forget(&mut self, symbol: &str) {
+        self.heads.remove(symbol);
+    }
+
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+}
+
+/// Reconnect / retry delay after `attempt` failures: 100 ms doubling to 5 s, with up to
+/// 25 % jitter from `rand` (any u32) so nodes do not retry in step.
+pub fn backoff(attempt: u32, rand: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5000);
+    let jitter = base / 4 * u64::from(rand % 1000) / 1000;
+    Duration::from_millis(base + jitter)
+}
+
+/// A `publish` from a WebSocket publisher on this node, on its way to the bus.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub shard: usize,
+    pub idx: usize,
+    pub generation: u32,
+    pub id: Option<u64>,
+    pub ticks: Vec<(Box<str>, Tick)>,
+}
+
+/// Wakes the bus thread.
+pub type Wake = Box<dyn Fn() + Send + Sync>;
+
+/// `publish` requests waiting for the bus thread, at most; beyond, `unavailable`.
+pub const PUBLISH_QUEUE: usize = 4096;
+
+/// What the shards and the admin listener share with the bus thread (`Shared::bus`):
+/// readiness, the publish queue and the counters. Inert without `[cluster]`.
+#[derive(Default)]
+pub struct Link {
+    tx: std::sync::OnceLock<(crossbeam_channel::Sender<PublishRequest>, Wake)>,
+    /// Connected, stream in place, revocations loaded: `/readyz` may say 200.
+    pub ready: AtomicBool,
+    pub metrics: BusMetrics,
+}
+
+impl Link {
+    /// `[cluster]` is configured: the bus thread receives on the returned queue and is
+    /// woken by `wake`.
+    pub fn enable(
+        &self,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> Option<crossbeam_channel::Receiver<PublishRequest>> {
+        let (tx, rx) = crossbeam_channel::bounded(PUBLISH_QUEUE);
+        self.tx.set((tx, wake)).ok()?;
+        self.metrics.enabled.store(true, Ordering::Release);
+        Some(rx)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.get().is_some()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Queue a publish for the bus; gives it back when the bus is down or the queue full
+    /// (the publisher then gets `unavailable`).
+    pub fn publish(&self, r: PublishRequest) -> Result<(), PublishRequest> {
+        let Some((tx, wake)) = self.tx.get() else {
+            return Err(r);
+        };
+        if !self.is_ready() {
+            return Err(r);
+        }
+        match tx.try_send(r) {
+            Ok(()) => {
+                wake();
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+}
+
+/// The bus's counters for `/metrics` (rendered only with `[cluster]`).
+#[derive(Default)]
+pub struct BusMetrics {
+    pub enabled: AtomicBool,
+    /// Raw ticks taken from `<prefix>.in.>` and appended to the order.
+    pub ingested: AtomicU64,
+    /// Dropped payloads by [`Reject`] reason.
+    pub rejected: [AtomicU64; Reject::ALL.len()],
+    /// Appends the stream refused because another node appended first (then retried).
+    pub conflicts: AtomicU64,
+    /// Ordered ticks received for local subscribers.
+    pub received: AtomicU64,
+    /// Ordered ticks at or below the newest `seq` already delivered (duplicates).
+    pub stale: AtomicU64,
+    /// Symbols this node holds a bus subscription for.
+    pub subscriptions: AtomicU64,
+    /// Connections to the bus made (the first, then every reconnect).
+    pub connects: AtomicU64,
+    /// This node is the ingest leader (it reads `<prefix>.in.>`).
+    pub leader: AtomicBool,
+    /// `publish` ops answered `unavailable`.
+    pub unavailable: AtomicU64,
+    /// Sum and count of append round trips (receipt to the stream's ack), microseconds.
+    pub append_us_sum: AtomicU64,
+    pub append_count: AtomicU64,
+}
+
+impl BusMetrics {
+    pub fn reject(&self, r: Reject) {
+        self.rejected[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, ready: bool, out: &mut String) {
+        use std::fmt::Write;
+        if !self.enabled.load(Ordering::Acquire) {
+            return;
+        }
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tickgate_bus_up 1 when connected to NATS with the stream in place\n# TYPE tickgate_bus_up gauge\ntickgate_bus_up {}",
+            u8::from(ready)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_connects_total counter\ntickgate_bus_connects_total {}",
+            g(&self.connects)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tickgate_bus_ingest_leader 1 on the node that reads the feed subjects\n# TYPE tickgate_bus_ingest_leader gauge\ntickgate_bus_ingest_leader {}",
+            u8::from(self.leader.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_ingest_total counter\ntickgate_ingest_total {}",
+            g(&self.ingested)
+        );
+        let _ = writeln!(out, "# TYPE tickgate_ingest_rejected_total counter");
+        for r in Reject::ALL {
+            let _ = writeln!(
+                out,
+                "tickgate_ingest_rejected_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                g(&self.rejected[r.index()])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_append_conflicts_total counter\ntickgate_bus_append_conflicts_total {}",
+            g(&self.conflicts)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_append_seconds summary\ntickgate_bus_append_seconds_sum {}\ntickgate_bus_append_seconds_count {}",
+            g(&self.append_us_sum) as f64 / 1e6,
+            g(&self.append_count)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_received_total counter\ntickgate_bus_received_total {}",
+            g(&self.received)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_stale_total counter\ntickgate_bus_stale_total {}",
+            g(&self.stale)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_subscriptions gauge\ntickgate_bus_subscriptions {}",
+            g(&self.subscriptions)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_bus_unavailable_total counter\ntickgate_bus_unavailable_total {}",
+            g(&self.unavailable)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(sym: &str, p: &[u8]) -> Result<Tick, Reject> {
+        parse_tick_payload(sym, p, &mut Vec::new(), &mut Buffers::new(64))
+    }
+
+    const GOOD: &str = r#"{"s":"BTC-USD","ts":1,"bid":1.5,"ask":2.5,"last":2,"qty":0.1}"#;
+
+    #[test]
+    fn a_good_tick_passes_and_round_trips() {
+        let t = parse("BTC-USD", GOOD.as_bytes()).unwrap();
+        assert_eq!((t.ts, t.bid, t.ask, t.last, t.qty), (1, 1.5, 2.5, 2.0, 0.1));
+        let mut out = Vec::new();
+        encode_tick_payload("BTC-USD", &t, &mut out);
+        assert_eq!(parse("BTC-USD", &out).unwrap(), t);
+    }
+
+    #[test]
+    fn junk_is_rejected_with_its_reason() {
+        assert_eq!(parse("BTC-USD", b""), Err(Reject::Empty));
+        assert_eq!(parse("BTC-USD", b"not json"), Err(Reject::NotJson));
+        assert_eq!(parse("BTC-USD", b"\xff\xfe{}"), Err(Reject::NotJson));
+        assert_eq!(
+            parse("BTC-USD", &vec![b' '; MAX_INGEST_BYTES + 1]),
+            Err(Reject::TooLarge)
+        );
+        assert_eq!(parse("ETH-USD", GOOD.as_bytes()), Err(Reject::SymbolMismatch));
+        assert_eq!(parse("btc", GOOD.as_bytes()), Err(Reject::BadSymbol));
+        assert_eq!(parse("A..B", GOOD.as_bytes()), Err(Reject::BadSymbol));
+        let nan = GOOD.replace("1.5", "NaN");
+        assert_eq!(parse("BTC-USD", nan.as_bytes()), Err(Reject::NotJson));
+        let huge = GOOD.replace("1.5", "1e999");
+        assert!(parse("BTC-USD", huge.as_bytes()).is_err());
+        let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
+        assert!(parse("BTC-USD", deep.as_bytes()).is_err());
+        assert_eq!(parse("BTC-USD", b"[1,2]"), Err(Reject::BadTick));
+        let extra = GOOD.replace("}", r#","x":1}"#);
+        assert_eq!(parse("BTC-USD", extra.as_bytes()), Err(Reject::BadTick));
+    }
+
+    #[test]
+    fn seq_headers() {
+        assert_eq!(parse_seq(Some("42")), Ok(42));
+        for bad in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("-1"),
+            Some("1.5"),
+            Some("99999999999999999999999"),
+        ] {
+            assert_eq!(parse_seq(bad), Err(Reject::BadSeq), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        let s = Subjects::new("tickgate");
+        assert_eq!(s.ingest_all(), "tickgate.in.>");
+        assert_eq!(s.ingest_symbol("tickgate.in.BRK.B"), Some("BRK.B"));
+        assert_eq!(s.ingest_symbol("other.in.X"), None);
+        assert_eq!(s.ordered("BTC-USD"), "tickgate.t.BTC-USD");
+        assert_eq!(s.ordered_symbol("tickgate.t.BTC-USD"), Some("BTC-USD"));
+        assert_eq!(s.delivered("BTC-USD"), "tickgate.o.BTC-USD");
+        assert_eq!(s.delivered_all(), "tickgate.o.>");
+        assert_eq!(Subjects::new("md.prod-1").stream(), "MD_PROD_1_TICKS");
+        assert!(check_prefix("md.prod").is_ok());
+        for bad in ["", "a..b", "a.>", "a b", "a.*"] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+        assert!(check_server_url("nats://127.0.0.1:4222").is_ok());
+        assert!(check_server_url("tls://user:pw@nats.example.com:4222").is_ok());
+        for bad in [
+            "127.0.0.1:4222",
+            "nats://",
+            "nats://h:0",
+            "nats://h:x",
+            "http://h:1",
+        ] {
+            assert!(check_server_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_node_name("").is_ok() && check_node_name("node-1.a").is_ok());
+        assert!(check_node_name("a b").is_err());
+    }
+
+    #[test]
+    fn the_sequencer_reads_heads_appends_and_never_goes_back() {
+        let mut q = Sequencer::new(2);
+        assert_eq!(q.next("A"), None);
+        q.learn(
+            "A",
+            Some(Head {
+                seq: 7,
+                stream_seq: 70,
+            }),
+            0,
+        );
+        assert_eq!(
+            q.next("A"),
+            Some(Append {
+                seq: 8,
+                expect_stream_seq: 70
+            })
+        );
+        q.appended("A", 8, 75);
+        assert_eq!(
+            q.next("A"),
+            Some(Append {
+                seq: 9,
+                expect_stream_seq: 75
+            })
+        );
+        // Refused: another node appended; read again.
+        q.forget("A");
+        assert_eq!(q.next("A"), None);
+        // The stream lost its messages but this node saw seq 9: it goes on from 10.
+        q.learn("A", None, 9);
+        assert_eq!(
+            q.next("A"),
+            Some(Append {
+                seq: 10,
+                expect_stream_seq: 0
+            })
+        );
+        // Bounded: a third symbol clears the table.
+        q.learn("B", None, 0);
+        q.learn("C", None, 0);
+        assert!(q.len() <= 2);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(0, 0), Duration::from_millis(100));
+        assert!(backoff(3, 999) <= Duration::from_millis(1000));
+        assert!(backoff(30, u32::MAX) <= Duration::from_millis(6250));
+    }
+
+    proptest! {
+        #[test]
+        fn any_payload_is_handled(p in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let _ = parse("BTC-USD", &p);
+        }
+
+        #[test]
+        fn any_header_is_handled(h in ".{0,30}") {
+            let _ = parse_seq(Some(&h));
+        }
+    }
+}

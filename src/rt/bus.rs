@@ -1,0 +1,703 @@
+//! The bus thread (`[cluster]`): `async-nats` on a small tokio runtime of its own, bridged
+//! to the shards through the hub (ticks in, interest out) and the shards' control inboxes
+//! (`publish` answers). A shard loop never awaits the bus: it only pushes to bounded
+//! queues that this thread drains. The decisions (names, parsing, sequencing, backoff)
+//! are in [`crate::bus`]; this file only moves messages.
+//!
+//! - **Connection.** Connects with backoff until NATS answers (the node serves meanwhile,
+//!   `/readyz` says 503), makes sure the stream exists, then reports ready. `async-nats`
+//!   reconnects by itself and restores the subscriptions; while it is away the node is
+//!   not ready and `publish` gets `unavailable`.
+//! - **Ingest.** The ingest leader (one node, elected with a short-lived key) reads
+//!   `<prefix>.in.>`: each raw tick is validated and appended to the order by the
+//!   symbol's append task (one per symbol, a bounded queue each, so one symbol's appends
+//!   stay in order and others do not wait for it).
+//! - **Interest.** A subscription on `<prefix>.o.<SYMBOL>` per symbol some local
+//!   connection wants, taken at the first (with the stream's newest tick of the subject as
+//!   the head) and dropped once none wants it; reconciled from the tables every second.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::bus::{
+    Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, Reject, SEQ_HEADER,
+    Sequencer, Subjects, backoff, encode_tick_payload, parse_seq, parse_tick_payload,
+};
+use crate::config::ClusterConfig;
+use crate::feed::hub::{Control, Ingested, Interest};
+use crate::feed::tick::Tick;
+use crate::state::Shared;
+
+/// JetStream's de-duplication header.
+const MSG_ID: &str = "Nats-Msg-Id";
+/// Raw ticks queued per symbol for its append task; beyond, they are dropped and counted.
+const APPEND_QUEUE: usize = 1024;
+/// Ticks the stream keeps per symbol (the snapshot needs one; the recovery of
+/// PROTOCOL.md section 10 will read further back).
+const STREAM_HISTORY: i64 = 1000;
+/// Interest changes handled per wake-up before the task yields.
+const INTEREST_BATCH: usize = 1024;
+
+/// Starts the bus thread when `[cluster]` is configured.
+/// `port`: the public listener's bound port (the default node name is host-port).
+pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
+    let Some(cfg) = shared.cfg.cluster.clone() else {
+        return Ok(());
+    };
+    let interest = Arc::new(Notify::new());
+    let wake = interest.clone();
+    shared.hub.enable_interest(Box::new(move || wake.notify_one()));
+    let publish_wake = Arc::new(Notify::new());
+    let w = publish_wake.clone();
+    let Some(publish_rx) = shared.bus.enable(Box::new(move || w.notify_one())) else {
+        return Ok(());
+    };
+    std::thread::Builder::new()
+        .name("tickgate-bus".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "bus: cannot start its runtime");
+                    return;
+                }
+            };
+            rt.block_on(run(shared, cfg, port, interest, publish_wake, publish_rx));
+        })?;
+    Ok(())
+}
+
+struct Bus {
+    shared: Arc<Shared>,
+    subjects: Subjects,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stream_name: String,
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    cfg: ClusterConfig,
+    port: u16,
+    interest: Arc<Notify>,
+    publish_wake: Arc<Notify>,
+    publish_rx: crossbeam_channel::Receiver<PublishRequest>,
+) {
+    let subjects = Subjects::new(&cfg.subject_prefix);
+    let node = if cfg.node.is_empty() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "tickgate".into());
+        format!("{host}-{port}")
+    } else {
+        cfg.node.clone()
+    };
+    // Connect (and make sure the stream exists) with backoff; serve meanwhile.
+    let mut attempt = 0u32;
+    let bus = loop {
+        match connect(&shared, &cfg, &node, &subjects).await {
+            Ok(bus) => break Arc::new(bus),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "bus: NATS not reachable yet");
+                tokio::time::sleep(backoff(attempt, rand32())).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    };
+    shared.bus.metrics.connects.fetch_add(1, Ordering::Relaxed);
+    shared.bus.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node,
+        stream = bus.stream_name,
+        "bus: connected to NATS, stream ready"
+    );
+
+    let appenders = Appenders::new(bus.clone());
+    tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
+    tokio::spawn(publishes(
+        bus.clone(),
+        appenders.clone(),
+        publish_wake,
+        publish_rx,
+    ));
+    interests(bus, interest).await;
+}
+
+async fn connect(
+    shared: &Arc<Shared>,
+    cfg: &ClusterConfig,
+    node: &str,
+    subjects: &Subjects,
+) -> Result<Bus, String> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("tickgate {node}"))
+        .connection_timeout(Duration::from_secs(2))
+        .max_reconnects(None);
+    if !cfg.credentials.is_empty() {
+        opts = opts
+            .credentials_file(&cfg.credentials)
+            .await
+            .map_err(|e| format!("cluster.credentials: {e}"))?;
+    }
+    let s = shared.clone();
+    opts = opts.event_callback(move |ev| {
+        let s = s.clone();
+        async move {
+            match ev {
+                async_nats::Event::Disconnected => {
+                    s.bus.ready.store(false, Ordering::Release);
+                    tracing::warn!("bus: disconnected from NATS");
+                }
+                async_nats::Event::Connected => {
+                    s.bus.metrics.connects.fetch_add(1, Ordering::Relaxed);
+                    s.bus.ready.store(true, Ordering::Release);
+                    tracing::info!("bus: reconnected to NATS");
+                }
+                _ => {}
+            }
+        }
+    });
+    let urls: Vec<async_nats::ServerAddr> = cfg
+        .nats
+        .iter()
+        .map(|u| u.parse().map_err(|e| format!("cluster.nats {u:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let client = opts.connect(urls.as_slice()).await.map_err(|e| e.to_string())?;
+    let js = jetstream::new(client.clone());
+    let stream_name = subjects.stream();
+    let config = stream::Config {
+        name: stream_name.clone(),
+        subjects: vec![subjects.ordered_all()],
+        max_messages_per_subject: STREAM_HISTORY,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        republish: Some(stream::Republish {
+            source: subjects.ordered_all(),
+            destination: subjects.delivered_all(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| format!("JetStream stream {stream_name}: {e}"))?;
+    Ok(Bus {
+        shared: shared.clone(),
+        subjects: subjects.clone(),
+        js,
+        client,
+        stream_name,
+    })
+}
+
+fn rand32() -> u32 {
+    (crate::metrics::mono_ns() as u32).wrapping_mul(0x9E37_79B9) | 1
+}
+
+/// One job for a symbol's append task.
+struct Job {
+    tick: Tick,
+    received: Instant,
+    reply: Option<oneshot::Sender<bool>>,
+}
+
+/// The append tasks, one per symbol that had a tick to append, each with a bounded queue.
+#[derive(Clone)]
+struct Appenders {
+    bus: Arc<Bus>,
+    tasks: Arc<std::sync::Mutex<HashMap<Box<str>, mpsc::Sender<Job>>>>,
+}
+
+impl Appenders {
+    fn new(bus: Arc<Bus>) -> Appenders {
+        Appenders {
+            bus,
+            tasks: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Queue `job` for `symbol`; false when its queue is full or the table of tasks is
+    /// at its bound (`feed.max_symbols`).
+    fn submit(&self, symbol: &str, job: Job) -> bool {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = tasks.get(symbol) {
+            return match tx.try_send(job) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => false,
+                Err(mpsc::error::TrySendError::Closed(job)) => {
+                    tasks.remove(symbol);
+                    drop(tasks);
+                    self.submit(symbol, job)
+                }
+            };
+        }
+        if tasks.len() >= self.bus.shared.cfg.feed.max_symbols {
+            return false;
+        }
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        let _ = tx.try_send(job);
+        tasks.insert(Box::from(symbol), tx);
+        tokio::spawn(append_task(self.bus.clone(), Box::from(symbol), rx));
+        true
+    }
+}
+
+/// Appends one symbol's ticks in the order they came, each after the last.
+async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job>) {
+    let mut seqr = Sequencer::new(1);
+    let subject = bus.subjects.ordered(&symbol);
+    let mut payload = Vec::with_capacity(256);
+    while let Some(job) = rx.recv().await {
+        encode_tick_payload(&symbol, &job.tick, &mut payload);
+        let ok = append(&bus, &mut seqr, &symbol, &subject, &payload).await;
+        let m = &bus.shared.bus.metrics;
+        if ok {
+            m.append_us_sum
+                .fetch_add(job.received.elapsed().as_micros() as u64, Ordering::Relaxed);
+            m.append_count.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(r) = job.reply {
+            let _ = r.send(ok);
+        } else if ok {
+            m.ingested.fetch_add(1, Ordering::Relaxed);
+        } else {
+            m.reject(Reject::AppendFailed);
+        }
+    }
+}
+
+/// Appends one tick after the symbol's newest in the stream, re-reading the head when
+/// another node appended first.
+async fn append(bus: &Bus, seqr: &mut Sequencer, symbol: &str, subject: &str, payload: &[u8]) -> bool {
+    for _ in 0..MAX_APPEND_TRIES {
+        let Some(next) = seqr.next(symbol) else {
+            match head(bus, subject).await {
+                Ok(h) => seqr.learn(symbol, h, bus.shared.hub.seq_of(symbol)),
+                Err(()) => return false,
+            }
+            continue;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(SEQ_HEADER, itoa::Buffer::new().format(next.seq));
+        headers.insert(
+            EXPECTED_LAST_SUBJECT_SEQ,
+            itoa::Buffer::new().format(next.expect_stream_seq),
+        );
+        // The stream's duplicate window refuses a second write of the same (symbol, seq):
+        // this covers the first tick of a symbol, where the expected sequence is 0 and
+        // servers before 2.10 do not check it.
+        headers.insert(MSG_ID, format!("{symbol}:{}", next.seq).as_str());
+        let ack = match bus
+            .js
+            .publish_with_headers(
+                subject.to_owned(),
+                headers,
+                bytes::Bytes::copy_from_slice(payload),
+            )
+            .await
+        {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) if ack.duplicate => {
+                bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                seqr.forget(symbol);
+            }
+            Ok(ack) => {
+                seqr.appended(symbol, next.seq, ack.sequence);
+                return true;
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                seqr.forget(symbol);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, symbol, "bus: append failed");
+                seqr.forget(symbol);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// The newest tick of an ordered subject: `(seq, stream sequence)`, `None` when empty.
+async fn head(bus: &Bus, subject: &str) -> Result<Option<Head>, ()> {
+    Ok(newest(bus, subject).await?.map(|(h, _)| h))
+}
+
+/// The newest message of an ordered subject, with its tick when it parses.
+async fn newest(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick>)>, ()> {
+    let stream = bus
+        .js
+        .get_stream_no_info(&bus.stream_name)
+        .await
+        .map_err(|_| ())?;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => {
+            let seq = parse_seq(m.headers.get(SEQ_HEADER).map(|v| v.as_str())).ok();
+            let symbol = bus.subjects.ordered_symbol(subject).unwrap_or_default();
+            let tick = parse_tick_payload(symbol, &m.payload, &mut Vec::new(), &mut Buffers::new(256)).ok();
+            Ok(Some((
+                Head {
+                    seq: seq.unwrap_or(0),
+                    stream_seq: m.sequence,
+                },
+                tick.filter(|_| seq.is_some()),
+            )))
+        }
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => {
+            tracing::debug!(error = %e, subject, "bus: reading the newest message failed");
+            Err(())
+        }
+    }
+}
+
+/// How long the ingest leader's claim lives without a refresh; it refreshes at a third.
+const LEADER_TTL: Duration = Duration::from_secs(3);
+
+/// Raw ticks from feed handlers. One node at a time reads `<prefix>.in.>` (the ingest
+/// leader, elected through a claim that expires unless refreshed, see [`Leader`]),
+/// so one feed handler's ticks of a symbol keep their order: NATS delivers one
+/// publisher's messages to one subscriber in order, and the leader appends each symbol's
+/// in that order. The others stand by and take over within [`LEADER_TTL`] when the
+/// leader stops refreshing its claim (it crashed, or lost the bus).
+async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
+    let leader = Leader::new(&bus);
+    let mut attempt = 0u32;
+    while let Err(e) = bus.js.get_or_create_stream(leader.config()).await {
+        tracing::warn!(error = %e, "bus: cannot make the leader stream");
+        tokio::time::sleep(backoff(attempt, rand32())).await;
+        attempt = attempt.saturating_add(1);
+    }
+    loop {
+        if let Some(claim) = leader.claim(&bus, &node).await {
+            tracing::info!(node, "bus: this node leads the ingest");
+            bus.shared.bus.metrics.leader.store(true, Ordering::Release);
+            lead(&bus, &appenders, &leader, claim, &node).await;
+            bus.shared.bus.metrics.leader.store(false, Ordering::Release);
+            tracing::warn!(node, "bus: this node no longer leads the ingest");
+        }
+        tokio::time::sleep(LEADER_TTL / 3).await;
+    }
+}
+
+/// The ingest leader's claim: the one message of `<prefix>.leader` in a stream that
+/// forgets it after [`LEADER_TTL`], written with the same per-subject sequence check as
+/// the ticks, so exactly one node's write wins.
+struct Leader {
+    stream: String,
+    subject: String,
+}
+
+impl Leader {
+    fn new(bus: &Bus) -> Leader {
+        Leader {
+            stream: format!("{}_LEADER", bus.stream_name),
+            subject: bus.subjects.leader(),
+        }
+    }
+
+    fn config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![self.subject.clone()],
+            max_messages_per_subject: 1,
+            max_age: LEADER_TTL,
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        }
+    }
+
+    /// Write the claim after stream sequence `after` (0: none may exist). The new
+    /// sequence, or `None` when another write came first.
+    async fn write(&self, bus: &Bus, node: &str, after: u64) -> Option<u64> {
+        let mut headers = HeaderMap::new();
+        if after > 0 {
+            headers.insert(EXPECTED_LAST_SUBJECT_SEQ, itoa::Buffer::new().format(after));
+        } else {
+            // No claim alive: servers before 2.10 do not check an expected sequence of 0,
+            // so the claim is tied to the stream's last sequence instead (the same for
+            // every node racing for it), and the duplicate window lets one write through.
+            let mut stream = bus.js.get_stream(&self.stream).await.ok()?;
+            let last = stream.info().await.ok()?.state.last_sequence;
+            if last > 0 {
+                headers.insert("Nats-Expected-Last-Sequence", itoa::Buffer::new().format(last));
+            }
+            headers.insert(MSG_ID, format!("claim:{last}").as_str());
+        }
+        let f = bus
+            .js
+            .publish_with_headers(
+                self.subject.clone(),
+                headers,
+                bytes::Bytes::from(node.to_owned().into_bytes()),
+            )
+            .await
+            .ok()?;
+        f.await.ok().filter(|ack| !ack.duplicate).map(|ack| ack.sequence)
+    }
+
+    /// Becomes the leader when no claim is alive (or the live one is this node's).
+    async fn claim(&self, bus: &Bus, node: &str) -> Option<u64> {
+        let stream = bus.js.get_stream_no_info(&self.stream).await.ok()?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) if m.payload.as_ref() == node.as_bytes() => self.write(bus, node, m.sequence).await,
+            Ok(_) => None,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                self.write(bus, node, 0).await
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Reads the feed subjects while this node's claim holds; returns when it is lost.
+async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, node: &str) {
+    let mut sub = match bus.client.subscribe(bus.subjects.ingest_all()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "bus: cannot subscribe to the feed subjects");
+            return;
+        }
+    };
+    let mut scratch = Vec::with_capacity(crate::bus::MAX_INGEST_BYTES);
+    let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
+    let mut logged = Instant::now() - Duration::from_secs(10);
+    let mut refresh = tokio::time::interval(LEADER_TTL / 3);
+    refresh.tick().await;
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = refresh.tick() => {
+                match leader.write(bus, node, rev).await {
+                    Some(r) => rev = r,
+                    None => {
+                        let _ = sub.unsubscribe().await;
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        let m = &bus.shared.bus.metrics;
+        let symbol = bus
+            .subjects
+            .ingest_symbol(msg.subject.as_str())
+            .unwrap_or_default();
+        let r = parse_tick_payload(symbol, &msg.payload, &mut scratch, &mut buffers).and_then(|tick| {
+            let job = Job {
+                tick,
+                received: Instant::now(),
+                reply: None,
+            };
+            if appenders.submit(symbol, job) {
+                Ok(())
+            } else {
+                Err(Reject::AppendFailed)
+            }
+        });
+        if let Err(why) = r {
+            m.reject(why);
+            // At most one line a second, however much junk arrives.
+            if logged.elapsed() >= Duration::from_secs(1) {
+                logged = Instant::now();
+                let subject = crate::proto::frame::truncate_to_char_boundary(msg.subject.as_str(), 80);
+                tracing::warn!(
+                    subject,
+                    reason = why.as_str(),
+                    bytes = msg.payload.len(),
+                    "bus: dropped a feed payload"
+                );
+            }
+        }
+    }
+}
+
+/// `publish` ops of this node's WebSocket publishers: each batch appended in order, then
+/// answered on the publisher's shard.
+async fn publishes(
+    bus: Arc<Bus>,
+    appenders: Appenders,
+    wake: Arc<Notify>,
+    rx: crossbeam_channel::Receiver<PublishRequest>,
+) {
+    loop {
+        while let Ok(req) = rx.try_recv() {
+            let mut waits = Vec::with_capacity(req.ticks.len());
+            let mut ok = true;
+            for (symbol, tick) in &req.ticks {
+                let (tx, rx) = oneshot::channel();
+                let job = Job {
+                    tick: *tick,
+                    received: Instant::now(),
+                    reply: Some(tx),
+                };
+                if !bus.shared.bus.is_ready() || !appenders.submit(symbol, job) {
+                    ok = false;
+                    break;
+                }
+                waits.push(rx);
+            }
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                for w in waits {
+                    if w.await.unwrap_or(false) {
+                        n += 1;
+                    } else {
+                        ok = false;
+                    }
+                }
+                if !ok {
+                    bus.shared.bus.metrics.unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+                let inbox = bus.shared.hub.inbox(req.shard);
+                let _ = inbox.control_tx.send(Control::Published {
+                    idx: req.idx,
+                    generation: req.generation,
+                    id: req.id,
+                    result: if ok { Ok(n) } else { Err(()) },
+                });
+                inbox.notify();
+            });
+        }
+        wake.notified().await;
+    }
+}
+
+/// One symbol's delivery subscription.
+struct Delivery {
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Follows the shards' interest: a delivery subscription per wanted symbol.
+async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
+    let mut subs: HashMap<Box<str>, Delivery> = HashMap::new();
+    let mut changes = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut reconcile = tokio::select! {
+            _ = wake.notified() => false,
+            _ = tick.tick() => true,
+        };
+        loop {
+            changes.clear();
+            reconcile |= bus.shared.hub.take_interest(&mut changes, INTEREST_BATCH);
+            let n = changes.len();
+            for c in changes.drain(..) {
+                match c {
+                    Interest::Want(name) => want(&bus, &mut subs, name).await,
+                    Interest::Release(id) => {
+                        if let Some(name) = bus.shared.hub.symbols().name(id) {
+                            release(&bus, &mut subs, &name);
+                        }
+                    }
+                }
+            }
+            if n < INTEREST_BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if reconcile {
+            // Dropped changes, a failed subscribe, names no longer waited for: the
+            // tables say what is wanted.
+            for name in bus.shared.hub.wanted_names() {
+                want(&bus, &mut subs, name).await;
+            }
+            let held: Vec<Box<str>> = subs.keys().cloned().collect();
+            for name in held {
+                release(&bus, &mut subs, &name);
+            }
+        }
+        bus.shared
+            .bus
+            .metrics
+            .subscriptions
+            .store(subs.len() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn want(bus: &Arc<Bus>, subs: &mut HashMap<Box<str>, Delivery>, name: Box<str>) {
+    if subs.contains_key(&name) || !crate::bus::is_bus_symbol(&name) {
+        return;
+    }
+    let sub = match bus.client.subscribe(bus.subjects.delivered(&name)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, symbol = %name, "bus: cannot subscribe (retried within a second)");
+            return;
+        }
+    };
+    // Live ticks first, then the head: a tick appended in between is at worst seen twice
+    // (the hub keeps the newer), never missed.
+    let task = tokio::spawn(deliver(bus.clone(), name.clone(), sub));
+    if let Ok(Some((h, Some(tick)))) = newest(bus, &bus.subjects.ordered(&name)).await {
+        bus.shared.hub.ingest_ordered(&name, h.seq, &tick, true);
+    }
+    subs.insert(name, Delivery { task });
+}
+
+fn release(bus: &Bus, subs: &mut HashMap<Box<str>, Delivery>, name: &str) {
+    if bus.shared.hub.has_interest(name) {
+        return;
+    }
+    if let Some(id) = bus.shared.hub.symbols().lookup(name)
+        && !bus.shared.hub.release(id, bus.shared.now_ms())
+    {
+        return;
+    }
+    if let Some(d) = subs.remove(name) {
+        d.task.abort();
+    }
+}
+
+/// The republished ticks of one symbol into the hub.
+async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber) {
+    let mut scratch = Vec::with_capacity(crate::bus::MAX_INGEST_BYTES);
+    let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
+    while let Some(msg) = sub.next().await {
+        let m = &bus.shared.bus.metrics;
+        let seq = parse_seq(
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(SEQ_HEADER))
+                .map(|v| v.as_str()),
+        );
+        let r = seq.and_then(|seq| {
+            parse_tick_payload(&name, &msg.payload, &mut scratch, &mut buffers).map(|t| (seq, t))
+        });
+        match r {
+            Ok((seq, tick)) => {
+                m.received.fetch_add(1, Ordering::Relaxed);
+                match bus.shared.hub.ingest_ordered(&name, seq, &tick, false) {
+                    Ingested::Accepted => {
+                        bus.shared.metrics.ticks_in.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ingested::Stale => {
+                        m.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ingested::TableFull => m.reject(Reject::TableFull),
+                    Ingested::NoInterest => {}
+                }
+            }
+            Err(why) => m.reject(why),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Several nodes on a real `nats-server` with JetStream (PROTOCOL.md section 9).
+//!
+//! Each test starts its own `nats-server -js` on a loopback port chosen at run time, with
+//! its own store directory, and two tickgate nodes in this process, and talks to them with
+//! tokio-tungstenite and a plain NATS client. `nats-server` comes from `TICKGATE_NATS_SERVER`
+//! or the `PATH` (`tools/test.sh` installs Debian's package); without it the tests fail
+//! and say so, they never skip.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tickgate::config::ClusterConfig;
+
+fn nats_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TICKGATE_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("nats-server");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "nats-server not found: run the suite with tools/test.sh (it installs Debian's nats-server), or set TICKGATE_NATS_SERVER"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let mut n = Nats {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+        };
+        n.restart();
+        n
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on the same port and store.
+    fn restart(&mut self) {
+        let child = Command::new(nats_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("nats-server did not listen on {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn prefix() -> String {
+    format!(
+        "tg{}",
+        std::process::id() as u64 * 1000 + free_port() as u64 % 1000
+    )
+}
+
+fn node(url: &str, prefix: &str, key: &ed25519_dalek::SigningKey) -> TestServer {
+    let mut cfg = test_config(2);
+    cfg.cluster = Some(ClusterConfig {
+        nats: vec![url.to_owned()],
+        node: String::new(),
+        subject_prefix: prefix.to_owned(),
+        credentials: String::new(),
+    });
+    start_with_key(cfg, key.clone(), "k1")
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn ready(srv: &TestServer) {
+    wait_until("the node to be ready", || srv.handle.shared.bus.is_ready()).await;
+}
+
+/// Subscribed, and the node holds its bus subscription for the symbol.
+async fn subscribe(srv: &TestServer, sym: &str, snapshot: bool) -> Ws {
+    let mut ws = session(srv, &srv.token("sub")).await;
+    send_json(
+        &mut ws,
+        json!({"op":"subscribe","id":1,"symbols":[sym],"snapshot":snapshot}),
+    )
+    .await;
+    let ack = next_json(&mut ws).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let shared = srv.handle.shared.clone();
+    wait_until("the bus subscription", move || {
+        shared.bus.metrics.subscriptions.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    // The subscription is taken before the head is read: give the head its moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ws
+}
+
+/// One of the nodes reads the feed subjects.
+async fn leader(nodes: &[&TestServer]) {
+    let shared: Vec<_> = nodes.iter().map(|n| n.handle.shared.clone()).collect();
+    wait_until("an ingest leader", move || {
+        shared
+            .iter()
+            .any(|s| s.bus.metrics.leader.load(Ordering::Acquire))
+    })
+    .await;
+}
+
+fn tick(sym: &str, n: u64) -> serde_json::Value {
+    json!({"s":sym,"ts":n,"bid":100.0 + n as f64,"ask":101.0 + n as f64,"last":100.5,"qty":1.0})
+}
+
+/// The next `tick` (skipping anything else), as (seq, bid).
+async fn next_tick(ws: &mut Ws) -> (u64, f64) {
+    loop {
+        let m = next_json(ws).await;
+        if m["type"] == "tick" {
+            assert!(m.get("skipped").is_none(), "no gap expected: {m}");
+            return (m["seq"].as_u64().unwrap(), m["bid"].as_f64().unwrap());
+        }
+    }
+}
+
+async fn publish_ws(ws: &mut Ws, id: u64, t: serde_json::Value) -> serde_json::Value {
+    send_json(ws, json!({"op":"publish","id":id,"ticks":[t]})).await;
+    loop {
+        let m = next_json(ws).await;
+        if m["id"] == id {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_nats_tick_reaches_every_node_with_the_same_seq() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
+    ready(&a).await;
+    ready(&b).await;
+    let mut sa = subscribe(&a, "BTC-USD", false).await;
+    let mut sb = subscribe(&b, "BTC-USD", false).await;
+    leader(&[&a, &b]).await;
+
+    let feed = async_nats::connect(nats.url()).await.unwrap();
+    for n in 1..=5u64 {
+        feed.publish(format!("{p}.in.BTC-USD"), tick("BTC-USD", n).to_string().into())
+            .await
+            .unwrap();
+    }
+    feed.flush().await.unwrap();
+    let mut first = None;
+    for n in 1..=5u64 {
+        let (qa, ba) = next_tick(&mut sa).await;
+        let (qb, bb) = next_tick(&mut sb).await;
+        assert_eq!(
+            (qa, ba),
+            (qb, bb),
+            "the same tick carries the same seq on both nodes"
+        );
+        let f = *first.get_or_insert(qa);
+        assert_eq!(qa, f + n - 1, "+1 per tick");
+        assert_eq!(ba, 100.0 + n as f64, "in the feed handler's order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_through_two_nodes_make_one_order_and_snapshots_agree() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
+    ready(&a).await;
+    ready(&b).await;
+    let mut sa = subscribe(&a, "ETH-USD", false).await;
+    let mut sb = subscribe(&b, "ETH-USD", false).await;
+    let mut pa = session(&a, &a.publisher_token("pa")).await;
+    let mut pb = session(&b, &b.publisher_token("pb")).await;
+    for n in 0..20u64 {
+        let (pubr, id) = if n % 2 == 0 { (&mut pa, n) } else { (&mut pb, n) };
+        let r = publish_ws(pubr, id, tick("ETH-USD", n)).await;
+        assert_eq!(r["type"], "published", "{r}");
+        assert_eq!(r["count"], 1);
+    }
+    let mut seqs_a = Vec::new();
+    let mut seqs_b = Vec::new();
+    for _ in 0..20 {
+        seqs_a.push(next_tick(&mut sa).await);
+        seqs_b.push(next_tick(&mut sb).await);
+    }
+    assert_eq!(seqs_a, seqs_b, "one order on both nodes");
+    for w in seqs_a.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "+1 per tick: {seqs_a:?}");
+    }
+    // Acknowledged publishes in turn: the order is the publish order.
+    let bids: Vec<f64> = seqs_a.iter().map(|t| t.1).collect();
+    assert_eq!(bids, (0..20).map(|n| 100.0 + n as f64).collect::<Vec<_>>());
+
+    // A subscriber on a node with no interest in the symbol gets the cluster's newest
+    // tick as its snapshot: publish GBP-USD on A, subscribe on B.
+    let r = publish_ws(&mut pa, 100, tick("GBP-USD", 7)).await;
+    assert_eq!(r["type"], "published", "{r}");
+    let mut late = session(&b, &b.token("late")).await;
+    send_json(
+        &mut late,
+        json!({"op":"subscribe","id":1,"symbols":["GBP-USD"],"snapshot":true}),
+    )
+    .await;
+    let ack = next_json(&mut late).await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let snap = next_json(&mut late).await;
+    assert_eq!(snap["type"], "snapshot", "{snap}");
+    assert_eq!(
+        (snap["seq"].as_u64(), snap["bid"].as_f64()),
+        (Some(1), Some(107.0)),
+        "{snap}"
+    );
+    // And it goes on live with the next seq.
+    let r = publish_ws(&mut pa, 101, tick("GBP-USD", 8)).await;
+    assert_eq!(r["type"], "published", "{r}");
+    assert_eq!(next_tick(&mut late).await, (2, 108.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_on_the_feed_subjects_is_dropped_and_counted() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let a = node(&nats.url(), &p, &key);
+    ready(&a).await;
+    let mut sa = subscribe(&a, "SOL-USD", false).await;
+    leader(&[&a]).await;
+    let feed = async_nats::connect(nats.url()).await.unwrap();
+    let subject = format!("{p}.in.SOL-USD");
+    let nan = tick("SOL-USD", 1).to_string().replace("101", "NaN");
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let junk: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        b"not json".to_vec(),
+        tick("ETH-USD", 1).to_string().into_bytes(),
+        nan.into_bytes(),
+        deep.into_bytes(),
+        vec![0xff, 0xfe, b'{', b'}'],
+        vec![b' '; 1_000_000],
+    ];
+    for j in &junk {
+        feed.publish(subject.clone(), j.clone().into()).await.unwrap();
+    }
+    feed.publish(
+        format!("{p}.in.lower-case"),
+        tick("SOL-USD", 1).to_string().into(),
+    )
+    .await
+    .unwrap();
+    feed.publish(subject.clone(), tick("SOL-USD", 42).to_string().into())
+        .await
+        .unwrap();
+    feed.flush().await.unwrap();
+    let (_, bid) = next_tick(&mut sa).await;
+    assert_eq!(bid, 142.0, "the good tick arrives, the junk does not");
+    let m = &a.handle.shared.bus.metrics;
+    let rejected: u64 = m.rejected.iter().map(|r| r.load(Ordering::Relaxed)).sum();
+    assert_eq!(rejected, junk.len() as u64 + 1, "every junk payload counted");
+    let metrics = admin_get(a.admin(), "/metrics");
+    assert!(
+        metrics.contains("tickgate_ingest_rejected_total{reason=\"symbol_mismatch\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tickgate_ingest_rejected_total{reason=\"empty\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tickgate_bus_up 1"), "{metrics}");
+}
+
+fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_node_serves_but_is_not_ready_and_recovers_when_it_comes() {
+    // Nothing listens on the port yet.
+    let mut nats = Nats {
+        child: None,
+        port: free_port(),
+        store: tempfile::tempdir().unwrap(),
+    };
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let a = node(&nats.url(), &p, &key);
+    let health = admin_get(a.admin(), "/healthz");
+    assert_eq!(status_of(&health), 200, "{health}");
+    let r = admin_get(a.admin(), "/readyz");
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(r.contains("bus unavailable"), "{r}");
+    let mut pa = session(&a, &a.publisher_token("pa")).await;
+    let r = publish_ws(&mut pa, 1, tick("ADA-USD", 1)).await;
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{r}"
+    );
+
+    nats.restart();
+    ready(&a).await;
+    let r = admin_get(a.admin(), "/readyz");
+    assert_eq!(status_of(&r), 200, "{r}");
+    let mut sa = subscribe(&a, "ADA-USD", false).await;
+    let r = publish_ws(&mut pa, 2, tick("ADA-USD", 2)).await;
+    assert_eq!(r["type"], "published", "{r}");
+    assert_eq!(next_tick(&mut sa).await, (1, 102.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarting_mid_stream_keeps_clients_and_never_goes_back() {
+    let mut nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let a = node(&nats.url(), &p, &key);
+    ready(&a).await;
+    let mut sa = subscribe(&a, "XRP-USD", false).await;
+    let mut pa = session(&a, &a.publisher_token("pa")).await;
+    for n in 1..=3u64 {
+        let r = publish_ws(&mut pa, n, tick("XRP-USD", n)).await;
+        assert_eq!(r["type"], "published", "{r}");
+        assert_eq!(next_tick(&mut sa).await.0, n);
+    }
+
+    nats.stop();
+    let shared = a.handle.shared.clone();
+    wait_until("the node to notice", move || !shared.bus.is_ready()).await;
+    let r = admin_get(a.admin(), "/readyz");
+    assert_eq!(status_of(&r), 503, "{r}");
+    let r = publish_ws(&mut pa, 10, tick("XRP-USD", 10)).await;
+    assert_eq!(r["code"], "unavailable", "{r}");
+    // The client connections stay: a ping is answered.
+    send_json(&mut sa, json!({"op":"ping","id":5})).await;
+    let pong = next_json(&mut sa).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+
+    nats.restart();
+    ready(&a).await;
+    // The subscriptions come back with the connection; the order goes on from the store.
+    let mut got = None;
+    for n in 11..=40u64 {
+        let r = publish_ws(&mut pa, n, tick("XRP-USD", n)).await;
+        if r["type"] == "published" {
+            got = Some(n);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = got.expect("publishing works again after the restart");
+    let m = loop {
+        let m = next_json(&mut sa).await;
+        if m["type"] == "tick" {
+            break m;
+        }
+    };
+    assert_eq!(m["bid"].as_f64(), Some(100.0 + n as f64), "{m}");
+    assert!(m["seq"].as_u64().unwrap() > 3, "seq never goes back: {m}");
+}
