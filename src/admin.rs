@@ -1,6 +1,6 @@
 //! The admin listener (`admin.listen`, loopback by default): `/healthz`, `/readyz`,
-//! `/metrics` and `POST /admin/revoke` (PROTOCOL.md sections 1 and 7). Revocations are
-//! relayed to `admin.peers` ([`crate::cluster`]).
+//! `/metrics` and `POST /admin/revoke` (PROTOCOL.md sections 1 and 7). With `[cluster]`,
+//! a revocation goes to every node through the bus ([`crate::bus`]).
 //!
 //! This module is the sans-IO half: the connection [`Registry`] (admission and eviction
 //! decisions, generic over the socket handle), [`route`] (a parsed request in, a
@@ -8,7 +8,7 @@
 //! ([`revoked`]). `rt::admin` owns the rest: it is off the hot path, so it runs on plain
 //! threads with blocking sockets: one acceptor and a bounded number of request threads,
 //! each request bounded in size and time; it carries out a revocation (the broadcast to
-//! the shards, the relay to the peers, waiting for their counts). The listener keeps
+//! the shards, waiting for their counts, the hand-off to the bus). The listener keeps
 //! answering while the public listener drains (`/readyz` then says 503).
 //!
 //! Revocation is the emergency brake, so no client may lock the listener by holding its
@@ -29,12 +29,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::auth::jwt::Role;
 use crate::auth::revocation::RevokeTarget;
 use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent, token_hash};
-use crate::cluster::{RELAY_HEADER, Summary};
 use crate::proto::http::{self, Response};
 use crate::state::Shared;
 
@@ -150,7 +149,7 @@ pub enum Routed {
     /// Answer with this.
     Reply(Response),
     /// An accepted revocation, already in the revocation list: `rt::admin` broadcasts it to
-    /// the shards, relays it to the peers, and answers with [`revoked`].
+    /// the shards (and with `[cluster]` to the bus), and answers with [`revoked`].
     Revoke(Revocation),
 }
 
@@ -159,14 +158,8 @@ pub struct Revocation {
     pub target: RevokeTarget,
     /// The admin token's `sub`, for the log.
     pub sub: String,
-    /// The admin token and the request body, relayed as they are.
+    /// The admin token (its hash goes into the log).
     pub token: String,
-    pub body: Vec<u8>,
-    /// Whether this request was itself relayed by a peer (then it goes no further).
-    pub relayed: bool,
-    /// How long to keep retrying the peers: while the admin token is good (peers allow the
-    /// same leeway); once it expires every peer refuses it.
-    pub relay_for: Duration,
     /// `now` when the request was routed (Unix milliseconds).
     pub now: u64,
     pub peer: Option<SocketAddr>,
@@ -178,7 +171,7 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
         "/healthz" => Routed::Reply(Response::text(200, "ok\n")),
         "/readyz" => Routed::Reply(if shared.is_draining() {
             Response::text(503, "draining\n")
-        } else if shared.bus.enabled() && !shared.bus.is_ready() {
+        } else if shared.bus.enabled() && !shared.bus.is_serving() {
             Response::text(503, "bus unavailable\n")
         } else {
             Response::text(200, "ready\n")
@@ -187,7 +180,7 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
             let mut out = String::with_capacity(4096);
             shared.metrics.render(&mut out);
             shared.security.counters.render_prometheus(&mut out);
-            shared.bus.metrics.render(shared.bus.is_ready(), &mut out);
+            shared.bus.metrics.render(shared.bus.is_serving(), &mut out);
             let _ = std::fmt::Write::write_fmt(
                 &mut out,
                 format_args!(
@@ -304,26 +297,18 @@ fn revoke(
         );
         return Err(Response::text(503, "revocation list full\n"));
     }
-    let relay_for = claims
-        .exp
-        .saturating_add(shared.cfg.auth.leeway.as_secs())
-        .saturating_sub(now / 1000)
-        .min(shared.cfg.auth.max_token_lifetime.as_secs());
     Ok(Revocation {
         target,
         sub: claims.sub.clone(),
         token: token.to_owned(),
-        body: req.body.clone(),
-        relayed: req.header(RELAY_HEADER).is_some(),
-        relay_for: Duration::from_secs(relay_for),
         now,
         peer,
     })
 }
 
-/// The answer to a revocation carried out: `closed` connections here, and what the peers
-/// said (`None` when it was not relayed). Logs it as accepted.
-pub fn revoked(shared: &Shared, r: &Revocation, closed: usize, peers: Option<Summary>) -> Response {
+/// The answer to a revocation carried out: `closed` connections on this node. Logs it as
+/// accepted.
+pub fn revoked(shared: &Shared, r: &Revocation, closed: usize) -> Response {
     log_revoke(
         shared,
         r.peer,
@@ -334,15 +319,6 @@ pub fn revoked(shared: &Shared, r: &Revocation, closed: usize, peers: Option<Sum
         Some(&r.sub),
         200,
     );
-    let body = match peers {
-        None => format!("{{\"closed\":{closed}}}"),
-        Some(p) => format!(
-            "{{\"closed\":{},\"peers\":{{\"reached\":{},\"refused\":{},\"pending\":{}}}}}",
-            (closed as u64).saturating_add(p.closed),
-            p.reached,
-            p.refused,
-            p.pending
-        ),
-    };
+    let body = format!("{{\"closed\":{closed}}}");
     Response::json(200, body.as_bytes())
 }

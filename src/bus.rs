@@ -139,6 +139,11 @@ impl Subjects {
         format!("{}.o.>", self.prefix)
     }
 
+    /// Revocations (one subject, every node follows it).
+    pub fn revoke(&self) -> String {
+        format!("{}.revoke", self.prefix)
+    }
+
     /// The ingest leader's claim.
     pub fn leader(&self) -> String {
         format!("{}.leader", self.prefix)
@@ -388,6 +393,33 @@ pub struct PublishRequest {
     pub ticks: Vec<(Box<str>, Tick)>,
 }
 
+/// The header carrying a revocation's instant (Unix milliseconds) on `<prefix>.revoke`.
+pub const REVOKED_AT_HEADER: &str = "Tg-Revoked-At";
+/// Revocations queued for the bus thread, at most (each is also applied here at once).
+pub const REVOKE_QUEUE: usize = 4096;
+
+/// A revocation as the bus carries it: the admin request's body (`{"sub":..}` and so on)
+/// with the instant in [`REVOKED_AT_HEADER`].
+pub fn encode_revocation(t: &crate::auth::revocation::RevokeTarget) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + t.value().len());
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(t.kind().as_bytes());
+    out.extend_from_slice(b"\":");
+    crate::feed::json::write_json_str(t.value(), &mut out);
+    out.push(b'}');
+    out
+}
+
+/// A revocation from the bus, checked by the same rules as the admin request.
+pub fn parse_revocation(
+    payload: &[u8],
+    at: Option<&str>,
+) -> Result<(crate::auth::revocation::RevokeTarget, u64), Reject> {
+    let t = crate::auth::revocation::RevokeTarget::from_admin_body(payload).map_err(|_| Reject::BadTick)?;
+    let at = parse_seq(at)?;
+    Ok((t, at))
+}
+
 /// Wakes the bus thread.
 pub type Wake = Box<dyn Fn() + Send + Sync>;
 
@@ -399,8 +431,11 @@ pub const PUBLISH_QUEUE: usize = 4096;
 #[derive(Default)]
 pub struct Link {
     tx: std::sync::OnceLock<(crossbeam_channel::Sender<PublishRequest>, Wake)>,
-    /// Connected, stream in place, revocations loaded: `/readyz` may say 200.
+    revoke_tx: std::sync::OnceLock<crossbeam_channel::Sender<crate::auth::revocation::RevokeTarget>>,
+    /// Connected to NATS with the streams in place.
     pub ready: AtomicBool,
+    /// Every revocation the bus holds is applied here (at start, and after a reconnect).
+    pub revocations_loaded: AtomicBool,
     pub metrics: BusMetrics,
 }
 
@@ -421,8 +456,35 @@ impl Link {
         self.tx.get().is_some()
     }
 
+    /// Connected; `/readyz` also waits for [`Self::revocations_loaded`]
+    /// ([`Self::is_serving`]).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Connected and every revocation on the bus applied: `/readyz` says 200.
+    pub fn is_serving(&self) -> bool {
+        self.is_ready() && self.revocations_loaded.load(Ordering::Acquire)
+    }
+
+    /// The queue the bus thread publishes revocations from.
+    pub fn enable_revocations(
+        &self,
+    ) -> Option<crossbeam_channel::Receiver<crate::auth::revocation::RevokeTarget>> {
+        let (tx, rx) = crossbeam_channel::bounded(REVOKE_QUEUE);
+        self.revoke_tx.set(tx).ok()?;
+        Some(rx)
+    }
+
+    /// Hands a revocation (already applied on this node) to the bus for every node; false
+    /// when there is no bus or its queue is full.
+    pub fn revoke(&self, t: &crate::auth::revocation::RevokeTarget) -> bool {
+        let (Some(tx), Some((_, wake))) = (self.revoke_tx.get(), self.tx.get()) else {
+            return false;
+        };
+        let ok = tx.try_send(t.clone()).is_ok();
+        wake();
+        ok
     }
 
     /// Queue a publish for the bus; gives it back when the bus is down or the queue full
@@ -586,6 +648,21 @@ mod tests {
         assert_eq!(parse("BTC-USD", b"[1,2]"), Err(Reject::BadTick));
         let extra = GOOD.replace("}", r#","x":1}"#);
         assert_eq!(parse("BTC-USD", extra.as_bytes()), Err(Reject::BadTick));
+    }
+
+    #[test]
+    fn revocations_round_trip_and_junk_is_refused() {
+        use crate::auth::revocation::RevokeTarget;
+        let t = RevokeTarget::Sid("s-\"1".into());
+        let p = encode_revocation(&t);
+        assert_eq!(
+            parse_revocation(&p, Some("1700000000000")),
+            Ok((t, 1_700_000_000_000))
+        );
+        assert!(parse_revocation(&p, None).is_err());
+        assert!(parse_revocation(b"{}", Some("1")).is_err());
+        assert!(parse_revocation(br#"{"sub":"a","sid":"b"}"#, Some("1")).is_err());
+        assert!(parse_revocation(&vec![b'{'; 5000], Some("1")).is_err());
     }
 
     #[test]

@@ -83,7 +83,6 @@ pub mod admin;
 pub mod auth;
 pub mod bus;
 pub mod cli;
-pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod doctor;

@@ -210,6 +210,12 @@ impl Shared {
         *self.auth.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 
+    /// How long a revocation matters: a token issued before it lives at most this much
+    /// longer (`auth.max_token_lifetime` plus `auth.leeway`), in milliseconds.
+    pub fn revocation_horizon_ms(&self) -> u64 {
+        (self.cfg.auth.max_token_lifetime + self.cfg.auth.leeway).as_millis() as u64
+    }
+
     pub fn is_draining(&self) -> bool {
         self.node.draining.load(Ordering::Acquire)
     }

@@ -124,7 +124,7 @@ async fn wait_until(what: &str, f: impl Fn() -> bool) {
 }
 
 async fn ready(srv: &TestServer) {
-    wait_until("the node to be ready", || srv.handle.shared.bus.is_ready()).await;
+    wait_until("the node to be ready", || srv.handle.shared.bus.is_serving()).await;
 }
 
 /// Subscribed, and the node holds its bus subscription for the symbol.
@@ -415,4 +415,45 @@ async fn nats_restarting_mid_stream_keeps_clients_and_never_goes_back() {
     };
     assert_eq!(m["bid"].as_f64(), Some(100.0 + n as f64), "{m}");
     assert!(m["seq"].as_u64().unwrap() > 3, "seq never goes back: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_closes_on_the_other_and_binds_a_later_node() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
+    ready(&a).await;
+    ready(&b).await;
+    let shared = b.handle.shared.clone();
+    wait_until("node b loaded the revocations", move || shared.bus.is_serving()).await;
+    let token = b.token("mallory");
+    let mut victim = session(&b, &token).await;
+    let mut bystander = session(&b, &b.token("alice")).await;
+
+    let (status, body) = admin_post(
+        a.admin(),
+        "/admin/revoke",
+        Some(&a.admin_token()),
+        r#"{"sub":"mallory"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    // Within a second on the other node (the bound is generous; it only keeps a broken
+    // build from hanging).
+    assert_eq!(close_code(&mut victim, Duration::from_secs(5)).await, Some(4003));
+    send_json(&mut bystander, json!({"op":"ping","id":1})).await;
+    assert_eq!(next_json(&mut bystander).await["type"], "pong");
+
+    // A node started afterwards loads it before it says ready, and refuses the token.
+    let c = node(&nats.url(), &p, &key);
+    let sc = c.handle.shared.clone();
+    wait_until("node c ready with the revocations", move || sc.bus.is_serving()).await;
+    let r = admin_get(c.admin(), "/readyz");
+    assert_eq!(status_of(&r), 200, "{r}");
+    let refused = connect(&c.url(), Some(&token), &[]).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("the revoked token must be refused: {:?}", other.map(|_| ())),
+    }
+    assert!(connect(&c.url(), Some(&c.token("alice")), &[]).await.is_ok());
 }

@@ -72,8 +72,6 @@ wire_words! {
         Ticket => "ticket",
         Reauth => "reauth",
         Revoke => "revoke",
-        /// A revocation relayed to a peer (`admin.peers`).
-        RevokeRelay => "revoke_relay",
         Close => "close",
         /// The admin listener refused a connection without answering it.
         Admin => "admin",
@@ -87,8 +85,6 @@ wire_words! {
         Rejected => "rejected",
         /// The server closed a connection (`close` events).
         Closed => "closed",
-        /// A relay given up (`revoke_relay` events).
-        Failed => "failed",
     }
 }
 
@@ -152,16 +148,6 @@ wire_words! {
         MessageTooBig => "message_too_big",
         InvalidPayload => "invalid_payload",
         ProtocolError => "protocol_error",
-        // Revocation relay.
-        PeerRefused => "peer_refused",
-        RelayQueueFull => "relay_queue_full",
-        Unresolvable => "unresolvable",
-        Unreachable => "unreachable",
-        Slow => "slow",
-        Truncated => "truncated",
-        Garbled => "garbled",
-        Busy => "busy",
-        ServerError => "server_error",
     }
 }
 
@@ -823,11 +809,8 @@ mod tests {
         // docs/PROTOCOL.md section 9 (the contract names only the fields): every word it
         // names is a variant. Words the code has beyond these are its extensions.
         let documented: [(&str, &[&str]); 3] = [
-            (
-                "event",
-                &["handshake", "ticket", "reauth", "revoke", "close", "revoke_relay"],
-            ),
-            ("outcome", &["accepted", "rejected", "closed", "failed"]),
+            ("event", &["handshake", "ticket", "reauth", "revoke", "close"]),
+            ("outcome", &["accepted", "rejected", "closed"]),
             (
                 "reason",
                 &[
@@ -855,15 +838,6 @@ mod tests {
                     "message_rate",
                     "revoked",
                     "protocol_error",
-                    "peer_refused",
-                    "relay_queue_full",
-                    "unresolvable",
-                    "unreachable",
-                    "slow",
-                    "truncated",
-                    "garbled",
-                    "busy",
-                    "server_error",
                     "malformed_http",
                     "timeout",
                     "shard_full",
@@ -897,6 +871,5 @@ mod tests {
             }
         }
         assert_eq!(Reason::Ok.to_string(), "ok");
-        assert_eq!(Event::RevokeRelay.as_str(), "revoke_relay");
     }
 }

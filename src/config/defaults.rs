@@ -96,7 +96,6 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             enabled: true,
-            peers: Vec::new(),
             request_timeout: Duration::from_secs(2),
             max_connections: 64,
             max_connections_per_ip: 16,

@@ -102,7 +102,6 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
             &[
                 ("listen", Str),
                 ("enabled", Bool),
-                ("peers", List),
                 ("request_timeout", Str),
                 ("max_connections", Int),
                 ("max_connections_per_ip", Int),

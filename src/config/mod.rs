@@ -363,10 +363,6 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Extension: run the admin listener. Default true.
     pub enabled: bool,
-    /// Extension: the admin listeners (`host:port`) of the other nodes of a multi-node
-    /// deployment. A revocation accepted here is relayed to each of them (PROTOCOL.md
-    /// section 7, "the revocation reaches every node"). Default empty (single node).
-    pub peers: Vec<String>,
     /// Extension: time a connection gets to send its whole request (head and body), from
     /// accept; the response gets as long again to be written. In 100ms..=60s. Default 2s.
     #[serde(with = "duration_serde")]

@@ -52,6 +52,12 @@ simulator_rate = 10             # ticks per second per symbol
 [admin]
 listen = "127.0.0.1:9090"       # /metrics, /healthz, /readyz, /admin/*
 
+[cluster]                       # absent = a single node with no dependency (PROTOCOL.md 9)
+nats = ["nats://127.0.0.1:4222"]  # NATS servers, JetStream enabled
+node = ""                       # this node's name; "" = host name and listen port
+subject_prefix = "tickgate"     # feed handlers publish ticks to <prefix>.in.<SYMBOL>
+credentials = ""                # optional NATS credentials file
+
 [log]
 level = "info"
 security = "stdout"             # or a file path: JSON lines, one per security event
@@ -140,6 +146,7 @@ fn defaults_are_the_ops_values() {
 fn ops_example_parses() {
     let c = Config::from_toml_str(OPS_EXAMPLE).unwrap();
     let mut want = Config::default_production();
+    want.cluster = Some(crate::config::ClusterConfig::default());
     want.tls = Some(TlsConfig {
         cert: "/etc/tickgate/tls.crt".into(),
         key: "/etc/tickgate/tls.key".into(),
@@ -612,21 +619,6 @@ fn validate_rejects_each_rule_in_one_line() {
             "limits.max_symbols_per_connection",
         ),
         (
-            Box::new(|c| c.admin.peers = vec!["10.0.0.2:9090".into(), "http://n3:9090".into()]),
-            "admin.peers[1]",
-        ),
-        (
-            Box::new(|c| c.admin.peers = vec!["n2:9090".into(); 65]),
-            "admin.peers",
-        ),
-        (
-            Box::new(|c| {
-                c.admin.peers = vec!["n2:9090".into()];
-                c.admin.enabled = false;
-            }),
-            "admin.peers",
-        ),
-        (
             Box::new(|c| c.admin.request_timeout = Duration::from_millis(99)),
             "admin.request_timeout",
         ),
@@ -681,13 +673,14 @@ fn validate_rejects_each_rule_in_one_line() {
     c.admin.max_connections = 1;
     c.admin.max_connections_per_ip = 1;
     c.validate().unwrap();
-    let mut c = base.clone();
-    c.admin.peers = vec![
-        "10.0.0.2:9090".into(),
-        "node-c.internal:9090".into(),
-        "[fd00::3]:9090".into(),
-    ];
-    c.validate().unwrap();
+}
+
+#[test]
+fn admin_peers_is_gone() {
+    // The revocation relay gave way to the bus ([cluster]): a file that still names it is
+    // refused, not silently ignored.
+    let e = Config::from_toml_str("[admin]\npeers = [\"n2:9090\"]\n").unwrap_err();
+    assert!(e.to_string().contains("peers"), "{e}");
 }
 
 #[test]
@@ -862,4 +855,43 @@ mod rules_agree {
             .unwrap();
         assert_eq!(demo.server.shards, 3);
     }
+}
+
+#[test]
+fn the_cluster_section() {
+    assert_eq!(
+        Config::default_production().cluster,
+        None,
+        "absent: one node, no bus"
+    );
+    let c = Config::from_toml_str("[cluster]\n").unwrap();
+    assert_eq!(c.cluster, Some(crate::config::ClusterConfig::default()));
+    let d = c.cluster.unwrap();
+    assert_eq!(d.nats, vec!["nats://127.0.0.1:4222".to_string()]);
+    assert_eq!(
+        (d.node.as_str(), d.subject_prefix.as_str(), d.credentials.as_str()),
+        ("", "tickgate", "")
+    );
+    let ops = "[cluster]\nnats = [\"nats://10.0.0.1:4222\", \"tls://n2:4222\"]\nnode = \"a-1\"\nsubject_prefix = \"md.prod\"\ncredentials = \"\"\n";
+    assert!(Config::from_toml_str(ops).unwrap().validate().is_ok());
+    for (bad, key) in [
+        ("[cluster]\nnats = []\n", "cluster.nats"),
+        ("[cluster]\nnats = [\"127.0.0.1:4222\"]\n", "cluster.nats"),
+        ("[cluster]\nnode = \"a b\"\n", "cluster.node"),
+        ("[cluster]\nsubject_prefix = \"a.>\"\n", "cluster.subject_prefix"),
+        ("[cluster]\nsubject_prefix = \"\"\n", "cluster.subject_prefix"),
+        ("[cluster]\nbus = 1\n", "bus"),
+        ("[feed]\nsimulator = true\n[cluster]\n", "feed.simulator"),
+    ] {
+        let e = Config::from_toml_str(bad)
+            .and_then(|c| c.validate().map(|()| c))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+    // Overrides create the section like [tls]'s.
+    let c = Config::from_toml_str("").unwrap();
+    let mut c2 = c.clone();
+    c2.apply_override("cluster", "subject_prefix", "x").unwrap();
+    assert_eq!(c2.cluster.unwrap().subject_prefix, "x");
 }

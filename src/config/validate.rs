@@ -25,6 +25,12 @@ impl Config {
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let Some(c) = &self.cluster else { return Ok(()) };
+        if self.feed.simulator {
+            return Err(ConfigError::invalid(
+                "feed.simulator",
+                "not with [cluster]: feed ticks through NATS (<prefix>.in.<SYMBOL>)",
+            ));
+        }
         if c.nats.is_empty() || c.nats.len() > 16 {
             return Err(ConfigError::invalid("cluster.nats", "1 to 16 server URLs"));
         }
@@ -363,23 +369,6 @@ impl Config {
             return Err(ConfigError::invalid(
                 "admin.listen",
                 format!("{} is also server.listen", self.admin.listen),
-            ));
-        }
-        if self.admin.peers.len() > crate::cluster::MAX_PEERS {
-            return Err(ConfigError::invalid(
-                "admin.peers",
-                format!("at most {} peers", crate::cluster::MAX_PEERS),
-            ));
-        }
-        for (i, p) in self.admin.peers.iter().enumerate() {
-            if let Err(why) = crate::cluster::check_peer(p) {
-                return Err(ConfigError::invalid(format!("admin.peers[{i}]"), why));
-            }
-        }
-        if !self.admin.peers.is_empty() && !self.admin.enabled {
-            return Err(ConfigError::invalid(
-                "admin.peers",
-                "relaying revocations needs the admin listener (admin.enabled = true)",
             ));
         }
         let a = &self.admin;

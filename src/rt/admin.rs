@@ -1,7 +1,8 @@
 //! The admin listener's sockets and threads (see [`crate::admin`] for what it answers and
 //! the limits it keeps): one acceptor thread, a bounded number of request threads with
 //! blocking sockets and deadlines, and carrying out a revocation [`admin::route`] accepted
-//! (the broadcast to the shards, the relay to the peers, waiting for their counts).
+//! (the broadcast to the shards, waiting for their counts, and with `[cluster]` the hand-off
+//! to the bus, which takes it to every node).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -12,10 +13,9 @@ use crate::admin::{self, Registry, Revocation, Routed};
 use crate::auth::seclog::Reason;
 use crate::feed::hub::Control;
 use crate::proto::http::{self, RequestLimits, Response};
-use crate::rt::relay::Relay;
 use crate::state::Shared;
 
-/// Binds `admin.listen` and starts the acceptor thread (and the relay's workers).
+/// Binds `admin.listen` and starts the acceptor thread.
 pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(shared.cfg.admin.listen)?;
     let addr = listener.local_addr()?;
@@ -23,7 +23,6 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
         shared.cfg.admin.max_connections,
         shared.cfg.admin.max_connections_per_ip,
     ));
-    let relay = Relay::start(&shared)?;
     std::thread::Builder::new()
         .name("tickgate-admin".into())
         .spawn(move || {
@@ -54,11 +53,10 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
                     id,
                 };
                 let shared = shared.clone();
-                let relay = relay.clone();
                 let _ = std::thread::Builder::new()
                     .name("tickgate-admin-req".into())
                     .spawn(move || {
-                        serve(&shared, &relay, &slot, stream, peer, accepted);
+                        serve(&shared, &slot, stream, peer, accepted);
                         drop(slot);
                     });
             }
@@ -78,14 +76,7 @@ impl Drop for Slot {
     }
 }
 
-fn serve(
-    shared: &Arc<Shared>,
-    relay: &Relay,
-    slot: &Slot,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    accepted: Instant,
-) {
+fn serve(shared: &Arc<Shared>, slot: &Slot, mut stream: TcpStream, peer: SocketAddr, accepted: Instant) {
     let timeout = shared.cfg.admin.request_timeout;
     let deadline = accepted + timeout;
     let limits = RequestLimits::default();
@@ -126,7 +117,7 @@ fn serve(
     }
     let resp = match admin::route(shared, &req, Some(peer), shared.now_ms()) {
         Routed::Reply(resp) => resp,
-        Routed::Revoke(r) => revoke(shared, relay, &r),
+        Routed::Revoke(r) => revoke(shared, &r),
     };
     let _ = write_by(&mut stream, &resp.to_bytes(), Instant::now() + timeout);
 }
@@ -150,9 +141,9 @@ fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::
 }
 
 /// Carries out an accepted revocation: every shard closes what it revoked (their counts
-/// are awaited up to 900 ms), the peers get it relayed (awaited up to 1.5 s), then the
-/// answer.
-fn revoke(shared: &Arc<Shared>, relay: &Relay, r: &Revocation) -> Response {
+/// are awaited up to 900 ms); with `[cluster]` the bus takes it to every node (and keeps
+/// it for nodes that start later); then the answer, with this node's count.
+fn revoke(shared: &Arc<Shared>, r: &Revocation) -> Response {
     let (tx, rx) = crossbeam_channel::unbounded();
     let shards = shared.hub.shards();
     shared
@@ -160,16 +151,12 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, r: &Revocation) -> Response {
         .broadcast(|| Control::Revoke(r.target.clone(), tx.clone()));
     drop(tx);
     let deadline = Instant::now() + Duration::from_millis(900);
-    // A relayed request is applied here and goes no further (no loops between peers).
-    let peers = (!relay.is_empty() && !r.relayed).then(|| {
-        relay.relay(
-            shared,
-            &r.token,
-            &r.body,
-            Instant::now() + r.relay_for,
-            Duration::from_millis(1500),
-        )
-    });
+    if shared.bus.enabled() && !shared.bus.revoke(&r.target) {
+        tracing::warn!(
+            kind = r.target.kind(),
+            "revocation applied here but the bus queue is full"
+        );
+    }
     let mut closed = 0;
     for _ in 0..shards {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -178,5 +165,5 @@ fn revoke(shared: &Arc<Shared>, relay: &Relay, r: &Revocation) -> Response {
             Err(_) => break,
         }
     }
-    admin::revoked(shared, r, closed, peers)
+    admin::revoked(shared, r, closed)
 }

@@ -26,9 +26,11 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::auth::revocation::RevokeTarget;
 use crate::bus::{
-    Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, Reject, SEQ_HEADER,
-    Sequencer, Subjects, backoff, encode_tick_payload, parse_seq, parse_tick_payload,
+    Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, REVOKED_AT_HEADER, Reject,
+    SEQ_HEADER, Sequencer, Subjects, backoff, encode_revocation, encode_tick_payload, parse_revocation,
+    parse_seq, parse_tick_payload,
 };
 use crate::config::ClusterConfig;
 use crate::feed::hub::{Control, Ingested, Interest};
@@ -59,6 +61,9 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
     let Some(publish_rx) = shared.bus.enable(Box::new(move || w.notify_one())) else {
         return Ok(());
     };
+    let Some(revoke_rx) = shared.bus.enable_revocations() else {
+        return Ok(());
+    };
     std::thread::Builder::new()
         .name("tickgate-bus".into())
         .spawn(move || {
@@ -69,7 +74,15 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
                     return;
                 }
             };
-            rt.block_on(run(shared, cfg, port, interest, publish_wake, publish_rx));
+            rt.block_on(run(
+                shared,
+                cfg,
+                port,
+                interest,
+                publish_wake,
+                publish_rx,
+                revoke_rx,
+            ));
         })?;
     Ok(())
 }
@@ -89,6 +102,7 @@ async fn run(
     interest: Arc<Notify>,
     publish_wake: Arc<Notify>,
     publish_rx: crossbeam_channel::Receiver<PublishRequest>,
+    revoke_rx: crossbeam_channel::Receiver<RevokeTarget>,
 ) {
     let subjects = Subjects::new(&cfg.subject_prefix);
     let node = if cfg.node.is_empty() {
@@ -123,11 +137,13 @@ async fn run(
 
     let appenders = Appenders::new(bus.clone());
     tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
+    tokio::spawn(revocations_in(bus.clone()));
     tokio::spawn(publishes(
         bus.clone(),
         appenders.clone(),
         publish_wake,
         publish_rx,
+        revoke_rx,
     ));
     interests(bus, interest).await;
 }
@@ -535,8 +551,12 @@ async fn publishes(
     appenders: Appenders,
     wake: Arc<Notify>,
     rx: crossbeam_channel::Receiver<PublishRequest>,
+    revoke_rx: crossbeam_channel::Receiver<RevokeTarget>,
 ) {
     loop {
+        while let Ok(t) = revoke_rx.try_recv() {
+            tokio::spawn(revocation_out(bus.clone(), t));
+        }
         while let Ok(req) = rx.try_recv() {
             let mut waits = Vec::with_capacity(req.ticks.len());
             let mut ok = true;
@@ -699,5 +719,129 @@ async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber)
             }
             Err(why) => m.reject(why),
         }
+    }
+}
+
+/// The revocations stream: `<prefix>.revoke`, each kept for as long as a token issued
+/// before it can live (`auth.max_token_lifetime` plus `auth.leeway`).
+fn revocation_stream(bus: &Bus) -> stream::Config {
+    let a = &bus.shared.cfg.auth;
+    stream::Config {
+        name: format!("{}_REVOKED", bus.stream_name),
+        subjects: vec![bus.subjects.revoke()],
+        max_age: a.max_token_lifetime + a.leeway + Duration::from_secs(1),
+        max_messages: 100_000,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Publishes one revocation accepted on this node, retrying until the bus has it (while
+/// the bus is away, every node's own list still has what it was told directly).
+async fn revocation_out(bus: Arc<Bus>, t: RevokeTarget) {
+    let payload = bytes::Bytes::from(encode_revocation(&t));
+    let at = bus.shared.now_ms();
+    let mut attempt = 0u32;
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert(REVOKED_AT_HEADER, itoa::Buffer::new().format(at));
+        let r = match bus
+            .js
+            .publish_with_headers(bus.subjects.revoke(), headers, payload.clone())
+            .await
+        {
+            Ok(f) => f.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, kind = t.kind(), "bus: revocation not on the bus yet, retrying");
+                tokio::time::sleep(backoff(attempt, rand32())).await;
+                attempt = attempt.saturating_add(1);
+                if at.saturating_add(bus.shared.revocation_horizon_ms()) < bus.shared.now_ms() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Every node applies every revocation on the bus: those kept from before it started
+/// (then it reports ready) and each new one (closing matching sessions with `4003`).
+async fn revocations_in(bus: Arc<Bus>) {
+    let mut attempt = 0u32;
+    let consumer = loop {
+        let r = async {
+            let stream = bus
+                .js
+                .get_or_create_stream(revocation_stream(&bus))
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match r {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "bus: cannot follow the revocations");
+                tokio::time::sleep(backoff(attempt, rand32())).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    };
+    let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(revocations_loaded(bus.clone(), applied.clone()));
+    let mut msgs = loop {
+        match consumer.clone().messages().await {
+            Ok(m) => break m,
+            Err(e) => {
+                tracing::warn!(error = %e, "bus: cannot read the revocations");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    while let Some(m) = msgs.next().await {
+        let Ok(m) = m else { continue };
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let at = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(REVOKED_AT_HEADER))
+            .map(|v| v.as_str());
+        match parse_revocation(&m.payload, at) {
+            Ok((t, at)) => {
+                let _ = bus.shared.revocation.revoke(t.clone(), at);
+                // Live sessions: each shard closes its matches (no one waits for counts).
+                let (tx, _rx) = crossbeam_channel::bounded(0);
+                bus.shared
+                    .hub
+                    .broadcast(|| Control::Revoke(t.clone(), tx.clone()));
+            }
+            Err(why) => bus.shared.bus.metrics.reject(why),
+        }
+        applied.fetch_max(seq, Ordering::AcqRel);
+    }
+}
+
+/// Loaded once everything in the stream when last looked is applied; checked four times
+/// a second, so a reconnect (when the stream may have grown) is covered too.
+async fn revocations_loaded(bus: Arc<Bus>, applied: Arc<std::sync::atomic::AtomicU64>) {
+    let name = format!("{}_REVOKED", bus.stream_name);
+    loop {
+        if let Ok(mut s) = bus.js.get_stream(&name).await
+            && let Ok(info) = s.info().await
+        {
+            let loaded = applied.load(Ordering::Acquire) >= info.state.last_sequence;
+            bus.shared.bus.revocations_loaded.store(loaded, Ordering::Release);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -31,7 +31,6 @@ pub mod conn;
 pub mod ctx;
 pub mod io;
 pub mod jitter;
-pub mod relay;
 pub mod serve;
 pub mod shard;
 pub mod sim;
