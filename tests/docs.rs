@@ -83,7 +83,10 @@ fn config_md_lists_every_key_with_its_default() {
 
     // The default column is the TOML value `check-config` prints for an empty file, or
     // `absent` for a key it leaves out.
-    let defaults: toml::Table = Config::default_production()
+    // An optional section (`[cluster]`) documents the defaults it has when present.
+    let mut with_sections = Config::default_production();
+    with_sections.cluster = Some(Default::default());
+    let defaults: toml::Table = with_sections
         .to_toml_string()
         .parse()
         .expect("the effective settings are TOML");
