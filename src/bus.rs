@@ -144,6 +144,16 @@ impl Subjects {
         format!("{}.revoke", self.prefix)
     }
 
+    /// A ticket's subject (`key`: [`ticket_key`]).
+    pub fn ticket(&self, key: &str) -> String {
+        format!("{}.ticket.{key}", self.prefix)
+    }
+
+    /// Every ticket subject.
+    pub fn ticket_all(&self) -> String {
+        format!("{}.ticket.*", self.prefix)
+    }
+
     /// The ingest leader's claim.
     pub fn leader(&self) -> String {
         format!("{}.leader", self.prefix)
@@ -420,6 +430,78 @@ pub fn parse_revocation(
     Ok((t, at))
 }
 
+/// The bus key of a ticket: the hex SHA-256 of the ticket string (the ticket itself is
+/// never on the bus).
+pub fn ticket_key(ticket: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, ticket.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in d.as_ref() {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+fn ticket_cipher(ticket: &str) -> Option<ring::aead::LessSafeKey> {
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"tickgate ticket v1");
+    let prk = salt.extract(ticket.as_bytes());
+    let info: [&[u8]; 1] = [b"token"];
+    let okm = prk.expand(&info, &ring::aead::CHACHA20_POLY1305).ok()?;
+    Some(ring::aead::LessSafeKey::new(ring::aead::UnboundKey::from(okm)))
+}
+
+/// The token a ticket stands for, sealed with a key derived from the ticket: the bus
+/// holds nothing a reader without the ticket can use. Each ticket seals once (its key is
+/// its own), so a fixed nonce is safe.
+pub fn seal_token(ticket: &str, token: &str) -> Option<Vec<u8>> {
+    let key = ticket_cipher(ticket)?;
+    let mut data = token.as_bytes().to_vec();
+    key.seal_in_place_append_tag(
+        ring::aead::Nonce::assume_unique_for_key([0; 12]),
+        ring::aead::Aad::from(b"tickgate ticket"),
+        &mut data,
+    )
+    .ok()?;
+    Some(data)
+}
+
+/// Opens [`seal_token`]'s output (any bytes from the bus: `None` unless genuine).
+pub fn open_token(ticket: &str, sealed: &[u8]) -> Option<String> {
+    if sealed.len() > 16 * 1024 {
+        return None;
+    }
+    let key = ticket_cipher(ticket)?;
+    let mut data = sealed.to_vec();
+    let plain = key
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key([0; 12]),
+            ring::aead::Aad::from(b"tickgate ticket"),
+            &mut data,
+        )
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
+}
+
+/// A ticket operation for the bus thread.
+pub enum TicketOp {
+    /// Keep `sealed` under `key` for `ttl_ms`; reply whether the bus has it.
+    Put {
+        key: String,
+        sealed: Vec<u8>,
+        ttl_ms: u64,
+        reply: tokio::sync::oneshot::Sender<bool>,
+    },
+    /// Take (read and delete, once) what is kept under `key`; `None`: nothing there, or
+    /// someone took it first.
+    Take {
+        key: String,
+        reply: tokio::sync::oneshot::Sender<Option<Vec<u8>>>,
+    },
+}
+
+/// Ticket operations queued for the bus thread, at most.
+pub const TICKET_QUEUE: usize = 4096;
+
 /// Wakes the bus thread.
 pub type Wake = Box<dyn Fn() + Send + Sync>;
 
@@ -432,6 +514,7 @@ pub const PUBLISH_QUEUE: usize = 4096;
 pub struct Link {
     tx: std::sync::OnceLock<(crossbeam_channel::Sender<PublishRequest>, Wake)>,
     revoke_tx: std::sync::OnceLock<crossbeam_channel::Sender<crate::auth::revocation::RevokeTarget>>,
+    ticket_tx: std::sync::OnceLock<crossbeam_channel::Sender<TicketOp>>,
     /// Connected to NATS with the streams in place.
     pub ready: AtomicBool,
     /// Every revocation the bus holds is applied here (at start, and after a reconnect).
@@ -474,6 +557,27 @@ impl Link {
         let (tx, rx) = crossbeam_channel::bounded(REVOKE_QUEUE);
         self.revoke_tx.set(tx).ok()?;
         Some(rx)
+    }
+
+    /// The queue the bus thread serves ticket operations from.
+    pub fn enable_tickets(&self) -> Option<crossbeam_channel::Receiver<TicketOp>> {
+        let (tx, rx) = crossbeam_channel::bounded(TICKET_QUEUE);
+        self.ticket_tx.set(tx).ok()?;
+        Some(rx)
+    }
+
+    /// Queues a ticket operation; false when there is no bus, it is away, or the queue is
+    /// full (the reply sender is dropped then).
+    pub fn ticket(&self, op: TicketOp) -> bool {
+        let (Some(tx), Some((_, wake))) = (self.ticket_tx.get(), self.tx.get()) else {
+            return false;
+        };
+        if !self.is_ready() {
+            return false;
+        }
+        let ok = tx.try_send(op).is_ok();
+        wake();
+        ok
     }
 
     /// Hands a revocation (already applied on this node) to the bus for every node; false
@@ -663,6 +767,20 @@ mod tests {
         assert!(parse_revocation(b"{}", Some("1")).is_err());
         assert!(parse_revocation(br#"{"sub":"a","sid":"b"}"#, Some("1")).is_err());
         assert!(parse_revocation(&vec![b'{'; 5000], Some("1")).is_err());
+    }
+
+    #[test]
+    fn a_sealed_token_opens_only_with_its_ticket() {
+        let sealed = seal_token("ticket-a", "eyJ.token.sig").unwrap();
+        assert!(!sealed.windows(5).any(|w| w == b"token"), "not in the clear");
+        assert_eq!(open_token("ticket-a", &sealed).as_deref(), Some("eyJ.token.sig"));
+        assert_eq!(open_token("ticket-b", &sealed), None);
+        let mut bad = sealed.clone();
+        bad[0] ^= 1;
+        assert_eq!(open_token("ticket-a", &bad), None);
+        assert_eq!(open_token("ticket-a", b""), None);
+        assert_eq!(ticket_key("x").len(), 64);
+        assert_ne!(ticket_key("x"), ticket_key("y"));
     }
 
     #[test]

@@ -36,6 +36,27 @@ pub struct Admitted {
 pub enum Outcome {
     Upgrade(Box<Admitted>),
     Respond(Response),
+    /// `[cluster]`: a ticket was issued here; the runtime puts it on the bus (so any node
+    /// can redeem it once) before answering with `resp`, or forgets it and answers `503`.
+    TicketIssued {
+        resp: Response,
+        ticket: String,
+        token: String,
+        ttl_ms: u64,
+    },
+}
+
+/// `[cluster]`: the ticket this upgrade request would redeem, if that is its credential
+/// (the runtime takes it from the bus first, see [`Outcome::TicketIssued`]).
+pub fn ticket_to_redeem(shared: &Shared, req: &Request) -> Option<String> {
+    if http::route(&req.path) != Route::Stream {
+        return None;
+    }
+    let up = http::check_upgrade(req).ok()?;
+    match http::extract_credential(req, &up.offered_protocols, shared.cfg.auth.allow_query_token) {
+        Credential::Ticket(t) => Some(t),
+        _ => None,
+    }
 }
 
 /// Context for the security log line of one request.
@@ -358,7 +379,16 @@ fn ticket(
             );
             let ttl_ms = shared.tickets.ttl_ms().min(not_after_ms.saturating_sub(now_ms));
             let body = format!("{{\"ticket\":\"{t}\",\"expires_in\":{}}}", ttl_ms / 1000);
-            Outcome::Respond(Response::json(200, body.as_bytes()))
+            let resp = Response::json(200, body.as_bytes());
+            match token {
+                Some(token) if shared.bus.enabled() => Outcome::TicketIssued {
+                    resp,
+                    ticket: t,
+                    token,
+                    ttl_ms,
+                },
+                _ => Outcome::Respond(resp),
+            }
         }
         Err(TicketError::Full) => audit.reject(
             too_many(1),

@@ -145,6 +145,45 @@ impl<T: Clone + Send + Sync> TicketStore<T> {
         Ok(grant.payload)
     }
 
+    /// `[cluster]`: holds `ticket` (issued by another node, just taken from the bus) for
+    /// one redemption here. False when malformed, already held, or the store is full.
+    pub fn admit(&self, ticket: &str, payload: T, expires_at_ms: u64) -> bool {
+        let Some(key) = decode_ticket(ticket) else {
+            return false;
+        };
+        if !self.try_reserve() {
+            return false;
+        }
+        match self.tickets.entry(key) {
+            Entry::Vacant(v) => {
+                v.insert(TicketGrant {
+                    payload,
+                    expires_at_ms,
+                });
+                true
+            }
+            Entry::Occupied(_) => {
+                self.reserved.fetch_sub(1, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
+    /// `[cluster]`: drops `ticket` here (it was taken on another node, or the bus cannot
+    /// say): it is never redeemed twice.
+    pub fn forget(&self, ticket: &str) {
+        if let Some(key) = decode_ticket(ticket)
+            && self.tickets.remove(&key).is_some()
+        {
+            self.reserved.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether `ticket` is held here.
+    pub fn holds(&self, ticket: &str) -> bool {
+        decode_ticket(ticket).is_some_and(|k| self.tickets.contains_key(&k))
+    }
+
     /// Removes expired tickets; returns how many.
     pub fn sweep(&self, now_ms: u64) -> usize {
         let mut removed = 0usize;

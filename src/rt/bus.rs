@@ -29,8 +29,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::auth::revocation::RevokeTarget;
 use crate::bus::{
     Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, REVOKED_AT_HEADER, Reject,
-    SEQ_HEADER, Sequencer, Subjects, backoff, encode_revocation, encode_tick_payload, parse_revocation,
-    parse_seq, parse_tick_payload,
+    SEQ_HEADER, Sequencer, Subjects, TicketOp, backoff, encode_revocation, encode_tick_payload,
+    parse_revocation, parse_seq, parse_tick_payload,
 };
 use crate::config::ClusterConfig;
 use crate::feed::hub::{Control, Ingested, Interest};
@@ -64,6 +64,9 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
     let Some(revoke_rx) = shared.bus.enable_revocations() else {
         return Ok(());
     };
+    let Some(ticket_rx) = shared.bus.enable_tickets() else {
+        return Ok(());
+    };
     std::thread::Builder::new()
         .name("tickgate-bus".into())
         .spawn(move || {
@@ -74,17 +77,21 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
                     return;
                 }
             };
-            rt.block_on(run(
-                shared,
-                cfg,
-                port,
-                interest,
-                publish_wake,
-                publish_rx,
-                revoke_rx,
-            ));
+            let queues = Queues {
+                publish: publish_rx,
+                revoke: revoke_rx,
+                ticket: ticket_rx,
+            };
+            rt.block_on(run(shared, cfg, port, interest, publish_wake, queues));
         })?;
     Ok(())
+}
+
+/// What the shards and the admin listener queue for the bus thread.
+struct Queues {
+    publish: crossbeam_channel::Receiver<PublishRequest>,
+    revoke: crossbeam_channel::Receiver<RevokeTarget>,
+    ticket: crossbeam_channel::Receiver<TicketOp>,
 }
 
 struct Bus {
@@ -101,8 +108,7 @@ async fn run(
     port: u16,
     interest: Arc<Notify>,
     publish_wake: Arc<Notify>,
-    publish_rx: crossbeam_channel::Receiver<PublishRequest>,
-    revoke_rx: crossbeam_channel::Receiver<RevokeTarget>,
+    queues: Queues,
 ) {
     let subjects = Subjects::new(&cfg.subject_prefix);
     let node = if cfg.node.is_empty() {
@@ -138,13 +144,7 @@ async fn run(
     let appenders = Appenders::new(bus.clone());
     tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
     tokio::spawn(revocations_in(bus.clone()));
-    tokio::spawn(publishes(
-        bus.clone(),
-        appenders.clone(),
-        publish_wake,
-        publish_rx,
-        revoke_rx,
-    ));
+    tokio::spawn(publishes(bus.clone(), appenders.clone(), publish_wake, queues));
     interests(bus, interest).await;
 }
 
@@ -546,16 +546,14 @@ async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, n
 
 /// `publish` ops of this node's WebSocket publishers: each batch appended in order, then
 /// answered on the publisher's shard.
-async fn publishes(
-    bus: Arc<Bus>,
-    appenders: Appenders,
-    wake: Arc<Notify>,
-    rx: crossbeam_channel::Receiver<PublishRequest>,
-    revoke_rx: crossbeam_channel::Receiver<RevokeTarget>,
-) {
+async fn publishes(bus: Arc<Bus>, appenders: Appenders, wake: Arc<Notify>, queues: Queues) {
+    let rx = queues.publish;
     loop {
-        while let Ok(t) = revoke_rx.try_recv() {
+        while let Ok(t) = queues.revoke.try_recv() {
             tokio::spawn(revocation_out(bus.clone(), t));
+        }
+        while let Ok(op) = queues.ticket.try_recv() {
+            tokio::spawn(ticket_op(bus.clone(), op));
         }
         while let Ok(req) = rx.try_recv() {
             let mut waits = Vec::with_capacity(req.ticks.len());
@@ -843,5 +841,70 @@ async fn revocations_loaded(bus: Arc<Bus>, applied: Arc<std::sync::atomic::Atomi
             bus.shared.bus.revocations_loaded.store(loaded, Ordering::Release);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Tickets: `<prefix>.ticket.<sha256 of the ticket>`, the token sealed with a key from the
+/// ticket, kept for `auth.ticket_ttl`.
+fn ticket_stream(bus: &Bus) -> stream::Config {
+    stream::Config {
+        name: format!("{}_TICKETS", bus.stream_name),
+        subjects: vec![bus.subjects.ticket_all()],
+        max_age: bus.shared.cfg.auth.ticket_ttl + Duration::from_secs(1),
+        max_messages_per_subject: 1,
+        max_messages: 1_000_000,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    }
+}
+
+/// When a ticket on the bus stops being good (Unix milliseconds).
+const EXPIRES_HEADER: &str = "Tg-Expires-At";
+
+/// How long a ticket operation may take before the connection waiting for it is told no.
+const TICKET_OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn ticket_op(bus: Arc<Bus>, op: TicketOp) {
+    let ensure = async { bus.js.get_or_create_stream(ticket_stream(&bus)).await.ok() };
+    match op {
+        TicketOp::Put {
+            key,
+            sealed,
+            ttl_ms,
+            reply,
+        } => {
+            let expires = bus.shared.now_ms().saturating_add(ttl_ms);
+            let done = tokio::time::timeout(TICKET_OP_TIMEOUT, async {
+                ensure.await?;
+                let mut headers = HeaderMap::new();
+                headers.insert(EXPIRES_HEADER, itoa::Buffer::new().format(expires));
+                let f = bus
+                    .js
+                    .publish_with_headers(bus.subjects.ticket(&key), headers, bytes::Bytes::from(sealed))
+                    .await
+                    .ok()?;
+                f.await.ok().map(|_| ())
+            })
+            .await;
+            let _ = reply.send(matches!(done, Ok(Some(()))));
+        }
+        TicketOp::Take { key, reply } => {
+            let got = tokio::time::timeout(TICKET_OP_TIMEOUT, async {
+                let stream = ensure.await?;
+                let m = stream
+                    .get_last_raw_message_by_subject(&bus.subjects.ticket(&key))
+                    .await
+                    .ok()?;
+                let expires = parse_seq(m.headers.get(EXPIRES_HEADER).map(|v| v.as_str())).ok()?;
+                // Whoever deletes it first has it: a second delete of that sequence fails.
+                match stream.delete_message(m.sequence).await {
+                    Ok(true) if bus.shared.now_ms() < expires => Some(m.payload.to_vec()),
+                    _ => None,
+                }
+            })
+            .await;
+            let _ = reply.send(got.ok().flatten());
+        }
     }
 }

@@ -263,9 +263,31 @@ async fn handshake(
         wait = false;
         yield_now().await;
     };
+    if ctx.shared.bus.enabled()
+        && let Some(ticket) = gate::ticket_to_redeem(&ctx.shared, &req)
+    {
+        // `[cluster]`: the ticket may come from any node; the bus says whether it is
+        // still unused (and takes it), then the gate redeems it here as usual.
+        take_ticket(&ctx.shared, &ticket).await;
+    }
     let now = ctx.now_ms();
     match gate::handle_public_with(&ctx.shared, &req, peer.ip(), now, peer_rate) {
         Outcome::Respond(resp) => {
+            respond(stream, tls, resp).await;
+            None
+        }
+        Outcome::TicketIssued {
+            resp,
+            ticket,
+            token,
+            ttl_ms,
+        } => {
+            let resp = if put_ticket(&ctx.shared, &ticket, &token, ttl_ms).await {
+                resp
+            } else {
+                ctx.shared.tickets.forget(&ticket);
+                Response::text(503, "bus unavailable\n")
+            };
             respond(stream, tls, resp).await;
             None
         }
@@ -571,4 +593,50 @@ pub(crate) async fn writer(
     // descriptor open (the reader may have ended and dropped its stream already).
     task_done(&ctx, idx, generation, !graceful);
     drop(handle);
+}
+
+/// `[cluster]`: puts a ticket issued here on the bus, sealed with a key only the ticket
+/// gives (see [`crate::bus::seal_token`]). False when the bus could not take it.
+async fn put_ticket(shared: &crate::state::Shared, ticket: &str, token: &str, ttl_ms: u64) -> bool {
+    let Some(sealed) = crate::bus::seal_token(ticket, token) else {
+        return false;
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let op = crate::bus::TicketOp::Put {
+        key: crate::bus::ticket_key(ticket),
+        sealed,
+        ttl_ms,
+        reply: tx,
+    };
+    shared.bus.ticket(op) && rx.await.unwrap_or(false)
+}
+
+/// `[cluster]`: takes a ticket off the bus before the gate redeems it. Taken (it was
+/// unused): the token it stands for is verified again (signature, expiry, revocation)
+/// and the ticket is held here for this one redemption. Not taken (used elsewhere,
+/// expired, or the bus cannot say): it is dropped here too, so the gate refuses it.
+async fn take_ticket(shared: &crate::state::Shared, ticket: &str) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let op = crate::bus::TicketOp::Take {
+        key: crate::bus::ticket_key(ticket),
+        reply: tx,
+    };
+    let sealed = if shared.bus.ticket(op) {
+        rx.await.ok().flatten()
+    } else {
+        None
+    };
+    let now = shared.now_ms();
+    let claims = sealed
+        .and_then(|s: Vec<u8>| crate::bus::open_token(ticket, &s))
+        .and_then(|token| shared.verify_token(&token, now).ok());
+    match claims {
+        Some(c) => {
+            if !shared.tickets.holds(ticket) {
+                // Redeemed by the gate right after this; held for a second at most.
+                shared.tickets.admit(ticket, c, now + 1000);
+            }
+        }
+        None => shared.tickets.forget(ticket),
+    }
 }
