@@ -154,6 +154,34 @@ impl Subjects {
         format!("{}.ticket.*", self.prefix)
     }
 
+    /// A user's live connections on one node (`user`: `usercap::user_key`).
+    pub fn cap(&self, user: &str, node: &str) -> String {
+        format!("{}.cap.{user}.{}", self.prefix, node.replace('.', "_"))
+    }
+
+    /// Every node's counts.
+    pub fn cap_all(&self) -> String {
+        format!("{}.cap.*.*", self.prefix)
+    }
+
+    /// `(user key, node token)` of a count's subject.
+    pub fn cap_parts<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".cap.")?;
+        let (user, node) = rest.split_once('.')?;
+        (user.len() == 32
+            && user.bytes().all(|b| b.is_ascii_hexdigit())
+            && !node.is_empty()
+            && node.len() <= 64)
+            .then_some((user, node))
+    }
+
+    /// Asks every node to announce its counts again (a node that just connected).
+    pub fn cap_sync(&self) -> String {
+        format!("{}.capsync", self.prefix)
+    }
+
     /// The ingest leader's claim.
     pub fn leader(&self) -> String {
         format!("{}.leader", self.prefix)
@@ -808,6 +836,11 @@ mod tests {
         assert_eq!(s.ordered_symbol("tickgate.t.BTC-USD"), Some("BTC-USD"));
         assert_eq!(s.delivered("BTC-USD"), "tickgate.o.BTC-USD");
         assert_eq!(s.delivered_all(), "tickgate.o.>");
+        let k = "0123456789abcdef0123456789abcdef";
+        assert_eq!(s.cap(k, "n.1"), format!("tickgate.cap.{k}.n_1"));
+        assert_eq!(s.cap_parts(&s.cap(k, "n.1")), Some((k, "n_1")));
+        assert_eq!(s.cap_parts("tickgate.cap.xyz.n"), None);
+        assert_eq!(s.cap_parts("tickgate.cap.a.b.c"), None);
         assert_eq!(Subjects::new("md.prod-1").stream(), "MD_PROD_1_TICKS");
         assert!(check_prefix("md.prod").is_ok());
         for bad in ["", "a..b", "a.>", "a b", "a.*"] {

@@ -314,7 +314,7 @@ fn admit(
         Err(o) => return o,
     };
     let token = token.as_deref();
-    let Some(slot) = usercap::acquire(&shared.auth.caps, &claims.sub) else {
+    let Some(slot) = usercap::acquire_at(&shared.auth.caps, &claims.sub, now_ms) else {
         return audit.reject(too_many(1), Reason::UserCap, Some(&claims), token);
     };
     let protocol = match http::select_subprotocol(&up.offered_protocols) {

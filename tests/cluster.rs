@@ -514,3 +514,48 @@ async fn a_ticket_issued_on_one_node_is_redeemable_once_on_any_node() {
         other => panic!("a used ticket must be refused: {:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_cap_counts_connections_on_every_node() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let mk = || {
+        let mut cfg = test_config(2);
+        cfg.limits.per_user_max_connections = 2;
+        cfg.cluster = Some(ClusterConfig {
+            nats: vec![nats.url()],
+            node: String::new(),
+            subject_prefix: p.clone(),
+            credentials: String::new(),
+        });
+        start_with_key(cfg, key.clone(), "k1")
+    };
+    let (a, b) = (mk(), mk());
+    ready(&a).await;
+    ready(&b).await;
+    let seen_by = |srv: &TestServer, n: usize| {
+        let shared = srv.handle.shared.clone();
+        move || {
+            let key = tickgate::auth::usercap::user_key("carol");
+            shared.auth.caps.cluster().unwrap().sum(&key, shared.now_ms()) == n
+        }
+    };
+    let c1 = session(&a, &a.token("carol")).await;
+    wait_until("b to hear of carol's connection on a", seen_by(&b, 1)).await;
+    let c2 = session(&b, &b.token("carol")).await;
+    wait_until("a to hear of carol's connection on b", seen_by(&a, 1)).await;
+    for srv in [&a, &b] {
+        match connect(&srv.url(), Some(&srv.token("carol")), &[]).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+            other => panic!("the third connection must be refused: {:?}", other.map(|_| ())),
+        }
+    }
+    // Another user is not affected.
+    let _d = session(&a, &a.token("dave")).await;
+    // One closes on a: b admits again once it hears of it.
+    drop(c1);
+    wait_until("b to hear carol left a", seen_by(&b, 0)).await;
+    let _c3 = session(&b, &b.token("carol")).await;
+    drop(c2);
+}

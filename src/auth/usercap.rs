@@ -23,6 +23,103 @@ pub struct UserCaps {
     max_per_user: usize,
     counts: DashMap<String, usize>,
     total: AtomicUsize,
+    /// `[cluster]`: the other nodes' counts, and who hears of this node's changes.
+    cluster: std::sync::OnceLock<ClusterCounts>,
+}
+
+/// Tells the bus a user's count on this node changed: `(user, count)`.
+pub type OnChange = Box<dyn Fn(&str, usize) + Send + Sync>;
+
+/// `[cluster]`: the counts the other nodes announce (a count per user per node, each
+/// good until its expiry unless announced again), summed at admission.
+pub struct ClusterCounts {
+    remote: DashMap<String, Vec<RemoteCount>>,
+    entries: AtomicUsize,
+    max_entries: usize,
+    on_change: OnChange,
+}
+
+#[derive(Debug, Clone)]
+struct RemoteCount {
+    node: Box<str>,
+    count: usize,
+    expires_ms: u64,
+}
+
+/// The key a user's count travels under on the bus: the first 32 hex digits of the
+/// SHA-256 of its `sub` (the `sub` itself is not published).
+pub fn user_key(user: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, user.as_bytes());
+    let mut out = String::with_capacity(32);
+    for b in &d.as_ref()[..16] {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+impl ClusterCounts {
+    /// The count `node` announced for the user with key `key`, good until `expires_ms`
+    /// (0 removes it). False when the table is at its bound (the count is not kept).
+    pub fn set(&self, key: &str, node: &str, count: usize, expires_ms: u64) -> bool {
+        if count == 0 {
+            let mut emptied = false;
+            if let Some(mut v) = self.remote.get_mut(key) {
+                let before = v.len();
+                v.retain(|r| &*r.node != node);
+                self.entries.fetch_sub(before - v.len(), Ordering::AcqRel);
+                emptied = v.is_empty();
+            }
+            if emptied {
+                self.remote.remove_if(key, |_, v| v.is_empty());
+            }
+            return true;
+        }
+        let mut v = self.remote.entry(key.to_owned()).or_default();
+        if let Some(r) = v.iter_mut().find(|r| &*r.node == node) {
+            r.count = count;
+            r.expires_ms = expires_ms;
+            return true;
+        }
+        if self.entries.load(Ordering::Acquire) >= self.max_entries {
+            return false;
+        }
+        self.entries.fetch_add(1, Ordering::AcqRel);
+        v.push(RemoteCount {
+            node: Box::from(node),
+            count,
+            expires_ms,
+        });
+        true
+    }
+
+    /// The other nodes' live connections of the user with key `key` at `now_ms`.
+    pub fn sum(&self, key: &str, now_ms: u64) -> usize {
+        self.remote.get(key).map_or(0, |v| {
+            v.iter().filter(|r| r.expires_ms > now_ms).map(|r| r.count).sum()
+        })
+    }
+
+    /// Drops expired counts (a node that stopped announcing: crashed, or cut off).
+    pub fn sweep(&self, now_ms: u64) {
+        let mut dropped = 0;
+        self.remote.retain(|_, v| {
+            let before = v.len();
+            v.retain(|r| r.expires_ms > now_ms);
+            dropped += before - v.len();
+            !v.is_empty()
+        });
+        self.entries.fetch_sub(dropped, Ordering::AcqRel);
+    }
+
+    /// Counts held (users x nodes).
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl fmt::Debug for UserCaps {
@@ -42,7 +139,38 @@ impl UserCaps {
             max_per_user,
             counts: DashMap::new(),
             total: AtomicUsize::new(0),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `[cluster]`: from now on admission adds the other nodes' counts, and `on_change`
+    /// hears of every change of a count here. Once.
+    pub fn enable_cluster(&self, max_entries: usize, on_change: OnChange) {
+        let _ = self.cluster.set(ClusterCounts {
+            remote: DashMap::new(),
+            entries: AtomicUsize::new(0),
+            max_entries,
+            on_change,
+        });
+    }
+
+    /// The other nodes' counts (`[cluster]` only).
+    pub fn cluster(&self) -> Option<&ClusterCounts> {
+        self.cluster.get()
+    }
+
+    /// Every user with live connections here and their count (to announce them again).
+    pub fn snapshot(&self) -> Vec<(String, usize)> {
+        self.counts
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect()
+    }
+
+    fn changed(&self, user: &str) {
+        if let Some(c) = self.cluster.get() {
+            (c.on_change)(user, self.count(user));
+        }
     }
 
     /// Live connections of `user`.
@@ -73,6 +201,7 @@ impl UserCaps {
             *c == 0
         });
         self.total.fetch_sub(1, Ordering::AcqRel);
+        self.changed(user);
     }
 }
 
@@ -103,7 +232,22 @@ impl Drop for UserSlot {
 
 /// Claims a slot for `user`, or `None` when the user is at the cap (answer `429`).
 pub fn acquire(caps: &Arc<UserCaps>, user: &str) -> Option<UserSlot> {
-    let max = caps.max_per_user;
+    acquire_at(caps, user, 0)
+}
+
+/// As [`acquire`]; with `[cluster]` the other nodes' live counts at `now_ms` count too.
+/// Two nodes admitting the same user's last slot within one announcement's flight time
+/// (well under a millisecond on a LAN) may both admit it: the cap can be exceeded by at
+/// most one per other node in such a race.
+pub fn acquire_at(caps: &Arc<UserCaps>, user: &str, now_ms: u64) -> Option<UserSlot> {
+    let others = match caps.cluster.get() {
+        Some(c) if caps.max_per_user != 0 => c.sum(&user_key(user), now_ms),
+        _ => 0,
+    };
+    let max = caps.max_per_user.saturating_sub(others);
+    if caps.max_per_user != 0 && max == 0 {
+        return None;
+    }
     // Fast path without allocating the key: the user already has connections.
     let admitted = match caps.counts.get_mut(user) {
         Some(mut c) => {
@@ -124,6 +268,7 @@ pub fn acquire(caps: &Arc<UserCaps>, user: &str) -> Option<UserSlot> {
         *c += 1;
     }
     caps.total.fetch_add(1, Ordering::AcqRel);
+    caps.changed(user);
     Some(UserSlot {
         caps: Arc::clone(caps),
         user: user.to_owned(),
@@ -133,6 +278,43 @@ pub fn acquire(caps: &Arc<UserCaps>, user: &str) -> Option<UserSlot> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_nodes_counts_are_summed_until_they_expire() {
+        let caps = UserCaps::new(3);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        caps.enable_cluster(
+            2,
+            Box::new(move |u, n| s2.lock().unwrap().push((u.to_owned(), n))),
+        );
+        let k = user_key("alice");
+        let c = caps.cluster().unwrap();
+        assert!(c.set(&k, "node-b", 2, 1_000));
+        let a = acquire_at(&caps, "alice", 500).expect("2 there + 1 here = 3");
+        assert!(
+            acquire_at(&caps, "alice", 500).is_none(),
+            "the cap counts node-b's two"
+        );
+        // node-b's count expires (it crashed): the slots come back.
+        let b = acquire_at(&caps, "alice", 1_000).expect("node-b's count expired");
+        drop((a, b));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("alice".into(), 1),
+                ("alice".into(), 2),
+                ("alice".into(), 1),
+                ("alice".into(), 0)
+            ]
+        );
+        // Bounded: a third (user, node) pair is not kept; 0 removes.
+        assert!(c.set(&k, "node-c", 1, 2_000));
+        assert!(!c.set(&user_key("bob"), "node-b", 1, 2_000));
+        assert!(c.set(&k, "node-c", 0, 0));
+        c.sweep(5_000);
+        assert!(c.is_empty());
+    }
 
     #[test]
     fn cap_and_release_on_drop() {

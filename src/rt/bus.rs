@@ -39,6 +39,15 @@ use crate::state::Shared;
 
 /// JetStream's de-duplication header.
 const MSG_ID: &str = "Nats-Msg-Id";
+/// Count changes queued for announcement, at most.
+const CAP_QUEUE: usize = 1 << 16;
+/// Other nodes' counts held, at most (users x nodes).
+const MAX_REMOTE_COUNTS: usize = 1_000_000;
+/// Every node announces all its counts this often; a count not announced again within
+/// [`COUNT_TTL`] is dropped (its node is gone).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+const COUNT_TTL: Duration = Duration::from_secs(15);
+
 /// Raw ticks queued per symbol for its append task; beyond, they are dropped and counted.
 const APPEND_QUEUE: usize = 1024;
 /// Ticks the stream keeps per symbol (the snapshot needs one; the recovery of
@@ -67,6 +76,18 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
     let Some(ticket_rx) = shared.bus.enable_tickets() else {
         return Ok(());
     };
+    // Every change of a user's count here is announced (dropped when the queue is full:
+    // the periodic announcement repairs it).
+    let (cap_tx, cap_rx) = crossbeam_channel::bounded::<(String, usize)>(CAP_QUEUE);
+    let w = publish_wake.clone();
+    shared.auth.caps.enable_cluster(
+        MAX_REMOTE_COUNTS,
+        Box::new(move |user, n| {
+            if cap_tx.try_send((user.to_owned(), n)).is_ok() {
+                w.notify_one();
+            }
+        }),
+    );
     std::thread::Builder::new()
         .name("tickgate-bus".into())
         .spawn(move || {
@@ -81,6 +102,7 @@ pub fn spawn(shared: Arc<Shared>, port: u16) -> std::io::Result<()> {
                 publish: publish_rx,
                 revoke: revoke_rx,
                 ticket: ticket_rx,
+                caps: cap_rx,
             };
             rt.block_on(run(shared, cfg, port, interest, publish_wake, queues));
         })?;
@@ -92,10 +114,12 @@ struct Queues {
     publish: crossbeam_channel::Receiver<PublishRequest>,
     revoke: crossbeam_channel::Receiver<RevokeTarget>,
     ticket: crossbeam_channel::Receiver<TicketOp>,
+    caps: crossbeam_channel::Receiver<(String, usize)>,
 }
 
 struct Bus {
     shared: Arc<Shared>,
+    node: String,
     subjects: Subjects,
     js: jetstream::Context,
     client: async_nats::Client,
@@ -144,6 +168,7 @@ async fn run(
     let appenders = Appenders::new(bus.clone());
     tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
     tokio::spawn(revocations_in(bus.clone()));
+    tokio::spawn(counts_in(bus.clone()));
     tokio::spawn(publishes(bus.clone(), appenders.clone(), publish_wake, queues));
     interests(bus, interest).await;
 }
@@ -208,6 +233,7 @@ async fn connect(
         .map_err(|e| format!("JetStream stream {stream_name}: {e}"))?;
     Ok(Bus {
         shared: shared.clone(),
+        node: node.replace('.', "_"),
         subjects: subjects.clone(),
         js,
         client,
@@ -554,6 +580,9 @@ async fn publishes(bus: Arc<Bus>, appenders: Appenders, wake: Arc<Notify>, queue
         }
         while let Ok(op) = queues.ticket.try_recv() {
             tokio::spawn(ticket_op(bus.clone(), op));
+        }
+        while let Ok((user, n)) = queues.caps.try_recv() {
+            announce(&bus, &user, n).await;
         }
         while let Ok(req) = rx.try_recv() {
             let mut waits = Vec::with_capacity(req.ticks.len());
@@ -905,6 +934,68 @@ async fn ticket_op(bus: Arc<Bus>, op: TicketOp) {
             })
             .await;
             let _ = reply.send(got.ok().flatten());
+        }
+    }
+}
+
+/// Announces this node's count of `user` (core NATS: counts are refreshed, not kept).
+async fn announce(bus: &Bus, user: &str, n: usize) {
+    let subject = bus.subjects.cap(&crate::auth::usercap::user_key(user), &bus.node);
+    let _ = bus
+        .client
+        .publish(subject, bytes::Bytes::from(n.to_string().into_bytes()))
+        .await;
+}
+
+async fn announce_all(bus: &Bus) {
+    for (user, n) in bus.shared.auth.caps.snapshot() {
+        announce(bus, &user, n).await;
+    }
+}
+
+/// The other nodes' per-user counts: kept, refreshed, summed at admission
+/// (`usercap::acquire_at`). On start this node asks every node to announce its counts,
+/// and announces its own every [`ANNOUNCE_EVERY`].
+async fn counts_in(bus: Arc<Bus>) {
+    let Some(counts) = bus.shared.auth.caps.cluster() else {
+        return;
+    };
+    let (mut sub, mut sync) = loop {
+        let a = bus.client.subscribe(bus.subjects.cap_all()).await;
+        let b = bus.client.subscribe(bus.subjects.cap_sync()).await;
+        match (a, b) {
+            (Ok(a), Ok(b)) => break (a, b),
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let _ = bus
+        .client
+        .publish(bus.subjects.cap_sync(), bytes::Bytes::new())
+        .await;
+    let mut every = tokio::time::interval(ANNOUNCE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ttl = COUNT_TTL.as_millis() as u64;
+    loop {
+        tokio::select! {
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                let Some((user, node)) = bus.subjects.cap_parts(m.subject.as_str()) else { continue };
+                if node == bus.node {
+                    continue;
+                }
+                let n = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u32>().ok());
+                if let Some(n) = n {
+                    counts.set(user, node, n as usize, bus.shared.now_ms() + ttl);
+                }
+            }
+            s = sync.next() => {
+                if s.is_none() { return }
+                announce_all(&bus).await;
+            }
+            _ = every.tick() => {
+                counts.sweep(bus.shared.now_ms());
+                announce_all(&bus).await;
+            }
         }
     }
 }
