@@ -276,6 +276,9 @@ pub fn run(cli: Cli) -> i32 {
                 return fail(1, "--jitter takes 0 to 600 seconds");
             }
             let mut found = crate::doctor::run(cfg.as_ref());
+            if let Some(c) = cfg.as_ref().and_then(|c| c.cluster.as_ref()) {
+                found.push(crate::doctor::cluster_finding(crate::rt::bus::probe(c)));
+            }
             if jitter > 0.0 {
                 let stats = crate::rt::jitter::measure_all(std::time::Duration::from_secs_f64(jitter));
                 found.extend(crate::doctor::jitter_findings(&stats));

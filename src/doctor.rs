@@ -37,6 +37,18 @@ fn f(level: Level, check: &'static str, detail: impl Into<String>) -> Finding {
     }
 }
 
+/// The `[cluster]` check, from the outcome of `rt::bus::probe`.
+pub fn cluster_finding(probe: Result<String, String>) -> Finding {
+    match probe {
+        Ok(what) => f(Level::Ok, "cluster", format!("NATS reachable: {what}")),
+        Err(why) => f(
+            Level::Warn,
+            "cluster",
+            format!("{why}; the node would start, answer /readyz 503 and keep retrying"),
+        ),
+    }
+}
+
 /// Run every check. `cfg`, when given, adds the config-dependent ones.
 pub fn run(cfg: Option<&Config>) -> Vec<Finding> {
     let mut out = Vec::new();

@@ -559,3 +559,55 @@ async fn the_per_user_cap_counts_connections_on_every_node() {
     let _c3 = session(&b, &b.token("carol")).await;
     drop(c2);
 }
+
+#[test]
+fn doctor_checks_the_configured_nats_and_jetstream() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let doctor = |url: &str| {
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, format!("[cluster]\nnats = [\"{url}\"]\n")).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_tickgate"))
+            .args(["doctor", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("cluster"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ok = doctor(&nats.url());
+    assert!(
+        ok.starts_with("[ok  ]") && ok.contains("JetStream enabled"),
+        "{ok}"
+    );
+    // A server without JetStream, and no server at all.
+    let port = free_port();
+    let mut plain = Command::new(nats_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let no_js = doctor(&format!("nats://127.0.0.1:{port}"));
+    let _ = plain.kill();
+    let _ = plain.wait();
+    assert!(
+        no_js.starts_with("[WARN]") && no_js.contains("JetStream"),
+        "{no_js}"
+    );
+    let none = doctor(&format!("nats://127.0.0.1:{}", free_port()));
+    assert!(
+        none.starts_with("[WARN]") && none.contains("cannot connect"),
+        "{none}"
+    );
+}

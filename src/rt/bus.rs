@@ -999,3 +999,50 @@ async fn counts_in(bus: Arc<Bus>) {
         }
     }
 }
+
+/// `tickgate doctor --config`: connects to the configured NATS (2 s per server), checks
+/// that JetStream answers, and says which server it reached. Runs its own small runtime.
+pub fn probe(cfg: &ClusterConfig) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("tickgate doctor")
+            .connection_timeout(Duration::from_secs(2));
+        if !cfg.credentials.is_empty() {
+            opts = opts
+                .credentials_file(&cfg.credentials)
+                .await
+                .map_err(|e| format!("cluster.credentials: {e}"))?;
+        }
+        let urls: Vec<async_nats::ServerAddr> = cfg
+            .nats
+            .iter()
+            .map(|u| u.parse().map_err(|e| format!("cluster.nats {u:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let client = tokio::time::timeout(Duration::from_secs(5), opts.connect(urls.as_slice()))
+            .await
+            .map_err(|_| "no NATS server answered within 5 s".to_string())?
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let info = client.server_info();
+        // The account-info request of the JetStream API, read loosely (its shape varies
+        // across server versions): an answer without `error` means JetStream is there.
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request("$JS.API.INFO", bytes::Bytes::new()),
+        )
+        .await
+        .map_err(|_| "JetStream did not answer within 2 s (start nats-server with -js)".to_string())?
+        .map_err(|e| format!("JetStream is not enabled: {e} (start nats-server with -js)"))?;
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        if let Some(e) = v.get("error") {
+            return Err(format!("JetStream refused: {e}"));
+        }
+        Ok(format!(
+            "{}:{} (nats-server {}), JetStream enabled",
+            info.host, info.port, info.version
+        ))
+    })
+}
