@@ -293,84 +293,139 @@ impl Appenders {
     }
 }
 
-/// Appends one symbol's ticks in the order they came, each after the last.
+/// Appends sent before the first acknowledgement is awaited (per symbol).
+const PIPELINE: usize = 64;
+
+/// Appends one symbol's ticks in the order they came, each after the last, up to
+/// [`PIPELINE`] in flight: the first of a round carries the per-subject sequence check
+/// (it starts where the stream is), every one carries its `Nats-Msg-Id` (`SYMBOL:seq`,
+/// which the stream stores once), so whatever another node appends meanwhile, the stream
+/// holds each `seq` once, +1 after +1. An append refused in a round (another node took
+/// that `seq`) goes into the next round with a fresh head; a tick refused
+/// [`MAX_APPEND_TRIES`] times is dropped and counted.
 async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job>) {
     let mut seqr = Sequencer::new(1);
     let subject = bus.subjects.ordered(&symbol);
+    let mut pending: std::collections::VecDeque<(Job, u32)> = std::collections::VecDeque::new();
     let mut payload = Vec::with_capacity(256);
-    while let Some(job) = rx.recv().await {
-        encode_tick_payload(&symbol, &job.tick, &mut payload);
-        let ok = append(&bus, &mut seqr, &symbol, &subject, &payload).await;
-        let m = &bus.shared.bus.metrics;
-        if ok {
-            m.append_us_sum
-                .fetch_add(job.received.elapsed().as_micros() as u64, Ordering::Relaxed);
-            m.append_count.fetch_add(1, Ordering::Relaxed);
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(j) => pending.push_back((j, 0)),
+                None => return,
+            }
         }
-        if let Some(r) = job.reply {
-            let _ = r.send(ok);
-        } else if ok {
-            m.ingested.fetch_add(1, Ordering::Relaxed);
-        } else {
-            m.reject(Reject::AppendFailed);
+        while pending.len() < PIPELINE {
+            match rx.try_recv() {
+                Ok(j) => pending.push_back((j, 0)),
+                Err(_) => break,
+            }
+        }
+        let Some(next) = seqr.next(&symbol) else {
+            match head(&bus, &subject).await {
+                Ok(h) => seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol)),
+                Err(()) => {
+                    // The bus cannot say where the symbol stands: this round fails.
+                    for (job, _) in pending.drain(..) {
+                        finish(&bus, job, false);
+                    }
+                }
+            }
+            continue;
+        };
+        // Send the round.
+        let n = pending.len().min(PIPELINE);
+        let mut acks = Vec::with_capacity(n);
+        for k in 0..n {
+            let seq = next.seq + k as u64;
+            let mut headers = HeaderMap::new();
+            headers.insert(SEQ_HEADER, itoa::Buffer::new().format(seq));
+            if k == 0 {
+                headers.insert(
+                    EXPECTED_LAST_SUBJECT_SEQ,
+                    itoa::Buffer::new().format(next.expect_stream_seq),
+                );
+            }
+            // Servers before 2.10 ignore an expected sequence of 0 (a symbol's first
+            // tick); the duplicate window covers that case and every pipelined append.
+            headers.insert(MSG_ID, format!("{symbol}:{seq}").as_str());
+            encode_tick_payload(&symbol, &pending[k].0.tick, &mut payload);
+            match bus
+                .js
+                .publish_with_headers(subject.clone(), headers, bytes::Bytes::copy_from_slice(&payload))
+                .await
+            {
+                Ok(f) => acks.push(f),
+                Err(_) => break,
+            }
+        }
+        // Settle it in order.
+        let sent = acks.len();
+        let mut retry = Vec::new();
+        let mut refused = false;
+        for (k, f) in acks.into_iter().enumerate() {
+            let (job, tries) = match pending.pop_front() {
+                Some(j) => j,
+                None => break,
+            };
+            match f.await {
+                Ok(ack) if !ack.duplicate => {
+                    seqr.appended(&symbol, next.seq + k as u64, ack.sequence);
+                    finish(&bus, job, true);
+                }
+                Ok(_) => {
+                    bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                    refused = true;
+                    retry.push((job, tries + 1));
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
+                    refused = true;
+                    retry.push((job, tries + 1));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, symbol = %symbol, "bus: append failed");
+                    refused = true;
+                    retry.push((job, MAX_APPEND_TRIES));
+                }
+            }
+        }
+        if refused || sent < n {
+            seqr.forget(&symbol);
+        }
+        if sent == 0 {
+            // Not even one could be sent (the connection is away): fail the round.
+            for (job, _) in pending.drain(..) {
+                finish(&bus, job, false);
+            }
+            continue;
+        }
+        // Refused ones go first into the next round, in their order.
+        for (job, tries) in retry.into_iter().rev() {
+            if tries >= MAX_APPEND_TRIES {
+                finish(&bus, job, false);
+            } else {
+                pending.push_front((job, tries));
+            }
         }
     }
 }
 
-/// Appends one tick after the symbol's newest in the stream, re-reading the head when
-/// another node appended first.
-async fn append(bus: &Bus, seqr: &mut Sequencer, symbol: &str, subject: &str, payload: &[u8]) -> bool {
-    for _ in 0..MAX_APPEND_TRIES {
-        let Some(next) = seqr.next(symbol) else {
-            match head(bus, subject).await {
-                Ok(h) => seqr.learn(symbol, h, bus.shared.hub.seq_of(symbol)),
-                Err(()) => return false,
-            }
-            continue;
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(SEQ_HEADER, itoa::Buffer::new().format(next.seq));
-        headers.insert(
-            EXPECTED_LAST_SUBJECT_SEQ,
-            itoa::Buffer::new().format(next.expect_stream_seq),
-        );
-        // The stream's duplicate window refuses a second write of the same (symbol, seq):
-        // this covers the first tick of a symbol, where the expected sequence is 0 and
-        // servers before 2.10 do not check it.
-        headers.insert(MSG_ID, format!("{symbol}:{}", next.seq).as_str());
-        let ack = match bus
-            .js
-            .publish_with_headers(
-                subject.to_owned(),
-                headers,
-                bytes::Bytes::copy_from_slice(payload),
-            )
-            .await
-        {
-            Ok(f) => f.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) if ack.duplicate => {
-                bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                seqr.forget(symbol);
-            }
-            Ok(ack) => {
-                seqr.appended(symbol, next.seq, ack.sequence);
-                return true;
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                seqr.forget(symbol);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, symbol, "bus: append failed");
-                seqr.forget(symbol);
-                return false;
-            }
-        }
+/// A job is done: answer its publisher, or count it.
+fn finish(bus: &Bus, job: Job, ok: bool) {
+    let m = &bus.shared.bus.metrics;
+    if ok {
+        m.append_us_sum
+            .fetch_add(job.received.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.append_count.fetch_add(1, Ordering::Relaxed);
     }
-    false
+    if let Some(r) = job.reply {
+        let _ = r.send(ok);
+    } else if ok {
+        m.ingested.fetch_add(1, Ordering::Relaxed);
+    } else {
+        m.reject(Reject::AppendFailed);
+    }
 }
 
 /// The newest tick of an ordered subject: `(seq, stream sequence)`, `None` when empty.

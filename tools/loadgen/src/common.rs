@@ -70,6 +70,19 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The same credentials and settings against another server (another node).
+    pub fn with_target(&self, target: SocketAddr) -> Ctx {
+        Ctx {
+            target,
+            host: target.to_string(),
+            key: self.key.clone(),
+            kid: self.kid.clone(),
+            sources: self.sources.clone(),
+            ttl: self.ttl,
+            tls: self.tls.clone(),
+        }
+    }
+
     pub fn new(c: &Common) -> Result<Ctx, String> {
         match c.target.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => {}

@@ -81,6 +81,15 @@ pub struct FanoutArgs {
     /// that wait was reported as server latency.
     #[arg(long, value_enum, default_value_t = PubPriority::Fifo)]
     pub pub_priority: PubPriority,
+    /// Several nodes: subscriber i connects to the i-th of [--target, these...] in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub also_target: Vec<std::net::SocketAddr>,
+    /// Feed the ticks through NATS (a tickgate cluster's feed subjects) instead of a
+    /// WebSocket publisher: one message per tick on `<nats-prefix>.in.<SYMBOL>`.
+    #[arg(long)]
+    pub nats: Option<String>,
+    #[arg(long, default_value = "tickgate")]
+    pub nats_prefix: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -228,6 +237,9 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         .min((VerifyPolicy::default().max_lifetime_secs / ttl.max(1)).saturating_sub(2) as usize)
         .min(2_000_000 / a.scenario.subscribers.max(1));
 
+    // Several nodes: subscribers are spread over them in turn.
+    let mut nodes = vec![ctx.clone()];
+    nodes.extend(a.also_target.iter().map(|t| Arc::new(ctx.with_target(*t))));
     let sem = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
     let cpu0 = common::cpu_time();
     let t_conn = Instant::now();
@@ -243,7 +255,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         let my: Vec<Vec<u8>> = syms.iter().map(|&s| names[s].clone().into_bytes()).collect();
         tasks.push(tokio::spawn(subscriber(
             i,
-            ctx.clone(),
+            nodes[i % nodes.len()].clone(),
             sh.clone(),
             sem.clone(),
             token,
@@ -319,6 +331,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             let batch_ms = a.batch_ms.max(1);
             let prio = a.pub_priority;
             let sched = sched.clone();
+            let nats = a.nats.clone().map(|u| (u, a.nats_prefix.clone()));
             Some(tokio::task::spawn_blocking(move || {
                 let nice = current_nice();
                 let _ = sched.set(raise_priority(prio));
@@ -326,7 +339,16 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
                     .enable_all()
                     .build()
                     .map_err(|e| format!("publisher runtime: {e}"))
-                    .and_then(|rt| rt.block_on(publisher(ctx, sh, names, rate, batch_ms, stop, step)));
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            match nats {
+                                Some((url, prefix)) => {
+                                    nats_publisher(&url, &prefix, sh, names, rate, batch_ms, stop).await
+                                }
+                                None => publisher(ctx, sh, names, rate, batch_ms, stop, step).await,
+                            }
+                        })
+                    });
                 restore_priority(nice);
                 r
             }))
@@ -880,6 +902,68 @@ async fn publisher(
         window_counts: counts,
         acked: acked.load(Relaxed),
         errors: errors.load(Relaxed),
+    })
+}
+
+/// The publisher for a cluster: the same open-loop schedule and stamping as
+/// [`publisher`], one NATS message per tick on the feed subjects (what a feed handler
+/// does). Nothing acknowledges a feed tick, so `acked` is what was sent.
+async fn nats_publisher(
+    url: &str,
+    prefix: &str,
+    sh: Arc<Shared>,
+    names: Vec<String>,
+    rate: u64,
+    batch_ms: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<PubStats, String> {
+    let client = async_nats::connect(url).await.map_err(|e| format!("nats: {e}"))?;
+    let subjects: Vec<String> = names.iter().map(|s| format!("{prefix}.in.{s}")).collect();
+    let n = names.len();
+    let mut counts = vec![0u64; n];
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let mut sent: u64 = 0;
+    let mut next = 0usize;
+    let mut iv = tokio::time::interval(Duration::from_millis(batch_ms));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Relaxed) {
+        iv.tick().await;
+        let target = (rate as u128 * start.elapsed().as_nanos() / 1_000_000_000) as u64;
+        let due = target.saturating_sub(sent).min(rate.max(1));
+        if due == 0 {
+            continue;
+        }
+        let now = now_ns();
+        let due_ns = |i: u64| start_ns + (i as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
+        let lag = now.saturating_sub(due_ns(sent + 1));
+        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
+        let late = lag > 2 * batch_ms * 1_000_000;
+        let (t0, t1) = (sh.t0.load(Relaxed), sh.t1.load(Relaxed));
+        for j in 0..due {
+            let px = 100.0 + ((sent + j) % 100) as f64 / 100.0;
+            let ts = if late { due_ns(sent + j + 1) } else { now };
+            let payload = format!(
+                r#"{{"s":"{}","ts":{ts},"bid":{px},"ask":{},"last":{px},"qty":3}}"#,
+                names[next],
+                px + 0.25
+            );
+            client
+                .publish(subjects[next].clone(), payload.into())
+                .await
+                .map_err(|e| format!("nats publish: {e}"))?;
+            if ts >= t0 && ts < t1 {
+                counts[next] += 1;
+            }
+            next = (next + 1) % n;
+        }
+        client.flush().await.map_err(|e| format!("nats flush: {e}"))?;
+        sent += due;
+    }
+    Ok(PubStats {
+        window_counts: counts,
+        acked: sent,
+        errors: 0,
     })
 }
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The cluster scenario (docs/CLUSTER.md) side by side with the single node, in one run:
+#
+#   perf/cluster.sh [ROUNDS]          # ROUNDS defaults to 3; alternates the order per round
+#
+# Single node: the (A)/(B) setup of perf/compare.sh (one shard pinned to core 0, loadgen on
+# core 1, a WebSocket publisher). Cluster: nats-server -js and two nodes of one shard each,
+# all three on core 0 (the same CPU budget as the single node), ticks fed through NATS
+# (`loadgen fanout --nats`, one message per tick on <prefix>.in.<SYMBOL>), subscribers
+# split over both nodes (`--also-target`). Then one node's ingest: 100 subscribers, one
+# per symbol, the rate stepped up until ticks drop. Needs nats-server (Debian's package).
+# Loopback only; every step is bounded in time.
+set -euo pipefail
+
+ROUNDS=${1:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+command -v nats-server >/dev/null || { echo "perf/cluster.sh: needs nats-server (apt-get install nats-server)" >&2; exit 1; }
+cargo build --release -q -p tickgate -p tickgate-loadgen
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+TG="$TARGET_DIR/release/tickgate"
+LG="$TARGET_DIR/release/loadgen"
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+NATS_PORT=${NATS_PORT:-14322}
+"$TG" keygen --out "$TMP/keys" >/dev/null
+# shellcheck source=perf/bench_config.sh
+. "$ROOT/perf/bench_config.sh"
+bench_config "$TMP/single.toml" "$TMP/keys" 18280 19280 "$TMP"
+for n in 1 2; do
+  bench_config "$TMP/n$n.toml" "$TMP/keys" $((18280 + n)) $((19280 + n)) "$TMP"
+  cat >>"$TMP/n$n.toml" <<CFG
+
+[cluster]
+nats = ["nats://127.0.0.1:$NATS_PORT"]
+node = "bench-$n"
+subject_prefix = "bench"
+CFG
+done
+
+wait_ready() { # ADMIN_PORT
+  for _ in $(seq 1 400); do
+    if curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; then return 0; fi
+    sleep 0.05
+  done
+  echo "node on admin port $1 not ready" >&2; exit 2
+}
+leader_up() {
+  for _ in $(seq 1 200); do
+    for a in 19281 19282; do
+      curl -fsS "http://127.0.0.1:$a/metrics" 2>/dev/null | grep -q '^tickgate_bus_ingest_leader 1' && return 0
+    done
+    sleep 0.05
+  done
+  echo "no ingest leader" >&2; exit 2
+}
+
+RES="$TMP/res.jsonl"
+: >"$RES"
+run_lg() { # LABEL PID ARGS...
+  local label=$1 pid=$2; shift 2
+  taskset -c 1 "$LG" "$@" --server-pid "$pid" --key "$TMP/keys/k1.key" --label "$label" --json \
+    >"$TMP/out.txt" 2>"$TMP/err.txt" || echo "  (loadgen exit $? for $label: $(tail -1 "$TMP/err.txt"))" >&2
+  grep '^{' "$TMP/out.txt" >>"$RES" || true
+}
+A=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --warmup 1 --duration 4)
+B=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates 2000,5000,10000,20000,40000
+   --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5)
+
+single() { # ROUND
+  taskset -c 0 "$TG" serve --config "$TMP/single.toml" >"$TMP/single.log" 2>&1 &
+  local pid=$!; PIDS+=("$pid")
+  wait_ready 19280
+  run_lg "A:single:$1" "$pid" "${A[@]}" --rate 1000 --target 127.0.0.1:18280
+  run_lg "A10k:single:$1" "$pid" "${A[@]}" --rate 10000 --target 127.0.0.1:18280
+  run_lg "B:single:$1" "$pid" "${B[@]}" --target 127.0.0.1:18280
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+cluster() { # ROUND
+  rm -rf "$TMP/js"
+  taskset -c 0 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
+  local np=$!; PIDS+=("$np")
+  sleep 0.3
+  taskset -c 0 "$TG" serve --config "$TMP/n1.toml" >"$TMP/n1.log" 2>&1 &
+  local p1=$!; PIDS+=("$p1")
+  taskset -c 0 "$TG" serve --config "$TMP/n2.toml" >"$TMP/n2.log" 2>&1 &
+  local p2=$!; PIDS+=("$p2")
+  wait_ready 19281; wait_ready 19282; leader_up
+  local via=(--target 127.0.0.1:18281 --also-target 127.0.0.1:18282 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench)
+  run_lg "A:cluster:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
+  run_lg "A10k:cluster:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"
+  run_lg "B:cluster:$1" "$p1" "${B[@]}" "${via[@]}"
+  # One node's ingest: node 2 stopped, node 1 leads (after the claim expires) and has one
+  # subscriber per symbol.
+  kill "$p2"; wait "$p2" 2>/dev/null || true
+  leader_up
+  run_lg "I:cluster:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 \
+    --rates 5000,10000,20000,40000,80000,160000 --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5 \
+    --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
+  run_lg "C:cluster:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 --rate 10000 \
+    --warmup 1 --duration 4 --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
+  kill "$p1" "$np"; wait "$p1" "$np" 2>/dev/null || true
+}
+
+echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) $(nats-server --version) load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for r in $(seq 1 "$ROUNDS"); do
+  if (( r % 2 )); then single "$r"; cluster "$r"; else cluster "$r"; single "$r"; fi
+done
+echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+python3 - "$RES" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def pick(prefix):
+    return [r for r in rows if r.get("label", "").startswith(prefix)]
+def med(vals):
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    if not vals: return "-"
+    return f"{statistics.median(vals):,.0f} ({min(vals):,.0f}-{max(vals):,.0f}, n={len(vals)})"
+for side in ("single", "cluster"):
+    for m in ("A", "A10k"):
+        a = pick(f"{m}:{side}:")
+        print(f"{side:8} ({m}) p50 us {med([r.get('p50_us') for r in a])}; p99 us {med([r.get('p99_us') for r in a])}")
+    b = pick(f"B:{side}:")
+    print(f"{side:8} (B) zero-drop deliveries/s {med([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
+i = pick("I:cluster:")
+print(f"one node's ingest, zero-drop ticks/s (1 subscriber per symbol): {med([r.get('max_zero_drop_deliveries_per_s') for r in i])}")
+c = pick("C:cluster:")
+for r in c:
+    cpu = r.get("server_cpu_pct")
+    if isinstance(cpu, (int, float)):
+        print(f"  {r['label']}: 10,000 ticks/s in, node CPU {cpu:.0f}% of a core = {cpu / 100 * 10:.2f} s of CPU per 100,000 ingested ticks; p50/p99 {r.get('p50_us')}/{r.get('p99_us')} us")
+print()
+for r in rows:
+    keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "delivered", "expected")
+    print(r.get("label"), {k: r[k] for k in keys if k in r})
+PY
