@@ -336,7 +336,7 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
         // Send the round.
         let n = pending.len().min(PIPELINE);
         let mut acks = Vec::with_capacity(n);
-        for k in 0..n {
+        for (k, (job, _)) in pending.iter().take(n).enumerate() {
             let seq = next.seq + k as u64;
             let mut headers = HeaderMap::new();
             headers.insert(SEQ_HEADER, itoa::Buffer::new().format(seq));
@@ -349,7 +349,7 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             // Servers before 2.10 ignore an expected sequence of 0 (a symbol's first
             // tick); the duplicate window covers that case and every pipelined append.
             headers.insert(MSG_ID, format!("{symbol}:{seq}").as_str());
-            encode_tick_payload(&symbol, &pending[k].0.tick, &mut payload);
+            encode_tick_payload(&symbol, &job.tick, &mut payload);
             match bus
                 .js
                 .publish_with_headers(subject.clone(), headers, bytes::Bytes::copy_from_slice(&payload))
