@@ -658,6 +658,9 @@ pub struct BusMetrics {
     pub connects: AtomicU64,
     /// This node is the ingest leader (it reads `<prefix>.in.>`).
     pub leader: AtomicBool,
+    /// Times the NATS client dropped messages of a full subscription buffer (the bus sent
+    /// faster than this node took them; each subscription buffers at most 65,536).
+    pub slow_consumer: AtomicU64,
     /// `publish` ops answered `unavailable`.
     pub unavailable: AtomicU64,
     /// Sum and count of append round trips (receipt to the stream's ack), microseconds.
@@ -733,7 +736,8 @@ impl BusMetrics {
         );
         let _ = writeln!(
             out,
-            "# TYPE tickgate_bus_unavailable_total counter\ntickgate_bus_unavailable_total {}",
+            "# TYPE tickgate_bus_slow_consumer_total counter\ntickgate_bus_slow_consumer_total {}\n# TYPE tickgate_bus_unavailable_total counter\ntickgate_bus_unavailable_total {}",
+            g(&self.slow_consumer),
             g(&self.unavailable)
         );
     }

@@ -198,6 +198,10 @@ async fn connect(
                     s.bus.ready.store(false, Ordering::Release);
                     tracing::warn!("bus: disconnected from NATS");
                 }
+                async_nats::Event::SlowConsumer(_) => {
+                    // The client dropped messages of a subscription whose buffer was full.
+                    s.bus.metrics.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                }
                 async_nats::Event::Connected => {
                     s.bus.metrics.connects.fetch_add(1, Ordering::Relaxed);
                     s.bus.ready.store(true, Ordering::Release);
