@@ -2,7 +2,7 @@
 //!
 //! Each test starts its own `nats-server -js` on a loopback port chosen at run time, with
 //! its own store directory, and two tickgate nodes in this process, and talks to them with
-//! tokio-tungstenite and a plain NATS client. `nats-server` comes from `TICKGATE_NATS_SERVER`
+//! tokio-tungstenite and a plain NATS client. `nats-server` comes from `TG_TEST_NATS_SERVER`
 //! or the `PATH` (`tools/test.sh` installs Debian's package); without it the tests fail
 //! and say so, they never skip.
 
@@ -19,7 +19,7 @@ use serde_json::json;
 use tickgate::config::ClusterConfig;
 
 fn nats_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("TICKGATE_NATS_SERVER") {
+    if let Ok(p) = std::env::var("TG_TEST_NATS_SERVER") {
         return PathBuf::from(p);
     }
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
@@ -29,7 +29,7 @@ fn nats_binary() -> PathBuf {
         }
     }
     panic!(
-        "nats-server not found: run the suite with tools/test.sh (it installs Debian's nats-server), or set TICKGATE_NATS_SERVER"
+        "nats-server not found: run the suite with tools/test.sh (it installs Debian's nats-server), or set TG_TEST_NATS_SERVER"
     );
 }
 

@@ -3,7 +3,7 @@
 //! reply and a BTC-USD snapshot or tick from the simulator.
 //!
 //! Needs a Python with `websockets`: `tools/test.sh` makes one in `target/py` and names it
-//! in `TICKGATE_PYTHON`. Without it the test fails and says so; it never skips.
+//! in `TG_TEST_PYTHON`. Without it the test fails and says so; it never skips.
 
 mod common;
 
@@ -23,7 +23,7 @@ fn readme_python() -> String {
 }
 
 fn python() -> String {
-    let py = std::env::var("TICKGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let py = std::env::var("TG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py)
         .args(["-c", "import websockets"])
         .stderr(Stdio::null())
@@ -32,7 +32,7 @@ fn python() -> String {
     assert!(
         ok,
         "{py} cannot import websockets: run the suite with tools/test.sh (it makes target/py), \
-         or set TICKGATE_PYTHON to a Python that has it"
+         or set TG_TEST_PYTHON to a Python that has it"
     );
     py
 }

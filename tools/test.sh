@@ -3,7 +3,8 @@
 #   - nats-server (Debian's package) for the cluster tests,
 #   - a Python virtual environment with `websockets` for the README's Python example,
 # then `cargo test` with any arguments given. Nothing is skipped: a test whose tool is
-# missing fails and names this script.
+# missing fails and names this script. (The variables it sets do not start with
+# `TICKGATE_`: the server refuses unknown `TICKGATE_*` variables, and the tests start it.)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -15,7 +16,7 @@ if ! command -v nats-server >/dev/null 2>&1; then
   as_root apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q nats-server >/dev/null
 fi
-export TICKGATE_NATS_SERVER=${TICKGATE_NATS_SERVER:-$(command -v nats-server)}
+export TG_TEST_NATS_SERVER=${TG_TEST_NATS_SERVER:-$(command -v nats-server)}
 
 VENV="$ROOT/target/py"
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null; then
@@ -23,6 +24,6 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import websockets' 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q 'websockets>=14,<16'
 fi
-export TICKGATE_PYTHON="$VENV/bin/python"
+export TG_TEST_PYTHON="$VENV/bin/python"
 
 exec cargo test "$@"

@@ -35,10 +35,10 @@ impl Config {
             return Err(ConfigError::invalid("cluster.nats", "1 to 16 server URLs"));
         }
         for u in &c.nats {
-            crate::bus::check_server_url(u).map_err(|e| ConfigError::invalid("cluster.nats", e))?;
+            crate::bus::names::check_server_url(u).map_err(|e| ConfigError::invalid("cluster.nats", e))?;
         }
-        crate::bus::check_node_name(&c.node).map_err(|e| ConfigError::invalid("cluster.node", e))?;
-        crate::bus::check_prefix(&c.subject_prefix)
+        crate::bus::names::check_node_name(&c.node).map_err(|e| ConfigError::invalid("cluster.node", e))?;
+        crate::bus::names::check_prefix(&c.subject_prefix)
             .map_err(|e| ConfigError::invalid("cluster.subject_prefix", e))?;
         Ok(())
     }

@@ -538,6 +538,64 @@ fn a_subscription_waiting_for_a_new_symbol_is_activated_by_its_first_tick() {
 }
 
 #[test]
+fn a_bus_head_is_the_baseline_and_snapshot_of_waiting_subscribers_and_goes_to_no_one() {
+    // `[cluster]`: the node takes interest in a symbol the cluster has ticked 41 times;
+    // the head (seq 41) arrives before any live tick.
+    let mut w = world();
+    let snap = w.connect("alice", "s1", "j1");
+    let plain = w.connect("bob", "s2", "j2");
+    w.text(
+        snap,
+        r#"{"op":"subscribe","id":1,"symbols":["CL-SYM"],"snapshot":true}"#,
+    );
+    assert_eq!(w.out(snap)[0]["type"], "subscribed");
+    w.subscribe(plain, "CL-SYM");
+    w.effects();
+    assert_eq!(w.core.waiting_names(), 1);
+    let t = tick(50.0);
+    assert_eq!(
+        w.shared.hub.ingest_ordered("CL-SYM", 41, &t, true),
+        crate::feed::hub::Ingested::Accepted
+    );
+    assert_eq!(w.dispatch(), 0, "a head is delivered to no one");
+    let out = w.out(snap);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!((&out[0]["type"], &out[0]["seq"]), (&"snapshot".into(), &41.into()));
+    assert!(w.out(plain).is_empty(), "no snapshot unless asked");
+    assert_eq!(w.core.waiting_names(), 0);
+    // The next live tick is 42 for both, with no gap; a duplicate or older one is dropped
+    // by the hub before any shard sees it.
+    assert_eq!(
+        w.shared.hub.ingest_ordered("CL-SYM", 42, &t, false),
+        crate::feed::hub::Ingested::Accepted
+    );
+    assert_eq!(
+        w.shared.hub.ingest_ordered("CL-SYM", 42, &t, false),
+        crate::feed::hub::Ingested::Stale
+    );
+    assert_eq!(
+        w.shared.hub.ingest_ordered("CL-SYM", 40, &t, false),
+        crate::feed::hub::Ingested::Stale
+    );
+    assert_eq!(w.dispatch(), 2);
+    for id in [snap, plain] {
+        let out = w.out(id);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["seq"], 42);
+        assert!(out[0].get("skipped").is_none(), "{out:?}");
+    }
+    // A jump (ticks lost while the node was away from the bus) shows as `skipped`.
+    w.shared.hub.ingest_ordered("CL-SYM", 45, &t, false);
+    assert_eq!(w.dispatch(), 2);
+    assert_eq!(w.out(plain)[0]["skipped"], 2);
+    // Nobody here wants a symbol: its ticks are not taken.
+    assert_eq!(
+        w.shared.hub.ingest_ordered("NOBODY", 1, &t, false),
+        crate::feed::hub::Ingested::NoInterest
+    );
+}
+
+#[test]
 fn a_connection_gone_leaves_no_subscription_waiter_or_timer_behind() {
     let mut w = world();
     let id = w.connect("alice", "s1", "j1");
