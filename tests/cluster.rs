@@ -217,6 +217,38 @@ async fn a_raw_nats_tick_reaches_every_node_with_the_same_seq() {
     }
 }
 
+/// Nodes started at the same moment race for the ingest claim; exactly one may win. Two
+/// leaders would each append every raw tick, so subscribers would get it twice, under two
+/// seqs (`tools/cluster.sh --check` saw that on most runs). A node that lost the race
+/// notices only at its next refresh (a third of the claim's life), so sampling for longer
+/// than that catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_never_have_two_ingest_leaders() {
+    let nats = Nats::start();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    for round in 0..2 {
+        let p = prefix();
+        // Each on its own thread, at once, so their first claims race.
+        let nodes: Vec<TestServer> = std::thread::scope(|s| {
+            let started: Vec<_> = (0..3).map(|_| s.spawn(|| node(&nats.url(), &p, &key))).collect();
+            started.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let shared: Vec<_> = nodes.iter().map(|n| n.handle.shared.clone()).collect();
+        let end = std::time::Instant::now() + Duration::from_millis(2500);
+        let mut led = false;
+        while std::time::Instant::now() < end {
+            let leaders = shared
+                .iter()
+                .filter(|s| s.bus.metrics.leader.load(Ordering::Acquire))
+                .count();
+            assert!(leaders <= 1, "round {round}: {leaders} ingest leaders at once");
+            led |= leaders == 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(led, "round {round}: no ingest leader");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_through_two_nodes_make_one_order_and_snapshots_agree() {
     let nats = Nats::start();

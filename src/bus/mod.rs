@@ -881,6 +881,19 @@ mod tests {
         }
 
         #[test]
+        fn any_finite_tick_round_trips(
+            ts in any::<u64>(),
+            bits in proptest::array::uniform4(any::<u64>()),
+        ) {
+            let [bid, ask, last, qty] = bits.map(f64::from_bits);
+            prop_assume!([bid, ask, last, qty].iter().all(|v| v.is_finite()));
+            let t = Tick { ts, bid, ask, last, qty };
+            let mut out = Vec::new();
+            encode_tick_payload("BTC-USD", &t, &mut out);
+            prop_assert_eq!(parse("BTC-USD", &out), Ok(t), "{}", String::from_utf8_lossy(&out));
+        }
+
+        #[test]
         fn any_header_is_handled(h in ".{0,30}") {
             let _ = parse_seq(Some(&h));
         }

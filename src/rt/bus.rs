@@ -494,6 +494,13 @@ async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
     }
 }
 
+/// What a claim is written after (see [`Leader::write`]).
+#[derive(Clone, Copy)]
+enum ClaimAfter {
+    Refresh(u64),
+    First(u64),
+}
+
 /// The ingest leader's claim: the one message of `<prefix>.leader` in a stream that
 /// forgets it after [`LEADER_TTL`], written with the same per-subject sequence check as
 /// the ticks, so exactly one node's write wins.
@@ -521,22 +528,25 @@ impl Leader {
         }
     }
 
-    /// Write the claim after stream sequence `after` (0: none may exist). The new
-    /// sequence, or `None` when another write came first.
-    async fn write(&self, bus: &Bus, node: &str, after: u64) -> Option<u64> {
+    /// Write the claim: `Refresh(seq)` after this node's live claim at stream sequence
+    /// `seq`, `First(last)` when no claim was alive while the stream's last sequence was
+    /// `last`. The new sequence, or `None` when another write came first.
+    async fn write(&self, bus: &Bus, node: &str, after: ClaimAfter) -> Option<u64> {
         let mut headers = HeaderMap::new();
-        if after > 0 {
-            headers.insert(EXPECTED_LAST_SUBJECT_SEQ, itoa::Buffer::new().format(after));
-        } else {
-            // No claim alive: servers before 2.10 do not check an expected sequence of 0,
-            // so the claim is tied to the stream's last sequence instead (the same for
-            // every node racing for it), and the duplicate window lets one write through.
-            let mut stream = bus.js.get_stream(&self.stream).await.ok()?;
-            let last = stream.info().await.ok()?.state.last_sequence;
-            if last > 0 {
-                headers.insert("Nats-Expected-Last-Sequence", itoa::Buffer::new().format(last));
+        match after {
+            ClaimAfter::Refresh(seq) => {
+                headers.insert(EXPECTED_LAST_SUBJECT_SEQ, itoa::Buffer::new().format(seq));
             }
-            headers.insert(MSG_ID, format!("claim:{last}").as_str());
+            ClaimAfter::First(last) => {
+                // Servers before 2.10 do not check an expected subject sequence of 0, so
+                // the claim is tied to the stream's last sequence as read before the
+                // subject was seen empty (any claim written since makes this one fail),
+                // and the duplicate window lets one write through when it is 0.
+                if last > 0 {
+                    headers.insert("Nats-Expected-Last-Sequence", itoa::Buffer::new().format(last));
+                }
+                headers.insert(MSG_ID, format!("claim:{last}").as_str());
+            }
         }
         let f = bus
             .js
@@ -552,12 +562,17 @@ impl Leader {
 
     /// Becomes the leader when no claim is alive (or the live one is this node's).
     async fn claim(&self, bus: &Bus, node: &str) -> Option<u64> {
-        let stream = bus.js.get_stream_no_info(&self.stream).await.ok()?;
+        let mut stream = bus.js.get_stream(&self.stream).await.ok()?;
+        // Read before looking at the claim: a claim another node writes after this read
+        // moves the last sequence on, and the write below is refused.
+        let last = stream.info().await.ok()?.state.last_sequence;
         match stream.get_last_raw_message_by_subject(&self.subject).await {
-            Ok(m) if m.payload.as_ref() == node.as_bytes() => self.write(bus, node, m.sequence).await,
+            Ok(m) if m.payload.as_ref() == node.as_bytes() => {
+                self.write(bus, node, ClaimAfter::Refresh(m.sequence)).await
+            }
             Ok(_) => None,
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                self.write(bus, node, 0).await
+                self.write(bus, node, ClaimAfter::First(last)).await
             }
             Err(_) => None,
         }
@@ -585,7 +600,7 @@ async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, n
                 None => return,
             },
             _ = refresh.tick() => {
-                match leader.write(bus, node, rev).await {
+                match leader.write(bus, node, ClaimAfter::Refresh(rev)).await {
                     Some(r) => rev = r,
                     None => {
                         let _ = sub.unsubscribe().await;
