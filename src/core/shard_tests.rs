@@ -560,7 +560,10 @@ fn a_bus_head_is_the_baseline_and_snapshot_of_waiting_subscribers_and_goes_to_no
     assert_eq!(w.dispatch(), 0, "a head is delivered to no one");
     let out = w.out(snap);
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!((&out[0]["type"], &out[0]["seq"]), (&"snapshot".into(), &41.into()));
+    assert_eq!(
+        (&out[0]["type"], &out[0]["seq"]),
+        (&"snapshot".into(), &41.into())
+    );
     assert!(w.out(plain).is_empty(), "no snapshot unless asked");
     assert_eq!(w.core.waiting_names(), 0);
     // The next live tick is 42 for both, with no gap; a duplicate or older one is dropped
