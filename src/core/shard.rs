@@ -962,31 +962,29 @@ impl<I: ConnIo> ShardCore<I> {
                 id,
                 result,
             } => {
-                let Some(conn) = self.get(ConnId { idx, generation }) else {
-                    return;
-                };
-                let mut c = conn.borrow_mut();
-                if let Some(s) = c.session.as_mut() {
-                    s.finish_reauth(id, *result, now, self.shared.hub.symbols());
-                }
-                self.apply(idx, &mut c, now);
+                let shared = self.shared.clone();
+                self.answer(ConnId { idx, generation }, now, |s| {
+                    s.finish_reauth(id, *result, now, shared.hub.symbols())
+                });
             }
             Control::Published {
                 idx,
                 generation,
                 id,
                 result,
-            } => {
-                let Some(conn) = self.get(ConnId { idx, generation }) else {
-                    return;
-                };
-                let mut c = conn.borrow_mut();
-                if let Some(s) = c.session.as_mut() {
-                    s.publish_done(id, result);
-                }
-                self.apply(idx, &mut c, now);
-            }
+            } => self.answer(ConnId { idx, generation }, now, |s| s.publish_done(id, result)),
         }
+    }
+
+    /// An answer that came back from off the loop (a reauth verified, a publish ordered
+    /// by the bus) for connection `id`, if it is still there.
+    fn answer(&mut self, id: ConnId, now: u64, f: impl FnOnce(&mut Session)) {
+        let Some(conn) = self.get(id) else { return };
+        let mut c = conn.borrow_mut();
+        if let Some(s) = c.session.as_mut() {
+            f(s);
+        }
+        self.apply(id.idx, &mut c, now);
     }
 
     /// Stop accepting; every session closes with `1001`, every pending upgrade is shut

@@ -452,30 +452,14 @@ impl Hub {
                 prime: false,
             });
             let mask = st.shard_mask;
-            let mut m = mask;
-            while m != 0 {
-                let shard = m.trailing_zeros() as usize;
-                m &= m - 1;
-                if let Some(inbox) = self.inboxes.get(shard)
-                    && inbox.ticks.push(shared.clone()).is_err()
-                {
-                    inbox.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            self.push_to(mask, &shared);
             st.last = Some(shared);
             drop(st);
             wake_mask |= mask;
             count += 1;
         }
         self.published.fetch_add(count as u64, Ordering::Relaxed);
-        let mut m = wake_mask;
-        while m != 0 {
-            let shard = m.trailing_zeros() as usize;
-            m &= m - 1;
-            if let Some(inbox) = self.inboxes.get(shard) {
-                inbox.notify();
-            }
-        }
+        self.wake(wake_mask);
         count
     }
 

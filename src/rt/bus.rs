@@ -179,16 +179,8 @@ async fn connect(
     node: &str,
     subjects: &Subjects,
 ) -> Result<Bus, String> {
-    let mut opts = async_nats::ConnectOptions::new()
-        .name(format!("tickgate {node}"))
-        .connection_timeout(Duration::from_secs(2))
-        .max_reconnects(None);
-    if !cfg.credentials.is_empty() {
-        opts = opts
-            .credentials_file(&cfg.credentials)
-            .await
-            .map_err(|e| format!("cluster.credentials: {e}"))?;
-    }
+    let (opts, urls) = nats_options(cfg, &format!("tickgate {node}")).await?;
+    let mut opts = opts.max_reconnects(None);
     let s = shared.clone();
     opts = opts.event_callback(move |ev| {
         let s = s.clone();
@@ -211,11 +203,6 @@ async fn connect(
             }
         }
     });
-    let urls: Vec<async_nats::ServerAddr> = cfg
-        .nats
-        .iter()
-        .map(|u| u.parse().map_err(|e| format!("cluster.nats {u:?}: {e}")))
-        .collect::<Result<_, _>>()?;
     let client = opts.connect(urls.as_slice()).await.map_err(|e| e.to_string())?;
     let js = jetstream::new(client.clone());
     let stream_name = subjects.stream();
@@ -243,6 +230,28 @@ async fn connect(
         client,
         stream_name,
     })
+}
+
+/// The client options and server addresses `[cluster]` names (2 s to connect to each).
+async fn nats_options(
+    cfg: &ClusterConfig,
+    name: &str,
+) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), String> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(2));
+    if !cfg.credentials.is_empty() {
+        opts = opts
+            .credentials_file(&cfg.credentials)
+            .await
+            .map_err(|e| format!("cluster.credentials: {e}"))?;
+    }
+    let urls = cfg
+        .nats
+        .iter()
+        .map(|u| u.parse().map_err(|e| format!("cluster.nats {u:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok((opts, urls))
 }
 
 fn rand32() -> u32 {
@@ -1082,20 +1091,7 @@ pub fn probe(cfg: &ClusterConfig) -> Result<String, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut opts = async_nats::ConnectOptions::new()
-            .name("tickgate doctor")
-            .connection_timeout(Duration::from_secs(2));
-        if !cfg.credentials.is_empty() {
-            opts = opts
-                .credentials_file(&cfg.credentials)
-                .await
-                .map_err(|e| format!("cluster.credentials: {e}"))?;
-        }
-        let urls: Vec<async_nats::ServerAddr> = cfg
-            .nats
-            .iter()
-            .map(|u| u.parse().map_err(|e| format!("cluster.nats {u:?}: {e}")))
-            .collect::<Result<_, _>>()?;
+        let (opts, urls) = nats_options(cfg, "tickgate doctor").await?;
         let client = tokio::time::timeout(Duration::from_secs(5), opts.connect(urls.as_slice()))
             .await
             .map_err(|_| "no NATS server answered within 5 s".to_string())?
