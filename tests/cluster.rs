@@ -113,6 +113,25 @@ fn node(url: &str, prefix: &str, key: &ed25519_dalek::SigningKey) -> TestServer 
     start_with_key(cfg, key.clone(), "k1")
 }
 
+/// A NATS server and two ready nodes on it, with their prefix and signing key.
+struct Pair {
+    nats: Nats,
+    p: String,
+    key: ed25519_dalek::SigningKey,
+    a: TestServer,
+    b: TestServer,
+}
+
+async fn pair() -> Pair {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
+    ready(&a).await;
+    ready(&b).await;
+    Pair { nats, p, key, a, b }
+}
+
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
     for _ in 0..400 {
         if f() {
@@ -185,12 +204,13 @@ async fn publish_ws(ws: &mut Ws, id: u64, t: serde_json::Value) -> serde_json::V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_nats_tick_reaches_every_node_with_the_same_seq() {
-    let nats = Nats::start();
-    let p = prefix();
-    let key = tickgate::auth::mint::generate_signing_key().unwrap();
-    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
-    ready(&a).await;
-    ready(&b).await;
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
     let mut sa = subscribe(&a, "BTC-USD", false).await;
     let mut sb = subscribe(&b, "BTC-USD", false).await;
     leader(&[&a, &b]).await;
@@ -251,12 +271,9 @@ async fn nodes_starting_together_never_have_two_ingest_leaders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_through_two_nodes_make_one_order_and_snapshots_agree() {
-    let nats = Nats::start();
-    let p = prefix();
-    let key = tickgate::auth::mint::generate_signing_key().unwrap();
-    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
-    ready(&a).await;
-    ready(&b).await;
+    let Pair {
+        nats: _nats, a, b, ..
+    } = pair().await;
     let mut sa = subscribe(&a, "ETH-USD", false).await;
     let mut sb = subscribe(&b, "ETH-USD", false).await;
     let mut pa = session(&a, &a.publisher_token("pa")).await;
@@ -451,12 +468,7 @@ async fn nats_restarting_mid_stream_keeps_clients_and_never_goes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_node_closes_on_the_other_and_binds_a_later_node() {
-    let nats = Nats::start();
-    let p = prefix();
-    let key = tickgate::auth::mint::generate_signing_key().unwrap();
-    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
-    ready(&a).await;
-    ready(&b).await;
+    let Pair { nats, p, key, a, b } = pair().await;
     let shared = b.handle.shared.clone();
     wait_until("node b loaded the revocations", move || shared.bus.is_serving()).await;
     let token = b.token("mallory");
@@ -502,12 +514,9 @@ fn issue_ticket(srv: &TestServer, token: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_issued_on_one_node_is_redeemable_once_on_any_node() {
-    let nats = Nats::start();
-    let p = prefix();
-    let key = tickgate::auth::mint::generate_signing_key().unwrap();
-    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
-    ready(&a).await;
-    ready(&b).await;
+    let Pair {
+        nats: _nats, a, b, ..
+    } = pair().await;
     let (status, body) = issue_ticket(&a, &a.token("tina"));
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -646,12 +655,9 @@ fn doctor_checks_the_configured_nats_and_jetstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_publishes_on_two_nodes_never_share_a_seq() {
-    let nats = Nats::start();
-    let p = prefix();
-    let key = tickgate::auth::mint::generate_signing_key().unwrap();
-    let (a, b) = (node(&nats.url(), &p, &key), node(&nats.url(), &p, &key));
-    ready(&a).await;
-    ready(&b).await;
+    let Pair {
+        nats: _nats, a, b, ..
+    } = pair().await;
     let mut sa = subscribe(&a, "DOGE-USD", false).await;
     let mut sb = subscribe(&b, "DOGE-USD", false).await;
     let mut pa = session(&a, &a.publisher_token("pa")).await;

@@ -636,26 +636,34 @@ impl BusMetrics {
             return;
         }
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
+        let one = |out: &mut String, name: &str, kind: &str, help: Option<&str>, v: u64| {
+            if let Some(h) = help {
+                let _ = writeln!(out, "# HELP {name} {h}");
+            }
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
+        };
+        one(
             out,
-            "# HELP tickgate_bus_up 1 when connected to NATS with the stream in place\n# TYPE tickgate_bus_up gauge\ntickgate_bus_up {}",
-            u8::from(ready)
+            "tickgate_bus_up",
+            "gauge",
+            Some("1 when connected to NATS with the stream in place"),
+            u64::from(ready),
         );
-        let _ = writeln!(
+        one(
             out,
-            "# TYPE tickgate_bus_connects_total counter\ntickgate_bus_connects_total {}",
-            g(&self.connects)
+            "tickgate_bus_connects_total",
+            "counter",
+            None,
+            g(&self.connects),
         );
-        let _ = writeln!(
+        one(
             out,
-            "# HELP tickgate_bus_ingest_leader 1 on the node that reads the feed subjects\n# TYPE tickgate_bus_ingest_leader gauge\ntickgate_bus_ingest_leader {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
+            "tickgate_bus_ingest_leader",
+            "gauge",
+            Some("1 on the node that reads the feed subjects"),
+            u64::from(self.leader.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "# TYPE tickgate_ingest_total counter\ntickgate_ingest_total {}",
-            g(&self.ingested)
-        );
+        one(out, "tickgate_ingest_total", "counter", None, g(&self.ingested));
         let _ = writeln!(out, "# TYPE tickgate_ingest_rejected_total counter");
         for r in Reject::ALL {
             let _ = writeln!(
@@ -665,10 +673,12 @@ impl BusMetrics {
                 g(&self.rejected[r.index()])
             );
         }
-        let _ = writeln!(
+        one(
             out,
-            "# TYPE tickgate_bus_append_conflicts_total counter\ntickgate_bus_append_conflicts_total {}",
-            g(&self.conflicts)
+            "tickgate_bus_append_conflicts_total",
+            "counter",
+            None,
+            g(&self.conflicts),
         );
         let _ = writeln!(
             out,
@@ -676,27 +686,15 @@ impl BusMetrics {
             g(&self.append_us_sum) as f64 / 1e6,
             g(&self.append_count)
         );
-        let _ = writeln!(
-            out,
-            "# TYPE tickgate_bus_received_total counter\ntickgate_bus_received_total {}",
-            g(&self.received)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE tickgate_bus_stale_total counter\ntickgate_bus_stale_total {}",
-            g(&self.stale)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE tickgate_bus_subscriptions gauge\ntickgate_bus_subscriptions {}",
-            g(&self.subscriptions)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE tickgate_bus_slow_consumer_total counter\ntickgate_bus_slow_consumer_total {}\n# TYPE tickgate_bus_unavailable_total counter\ntickgate_bus_unavailable_total {}",
-            g(&self.slow_consumer),
-            g(&self.unavailable)
-        );
+        for (name, kind, v) in [
+            ("tickgate_bus_received_total", "counter", &self.received),
+            ("tickgate_bus_stale_total", "counter", &self.stale),
+            ("tickgate_bus_subscriptions", "gauge", &self.subscriptions),
+            ("tickgate_bus_slow_consumer_total", "counter", &self.slow_consumer),
+            ("tickgate_bus_unavailable_total", "counter", &self.unavailable),
+        ] {
+            one(out, name, kind, None, g(v));
+        }
     }
 }
 

@@ -259,16 +259,7 @@ impl Hub {
             return Ingested::Stale;
         }
         st.seq = seq;
-        let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);
-        let shared = Arc::new(SharedTick {
-            symbol: id,
-            seq,
-            frame,
-            tick: *tick,
-            name,
-            accepted_ns: crate::metrics::mono_ns(),
-            prime: head,
-        });
+        let shared = stamp(id, name, seq, tick, crate::metrics::mono_ns(), head);
         let mask = st.shard_mask;
         self.push_to(mask, &shared);
         st.last = Some(shared);
@@ -441,16 +432,7 @@ impl Hub {
             st.shard_mask |= self.symbols.take_handoff(id);
             st.seq += 1;
             let seq = st.seq;
-            let frame = tick_frame(TickKind::Tick, &name, seq, tick, 0);
-            let shared = Arc::new(SharedTick {
-                symbol: id,
-                seq,
-                frame,
-                tick: *tick,
-                name,
-                accepted_ns,
-                prime: false,
-            });
+            let shared = stamp(id, name, seq, tick, accepted_ns, false);
             let mask = st.shard_mask;
             self.push_to(mask, &shared);
             st.last = Some(shared);
@@ -509,6 +491,26 @@ impl Hub {
 /// (a counter and an `Arc`) is still consistent, so keep serving.
 fn lock(m: &Mutex<SymbolState>) -> std::sync::MutexGuard<'_, SymbolState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tick in the order with its `seq`, its frame encoded once for every subscriber.
+fn stamp(
+    id: SymbolId,
+    name: Arc<str>,
+    seq: u64,
+    tick: &Tick,
+    accepted_ns: u64,
+    prime: bool,
+) -> Arc<SharedTick> {
+    Arc::new(SharedTick {
+        symbol: id,
+        seq,
+        frame: tick_frame(TickKind::Tick, &name, seq, tick, 0),
+        tick: *tick,
+        name,
+        accepted_ns,
+        prime,
+    })
 }
 
 /// A tick's WebSocket frame, encoded in one pass into one allocation.

@@ -222,6 +222,10 @@ async fn connect(
     js.get_or_create_stream(config)
         .await
         .map_err(|e| format!("JetStream stream {stream_name}: {e}"))?;
+    // Made once here, so no ticket operation waits for it.
+    js.get_or_create_stream(ticket_stream(shared, subjects, &stream_name))
+        .await
+        .map_err(|e| format!("JetStream stream {stream_name}_TICKETS: {e}"))?;
     Ok(Bus {
         shared: shared.clone(),
         node: node.replace('.', "_"),
@@ -958,11 +962,11 @@ async fn revocations_loaded(bus: Arc<Bus>, applied: Arc<std::sync::atomic::Atomi
 
 /// Tickets: `<prefix>.ticket.<sha256 of the ticket>`, the token sealed with a key from the
 /// ticket, kept for `auth.ticket_ttl`.
-fn ticket_stream(bus: &Bus) -> stream::Config {
+fn ticket_stream(shared: &Shared, subjects: &Subjects, stream_name: &str) -> stream::Config {
     stream::Config {
-        name: format!("{}_TICKETS", bus.stream_name),
-        subjects: vec![bus.subjects.ticket_all()],
-        max_age: bus.shared.cfg.auth.ticket_ttl + Duration::from_secs(1),
+        name: format!("{stream_name}_TICKETS"),
+        subjects: vec![subjects.ticket_all()],
+        max_age: shared.cfg.auth.ticket_ttl + Duration::from_secs(1),
         max_messages_per_subject: 1,
         max_messages: 1_000_000,
         discard: stream::DiscardPolicy::Old,
@@ -978,7 +982,6 @@ const EXPIRES_HEADER: &str = "Tg-Expires-At";
 const TICKET_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn ticket_op(bus: Arc<Bus>, op: TicketOp) {
-    let ensure = async { bus.js.get_or_create_stream(ticket_stream(&bus)).await.ok() };
     match op {
         TicketOp::Put {
             key,
@@ -988,7 +991,6 @@ async fn ticket_op(bus: Arc<Bus>, op: TicketOp) {
         } => {
             let expires = bus.shared.now_ms().saturating_add(ttl_ms);
             let done = tokio::time::timeout(TICKET_OP_TIMEOUT, async {
-                ensure.await?;
                 let mut headers = HeaderMap::new();
                 headers.insert(EXPIRES_HEADER, itoa::Buffer::new().format(expires));
                 let f = bus
@@ -1003,7 +1005,11 @@ async fn ticket_op(bus: Arc<Bus>, op: TicketOp) {
         }
         TicketOp::Take { key, reply } => {
             let got = tokio::time::timeout(TICKET_OP_TIMEOUT, async {
-                let stream = ensure.await?;
+                let stream = bus
+                    .js
+                    .get_stream_no_info(format!("{}_TICKETS", bus.stream_name))
+                    .await
+                    .ok()?;
                 let m = stream
                     .get_last_raw_message_by_subject(&bus.subjects.ticket(&key))
                     .await

@@ -833,32 +833,14 @@ async fn publisher(
     });
     let n = names.len();
     let mut counts = vec![0u64; n];
-    let start = Instant::now();
-    let start_ns = now_ns();
-    let mut sent: u64 = 0;
+    let mut pace = Pace::new(rate, batch_ms);
     let mut next = 0usize;
     let mut id: u64 = 0;
-    let mut iv = tokio::time::interval(Duration::from_millis(batch_ms));
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     const PER_MSG: u64 = 400;
     while !stop.load(Relaxed) {
-        iv.tick().await;
-        let target = (rate as u128 * start.elapsed().as_nanos() / 1_000_000_000) as u64;
-        let due = target.saturating_sub(sent).min(rate.max(1));
-        if due == 0 {
-            continue;
-        }
-        // Open loop: a tick is due at start + i/rate. On schedule (lag within two batch
-        // periods) it carries `now`; a late publisher (blocked by TCP backpressure or the
-        // CPU) stamps each tick with its due time, so the delay counts as latency
-        // (no coordinated omission).
-        let now = now_ns();
-        let due_ns = |i: u64| start_ns + (i as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
-        let lag = now.saturating_sub(due_ns(sent + 1));
-        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
-        let late = lag > 2 * batch_ms * 1_000_000;
+        let Some(b) = pace.next(&sh).await else { continue };
         let (t0, t1) = (sh.t0.load(Relaxed), sh.t1.load(Relaxed));
-        let mut left = due;
+        let mut left = b.due;
         while left > 0 {
             let m = left.min(PER_MSG);
             id += 1;
@@ -871,8 +853,8 @@ async fn publisher(
                 if j > 0 {
                     msg.push(',');
                 }
-                let px = 100.0 + ((sent + j) % 100) as f64 / 100.0;
-                let ts = if late { due_ns(sent + j + 1) } else { now };
+                let px = 100.0 + ((pace.sent + j) % 100) as f64 / 100.0;
+                let ts = pace.stamp(&b, j);
                 use std::fmt::Write;
                 let _ = write!(
                     msg,
@@ -892,7 +874,7 @@ async fn publisher(
             left -= m;
         }
         sink.flush().await.map_err(|e| format!("send: {e}"))?;
-        sent += due;
+        pace.sent += b.due;
     }
     // Let the last acks arrive, then close.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -921,28 +903,14 @@ async fn nats_publisher(
     let subjects: Vec<String> = names.iter().map(|s| format!("{prefix}.in.{s}")).collect();
     let n = names.len();
     let mut counts = vec![0u64; n];
-    let start = Instant::now();
-    let start_ns = now_ns();
-    let mut sent: u64 = 0;
+    let mut pace = Pace::new(rate, batch_ms);
     let mut next = 0usize;
-    let mut iv = tokio::time::interval(Duration::from_millis(batch_ms));
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while !stop.load(Relaxed) {
-        iv.tick().await;
-        let target = (rate as u128 * start.elapsed().as_nanos() / 1_000_000_000) as u64;
-        let due = target.saturating_sub(sent).min(rate.max(1));
-        if due == 0 {
-            continue;
-        }
-        let now = now_ns();
-        let due_ns = |i: u64| start_ns + (i as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
-        let lag = now.saturating_sub(due_ns(sent + 1));
-        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
-        let late = lag > 2 * batch_ms * 1_000_000;
+        let Some(b) = pace.next(&sh).await else { continue };
         let (t0, t1) = (sh.t0.load(Relaxed), sh.t1.load(Relaxed));
-        for j in 0..due {
-            let px = 100.0 + ((sent + j) % 100) as f64 / 100.0;
-            let ts = if late { due_ns(sent + j + 1) } else { now };
+        for j in 0..b.due {
+            let px = 100.0 + ((pace.sent + j) % 100) as f64 / 100.0;
+            let ts = pace.stamp(&b, j);
             let payload = format!(
                 r#"{{"s":"{}","ts":{ts},"bid":{px},"ask":{},"last":{px},"qty":3}}"#,
                 names[next],
@@ -958,13 +926,80 @@ async fn nats_publisher(
             next = (next + 1) % n;
         }
         client.flush().await.map_err(|e| format!("nats flush: {e}"))?;
-        sent += due;
+        pace.sent += b.due;
     }
     Ok(PubStats {
         window_counts: counts,
-        acked: sent,
+        acked: pace.sent,
         errors: 0,
     })
+}
+
+/// The open-loop schedule both publishers keep: a tick is due at start + i/rate, checked
+/// every `batch_ms`. On schedule (lag within two batch periods) a tick carries `now`; a
+/// late publisher (blocked by TCP backpressure or the CPU) stamps each tick with its due
+/// time, so the delay counts as latency (no coordinated omission).
+struct Pace {
+    start: Instant,
+    start_ns: u64,
+    rate: u64,
+    batch_ms: u64,
+    /// Ticks sent so far (the caller adds each batch once sent).
+    sent: u64,
+    iv: tokio::time::Interval,
+}
+
+/// One batch of [`Pace`]: how many ticks are due, and how to stamp them.
+struct Batch {
+    due: u64,
+    now: u64,
+    late: bool,
+}
+
+impl Pace {
+    fn new(rate: u64, batch_ms: u64) -> Pace {
+        let mut iv = tokio::time::interval(Duration::from_millis(batch_ms));
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Pace {
+            start: Instant::now(),
+            start_ns: now_ns(),
+            rate: rate.max(1),
+            batch_ms,
+            sent: 0,
+            iv,
+        }
+    }
+
+    /// Waits for the next period; `None` when nothing is due yet. Records the lag.
+    async fn next(&mut self, sh: &Shared) -> Option<Batch> {
+        self.iv.tick().await;
+        let target = (self.rate as u128 * self.start.elapsed().as_nanos() / 1_000_000_000) as u64;
+        let due = target.saturating_sub(self.sent).min(self.rate);
+        if due == 0 {
+            return None;
+        }
+        let now = now_ns();
+        let lag = now.saturating_sub(self.due_ns(self.sent + 1));
+        sh.pub_max_lag_ns.fetch_max(lag, Relaxed);
+        Some(Batch {
+            due,
+            now,
+            late: lag > 2 * self.batch_ms * 1_000_000,
+        })
+    }
+
+    fn due_ns(&self, i: u64) -> u64 {
+        self.start_ns + (i as u128 * 1_000_000_000 / self.rate as u128) as u64
+    }
+
+    /// The `ts` of tick `j` of batch `b` (counted from the ticks sent before it).
+    fn stamp(&self, b: &Batch, j: u64) -> u64 {
+        if b.late {
+            self.due_ns(self.sent + j + 1)
+        } else {
+            b.now
+        }
+    }
 }
 
 /// The name the publisher's `wss://` URL carries (SNI and certificate check).
