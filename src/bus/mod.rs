@@ -305,11 +305,25 @@ pub struct Append {
     pub expect_stream_seq: u64,
 }
 
-/// The per-symbol sequencer's memory: the head of each symbol this node appended to,
-/// bounded (a full table forgets everything and reads heads again, which costs one
-/// look-up per symbol and is always correct).
+/// How long what a node knows of a symbol's head is trusted without reading it again.
+/// Appends after the first of a round carry no per-subject check, only their
+/// `Nats-Msg-Id`; so the head they build on must be younger than the stream's duplicate
+/// window ([`DUPLICATE_WINDOW_MS`]), or a `seq` another node appended long ago could be
+/// stored a second time.
+pub const HEAD_FRESH_MS: u64 = 1_000;
+
+/// The ticks stream's duplicate window: it must cover [`HEAD_FRESH_MS`] plus the time an
+/// append is in flight. Small, because the server keeps every id in it in memory (at
+/// 20,000 ticks/s a two-minute window holds 2.4 million ids).
+pub const DUPLICATE_WINDOW_MS: u64 = 10_000;
+// The window the pipelined appends rely on covers the freshness and then some flight.
+const _: () = assert!(DUPLICATE_WINDOW_MS >= 5 * HEAD_FRESH_MS);
+
+/// The per-symbol sequencer's memory: the head of each symbol this node appended to and
+/// when it learned it, bounded (a full table forgets everything and reads heads again,
+/// which costs one look-up per symbol and is always correct).
 pub struct Sequencer {
-    heads: HashMap<Box<str>, Head>,
+    heads: HashMap<Box<str>, (Head, u64)>,
     max: usize,
 }
 
@@ -321,19 +335,22 @@ impl Sequencer {
         }
     }
 
-    /// The append for `symbol`, or `None` when its head must be read first
-    /// ([`Self::learn`]).
-    pub fn next(&self, symbol: &str) -> Option<Append> {
-        self.heads.get(symbol).map(|h| Append {
-            seq: h.seq + 1,
-            expect_stream_seq: h.stream_seq,
-        })
+    /// The append for `symbol` at `now_ms`, or `None` when its head must be read first
+    /// ([`Self::learn`]): never read, or learned more than [`HEAD_FRESH_MS`] ago.
+    pub fn next(&self, symbol: &str, now_ms: u64) -> Option<Append> {
+        self.heads
+            .get(symbol)
+            .filter(|(_, at)| now_ms.saturating_sub(*at) <= HEAD_FRESH_MS)
+            .map(|(h, _)| Append {
+                seq: h.seq + 1,
+                expect_stream_seq: h.stream_seq,
+            })
     }
 
     /// The head read from the stream (`None`: the subject is empty). `floor` is the
     /// newest `seq` this node has seen for the symbol: a stream that lost its messages
     /// (a bus restarted without its store) never makes `seq` go back.
-    pub fn learn(&mut self, symbol: &str, head: Option<Head>, floor: u64) {
+    pub fn learn(&mut self, symbol: &str, head: Option<Head>, floor: u64, now_ms: u64) {
         let head = head.unwrap_or(Head {
             seq: 0,
             stream_seq: 0,
@@ -345,13 +362,14 @@ impl Sequencer {
         if self.heads.len() >= self.max && !self.heads.contains_key(symbol) {
             self.heads.clear();
         }
-        self.heads.insert(Box::from(symbol), head);
+        self.heads.insert(Box::from(symbol), (head, now_ms));
     }
 
     /// The stream stored `seq` at `stream_seq`.
-    pub fn appended(&mut self, symbol: &str, seq: u64, stream_seq: u64) {
+    /// An append was stored (its acknowledgement came back at `now_ms`).
+    pub fn appended(&mut self, symbol: &str, seq: u64, stream_seq: u64, now_ms: u64) {
         if let Some(h) = self.heads.get_mut(symbol) {
-            *h = Head { seq, stream_seq };
+            *h = (Head { seq, stream_seq }, now_ms);
         }
     }
 
@@ -823,7 +841,7 @@ mod tests {
     #[test]
     fn the_sequencer_reads_heads_appends_and_never_goes_back() {
         let mut q = Sequencer::new(2);
-        assert_eq!(q.next("A"), None);
+        assert_eq!(q.next("A", 0), None);
         q.learn(
             "A",
             Some(Head {
@@ -831,17 +849,18 @@ mod tests {
                 stream_seq: 70,
             }),
             0,
+            0,
         );
         assert_eq!(
-            q.next("A"),
+            q.next("A", 0),
             Some(Append {
                 seq: 8,
                 expect_stream_seq: 70
             })
         );
-        q.appended("A", 8, 75);
+        q.appended("A", 8, 75, 0);
         assert_eq!(
-            q.next("A"),
+            q.next("A", 0),
             Some(Append {
                 seq: 9,
                 expect_stream_seq: 75
@@ -849,20 +868,35 @@ mod tests {
         );
         // Refused: another node appended; read again.
         q.forget("A");
-        assert_eq!(q.next("A"), None);
+        assert_eq!(q.next("A", 0), None);
         // The stream lost its messages but this node saw seq 9: it goes on from 10.
-        q.learn("A", None, 9);
+        q.learn("A", None, 9, 0);
         assert_eq!(
-            q.next("A"),
+            q.next("A", 0),
             Some(Append {
                 seq: 10,
                 expect_stream_seq: 0
             })
         );
         // Bounded: a third symbol clears the table.
-        q.learn("B", None, 0);
-        q.learn("C", None, 0);
+        q.learn("B", None, 0, 0);
+        q.learn("C", None, 0, 0);
         assert!(q.len() <= 2);
+    }
+
+    #[test]
+    fn a_head_learned_long_ago_is_read_again_before_appending() {
+        let mut q = Sequencer::new(8);
+        let h = Head {
+            seq: 7,
+            stream_seq: 70,
+        };
+        q.learn("A", Some(h), 0, 1_000);
+        assert!(q.next("A", 1_000 + HEAD_FRESH_MS).is_some());
+        assert_eq!(q.next("A", 1_001 + HEAD_FRESH_MS), None, "stale: read again");
+        // An acknowledgement refreshes it.
+        q.appended("A", 8, 75, 5_000);
+        assert_eq!(q.next("A", 5_500).map(|a| a.seq), Some(9));
     }
 
     #[test]

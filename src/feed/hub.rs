@@ -230,6 +230,24 @@ impl Hub {
     /// tick, read when this node took interest: it becomes the baseline and the snapshot,
     /// and is delivered to no one.
     pub fn ingest_ordered(&self, name: &str, seq: u64, tick: &Tick, head: bool) -> Ingested {
+        let mut wake = 0;
+        let r = self.ingest_ordered_deferred(name, seq, tick, head, &mut wake);
+        self.wake_shards(wake);
+        r
+    }
+
+    /// [`Self::ingest_ordered`] without waking anyone: the shards to wake are ORed into
+    /// `wake`, for the caller to wake once for a whole batch ([`Self::wake_shards`]). A
+    /// shard woken per tick runs per tick; one woken per batch writes each subscriber's
+    /// share of the batch at once.
+    pub fn ingest_ordered_deferred(
+        &self,
+        name: &str,
+        seq: u64,
+        tick: &Tick,
+        head: bool,
+        wake: &mut u64,
+    ) -> Ingested {
         let id = match self.symbols.lookup(name) {
             Some(id) => id,
             None if self.symbols.is_waited(name) => match self.symbols.intern(name) {
@@ -253,8 +271,7 @@ impl Hub {
                     ..(*last).clone()
                 });
                 self.push_to(handoff, &h);
-                drop(st);
-                self.wake(handoff);
+                *wake |= handoff;
             }
             return Ingested::Stale;
         }
@@ -267,7 +284,7 @@ impl Hub {
         if !head {
             self.published.fetch_add(1, Ordering::Relaxed);
         }
-        self.wake(mask);
+        *wake |= mask;
         Ingested::Accepted
     }
 
@@ -284,7 +301,9 @@ impl Hub {
         }
     }
 
-    fn wake(&self, mask: u64) {
+    /// Wake the shards in `mask` (also a batch's worth from
+    /// [`Self::ingest_ordered_deferred`]).
+    pub fn wake_shards(&self, mask: u64) {
         let mut m = mask;
         while m != 0 {
             let shard = m.trailing_zeros() as usize;
@@ -441,7 +460,7 @@ impl Hub {
             count += 1;
         }
         self.published.fetch_add(count as u64, Ordering::Relaxed);
-        self.wake(wake_mask);
+        self.wake_shards(wake_mask);
         count
     }
 
@@ -537,6 +556,41 @@ mod tests {
             last: p,
             qty: 1.0,
         }
+    }
+
+    /// `[cluster]`: ticks from the bus are pushed at once but each shard is woken once for
+    /// the whole batch, by whoever ends the batch.
+    #[test]
+    fn a_batch_of_bus_ticks_wakes_each_shard_once_at_its_end() {
+        let hub = Hub::new(2, 16);
+        let a = hub.intern("A").unwrap();
+        let b = hub.intern("B").unwrap();
+        hub.subscribe(0, a, true).unwrap();
+        hub.subscribe(0, b, true).unwrap();
+        hub.subscribe(1, b, true).unwrap();
+        let mut wake = 0;
+        for seq in 1..=3 {
+            for name in ["A", "B"] {
+                let r = hub.ingest_ordered_deferred(name, seq, &tick(1.0), false, &mut wake);
+                assert_eq!(r, Ingested::Accepted);
+            }
+        }
+        assert_eq!(wake, 0b11);
+        assert_eq!(hub.inboxes[0].ticks.len(), 6);
+        assert_eq!(hub.inboxes[1].ticks.len(), 3);
+        assert!(
+            hub.inboxes.iter().all(|i| !i.pending.load(Ordering::Acquire)),
+            "nobody woken mid-batch"
+        );
+        hub.wake_shards(wake);
+        assert!(hub.inboxes.iter().all(|i| i.pending.load(Ordering::Acquire)));
+        // A stale tick wakes nobody.
+        let mut again = 0;
+        assert_eq!(
+            hub.ingest_ordered_deferred("A", 2, &tick(1.0), false, &mut again),
+            Ingested::Stale
+        );
+        assert_eq!(again, 0);
     }
 
     /// Issue 14, hole 5 (the publisher's side): a symbol with no subscriber and no recent

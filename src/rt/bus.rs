@@ -124,6 +124,10 @@ struct Bus {
     js: jetstream::Context,
     client: async_nats::Client,
     stream_name: String,
+    /// Shards with bus ticks waiting in their inboxes, woken once per batch by
+    /// [`wake_shards`] (the delivery tasks only mark them here).
+    to_wake: std::sync::atomic::AtomicU64,
+    wake_batch: Notify,
 }
 
 async fn run(
@@ -166,6 +170,7 @@ async fn run(
     );
 
     let appenders = Appenders::new(bus.clone());
+    tokio::spawn(wake_shards(bus.clone()));
     tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
     tokio::spawn(revocations_in(bus.clone()));
     tokio::spawn(counts_in(bus.clone()));
@@ -212,6 +217,7 @@ async fn connect(
         max_messages_per_subject: STREAM_HISTORY,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_millis(crate::bus::DUPLICATE_WINDOW_MS),
         republish: Some(stream::Republish {
             source: subjects.ordered_all(),
             destination: subjects.delivered_all(),
@@ -233,6 +239,8 @@ async fn connect(
         js,
         client,
         stream_name,
+        to_wake: std::sync::atomic::AtomicU64::new(0),
+        wake_batch: Notify::new(),
     })
 }
 
@@ -338,9 +346,9 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
                 Err(_) => break,
             }
         }
-        let Some(next) = seqr.next(&symbol) else {
+        let Some(next) = seqr.next(&symbol, bus.shared.now_ms()) else {
             match head(&bus, &subject).await {
-                Ok(h) => seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol)),
+                Ok(h) => seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol), bus.shared.now_ms()),
                 Err(()) => {
                     // The bus cannot say where the symbol stands: this round fails.
                     for (job, _) in pending.drain(..) {
@@ -387,7 +395,7 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             };
             match f.await {
                 Ok(ack) if !ack.duplicate => {
-                    seqr.appended(&symbol, next.seq + k as u64, ack.sequence);
+                    seqr.appended(&symbol, next.seq + k as u64, ack.sequence, bus.shared.now_ms());
                     finish(&bus, job, true);
                 }
                 Ok(_) => {
@@ -802,6 +810,17 @@ fn release(bus: &Bus, subs: &mut HashMap<Box<str>, Delivery>, name: &str) {
     }
 }
 
+/// Wakes the shards the delivery tasks marked. Notified by the first mark of a batch, it
+/// runs after the tasks already woken by the same read from NATS (the runtime queues tasks
+/// in order), so a burst of ticks wakes each shard once instead of once per tick.
+async fn wake_shards(bus: Arc<Bus>) {
+    loop {
+        bus.wake_batch.notified().await;
+        let mask = bus.to_wake.swap(0, Ordering::AcqRel);
+        bus.shared.hub.wake_shards(mask);
+    }
+}
+
 /// The republished ticks of one symbol into the hub.
 async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber) {
     let mut scratch = Vec::with_capacity(crate::bus::MAX_INGEST_BYTES);
@@ -820,7 +839,15 @@ async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber)
         match r {
             Ok((seq, tick)) => {
                 m.received.fetch_add(1, Ordering::Relaxed);
-                match bus.shared.hub.ingest_ordered(&name, seq, &tick, false) {
+                let mut wake = 0;
+                let ingested = bus
+                    .shared
+                    .hub
+                    .ingest_ordered_deferred(&name, seq, &tick, false, &mut wake);
+                if wake != 0 && bus.to_wake.fetch_or(wake, Ordering::AcqRel) == 0 {
+                    bus.wake_batch.notify_one();
+                }
+                match ingested {
                     Ingested::Accepted => {
                         bus.shared.metrics.ticks_in.fetch_add(1, Ordering::Relaxed);
                     }
