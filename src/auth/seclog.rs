@@ -829,6 +829,7 @@ mod tests {
                     "subprotocol",
                     "method",
                     "ticket_store_full",
+                    "preflight",
                     "expired",
                     "identity_mismatch",
                     "not_admin",
