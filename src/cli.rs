@@ -37,9 +37,14 @@ pub enum Command {
         /// Override server.shards.
         #[arg(long)]
         shards: Option<String>,
-        /// Override any key: --set section.key=value (repeatable).
+        /// Override any key: --set section.key=value (repeatable). A list value replaces
+        /// the list (--set auth.allowed_origins=https://a.example,https://b.example).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// The embedded demo only: also accept this Origin, e.g. a page served from
+        /// http://127.0.0.1:8000 (repeatable; added to the demo's own origins).
+        #[arg(long = "allow-origin", value_name = "ORIGIN")]
+        allow_origin: Vec<String>,
     },
     /// Create an Ed25519 key pair: DIR/ID.key, DIR/ID.pub, DIR/jwks.json.
     Keygen {
@@ -304,7 +309,8 @@ pub fn run(cli: Cli) -> i32 {
             admin_listen,
             shards,
             set,
-        } => serve(config, listen, admin_listen, shards, set),
+            allow_origin,
+        } => serve(config, listen, admin_listen, shards, set, allow_origin),
     }
 }
 
@@ -321,6 +327,7 @@ fn serve(
     admin_listen: Option<String>,
     shards: Option<String>,
     set: Vec<String>,
+    allow_origin: Vec<String>,
 ) -> i32 {
     let mut overrides: Vec<(String, String, String)> = Vec::new();
     if let Some(v) = listen {
@@ -341,7 +348,7 @@ fn serve(
         };
         overrides.push((section.into(), key.into(), value.into()));
     }
-    let cfg = match serve::load_config(config.as_deref(), &env_vars(), &overrides) {
+    let cfg = match serve::load_config(config.as_deref(), &env_vars(), &overrides, &allow_origin) {
         Ok(c) => c,
         Err(e) => return fail(e.code, &e.msg),
     };
@@ -364,6 +371,7 @@ fn serve(
     );
     if let Some(sk) = &running.demo_key {
         print_demo_banner(sk, handle.public_addr);
+        println!("{}", demo_origins_line(&shared.auth().origins));
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -391,6 +399,18 @@ fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr)
     println!(
         "or with websocat: websocat -H 'Authorization: Bearer {token}' ws://{addr}/v1/stream  and type {{\"op\":\"subscribe\",\"symbols\":[\"BTC-USD\"]}}"
     );
+}
+
+/// The demo banner's line of accepted origins (the allow-list in force, after the bind).
+fn demo_origins_line(policy: &crate::auth::origin::OriginPolicy) -> String {
+    let list = policy.allowed().join(" ");
+    let list = if list.is_empty() { "none" } else { &list };
+    let missing = if policy.allows_missing() {
+        ", and requests without Origin"
+    } else {
+        ""
+    };
+    format!("accepted origins: {list}{missing} (a page served elsewhere: --allow-origin http://HOST:PORT)")
 }
 
 fn init_tracing(level: &str) {
@@ -472,6 +492,91 @@ mod tests {
             OriginDecision::Rejected
         );
         assert_eq!(auth.origins.check(None), OriginDecision::Missing);
+    }
+
+    fn set(section: &str, key: &str, value: &str) -> (String, String, String) {
+        (section.into(), key.into(), value.into())
+    }
+
+    #[test]
+    fn allow_origin_adds_to_the_demo_origins() {
+        let extra = ["http://127.0.0.1:8000".to_owned()];
+        let cfg = serve::load_config(None, &[], &[], &extra).unwrap();
+        assert_eq!(
+            cfg.auth.allowed_origins,
+            [
+                "http://127.0.0.1:8000",
+                "http://127.0.0.1:8080",
+                "http://localhost:8080"
+            ]
+        );
+        // --set replaces the list it is given (the demo's is empty); --allow-origin and
+        // the demo's own origins are added after it.
+        let overrides = [set(
+            "auth",
+            "allowed_origins",
+            "https://a.example,https://b.example",
+        )];
+        let cfg = serve::load_config(None, &[], &overrides, &extra).unwrap();
+        assert_eq!(
+            cfg.auth.allowed_origins,
+            [
+                "https://a.example",
+                "https://b.example",
+                "http://127.0.0.1:8000",
+                "http://127.0.0.1:8080",
+                "http://localhost:8080"
+            ]
+        );
+        // Given twice, or the demo's own: listed once.
+        let twice = [
+            "http://localhost:8080".to_owned(),
+            "http://127.0.0.1:8000".to_owned(),
+            "http://127.0.0.1:8000".to_owned(),
+        ];
+        let cfg = serve::load_config(None, &[], &[], &twice).unwrap();
+        assert_eq!(
+            cfg.auth.allowed_origins.len(),
+            3,
+            "{:?}",
+            cfg.auth.allowed_origins
+        );
+        let auth = AuthState::build(&cfg, KeySet::new()).unwrap();
+        let line = demo_origins_line(&auth.origins);
+        assert_eq!(
+            line,
+            "accepted origins: http://127.0.0.1:8000 http://127.0.0.1:8080 http://localhost:8080, and requests without Origin (a page served elsewhere: --allow-origin http://HOST:PORT)"
+        );
+    }
+
+    #[test]
+    fn allow_origin_takes_only_origins_and_only_in_the_demo() {
+        for bad in [
+            "http://127.0.0.1:8000/",
+            "127.0.0.1:8000",
+            "*",
+            "null",
+            "HTTP://Example.com",
+        ] {
+            let e = serve::load_config(None, &[], &[], &[bad.to_owned()]).unwrap_err();
+            assert_eq!(e.code, 1, "{bad}");
+            assert!(e.msg.starts_with(&format!("--allow-origin {bad}: ")), "{}", e.msg);
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let e =
+            serve::load_config(Some(f.path()), &[], &[], &["http://127.0.0.1:8000".to_owned()]).unwrap_err();
+        assert_eq!(e.code, 1);
+        assert!(e.msg.contains("auth.allowed_origins"), "{}", e.msg);
+    }
+
+    #[test]
+    fn set_replaces_a_configured_allow_list() {
+        use std::io::Write as _;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[auth]\nallowed_origins = [\"https://a.example\"]").unwrap();
+        let overrides = [set("auth", "allowed_origins", "https://b.example")];
+        let cfg = serve::load_config(Some(f.path()), &[], &overrides, &[]).unwrap();
+        assert_eq!(cfg.auth.allowed_origins, ["https://b.example"]);
     }
 
     fn usage_error(args: &[&str]) -> (ErrorKind, String) {

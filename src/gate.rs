@@ -10,6 +10,12 @@
 //!
 //! Every outcome is written to the security log (never the token; a short hash at most) and
 //! counted for `/metrics`.
+//!
+//! `/v1/ticket` also speaks CORS, so a page served from an allowed origin can `fetch` a
+//! ticket (docs/PROTOCOL.md section 4): `OPTIONS /v1/ticket` is answered as a preflight
+//! ([`CORS_MAX_AGE_SECS`] and the other constants below), and every other answer there
+//! carries `Vary: Origin` and, for an allowed `Origin`, `Access-Control-Allow-Origin`
+//! echoing it. "Allowed" is the upgrade's own check ([`crate::auth::origin::OriginPolicy`]).
 
 use std::net::IpAddr;
 
@@ -338,7 +344,137 @@ fn admit(
     }))
 }
 
+/// How long a browser may cache the answer to a preflight of `/v1/ticket`, in seconds
+/// (`Access-Control-Max-Age`). Bounded so that a change to `auth.allowed_origins` reaches
+/// pages within ten minutes (browsers cap the value anyway: Chromium at two hours).
+pub const CORS_MAX_AGE_SECS: u32 = 600;
+
+/// The request headers a page may send with `POST /v1/ticket`
+/// (`Access-Control-Allow-Headers`): the token, a body's type, the device id.
+pub const CORS_ALLOW_HEADERS: &str = "Authorization, Content-Type, X-Device-Id";
+
+/// The one method a preflight may ask for (`Access-Control-Allow-Methods`).
+pub const CORS_ALLOW_METHODS: &str = "POST";
+
+/// The `Origin` of a request to `/v1/ticket` as `Access-Control-Allow-Origin` echoes it,
+/// when the upgrade's check ([`crate::auth::origin::OriginPolicy::check`]) allows it:
+/// the value as sent, without the surrounding whitespace the check ignores too. `None`
+/// when the header is missing (not a cross-origin request) or refused.
+fn cors_origin(decision: OriginDecision, origin: Option<&str>) -> Option<&str> {
+    match decision {
+        OriginDecision::Allowed => origin.map(|o| o.trim_matches([' ', '\t'])),
+        OriginDecision::Missing | OriginDecision::Rejected => None,
+    }
+}
+
+/// The CORS headers of an answer of `/v1/ticket` that is not a preflight's: `Vary: Origin`
+/// always (the answer depends on it), and `Access-Control-Allow-Origin` for an allowed
+/// `Origin`, whatever the status, so the page can read a `401` or `429` as well as the ticket.
+fn cors_answer(resp: Response, origin: Option<&str>) -> Response {
+    let resp = resp.with_header("Vary", "Origin");
+    match origin {
+        Some(o) => resp.with_header("Access-Control-Allow-Origin", o),
+        None => resp,
+    }
+}
+
+/// `[cluster]`: the `503` when the bus could not take the ticket `issued` was to deliver,
+/// with the same CORS headers, so the page sees the `503` too.
+pub fn bus_unavailable(issued: &Response) -> Response {
+    let mut resp = Response::text(503, "bus unavailable\n");
+    for (name, value) in &issued.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower == "vary" || lower.starts_with("access-control-") {
+            resp = resp.with_header(name, value);
+        }
+    }
+    resp
+}
+
+/// `OPTIONS /v1/ticket`, answered only as a CORS preflight (never needs a token), in this
+/// order: the per-IP limit (`429`: the request was counted like any other); the upgrade's
+/// `Origin` check (`403`, no CORS headers); then it must be a preflight, with an `Origin`
+/// and exactly one `Access-Control-Request-Method: POST` (else `400`); then `204` with
+/// every `Access-Control-Allow-*` header. Logged as a `ticket` event (reason `preflight`
+/// when accepted), never counted as a ticket.
+fn preflight(
+    req: &Request,
+    rate: RateDecision,
+    decision: OriginDecision,
+    origin: Option<&str>,
+    audit: &Audit<'_>,
+) -> Outcome {
+    let vary = |r: Response| r.with_header("Vary", "Origin");
+    if let RateDecision::Deny { retry_after_secs } = rate {
+        return audit.reject(vary(too_many(retry_after_secs)), Reason::RateLimited, None, None);
+    }
+    if decision == OriginDecision::Rejected {
+        return audit.reject(
+            vary(Response::text(403, "origin not allowed\n")),
+            Reason::Origin,
+            None,
+            None,
+        );
+    }
+    let mut asked = req.headers_all("access-control-request-method");
+    let method = match (asked.next(), asked.next()) {
+        (Some(m), None) => Some(m.trim_matches([' ', '\t'])),
+        _ => None,
+    };
+    let Some(origin) = origin.filter(|_| method == Some(CORS_ALLOW_METHODS)) else {
+        return audit.reject(
+            vary(Response::text(400, "not a cors preflight for post\n")),
+            Reason::BadRequestShape,
+            None,
+            None,
+        );
+    };
+    audit.log(LogOutcome::Accepted, Reason::Preflight, None, 204, None);
+    Outcome::Respond(
+        Response::empty(204)
+            .with_header("Access-Control-Allow-Origin", origin)
+            .with_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+            .with_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            .with_header("Access-Control-Max-Age", &CORS_MAX_AGE_SECS.to_string())
+            .with_header("Vary", "Origin"),
+    )
+}
+
+/// `/v1/ticket`: a preflight ([`preflight`]), or a ticket for a bearer token
+/// ([`issue_ticket`]) with the CORS headers of [`cors_answer`].
 fn ticket(
+    shared: &Shared,
+    auth: &crate::state::AuthState,
+    req: &Request,
+    ip: IpAddr,
+    rate: RateDecision,
+    now_ms: u64,
+    audit: &Audit<'_>,
+) -> Outcome {
+    let origin_header = req.header("origin");
+    let decision = auth.origins.check(origin_header);
+    let origin = cors_origin(decision, origin_header);
+    if req.method == "OPTIONS" {
+        return preflight(req, rate, decision, origin, audit);
+    }
+    match issue_ticket(shared, auth, req, ip, rate, now_ms, audit) {
+        Outcome::Respond(resp) => Outcome::Respond(cors_answer(resp, origin)),
+        Outcome::TicketIssued {
+            resp,
+            ticket,
+            token,
+            ttl_ms,
+        } => Outcome::TicketIssued {
+            resp: cors_answer(resp, origin),
+            ticket,
+            token,
+            ttl_ms,
+        },
+        up @ Outcome::Upgrade(_) => up,
+    }
+}
+
+fn issue_ticket(
     shared: &Shared,
     auth: &crate::state::AuthState,
     req: &Request,
@@ -349,7 +485,7 @@ fn ticket(
 ) -> Outcome {
     if req.method != "POST" {
         return audit.reject(
-            Response::text(405, "method not allowed\n").with_header("Allow", "POST"),
+            Response::text(405, "method not allowed\n").with_header("Allow", "POST, OPTIONS"),
             Reason::Method,
             None,
             None,
@@ -412,5 +548,284 @@ fn bearer_of(h: &str) -> Option<&str> {
         (!t.is_empty()).then_some(t)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The CORS decisions of `/v1/ticket`, driven with `now` and parsed requests: no socket.
+
+    use std::sync::{Arc, Mutex};
+
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::auth::keys::KeySet;
+    use crate::auth::mint::{self, Claims};
+    use crate::auth::seclog::SecurityLog;
+    use crate::config::Config;
+    use crate::proto::http::{RequestLimits, try_parse};
+    use crate::state::AuthState;
+
+    const T0: u64 = 1_800_000_000_000;
+    const APP: &str = "https://app.example.com";
+
+    struct World {
+        shared: Shared,
+        key: SigningKey,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn world(tweak: impl FnOnce(&mut Config)) -> World {
+        let mut cfg = Config::default_production();
+        cfg.auth.allowed_origins = vec![APP.into()];
+        cfg.auth.allow_missing_origin = true;
+        cfg.limits.per_ip_handshakes_per_sec = 1000;
+        cfg.limits.per_ip_burst = 1000;
+        tweak(&mut cfg);
+        let key = mint::generate_signing_key().unwrap();
+        let mut ks = KeySet::new();
+        ks.insert("k1", key.verifying_key()).unwrap();
+        let auth = AuthState::build(&cfg, ks).unwrap();
+        let (log, lines) = SecurityLog::memory();
+        World {
+            shared: Shared::new(cfg, auth, log),
+            key,
+            log: lines,
+        }
+    }
+
+    impl World {
+        fn token(&self) -> String {
+            let now = T0 / 1000;
+            let claims = Claims {
+                sub: "alice".into(),
+                exp: now + 300,
+                iat: Some(now),
+                roles: vec!["subscriber".into()],
+                symbols: vec!["*".into()],
+                ..Claims::default()
+            };
+            mint::sign_token(&self.key, "k1", &claims)
+        }
+
+        /// One request from 192.0.2.1 at `now`; the answer, or `None` for an upgrade.
+        fn send(&self, raw: &str, now: u64) -> Response {
+            let (_, req) = try_parse(raw.as_bytes(), &RequestLimits::default())
+                .unwrap()
+                .unwrap();
+            match handle_public(&self.shared, &req, "192.0.2.1".parse().unwrap(), now) {
+                Outcome::Respond(r) => r,
+                Outcome::TicketIssued { resp, .. } => resp,
+                Outcome::Upgrade(_) => panic!("upgrade"),
+            }
+        }
+
+        fn last_log(&self) -> String {
+            self.log.lock().unwrap().last().cloned().unwrap_or_default()
+        }
+    }
+
+    fn preflight_req(extra: &str) -> String {
+        format!("OPTIONS /v1/ticket HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
+    }
+
+    fn allowed_preflight() -> String {
+        preflight_req(&format!(
+            "Origin: {APP}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization\r\n"
+        ))
+    }
+
+    fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn no_cors(r: &Response) -> bool {
+        !r.headers
+            .iter()
+            .any(|(n, _)| n.to_ascii_lowercase().starts_with("access-control-"))
+    }
+
+    #[test]
+    fn allowed_preflight_gets_every_header_and_no_token_is_needed() {
+        let w = world(|_| {});
+        let r = w.send(&allowed_preflight(), T0);
+        assert_eq!(r.status, 204);
+        assert!(r.body.is_empty());
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(APP));
+        assert_eq!(header(&r, "access-control-allow-methods"), Some("POST"));
+        assert_eq!(
+            header(&r, "access-control-allow-headers"),
+            Some("Authorization, Content-Type, X-Device-Id")
+        );
+        assert_eq!(header(&r, "access-control-max-age"), Some("600"));
+        assert_eq!(header(&r, "vary"), Some("Origin"));
+        let line = w.last_log();
+        assert!(line.contains("\"event\":\"ticket\""), "{line}");
+        assert!(line.contains("\"reason\":\"preflight\""), "{line}");
+        assert!(line.contains("\"status\":204"), "{line}");
+        // A preflight is not a ticket.
+        assert_eq!(w.shared.security.counters.get("ticket", "accepted", "ok"), 0);
+    }
+
+    #[test]
+    fn allow_origin_echoes_the_origin_never_a_wildcard() {
+        let w = world(|c| {
+            c.auth.allowed_origins = vec![APP.into(), "http://127.0.0.1:8000".into()];
+        });
+        let r = w.send(
+            &preflight_req("Origin: http://127.0.0.1:8000\r\nAccess-Control-Request-Method: POST\r\n"),
+            T0,
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(
+            header(&r, "access-control-allow-origin"),
+            Some("http://127.0.0.1:8000")
+        );
+        assert!(r.headers.iter().all(|(_, v)| v != "*"));
+    }
+
+    #[test]
+    fn disallowed_origin_gets_403_and_no_cors_headers() {
+        let w = world(|_| {});
+        for origin in [
+            "https://evil.example",
+            "https://app.example.com.evil.example",
+            "null",
+            "*",
+        ] {
+            let r = w.send(
+                &preflight_req(&format!(
+                    "Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n"
+                )),
+                T0,
+            );
+            assert_eq!(r.status, 403, "{origin}");
+            assert!(no_cors(&r), "{origin}: {r:?}");
+            assert!(w.last_log().contains("\"reason\":\"origin\""));
+            let post = format!(
+                "POST /v1/ticket HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+                w.token()
+            );
+            let r = w.send(&post, T0);
+            assert_eq!(r.status, 403, "{origin}");
+            assert!(no_cors(&r), "{origin}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn a_preflight_must_ask_for_post_once() {
+        let w = world(|_| {});
+        for extra in [
+            format!("Origin: {APP}\r\n"),
+            format!("Origin: {APP}\r\nAccess-Control-Request-Method: PUT\r\n"),
+            format!("Origin: {APP}\r\nAccess-Control-Request-Method: post\r\n"),
+            format!("Origin: {APP}\r\nAccess-Control-Request-Method: \r\n"),
+            format!(
+                "Origin: {APP}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Method: POST\r\n"
+            ),
+            // No Origin (allowed here for non-browser clients): not a preflight.
+            "Access-Control-Request-Method: POST\r\n".to_owned(),
+        ] {
+            let r = w.send(&preflight_req(&extra), T0);
+            assert_eq!(r.status, 400, "{extra:?}");
+            assert!(no_cors(&r), "{extra:?}");
+            assert!(w.last_log().contains("\"reason\":\"bad_request_shape\""));
+        }
+        // Where a missing Origin is refused, the upgrade's rule answers first: 403.
+        let w = world(|c| c.auth.allow_missing_origin = false);
+        let r = w.send(&preflight_req("Access-Control-Request-Method: POST\r\n"), T0);
+        assert_eq!(r.status, 403);
+        assert!(no_cors(&r));
+    }
+
+    #[test]
+    fn preflights_count_against_the_per_ip_limit() {
+        let w = world(|c| {
+            c.limits.per_ip_handshakes_per_sec = 1;
+            c.limits.per_ip_burst = 2;
+        });
+        assert_eq!(w.send(&allowed_preflight(), T0).status, 204);
+        assert_eq!(w.send(&allowed_preflight(), T0).status, 204);
+        let r = w.send(&allowed_preflight(), T0);
+        assert_eq!(r.status, 429);
+        assert!(header(&r, "retry-after").is_some());
+        assert!(no_cors(&r));
+        assert!(w.last_log().contains("\"reason\":\"rate_limited\""));
+        // The bucket the preflights emptied is the one the POST draws from.
+        let post = format!(
+            "POST /v1/ticket HTTP/1.1\r\nHost: x\r\nOrigin: {APP}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            w.token()
+        );
+        assert_eq!(w.send(&post, T0).status, 429);
+        // One second later, one token is back.
+        assert_eq!(w.send(&allowed_preflight(), T0 + 1000).status, 204);
+        assert_eq!(w.send(&allowed_preflight(), T0 + 1000).status, 429);
+    }
+
+    #[test]
+    fn post_from_an_allowed_origin_carries_allow_origin_and_vary() {
+        let w = world(|_| {});
+        let post = |origin: &str, auth: &str| {
+            format!("POST /v1/ticket HTTP/1.1\r\nHost: x\r\n{origin}{auth}Content-Length: 0\r\n\r\n")
+        };
+        let bearer = format!("Authorization: Bearer {}\r\n", w.token());
+        let r = w.send(&post(&format!("Origin: {APP}\r\n"), &bearer), T0);
+        assert_eq!(r.status, 200);
+        assert!(r.body.starts_with(b"{\"ticket\":\""));
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(APP));
+        assert_eq!(header(&r, "vary"), Some("Origin"));
+        // Whitespace around the header is not part of the value (RFC 9110 5.5).
+        let r = w.send(&post(&format!("Origin:  {APP}\t\r\n"), &bearer), T0);
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(APP));
+        // A refusal the page must be able to read carries it too.
+        let r = w.send(&post(&format!("Origin: {APP}\r\n"), ""), T0);
+        assert_eq!(r.status, 401);
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(APP));
+        // No Origin (allowed here): a ticket, no CORS headers, still Vary.
+        let r = w.send(&post("", &bearer), T0);
+        assert_eq!(r.status, 200);
+        assert!(no_cors(&r));
+        assert_eq!(header(&r, "vary"), Some("Origin"));
+        // Another method: 405 naming both.
+        let r = w.send(
+            &format!("GET /v1/ticket HTTP/1.1\r\nHost: x\r\nOrigin: {APP}\r\n\r\n"),
+            T0,
+        );
+        assert_eq!(r.status, 405);
+        assert_eq!(header(&r, "allow"), Some("POST, OPTIONS"));
+    }
+
+    #[test]
+    fn bus_unavailable_keeps_the_cors_headers() {
+        let issued = cors_answer(Response::json(200, b"{}"), Some(APP));
+        let r = bus_unavailable(&issued);
+        assert_eq!(r.status, 503);
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(APP));
+        assert_eq!(header(&r, "vary"), Some("Origin"));
+        assert_eq!(header(&r, "content-type"), Some("text/plain; charset=utf-8"));
+        let r = bus_unavailable(&cors_answer(Response::json(200, b"{}"), None));
+        assert!(no_cors(&r));
+    }
+
+    #[test]
+    fn options_elsewhere_is_unchanged() {
+        let w = world(|_| {});
+        let cors = format!("Origin: {APP}\r\nAccess-Control-Request-Method: POST\r\n");
+        let r = w.send(
+            &format!("OPTIONS /v1/stream HTTP/1.1\r\nHost: x\r\n{cors}\r\n"),
+            T0,
+        );
+        assert_eq!(r.status, 405);
+        assert!(no_cors(&r));
+        let r = w.send(&format!("OPTIONS /nope HTTP/1.1\r\nHost: x\r\n{cors}\r\n"), T0);
+        assert_eq!(r.status, 404);
+        assert!(no_cors(&r) && header(&r, "vary").is_none());
+        let r = w.send(&format!("OPTIONS /healthz HTTP/1.1\r\nHost: x\r\n{cors}\r\n"), T0);
+        assert_eq!(r.status, 200);
+        assert!(no_cors(&r));
     }
 }

@@ -36,7 +36,8 @@
 //!   base64url engine `jwt`, `keys` and `mint` share), `mint` (keygen, signing), `origin`,
 //!   `cidr`, `ratelimit` (per-IP token buckets), `tickets` (one-time tickets), `usercap`
 //!   (per-user connection cap with RAII slots), `revocation`, `seclog`.
-//! - [`gate`]: the single seam from a parsed request to "upgrade" or "reject with status".
+//! - [`gate`]: the single seam from a parsed request to "upgrade" or "reject with status"
+//!   (and the CORS answers of `/v1/ticket`).
 //! - [`session`]: one connection's state machine after the `101`: `handle_*(now, ..)` in,
 //!   frames and [`session::Event`]s out.
 //! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `json` (JSON

@@ -142,6 +142,67 @@ fn demo_accepts_the_origins_of_its_own_address() {
     }
 }
 
+#[test]
+fn demo_allow_origin_lets_a_page_served_elsewhere_get_a_ticket_and_stream() {
+    let page = "http://127.0.0.1:8000";
+    let p = spawn(&["serve", "--allow-origin", page], &DEMO_ENV);
+    let token = demo_token(&p);
+    let port = p.addr.port();
+    let banner = loop {
+        let l = p
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("origins line");
+        if l.starts_with("accepted origins: ") {
+            break l;
+        }
+    };
+    for o in [
+        page.to_owned(),
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        assert!(banner.split([' ', ',']).any(|w| w == o), "{o} in {banner}");
+    }
+    assert!(banner.contains("requests without Origin"), "{banner}");
+    // What the page's fetch sends: the preflight, then the POST; then the stream.
+    let r = raw(
+        p.addr,
+        format!("OPTIONS /v1/ticket HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {page}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&r), 204, "{r}");
+    assert!(
+        r.contains(&format!("\r\nAccess-Control-Allow-Origin: {page}\r\n")),
+        "{r}"
+    );
+    let r = raw(
+        p.addr,
+        format!("POST /v1/ticket HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {page}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(
+        r.contains(&format!("\r\nAccess-Control-Allow-Origin: {page}\r\n")),
+        "{r}"
+    );
+    let v: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let ticket = v["ticket"].as_str().unwrap();
+    let r = raw(
+        p.addr,
+        &upgrade_req(
+            &format!("/v1/stream?ticket={ticket}"),
+            &format!("Origin: {page}\r\n"),
+        ),
+    );
+    assert_eq!(status_of(&r), 101, "{r}");
+    // Another page is still refused.
+    let r = raw(
+        p.addr,
+        b"OPTIONS /v1/ticket HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1:8001\r\nAccess-Control-Request-Method: POST\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 403, "{r}");
+    assert!(!r.contains("Access-Control-"), "{r}");
+}
+
 fn run(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(BIN).args(args).output().unwrap();
     (
@@ -234,6 +295,20 @@ fn usage_errors_exit_1_with_one_line() {
             "soon",
         ),
         (&[][..], "command"),
+        (
+            &["serve", "--allow-origin", "http://127.0.0.1:8000/"][..],
+            "--allow-origin http://127.0.0.1:8000/",
+        ),
+        (
+            &[
+                "serve",
+                "--config",
+                "/nonexistent/tickgate.toml",
+                "--allow-origin",
+                "http://127.0.0.1:8000",
+            ][..],
+            "auth.allowed_origins",
+        ),
     ] {
         let (code, out, err) = run(args);
         assert_eq!(code, 1, "{args:?}: {err}");

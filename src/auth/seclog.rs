@@ -105,6 +105,8 @@ wire_words! {
         Subprotocol => "subprotocol",
         Method => "method",
         TicketStoreFull => "ticket_store_full",
+        /// An accepted CORS preflight (`OPTIONS /v1/ticket`, `204`): not a ticket.
+        Preflight => "preflight",
         // Handshake refusals before the gate (counted; some also logged).
         MalformedHttp => "malformed_http",
         Timeout => "timeout",
@@ -827,6 +829,7 @@ mod tests {
                     "subprotocol",
                     "method",
                     "ticket_store_full",
+                    "preflight",
                     "expired",
                     "identity_mismatch",
                     "not_admin",

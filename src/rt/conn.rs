@@ -286,7 +286,7 @@ async fn handshake(
                 resp
             } else {
                 ctx.shared.tickets.forget(&ticket);
-                Response::text(503, "bus unavailable\n")
+                gate::bus_unavailable(&resp)
             };
             respond(stream, tls, resp).await;
             None

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::auth::keys::KeySet;
 use crate::auth::mint;
+use crate::auth::origin::parse_allowed_origin;
 use crate::auth::seclog::SecurityLog;
 use crate::config::Config;
 use crate::rt::ServerHandle;
@@ -65,7 +66,8 @@ impl Running {
 
 /// The embedded demo's configuration (OPS.md "The embedded demo"). It allows a missing
 /// `Origin`; the origins of its own address are added by `serve` once the address is final
-/// (after overrides, and after the bind for port 0), see [`demo_origins`].
+/// (after overrides, and after the bind for port 0), see [`demo_origins`], after those
+/// given with `--allow-origin` ([`add_extra_origins`]).
 pub fn demo_config() -> Config {
     let mut cfg = Config::default_production();
     cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
@@ -120,15 +122,37 @@ pub fn add_demo_origins(cfg: &mut Config, addr: SocketAddr) {
     }
 }
 
+/// Adds `extra` (the demo's `--allow-origin`s) to the allow-list, after any configured.
+/// Each must be an origin `auth.allowed_origins` accepts; the error names the first that
+/// is not.
+pub fn add_extra_origins(cfg: &mut Config, extra: &[String]) -> Result<(), String> {
+    for o in extra {
+        parse_allowed_origin(o).map_err(|why| format!("--allow-origin {o}: {why}"))?;
+        if !cfg.auth.allowed_origins.contains(o) {
+            cfg.auth.allowed_origins.push(o.clone());
+        }
+    }
+    Ok(())
+}
+
 /// The configuration `serve` runs with: the file (or the embedded demo's when there is
 /// none), then the environment, then `overrides` (`section`, `key`, `value`: the command
-/// line's), `server.shards = 0` made the core count, the demo's own origins, validated.
+/// line's), `server.shards = 0` made the core count, the demo's `extra_origins`
+/// (`--allow-origin`, demo only: with a file they are an error) and its own origins,
+/// validated. An override of `auth.allowed_origins` replaces the list it is given (the
+/// file's, or the demo's empty one); the demo's origins are added after it.
 pub fn load_config(
     config: Option<&Path>,
     env: &[(String, String)],
     overrides: &[(String, String, String)],
+    extra_origins: &[String],
 ) -> Result<Config, Failure> {
     let demo = config.is_none();
+    if !demo && !extra_origins.is_empty() {
+        return Err(Failure::usage(
+            "--allow-origin is for the embedded demo (no --config); with a config file list the origin in auth.allowed_origins",
+        ));
+    }
     let mut cfg = match config {
         Some(p) => Config::load(p, env).map_err(|e| Failure::usage(e.to_string()))?,
         None => {
@@ -148,6 +172,7 @@ pub fn load_config(
             .min(64);
     }
     if demo {
+        add_extra_origins(&mut cfg, extra_origins).map_err(Failure::usage)?;
         let listen = cfg.server.listen;
         add_demo_origins(&mut cfg, listen);
     }

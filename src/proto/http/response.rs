@@ -40,6 +40,15 @@ impl Response {
         }
     }
 
+    /// A response with no body and no `Content-Type`, e.g. `204 No Content`.
+    pub fn empty(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
     pub fn text(status: u16, body: &str) -> Self {
         Self {
             status,
@@ -50,15 +59,17 @@ impl Response {
 
     /// The wire bytes. A caller-supplied `Connection` header (the `426` carries
     /// `Connection: Upgrade`) is merged with `close` into one field instead of sending two;
-    /// a caller-supplied `Content-Length` is ignored because it is computed here.
+    /// a caller-supplied `Content-Length` is ignored because it is computed here. A `204`
+    /// has neither `Content-Length` nor a body (RFC 9110 8.6, 15.3.5): any body is dropped.
     pub fn to_bytes(&self) -> Vec<u8> {
         let informational = self.status == 101;
+        let no_content = informational || self.status == 204;
         let mut out = Vec::with_capacity(128 + self.body.len());
         push_line(
             &mut out,
             &format!("HTTP/1.1 {} {}", self.status, reason_phrase(self.status)),
         );
-        if !informational {
+        if !no_content {
             push_line(&mut out, &format!("Content-Length: {}", self.body.len()));
         }
         let has = |name: &str| self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
@@ -86,7 +97,7 @@ impl Response {
             push_line(&mut out, &format!("{name}: {value}"));
         }
         out.extend_from_slice(b"\r\n");
-        if !informational {
+        if !no_content {
             out.extend_from_slice(&self.body);
         }
         out
@@ -242,6 +253,18 @@ mod tests {
         assert!(!s.contains("X-D"));
         assert!(!s.contains("999"));
         assert_eq!(s.matches("\r\n\r\n").count(), 1);
+    }
+
+    #[test]
+    fn no_content_has_no_length_and_no_body() {
+        let s = text(&Response::empty(204).with_header("Vary", "Origin"));
+        assert_eq!(
+            s,
+            "HTTP/1.1 204 No Content\r\nConnection: close\r\nCache-Control: no-store\r\nVary: Origin\r\n\r\n"
+        );
+        let mut r = Response::text(204, "ignored\n");
+        r.headers.clear();
+        assert!(text(&r).ends_with("Cache-Control: no-store\r\n\r\n"));
     }
 
     #[test]
