@@ -5,11 +5,19 @@
 #
 # Single node: the (A)/(B) setup of perf/compare.sh (one shard pinned to core 0, loadgen on
 # core 1, a WebSocket publisher). Cluster: nats-server -js and two nodes of one shard each,
-# all three on core 0 (the same CPU budget as the single node), ticks fed through NATS
-# (`loadgen fanout --nats`, one message per tick on <prefix>.in.<SYMBOL>), subscribers
-# split over both nodes (`--also-target`). Then one node's ingest: 100 subscribers, one
-# per symbol, the rate stepped up until ticks drop. Needs nats-server (Debian's package).
-# Loopback only; every step is bounded in time.
+# ticks fed through NATS (`loadgen fanout --nats`, one message per tick on
+# <prefix>.in.<SYMBOL>), subscribers split over both nodes (`--also-target`), in two
+# layouts: `core0`, all three pinned to core 0 (the single node's CPU budget: the bus and
+# the second node take from the first), and `shared`, the three unpinned, sharing the two
+# cores with the load generator (still pinned to core 1). Rows:
+#   (A)   1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s: p50/p99;
+#   (A10k) the same at 10,000 ticks/s (saturates both sides on this machine);
+#   (H)   the bus hop alone: 100 subscribers, one symbol each, 10,000 ticks/s (no fan-out
+#         cost to hide it): p50/p99, single against cluster;
+#   (B)   zero-drop deliveries/s, rate stepped up to 80,000 ticks/s;
+#   (I)   one node's ingest (node 2 stopped): 100 subscribers, one per symbol, stepped up;
+#   (C)   CPU per ingested tick at 10,000 ticks/s on that node.
+# Needs nats-server (Debian's package). Loopback only; every step is bounded in time.
 set -euo pipefail
 
 ROUNDS=${1:-3}
@@ -74,8 +82,10 @@ run_lg() { # LABEL PID ARGS...
   grep '^{' "$TMP/out.txt" >>"$RES" || true
 }
 A=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --warmup 1 --duration 4)
-B=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates 2000,5000,10000,20000,40000
+B=(fanout --subscribers 1000 --symbols 100 --per-sub 10
+   --rates 5000,10000,15000,20000,25000,30000,40000,50000,60000,80000
    --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5)
+H=(fanout --subscribers 100 --symbols 100 --per-sub 1 --rate 10000 --warmup 1 --duration 4)
 
 single() { # ROUND
   taskset -c 0 "$TG" serve --config "$TMP/single.toml" >"$TMP/single.log" 2>&1 &
@@ -83,39 +93,44 @@ single() { # ROUND
   wait_ready 19280
   run_lg "A:single:$1" "$pid" "${A[@]}" --rate 1000 --target 127.0.0.1:18280
   run_lg "A10k:single:$1" "$pid" "${A[@]}" --rate 10000 --target 127.0.0.1:18280
+  run_lg "H:single:$1" "$pid" "${H[@]}" --target 127.0.0.1:18280
   run_lg "B:single:$1" "$pid" "${B[@]}" --target 127.0.0.1:18280
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
-cluster() { # ROUND
+cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinned)
+  local cores=0 side="core0"
+  [[ $2 == shared ]] && cores=0,1 side="shared"
   rm -rf "$TMP/js"
-  taskset -c 0 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
+  taskset -c $cores nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
   local np=$!; PIDS+=("$np")
   sleep 0.3
-  taskset -c 0 "$TG" serve --config "$TMP/n1.toml" >"$TMP/n1.log" 2>&1 &
+  taskset -c $cores "$TG" serve --config "$TMP/n1.toml" >"$TMP/n1.log" 2>&1 &
   local p1=$!; PIDS+=("$p1")
-  taskset -c 0 "$TG" serve --config "$TMP/n2.toml" >"$TMP/n2.log" 2>&1 &
+  taskset -c $cores "$TG" serve --config "$TMP/n2.toml" >"$TMP/n2.log" 2>&1 &
   local p2=$!; PIDS+=("$p2")
   wait_ready 19281; wait_ready 19282; leader_up
   local via=(--target 127.0.0.1:18281 --also-target 127.0.0.1:18282 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench)
-  run_lg "A:cluster:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
-  run_lg "A10k:cluster:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"
-  run_lg "B:cluster:$1" "$p1" "${B[@]}" "${via[@]}"
+  run_lg "A:$side:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
+  run_lg "A10k:$side:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"
+  run_lg "H:$side:$1" "$p1" "${H[@]}" "${via[@]}"
+  run_lg "B:$side:$1" "$p1" "${B[@]}" "${via[@]}"
   # One node's ingest: node 2 stopped, node 1 leads (after the claim expires) and has one
   # subscriber per symbol.
   kill "$p2"; wait "$p2" 2>/dev/null || true
   leader_up
-  run_lg "I:cluster:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 \
+  run_lg "I:$side:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 \
     --rates 5000,10000,20000,40000,80000,160000 --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5 \
     --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
-  run_lg "C:cluster:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 --rate 10000 \
+  run_lg "C:$side:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 --rate 10000 \
     --warmup 1 --duration 4 --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
   kill "$p1" "$np"; wait "$p1" "$np" 2>/dev/null || true
 }
 
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) $(nats-server --version) load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for r in $(seq 1 "$ROUNDS"); do
-  if (( r % 2 )); then single "$r"; cluster "$r"; else cluster "$r"; single "$r"; fi
+  if (( r % 2 )); then single "$r"; cluster "$r" core0; cluster "$r" shared
+  else cluster "$r" shared; cluster "$r" core0; single "$r"; fi
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
@@ -128,15 +143,24 @@ def med(vals):
     vals = [v for v in vals if isinstance(v, (int, float))]
     if not vals: return "-"
     return f"{statistics.median(vals):,.0f} ({min(vals):,.0f}-{max(vals):,.0f}, n={len(vals)})"
-for side in ("single", "cluster"):
-    for m in ("A", "A10k"):
+for side in ("single", "core0", "shared"):
+    for m in ("A", "A10k", "H"):
         a = pick(f"{m}:{side}:")
         print(f"{side:8} ({m}) p50 us {med([r.get('p50_us') for r in a])}; p99 us {med([r.get('p99_us') for r in a])}")
     b = pick(f"B:{side}:")
     print(f"{side:8} (B) zero-drop deliveries/s {med([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
-i = pick("I:cluster:")
-print(f"one node's ingest, zero-drop ticks/s (1 subscriber per symbol): {med([r.get('max_zero_drop_deliveries_per_s') for r in i])}")
-c = pick("C:cluster:")
+for side in ("core0", "shared"):
+    hops = []
+    for h in pick(f"H:{side}:"):
+        rnd = h["label"].split(":")[-1]
+        base = [r for r in pick(f"H:single:{rnd}") if isinstance(r.get("p50_us"), (int, float))]
+        if base and isinstance(h.get("p50_us"), (int, float)):
+            hops.append(h["p50_us"] - base[0]["p50_us"])
+    print(f"{side:8} (H) the bus hop, added p50 us (cluster minus single, same round): {med(hops)}")
+for side in ("core0", "shared"):
+    i = pick(f"I:{side}:")
+    print(f"{side:8} one node's ingest, zero-drop ticks/s (1 subscriber per symbol): {med([r.get('max_zero_drop_deliveries_per_s') for r in i])}")
+c = pick("C:")
 for r in c:
     cpu = r.get("server_cpu_pct")
     if isinstance(cpu, (int, float)):
