@@ -372,6 +372,11 @@ fn serve(
     if let Some(sk) = &running.demo_key {
         print_demo_banner(sk, handle.public_addr);
         println!("{}", demo_origins_line(&shared.auth().origins));
+        if shared.cfg.server.demo_page
+            && let Some(url) = serve::demo_page_url(handle.public_addr, shared.tls.is_some())
+        {
+            println!("demo page (live ticks and latency in a browser): {url}");
+        }
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -379,17 +384,7 @@ fn serve(
 }
 
 fn print_demo_banner(sk: &ed25519_dalek::SigningKey, addr: std::net::SocketAddr) {
-    let now = unix_now();
-    let claims = Claims {
-        sub: "demo".into(),
-        exp: now + 600,
-        iat: Some(now),
-        sid: Some("demo-1".into()),
-        roles: vec!["subscriber".into(), "publisher".into()],
-        symbols: vec!["*".into()],
-        ..Claims::default()
-    };
-    let token = mint::sign_token(sk, "demo", &claims);
+    let token = mint::demo_token(sk, mint::DemoHolder::Banner, unix_now());
     println!("demo token (sub=demo, subscriber+publisher, all symbols, valid 10 minutes):");
     println!("{token}");
     println!("try it (in another terminal):");
@@ -461,6 +456,31 @@ mod tests {
         assert_eq!(origins("192.0.2.7:8443", true), ["https://192.0.2.7:8443"]);
         assert_eq!(origins("[fe80::1%2]:8080", false), ["http://[fe80::1]:8080"]);
         assert!(origins("127.0.0.1:0", false).is_empty());
+    }
+
+    #[test]
+    fn demo_page_url_is_an_origin_the_demo_accepts() {
+        let url = |a: &str, tls| serve::demo_page_url(a.parse().unwrap(), tls);
+        assert_eq!(
+            url("127.0.0.1:8080", false).as_deref(),
+            Some("http://127.0.0.1:8080/")
+        );
+        assert_eq!(
+            url("0.0.0.0:8080", false).as_deref(),
+            Some("http://127.0.0.1:8080/")
+        );
+        assert_eq!(url("[::1]:8443", true).as_deref(), Some("https://[::1]:8443/"));
+        assert_eq!(url("127.0.0.1:0", false), None);
+        for a in ["127.0.0.1:8080", "[::]:9000", "192.0.2.7:80"] {
+            let page = url(a, false).unwrap();
+            assert!(
+                origins(a, false).contains(&page.trim_end_matches('/').to_owned()),
+                "{a}"
+            );
+        }
+        // The demo serves it; production only when configured.
+        assert!(demo_config().server.demo_page);
+        assert!(!Config::default_production().server.demo_page);
     }
 
     #[test]

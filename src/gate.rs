@@ -16,6 +16,9 @@
 //! ([`CORS_MAX_AGE_SECS`] and the other constants below), and every other answer there
 //! carries `Vary: Origin` and, for an allowed `Origin`, `Access-Control-Allow-Origin`
 //! echoing it. "Allowed" is the upgrade's own check ([`crate::auth::origin::OriginPolicy`]).
+//!
+//! `GET /` (the live demo page, `server.demo_page`) and `POST /v1/demo-token` (the
+//! embedded demo's token for that page) are decided in [`demo`].
 
 use std::net::IpAddr;
 
@@ -28,6 +31,7 @@ use crate::auth::usercap::{self, UserSlot};
 use crate::proto::http::{self, Credential, Request, Response, Route};
 use crate::state::Shared;
 
+pub mod demo;
 pub mod pending;
 
 /// A connection that passed every check: the caller answers `101` with these values.
@@ -212,10 +216,26 @@ pub fn handle_public_with(
             };
             ticket(shared, &auth, req, ip, rate, now_ms, &audit)
         }
-        _ => match rate {
-            RateDecision::Deny { retry_after_secs } => Outcome::Respond(too_many(retry_after_secs)),
-            RateDecision::Allow => Outcome::Respond(Response::text(404, "not found\n")),
-        },
+        Route::Page if shared.cfg.server.demo_page => Outcome::Respond(demo::page(req, rate)),
+        Route::DemoToken if shared.demo_key.is_some() => {
+            let audit = Audit {
+                shared,
+                now_ms,
+                event: Event::DemoToken,
+                ip,
+                origin,
+            };
+            demo::token(shared, &auth, req, rate, now_ms, &audit)
+        }
+        _ => Outcome::Respond(not_found(rate)),
+    }
+}
+
+/// A path that does not exist here: `404`, or `429` when the client is over its limit.
+fn not_found(rate: RateDecision) -> Response {
+    match rate {
+        RateDecision::Deny { retry_after_secs } => too_many(retry_after_secs),
+        RateDecision::Allow => Response::text(404, "not found\n"),
     }
 }
 

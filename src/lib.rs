@@ -37,7 +37,9 @@
 //!   `cidr`, `ratelimit` (per-IP token buckets), `tickets` (one-time tickets), `usercap`
 //!   (per-user connection cap with RAII slots), `revocation`, `seclog`.
 //! - [`gate`]: the single seam from a parsed request to "upgrade" or "reject with status"
-//!   (and the CORS answers of `/v1/ticket`).
+//!   (and the CORS answers of `/v1/ticket`); `gate::demo`: the live demo page (`GET /`,
+//!   `server.demo_page`, the HTML compiled in from `gate/demo.html`) and the embedded
+//!   demo's `POST /v1/demo-token`.
 //! - [`session`]: one connection's state machine after the `101`: `handle_*(now, ..)` in,
 //!   frames and [`session::Event`]s out.
 //! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `json` (JSON

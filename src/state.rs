@@ -134,6 +134,10 @@ pub struct Shared {
     pub tls: Option<crate::tls::TlsState>,
     /// The one clock (see [`Shared::now_ms`]).
     pub clock: Clock,
+    /// The embedded demo's in-memory signing key, which `POST /v1/demo-token` mints the
+    /// demo page's tokens with ([`crate::gate::demo`]). Set with [`Shared::with_demo_key`]
+    /// by the embedded demo only: elsewhere `None`, and that endpoint does not exist.
+    pub demo_key: Option<ed25519_dalek::SigningKey>,
 }
 
 impl Shared {
@@ -176,6 +180,7 @@ impl Shared {
             bus: crate::bus::Link::default(),
             tls: None,
             clock: Clock::start(),
+            demo_key: None,
             cfg,
         }
     }
@@ -195,6 +200,12 @@ impl Shared {
     /// Attach the loaded `[tls]` state (see [`crate::tls::TlsState::load`]).
     pub fn with_tls(mut self, tls: crate::tls::TlsState) -> Shared {
         self.tls = Some(tls);
+        self
+    }
+
+    /// The embedded demo's signing key (see [`Shared::demo_key`]).
+    pub fn with_demo_key(mut self, key: ed25519_dalek::SigningKey) -> Shared {
+        self.demo_key = Some(key);
         self
     }
 

@@ -444,3 +444,79 @@ async fn sighup_rotates_keys_without_dropping_connections() {
     send_json(&mut live, json!({"op":"ping","id":9})).await;
     assert_eq!(next_json(&mut live).await, json!({"type":"pong","id":9}));
 }
+
+#[test]
+fn demo_serves_its_page_and_page_tokens_and_production_does_not() {
+    let p = spawn(&["serve"], &DEMO_ENV);
+    let line = loop {
+        let l = p
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("demo page line");
+        if l.starts_with("demo page") {
+            break l;
+        }
+    };
+    assert!(line.ends_with(&format!(" http://{}/", p.addr)), "{line}");
+    let r = raw(p.addr, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(
+        r.contains("\r\nContent-Type: text/html; charset=utf-8\r\n"),
+        "{r}"
+    );
+    assert!(r.contains("<pre id=\"state\">"), "{r}");
+    // The page's token: from its own origin, a subscriber token the stream accepts.
+    let origin = format!("http://{}", p.addr);
+    let r = raw(
+        p.addr,
+        format!(
+            "POST /v1/demo-token HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {origin}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status_of(&r), 200, "{r}");
+    let v: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let token = v["token"].as_str().unwrap();
+    let auth = format!("Authorization: Bearer {token}\r\nOrigin: {origin}\r\n");
+    assert_eq!(status_of(&raw(p.addr, &upgrade_req("/v1/stream", &auth))), 101);
+    // From another origin: refused.
+    let r = raw(
+        p.addr,
+        b"POST /v1/demo-token HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1:1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 403, "{r}");
+    drop(p);
+
+    // The demo with the page turned off: no page (the token endpoint stays).
+    let p = spawn(&["serve", "--set", "server.demo_page=false"], &DEMO_ENV);
+    assert_eq!(status_of(&raw(p.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")), 404);
+    drop(p);
+
+    // A config file: the page only when configured, never the demo's token endpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let cfgp = dir.path().join("tg.toml");
+    std::fs::write(
+        &cfgp,
+        "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin_cores = false\ndemo_page = true\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_missing_origin = true\n[log]\nsecurity = \"/dev/null\"\n",
+    )
+    .unwrap();
+    let p = spawn(&["serve", "--config", cfgp.to_str().unwrap()], &[]);
+    assert_eq!(status_of(&raw(p.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")), 200);
+    let r = raw(
+        p.addr,
+        b"POST /v1/demo-token HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 404, "{r}");
+    drop(p);
+    let p = spawn(
+        &[
+            "serve",
+            "--config",
+            cfgp.to_str().unwrap(),
+            "--set",
+            "server.demo_page=false",
+        ],
+        &[],
+    );
+    assert_eq!(status_of(&raw(p.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")), 404);
+}

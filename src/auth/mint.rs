@@ -80,6 +80,47 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
+/// The `kid` of the embedded demo's in-memory key.
+pub const DEMO_KID: &str = "demo";
+
+/// How long the embedded demo's tokens live (the banner's and the demo page's), seconds.
+pub const DEMO_TOKEN_TTL_SECS: u64 = 600;
+
+/// Whom an embedded-demo token is for (see [`demo_claims`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoHolder {
+    /// The start banner's token, to try with a client: `sub` `demo`, `sid` `demo-1`,
+    /// subscriber and publisher.
+    Banner,
+    /// The demo page's (`POST /v1/demo-token`, minted for anyone who can reach the demo):
+    /// `sub` `demo`, `sid` `demo-page`, subscriber only, so a page cannot publish.
+    Page,
+}
+
+/// The claims of an embedded-demo token issued at `now` (Unix seconds): all symbols,
+/// valid [`DEMO_TOKEN_TTL_SECS`]. Every demo token of one holder has the same `sub` and
+/// `sid`, so a fresh one is a valid `reauth` for a connection opened with an older one.
+pub fn demo_claims(holder: DemoHolder, now: u64) -> Claims {
+    let (sid, roles): (&str, &[&str]) = match holder {
+        DemoHolder::Banner => ("demo-1", &["subscriber", "publisher"]),
+        DemoHolder::Page => ("demo-page", &["subscriber"]),
+    };
+    Claims {
+        sub: "demo".into(),
+        exp: now.saturating_add(DEMO_TOKEN_TTL_SECS),
+        iat: Some(now),
+        sid: Some(sid.into()),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        symbols: vec!["*".into()],
+        ..Claims::default()
+    }
+}
+
+/// An embedded-demo token ([`demo_claims`]) signed with the demo's key under [`DEMO_KID`].
+pub fn demo_token(key: &SigningKey, holder: DemoHolder, now: u64) -> String {
+    sign_token(key, DEMO_KID, &demo_claims(holder, now))
+}
+
 /// Signs `claims` as a compact JWS with header `{"alg":"EdDSA","kid":kid,"typ":"JWT"}`.
 pub fn sign_token(key: &SigningKey, kid: &str, claims: &Claims) -> String {
     let header = serde_json::json!({ "alg": "EdDSA", "kid": kid, "typ": "JWT" }).to_string();

@@ -75,6 +75,8 @@ wire_words! {
         Close => "close",
         /// The admin listener refused a connection without answering it.
         Admin => "admin",
+        /// `POST /v1/demo-token`, the embedded demo's token for its page.
+        DemoToken => "demo_token",
     }
 }
 

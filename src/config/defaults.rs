@@ -25,6 +25,7 @@ impl Default for ServerConfig {
             max_connections_per_shard: 100_000,
             pending_handshakes_per_shard: 1024,
             driver: "auto".to_owned(),
+            demo_page: false,
         }
     }
 }

@@ -31,6 +31,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("max_connections_per_shard", Int),
                 ("pending_handshakes_per_shard", Int),
                 ("driver", Str),
+                ("demo_page", Bool),
             ],
         ),
         ("tls", &[("cert", Str), ("key", Str)]),

@@ -43,6 +43,7 @@
 //! | `server.max_connections_per_shard` | 100000 | live connections per shard (at most 1,000,000) |
 //! | `server.pending_handshakes_per_shard` | 1024 | connections still in the HTTP upgrade, per shard |
 //! | `server.driver` | "auto" | `"auto"`: io_uring when the kernel allows it, else epoll; `"epoll"`: always epoll |
+//! | `server.demo_page` | false | serve the live demo page at `GET /` of the public listener (the embedded demo: on) |
 //! | `limits.max_head_bytes` | 8192 | bytes of an HTTP request head (request line + headers) |
 //! | `limits.max_headers` | 32 | header lines in an HTTP request head |
 //! | `limits.first_byte_timeout` | 2s | a new socket must send its first byte within this (above `handshake_timeout` it never binds) |
@@ -216,6 +217,9 @@ pub struct ServerConfig {
     /// or `"epoll"` (always epoll, e.g. to compare, or where io_uring is audited). Default
     /// `"auto"`.
     pub driver: String,
+    /// Extension: serve the live demo page (`GET /`, a page compiled into the binary) on
+    /// the public listener. Default false; the embedded demo turns it on.
+    pub demo_page: bool,
 }
 
 /// `[tls]`: both files are required when the section is present.

@@ -93,6 +93,7 @@ fn defaults_are_the_ops_values() {
     assert_eq!(c.server.io_uring_entries, 4096);
     assert!(!c.server.sqpoll);
     assert_eq!(c.server.driver, "auto");
+    assert!(!c.server.demo_page);
     assert_eq!(c.server.drain_timeout, secs(10));
     assert_eq!(c.server.max_connections_per_shard, 100_000);
     assert_eq!(c.server.pending_handshakes_per_shard, 1024);

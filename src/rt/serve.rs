@@ -73,6 +73,7 @@ pub fn demo_config() -> Config {
     cfg.server.listen = "127.0.0.1:8080".parse().expect("static address");
     cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
     cfg.auth.allow_missing_origin = true;
+    cfg.server.demo_page = true;
     cfg.feed.simulator = true;
     cfg.feed.simulator_symbols = vec![
         "BTC-USD".into(),
@@ -110,6 +111,13 @@ pub fn demo_origins(addr: SocketAddr, tls: bool) -> Vec<String> {
         origins.push(format!("{scheme}://localhost:{port}"));
     }
     origins
+}
+
+/// The demo page's address for a listener bound to `addr`: the first of its own origins
+/// ([`demo_origins`], so the page's origin is one the demo accepts) and `/`. `None` for
+/// port 0.
+pub fn demo_page_url(addr: SocketAddr, tls: bool) -> Option<String> {
+    demo_origins(addr, tls).into_iter().next().map(|o| o + "/")
 }
 
 /// Adds the origins of `addr` ([`demo_origins`]) to the allow-list, after any the operator
@@ -197,7 +205,7 @@ pub fn start(cfg: Config, config: Option<PathBuf>) -> Result<Running, Failure> {
             }
         };
         let mut ks = KeySet::new();
-        if ks.insert("demo", sk.verifying_key()).is_err() {
+        if ks.insert(mint::DEMO_KID, sk.verifying_key()).is_err() {
             return Err(Failure::start("demo key set"));
         }
         demo_key = Some(sk);
@@ -232,6 +240,9 @@ pub fn start(cfg: Config, config: Option<PathBuf>) -> Result<Running, Failure> {
     let mut shared = Shared::new(cfg, auth, seclog);
     if let Some(t) = tls {
         shared = shared.with_tls(t);
+    }
+    if let Some(k) = &demo_key {
+        shared = shared.with_demo_key(k.clone());
     }
     let shared = Arc::new(shared);
     let handle = match super::start(shared.clone()) {

@@ -26,6 +26,10 @@ pub enum Route {
     Readyz,
     Metrics,
     AdminRevoke,
+    /// `/`: the demo page (`server.demo_page`).
+    Page,
+    /// `/v1/demo-token`: the embedded demo's token for its page.
+    DemoToken,
     NotFound,
 }
 
@@ -37,6 +41,8 @@ pub fn route(path: &str) -> Route {
         "/readyz" => Route::Readyz,
         "/metrics" => Route::Metrics,
         "/admin/revoke" => Route::AdminRevoke,
+        "/" => Route::Page,
+        "/v1/demo-token" => Route::DemoToken,
         _ => Route::NotFound,
     }
 }
@@ -230,8 +236,12 @@ mod tests {
         assert_eq!(route("/readyz"), Route::Readyz);
         assert_eq!(route("/metrics"), Route::Metrics);
         assert_eq!(route("/admin/revoke"), Route::AdminRevoke);
+        assert_eq!(route("/"), Route::Page);
+        assert_eq!(route("/v1/demo-token"), Route::DemoToken);
         for p in [
-            "/",
+            "//",
+            "/index.html",
+            "/v1/demo-token/",
             "/v1/stream/",
             "/v1/%73tream",
             "/V1/STREAM",
