@@ -4,6 +4,10 @@
 #   perf/compare.sh           # full run (~2 minutes after a ~2.5-minute build)
 #   perf/compare.sh --quick   # ~1 minute version (shorter steps, fewer idle connections)
 #
+# Output: the table on stdout, then the raw JSON lines, then where the latency plot of (A)
+# went: perf/latency.svg (or $PLOT), tickgate, the baseline and the floor (F) on one
+# latency-by-percentile plot (`loadgen plot`, from each run's `--save-hist`).
+#
 # Server on core 0 (`taskset -c 0`; tickgate with shards=1, the baseline with one tokio
 # worker thread), load generator on core 1 (`taskset -c 1`, one tokio worker). Scenarios:
 #   (A) 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s)
@@ -100,7 +104,8 @@ T0=$SECONDS
 for S in tickgate baseline; do
   echo "# [$S] (A) fanout 1000 x 10/100 @ 1000 ticks/s" >&2
   start "$S"
-  lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID"
+  lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID" \
+    --save-hist "$TMP/A-$S.hist"
   echo "# [$S] (B) zero-drop search over $RATES ticks/s" >&2
   lg "B:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates "$RATES" --stop-on-drop \
     --warmup "$B_WARM" --duration "$B_DUR" --drain "$B_DRAIN" --server-pid "$SPID"
@@ -116,10 +121,32 @@ for S in tickgate baseline; do
 done
 echo "# (F) machine floor for (A): loadgen floor, no server" >&2
 taskset -c 0,1 "$LG" floor --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 \
-  --warmup "$A_WARM" --duration "$A_DUR" --label "F:floor" --json >"$TMP/out.txt" 2>"$TMP/err.txt" ||
+  --warmup "$A_WARM" --duration "$A_DUR" --label "F:floor" --json --save-hist "$TMP/A-floor.hist" \
+  >"$TMP/out.txt" 2>"$TMP/err.txt" ||
   echo "  (loadgen floor exit $?: $(tail -1 "$TMP/err.txt"))" >&2
 grep '^{' "$TMP/out.txt" >>"$RES" || true
 echo "# scenarios took $((SECONDS - T0)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+# (A)'s latency by percentile distribution: the three runs on one SVG (a run that failed
+# is left out; the plot is skipped if none has a histogram).
+PLOT=${PLOT:-$ROOT/perf/latency.svg}
+PLOT_ARGS=()
+for s in tickgate baseline floor; do
+  name=$s; [[ $s == floor ]] && name="floor (F, no server)"
+  [[ -s "$TMP/A-$s.hist" ]] && PLOT_ARGS+=(--series "$name=$TMP/A-$s.hist")
+done
+PLOT_MSG="latency plot (A): not written (no histogram saved)"
+if [[ ${#PLOT_ARGS[@]} -gt 0 ]]; then
+  if "$LG" plot --out "$PLOT" "${PLOT_ARGS[@]}" \
+    --title "(A) 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s: latency by percentile" \
+    --note "perf/compare.sh$([[ $QUICK == 1 ]] && echo ' --quick'), ${A_DUR} s measured, $(date -u +%F), $(nproc) CPUs, $(uname -r); server on core 0, loadgen on core 1" \
+    >"$TMP/plot.txt" 2>"$TMP/err.txt"; then
+    PLOT_MSG="latency plot (A): $PLOT"
+  else
+    PLOT_MSG="latency plot (A): not written: $(tail -1 "$TMP/err.txt")"
+  fi
+fi
+echo "# $PLOT_MSG" >&2
 
 python3 - "$RES" <<'PY'
 import json, sys
@@ -180,3 +207,5 @@ print()
 print("raw JSON lines:")
 for r in rows: print(json.dumps(r, sort_keys=True))
 PY
+echo
+echo "$PLOT_MSG"

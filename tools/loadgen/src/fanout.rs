@@ -25,6 +25,7 @@ use tickgate::auth::jwt::VerifyPolicy;
 
 use crate::common::{self, Common, Ctx, Report, Scenario, histogram, now_ns, percentiles, us};
 use crate::lean;
+use crate::plot::HistOut;
 
 #[derive(Args, Debug, Clone)]
 pub struct FanoutArgs {
@@ -90,6 +91,8 @@ pub struct FanoutArgs {
     pub nats: Option<String>,
     #[arg(long, default_value = "tickgate")]
     pub nats_prefix: String,
+    #[command(flatten)]
+    pub out: HistOut,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -168,6 +171,11 @@ pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
     } else {
         Ok(())
     };
+    let steps = if a.simulator { 1 } else { a.rates.len().max(1) };
+    if let Err(e) = a.out.check(steps) {
+        eprintln!("loadgen: {e}");
+        return 1;
+    }
     common::launch(&a.common.clone(), bounds, move |ctx| run(a, ctx, reauth))
 }
 
@@ -305,6 +313,8 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     let mut exit = 0;
     let mut best_zero_drop: Option<u64> = None;
     let sched = Arc::new(std::sync::OnceLock::<&'static str>::new());
+    // Each step's histogram, for --plot / --save-hist.
+    let mut step_hists: Vec<(String, Histogram<u64>)> = Vec::new();
     for (step, &rate) in rates.iter().enumerate() {
         let interval = if a.simulator {
             1_000_000_000 / (a.sim_rate.max(1) * k)
@@ -473,6 +483,19 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         }
         println!("== {mode} step {step}{} ==", a.common.label_suffix());
         r.print(a.common.json);
+        if a.out.plot.is_some() || a.out.save_hist.is_some() {
+            let base = if a.common.label.is_empty() {
+                mode
+            } else {
+                &a.common.label
+            };
+            let label = if rates.len() > 1 {
+                format!("{base} @ {rate} ticks/s")
+            } else {
+                base.to_string()
+            };
+            step_hists.push((label, h));
+        }
         let dropped = pstats
             .as_ref()
             .zip(expected)
@@ -500,6 +523,29 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
     }
     for t in &tasks {
         t.abort();
+    }
+    if a.out.plot.is_some() || a.out.save_hist.is_some() {
+        let source = if a.simulator {
+            "the server's simulator".to_string()
+        } else if rates.len() > 1 {
+            format!(
+                "{} ticks/s",
+                a.rates.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            format!("{} ticks/s", rates[0])
+        };
+        let note = format!(
+            "loadgen {mode}: {n} subscribers x {k} of {} symbols, {source}, {} s per step",
+            names.len(),
+            a.duration
+        );
+        let code = a
+            .out
+            .write(&step_hists, "Latency by percentile distribution", &note);
+        if exit == 0 {
+            exit = code;
+        }
     }
     exit
 }

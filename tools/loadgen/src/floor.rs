@@ -30,6 +30,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 
 use crate::common::{Report, Scenario, assignment, histogram, percentiles};
+use crate::plot::HistOut;
 
 #[derive(Args, Debug, Clone)]
 pub struct FloorArgs {
@@ -61,6 +62,8 @@ pub struct FloorArgs {
     /// Label for the report.
     #[arg(long, default_value = "")]
     pub label: String,
+    #[command(flatten)]
+    pub out: HistOut,
 }
 
 /// Record layout: the stamp (ns on the monotonic clock, little endian), then padding.
@@ -503,6 +506,10 @@ pub fn run(a: &FloorArgs) -> Result<Outcome, String> {
 }
 
 pub fn main(a: FloorArgs) -> i32 {
+    if let Err(e) = a.out.check(1) {
+        eprintln!("loadgen floor: {e}");
+        return 1;
+    }
     let o = match run(&a) {
         Ok(o) => o,
         Err(e) => {
@@ -543,7 +550,20 @@ pub fn main(a: FloorArgs) -> i32 {
         eprintln!("loadgen floor: received more window records than were sent (accounting error)");
         return 2;
     }
-    0
+    let label = if a.label.is_empty() { "floor" } else { &a.label };
+    let note = format!(
+        "loadgen floor: {} subscribers x {} of {} symbols, {} ticks/s, {} s",
+        a.scenario.subscribers,
+        a.scenario.per_sub.min(a.scenario.symbols),
+        a.scenario.symbols,
+        a.scenario.rate,
+        a.duration
+    );
+    a.out.write(
+        &[(label.to_string(), o.hist)],
+        "Latency by percentile distribution",
+        &note,
+    )
 }
 
 #[cfg(test)]
@@ -568,6 +588,7 @@ mod tests {
             max_queued: 1 << 20,
             json: false,
             label: String::new(),
+            out: HistOut::default(),
         };
         let o = run(&a).expect("run");
         assert!(o.expected > 0);
@@ -614,6 +635,7 @@ mod tests {
             max_queued: 8,
             json: false,
             label: String::new(),
+            out: HistOut::default(),
         };
         assert!(bounds(&ok).is_ok());
         for bad in [

@@ -8,6 +8,19 @@
 //! Loopback only, every mode bounded in count and time. See `perf/compare.sh` for the
 //! scenarios of issue 6.
 //!
+//! ## Latency plots
+//!
+//! ```text
+//! loadgen fanout ... --plot run.svg --save-hist run.hist     # also `floor`
+//! loadgen plot --out latency.svg --series tickgate=tg.hist --series floor=floor.hist \
+//!     [--title T] [--note "scenario, machine"]
+//! ```
+//!
+//! `--plot` draws the run's latency by percentile distribution (HdrHistogram's classic
+//! plot: x = percentile on a log scale of 1/(1-p), y = ms) as a self-contained SVG;
+//! `--save-hist` keeps the histogram (HdrHistogram V2 encoding, base64) and `plot` draws several on one
+//! SVG with a legend (`perf/compare.sh` does it for scenario (A)). Details in `plot.rs`.
+//!
 //! ## `abuse`: rerunning the denial-of-service attacks against any build
 //!
 //! ```text
@@ -36,6 +49,7 @@ mod floor;
 mod handshake;
 mod idle;
 mod lean;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -62,6 +76,8 @@ enum Mode {
     /// Replays a denial-of-service attack (head, pings, silent, admin, symbols) while a
     /// watcher from a second loopback address measures whether others are still served.
     Abuse(abuse::AbuseArgs),
+    /// Draws saved histograms (`--save-hist`) on one latency-by-percentile SVG plot.
+    Plot(plot::PlotArgs),
 }
 
 fn main() {
@@ -75,6 +91,7 @@ fn main() {
         Mode::Idle(a) => idle::main(a),
         Mode::Floor(a) => floor::main(a),
         Mode::Abuse(a) => abuse::main(a),
+        Mode::Plot(a) => plot::main(a),
     };
     std::process::exit(code);
 }
