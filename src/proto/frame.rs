@@ -49,6 +49,8 @@ pub const MAX_CLIENT_HEADER: usize = 14;
 
 const FIN_BIT: u8 = 0x80;
 const RSV_BITS: u8 = 0x70;
+/// RSV1: "this message is compressed" under permessage-deflate (RFC 7692 section 6).
+pub const RSV1_BIT: u8 = 0x40;
 const MASK_BIT: u8 = 0x80;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -561,6 +563,38 @@ pub fn encode_frame_into(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(n + payload.len());
     out.extend_from_slice(&header[..n]);
     out.extend_from_slice(payload);
+}
+
+/// Appends an unmasked server frame with FIN and RSV1 set: a message compressed with
+/// permessage-deflate (RFC 7692 section 6), `payload` already deflated. Data frames only.
+pub fn encode_compressed_frame_into(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    let mut header = [0u8; MAX_SERVER_HEADER];
+    let n = write_header_bits(FIN_BIT | RSV1_BIT | opcode.as_u8(), 0, payload.len(), &mut header);
+    out.reserve(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// Splits a complete server frame (unmasked, as the encoders above write it) into its
+/// first byte and its payload; `None` if `frame` is not exactly one such frame.
+pub fn server_frame_parts(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let (&b0, rest) = frame.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    if b1 & MASK_BIT != 0 {
+        return None;
+    }
+    let (len, rest) = match b1 & 0x7f {
+        126 => {
+            let (l, rest) = rest.split_first_chunk::<2>()?;
+            (usize::from(u16::from_be_bytes(*l)), rest)
+        }
+        127 => {
+            let (l, rest) = rest.split_first_chunk::<8>()?;
+            (usize::try_from(u64::from_be_bytes(*l)).ok()?, rest)
+        }
+        n => (usize::from(n), rest),
+    };
+    (rest.len() == len).then_some((b0, rest))
 }
 
 /// An unmasked server frame with FIN set, in one exactly sized allocation.
