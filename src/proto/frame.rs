@@ -151,6 +151,8 @@ pub enum ProtocolError {
     BadClosePayload,
     #[error("invalid close code")]
     InvalidCloseCode,
+    #[error("compressed message does not inflate")]
+    BadCompressedData,
 }
 
 impl ProtocolError {
@@ -160,6 +162,7 @@ impl ProtocolError {
         match self {
             Self::TooBig => "message too big",
             Self::InvalidUtf8 => "invalid utf-8",
+            Self::BadCompressedData => "invalid compressed data",
             _ => "protocol error",
         }
     }
@@ -167,7 +170,7 @@ impl ProtocolError {
     /// The close code to send before dropping the connection.
     pub fn close_code(&self) -> u16 {
         match self {
-            Self::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Self::InvalidUtf8 | Self::BadCompressedData => CloseCode::INVALID_PAYLOAD,
             Self::TooBig => CloseCode::TOO_BIG,
             Self::UnmaskedFrame
             | Self::ReservedBits
@@ -232,6 +235,32 @@ pub struct Decoder {
     /// UTF-8 state of the current text message, carried across fragments and partial reads.
     utf8: Utf8Validator,
     poisoned: Option<ProtocolError>,
+    /// permessage-deflate, when negotiated (boxed: most connections never have it).
+    inflate: Option<Box<Inbound>>,
+}
+
+/// The inbound side of permessage-deflate: RSV1 marks the first frame of a compressed
+/// message, whose frames are inflated as they complete, the inflated size bounded by
+/// `max_message_bytes` (over it: [`ProtocolError::TooBig`], whatever the compressed size).
+#[derive(Debug)]
+struct Inbound {
+    window_bits: u8,
+    no_context: bool,
+    /// Created at the first compressed message; dropped after each message when the
+    /// client keeps no context.
+    inflater: Option<InflaterBox>,
+    /// The message in progress is compressed.
+    compressed: bool,
+    /// Compressed payload bytes of that message so far (bounded like a plain message).
+    wire: usize,
+}
+
+struct InflaterBox(super::deflate::Inflater);
+
+impl std::fmt::Debug for InflaterBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inflater")
+    }
 }
 
 impl Decoder {
@@ -243,7 +272,27 @@ impl Decoder {
             message_buf: Vec::new(),
             utf8: Utf8Validator::new(),
             poisoned: None,
+            inflate: None,
         }
+    }
+
+    /// Accepts compressed messages (RSV1) as negotiated with permessage-deflate: the
+    /// client compresses with at most `2^window_bits` of window, and resets its context
+    /// after each message when `no_context`.
+    pub fn with_inflate(mut self, window_bits: u8, no_context: bool) -> Self {
+        self.inflate = Some(Box::new(Inbound {
+            window_bits,
+            no_context,
+            inflater: None,
+            compressed: false,
+            wire: 0,
+        }));
+        self
+    }
+
+    /// Whether the message in progress (or the frame being parsed) is compressed.
+    fn compressed(&self) -> bool {
+        self.inflate.as_ref().is_some_and(|i| i.compressed)
     }
 
     /// Decode from the front of `buf` (unmasking in place). Returns (bytes consumed, maybe a message).
@@ -382,11 +431,15 @@ impl Decoder {
         let Some(&b0) = buf.first() else {
             return Ok(None);
         };
-        if b0 & RSV_BITS != 0 {
+        let rsv = b0 & RSV_BITS;
+        let opcode = OpCode::from_u8(b0 & 0x0f);
+        // RSV1 is allowed on the first frame of a data message, when negotiated.
+        let data_start = matches!(opcode, Some(OpCode::Text | OpCode::Binary));
+        if rsv != 0 && !(rsv == RSV1_BIT && data_start && self.inflate.is_some()) {
             return Err(ProtocolError::ReservedBits);
         }
         let fin = b0 & FIN_BIT != 0;
-        let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(ProtocolError::UnknownOpcode)?;
+        let opcode = opcode.ok_or(ProtocolError::UnknownOpcode)?;
         match opcode {
             OpCode::Continuation if self.message.is_none() => {
                 return Err(ProtocolError::UnexpectedContinuation);
@@ -431,9 +484,16 @@ impl Decoder {
         };
         let payload_len = usize::try_from(payload_len).map_err(|_| ProtocolError::TooBig)?;
         if !opcode.is_control() {
+            // A compressed message counts its compressed bytes here (its inflated bytes
+            // are bounded as they are produced).
+            let so_far = match self.inflate.as_deref() {
+                _ if data_start => 0,
+                Some(i) if i.compressed => i.wire,
+                _ => self.message_buf.len(),
+            };
             // Only now, before any payload is buffered, is the size known: check it here.
             if payload_len > self.cfg.max_frame_bytes
-                || self.message_buf.len().saturating_add(payload_len) > self.cfg.max_message_bytes
+                || so_far.saturating_add(payload_len) > self.cfg.max_message_bytes
             {
                 return Err(ProtocolError::TooBig);
             }
@@ -443,6 +503,10 @@ impl Decoder {
         };
         if opcode == OpCode::Text {
             self.utf8.reset();
+        }
+        if data_start && let Some(i) = self.inflate.as_deref_mut() {
+            i.compressed = rsv != 0;
+            i.wire = 0;
         }
         Ok(Some(FrameHeader {
             fin,
@@ -456,6 +520,8 @@ impl Decoder {
     /// Whether payload bytes of a frame with this opcode are text to validate incrementally.
     fn is_text(&self, opcode: OpCode) -> bool {
         match opcode {
+            // A compressed message is validated once inflated.
+            _ if self.compressed() && !opcode.is_control() => false,
             OpCode::Text => true,
             OpCode::Continuation => self.message == Some(MessageKind::Text),
             _ => false,
@@ -476,6 +542,9 @@ impl Decoder {
             OpCode::Binary => MessageKind::Binary,
             OpCode::Continuation => self.message.ok_or(ProtocolError::UnexpectedContinuation)?,
         };
+        if self.compressed() {
+            return self.inflate_frame(kind, header.fin, payload);
+        }
         if header.opcode != OpCode::Continuation && header.fin {
             // The fast, common case: one frame, one copy.
             if kind == MessageKind::Text {
@@ -493,6 +562,46 @@ impl Decoder {
             self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         let data = std::mem::take(&mut self.message_buf);
+        Ok(Some(message(kind, Bytes::from(data))))
+    }
+
+    /// A frame of a compressed message: inflate it into the reassembly buffer (never past
+    /// `max_message_bytes`); at the last frame, validate and hand out the message.
+    fn inflate_frame(
+        &mut self,
+        kind: MessageKind,
+        fin: bool,
+        payload: &[u8],
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        use super::deflate::{InflateError, Inflater};
+        let max = self.cfg.max_message_bytes;
+        let Some(i) = self.inflate.as_deref_mut() else {
+            return Err(ProtocolError::ReservedBits);
+        };
+        let inf = &mut i
+            .inflater
+            .get_or_insert_with(|| InflaterBox(Inflater::new(i.window_bits, i.no_context)))
+            .0;
+        let err = |e| match e {
+            InflateError::TooBig => ProtocolError::TooBig,
+            InflateError::Invalid => ProtocolError::BadCompressedData,
+        };
+        inf.feed(payload, &mut self.message_buf, max).map_err(err)?;
+        i.wire = i.wire.saturating_add(payload.len());
+        self.message = Some(kind);
+        if !fin {
+            return Ok(None);
+        }
+        inf.finish(&mut self.message_buf, max).map_err(err)?;
+        if i.no_context {
+            i.inflater = None;
+        }
+        i.compressed = false;
+        self.message = None;
+        let data = std::mem::take(&mut self.message_buf);
+        if kind == MessageKind::Text && std::str::from_utf8(&data).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
         Ok(Some(message(kind, Bytes::from(data))))
     }
 
