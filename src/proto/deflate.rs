@@ -36,6 +36,8 @@ use super::frame::{OpCode, encode_compressed_frame_into};
 pub const EXTENSION: &str = "permessage-deflate";
 /// The tail a sync flush ends with, cut by the sender and put back by the receiver.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+/// A compressor keeps at most this much output buffer between messages.
+const SCRATCH_KEEP: usize = 4096;
 
 /// The server's side of the negotiation (`[compression]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +257,12 @@ impl Deflater {
         }
     }
 
+    /// The compressor of frames shared by every subscriber without context takeover: a
+    /// 512-byte window, within any window a client can have asked for (8 is declined).
+    pub fn shared(level: u32) -> Self {
+        Self::new(level, 9, true)
+    }
+
     /// The compressor of an agreement (the server's side).
     pub fn for_server(a: &Agreed, cfg: &DeflateConfig) -> Self {
         Self::new(cfg.level, a.server_window_bits, a.server_no_context_takeover)
@@ -292,6 +300,9 @@ impl Deflater {
         }
         self.deflate(payload);
         encode_compressed_frame_into(opcode, &self.scratch, out);
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
     }
 
     /// The compressed frame of one message for every subscriber that negotiated

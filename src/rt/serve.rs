@@ -74,6 +74,7 @@ pub fn demo_config() -> Config {
     cfg.admin.listen = "127.0.0.1:9090".parse().expect("static address");
     cfg.auth.allow_missing_origin = true;
     cfg.feed.simulator = true;
+    cfg.compression.enabled = true;
     cfg.feed.simulator_symbols = vec![
         "BTC-USD".into(),
         "ETH-USD".into(),
