@@ -22,7 +22,11 @@ use tickgate::proto::frame::{OpCode, server_frame_parts};
 /// Resident memory of this process, in bytes (Linux).
 fn rss() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -44,8 +48,14 @@ fn ticks(n: usize) -> Vec<Arc<SharedTick>> {
 fn report() {
     let ts = ticks(200);
     let plain: usize = ts.iter().map(|t| t.frame.len()).sum();
-    let json: usize = ts.iter().map(|t| server_frame_parts(&t.frame).unwrap().1.len()).sum();
-    println!("deflate: 200 simulated BTC-USD ticks, {} bytes of JSON each on average", json / 200);
+    let json: usize = ts
+        .iter()
+        .map(|t| server_frame_parts(&t.frame).unwrap().1.len())
+        .sum();
+    println!(
+        "deflate: 200 simulated BTC-USD ticks, {} bytes of JSON each on average",
+        json / 200
+    );
     println!("  plain frames: {:.1} bytes/tick", plain as f64 / 200.0);
     for (level, bits) in [(1, 12), (1, 15), (6, 12), (1, 9)] {
         let mut d = Deflater::new(level, bits, false);
@@ -80,7 +90,9 @@ fn report() {
             })
             .collect();
         let per = (rss().saturating_sub(before)) as f64 / N as f64 / 1024.0;
-        println!("  resident memory of a connection's compressor, level {level}, window {bits}: {per:.0} KiB");
+        println!(
+            "  resident memory of a connection's compressor, level {level}, window {bits}: {per:.0} KiB"
+        );
         drop(ds);
     }
     let mut d = Deflater::new(1, 15, false);
@@ -125,25 +137,32 @@ fn bench_delivery(c: &mut Criterion) {
         });
         let mut own = Deflater::new(1, 12, false);
         let mut shared = None;
-        g.bench_with_input(BenchmarkId::new("deflate_context_l1_w12", batch), &batch, |b, &n| {
-            b.iter(|| {
-                for _ in 0..n {
-                    q.push_tick(&ts[i % ts.len()]);
-                    i += 1;
-                }
-                buf.clear();
-                let mut sink = Deflating {
-                    own: Some(&mut own),
-                    shared: &mut shared,
-                    level: 1,
-                };
-                black_box(q.drain_with(&mut buf, 64 * 1024, &mut sink));
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("deflate_context_l1_w12", batch),
+            &batch,
+            |b, &n| {
+                b.iter(|| {
+                    for _ in 0..n {
+                        q.push_tick(&ts[i % ts.len()]);
+                        i += 1;
+                    }
+                    buf.clear();
+                    let mut sink = Deflating {
+                        own: Some(&mut own),
+                        shared: &mut shared,
+                        level: 1,
+                    };
+                    black_box(q.drain_with(&mut buf, 64 * 1024, &mut sink));
+                })
+            },
+        );
     }
     // Without context takeover a tick is compressed once for all of a shard's such
     // subscribers: this is that one compression (per tick, not per delivery).
-    let payloads: Vec<Vec<u8>> = ts.iter().map(|t| server_frame_parts(&t.frame).unwrap().1.to_vec()).collect();
+    let payloads: Vec<Vec<u8>> = ts
+        .iter()
+        .map(|t| server_frame_parts(&t.frame).unwrap().1.to_vec())
+        .collect();
     let mut shared = Deflater::shared(1);
     let mut i = 0;
     g.throughput(Throughput::Elements(1));
