@@ -17,7 +17,7 @@ use tickgate::feed::hub::Hub;
 use tickgate::feed::outbound::{Deflating, OutboundQueue, SharedTick};
 use tickgate::feed::sim::Simulator;
 use tickgate::proto::deflate::{Deflater, Inflater};
-use tickgate::proto::frame::{OpCode, server_frame_parts};
+use tickgate::proto::frame::{deflate_server_frame, server_frame_parts};
 
 /// Resident memory of this process, in bytes (Linux).
 fn rss() -> usize {
@@ -61,7 +61,7 @@ fn report() {
         let mut d = Deflater::new(level, bits, false);
         let mut out = Vec::new();
         for t in &ts {
-            d.reframe(&t.frame, &mut out);
+            deflate_server_frame(&mut d, &t.frame, &mut out);
         }
         println!(
             "  context takeover, level {level}, window {bits}: {:.1} bytes/tick ({:.0} % of plain)",
@@ -85,7 +85,7 @@ fn report() {
             .map(|_| {
                 let mut d = Deflater::new(level, bits, false);
                 let mut out = Vec::new();
-                d.reframe(&ts[0].frame, &mut out);
+                deflate_server_frame(&mut d, &ts[0].frame, &mut out);
                 d
             })
             .collect();
@@ -97,7 +97,7 @@ fn report() {
     }
     let mut d = Deflater::new(1, 15, false);
     let mut z = Vec::new();
-    d.reframe(&ts[0].frame, &mut z);
+    deflate_server_frame(&mut d, &ts[0].frame, &mut z);
     let payload = server_frame_parts(&z).unwrap().1.to_vec();
     for bits in [12, 15] {
         let before = rss();
@@ -159,17 +159,13 @@ fn bench_delivery(c: &mut Criterion) {
     }
     // Without context takeover a tick is compressed once for all of a shard's such
     // subscribers: this is that one compression (per tick, not per delivery).
-    let payloads: Vec<Vec<u8>> = ts
-        .iter()
-        .map(|t| server_frame_parts(&t.frame).unwrap().1.to_vec())
-        .collect();
     let mut shared = Deflater::shared(1);
     let mut i = 0;
     g.throughput(Throughput::Elements(1));
     g.bench_function("shared_compress_per_tick", |b| {
         b.iter(|| {
             i += 1;
-            black_box(shared.shared_frame(OpCode::Text, &payloads[i % payloads.len()]));
+            black_box(shared.compress(server_frame_parts(&ts[i % ts.len()].frame).unwrap().1));
         })
     });
     g.finish();

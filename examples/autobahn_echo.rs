@@ -11,7 +11,9 @@
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{TcpListener, TcpStream};
 use tickgate::proto::deflate::{DeflateConfig, Deflater, negotiate};
-use tickgate::proto::frame::{Decoder, DecoderConfig, Incoming, OpCode, encode_close, encode_frame};
+use tickgate::proto::frame::{
+    Decoder, DecoderConfig, Incoming, OpCode, encode_close, encode_deflated_into, encode_frame,
+};
 use tickgate::proto::http::{self, RequestLimits};
 
 const LIMIT: usize = 64 * 1024 * 1024;
@@ -75,7 +77,7 @@ async fn serve(mut stream: TcpStream) {
         Deflater::for_server(&a, &deflate_cfg)
     });
     let mut data = |op: OpCode, payload: &[u8], out: &mut Vec<u8>| match deflater.as_mut() {
-        Some(d) => d.frame(op, payload, out),
+        Some(d) => encode_deflated_into(d, op, payload, out),
         None => out.extend_from_slice(&encode_frame(op, payload)),
     };
     let mut out: Vec<u8> = Vec::new();

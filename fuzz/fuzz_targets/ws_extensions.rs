@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tickgate::proto::deflate::{DeflateConfig, Deflater, Inflater, negotiate};
-use tickgate::proto::frame::{OpCode, server_frame_parts};
+use tickgate::proto::frame::{OpCode, encode_deflated_into, server_frame_parts};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         let mut d = Deflater::for_server(&a, &cfg);
         let mut inf = Inflater::new(a.server_window_bits, a.server_no_context_takeover);
         let mut frame = Vec::new();
-        d.frame(OpCode::Binary, data, &mut frame);
+        encode_deflated_into(&mut d, OpCode::Binary, data, &mut frame);
         if let Some((b0, payload)) = server_frame_parts(&frame) {
             if b0 & 0x40 != 0 {
                 let mut out = Vec::new();

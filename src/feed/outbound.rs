@@ -41,7 +41,7 @@ use bytes::Bytes;
 use super::symbol::SymbolId;
 use super::tick::{Tick, TickKind, encode_tick_json};
 use crate::proto::deflate::Deflater;
-use crate::proto::frame::{OpCode, server_frame_parts};
+use crate::proto::frame::deflate_server_frame;
 
 /// One published tick, encoded once and shared by every subscriber's queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,10 +87,10 @@ impl SharedTick {
     /// first time.
     pub fn deflated_frame(&self, shared: &mut Option<Deflater>, level: u32) -> &Bytes {
         self.deflated.get_or_init(|| {
-            let payload = server_frame_parts(&self.frame).map_or(&[][..], |(_, p)| p);
-            shared
-                .get_or_insert_with(|| Deflater::shared(level))
-                .shared_frame(OpCode::Text, payload)
+            let d = shared.get_or_insert_with(|| Deflater::shared(level));
+            let mut out = Vec::new();
+            deflate_server_frame(d, &self.frame, &mut out);
+            Bytes::from(out)
         })
     }
 }
@@ -137,13 +137,13 @@ impl FrameSink for Deflating<'_> {
     const PLAIN: bool = false;
     fn frame(&mut self, frame: &[u8], out: &mut Vec<u8>) {
         match self.own.as_deref_mut() {
-            Some(d) => d.reframe(frame, out),
+            Some(d) => deflate_server_frame(d, frame, out),
             None => out.extend_from_slice(frame),
         }
     }
     fn tick(&mut self, t: &SharedTick, out: &mut Vec<u8>) {
         match self.own.as_deref_mut() {
-            Some(d) => d.reframe(&t.frame, out),
+            Some(d) => deflate_server_frame(d, &t.frame, out),
             None => out.extend_from_slice(t.deflated_frame(self.shared, self.level)),
         }
     }

@@ -14,12 +14,14 @@
 //!
 //! # Compression
 //!
-//! [`Deflater`] compresses one message per call into a complete frame with RSV1 set,
-//! ending each message with a sync flush whose `00 00 ff ff` tail is cut (section 7.2.1).
+//! [`Deflater`] compresses one message per call, ending it with a sync flush whose
+//! `00 00 ff ff` tail is cut (section 7.2.1); `proto::frame` puts it in an RSV1 frame
+//! (`encode_deflated_into`, `deflate_server_frame`). This module is a leaf: the codec
+//! depends on it, not the other way round.
 //! With context takeover the same `Compress` carries its window from one message to the
 //! next (small ticks then compress to a fraction of their size); with
 //! `server_no_context_takeover` it is reset after each message, which is what lets one
-//! compressed tick frame be shared by every such subscriber ([`Deflater::shared_frame`]).
+//! compressed tick frame be shared by every such subscriber ([`Deflater::shared`]).
 //!
 //! # Inflation
 //!
@@ -29,8 +31,6 @@
 //! with the output actually produced, never ahead of it by more than a doubling.
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
-
-use super::frame::{OpCode, encode_compressed_frame_into};
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub const EXTENSION: &str = "permessage-deflate";
@@ -268,9 +268,17 @@ impl Deflater {
         Self::new(cfg.level, a.server_window_bits, a.server_no_context_takeover)
     }
 
-    /// Compresses one message (`payload`) into `scratch`, without the sync tail.
-    fn deflate(&mut self, payload: &[u8]) {
+    /// Compresses one message: the raw deflate data of `payload` up to and including a
+    /// sync flush, without its `00 00 ff ff` tail (RFC 7692 section 7.2.1), ready to be
+    /// the payload of an RSV1 frame. Empty for an empty message (send that one plain).
+    pub fn compress(&mut self, payload: &[u8]) -> &[u8] {
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
         self.scratch.clear();
+        if payload.is_empty() {
+            return &self.scratch;
+        }
         let mut input = payload;
         loop {
             self.scratch.reserve(input.len() / 2 + 64);
@@ -289,48 +297,12 @@ impl Deflater {
         if self.no_context {
             self.c.reset();
         }
+        &self.scratch
     }
 
-    /// Appends one message as a complete RSV1 frame with `opcode` (text or binary). An
-    /// empty message goes out uncompressed (RSV1 is chosen per message, section 6).
-    pub fn frame(&mut self, opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
-        if payload.is_empty() {
-            super::frame::encode_frame_into(opcode, payload, out);
-            return;
-        }
-        self.deflate(payload);
-        encode_compressed_frame_into(opcode, &self.scratch, out);
-        if self.scratch.capacity() > SCRATCH_KEEP {
-            self.scratch = Vec::new();
-        }
-    }
-
-    /// The compressed frame of one message for every subscriber that negotiated
-    /// `server_no_context_takeover` (the same bytes for all of them): this compressor
-    /// must be a no-context one.
-    pub fn shared_frame(&mut self, opcode: OpCode, payload: &[u8]) -> bytes::Bytes {
-        debug_assert!(self.no_context);
-        let mut out = Vec::new();
-        self.frame(opcode, payload, &mut out);
-        bytes::Bytes::from(out)
-    }
-
-    /// Compresses every data frame of `frames` (complete server frames, as queued) into
-    /// RSV1 frames, and copies control frames (and anything not a server frame) as they are.
-    pub fn reframe(&mut self, frame: &[u8], out: &mut Vec<u8>) {
-        match super::frame::server_frame_parts(frame) {
-            Some((b0, payload))
-                if b0 & 0x0f == OpCode::Text.as_u8() || b0 & 0x0f == OpCode::Binary.as_u8() =>
-            {
-                let op = if b0 & 0x0f == OpCode::Text.as_u8() {
-                    OpCode::Text
-                } else {
-                    OpCode::Binary
-                };
-                self.frame(op, payload, out);
-            }
-            _ => out.extend_from_slice(frame),
-        }
+    /// Whether the context is reset after each message (its output can be shared).
+    pub fn no_context(&self) -> bool {
+        self.no_context
     }
 }
 

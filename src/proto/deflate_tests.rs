@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::proto::frame::server_frame_parts;
+use crate::proto::frame::{OpCode, deflate_server_frame, encode_deflated_into, server_frame_parts};
 
 fn cfg(window_bits: u8) -> DeflateConfig {
     DeflateConfig {
@@ -160,7 +160,7 @@ fn context_takeover_round_trip_and_ratio() {
     for i in 0..200 {
         let msg = tick_json(i);
         let mut frame = Vec::new();
-        d.frame(OpCode::Text, &msg, &mut frame);
+        encode_deflated_into(&mut d, OpCode::Text, &msg, &mut frame);
         assert_eq!(frame[0], 0xC1);
         plain += msg.len() + 2;
         wire += frame.len();
@@ -175,7 +175,8 @@ fn shared_frame_decodes_to_the_plain_frame() {
     for i in 0..20 {
         let msg = tick_json(i);
         let plain = crate::proto::frame::encode_frame(OpCode::Text, &msg);
-        let frame = shared.shared_frame(OpCode::Text, &msg);
+        let mut frame = Vec::new();
+        encode_deflated_into(&mut shared, OpCode::Text, &msg, &mut frame);
         // Every subscriber has its own inflater; each decodes the same shared bytes.
         for _ in 0..3 {
             let mut inf = Inflater::new(15, false);
@@ -184,7 +185,7 @@ fn shared_frame_decodes_to_the_plain_frame() {
         }
         // And reframing the plain frame gives the same bytes.
         let mut again = Vec::new();
-        shared.reframe(&plain, &mut again);
+        deflate_server_frame(&mut shared, &plain, &mut again);
         assert_eq!(again, frame);
     }
 }
@@ -195,11 +196,11 @@ fn control_frames_and_empty_messages_stay_plain() {
     let ping = crate::proto::frame::encode_frame(OpCode::Ping, b"hi");
     let close = crate::proto::frame::encode_close(1000, "bye");
     let mut out = Vec::new();
-    d.reframe(&ping, &mut out);
-    d.reframe(&close, &mut out);
+    deflate_server_frame(&mut d, &ping, &mut out);
+    deflate_server_frame(&mut d, &close, &mut out);
     assert_eq!(out, [&ping[..], &close[..]].concat());
     out.clear();
-    d.frame(OpCode::Text, b"", &mut out);
+    encode_deflated_into(&mut d, OpCode::Text, b"", &mut out);
     assert_eq!(out, [0x81, 0]);
 }
 
@@ -208,7 +209,7 @@ fn bomb_is_too_big_and_bounded() {
     let zeros = vec![0u8; 10 << 20];
     let mut d = Deflater::new(9, 15, false);
     let mut frame = Vec::new();
-    d.frame(OpCode::Binary, &zeros, &mut frame);
+    encode_deflated_into(&mut d, OpCode::Binary, &zeros, &mut frame);
     let (_, payload) = server_frame_parts(&frame).unwrap();
     assert!(payload.len() < 20_000);
     let mut inf = Inflater::new(15, false);
@@ -218,7 +219,7 @@ fn bomb_is_too_big_and_bounded() {
     // Exactly at the bound is fine.
     let mut d = Deflater::new(9, 15, false);
     let mut frame = Vec::new();
-    d.frame(OpCode::Binary, &zeros[..1000], &mut frame);
+    encode_deflated_into(&mut d, OpCode::Binary, &zeros[..1000], &mut frame);
     let mut inf = Inflater::new(15, false);
     assert_eq!(inflate_frame(&mut inf, &frame, 1000).unwrap().len(), 1000);
     let mut inf = Inflater::new(15, false);
@@ -298,7 +299,7 @@ proptest! {
         let mut frames = Vec::new();
         for m in &msgs {
             let mut f = Vec::new();
-            d.frame(OpCode::Binary, m, &mut f);
+            encode_deflated_into(&mut d, OpCode::Binary, m, &mut f);
             frames.push(f);
         }
         // The last message's compressed payload, split at every point, after the others

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use super::close::{CloseCode, is_valid_close_code};
+use super::deflate::Deflater;
 use super::mask::{apply_mask, apply_mask_ascii};
 use super::utf8::Utf8Validator;
 
@@ -682,6 +683,31 @@ pub fn encode_compressed_frame_into(opcode: OpCode, payload: &[u8], out: &mut Ve
     out.reserve(n + payload.len());
     out.extend_from_slice(&header[..n]);
     out.extend_from_slice(payload);
+}
+
+/// Appends one message compressed with `d` (permessage-deflate) as a frame with RSV1 set;
+/// an empty message goes out uncompressed (RSV1 is chosen per message, RFC 7692 section 6).
+pub fn encode_deflated_into(d: &mut Deflater, opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    if payload.is_empty() {
+        encode_frame_into(opcode, payload, out);
+    } else {
+        encode_compressed_frame_into(opcode, d.compress(payload), out);
+    }
+}
+
+/// A queued server frame on its way out of a compressing connection: a text or binary
+/// frame is compressed with `d` ([`encode_deflated_into`]); a control frame (never
+/// compressed), or anything that is not one whole server frame, is copied as it is.
+pub fn deflate_server_frame(d: &mut Deflater, frame: &[u8], out: &mut Vec<u8>) {
+    match server_frame_parts(frame) {
+        Some((b0, payload)) if b0 & 0x0f == OpCode::Text.as_u8() => {
+            encode_deflated_into(d, OpCode::Text, payload, out)
+        }
+        Some((b0, payload)) if b0 & 0x0f == OpCode::Binary.as_u8() => {
+            encode_deflated_into(d, OpCode::Binary, payload, out)
+        }
+        _ => out.extend_from_slice(frame),
+    }
 }
 
 /// Splits a complete server frame (unmasked, as the encoders above write it) into its
