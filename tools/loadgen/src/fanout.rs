@@ -607,9 +607,13 @@ async fn subscriber(
     if sh.deflate {
         // Before the blank line that ends the head.
         req.truncate(req.len() - 2);
-        req.extend_from_slice(b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n");
+        req.extend_from_slice(
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
     }
-    let mut inflater = sh.deflate.then(|| tickgate::proto::deflate::Inflater::new(15, false));
+    let mut inflater = sh
+        .deflate
+        .then(|| tickgate::proto::deflate::Inflater::new(15, false));
     let mut inflated = Vec::new();
     drop(token);
     let mut end = match lean::upgrade(&mut s, &req, &mut buf).await {
@@ -661,7 +665,8 @@ async fn subscriber(
                 1 | 0 if f.rsv1 => {
                     inflated.clear();
                     let ok = inflater.as_mut().is_some_and(|d| {
-                        d.feed(payload, &mut inflated, 1 << 20).is_ok() && d.finish(&mut inflated, 1 << 20).is_ok()
+                        d.feed(payload, &mut inflated, 1 << 20).is_ok()
+                            && d.finish(&mut inflated, 1 << 20).is_ok()
                     });
                     if ok {
                         on_text(&mut st, &inflated, now, t0, t1, c);
