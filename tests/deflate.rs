@@ -32,6 +32,17 @@ struct Client {
     wire: usize,
 }
 
+/// `read`, again after `EINTR` (the in-process server's threads take signals).
+fn read_retrying(s: &mut TcpStream, buf: &mut [u8]) -> usize {
+    loop {
+        match s.read(buf) {
+            Ok(n) => return n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
 struct Frame {
     b0: u8,
     payload: Vec<u8>,
@@ -53,7 +64,7 @@ impl Client {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
             }
-            let n = s.read(&mut chunk).unwrap();
+            let n = read_retrying(&mut s, &mut chunk);
             assert!(n > 0, "closed during the upgrade");
             buf.extend_from_slice(&chunk[..n]);
         };
@@ -111,7 +122,7 @@ impl Client {
                 }
             }
             let mut chunk = [0u8; 65536];
-            let n = self.s.read(&mut chunk).expect("read");
+            let n = read_retrying(&mut self.s, &mut chunk);
             assert!(n > 0, "server closed");
             self.buf.extend_from_slice(&chunk[..n]);
         }
