@@ -3,13 +3,17 @@
 //! Built from tickgate's own pieces: the monoio runtime on io_uring, the sans-IO HTTP
 //! upgrade parser (`proto::http`) and the RFC 6455 codec (`proto::frame`). It is an example
 //! binary, so it is never reachable from a production configuration: it has no
-//! authentication and echoes whatever it is sent.
+//! authentication and echoes whatever it is sent. permessage-deflate (`proto::deflate`) is
+//! accepted when offered (Autobahn cases 12 and 13), with a 15-bit window at level 6.
 //!
 //! Usage: `cargo run --release --example autobahn_echo -- 127.0.0.1:9001`
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{TcpListener, TcpStream};
-use tickgate::proto::frame::{Decoder, DecoderConfig, Incoming, OpCode, encode_close, encode_frame};
+use tickgate::proto::deflate::{DeflateConfig, Deflater, negotiate};
+use tickgate::proto::frame::{
+    Decoder, DecoderConfig, Incoming, OpCode, encode_close, encode_deflated_into, encode_frame,
+};
 use tickgate::proto::http::{self, RequestLimits};
 
 const LIMIT: usize = 64 * 1024 * 1024;
@@ -24,7 +28,11 @@ async fn serve(mut stream: TcpStream) {
     let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
     // HTTP phase.
     let limits = RequestLimits::default();
-    let consumed = loop {
+    let deflate_cfg = DeflateConfig {
+        level: 6,
+        window_bits: 15,
+    };
+    let (consumed, agreed) = loop {
         let (res, chunk) = stream.read(vec![0u8; 16 * 1024]).await;
         let n = match res {
             Ok(0) | Err(_) => return,
@@ -34,10 +42,17 @@ async fn serve(mut stream: TcpStream) {
         match http::try_parse(&inbuf, &limits) {
             Ok(Some((consumed, req))) => match http::check_upgrade(&req) {
                 Ok(up) => {
-                    if !write(&mut stream, http::switching_protocols(&up.accept, None)).await {
+                    let agreed = negotiate(req.headers_all("sec-websocket-extensions"), &deflate_cfg);
+                    let ext = agreed.map(|a| a.response());
+                    if !write(
+                        &mut stream,
+                        http::switching_protocols(&up.accept, None, ext.as_deref()),
+                    )
+                    .await
+                    {
                         return;
                     }
-                    break consumed;
+                    break (consumed, agreed);
                 }
                 Err(resp) => {
                     let _ = write(&mut stream, resp.to_bytes()).await;
@@ -56,6 +71,15 @@ async fn serve(mut stream: TcpStream) {
         max_message_bytes: LIMIT,
         max_frame_bytes: LIMIT,
     });
+    let mut deflater = agreed.map(|a| {
+        decoder = std::mem::replace(&mut decoder, Decoder::new(DecoderConfig::default()))
+            .with_inflate(a.client_window_bits, a.client_no_context_takeover);
+        Deflater::for_server(&a, &deflate_cfg)
+    });
+    let mut data = |op: OpCode, payload: &[u8], out: &mut Vec<u8>| match deflater.as_mut() {
+        Some(d) => encode_deflated_into(d, op, payload, out),
+        None => out.extend_from_slice(&encode_frame(op, payload)),
+    };
     let mut out: Vec<u8> = Vec::new();
     loop {
         let mut off = 0;
@@ -66,8 +90,8 @@ async fn serve(mut stream: TcpStream) {
                 Ok((n, msg)) => {
                     off += n;
                     match msg {
-                        Some(Incoming::Text(t)) => out.extend_from_slice(&encode_frame(OpCode::Text, &t)),
-                        Some(Incoming::Binary(b)) => out.extend_from_slice(&encode_frame(OpCode::Binary, &b)),
+                        Some(Incoming::Text(t)) => data(OpCode::Text, &t, &mut out),
+                        Some(Incoming::Binary(b)) => data(OpCode::Binary, &b, &mut out),
                         Some(Incoming::Ping(p)) => out.extend_from_slice(&encode_frame(OpCode::Pong, &p)),
                         Some(Incoming::Pong(_)) | None => {}
                         Some(Incoming::Close(c)) => {

@@ -41,6 +41,8 @@ pub struct Admitted {
     pub accept: String,
     pub protocol: Option<&'static str>,
     pub client_ip: IpAddr,
+    /// permessage-deflate, when `compression.enabled` and the client offered it.
+    pub deflate: Option<crate::proto::deflate::Agreed>,
 }
 
 pub enum Outcome {
@@ -354,6 +356,12 @@ fn admit(
             );
         }
     };
+    let deflate = shared.cfg.compression.enabled.then(|| {
+        crate::proto::deflate::negotiate(
+            req.headers_all("sec-websocket-extensions"),
+            &shared.cfg.compression.deflate(),
+        )
+    });
     audit.log(LogOutcome::Accepted, Reason::Ok, Some(&claims), 101, token);
     Outcome::Upgrade(Box::new(Admitted {
         claims,
@@ -361,6 +369,7 @@ fn admit(
         accept: up.accept,
         protocol,
         client_ip: ip,
+        deflate: deflate.flatten(),
     }))
 }
 

@@ -30,7 +30,9 @@
 //! - [`config`]: the TOML configuration of OPS.md, defaults, env/flag overrides, validation.
 //! - [`proto`]: wire formats, sans-IO. `http` (bounded request parser, upgrade checks,
 //!   credentials, responses), `frame` (RFC 6455 codec), `mask`, `utf8` (incremental
-//!   validation), `close` (close codes).
+//!   validation), `close` (close codes), `deflate` (permessage-deflate, RFC 7692: the
+//!   `Sec-WebSocket-Extensions` negotiation, the compressor, the bounded inflater; a leaf
+//!   that `frame` uses).
 //! - [`auth`]: `jwt` (EdDSA verification producing [`auth::jwt::VerifiedClaims`], which only
 //!   the verifier can construct), `keys` (key sets from PEM/JWKS), `b64` (the strict
 //!   base64url engine `jwt`, `keys` and `mint` share), `mint` (keygen, signing), `origin`,

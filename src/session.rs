@@ -40,10 +40,11 @@ use crate::auth::jwt::{AuthError, Role, VerifiedClaims};
 use crate::auth::seclog::{self, Outcome, Reason};
 use crate::feed::entitlement::Entitlements;
 use crate::feed::msg::{self, ClientMsg, ErrorCode, MsgLimits};
-use crate::feed::outbound::{OutboundQueue, Pushed, SharedTick};
+use crate::feed::outbound::{Deflating, OutboundQueue, Pushed, SharedTick};
 use crate::feed::symbol::{SymbolId, SymbolTable, is_valid_symbol};
 use crate::feed::tick::Tick;
 use crate::proto::close::CloseCode;
+use crate::proto::deflate::{Agreed, Deflater};
 use crate::proto::frame::{Incoming, OpCode, encode_close, encode_frame};
 
 /// Settings a session needs, taken from the `[limits]` and `[lifetime]` config sections.
@@ -235,6 +236,16 @@ struct Rare {
     waiting: Vec<Box<str>>,
     /// Events not polled yet ([`Session::poll_event`]): empty between inputs.
     events: VecDeque<Event>,
+    /// permessage-deflate, when negotiated.
+    deflate: Option<OutDeflate>,
+}
+
+/// The outbound side of permessage-deflate for one connection.
+struct OutDeflate {
+    agreed: Agreed,
+    level: u32,
+    /// The connection's own compressor (context takeover only), made at the first message.
+    own: Option<Deflater>,
 }
 
 pub struct Session {
@@ -395,11 +406,9 @@ impl Session {
     /// idle connection should cost its state and nothing more.
     pub fn trim(&mut self) {
         self.outbound.shrink_if_empty();
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.rate_limited_at.is_empty() && r.waiting.is_empty() && r.events.is_empty())
-        {
+        if self.rare.as_ref().is_some_and(|r| {
+            r.rate_limited_at.is_empty() && r.waiting.is_empty() && r.events.is_empty() && r.deflate.is_none()
+        }) {
             self.rare = None;
         }
     }
@@ -524,8 +533,50 @@ impl Session {
     /// slow-consumer episode is over (its deadline goes: [`Self::poll_timeout`] can only
     /// get later here).
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>, max: usize) -> Transmit {
+        self.poll_transmit_with(buf, max, &mut None)
+    }
+
+    /// Compresses what goes out with permessage-deflate from now on (negotiated in the
+    /// upgrade): with context takeover through a compressor of the connection's own, made
+    /// at the first message; without, ticks go out as frames compressed once per tick
+    /// for every such subscriber, other messages uncompressed.
+    pub fn set_deflate(&mut self, agreed: Agreed, level: u32) {
+        self.rare.get_or_insert_with(Box::default).deflate = Some(OutDeflate {
+            agreed,
+            level,
+            own: None,
+        });
+    }
+
+    /// [`Self::poll_transmit`], with the shard's compressor of shared tick frames
+    /// (used only by connections that negotiated `server_no_context_takeover`).
+    pub fn poll_transmit_with(
+        &mut self,
+        buf: &mut Vec<u8>,
+        max: usize,
+        shared: &mut Option<Deflater>,
+    ) -> Transmit {
         buf.reserve(self.outbound.queued_bytes().min(max));
-        let (bytes, oldest_tick_ns) = self.outbound.drain_stamped(buf, max);
+        let (bytes, oldest_tick_ns) = match self.rare.as_deref_mut().and_then(|r| r.deflate.as_mut()) {
+            None => self.outbound.drain_stamped(buf, max),
+            Some(d) => {
+                let own = if d.agreed.server_no_context_takeover {
+                    None
+                } else {
+                    let (a, level) = (d.agreed, d.level);
+                    Some(
+                        d.own
+                            .get_or_insert_with(|| Deflater::new(level, a.server_window_bits, false)),
+                    )
+                };
+                let mut sink = Deflating {
+                    own,
+                    shared,
+                    level: d.level,
+                };
+                self.outbound.drain_with(buf, max, &mut sink)
+            }
+        };
         if !self.outbound.over_budget() && !self.outbound.is_conflating() {
             self.slow_since_ms = None;
         }

@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
                 if let Ok(p) = select_subprotocol(&up.offered_protocols) {
-                    let out = switching_protocols(&up.accept, p);
+                    let out = switching_protocols(&up.accept, p, None);
                     assert!(!String::from_utf8_lossy(&out).contains("bearer."));
                 }
             }

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    AdminConfig, AuthConfig, Config, FeedConfig, LifetimeConfig, LimitsConfig, LogConfig, ServerConfig,
+    AdminConfig, AuthConfig, CompressionConfig, Config, FeedConfig, LifetimeConfig, LimitsConfig, LogConfig,
+    ServerConfig,
 };
 
 /// Default `auth.max_token_lifetime` (also [`crate::auth::jwt::VerifyPolicy::default`]).
@@ -100,6 +101,16 @@ impl Default for AdminConfig {
             request_timeout: Duration::from_secs(2),
             max_connections: 64,
             max_connections_per_ip: 16,
+        }
+    }
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: false,
+            level: 1,
+            window_bits: 12,
         }
     }
 }

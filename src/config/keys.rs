@@ -108,6 +108,10 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("max_connections_per_ip", Int),
             ],
         ),
+        (
+            "compression",
+            &[("enabled", Bool), ("level", Int), ("window_bits", Int)],
+        ),
         ("log", &[("level", Str), ("security", Str)]),
     ]
 };

@@ -54,6 +54,9 @@
 //! | `admin.request_timeout` | 2s | whole admin request, accept to last byte of the body (100ms..=60s) |
 //! | `admin.max_connections` | 64 | admin connections in flight (1..=4096) |
 //! | `admin.max_connections_per_ip` | 16 | admin connections in flight per peer IP (1..=`admin.max_connections`) |
+//! | `compression.enabled` | false | accept permessage-deflate (RFC 7692) when a client offers it (the demo turns it on) |
+//! | `compression.level` | 1 | zlib level of outbound messages (0..=9) |
+//! | `compression.window_bits` | 12 | base-2 log of the server's LZ77 window, also asked of clients that let it choose (9..=15) |
 //! | `lifetime.reauth_spread` | 10s | `reauth_required` goes out up to this much before `exp - reauth_lead`, spread per connection (at most half the time left) |
 //!
 //! # Environment overrides
@@ -161,6 +164,8 @@ pub struct Config {
     pub lifetime: LifetimeConfig,
     pub feed: FeedConfig,
     pub admin: AdminConfig,
+    /// Extension: permessage-deflate.
+    pub compression: CompressionConfig,
     /// Absent: one node alone, with no bus (PROTOCOL.md section 9).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
@@ -377,6 +382,31 @@ pub struct AdminConfig {
     /// Extension: admin connections in flight per peer IP, in
     /// 1..=`admin.max_connections`. Default 16.
     pub max_connections_per_ip: usize,
+}
+
+/// `[compression]` (extension): permessage-deflate (RFC 7692), negotiated per connection.
+/// The inflated size of an inbound compressed message is bounded by
+/// `limits.max_message_bytes`, like a plain one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Accept the extension when offered. Default false (the demo turns it on).
+    pub enabled: bool,
+    /// zlib level of outbound messages, 0..=9. Default 1.
+    pub level: u32,
+    /// Base-2 logarithm of the server's LZ77 window, 9..=15; clients that let the server
+    /// choose theirs are asked for the same. Default 12.
+    pub window_bits: u8,
+}
+
+impl CompressionConfig {
+    /// The negotiation's view of these settings.
+    pub fn deflate(&self) -> crate::proto::deflate::DeflateConfig {
+        crate::proto::deflate::DeflateConfig {
+            level: self.level,
+            window_bits: self.window_bits,
+        }
+    }
 }
 
 /// `[log]`.

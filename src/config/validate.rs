@@ -20,7 +20,25 @@ impl Config {
         self.validate_lifetime()?;
         self.validate_feed()?;
         self.validate_cluster()?;
+        self.validate_compression()?;
         self.validate_admin_log()
+    }
+
+    fn validate_compression(&self) -> Result<(), ConfigError> {
+        let c = &self.compression;
+        if c.level > 9 {
+            return Err(ConfigError::invalid(
+                "compression.level",
+                format!("{} is not in 0..=9", c.level),
+            ));
+        }
+        if !(9..=15).contains(&c.window_bits) {
+            return Err(ConfigError::invalid(
+                "compression.window_bits",
+                format!("{} is not in 9..=15", c.window_bits),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {

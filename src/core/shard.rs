@@ -841,6 +841,7 @@ impl<I: ConnIo> ShardCore<I> {
                 let frame = encode_for_subscriber(TickKind::Tick, t, gap);
                 let one = Arc::new(SharedTick {
                     frame,
+                    deflated: std::sync::OnceLock::new(),
                     ..(**t).clone()
                 });
                 s.push_tick(&one, now)

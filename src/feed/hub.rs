@@ -529,6 +529,7 @@ fn stamp(
         name,
         accepted_ns,
         prime,
+        deflated: std::sync::OnceLock::new(),
     })
 }
 

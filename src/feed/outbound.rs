@@ -34,12 +34,14 @@
 //! - `queued_bytes() <= max_bytes + control bytes + symbols * max tick frame`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use super::symbol::SymbolId;
 use super::tick::{Tick, TickKind, encode_tick_json};
+use crate::proto::deflate::Deflater;
+use crate::proto::frame::deflate_server_frame;
 
 /// One published tick, encoded once and shared by every subscriber's queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +59,9 @@ pub struct SharedTick {
     /// cluster when this node took interest in it. Shards use it as the baseline and the
     /// snapshot of the subscribers waiting for the symbol, and deliver it to no one.
     pub prime: bool,
+    /// `frame` compressed on its own (permessage-deflate without context takeover), made
+    /// by the first subscriber that needs it and shared by every other one.
+    pub deflated: OnceLock<Bytes>,
 }
 
 impl SharedTick {
@@ -72,6 +77,74 @@ impl SharedTick {
             name,
             accepted_ns: crate::metrics::mono_ns(),
             prime: false,
+            deflated: OnceLock::new(),
+        }
+    }
+
+    /// The tick's frame compressed alone ([`Self::deflated`]), compressing it with
+    /// `shared` (a compressor without context takeover) the first time.
+    /// `shared` (a compressor without context takeover, made at `level` when absent) the
+    /// first time.
+    pub fn deflated_frame(&self, shared: &mut Option<Deflater>, level: u32) -> &Bytes {
+        self.deflated.get_or_init(|| {
+            let d = shared.get_or_insert_with(|| Deflater::shared(level));
+            let mut out = Vec::new();
+            deflate_server_frame(d, &self.frame, &mut out);
+            Bytes::from(out)
+        })
+    }
+}
+
+/// How [`OutboundQueue::drain_with`] moves frames into the write buffer: copied as they
+/// are ([`Plain`], the fan-out's path), or compressed ([`Deflating`]).
+pub trait FrameSink {
+    /// Frames are copied unchanged (conflated ticks are then encoded straight into `out`).
+    const PLAIN: bool;
+    /// A frame queued as bytes: replies, snapshots, pings, the close.
+    fn frame(&mut self, frame: &[u8], out: &mut Vec<u8>);
+    /// A shared tick.
+    fn tick(&mut self, t: &SharedTick, out: &mut Vec<u8>);
+}
+
+/// Frames go out as they were queued.
+pub struct Plain;
+
+impl FrameSink for Plain {
+    const PLAIN: bool = true;
+    #[inline]
+    fn frame(&mut self, frame: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(frame);
+    }
+    #[inline]
+    fn tick(&mut self, t: &SharedTick, out: &mut Vec<u8>) {
+        out.extend_from_slice(&t.frame);
+    }
+}
+
+/// permessage-deflate on the way out. With context takeover (`own` set) every data
+/// frame of the batch goes through the connection's compressor, one message after the
+/// other; without (`own` is `None`) a tick goes out as its shared compressed frame
+/// ([`SharedTick::deflated_frame`], compressed once for all such subscribers) and every
+/// other frame as it is (RSV1 is chosen per message). Control frames are never compressed.
+pub struct Deflating<'a> {
+    pub own: Option<&'a mut Deflater>,
+    /// The shard's compressor of shared tick frames (made on first use).
+    pub shared: &'a mut Option<Deflater>,
+    pub level: u32,
+}
+
+impl FrameSink for Deflating<'_> {
+    const PLAIN: bool = false;
+    fn frame(&mut self, frame: &[u8], out: &mut Vec<u8>) {
+        match self.own.as_deref_mut() {
+            Some(d) => deflate_server_frame(d, frame, out),
+            None => out.extend_from_slice(frame),
+        }
+    }
+    fn tick(&mut self, t: &SharedTick, out: &mut Vec<u8>) {
+        match self.own.as_deref_mut() {
+            Some(d) => deflate_server_frame(d, &t.frame, out),
+            None => out.extend_from_slice(t.deflated_frame(self.shared, self.level)),
         }
     }
 }
@@ -302,27 +375,35 @@ impl OutboundQueue {
     /// [`Self::drain_into`], also returning the oldest `accepted_ns` among the ticks moved
     /// (`u64::MAX` when no tick was moved), for the publish-to-write histogram.
     pub fn drain_stamped(&mut self, out: &mut Vec<u8>, max: usize) -> (usize, u64) {
+        self.drain_with(out, max, &mut Plain)
+    }
+
+    /// [`Self::drain_stamped`] through `sink` (compression). `max` counts the frames as
+    /// queued, before the sink.
+    pub fn drain_with<S: FrameSink>(&mut self, out: &mut Vec<u8>, max: usize, sink: &mut S) -> (usize, u64) {
         let start = out.len();
+        // What the queued frames moved add up to (the bound counts them as queued).
+        let mut moved = 0usize;
         let mut oldest = u64::MAX;
         while let Some(e) = self.fifo.front() {
             let len = e.len();
-            let moved = out.len() - start;
             if moved > 0 && moved.saturating_add(len) > max {
-                return (moved, oldest);
+                return (out.len() - start, oldest);
             }
+            moved += len;
             match self.fifo.pop_front() {
                 Some(Entry::Control(b)) => {
                     self.control_bytes = self.control_bytes.saturating_sub(len32(len));
-                    out.extend_from_slice(&b);
+                    sink.frame(&b, out);
                 }
                 Some(Entry::Pong(b)) => {
                     self.control_bytes = self.control_bytes.saturating_sub(len32(len));
                     self.pong_queued = false;
-                    out.extend_from_slice(&b);
+                    sink.frame(&b, out);
                 }
                 Some(Entry::Tick(t)) => {
                     oldest = oldest.min(t.accepted_ns);
-                    out.extend_from_slice(&t.frame);
+                    sink.tick(&t, out);
                 }
                 None => break,
             }
@@ -337,20 +418,24 @@ impl OutboundQueue {
                 c.order.pop_front();
                 continue;
             };
-            let moved = out.len() - start;
             // Re-encoding adds `,"skipped":N` (at most 31 bytes): estimate conservatively.
             let len = slot.tick.frame.len() + if slot.skipped > 0 { 32 } else { 0 };
             if moved > 0 && moved.saturating_add(len) > max {
-                return (moved, oldest);
+                return (out.len() - start, oldest);
             }
+            moved += len;
             c.order.pop_front();
             if let Some(slot) = c.slots.remove(&sym) {
                 let t = &slot.tick;
                 oldest = oldest.min(t.accepted_ns);
                 if slot.skipped == 0 {
-                    out.extend_from_slice(&t.frame);
-                } else {
+                    sink.tick(t, out);
+                } else if S::PLAIN {
                     encode_tick_frame(TickKind::Tick, &t.name, t.seq, &t.tick, slot.skipped, out);
+                } else {
+                    let mut frame = Vec::new();
+                    encode_tick_frame(TickKind::Tick, &t.name, t.seq, &t.tick, slot.skipped, &mut frame);
+                    sink.frame(&frame, out);
                 }
                 self.queued_bytes -= t.frame.len();
             }

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use super::close::{CloseCode, is_valid_close_code};
+use super::deflate::Deflater;
 use super::mask::{apply_mask, apply_mask_ascii};
 use super::utf8::Utf8Validator;
 
@@ -49,6 +50,8 @@ pub const MAX_CLIENT_HEADER: usize = 14;
 
 const FIN_BIT: u8 = 0x80;
 const RSV_BITS: u8 = 0x70;
+/// RSV1: "this message is compressed" under permessage-deflate (RFC 7692 section 6).
+pub const RSV1_BIT: u8 = 0x40;
 const MASK_BIT: u8 = 0x80;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +152,8 @@ pub enum ProtocolError {
     BadClosePayload,
     #[error("invalid close code")]
     InvalidCloseCode,
+    #[error("compressed message does not inflate")]
+    BadCompressedData,
 }
 
 impl ProtocolError {
@@ -158,6 +163,7 @@ impl ProtocolError {
         match self {
             Self::TooBig => "message too big",
             Self::InvalidUtf8 => "invalid utf-8",
+            Self::BadCompressedData => "invalid compressed data",
             _ => "protocol error",
         }
     }
@@ -165,7 +171,7 @@ impl ProtocolError {
     /// The close code to send before dropping the connection.
     pub fn close_code(&self) -> u16 {
         match self {
-            Self::InvalidUtf8 => CloseCode::INVALID_PAYLOAD,
+            Self::InvalidUtf8 | Self::BadCompressedData => CloseCode::INVALID_PAYLOAD,
             Self::TooBig => CloseCode::TOO_BIG,
             Self::UnmaskedFrame
             | Self::ReservedBits
@@ -230,6 +236,32 @@ pub struct Decoder {
     /// UTF-8 state of the current text message, carried across fragments and partial reads.
     utf8: Utf8Validator,
     poisoned: Option<ProtocolError>,
+    /// permessage-deflate, when negotiated (boxed: most connections never have it).
+    inflate: Option<Box<Inbound>>,
+}
+
+/// The inbound side of permessage-deflate: RSV1 marks the first frame of a compressed
+/// message, whose frames are inflated as they complete, the inflated size bounded by
+/// `max_message_bytes` (over it: [`ProtocolError::TooBig`], whatever the compressed size).
+#[derive(Debug)]
+struct Inbound {
+    window_bits: u8,
+    no_context: bool,
+    /// Created at the first compressed message; dropped after each message when the
+    /// client keeps no context.
+    inflater: Option<InflaterBox>,
+    /// The message in progress is compressed.
+    compressed: bool,
+    /// Compressed payload bytes of that message so far (bounded like a plain message).
+    wire: usize,
+}
+
+struct InflaterBox(super::deflate::Inflater);
+
+impl std::fmt::Debug for InflaterBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inflater")
+    }
 }
 
 impl Decoder {
@@ -241,7 +273,27 @@ impl Decoder {
             message_buf: Vec::new(),
             utf8: Utf8Validator::new(),
             poisoned: None,
+            inflate: None,
         }
+    }
+
+    /// Accepts compressed messages (RSV1) as negotiated with permessage-deflate: the
+    /// client compresses with at most `2^window_bits` of window, and resets its context
+    /// after each message when `no_context`.
+    pub fn with_inflate(mut self, window_bits: u8, no_context: bool) -> Self {
+        self.inflate = Some(Box::new(Inbound {
+            window_bits,
+            no_context,
+            inflater: None,
+            compressed: false,
+            wire: 0,
+        }));
+        self
+    }
+
+    /// Whether the message in progress (or the frame being parsed) is compressed.
+    fn compressed(&self) -> bool {
+        self.inflate.as_ref().is_some_and(|i| i.compressed)
     }
 
     /// Decode from the front of `buf` (unmasking in place). Returns (bytes consumed, maybe a message).
@@ -380,11 +432,15 @@ impl Decoder {
         let Some(&b0) = buf.first() else {
             return Ok(None);
         };
-        if b0 & RSV_BITS != 0 {
+        let rsv = b0 & RSV_BITS;
+        let opcode = OpCode::from_u8(b0 & 0x0f);
+        // RSV1 is allowed on the first frame of a data message, when negotiated.
+        let data_start = matches!(opcode, Some(OpCode::Text | OpCode::Binary));
+        if rsv != 0 && !(rsv == RSV1_BIT && data_start && self.inflate.is_some()) {
             return Err(ProtocolError::ReservedBits);
         }
         let fin = b0 & FIN_BIT != 0;
-        let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(ProtocolError::UnknownOpcode)?;
+        let opcode = opcode.ok_or(ProtocolError::UnknownOpcode)?;
         match opcode {
             OpCode::Continuation if self.message.is_none() => {
                 return Err(ProtocolError::UnexpectedContinuation);
@@ -429,9 +485,16 @@ impl Decoder {
         };
         let payload_len = usize::try_from(payload_len).map_err(|_| ProtocolError::TooBig)?;
         if !opcode.is_control() {
+            // A compressed message counts its compressed bytes here (its inflated bytes
+            // are bounded as they are produced).
+            let so_far = match self.inflate.as_deref() {
+                _ if data_start => 0,
+                Some(i) if i.compressed => i.wire,
+                _ => self.message_buf.len(),
+            };
             // Only now, before any payload is buffered, is the size known: check it here.
             if payload_len > self.cfg.max_frame_bytes
-                || self.message_buf.len().saturating_add(payload_len) > self.cfg.max_message_bytes
+                || so_far.saturating_add(payload_len) > self.cfg.max_message_bytes
             {
                 return Err(ProtocolError::TooBig);
             }
@@ -441,6 +504,10 @@ impl Decoder {
         };
         if opcode == OpCode::Text {
             self.utf8.reset();
+        }
+        if data_start && let Some(i) = self.inflate.as_deref_mut() {
+            i.compressed = rsv != 0;
+            i.wire = 0;
         }
         Ok(Some(FrameHeader {
             fin,
@@ -454,6 +521,8 @@ impl Decoder {
     /// Whether payload bytes of a frame with this opcode are text to validate incrementally.
     fn is_text(&self, opcode: OpCode) -> bool {
         match opcode {
+            // A compressed message is validated once inflated.
+            _ if self.compressed() && !opcode.is_control() => false,
             OpCode::Text => true,
             OpCode::Continuation => self.message == Some(MessageKind::Text),
             _ => false,
@@ -474,6 +543,9 @@ impl Decoder {
             OpCode::Binary => MessageKind::Binary,
             OpCode::Continuation => self.message.ok_or(ProtocolError::UnexpectedContinuation)?,
         };
+        if self.compressed() {
+            return self.inflate_frame(kind, header.fin, payload);
+        }
         if header.opcode != OpCode::Continuation && header.fin {
             // The fast, common case: one frame, one copy.
             if kind == MessageKind::Text {
@@ -491,6 +563,46 @@ impl Decoder {
             self.utf8.finish().map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         let data = std::mem::take(&mut self.message_buf);
+        Ok(Some(message(kind, Bytes::from(data))))
+    }
+
+    /// A frame of a compressed message: inflate it into the reassembly buffer (never past
+    /// `max_message_bytes`); at the last frame, validate and hand out the message.
+    fn inflate_frame(
+        &mut self,
+        kind: MessageKind,
+        fin: bool,
+        payload: &[u8],
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        use super::deflate::{InflateError, Inflater};
+        let max = self.cfg.max_message_bytes;
+        let Some(i) = self.inflate.as_deref_mut() else {
+            return Err(ProtocolError::ReservedBits);
+        };
+        let inf = &mut i
+            .inflater
+            .get_or_insert_with(|| InflaterBox(Inflater::new(i.window_bits, i.no_context)))
+            .0;
+        let err = |e| match e {
+            InflateError::TooBig => ProtocolError::TooBig,
+            InflateError::Invalid => ProtocolError::BadCompressedData,
+        };
+        inf.feed(payload, &mut self.message_buf, max).map_err(err)?;
+        i.wire = i.wire.saturating_add(payload.len());
+        self.message = Some(kind);
+        if !fin {
+            return Ok(None);
+        }
+        inf.finish(&mut self.message_buf, max).map_err(err)?;
+        if i.no_context {
+            i.inflater = None;
+        }
+        i.compressed = false;
+        self.message = None;
+        let data = std::mem::take(&mut self.message_buf);
+        if kind == MessageKind::Text && std::str::from_utf8(&data).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
         Ok(Some(message(kind, Bytes::from(data))))
     }
 
@@ -561,6 +673,63 @@ pub fn encode_frame_into(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(n + payload.len());
     out.extend_from_slice(&header[..n]);
     out.extend_from_slice(payload);
+}
+
+/// Appends an unmasked server frame with FIN and RSV1 set: a message compressed with
+/// permessage-deflate (RFC 7692 section 6), `payload` already deflated. Data frames only.
+pub fn encode_compressed_frame_into(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    let mut header = [0u8; MAX_SERVER_HEADER];
+    let n = write_header_bits(FIN_BIT | RSV1_BIT | opcode.as_u8(), 0, payload.len(), &mut header);
+    out.reserve(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    out.extend_from_slice(payload);
+}
+
+/// Appends one message compressed with `d` (permessage-deflate) as a frame with RSV1 set;
+/// an empty message goes out uncompressed (RSV1 is chosen per message, RFC 7692 section 6).
+pub fn encode_deflated_into(d: &mut Deflater, opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    if payload.is_empty() {
+        encode_frame_into(opcode, payload, out);
+    } else {
+        encode_compressed_frame_into(opcode, d.compress(payload), out);
+    }
+}
+
+/// A queued server frame on its way out of a compressing connection: a text or binary
+/// frame is compressed with `d` ([`encode_deflated_into`]); a control frame (never
+/// compressed), or anything that is not one whole server frame, is copied as it is.
+pub fn deflate_server_frame(d: &mut Deflater, frame: &[u8], out: &mut Vec<u8>) {
+    match server_frame_parts(frame) {
+        Some((b0, payload)) if b0 & 0x0f == OpCode::Text.as_u8() => {
+            encode_deflated_into(d, OpCode::Text, payload, out)
+        }
+        Some((b0, payload)) if b0 & 0x0f == OpCode::Binary.as_u8() => {
+            encode_deflated_into(d, OpCode::Binary, payload, out)
+        }
+        _ => out.extend_from_slice(frame),
+    }
+}
+
+/// Splits a complete server frame (unmasked, as the encoders above write it) into its
+/// first byte and its payload; `None` if `frame` is not exactly one such frame.
+pub fn server_frame_parts(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let (&b0, rest) = frame.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    if b1 & MASK_BIT != 0 {
+        return None;
+    }
+    let (len, rest) = match b1 & 0x7f {
+        126 => {
+            let (l, rest) = rest.split_first_chunk::<2>()?;
+            (usize::from(u16::from_be_bytes(*l)), rest)
+        }
+        127 => {
+            let (l, rest) = rest.split_first_chunk::<8>()?;
+            (usize::try_from(u64::from_be_bytes(*l)).ok()?, rest)
+        }
+        n => (usize::from(n), rest),
+    };
+    (rest.len() == len).then_some((b0, rest))
 }
 
 /// An unmasked server frame with FIN set, in one exactly sized allocation.

@@ -759,3 +759,143 @@ proptest! {
         let _ = feed_chunks(cfg, &tamed, &cuts);
     }
 }
+
+// ---- permessage-deflate -----------------------------------------------------------------
+
+fn feed_inflating(cfg: DecoderConfig, stream: &[u8], cuts: &[usize]) -> Vec<Outcome> {
+    let mut dec = Decoder::new(cfg).with_inflate(15, false);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for end in cuts.iter().copied().chain(std::iter::once(stream.len())) {
+        buf.extend_from_slice(&stream[start..end]);
+        start = end;
+        loop {
+            match dec.decode(&mut buf) {
+                Ok((n, msg)) => {
+                    buf.drain(..n);
+                    out.extend(msg.map(Ok));
+                    if n == 0 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `msg` compressed by a client (with `d`'s context) into frames of `chunk` bytes each.
+fn compressed_client(
+    d: &mut crate::proto::deflate::Deflater,
+    op: OpCode,
+    msg: &[u8],
+    chunk: usize,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode_deflated_into(d, op, msg, &mut f);
+    let (_, z) = server_frame_parts(&f).unwrap();
+    // An empty message compresses to one 0x00 byte (RFC 7692 section 7.2.3.6).
+    let z = if z.is_empty() { &[0u8][..] } else { z };
+    let parts: Vec<&[u8]> = z.chunks(chunk.max(1)).collect();
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let fin = i + 1 == parts.len();
+        let first = if i == 0 { RSV1_BIT | op.as_u8() } else { 0 };
+        out.extend(raw_frame(first | if fin { FIN_BIT } else { 0 }, true, p, MASK));
+    }
+    out
+}
+
+#[test]
+fn rsv1_without_negotiation_is_1002() {
+    let mut d = crate::proto::deflate::Deflater::new(1, 15, false);
+    let s = compressed_client(&mut d, OpCode::Text, b"hello hello hello", 100);
+    assert_eq!(first_error(&s), ProtocolError::ReservedBits);
+    assert_eq!(ProtocolError::ReservedBits.close_code(), 1002);
+}
+
+#[test]
+fn rsv1_on_control_continuation_or_rsv2_is_1002_even_when_negotiated() {
+    let cfg = DecoderConfig::default();
+    let ping = raw_frame(FIN_BIT | RSV1_BIT | 0x9, true, b"x", MASK);
+    assert_eq!(
+        feed_inflating(cfg, &ping, &[]),
+        vec![Err(ProtocolError::ReservedBits)]
+    );
+    let rsv2 = raw_frame(FIN_BIT | 0x20 | 0x1, true, b"x", MASK);
+    assert_eq!(
+        feed_inflating(cfg, &rsv2, &[]),
+        vec![Err(ProtocolError::ReservedBits)]
+    );
+    let mut s = raw_frame(0x1, true, b"a", MASK);
+    s.extend(raw_frame(FIN_BIT | RSV1_BIT, true, b"b", MASK));
+    assert_eq!(
+        feed_inflating(cfg, &s, &[]),
+        vec![Err(ProtocolError::ReservedBits)]
+    );
+}
+
+#[test]
+fn compressed_messages_mixed_with_plain_ones() {
+    let mut d = crate::proto::deflate::Deflater::new(6, 15, false);
+    let mut s = compressed_client(&mut d, OpCode::Text, "héllo héllo héllo".as_bytes(), 4);
+    s.extend(client(OpCode::Text, true, b"plain"));
+    s.extend(client(OpCode::Ping, true, b"p"));
+    s.extend(compressed_client(&mut d, OpCode::Binary, &[7u8; 3000], 1000));
+    s.extend(compressed_client(&mut d, OpCode::Text, b"", 10));
+    let want = vec![
+        text("héllo héllo héllo"),
+        text("plain"),
+        Ok(Incoming::Ping(Bytes::from_static(b"p"))),
+        Ok(Incoming::Binary(Bytes::from(vec![7u8; 3000]))),
+        text(""),
+    ];
+    let cfg = DecoderConfig::default();
+    for cut in 0..=s.len() {
+        assert_eq!(feed_inflating(cfg, &s, &[cut]), want, "cut at {cut}");
+    }
+}
+
+#[test]
+fn compressed_bomb_is_1009_and_bad_data_1007() {
+    let mut d = crate::proto::deflate::Deflater::new(9, 15, false);
+    let s = compressed_client(&mut d, OpCode::Binary, &vec![0u8; 1 << 20], 1 << 20);
+    assert!(s.len() < 4096);
+    let out = feed_inflating(DecoderConfig::default(), &s, &[]);
+    assert_eq!(out, vec![Err(ProtocolError::TooBig)]);
+    assert_eq!(ProtocolError::TooBig.close_code(), 1009);
+    let bad = raw_frame(FIN_BIT | RSV1_BIT | 0x1, true, &[0xff, 0xff], MASK);
+    let out = feed_inflating(DecoderConfig::default(), &bad, &[]);
+    assert_eq!(out, vec![Err(ProtocolError::BadCompressedData)]);
+    assert_eq!(ProtocolError::BadCompressedData.close_code(), 1007);
+    // Invalid UTF-8 inside a compressed text message is 1007 too.
+    let mut d = crate::proto::deflate::Deflater::new(1, 15, false);
+    let s = compressed_client(&mut d, OpCode::Text, &[0xc3, 0x28], 10);
+    assert_eq!(
+        feed_inflating(DecoderConfig::default(), &s, &[]),
+        vec![Err(ProtocolError::InvalidUtf8)]
+    );
+}
+
+proptest! {
+    #[test]
+    fn compressed_round_trip_any_split(
+        msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..4),
+        chunk in 1usize..64, cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+    ) {
+        let mut d = crate::proto::deflate::Deflater::new(1, 15, false);
+        let mut s = Vec::new();
+        for m in &msgs {
+            s.extend(compressed_client(&mut d, OpCode::Binary, m, chunk));
+        }
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(s.len() + 1)).collect();
+        cuts.sort_unstable();
+        let want: Vec<Outcome> = msgs.iter().map(|m| Ok(Incoming::Binary(Bytes::from(m.clone())))).collect();
+        prop_assert_eq!(feed_inflating(DecoderConfig::default(), &s, &cuts), want);
+    }
+}

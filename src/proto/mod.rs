@@ -6,8 +6,10 @@
 //! - [`mask`]: XOR masking, a word-at-a-time path checked against a byte loop.
 //! - [`utf8`]: incremental, fail-fast UTF-8 validation across chunks and fragments.
 //! - [`close`]: close codes and their validity rules.
+//! - [`deflate`]: permessage-deflate (RFC 7692): negotiation, compressor, bounded inflater.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod http;
 pub mod mask;

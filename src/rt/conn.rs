@@ -129,12 +129,16 @@ fn open_session(
 ) {
     let now = ctx.now_ms();
     let a = *admitted;
-    let session = Session::new(ctx.shared.node.session.clone(), a.claims, a.client_ip, now);
+    let mut session = Session::new(ctx.shared.node.session.clone(), a.claims, a.client_ip, now);
     let max = ctx.shared.cfg.limits.max_message_bytes;
-    let decoder = Decoder::new(DecoderConfig {
+    let mut decoder = Decoder::new(DecoderConfig {
         max_message_bytes: max,
         max_frame_bytes: max,
     });
+    if let Some(d) = a.deflate {
+        decoder = decoder.with_inflate(d.client_window_bits, d.client_no_context_takeover);
+        session.set_deflate(d, ctx.shared.cfg.compression.level);
+    }
     {
         let mut c = conn.borrow_mut();
         c.slot = Some(a.slot);
@@ -292,7 +296,8 @@ async fn handshake(
             None
         }
         Outcome::Upgrade(adm) => {
-            let bytes = http::switching_protocols(&adm.accept, adm.protocol);
+            let ext = adm.deflate.map(|a| a.response());
+            let bytes = http::switching_protocols(&adm.accept, adm.protocol, ext.as_deref());
             if send(stream, tls, bytes, false).await.is_err() {
                 return None;
             }
@@ -536,7 +541,7 @@ pub(crate) async fn writer(
                 return;
             }
             buf = ctx.take_buffer();
-            let t = s.poll_transmit(&mut buf, MAX_WRITE);
+            let t = s.poll_transmit_with(&mut buf, MAX_WRITE, &mut ctx.tick_deflate.borrow_mut());
             oldest_tick = t.oldest_tick_ns;
             closing_done = t.done;
             encrypted = match c.io.tls.as_deref_mut() {

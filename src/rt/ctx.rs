@@ -34,6 +34,9 @@ pub struct ShardCtx {
     sampler: Cell<u32>,
     /// Where shard 0's sweep for idle symbols goes on (see `shard::reclaim_symbols`).
     pub(crate) reclaim_cursor: Cell<usize>,
+    /// The compressor of tick frames shared by the shard's permessage-deflate
+    /// subscribers without context takeover (made on first use).
+    pub tick_deflate: RefCell<Option<crate::proto::deflate::Deflater>>,
 }
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
@@ -63,6 +66,7 @@ impl ShardCtx {
             uring,
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
+            tick_deflate: RefCell::new(None),
         })
     }
 

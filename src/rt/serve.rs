@@ -75,6 +75,7 @@ pub fn demo_config() -> Config {
     cfg.auth.allow_missing_origin = true;
     cfg.server.demo_page = true;
     cfg.feed.simulator = true;
+    cfg.compression.enabled = true;
     cfg.feed.simulator_symbols = vec![
         "BTC-USD".into(),
         "ETH-USD".into(),

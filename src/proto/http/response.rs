@@ -105,8 +105,10 @@ impl Response {
 }
 
 /// The `101` answer that completes a WebSocket handshake. `protocol` is omitted when `None`
-/// (the client offered no subprotocol) or when it is not a valid token.
-pub fn switching_protocols(accept: &str, protocol: Option<&str>) -> Vec<u8> {
+/// (the client offered no subprotocol) or when it is not a valid token; `extensions` (the
+/// accepted extension, [`crate::proto::deflate::Agreed::response`]) when `None` or not a
+/// valid field value.
+pub fn switching_protocols(accept: &str, protocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
     push_line(&mut out, "HTTP/1.1 101 Switching Protocols");
     push_line(&mut out, "Upgrade: websocket");
@@ -116,6 +118,9 @@ pub fn switching_protocols(accept: &str, protocol: Option<&str>) -> Vec<u8> {
     }
     if let Some(p) = protocol.filter(|p| is_token(p)) {
         push_line(&mut out, &format!("Sec-WebSocket-Protocol: {p}"));
+    }
+    if let Some(e) = extensions.filter(|e| is_field_value(e)) {
+        push_line(&mut out, &format!("Sec-WebSocket-Extensions: {e}"));
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -275,15 +280,22 @@ mod tests {
 
     #[test]
     fn switching_protocols_bytes() {
-        let b = switching_protocols("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", Some("md.v1.json"));
+        let b = switching_protocols("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", Some("md.v1.json"), None);
         assert_eq!(
             String::from_utf8(b).unwrap(),
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: md.v1.json\r\n\r\n"
         );
-        let b = String::from_utf8(switching_protocols("abc=", None)).unwrap();
-        assert!(!b.contains("Sec-WebSocket-Protocol"));
-        let b = String::from_utf8(switching_protocols("abc=", Some("x\r\nEvil: 1"))).unwrap();
+        let b = String::from_utf8(switching_protocols(
+            "abc=",
+            None,
+            Some("permessage-deflate\r\nEvil: 1"),
+        ))
+        .unwrap();
+        assert!(!b.contains("Sec-WebSocket-Protocol") && !b.contains("Evil") && !b.contains("Extensions"));
+        let b = String::from_utf8(switching_protocols("abc=", None, Some("permessage-deflate"))).unwrap();
+        assert!(b.ends_with("Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"));
+        let b = String::from_utf8(switching_protocols("abc=", Some("x\r\nEvil: 1"), None)).unwrap();
         assert!(!b.contains("Evil"));
     }
 }

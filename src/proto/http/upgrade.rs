@@ -476,7 +476,7 @@ mod tests {
         let r = upgrade_with("Sec-WebSocket-Protocol: md.v1.json, bearer.t\r\n");
         let u = check_upgrade(&r).unwrap();
         let p = select_subprotocol(&u.offered_protocols).unwrap();
-        let out = String::from_utf8(crate::proto::http::switching_protocols(&u.accept, p)).unwrap();
+        let out = String::from_utf8(crate::proto::http::switching_protocols(&u.accept, p, None)).unwrap();
         assert!(out.contains("Sec-WebSocket-Protocol: md.v1.json\r\n"));
         assert!(!out.contains("bearer"));
     }

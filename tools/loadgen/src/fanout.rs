@@ -69,6 +69,11 @@ pub struct FanoutArgs {
     /// double-count and, at millions of samples per second, starve the client.
     #[arg(long)]
     pub co_correct: bool,
+    /// Subscribers offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
+    /// what browsers send) and inflate what comes compressed (the server needs
+    /// `compression.enabled`); `wire_bytes_per_msg` then shows the saving.
+    #[arg(long)]
+    pub deflate: bool,
     /// The server's pid: report its CPU and run-queue wait during the window (schedstat).
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -156,6 +161,9 @@ struct Shared {
     c: Counters,
     interval_ns: AtomicU64,
     co_correct: bool,
+    deflate: bool,
+    /// Bytes read by the subscribers in the measured window (frames as on the wire).
+    wire_bytes: AtomicU64,
     pub_max_lag_ns: AtomicU64,
     hists: Vec<Mutex<Histogram<u64>>>,
     hs_hist: Mutex<Histogram<u64>>,
@@ -220,6 +228,8 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         c: Counters::default(),
         interval_ns: AtomicU64::new(0),
         co_correct: a.co_correct,
+        deflate: a.deflate,
+        wire_bytes: AtomicU64::new(0),
         pub_max_lag_ns: AtomicU64::new(0),
         hists: (0..NHIST).map(|_| Mutex::new(histogram())).collect(),
         hs_hist: Mutex::new(histogram()),
@@ -328,6 +338,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         }
         let before = CounterSnapshot::take(&sh.c);
         sh.c.window_rx.store(0, Relaxed);
+        sh.wire_bytes.store(0, Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let publ = if a.simulator {
             None
@@ -422,6 +433,11 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
             r.add(name, v);
         }
         r.add("delivered_per_s", (received as f64 / secs).round());
+        if received > 0 {
+            let wire = sh.wire_bytes.load(Relaxed) as f64 / received as f64;
+            r.add("wire_bytes_per_msg", (wire * 10.0).round() / 10.0);
+        }
+        r.add("deflate", a.deflate);
         // Deliveries owed in the window: each published tick times its symbol's subscribers.
         let expected: Option<u64> = pstats
             .as_ref()
@@ -633,7 +649,18 @@ async fn subscriber(
         }
     };
     let mut buf = vec![0u8; 4096];
-    let req = lean::upgrade_request(&ctx.host, &token);
+    let mut req = lean::upgrade_request(&ctx.host, &token);
+    if sh.deflate {
+        // Before the blank line that ends the head.
+        req.truncate(req.len() - 2);
+        req.extend_from_slice(
+            b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+    }
+    let mut inflater = sh
+        .deflate
+        .then(|| tickgate::proto::deflate::Inflater::new(15, false));
+    let mut inflated = Vec::new();
     drop(token);
     let mut end = match lean::upgrade(&mut s, &req, &mut buf).await {
         Ok((101, rest)) => rest,
@@ -676,15 +703,32 @@ async fn subscriber(
         let t1 = sh.t1.load(Relaxed);
         let mut start = 0usize;
         let mut closed = false;
+        let mut wire = 0u64;
         while let Some(f) = lean::parse_frame(&buf[start..end]) {
             let payload = &buf[start + f.start..start + f.end];
+            wire += f.end as u64;
             match f.opcode {
+                1 | 0 if f.rsv1 => {
+                    inflated.clear();
+                    let ok = inflater.as_mut().is_some_and(|d| {
+                        d.feed(payload, &mut inflated, 1 << 20).is_ok()
+                            && d.finish(&mut inflated, 1 << 20).is_ok()
+                    });
+                    if ok {
+                        on_text(&mut st, &inflated, now, t0, t1, c);
+                    } else {
+                        st.errors += 1;
+                    }
+                }
                 1 | 0 => on_text(&mut st, payload, now, t0, t1, c),
                 9 => lean::pong_frame(payload, &mut out),
                 8 => closed = true,
                 _ => {}
             }
             start += f.end;
+        }
+        if now >= t0 && now < t1 {
+            sh.wire_bytes.fetch_add(wire, Relaxed);
         }
         if start > 0 {
             buf.copy_within(start..end, 0);

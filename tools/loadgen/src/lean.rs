@@ -184,6 +184,8 @@ pub async fn upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 /// A parsed server frame: opcode, payload range within the buffer, total length.
 pub struct Frame {
     pub opcode: u8,
+    /// RSV1: a message compressed with permessage-deflate.
+    pub rsv1: bool,
     pub start: usize,
     pub end: usize,
 }
@@ -222,6 +224,7 @@ pub fn parse_frame(buf: &[u8]) -> Option<Frame> {
     }
     Some(Frame {
         opcode: b0 & 0x0f,
+        rsv1: b0 & 0x40 != 0,
         start: off,
         end: off + len,
     })
