@@ -33,6 +33,8 @@ use crate::state::Shared;
 
 pub mod demo;
 pub mod pending;
+#[cfg(test)]
+mod testkit;
 
 /// A connection that passed every check: the caller answers `101` with these values.
 pub struct Admitted {
@@ -584,26 +586,15 @@ fn bearer_of(h: &str) -> Option<&str> {
 mod tests {
     //! The CORS decisions of `/v1/ticket`, driven with `now` and parsed requests: no socket.
 
-    use std::sync::{Arc, Mutex};
-
-    use ed25519_dalek::SigningKey;
-
+    use super::testkit::{GateWorld, header};
     use super::*;
-    use crate::auth::keys::KeySet;
     use crate::auth::mint::{self, Claims};
-    use crate::auth::seclog::SecurityLog;
     use crate::config::Config;
-    use crate::proto::http::{RequestLimits, try_parse};
-    use crate::state::AuthState;
 
     const T0: u64 = 1_800_000_000_000;
     const APP: &str = "https://app.example.com";
 
-    struct World {
-        shared: Shared,
-        key: SigningKey,
-        log: Arc<Mutex<Vec<String>>>,
-    }
+    type World = GateWorld;
 
     fn world(tweak: impl FnOnce(&mut Config)) -> World {
         let mut cfg = Config::default_production();
@@ -612,47 +603,20 @@ mod tests {
         cfg.limits.per_ip_handshakes_per_sec = 1000;
         cfg.limits.per_ip_burst = 1000;
         tweak(&mut cfg);
-        let key = mint::generate_signing_key().unwrap();
-        let mut ks = KeySet::new();
-        ks.insert("k1", key.verifying_key()).unwrap();
-        let auth = AuthState::build(&cfg, ks).unwrap();
-        let (log, lines) = SecurityLog::memory();
-        World {
-            shared: Shared::new(cfg, auth, log),
-            key,
-            log: lines,
-        }
+        GateWorld::new(cfg, "k1", false)
     }
 
-    impl World {
-        fn token(&self) -> String {
-            let now = T0 / 1000;
-            let claims = Claims {
-                sub: "alice".into(),
-                exp: now + 300,
-                iat: Some(now),
-                roles: vec!["subscriber".into()],
-                symbols: vec!["*".into()],
-                ..Claims::default()
-            };
-            mint::sign_token(&self.key, "k1", &claims)
-        }
-
-        /// One request from 192.0.2.1 at `now`; the answer, or `None` for an upgrade.
-        fn send(&self, raw: &str, now: u64) -> Response {
-            let (_, req) = try_parse(raw.as_bytes(), &RequestLimits::default())
-                .unwrap()
-                .unwrap();
-            match handle_public(&self.shared, &req, "192.0.2.1".parse().unwrap(), now) {
-                Outcome::Respond(r) => r,
-                Outcome::TicketIssued { resp, .. } => resp,
-                Outcome::Upgrade(_) => panic!("upgrade"),
-            }
-        }
-
-        fn last_log(&self) -> String {
-            self.log.lock().unwrap().last().cloned().unwrap_or_default()
-        }
+    fn token(w: &World) -> String {
+        let now = T0 / 1000;
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: now + 300,
+            iat: Some(now),
+            roles: vec!["subscriber".into()],
+            symbols: vec!["*".into()],
+            ..Claims::default()
+        };
+        mint::sign_token(&w.key, "k1", &claims)
     }
 
     fn preflight_req(extra: &str) -> String {
@@ -663,13 +627,6 @@ mod tests {
         preflight_req(&format!(
             "Origin: {APP}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization\r\n"
         ))
-    }
-
-    fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
-        r.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
     }
 
     fn no_cors(r: &Response) -> bool {
@@ -737,7 +694,7 @@ mod tests {
             assert!(w.last_log().contains("\"reason\":\"origin\""));
             let post = format!(
                 "POST /v1/ticket HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
-                w.token()
+                token(&w)
             );
             let r = w.send(&post, T0);
             assert_eq!(r.status, 403, "{origin}");
@@ -787,7 +744,7 @@ mod tests {
         // The bucket the preflights emptied is the one the POST draws from.
         let post = format!(
             "POST /v1/ticket HTTP/1.1\r\nHost: x\r\nOrigin: {APP}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
-            w.token()
+            token(&w)
         );
         assert_eq!(w.send(&post, T0).status, 429);
         // One second later, one token is back.
@@ -801,7 +758,7 @@ mod tests {
         let post = |origin: &str, auth: &str| {
             format!("POST /v1/ticket HTTP/1.1\r\nHost: x\r\n{origin}{auth}Content-Length: 0\r\n\r\n")
         };
-        let bearer = format!("Authorization: Bearer {}\r\n", w.token());
+        let bearer = format!("Authorization: Bearer {}\r\n", token(&w));
         let r = w.send(&post(&format!("Origin: {APP}\r\n"), &bearer), T0);
         assert_eq!(r.status, 200);
         assert!(r.body.starts_with(b"{\"ticket\":\""));

@@ -101,23 +101,15 @@ mod tests {
     //! Routing of `/` and `/v1/demo-token` in and out of the demo, on parsed requests and
     //! a virtual `now`: no socket.
 
-    use std::sync::{Arc, Mutex};
-
     use super::*;
     use crate::auth::jwt::{Role, Verifier, VerifyPolicy};
-    use crate::auth::keys::KeySet;
-    use crate::auth::seclog::SecurityLog;
     use crate::config::Config;
-    use crate::gate::handle_public;
-    use crate::proto::http::{RequestLimits, try_parse};
+    use crate::gate::testkit::{GateWorld, header};
 
     const T0: u64 = 1_800_000_000_000;
     const SELF: &str = "http://127.0.0.1:8080";
 
-    struct World {
-        shared: Shared,
-        log: Arc<Mutex<Vec<String>>>,
-    }
+    type World = GateWorld;
 
     /// The embedded demo's configuration (`demo`: with its key) or a production one with
     /// `server.demo_page` as given.
@@ -131,40 +123,7 @@ mod tests {
         cfg.auth.allowed_origins = vec![SELF.into()];
         cfg.auth.allow_missing_origin = true;
         tweak(&mut cfg);
-        let key = mint::generate_signing_key().unwrap();
-        let mut ks = KeySet::new();
-        ks.insert(mint::DEMO_KID, key.verifying_key()).unwrap();
-        let auth = AuthState::build(&cfg, ks).unwrap();
-        let (log, lines) = SecurityLog::memory();
-        let mut shared = Shared::new(cfg, auth, log);
-        if demo {
-            shared = shared.with_demo_key(key);
-        }
-        World { shared, log: lines }
-    }
-
-    impl World {
-        fn send(&self, raw: &str, now: u64) -> Response {
-            let (_, req) = try_parse(raw.as_bytes(), &RequestLimits::default())
-                .unwrap()
-                .unwrap();
-            match handle_public(&self.shared, &req, "192.0.2.1".parse().unwrap(), now) {
-                Outcome::Respond(r) => r,
-                Outcome::TicketIssued { resp, .. } => resp,
-                Outcome::Upgrade(_) => panic!("upgrade"),
-            }
-        }
-
-        fn last_log(&self) -> String {
-            self.log.lock().unwrap().last().cloned().unwrap_or_default()
-        }
-    }
-
-    fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
-        r.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        GateWorld::new(cfg, mint::DEMO_KID, demo)
     }
 
     fn get(path: &str) -> String {
