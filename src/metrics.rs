@@ -68,6 +68,8 @@ pub struct ShardGauges {
     pub pending_handshakes: AtomicU64,
     pub ticks_out: AtomicU64,
     pub inbox_dropped: AtomicU64,
+    /// Sessions that negotiated permessage-deflate (`[compression]`).
+    pub compressing: AtomicU64,
 }
 
 #[derive(Default)]
@@ -124,6 +126,14 @@ impl Metrics {
                 out,
                 "tickgate_outbound_queued_bytes{{shard=\"{i}\"}} {}",
                 s.queued_bytes.load(Relaxed)
+            );
+        }
+        out.push_str("# TYPE tickgate_compressing_connections gauge\n");
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tickgate_compressing_connections{{shard=\"{i}\"}} {}",
+                s.compressing.load(Relaxed)
             );
         }
         out.push_str("# TYPE tickgate_pending_handshakes gauge\n");

@@ -548,6 +548,11 @@ impl Session {
         });
     }
 
+    /// The session negotiated permessage-deflate.
+    pub fn compresses(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.deflate.is_some())
+    }
+
     /// [`Self::poll_transmit`], with the shard's compressor of shared tick frames
     /// (used only by connections that negotiated `server_no_context_takeover`).
     pub fn poll_transmit_with(

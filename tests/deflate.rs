@@ -302,6 +302,37 @@ fn no_context_takeover_subscribers_share_one_compressed_frame() {
     }
 }
 
+/// `tickgate_compressing_connections`, summed over the shards.
+fn compressing(srv: &TestServer) -> u64 {
+    let r = raw(srv.admin(), b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    r.lines()
+        .filter(|l| l.starts_with("tickgate_compressing_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_count_the_compressing_connections() {
+    let srv = start(deflate_config());
+    assert_eq!(compressing(&srv), 0);
+    let mut plain = Client::connect(srv.addr(), &srv.token("p"), None);
+    assert_eq!(plain.json().0["type"], "welcome");
+    let mut z = Client::connect(srv.addr(), &srv.token("z"), Some("permessage-deflate"));
+    assert_eq!(z.json().0["type"], "welcome");
+    assert_eq!(compressing(&srv), 1, "the plain session is not counted");
+    drop(z);
+    // The server sees the socket close on its own time: look a bounded number of times.
+    let mut n = 1;
+    for _ in 0..500 {
+        n = compressing(&srv);
+        if n == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(n, 0, "the closed session is counted out");
+}
+
 #[test]
 fn off_by_default_and_rsv1_without_it_is_1002() {
     let srv = start(test_config(1));

@@ -441,6 +441,13 @@ impl<I: ConnIo> ShardCore<I> {
         let Some(conn) = self.get(id) else { return };
         let mut c = conn.borrow_mut();
         c.deadlines.clear(ConnTimer::Handshake.slot());
+        if session.compresses() {
+            self.shared
+                .metrics
+                .shard(self.id)
+                .compressing
+                .fetch_add(1, Relaxed);
+        }
         c.session = Some(session);
         c.decoder = Some(decoder);
         refile_session(&mut self.wheel, &mut c, id.idx);
@@ -453,6 +460,13 @@ impl<I: ConnIo> ShardCore<I> {
         let mut c = conn.borrow_mut();
         c.deadlines.cancel_all(&mut self.wheel);
         if let Some(s) = c.session.take() {
+            if s.compresses() {
+                self.shared
+                    .metrics
+                    .shard(self.id)
+                    .compressing
+                    .fetch_sub(1, Relaxed);
+            }
             self.table_remove(id.idx, id.generation, s.subscriptions());
             self.unwait(id.idx, id.generation, s.waiting_subscriptions());
         }
