@@ -72,6 +72,9 @@ pub struct ShardGauges {
     pub compressing: AtomicU64,
 }
 
+/// One per-shard series of `/metrics`: which field of [`ShardGauges`] it reads.
+type ShardField = fn(&ShardGauges) -> &AtomicU64;
+
 #[derive(Default)]
 pub struct Metrics {
     pub shards: Box<[ShardGauges]>,
@@ -112,53 +115,19 @@ impl Metrics {
     }
 
     pub fn render(&self, out: &mut String) {
-        out.push_str("# TYPE tickgate_connections gauge\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_connections{{shard=\"{i}\"}} {}",
-                s.connections.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE tickgate_outbound_queued_bytes gauge\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_outbound_queued_bytes{{shard=\"{i}\"}} {}",
-                s.queued_bytes.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE tickgate_compressing_connections gauge\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_compressing_connections{{shard=\"{i}\"}} {}",
-                s.compressing.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE tickgate_pending_handshakes gauge\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_pending_handshakes{{shard=\"{i}\"}} {}",
-                s.pending_handshakes.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE tickgate_ticks_out_total counter\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_ticks_out_total{{shard=\"{i}\"}} {}",
-                s.ticks_out.load(Relaxed)
-            );
-        }
-        out.push_str("# TYPE tickgate_inbox_dropped_total counter\n");
-        for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tickgate_inbox_dropped_total{{shard=\"{i}\"}} {}",
-                s.inbox_dropped.load(Relaxed)
-            );
+        let per_shard: [(&str, &str, ShardField); 6] = [
+            ("tickgate_connections", "gauge", |s| &s.connections),
+            ("tickgate_outbound_queued_bytes", "gauge", |s| &s.queued_bytes),
+            ("tickgate_compressing_connections", "gauge", |s| &s.compressing),
+            ("tickgate_pending_handshakes", "gauge", |s| &s.pending_handshakes),
+            ("tickgate_ticks_out_total", "counter", |s| &s.ticks_out),
+            ("tickgate_inbox_dropped_total", "counter", |s| &s.inbox_dropped),
+        ];
+        for (name, kind, field) in per_shard {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (i, s) in self.shards.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
+            }
         }
         let _ = writeln!(
             out,
