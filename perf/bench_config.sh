@@ -1,4 +1,4 @@
-# Sourced by perf/compare.sh and perf/ab.sh: the one benchmark configuration.
+# Sourced by the perf/ scripts: the one benchmark configuration, and the helpers they share.
 #
 #   bench_config FILE KEYDIR PORT ADMIN_PORT LOGDIR [EXTRA_LIMITS_LINES]
 #
@@ -32,4 +32,23 @@ listen = "127.0.0.1:$admin"
 level = "warn"
 security = "$logdir/security.log"
 CFG
+}
+
+# The cargo target directory (where `cargo build --release` put the binaries).
+bench_target_dir() {
+  cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
+# Stop the server whose pid is in $SPID, if one runs, and wait for it.
+bench_stop() {
+  if [[ -n "${SPID:-}" ]]; then kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; fi
+  SPID=""
+}
+
+# A scratch directory in $TMP, removed at exit together with the server in $SPID.
+bench_scratch() {
+  TMP=$(mktemp -d)
+  SPID=""
+  trap 'bench_stop; rm -rf "$TMP"' EXIT
 }

@@ -25,8 +25,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 command -v nats-server >/dev/null || { echo "perf/cluster.sh: needs nats-server (apt-get install nats-server)" >&2; exit 1; }
 cargo build --release -q -p tickgate -p tickgate-loadgen
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+# shellcheck source=perf/bench_config.sh
+. "$ROOT/perf/bench_config.sh"
+TARGET_DIR=$(bench_target_dir)
 TG="$TARGET_DIR/release/tickgate"
 LG="$TARGET_DIR/release/loadgen"
 
@@ -42,8 +43,6 @@ ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
 NATS_PORT=${NATS_PORT:-14322}
 "$TG" keygen --out "$TMP/keys" >/dev/null
-# shellcheck source=perf/bench_config.sh
-. "$ROOT/perf/bench_config.sh"
 bench_config "$TMP/single.toml" "$TMP/keys" 18280 19280 "$TMP"
 for n in 1 2; do
   bench_config "$TMP/n$n.toml" "$TMP/keys" $((18280 + n)) $((19280 + n)) "$TMP"

@@ -32,24 +32,17 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 echo "# building (release): tickgate, tickgate-loadgen, tickgate-baseline" >&2
 cargo build --release -q -p tickgate -p tickgate-loadgen -p tickgate-baseline
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+# shellcheck source=perf/bench_config.sh
+. "$ROOT/perf/bench_config.sh"
+TARGET_DIR=$(bench_target_dir)
 TG="$TARGET_DIR/release/tickgate"
 LG="$TARGET_DIR/release/loadgen"
 BL="$TARGET_DIR/release/baseline"
 
-TMP=$(mktemp -d)
-SPID=""
-cleanup() {
-  if [[ -n "$SPID" ]]; then kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_scratch
 
 TG_PORT=18080; TG_ADMIN=19090; BL_PORT=18090
 "$TG" keygen --out "$TMP/keys" >/dev/null
-# shellcheck source=perf/bench_config.sh
-. "$ROOT/perf/bench_config.sh"
 # The load generator opens its connections from one address (or eight): let its whole
 # connect burst wait in the upgrade at once.
 bench_config "$TMP/tickgate.toml" "$TMP/keys" "$TG_PORT" "$TG_ADMIN" "$TMP" \
@@ -91,7 +84,7 @@ start() { # $1 = tickgate|baseline
   fi
   wait_port "$PORT"
 }
-stop() { kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; SPID=""; sleep 0.3; }
+stop() { bench_stop; sleep 0.3; }
 lg() { # $1 = label, rest = loadgen args
   local label=$1; shift
   taskset -c 1 "$LG" "$@" --target "127.0.0.1:$PORT" --key "$KEY" --label "$label" --json \

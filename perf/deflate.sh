@@ -16,21 +16,14 @@ ROUNDS=${2:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p tickgate-loadgen
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-LG="$TARGET_DIR/release/loadgen"
-
-TMP=$(mktemp -d)
-SPID=""
-cleanup() {
-  if [[ -n "$SPID" ]]; then kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-PORT=18180
-"$BIN" keygen --out "$TMP/keys" >/dev/null
 # shellcheck source=perf/bench_config.sh
 . "$ROOT/perf/bench_config.sh"
+TARGET_DIR=$(bench_target_dir)
+LG="$TARGET_DIR/release/loadgen"
+
+bench_scratch
+PORT=18180
+"$BIN" keygen --out "$TMP/keys" >/dev/null
 bench_config "$TMP/tickgate.toml" "$TMP/keys" "$PORT" 19190 "$TMP"
 printf '\n[compression]\nenabled = true\n' >>"$TMP/tickgate.toml"
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
@@ -64,7 +57,7 @@ for r in $(seq 1 "$ROUNDS"); do
         echo "  (loadgen exit $? for $mode:$side:$r: $(tail -1 "$TMP/err.txt"))" >&2
       grep '^{' "$TMP/out.txt" >>"$RES" || true
     done
-    kill "$SPID" 2>/dev/null || true; wait "$SPID" 2>/dev/null || true; SPID=""; sleep 0.3
+    bench_stop; sleep 0.3
   done
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -31,15 +30,7 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_channel(child.stdout.take().unwrap());
     let mut addr = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while addr.is_none() && std::time::Instant::now() < deadline {

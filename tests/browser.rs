@@ -17,7 +17,9 @@
 //! Chromium comes from `TG_TEST_CHROMIUM` or `chromium` on the `PATH` (`tools/test.sh`
 //! installs Debian's package); without it the test fails and says so, it never skips.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -80,15 +82,7 @@ fn start_demo() -> (Proc, Receiver<String>) {
         .stderr(Stdio::null())
         .process_group(0);
     let mut child = cmd.spawn().expect("start the tickgate binary");
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::line_channel(child.stdout.take().unwrap());
     (Proc { child }, rx)
 }
 
@@ -137,14 +131,8 @@ fn start_chromium(profile: &Path) -> (Proc, String) {
                 bin.display()
             )
         });
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep reading (and dropping) stderr so Chromium never blocks on a full pipe.
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    // Read to the end (and dropped once found) so Chromium never blocks on a full pipe.
+    let rx = common::line_channel(child.stderr.take().unwrap());
     let proc = Proc { child };
     let mut seen = Vec::new();
     loop {

@@ -234,3 +234,17 @@ pub fn admin_post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str)
     let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status_of(&r), body)
 }
+
+/// The lines of a child's pipe (its stdout or stderr), read on a thread of their own. The
+/// thread drains the pipe to its end even once the receiver is gone, so the child never
+/// blocks on a full pipe.
+pub fn line_channel(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
