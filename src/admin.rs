@@ -191,6 +191,14 @@ pub fn route(shared: &Shared, req: &http::Request, peer: Option<SocketAddr>, now
                     shared.revocation.len()
                 ),
             );
+            let (bytes, ticks) = shared.hub.history_held();
+            let _ = std::fmt::Write::write_fmt(
+                &mut out,
+                format_args!(
+                    "# HELP tickgate_history_bytes Memory of the recovery history (feed.history), all symbols.\n# TYPE tickgate_history_bytes gauge\ntickgate_history_bytes {bytes}\n# TYPE tickgate_history_bytes_max gauge\ntickgate_history_bytes_max {}\n# TYPE tickgate_history_ticks gauge\ntickgate_history_ticks {ticks}\n",
+                    shared.hub.history_limits().max_bytes
+                ),
+            );
             if let Some(tls) = shared.tls.as_ref() {
                 use std::sync::atomic::Ordering::Relaxed;
                 let _ = std::fmt::Write::write_fmt(

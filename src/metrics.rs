@@ -82,6 +82,10 @@ pub struct Metrics {
     pub conflated: AtomicU64,
     /// Symbols retired for idleness (`feed.symbol_idle`).
     pub symbols_retired: AtomicU64,
+    /// `since` recovery (PROTOCOL.md 10): ticks replayed, and subscriptions answered with
+    /// a `reset` snapshot because the history did not reach back.
+    pub replayed: AtomicU64,
+    pub replay_resets: AtomicU64,
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// From the hub accepting a tick to a shard handing it to its subscribers' queues
     /// (a random one tick in 64 per shard is sampled).
@@ -143,6 +147,12 @@ impl Metrics {
             out,
             "# TYPE tickgate_symbols_retired_total counter\ntickgate_symbols_retired_total {}",
             self.symbols_retired.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE tickgate_replayed_ticks_total counter\ntickgate_replayed_ticks_total {}\n# TYPE tickgate_replay_resets_total counter\ntickgate_replay_resets_total {}",
+            self.replayed.load(Relaxed),
+            self.replay_resets.load(Relaxed)
         );
         out.push_str("# TYPE tickgate_closes_total counter\n");
         for (i, c) in CLOSE_CODES.iter().enumerate() {

@@ -100,6 +100,9 @@ pub trait ReauthVerifier {
     }
 }
 
+/// `since` by symbol name (empty: no allocation).
+pub type Since = std::collections::HashMap<Box<str>, u64>;
+
 /// What the shard must do on the session's behalf, in order ([`Session::poll_event`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -111,6 +114,11 @@ pub enum Event {
         ids: Vec<SymbolId>,
         snapshot: bool,
         waiting: Vec<Box<str>>,
+        /// `since` of the symbols newly subscribed here (PROTOCOL.md 10), by name: replay
+        /// what the client missed instead of a snapshot. A symbol already subscribed keeps
+        /// its stream (its `since` is ignored: every tick after its subscription is on
+        /// its way already).
+        since: Since,
     },
     /// Remove these symbols (and these waiting names) from the shard's tables.
     Unsubscribe {
@@ -742,14 +750,22 @@ impl Session {
                 id,
                 symbols: names,
                 snapshot,
-            } => self.subscribe(id, names, snapshot, symbols),
+                since,
+            } => self.subscribe(id, names, snapshot, since, symbols),
             ClientMsg::Unsubscribe { id, symbols: names } => self.unsubscribe(id, names, symbols),
             ClientMsg::Publish { id, ticks } => self.publish(id, ticks, symbols),
             ClientMsg::Reauth { id, token } => self.reauth(id, &token, now_ms, symbols, auth),
         }
     }
 
-    fn subscribe(&mut self, id: Option<u64>, names: Vec<String>, snapshot: bool, symbols: &SymbolTable) {
+    fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        names: Vec<String>,
+        snapshot: bool,
+        since: Vec<(String, u64)>,
+        symbols: &SymbolTable,
+    ) {
         if !self.claims.has_role(Role::Subscriber) {
             self.reply_error(id, ErrorCode::Forbidden, "the subscriber role is required");
             return;
@@ -759,6 +775,15 @@ impl Session {
         let mut rejected: Vec<(&str, ErrorCode)> = Vec::new();
         let mut new_ids: Vec<SymbolId> = Vec::new();
         let mut new_waiting: Vec<&str> = Vec::new();
+        // `since` counts for what this message subscribes anew (rejected symbols get
+        // nothing replayed, held ones keep their stream).
+        let asked: std::collections::HashMap<&str, u64> = since.iter().map(|(n, q)| (n.as_str(), *q)).collect();
+        let mut since = Since::new();
+        let mut take_since = |name: &str| {
+            if let Some(&q) = asked.get(name) {
+                since.insert(Box::from(name), q);
+            }
+        };
         for name in &names {
             if !is_valid_symbol(name) {
                 rejected.push((name, ErrorCode::BadRequest));
@@ -780,9 +805,13 @@ impl Session {
                     accepted.push((sid, name));
                     if !self.subs.contains(&sid) {
                         new_ids.push(sid);
+                        take_since(name);
                     }
                 }
-                None => new_waiting.push(name),
+                None => {
+                    new_waiting.push(name);
+                    take_since(name);
+                }
             }
         }
         let held = self.subs.len() + self.waiting_subscriptions().len();
@@ -810,6 +839,7 @@ impl Session {
                 ids,
                 snapshot,
                 waiting,
+                since,
             });
         }
     }

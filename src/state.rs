@@ -172,7 +172,11 @@ impl Shared {
                 counters: SecurityCounters::new(),
             },
             metrics: Metrics::new(shards),
-            hub: Hub::new(shards, cfg.feed.max_symbols),
+            hub: Hub::new(shards, cfg.feed.max_symbols).with_history(crate::feed::history::HistoryLimits {
+                depth: cfg.feed.history,
+                age_ns: cfg.feed.history_age.as_nanos().min(u128::from(u64::MAX)) as u64,
+                max_bytes: cfg.feed.history_bytes,
+            }),
             node: NodeParts {
                 draining: AtomicBool::new(false),
                 session: Arc::new(session_cfg),

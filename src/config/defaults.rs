@@ -89,6 +89,9 @@ impl Default for FeedConfig {
             simulator_rate: 10,
             max_symbols: 100_000,
             symbol_idle: Duration::from_secs(600),
+            history: 1000,
+            history_age: Duration::from_secs(300),
+            history_bytes: 256 << 20,
         }
     }
 }

@@ -96,6 +96,9 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("simulator_rate", Int),
                 ("max_symbols", Int),
                 ("symbol_idle", Str),
+                ("history", Int),
+                ("history_age", Str),
+                ("history_bytes", Int),
             ],
         ),
         (

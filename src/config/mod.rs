@@ -50,6 +50,7 @@
 //! | `limits.per_ip_pending_handshakes` | 256 | connections one address may hold in the HTTP upgrade, per shard (trusted proxies exempt) |
 //! | `feed.max_symbols` | 100000 | distinct symbols the feed will track |
 //! | `feed.symbol_idle` | 10m | a symbol with no subscriber and no tick for this long gives its entry back (configured symbols never do) |
+//! | `feed.history_bytes` | 268435456 | bytes all symbols' recovery histories may hold together (1 MiB..=1 TiB); a symbol pushing into a full budget gives up its own oldest ticks |
 //! | `admin.enabled` | true | whether the admin listener runs |
 //! | `admin.request_timeout` | 2s | whole admin request, accept to last byte of the body (100ms..=60s) |
 //! | `admin.max_connections` | 64 | admin connections in flight (1..=4096) |
@@ -362,6 +363,14 @@ pub struct FeedConfig {
     /// this long gives its entry back; configured symbols never do. Default 10m.
     #[serde(with = "duration_serde")]
     pub symbol_idle: Duration,
+    /// Ticks kept per symbol for `since` recovery (PROTOCOL.md 10); 0 = off. Default 1000.
+    pub history: usize,
+    /// A kept tick older than this is not replayed (and its memory goes). Default 5m.
+    #[serde(with = "duration_serde")]
+    pub history_age: Duration,
+    /// Extension: bytes all symbols' histories may hold together (a symbol pushing into a
+    /// full budget gives up its own oldest ticks). Default 268435456 (256 MiB).
+    pub history_bytes: u64,
 }
 
 /// `[admin]`: the metrics / health / revocation listener.

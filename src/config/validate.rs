@@ -352,6 +352,24 @@ impl Config {
                 "must be at least 1s and at most 30 days",
             ));
         }
+        if f.history > 100_000 {
+            return Err(ConfigError::invalid(
+                "feed.history",
+                format!("{} is not in 0..=100000", f.history),
+            ));
+        }
+        if f.history_age < Duration::from_secs(1) || f.history_age > Duration::from_secs(86_400) {
+            return Err(ConfigError::invalid(
+                "feed.history_age",
+                "must be at least 1s and at most 24h",
+            ));
+        }
+        if !((1 << 20)..=(1 << 40)).contains(&f.history_bytes) {
+            return Err(ConfigError::invalid(
+                "feed.history_bytes",
+                format!("{} is not in 1048576..=1099511627776", f.history_bytes),
+            ));
+        }
         let mut seen = HashSet::new();
         for (i, s) in f.simulator_symbols.iter().enumerate() {
             if !crate::feed::symbol::is_valid_symbol(s) {

@@ -60,6 +60,7 @@ use slab::Slab;
 
 use crate::auth::seclog::{Event, Outcome, Reason, SecurityEvent};
 use crate::auth::usercap::UserSlot;
+use crate::feed::history::Replay;
 use crate::feed::hub::{Control, encode_for_subscriber};
 use crate::feed::outbound::SharedTick;
 use crate::feed::symbol::{SymbolId, Wait};
@@ -218,9 +219,18 @@ struct SubEntry {
     last_seq: u64,
 }
 
+/// What a subscription asked to receive before its live stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Start {
+    /// The newest tick as a `snapshot`.
+    snapshot: bool,
+    /// The last `seq` the client processed: replay what follows (PROTOCOL.md 10).
+    since: Option<u64>,
+}
+
 /// Names awaited by this shard's connections: name -> (connection index, generation,
-/// whether the subscription asked for a snapshot).
-type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32, bool)>>;
+/// what the subscription asked for first).
+type Waiters = std::collections::HashMap<Box<str>, Vec<(usize, u32, Start)>>;
 
 /// One shard's connections, tables and deadlines (see the module documentation).
 pub struct ShardCore<I> {
@@ -593,10 +603,15 @@ impl<I: ConnIo> ShardCore<I> {
                 ids,
                 snapshot,
                 waiting,
+                since,
             } => {
-                self.subscribe(idx, c, &ids, snapshot);
+                self.subscribe(idx, c, &ids, snapshot, &since, now);
                 for name in waiting {
-                    self.wait(idx, c, name, snapshot);
+                    let start = Start {
+                        snapshot,
+                        since: since.get(&name).copied(),
+                    };
+                    self.wait(idx, c, name, start, now);
                 }
             }
             SessionEvent::Unsubscribe { ids, waiting } => {
@@ -659,12 +674,16 @@ impl<I: ConnIo> ShardCore<I> {
     }
 
     /// The connection subscribed to `name`, which did not exist when its session looked.
-    fn wait(&mut self, idx: usize, c: &mut Conn<I>, name: Box<str>, snapshot: bool) {
+    fn wait(&mut self, idx: usize, c: &mut Conn<I>, name: Box<str>, start: Start, now: u64) {
         match self.shared.hub.symbols().wait_for(self.id, &name) {
             Wait::Exists(id) => {
                 // Created in between: an ordinary subscription after all.
                 if c.session.as_mut().is_some_and(|s| s.activate(&name, id)) {
-                    self.subscribe(idx, c, &[id], snapshot);
+                    let mut since = crate::session::Since::new();
+                    if let Some(q) = start.since {
+                        since.insert(name.clone(), q);
+                    }
+                    self.subscribe(idx, c, &[id], start.snapshot, &since, now);
                 }
             }
             Wait::Waiting => {
@@ -674,7 +693,7 @@ impl<I: ConnIo> ShardCore<I> {
                 self.waiting
                     .entry(name)
                     .or_default()
-                    .push((idx, c.generation, snapshot));
+                    .push((idx, c.generation, start));
             }
         }
     }
@@ -706,13 +725,17 @@ impl<I: ConnIo> ShardCore<I> {
     /// subscribers are owed that tick and every later one (the shard was handed to the hub
     /// before it, so none has passed it by), or, for a bus head ([`SharedTick::prime`]),
     /// every tick after it, with the head as their snapshot when they asked for one.
+    /// With `since`, a head brings the replay of what the bus history holds up to it; a
+    /// first tick that does not follow `since` (the symbol restarted, or the history was
+    /// gone) is sent as a `reset` snapshot instead of a tick.
     /// `current` is the connection the caller already holds borrowed, if any.
     fn activate_waiting(
         &mut self,
         name: &str,
         id: SymbolId,
         mut current: Option<(usize, &mut Conn<I>)>,
-        first: Option<&SharedTick>,
+        first: Option<&Arc<SharedTick>>,
+        now: u64,
     ) {
         let Some(list) = self.waiting.remove(name) else {
             return;
@@ -729,31 +752,50 @@ impl<I: ConnIo> ShardCore<I> {
             None => 0,
         };
         let head = first.filter(|t| t.prime);
-        for (widx, generation, snapshot) in list {
-            let go = |c: &mut Conn<I>, effects: &mut Vec<Effect>| {
+        let hub = &self.shared.hub;
+        for (widx, generation, start) in list {
+            let go = |c: &mut Conn<I>, effects: &mut Vec<Effect>, wheel: &mut TimerWheel<TimerEvent>| {
                 if c.generation != generation {
-                    return false;
+                    return None;
                 }
-                let Some(s) = c.session.as_mut() else { return false };
+                let s = c.session.as_mut()?;
                 if !s.activate(name, id) {
-                    return false;
+                    return None;
                 }
-                if let Some(t) = head
-                    && snapshot
-                {
-                    s.push_snapshot(encode_for_subscriber(TickKind::Snapshot, t, 0));
-                    kick(effects, widx, c);
+                let mut owed = last_seq;
+                match (start.since, first) {
+                    (Some(since), Some(t)) if t.prime => {
+                        let replay = hub.replay(id, since, t).unwrap_or(Replay::Nothing);
+                        if queue_replay(s, replay, now, &self.shared.metrics) {
+                            refile_session(wheel, c, widx);
+                        }
+                    }
+                    (Some(since), Some(t)) if since.checked_add(1) != Some(t.seq) => {
+                        // The symbol's first tick here does not follow what the client
+                        // had: its state is replaced, and the tick is not sent twice.
+                        self.shared.metrics.replay_resets.fetch_add(1, Relaxed);
+                        s.push_snapshot(encode_for_subscriber(TickKind::Reset, t, 0));
+                        owed = t.seq;
+                    }
+                    _ => {
+                        if let Some(t) = head
+                            && start.snapshot
+                        {
+                            s.push_snapshot(encode_for_subscriber(TickKind::Snapshot, t, 0));
+                        }
+                    }
                 }
-                true
+                kick(effects, widx, c);
+                Some(owed)
             };
             let activated = match current.as_mut() {
-                Some((cidx, c)) if *cidx == widx => go(c, &mut self.effects),
+                Some((cidx, c)) if *cidx == widx => go(c, &mut self.effects, &mut self.wheel),
                 _ => self
                     .conns
                     .get(widx)
-                    .is_some_and(|conn| go(&mut conn.borrow_mut(), &mut self.effects)),
+                    .and_then(|conn| go(&mut conn.borrow_mut(), &mut self.effects, &mut self.wheel)),
             };
-            if activated {
+            if let Some(last_seq) = activated {
                 self.table[i].push(SubEntry {
                     idx: widx,
                     generation,
@@ -766,11 +808,19 @@ impl<I: ConnIo> ShardCore<I> {
         }
     }
 
-    fn subscribe(&mut self, idx: usize, c: &mut Conn<I>, ids: &[SymbolId], snapshot: bool) {
+    fn subscribe(
+        &mut self,
+        idx: usize,
+        c: &mut Conn<I>,
+        ids: &[SymbolId],
+        snapshot: bool,
+        since: &crate::session::Since,
+        now: u64,
+    ) {
         if !self.waiting.is_empty() {
             for id in ids {
                 if let Some(name) = self.shared.hub.symbols().name(*id) {
-                    self.activate_waiting(&name, *id, Some((idx, &mut *c)), None);
+                    self.activate_waiting(&name, *id, Some((idx, &mut *c)), None, now);
                 }
             }
         }
@@ -787,7 +837,16 @@ impl<I: ConnIo> ShardCore<I> {
             let snap = if already {
                 self.shared.hub.latest(*id)
             } else {
-                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty()) else {
+                let since = match since.is_empty() {
+                    true => None,
+                    false => self
+                        .shared
+                        .hub
+                        .symbols()
+                        .name(*id)
+                        .and_then(|n| since.get(&*n).copied()),
+                };
+                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty(), since) else {
                     retired.push(*id);
                     continue;
                 };
@@ -796,6 +855,11 @@ impl<I: ConnIo> ShardCore<I> {
                     generation,
                     last_seq: base.seq,
                 });
+                if let Some(replay) = base.replay {
+                    // A slow-consumer deadline this starts is filed by `apply`.
+                    let _ = queue_replay(session, replay, now, &self.shared.metrics);
+                    continue;
+                }
                 base.snapshot
             };
             if snapshot && let Some(t) = snap {
@@ -809,7 +873,11 @@ impl<I: ConnIo> ShardCore<I> {
             if let (Some(name), Some(s)) = (name, c.session.as_mut())
                 && s.wait_again(id, &name)
             {
-                self.wait(idx, c, Box::from(&*name), snapshot);
+                let start = Start {
+                    snapshot,
+                    since: since.get(&*name).copied(),
+                };
+                self.wait(idx, c, Box::from(&*name), start, now);
             }
         }
     }
@@ -819,7 +887,7 @@ impl<I: ConnIo> ShardCore<I> {
     /// overflowed), a copy re-encoded with `"skipped"`. Returns how many got it.
     pub fn handle_tick(&mut self, now: u64, t: &Arc<SharedTick>) -> usize {
         if !self.waiting.is_empty() {
-            self.activate_waiting(&t.name, t.symbol, None, Some(t));
+            self.activate_waiting(&t.name, t.symbol, None, Some(t), now);
         }
         let Some(list) = self.table.get_mut(t.symbol.0 as usize) else {
             return 0;
@@ -1042,6 +1110,29 @@ impl<I: ConnIo> ShardCore<I> {
 }
 
 /// Arms (or moves) the connection's deadline of that kind.
+/// Queues what a `since` is owed ahead of the live stream: the held ticks through the
+/// outbound queue like live ones (so a client that cannot take its own replay is
+/// conflated and cut like any slow consumer), or the `reset` snapshot. True when this
+/// started a slow-consumer episode (the session's deadline may be earlier: re-file it).
+fn queue_replay(s: &mut Session, replay: Replay, now: u64, metrics: &crate::metrics::Metrics) -> bool {
+    match replay {
+        Replay::Ticks(ticks) => {
+            let mut slow = false;
+            for t in &ticks {
+                slow |= s.push_tick(t, now);
+            }
+            metrics.replayed.fetch_add(ticks.len() as u64, Relaxed);
+            slow
+        }
+        Replay::Reset(t) => {
+            metrics.replay_resets.fetch_add(1, Relaxed);
+            s.push_snapshot(encode_for_subscriber(TickKind::Reset, &t, 0));
+            false
+        }
+        Replay::UpToDate | Replay::Nothing => false,
+    }
+}
+
 fn arm<I>(wheel: &mut TimerWheel<TimerEvent>, c: &mut Conn<I>, idx: usize, kind: ConnTimer, at: u64) {
     c.deadlines.set(kind.slot(), at);
     refile(wheel, c, idx);

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 
 use crate::auth::revocation::RevokeTarget;
+use crate::feed::history::{History, HistoryLimits, Replay};
 use crate::feed::outbound::{SharedTick, encode_tick_frame};
 use crate::feed::symbol::{SymbolError, SymbolId, SymbolTable};
 use crate::feed::tick::{MAX_TICK_JSON_LEN, Tick, TickKind};
@@ -94,6 +95,8 @@ impl ShardInbox {
 struct SymbolState {
     seq: u64,
     last: Option<Arc<SharedTick>>,
+    /// The recent ticks `since` replays (empty when `feed.history` is 0).
+    history: History,
     shard_mask: u64,
     /// The sweep gave the id back ([`Hub::reclaim_idle`]); the next user of the id either
     /// finds it reused for its name (a fresh symbol) or resolves the name again.
@@ -107,6 +110,10 @@ pub struct Hub {
     states: Box<[Mutex<SymbolState>]>,
     inboxes: Box<[ShardInbox]>,
     published: AtomicU64,
+    history_limits: HistoryLimits,
+    /// Every symbol's history together: bytes and ticks held (`/metrics`).
+    history_bytes: AtomicU64,
+    history_ticks: AtomicU64,
     /// `[cluster]` only: what the shards want from the bus ([`Self::want`],
     /// [`Self::unsubscribe_last`]), for the bus thread ([`Self::take_interest`]).
     interest: std::sync::OnceLock<InterestQueue>,
@@ -150,6 +157,9 @@ pub struct Baseline {
     /// The subscriber is owed ticks with `seq > baseline`.
     pub seq: u64,
     pub snapshot: Option<Arc<SharedTick>>,
+    /// With `since`: what to queue before the live stream (read with `seq`, under the
+    /// symbol's lock, so the two meet with no gap and no duplicate).
+    pub replay: Option<Replay>,
 }
 
 impl Hub {
@@ -163,8 +173,92 @@ impl Hub {
             states,
             inboxes,
             published: AtomicU64::new(0),
+            history_limits: HistoryLimits::OFF,
+            history_bytes: AtomicU64::new(0),
+            history_ticks: AtomicU64::new(0),
             interest: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps the recent ticks of every symbol for `since` (PROTOCOL.md section 10).
+    pub fn with_history(mut self, limits: HistoryLimits) -> Self {
+        self.history_limits = limits;
+        self
+    }
+
+    pub fn history_limits(&self) -> &HistoryLimits {
+        &self.history_limits
+    }
+
+    /// Bytes and ticks every symbol's history holds.
+    pub fn history_held(&self) -> (u64, u64) {
+        (
+            self.history_bytes.load(Ordering::Relaxed),
+            self.history_ticks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Keeps `t` in its symbol's history (under the symbol's lock) and accounts for it.
+    fn remember(&self, st: &mut SymbolState, t: &Arc<SharedTick>) {
+        if self.history_limits.depth == 0 {
+            return;
+        }
+        let before = st.history.len();
+        let total = self.history_bytes.load(Ordering::Relaxed);
+        let d = st.history.push(t.clone(), &self.history_limits, total);
+        self.account(d, st.history.len() as i64 - before as i64);
+    }
+
+    fn account(&self, bytes: i64, ticks: i64) {
+        add_signed(&self.history_bytes, bytes);
+        add_signed(&self.history_ticks, ticks);
+    }
+
+    /// Empties a symbol's state (retired), giving its history's memory back.
+    fn reset_state(&self, st: &mut SymbolState, retired: bool) {
+        let n = st.history.len() as i64;
+        let b = st.history.clear();
+        self.account(-(b as i64), -n);
+        *st = SymbolState {
+            retired,
+            ..SymbolState::default()
+        };
+    }
+
+    /// Frees what is past `feed.history_age` in symbols `from..from + budget` (a slice per
+    /// call, like [`Self::reclaim_idle`]); a symbol that stopped ticking gives its
+    /// history back. Returns where the next call starts.
+    pub fn expire_history(&self, mono_ns: u64, from: usize, budget: usize) -> usize {
+        if self.history_limits.depth == 0 {
+            return 0;
+        }
+        let slots = self.symbols.slots().min(self.states.len());
+        let from = if from >= slots { 0 } else { from };
+        let to = from.saturating_add(budget).min(slots);
+        for state in &self.states[from..to] {
+            let mut st = lock(state);
+            let n = st.history.len();
+            let freed = st.history.expire(mono_ns, self.history_limits.age_ns);
+            if freed > 0 {
+                let gone = n - st.history.len();
+                self.account(-(freed as i64), -(gone as i64));
+            }
+        }
+        to
+    }
+
+    /// The replay owed to a subscriber of `id` that processed `since`, up to `head` (the
+    /// tick its live stream starts after), or `None` when the symbol is not live. For a
+    /// connection activated by a bus head ([`SharedTick::prime`]) after waiting.
+    pub fn replay(&self, id: SymbolId, since: u64, head: &Arc<SharedTick>) -> Option<Replay> {
+        let (_, _, st) = self.lock_live(id, false)?;
+        Some(st.history.replay(
+            since,
+            head.seq,
+            Some(head),
+            crate::metrics::mono_ns(),
+            self.history_limits.age_ns,
+        ))
     }
 
     /// `[cluster]`: from now on interest changes are queued for the bus thread, which
@@ -279,6 +373,7 @@ impl Hub {
         let shared = stamp(id, name, seq, tick, crate::metrics::mono_ns(), head);
         let mask = st.shard_mask;
         self.push_to(mask, &shared);
+        self.remember(&mut st, &shared);
         st.last = Some(shared);
         drop(st);
         if !head {
@@ -332,10 +427,7 @@ impl Hub {
             return false;
         }
         if self.symbols.retire(id, now_ms) {
-            *st = SymbolState {
-                retired: true,
-                ..SymbolState::default()
-            };
+            self.reset_state(&mut st, true);
             return true;
         }
         false
@@ -382,7 +474,7 @@ impl Hub {
                 return Some((id, name, st));
             }
             if self.symbols.lookup(&name) == Some(id) {
-                *st = SymbolState::default();
+                self.reset_state(&mut st, false);
                 return Some((id, name, st));
             }
             drop(st);
@@ -427,10 +519,7 @@ impl Hub {
                 .as_ref()
                 .is_none_or(|t| mono_ns.saturating_sub(t.accepted_ns) >= idle_ns);
             if idle && self.symbols.retire(SymbolId(i as u32), now_ms) {
-                *st = SymbolState {
-                    retired: true,
-                    ..SymbolState::default()
-                };
+                self.reset_state(&mut st, true);
                 retired += 1;
             }
         }
@@ -454,6 +543,7 @@ impl Hub {
             let shared = stamp(id, name, seq, tick, accepted_ns, false);
             let mask = st.shard_mask;
             self.push_to(mask, &shared);
+            self.remember(&mut st, &shared);
             st.last = Some(shared);
             drop(st);
             wake_mask |= mask;
@@ -467,14 +557,31 @@ impl Hub {
     /// A shard subscribes a connection. `first_on_shard` sets the shard's bit. `None`:
     /// the symbol was retired since the connection looked it up (it must wait for the name
     /// instead).
-    pub fn subscribe(&self, shard: usize, id: SymbolId, first_on_shard: bool) -> Option<Baseline> {
+    /// With `since` the baseline comes with the [`Replay`] of the ticks after it.
+    pub fn subscribe(
+        &self,
+        shard: usize,
+        id: SymbolId,
+        first_on_shard: bool,
+        since: Option<u64>,
+    ) -> Option<Baseline> {
         let (_, _, mut st) = self.lock_live(id, false)?;
         if first_on_shard && shard < 64 {
             st.shard_mask |= 1 << shard;
         }
+        let replay = since.map(|since| {
+            st.history.replay(
+                since,
+                st.seq,
+                st.last.as_ref(),
+                crate::metrics::mono_ns(),
+                self.history_limits.age_ns,
+            )
+        });
         Some(Baseline {
             seq: st.seq,
             snapshot: st.last.clone(),
+            replay,
         })
     }
 
@@ -503,6 +610,14 @@ impl Hub {
             let _ = inbox.control_tx.send(make());
             inbox.notify();
         }
+    }
+}
+
+fn add_signed(a: &AtomicU64, d: i64) {
+    if d >= 0 {
+        a.fetch_add(d as u64, Ordering::Relaxed);
+    } else {
+        a.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
     }
 }
 
@@ -566,9 +681,9 @@ mod tests {
         let hub = Hub::new(2, 16);
         let a = hub.intern("A").unwrap();
         let b = hub.intern("B").unwrap();
-        hub.subscribe(0, a, true).unwrap();
-        hub.subscribe(0, b, true).unwrap();
-        hub.subscribe(1, b, true).unwrap();
+        hub.subscribe(0, a, true, None).unwrap();
+        hub.subscribe(0, b, true, None).unwrap();
+        hub.subscribe(1, b, true, None).unwrap();
         let mut wake = 0;
         for seq in 1..=3 {
             for name in ["A", "B"] {
@@ -608,7 +723,7 @@ mod tests {
         hub.publish(&[(ids[0], tick(1.0)), (ids[1], tick(1.0))]);
         assert_eq!(hub.intern("E"), Err(SymbolError::TableFull));
         // B has a subscriber, C is pinned (configured): neither ever goes.
-        hub.subscribe(0, ids[1], true).unwrap();
+        hub.subscribe(0, ids[1], true, None).unwrap();
         hub.pin(ids[2]);
         let now_ms = 1_000_000;
         let t_a = hub.latest(ids[0]).unwrap().accepted_ns;
@@ -625,7 +740,7 @@ mod tests {
         assert_eq!(retired, 1);
         assert_eq!(hub.symbols().len(), 2);
         // A stale subscribe to a retired id is refused (the shard then waits for the name).
-        assert!(hub.subscribe(1, ids[0], true).is_none());
+        assert!(hub.subscribe(1, ids[0], true, None).is_none());
         // A stale publish follows the name; the table is full (5 slots, 3 in quarantine)...
         assert_eq!(hub.publish(&[(ids[0], tick(2.0))]), 0);
         assert_eq!(hub.intern("E"), Err(SymbolError::TableFull));
@@ -648,7 +763,7 @@ mod tests {
         let hub = Hub::new(3, 16);
         let a = hub.intern("BTC-USD").unwrap();
         let b = hub.intern("ETH-USD").unwrap();
-        let base = hub.subscribe(1, a, true).unwrap();
+        let base = hub.subscribe(1, a, true, None).unwrap();
         assert_eq!(base.seq, 0);
         assert!(base.snapshot.is_none());
         assert_eq!(hub.publish(&[(a, tick(1.0)), (b, tick(2.0)), (a, tick(3.0))]), 3);
@@ -658,7 +773,7 @@ mod tests {
             .map(|t| t.seq)
             .collect();
         assert_eq!(got, vec![1, 2]);
-        let snap = hub.subscribe(2, b, true).unwrap();
+        let snap = hub.subscribe(2, b, true, None).unwrap();
         assert_eq!(snap.seq, 1);
         assert_eq!(snap.snapshot.unwrap().tick.bid, 2.0);
         hub.unsubscribe_last(1, a);
@@ -671,7 +786,7 @@ mod tests {
     fn concurrent_publishers_keep_seq_order_per_inbox() {
         let hub = Arc::new(Hub::new(2, 4));
         let a = hub.intern("BTC-USD").unwrap();
-        hub.subscribe(0, a, true);
+        hub.subscribe(0, a, true, None);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let hub = hub.clone();
@@ -696,7 +811,7 @@ mod tests {
     fn frame_is_a_text_frame_holding_the_json() {
         let hub = Hub::new(1, 4);
         let a = hub.intern("BTC-USD").unwrap();
-        hub.subscribe(0, a, true);
+        hub.subscribe(0, a, true, None);
         hub.publish(&[(a, tick(1.5))]);
         let t = hub.inbox(0).ticks.pop().unwrap();
         assert_eq!(t.frame[0], 0x81);

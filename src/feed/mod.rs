@@ -8,10 +8,12 @@
 //! - [`msg`]: client message parsing (simd-json, strict schema) and server message encoding.
 //! - [`tick`]: the tick value and its hot-path JSON encoder.
 //! - [`outbound`]: the bounded per-connection queue with conflation (slow consumers).
+//! - [`history`]: the per-symbol ring of recent ticks that `since` replays (PROTOCOL.md 10).
 //! - [`hub`]: stamping `seq`, encoding once, handing frames to the shards with subscribers.
 //! - [`sim`]: the tick simulator of the embedded demo.
 
 pub mod entitlement;
+pub mod history;
 pub mod hub;
 pub mod json;
 pub mod msg;

@@ -27,6 +27,10 @@
 //!   same code as the per-connection cap, since the outcome, nothing subscribed, is the
 //!   same) and an `unsubscribe` gets `bad_request`. Empty arrays are accepted (a no-op).
 //! - `snapshot` is an optional bool, default `false`.
+//! - `since` (PROTOCOL.md section 10) is an optional object from symbol to the last `seq`
+//!   the client processed (a non-negative integer). Every key must also be in `symbols`
+//!   (a `since` for a symbol not asked for is a mistake worth reporting), keys are bounded
+//!   like `symbols` entries and may not repeat; anything else is `bad_request`.
 //! - `reauth` needs a non-empty string `token` of at most `max_token_bytes`.
 //! - `publish` needs `ticks`, an array (at most `max_ticks_per_publish`, `bad_request`
 //!   past it) of objects with exactly `s` (string), `ts` (non-negative integer, ns),
@@ -67,6 +71,8 @@ pub enum ClientMsg {
         id: Option<u64>,
         symbols: Vec<String>,
         snapshot: bool,
+        /// Symbol -> the last `seq` the client processed (empty without `since`).
+        since: Vec<(String, u64)>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -296,6 +302,7 @@ struct TopFields<'t, 'i> {
     id: Option<&'t [Node<'i>]>,
     symbols: Option<&'t [Node<'i>]>,
     snapshot: Option<&'t [Node<'i>]>,
+    since: Option<&'t [Node<'i>]>,
     token: Option<&'t [Node<'i>]>,
     ticks: Option<&'t [Node<'i>]>,
     unknown: bool,
@@ -320,6 +327,7 @@ fn parse_tape(nodes: &[Node<'_>], limits: &MsgLimits) -> Result<ClientMsg, MsgEr
             "id" => &mut f.id,
             "symbols" => &mut f.symbols,
             "snapshot" => &mut f.snapshot,
+            "since" => &mut f.since,
             "token" => &mut f.token,
             "ticks" => &mut f.ticks,
             _ => {
@@ -355,18 +363,19 @@ fn parse_tape(nodes: &[Node<'_>], limits: &MsgLimits) -> Result<ClientMsg, MsgEr
         None => return Err(bad(id, "missing op")),
     };
     // Fields each op accepts besides `op` and `id`.
-    let allowed: [bool; 4] = match op {
-        // [symbols, snapshot, token, ticks]
-        "subscribe" => [true, true, false, false],
-        "unsubscribe" => [true, false, false, false],
-        "reauth" => [false, false, true, false],
-        "ping" => [false, false, false, false],
-        "publish" => [false, false, false, true],
+    let allowed: [bool; 5] = match op {
+        // [symbols, snapshot, since, token, ticks]
+        "subscribe" => [true, true, true, false, false],
+        "unsubscribe" => [true, false, false, false, false],
+        "reauth" => [false, false, false, true, false],
+        "ping" => [false, false, false, false, false],
+        "publish" => [false, false, false, false, true],
         _ => return Err(err(id, ErrorCode::UnknownOp, "unknown op")),
     };
     let present = [
         f.symbols.is_some(),
         f.snapshot.is_some(),
+        f.since.is_some(),
         f.token.is_some(),
         f.ticks.is_some(),
     ];
@@ -382,10 +391,15 @@ fn parse_tape(nodes: &[Node<'_>], limits: &MsgLimits) -> Result<ClientMsg, MsgEr
                 Some(Some(Node::Static(StaticNode::Bool(b)))) => *b,
                 Some(_) => return Err(bad(id, "snapshot must be a boolean")),
             };
+            let since = match f.since {
+                None => Vec::new(),
+                Some(v) => parse_since(v, &symbols).map_err(|m| bad(id, m))?,
+            };
             Ok(ClientMsg::Subscribe {
                 id,
                 symbols,
                 snapshot,
+                since,
             })
         }
         "unsubscribe" => {
@@ -431,6 +445,34 @@ fn parse_symbols(
             return Err(bad("symbol too long"));
         }
         out.push(s.to_owned());
+    }
+    Ok(out)
+}
+
+/// `since`: an object from symbol (one of `symbols`, once) to a `seq`. Its size is bounded
+/// by `symbols`' (already checked).
+fn parse_since(v: &[Node<'_>], symbols: &[String]) -> Result<Vec<(String, u64)>, &'static str> {
+    let (len, iter) = ObjIter::new(v).ok_or("since must be an object")?;
+    if len > symbols.len() {
+        return Err("since names a symbol not in symbols");
+    }
+    // Hash sets: a message may carry `max_symbols_per_message` of each.
+    let asked: std::collections::HashSet<&str> = symbols.iter().map(String::as_str).collect();
+    let mut seen = std::collections::HashSet::with_capacity(len);
+    let mut out: Vec<(String, u64)> = Vec::with_capacity(len);
+    for item in iter {
+        let (k, v) = item.ok_or("malformed message")?;
+        if k.len() > MAX_SYMBOL_FIELD_BYTES {
+            return Err("symbol too long");
+        }
+        if !asked.contains(k) {
+            return Err("since names a symbol not in symbols");
+        }
+        if !seen.insert(k) {
+            return Err("duplicate symbol in since");
+        }
+        let seq = as_u64(v).ok_or("since values must be non-negative integers")?;
+        out.push((k.to_owned(), seq));
     }
     Ok(out)
 }
@@ -645,7 +687,17 @@ mod tests {
             Ok(ClientMsg::Subscribe {
                 id: Some(1),
                 symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
-                snapshot: true
+                snapshot: true,
+                since: vec![]
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"subscribe","id":7,"symbols":["BTC-USD","ETH-USD"],"since":{"BTC-USD":41,"ETH-USD":17}}"#),
+            Ok(ClientMsg::Subscribe {
+                id: Some(7),
+                symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
+                snapshot: false,
+                since: vec![("BTC-USD".into(), 41), ("ETH-USD".into(), 17)]
             })
         );
         assert_eq!(
@@ -686,6 +738,41 @@ mod tests {
         );
     }
 
+    /// `since` (PROTOCOL.md 10): every malformed shape is `bad_request` with the id echoed.
+    #[test]
+    fn since_is_strict() {
+        assert!(matches!(
+            parse(r#"{"op":"subscribe","symbols":["A"],"since":{"A":0},"snapshot":true}"#),
+            Ok(ClientMsg::Subscribe { ref since, snapshot: true, .. }) if since == &[("A".to_string(), 0)]
+        ));
+        assert!(matches!(
+            parse(r#"{"op":"subscribe","symbols":["A","B"],"since":{}}"#),
+            Ok(ClientMsg::Subscribe { ref since, .. }) if since.is_empty()
+        ));
+        for bad in [
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":[1]}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":5}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":null}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":-1}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":1.5}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":"41"}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":{"seq":1}}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"B":1}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":1,"A":2}}"#,
+            r#"{"op":"subscribe","id":9,"symbols":["A"],"since":{"A":1},"since":{"A":1}}"#,
+            r#"{"op":"unsubscribe","id":9,"symbols":["A"],"since":{"A":1}}"#,
+        ] {
+            assert_eq!(parse_err(bad), (Some(9), BAD), "{bad}");
+        }
+        let long = "X".repeat(MAX_SYMBOL_FIELD_BYTES + 1);
+        let m = format!(r#"{{"op":"subscribe","id":9,"symbols":["A"],"since":{{"{long}":1}}}}"#);
+        assert_eq!(parse_err(&m), (Some(9), BAD));
+        // More keys than symbols: refused before any is looked at.
+        let keys: Vec<String> = (0..100).map(|i| format!(r#""S{i}":1"#)).collect();
+        let m = format!(r#"{{"op":"subscribe","id":9,"symbols":["S1"],"since":{{{}}}}}"#, keys.join(","));
+        assert_eq!(parse_err(&m), (Some(9), BAD));
+    }
+
     #[test]
     fn optional_fields_and_whitespace() {
         assert_eq!(parse(r#"{"op":"ping"}"#), Ok(ClientMsg::Ping { id: None }));
@@ -694,7 +781,8 @@ mod tests {
             Ok(ClientMsg::Subscribe {
                 id: None,
                 symbols: vec![],
-                snapshot: false
+                snapshot: false,
+                since: vec![]
             })
         );
         assert_eq!(
@@ -1126,7 +1214,7 @@ mod tests {
             str_array("symbols", &syms.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &mut o);
             o.extend_from_slice(format!(r#","snapshot":{snapshot}}}"#).as_bytes());
             let m = parse_client_msg(&mut o, &MsgLimits::default());
-            prop_assert_eq!(m, Ok(ClientMsg::Subscribe { id, symbols: syms, snapshot }));
+            prop_assert_eq!(m, Ok(ClientMsg::Subscribe { id, symbols: syms, snapshot, since: vec![] }));
         }
 
         #[test]

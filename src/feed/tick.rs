@@ -32,13 +32,17 @@ pub enum TickKind {
     Tick,
     /// The latest known tick sent on subscribe (`"type":"snapshot"`).
     Snapshot,
+    /// The latest known tick replacing the client's state for the symbol, when its
+    /// `since` is out of the history's reach (`"type":"snapshot"` with `"reset":true`,
+    /// PROTOCOL.md 10).
+    Reset,
 }
 
 impl TickKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             TickKind::Tick => "tick",
-            TickKind::Snapshot => "snapshot",
+            TickKind::Snapshot | TickKind::Reset => "snapshot",
         }
     }
 }
@@ -46,11 +50,13 @@ impl TickKind {
 /// Upper bound of one encoded tick JSON for a valid symbol (32 bytes): used to size buffers.
 ///
 /// `{"type":"snapshot","s":"` (24) + symbol (32) + `","seq":` (8) + 20 + `,"ts":` (6) + 20
-/// + 4 * (`,"bid":` 7 + 24 ryu digits) + `,"skipped":` (11) + 20 + `}` (1) < 400.
+/// + 4 * (`,"bid":` 7 + 24 ryu digits) + `,"skipped":` (11) + 20 + `,"reset":true` (13)
+/// + `}` (1) < 400.
 pub const MAX_TICK_JSON_LEN: usize = 400;
 
 /// Appends `{"type":"tick","s":..,"seq":..,"ts":..,"bid":..,"ask":..,"last":..,"qty":..}`
-/// (or `"snapshot"`) to `out`, with `,"skipped":N` before the closing brace when `skipped > 0`.
+/// (or `"snapshot"`) to `out`, with `,"skipped":N` before the closing brace when `skipped > 0`,
+/// and `,"reset":true` for [`TickKind::Reset`].
 pub fn encode_tick_json(
     kind: TickKind,
     symbol: &str,
@@ -87,6 +93,9 @@ pub fn encode_tick_json(
         out.extend_from_slice(b",\"skipped\":");
         out.extend_from_slice(ints.format(skipped).as_bytes());
     }
+    if kind == TickKind::Reset {
+        out.extend_from_slice(b",\"reset\":true");
+    }
     out.push(b'}');
 }
 
@@ -112,6 +121,12 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"type":"tick","s":"BTC-USD","seq":42,"ts":1732345678123456789,"bid":100.25,"ask":100.5,"last":100.4,"qty":3.0}"#
+        );
+        out.clear();
+        encode_tick_json(TickKind::Reset, "BTC-USD", 41, &tick(), 0, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"snapshot","s":"BTC-USD","seq":41,"ts":1732345678123456789,"bid":100.25,"ask":100.5,"last":100.4,"qty":3.0,"reset":true}"#
         );
         out.clear();
         encode_tick_json(TickKind::Snapshot, "BTC-USD", 41, &tick(), 7, &mut out);

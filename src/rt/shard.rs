@@ -144,9 +144,14 @@ fn reclaim_symbols(ctx: &ShardCtx, now: u64) {
         .symbol_idle
         .as_nanos()
         .min(u128::from(u64::MAX)) as u64;
+    let mono = crate::metrics::mono_ns();
+    // The same slice's histories give back what is past `feed.history_age`.
+    ctx.shared
+        .hub
+        .expire_history(mono, ctx.reclaim_cursor.get(), RECLAIM_SLICE);
     let (next, retired) = ctx.shared.hub.reclaim_idle(
         now,
-        crate::metrics::mono_ns(),
+        mono,
         idle_ns,
         ctx.reclaim_cursor.get(),
         RECLAIM_SLICE,
