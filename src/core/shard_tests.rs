@@ -716,3 +716,167 @@ fn a_reauth_that_moves_the_session_deadline_earlier_is_filed_and_fires() {
     assert_eq!(w.deadline(id, ConnTimer::Session), None);
     assert_eq!(w.deadline(id, ConnTimer::HardDrop), Some(deadline + HARD_DROP_MS));
 }
+
+/// The `seq`s of `tick` messages in `out` (after the `subscribed` ack).
+fn tick_seqs(out: &[serde_json::Value]) -> Vec<u64> {
+    out.iter()
+        .filter(|v| v["type"] == "tick")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// PROTOCOL.md 10: `since` replays what is held after it, then the live stream takes
+/// over with no gap and no duplicate while ticks keep arriving: ticks published before the
+/// subscribe but still in the shard's inbox, and ticks published after it.
+#[test]
+fn since_replays_then_goes_live_without_gap_or_duplicate_under_publishing() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    w.subscribe(a, "BTC-USD");
+    for i in 1..=10 {
+        w.publish("BTC-USD", f64::from(i));
+    }
+    assert_eq!(w.dispatch(), 10);
+    assert_eq!(tick_seqs(&w.out(a)), (1..=10).collect::<Vec<_>>());
+    // Two more are published and wait in the shard's inbox when bob subscribes.
+    w.publish("BTC-USD", 11.0);
+    w.publish("BTC-USD", 12.0);
+    let b = w.connect("bob", "s2", "j2");
+    w.text(
+        b,
+        r#"{"op":"subscribe","id":7,"symbols":["BTC-USD"],"since":{"BTC-USD":4}}"#,
+    );
+    let first = w.out(b);
+    assert_eq!(first[0]["type"], "subscribed", "the ack comes before the replay");
+    assert_eq!(tick_seqs(&first), (5..=12).collect::<Vec<_>>());
+    // The replayed frames are the shared ones (no re-encoding).
+    w.publish("BTC-USD", 13.0);
+    w.publish("BTC-USD", 14.0);
+    w.dispatch();
+    assert_eq!(tick_seqs(&w.out(b)), vec![13, 14]);
+    assert_eq!(tick_seqs(&w.out(a)), vec![11, 12, 13, 14]);
+    assert_eq!(w.shared.metrics.replayed.load(Relaxed), 8);
+}
+
+#[test]
+fn since_out_of_reach_is_a_reset_snapshot_and_since_at_the_head_replays_nothing() {
+    let mut w = world_with(|c| c.feed.history = 5);
+    for i in 1..=20 {
+        w.publish("BTC-USD", f64::from(i));
+    }
+    let a = w.connect("alice", "s1", "j1");
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["BTC-USD","ETH-USD"],"since":{"BTC-USD":3}}"#,
+    );
+    let out = w.out(a);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(out[1]["type"], "snapshot");
+    assert_eq!(out[1]["seq"], 20);
+    assert_eq!(out[1]["reset"], true);
+    assert_eq!(w.shared.metrics.replay_resets.load(Relaxed), 1);
+    // Exactly at the edge of the history: replayed.
+    let b = w.connect("bob", "s2", "j2");
+    w.text(b, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":15}}"#);
+    assert_eq!(tick_seqs(&w.out(b)), vec![16, 17, 18, 19, 20]);
+    // At the head: nothing but the ack; live ticks follow.
+    let c = w.connect("carol", "s3", "j3");
+    w.text(c, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":20}}"#);
+    assert_eq!(w.out(c).len(), 1);
+    w.inbox();
+    w.publish("BTC-USD", 21.0);
+    w.dispatch();
+    for id in [a, b, c] {
+        assert_eq!(tick_seqs(&w.out(id)), vec![21]);
+    }
+    // Ahead of the symbol (the server restarted and its order with it): a reset.
+    let d = w.connect("dave", "s4", "j4");
+    w.text(d, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":900}}"#);
+    let out = w.out(d);
+    assert_eq!((out[1]["seq"].as_u64(), &out[1]["reset"]), (Some(21), &true.into()));
+}
+
+#[test]
+fn since_on_a_symbol_already_subscribed_keeps_its_stream() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    w.subscribe(a, "BTC-USD");
+    for i in 1..=3 {
+        w.publish("BTC-USD", f64::from(i));
+    }
+    w.dispatch();
+    assert_eq!(tick_seqs(&w.out(a)), vec![1, 2, 3]);
+    w.text(a, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":0}}"#);
+    let out = w.out(a);
+    assert_eq!(out.len(), 1, "only the ack: no tick twice on one connection");
+}
+
+/// Age expiry on the virtual clock of the ticks: a tick older than `history_age` is not
+/// replayed (the subscriber gets a reset), and the sweep gives its memory back.
+#[test]
+fn since_does_not_reach_past_history_age() {
+    let w = world_with(|c| c.feed.history_age = Duration::from_secs(1));
+    let sym = w.shared.hub.intern("BTC-USD").unwrap();
+    w.publish("BTC-USD", 1.0);
+    w.publish("BTC-USD", 2.0);
+    let held = w.shared.hub.history_held();
+    assert_eq!(held.1, 2);
+    assert!(held.0 > 0);
+    let t1 = w.shared.hub.latest(sym).unwrap().accepted_ns;
+    // The sweep two seconds later frees both (virtual monotonic time).
+    w.shared.hub.expire_history(t1 + 2_000_000_000, 0, 16);
+    assert_eq!(w.shared.hub.history_held(), (0, 0));
+}
+
+/// A subscription with `since` to a name that does not exist (the server restarted, the
+/// symbol was retired): its first tick is a reset snapshot, not a `seq` going backwards.
+#[test]
+fn since_on_a_waiting_name_turns_a_restarted_order_into_a_reset() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    let b = w.connect("bob", "s2", "j2");
+    w.text(a, r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":7}}"#);
+    w.text(b, r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":0}}"#);
+    w.out(a);
+    w.out(b);
+    w.publish("NEW-SYM", 1.0);
+    w.publish("NEW-SYM", 2.0);
+    w.dispatch();
+    let out = w.out(a);
+    assert_eq!(
+        (&out[0]["type"], &out[0]["seq"], &out[0]["reset"]),
+        (&"snapshot".into(), &1.into(), &true.into())
+    );
+    assert_eq!(tick_seqs(&out), vec![2]);
+    // `since` 0 on a new symbol: seq 1 follows it, an ordinary tick.
+    assert_eq!(tick_seqs(&w.out(b)), vec![1, 2]);
+}
+
+/// `[cluster]`: a node takes interest in a symbol and backfills it from the bus's stream;
+/// a waiting subscriber with `since` gets the replay up to the head, then the live ticks.
+#[test]
+fn a_bus_backfill_is_replayed_to_a_waiting_since_subscriber() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    let b = w.connect("bob", "s2", "j2");
+    w.text(a, r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":38}}"#);
+    w.text(b, r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":2}}"#);
+    w.out(a);
+    w.out(b);
+    assert_eq!(w.core.waiting_names(), 1);
+    let held: Vec<(u64, Tick, u64)> = (35..=41).map(|q| (q, tick(q as f64), 1_000)).collect();
+    assert_eq!(
+        w.shared.hub.backfill("CL-SYM", &held),
+        crate::feed::hub::Ingested::Accepted
+    );
+    // A live tick arrives right behind the head.
+    assert_eq!(
+        w.shared.hub.ingest_ordered("CL-SYM", 42, &tick(42.0), false),
+        crate::feed::hub::Ingested::Accepted
+    );
+    w.dispatch();
+    assert_eq!(tick_seqs(&w.out(a)), vec![39, 40, 41, 42]);
+    let out = w.out(b);
+    assert_eq!((out[0]["seq"].as_u64(), &out[0]["reset"]), (Some(41), &true.into()));
+    assert_eq!(tick_seqs(&out), vec![42]);
+}

@@ -383,6 +383,46 @@ impl Hub {
         Ingested::Accepted
     }
 
+    /// `[cluster]`: what the bus's stream still holds of a symbol this node just took
+    /// interest in, oldest first, each with its `seq` and how long ago (ns) the bus took
+    /// it. Kept as the symbol's history (so `since` reaches back as far as the cluster's
+    /// history does), and the newest becomes the head ([`SharedTick::prime`]): the
+    /// baseline and snapshot of the subscribers waiting for it, delivered to no one.
+    /// Ticks at or below what the node has are skipped.
+    pub fn backfill(&self, name: &str, ticks: &[(u64, Tick, u64)]) -> Ingested {
+        let Some(&(last_seq, ref last_tick, _)) = ticks.last() else {
+            return Ingested::Stale;
+        };
+        let id = match self.symbols.lookup(name) {
+            Some(id) => id,
+            None if self.symbols.is_waited(name) => match self.symbols.intern(name) {
+                Ok(id) => id,
+                Err(_) => return Ingested::TableFull,
+            },
+            None => return Ingested::NoInterest,
+        };
+        let Some((id, arc_name, mut st)) = self.lock_live(id, true) else {
+            return Ingested::TableFull;
+        };
+        if last_seq <= st.seq {
+            drop(st);
+            // Nothing newer: the head path still hands waiting shards their baseline.
+            return self.ingest_ordered(name, last_seq, last_tick, true);
+        }
+        let now = crate::metrics::mono_ns();
+        for (seq, tick, ago_ns) in &ticks[..ticks.len() - 1] {
+            if *seq <= st.seq {
+                continue;
+            }
+            let t = stamp(id, arc_name.clone(), *seq, tick, now.saturating_sub(*ago_ns), false);
+            self.remember(&mut st, &t);
+            st.seq = *seq;
+            st.last = Some(t);
+        }
+        drop(st);
+        self.ingest_ordered(name, last_seq, last_tick, true)
+    }
+
     fn push_to(&self, mask: u64, t: &Arc<SharedTick>) {
         let mut m = mask;
         while m != 0 {
