@@ -629,6 +629,9 @@ pub struct BusMetrics {
     pub stale: AtomicU64,
     /// Symbols this node holds a bus subscription for.
     pub subscriptions: AtomicU64,
+    /// Ticks read back from the stream's history when taking interest in a symbol
+    /// (PROTOCOL.md 10: what `since` replays on this node).
+    pub backfilled: AtomicU64,
     /// Connections to the bus made (the first, then every reconnect).
     pub connects: AtomicU64,
     /// This node is the ingest leader (it reads `<prefix>.in.>`).
@@ -708,6 +711,7 @@ impl BusMetrics {
             ("tickgate_bus_received_total", "counter", &self.received),
             ("tickgate_bus_stale_total", "counter", &self.stale),
             ("tickgate_bus_subscriptions", "gauge", &self.subscriptions),
+            ("tickgate_bus_backfilled_ticks_total", "counter", &self.backfilled),
             ("tickgate_bus_slow_consumer_total", "counter", &self.slow_consumer),
             ("tickgate_bus_unavailable_total", "counter", &self.unavailable),
         ] {

@@ -1077,12 +1077,17 @@ impl<I: ConnIo> ShardCore<I> {
             return;
         }
         self.effects.push(Effect::StopAccepting);
+        // With `[cluster]` another node holds the same history: say so (PROTOCOL.md 10).
+        let reason = match self.shared.bus.enabled() {
+            true => DRAIN_REASON_CLUSTER,
+            false => "server draining",
+        };
         let conns: Vec<(usize, ConnRef<I>)> = self.conns.iter().map(|(i, c)| (i, c.clone())).collect();
         for (idx, conn) in conns {
             let mut c = conn.borrow_mut();
             match c.session.as_mut() {
                 Some(s) => {
-                    s.close(CloseCode::GOING_AWAY, "server draining");
+                    s.close(CloseCode::GOING_AWAY, reason);
                     self.apply(idx, &mut c, now);
                 }
                 None => self.effects.push(Effect::Shutdown(ConnId {
@@ -1110,6 +1115,10 @@ impl<I: ConnIo> ShardCore<I> {
 }
 
 /// Arms (or moves) the connection's deadline of that kind.
+/// The `1001` reason of a draining node of a cluster: any other node serves the client
+/// with no tick lost when it reconnects with `since`.
+pub const DRAIN_REASON_CLUSTER: &str = "server draining: reconnect with since";
+
 /// Queues what a `since` is owed ahead of the live stream: the held ticks through the
 /// outbound queue like live ones (so a client that cannot take its own replay is
 /// conflated and cut like any slow consumer), or the `reset` snapshot. True when this
@@ -1118,10 +1127,15 @@ fn queue_replay(s: &mut Session, replay: Replay, now: u64, metrics: &crate::metr
     match replay {
         Replay::Ticks(ticks) => {
             let mut slow = false;
+            let conflated_before = s.conflated_total();
             for t in &ticks {
                 slow |= s.push_tick(t, now);
             }
             metrics.replayed.fetch_add(ticks.len() as u64, Relaxed);
+            let conflated = s.conflated_total() - conflated_before;
+            if conflated > 0 {
+                metrics.conflated.fetch_add(conflated, Relaxed);
+            }
             slow
         }
         Replay::Reset(t) => {

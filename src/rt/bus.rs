@@ -50,9 +50,9 @@ const COUNT_TTL: Duration = Duration::from_secs(15);
 
 /// Raw ticks queued per symbol for its append task; beyond, they are dropped and counted.
 const APPEND_QUEUE: usize = 1024;
-/// Ticks the stream keeps per symbol (the snapshot needs one; the recovery of
-/// PROTOCOL.md section 10 will read further back).
-const STREAM_HISTORY: i64 = 1000;
+/// How long taking interest in a symbol may spend reading its history from the stream
+/// before it settles for what it has (the rest of a replay then becomes a `reset`).
+const BACKFILL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Interest changes handled per wake-up before the task yields.
 const INTEREST_BATCH: usize = 1024;
 
@@ -214,7 +214,10 @@ async fn connect(
     let config = stream::Config {
         name: stream_name.clone(),
         subjects: vec![subjects.ordered_all()],
-        max_messages_per_subject: STREAM_HISTORY,
+        // The cluster's history (PROTOCOL.md 10): `feed.history` ticks per symbol (the
+        // head needs one). No age limit on the stream: a quiet symbol keeps its head; the
+        // age applies when the history is read.
+        max_messages_per_subject: shared.cfg.feed.history.max(1) as i64,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
         duplicate_window: Duration::from_millis(crate::bus::DUPLICATE_WINDOW_MS),
@@ -225,7 +228,8 @@ async fn connect(
         }),
         ..Default::default()
     };
-    js.get_or_create_stream(config)
+    // Updated when it exists: a new `feed.history` takes effect (give every node the same).
+    js.create_or_update_stream(config)
         .await
         .map_err(|e| format!("JetStream stream {stream_name}: {e}"))?;
     // Made once here, so no ticket operation waits for it.
@@ -460,6 +464,11 @@ async fn head(bus: &Bus, subject: &str) -> Result<Option<Head>, ()> {
 
 /// The newest message of an ordered subject, with its tick when it parses.
 async fn newest(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick>)>, ()> {
+    Ok(newest_at(bus, subject).await?.map(|(h, t, _)| (h, t)))
+}
+
+/// [`newest`], with when the stream stored it (Unix ns).
+async fn newest_at(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick>, i128)>, ()> {
     let stream = bus
         .js
         .get_stream_no_info(&bus.stream_name)
@@ -476,6 +485,7 @@ async fn newest(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick>)>
                     stream_seq: m.sequence,
                 },
                 tick.filter(|_| seq.is_some()),
+                m.time.unix_timestamp_nanos(),
             )))
         }
         Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -787,13 +797,102 @@ async fn want(bus: &Arc<Bus>, subs: &mut HashMap<Box<str>, Delivery>, name: Box<
             return;
         }
     };
-    // Live ticks first, then the head: a tick appended in between is at worst seen twice
-    // (the hub keeps the newer), never missed.
-    let task = tokio::spawn(deliver(bus.clone(), name.clone(), sub));
-    if let Ok(Some((h, Some(tick)))) = newest(bus, &bus.subjects.ordered(&name)).await {
+    // Live ticks are subscribed to first and held in the subscription while the history
+    // (or the head) is read, then delivered: a tick appended in between is at worst seen
+    // twice (the hub keeps the newer), never missed, and the history reaches the hub
+    // before any live tick, so a `since` is replayed up to the head, then goes live.
+    let subject = bus.subjects.ordered(&name);
+    let held = match bus.shared.cfg.feed.history {
+        0 => Vec::new(),
+        _ => history(bus, &subject, &name).await.unwrap_or_default(),
+    };
+    if !held.is_empty() {
+        bus.shared.hub.backfill(&name, &held);
+        bus.shared
+            .bus
+            .metrics
+            .backfilled
+            .fetch_add(held.len() as u64, Ordering::Relaxed);
+    } else if let Ok(Some((h, Some(tick)))) = newest(bus, &subject).await {
         bus.shared.hub.ingest_ordered(&name, h.seq, &tick, true);
     }
+    let task = tokio::spawn(deliver(bus.clone(), name.clone(), sub));
     subs.insert(name, Delivery { task });
+}
+
+fn unix_ns_now() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// What the stream holds of an ordered subject for recovery (PROTOCOL.md 10): at most
+/// `feed.history` ticks, none stored longer than `feed.history_age` ago, oldest first, up
+/// to its newest at the time of asking; each with its `seq` and its age in ns. Empty when
+/// the subject is, or holds nothing that recent (the head path then takes over).
+async fn history(bus: &Bus, subject: &str, symbol: &str) -> Result<Vec<(u64, Tick, u64)>, ()> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let f = &bus.shared.cfg.feed;
+    let now = unix_ns_now();
+    let since = now - f.history_age.as_nanos() as i128;
+    let Some((head, _, stored)) = newest_at(bus, subject).await? else {
+        return Ok(Vec::new());
+    };
+    if stored < since {
+        return Ok(Vec::new());
+    }
+    let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(since).map_err(|_| ())?;
+    let stream = bus
+        .js
+        .get_stream_no_info(&bus.stream_name)
+        .await
+        .map_err(|_| ())?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| tracing::debug!(error = %e, subject, "bus: reading the history failed"))?;
+    let mut msgs = consumer.messages().await.map_err(|_| ())?;
+    let mut out: std::collections::VecDeque<(u64, Tick, u64)> =
+        std::collections::VecDeque::with_capacity(f.history.min(1024));
+    let mut scratch = Vec::new();
+    let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
+    let deadline = tokio::time::sleep(BACKFILL_TIMEOUT);
+    tokio::pin!(deadline);
+    loop {
+        let m = tokio::select! {
+            m = msgs.next() => m,
+            _ = &mut deadline => {
+                tracing::warn!(subject, "bus: reading the history took too long; kept what arrived");
+                break;
+            }
+        };
+        let Some(Ok(m)) = m else { break };
+        let Ok(info) = m.info() else { break };
+        let (stream_seq, pending) = (info.stream_sequence, info.pending);
+        let ago = (now - info.published.unix_timestamp_nanos()).max(0) as u64;
+        let seq = parse_seq(
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(SEQ_HEADER))
+                .map(|v| v.as_str()),
+        );
+        if let Ok(seq) = seq
+            && let Ok(tick) = parse_tick_payload(symbol, &m.payload, &mut scratch, &mut buffers)
+        {
+            if out.len() == f.history {
+                out.pop_front();
+            }
+            out.push_back((seq, tick, ago));
+        }
+        if stream_seq >= head.stream_seq || pending == 0 {
+            break;
+        }
+    }
+    Ok(out.into())
 }
 
 fn release(bus: &Bus, subs: &mut HashMap<Box<str>, Delivery>, name: &str) {
