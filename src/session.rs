@@ -777,7 +777,8 @@ impl Session {
         let mut new_waiting: Vec<&str> = Vec::new();
         // `since` counts for what this message subscribes anew (rejected symbols get
         // nothing replayed, held ones keep their stream).
-        let asked: std::collections::HashMap<&str, u64> = since.iter().map(|(n, q)| (n.as_str(), *q)).collect();
+        let asked: std::collections::HashMap<&str, u64> =
+            since.iter().map(|(n, q)| (n.as_str(), *q)).collect();
         let mut since = Since::new();
         let mut take_since = |name: &str| {
             if let Some(&q) = asked.get(name) {

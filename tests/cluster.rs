@@ -704,3 +704,86 @@ async fn racing_publishes_on_two_nodes_never_share_a_seq() {
         .sum();
     eprintln!("append conflicts resolved: {conflicts}");
 }
+
+/// PROTOCOL.md 10 across nodes: the feed keeps publishing through NATS while a client's
+/// node drains; its `1001` says to reconnect with `since`, and on the other node (which
+/// never had the symbol: it reads the cluster's history from the stream) the client gets
+/// every tick after the last one it processed, then the live ones: nothing missed, nothing
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_draining_node_resumes_on_the_other_with_since_and_misses_nothing() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    const N: u64 = 400;
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
+    let sym = "RR-SYM";
+    let mut sa = subscribe(&a, sym, false).await;
+    leader(&[&a, &b]).await;
+    let feed = async_nats::connect(nats.url()).await.unwrap();
+    let subject = format!("{p}.in.{sym}");
+    let feeder = tokio::spawn(async move {
+        for n in 1..=N {
+            feed.publish(subject.clone(), tick(sym, n).to_string().into())
+                .await
+                .unwrap();
+            if n % 10 == 0 {
+                feed.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        feed.flush().await.unwrap();
+    });
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        got.push(next_tick(&mut sa).await.0);
+    }
+    a.handle.drain();
+    // What was on its way before the close is processed too.
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(10), sa.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if m["type"] == "tick" {
+                    assert!(m.get("skipped").is_none(), "{m}");
+                    got.push(m["seq"].as_u64().unwrap());
+                }
+            }
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                assert_eq!(u16::from(f.code), 1001);
+                break f.reason.to_string();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close from the draining node: {other:?}"),
+        }
+    };
+    assert!(
+        reason.contains("since"),
+        "the drain tells to reconnect with since: {reason}"
+    );
+    let last = *got.last().unwrap();
+    assert!(last < N, "the drain came while the feed was still publishing");
+    let mut sb = session(&b, &b.token("sub")).await;
+    send_json(
+        &mut sb,
+        json!({"op":"subscribe","id":2,"symbols":[sym],"since":{sym: last}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut sb).await["type"], "subscribed");
+    while *got.last().unwrap() < N {
+        let m = next_json(&mut sb).await;
+        assert_eq!(m["type"], "tick", "a replay, not a reset: {m}");
+        assert!(m.get("skipped").is_none(), "{m}");
+        got.push(m["seq"].as_u64().unwrap());
+    }
+    feeder.await.unwrap();
+    assert_eq!(got, (1..=N).collect::<Vec<_>>(), "every tick once, in order");
+    let m = admin_get(b.admin(), "/metrics");
+    assert!(m.contains("tickgate_bus_backfilled_ticks_total "), "{m}");
+    assert!(!m.contains("tickgate_bus_backfilled_ticks_total 0\n"), "{m}");
+}

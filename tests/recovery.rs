@@ -190,7 +190,11 @@ async fn forbidden_symbols_are_not_replayed_and_malformed_since_is_bad_request()
     ] {
         send_json(&mut ws, bad.clone()).await;
         let e = next_json(&mut ws).await;
-        assert_eq!((&e["type"], &e["code"], &e["id"]), (&json!("error"), &json!("bad_request"), &json!(4)), "{bad}");
+        assert_eq!(
+            (&e["type"], &e["code"], &e["id"]),
+            (&json!("error"), &json!("bad_request"), &json!(4)),
+            "{bad}"
+        );
     }
     // The connection stays usable.
     send_json(&mut ws, json!({"op":"ping","id":5})).await;

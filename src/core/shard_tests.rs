@@ -777,11 +777,17 @@ fn since_out_of_reach_is_a_reset_snapshot_and_since_at_the_head_replays_nothing(
     assert_eq!(w.shared.metrics.replay_resets.load(Relaxed), 1);
     // Exactly at the edge of the history: replayed.
     let b = w.connect("bob", "s2", "j2");
-    w.text(b, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":15}}"#);
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":15}}"#,
+    );
     assert_eq!(tick_seqs(&w.out(b)), vec![16, 17, 18, 19, 20]);
     // At the head: nothing but the ack; live ticks follow.
     let c = w.connect("carol", "s3", "j3");
-    w.text(c, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":20}}"#);
+    w.text(
+        c,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":20}}"#,
+    );
     assert_eq!(w.out(c).len(), 1);
     w.inbox();
     w.publish("BTC-USD", 21.0);
@@ -791,9 +797,15 @@ fn since_out_of_reach_is_a_reset_snapshot_and_since_at_the_head_replays_nothing(
     }
     // Ahead of the symbol (the server restarted and its order with it): a reset.
     let d = w.connect("dave", "s4", "j4");
-    w.text(d, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":900}}"#);
+    w.text(
+        d,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":900}}"#,
+    );
     let out = w.out(d);
-    assert_eq!((out[1]["seq"].as_u64(), &out[1]["reset"]), (Some(21), &true.into()));
+    assert_eq!(
+        (out[1]["seq"].as_u64(), &out[1]["reset"]),
+        (Some(21), &true.into())
+    );
 }
 
 #[test]
@@ -806,7 +818,10 @@ fn since_on_a_symbol_already_subscribed_keeps_its_stream() {
     }
     w.dispatch();
     assert_eq!(tick_seqs(&w.out(a)), vec![1, 2, 3]);
-    w.text(a, r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":0}}"#);
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":0}}"#,
+    );
     let out = w.out(a);
     assert_eq!(out.len(), 1, "only the ack: no tick twice on one connection");
 }
@@ -835,8 +850,14 @@ fn since_on_a_waiting_name_turns_a_restarted_order_into_a_reset() {
     let mut w = world();
     let a = w.connect("alice", "s1", "j1");
     let b = w.connect("bob", "s2", "j2");
-    w.text(a, r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":7}}"#);
-    w.text(b, r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":0}}"#);
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":7}}"#,
+    );
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["NEW-SYM"],"since":{"NEW-SYM":0}}"#,
+    );
     w.out(a);
     w.out(b);
     w.publish("NEW-SYM", 1.0);
@@ -859,8 +880,14 @@ fn a_bus_backfill_is_replayed_to_a_waiting_since_subscriber() {
     let mut w = world();
     let a = w.connect("alice", "s1", "j1");
     let b = w.connect("bob", "s2", "j2");
-    w.text(a, r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":38}}"#);
-    w.text(b, r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":2}}"#);
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":38}}"#,
+    );
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":2}}"#,
+    );
     w.out(a);
     w.out(b);
     assert_eq!(w.core.waiting_names(), 1);
@@ -877,6 +904,9 @@ fn a_bus_backfill_is_replayed_to_a_waiting_since_subscriber() {
     w.dispatch();
     assert_eq!(tick_seqs(&w.out(a)), vec![39, 40, 41, 42]);
     let out = w.out(b);
-    assert_eq!((out[0]["seq"].as_u64(), &out[0]["reset"]), (Some(41), &true.into()));
+    assert_eq!(
+        (out[0]["seq"].as_u64(), &out[0]["reset"]),
+        (Some(41), &true.into())
+    );
     assert_eq!(tick_seqs(&out), vec![42]);
 }

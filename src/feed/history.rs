@@ -166,9 +166,10 @@ impl History {
         let to = self.ring.partition_point(|t| t.seq <= upto);
         let want = upto - since;
         let complete = (to - from) as u64 == want
-            && self.ring.get(from).is_some_and(|t| {
-                t.seq == since + 1 && now_ns.saturating_sub(t.accepted_ns) <= age_ns
-            });
+            && self
+                .ring
+                .get(from)
+                .is_some_and(|t| t.seq == since + 1 && now_ns.saturating_sub(t.accepted_ns) <= age_ns);
         if !complete {
             return Replay::Reset(newest.clone());
         }

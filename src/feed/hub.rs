@@ -414,7 +414,14 @@ impl Hub {
             if *seq <= st.seq {
                 continue;
             }
-            let t = stamp(id, arc_name.clone(), *seq, tick, now.saturating_sub(*ago_ns), false);
+            let t = stamp(
+                id,
+                arc_name.clone(),
+                *seq,
+                tick,
+                now.saturating_sub(*ago_ns),
+                false,
+            );
             self.remember(&mut st, &t);
             st.seq = *seq;
             st.last = Some(t);

@@ -692,7 +692,9 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(r#"{"op":"subscribe","id":7,"symbols":["BTC-USD","ETH-USD"],"since":{"BTC-USD":41,"ETH-USD":17}}"#),
+            parse(
+                r#"{"op":"subscribe","id":7,"symbols":["BTC-USD","ETH-USD"],"since":{"BTC-USD":41,"ETH-USD":17}}"#
+            ),
             Ok(ClientMsg::Subscribe {
                 id: Some(7),
                 symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
@@ -769,7 +771,10 @@ mod tests {
         assert_eq!(parse_err(&m), (Some(9), BAD));
         // More keys than symbols: refused before any is looked at.
         let keys: Vec<String> = (0..100).map(|i| format!(r#""S{i}":1"#)).collect();
-        let m = format!(r#"{{"op":"subscribe","id":9,"symbols":["S1"],"since":{{{}}}}}"#, keys.join(","));
+        let m = format!(
+            r#"{{"op":"subscribe","id":9,"symbols":["S1"],"since":{{{}}}}}"#,
+            keys.join(",")
+        );
         assert_eq!(parse_err(&m), (Some(9), BAD));
     }
 

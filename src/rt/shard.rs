@@ -149,13 +149,10 @@ fn reclaim_symbols(ctx: &ShardCtx, now: u64) {
     ctx.shared
         .hub
         .expire_history(mono, ctx.reclaim_cursor.get(), RECLAIM_SLICE);
-    let (next, retired) = ctx.shared.hub.reclaim_idle(
-        now,
-        mono,
-        idle_ns,
-        ctx.reclaim_cursor.get(),
-        RECLAIM_SLICE,
-    );
+    let (next, retired) =
+        ctx.shared
+            .hub
+            .reclaim_idle(now, mono, idle_ns, ctx.reclaim_cursor.get(), RECLAIM_SLICE);
     ctx.reclaim_cursor.set(next);
     if retired > 0 {
         ctx.shared
