@@ -87,8 +87,11 @@ pub enum Command {
     },
     /// Validate a config file and print the effective settings.
     CheckConfig { file: PathBuf },
-    /// A minimal stream client: connects, subscribes, prints every message (demo aid).
+    /// A minimal stream client: connects, subscribes, prints every message (demo aid);
+    /// reconnects with `since` when the connection ends (PROTOCOL.md 10).
     Client {
+        /// One URL, or several separated by commas (a cluster's nodes, tried in turn when
+        /// reconnecting).
         #[arg(long, default_value = "ws://127.0.0.1:8080/v1/stream")]
         url: String,
         #[arg(long)]
@@ -101,6 +104,10 @@ pub enum Command {
         /// PEM certificate(s) to trust for a wss:// URL.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Do not reconnect when the connection ends (by default it reconnects with
+        /// `since` after a drain, a lost connection, 4000 or 4008).
+        #[arg(long)]
+        no_reconnect: bool,
     },
     /// Inspect the host and print what to tune.
     Doctor {
@@ -299,7 +306,15 @@ pub fn run(cli: Cli) -> i32 {
             symbols,
             count,
             ca,
-        } => match crate::rt::client::run(&url, &token, &symbols, count, ca.as_deref()) {
+            no_reconnect,
+        } => match crate::rt::client::run(&crate::rt::client::ClientArgs {
+            url: &url,
+            token: &token,
+            symbols: &symbols,
+            count,
+            ca: ca.as_deref(),
+            reconnect: !no_reconnect,
+        }) {
             Ok(()) => 0,
             Err(e) => fail(2, &e),
         },

@@ -787,3 +787,97 @@ async fn a_client_of_a_draining_node_resumes_on_the_other_with_since_and_misses_
     assert!(m.contains("tickgate_bus_backfilled_ticks_total "), "{m}");
     assert!(!m.contains("tickgate_bus_backfilled_ticks_total 0\n"), "{m}");
 }
+
+/// `tickgate client` does the reconnect itself: given both nodes, it resumes on the second
+/// with `since` when the first drains, and prints every tick once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_client_resumes_on_another_node_with_since() {
+    const N: u64 = 300;
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
+    let sym = "CLI-SYM";
+    let urls = format!("{},{}", a.url(), b.url());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickgate"))
+        .args([
+            "client",
+            "--url",
+            &urls,
+            "--token",
+            &a.token("cli"),
+            "--symbols",
+            sym,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = line_channel(child.stdout.take().unwrap());
+    let err = line_channel(child.stderr.take().unwrap());
+    // Subscribed on node a (the symbol waits there for its first tick).
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut v = Vec::new();
+        while let Ok(l) = out.recv_timeout(Duration::from_secs(20)) {
+            let done = l.contains("\"type\":\"subscribed\"");
+            v.push(l);
+            if done {
+                break;
+            }
+        }
+        (v, out)
+    });
+    let (_, out) = lines.await.unwrap();
+    leader(&[&a, &b]).await;
+    let feed = async_nats::connect(nats.url()).await.unwrap();
+    let subject = format!("{p}.in.{sym}");
+    let feeder = tokio::spawn(async move {
+        for n in 1..=N {
+            feed.publish(subject.clone(), tick(sym, n).to_string().into())
+                .await
+                .unwrap();
+            if n % 10 == 0 {
+                feed.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        feed.flush().await.unwrap();
+    });
+    let seqs = tokio::task::spawn_blocking(move || {
+        let mut seqs = Vec::new();
+        let mut drained = false;
+        while seqs.last() != Some(&N) {
+            let l = out.recv_timeout(Duration::from_secs(20)).expect("client output");
+            if l.starts_with("closed by server: 1001") {
+                continue;
+            }
+            let m: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            match m["type"].as_str() {
+                Some("tick") => seqs.push(m["seq"].as_u64().unwrap()),
+                Some("snapshot") => panic!("a snapshot, not a replay: {l}"),
+                _ => {}
+            }
+            if seqs.len() == 40 && !drained {
+                drained = true;
+                a.handle.drain();
+            }
+        }
+        seqs
+    })
+    .await
+    .unwrap();
+    feeder.await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr: Vec<String> = std::iter::from_fn(|| err.recv_timeout(Duration::from_secs(1)).ok()).collect();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("reconnecting to ") && l.contains("with since {\"CLI-SYM\":")),
+        "{stderr:?}"
+    );
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "{stderr:?}");
+}

@@ -10,6 +10,7 @@
 //! - [`outbound`]: the bounded per-connection queue with conflation (slow consumers).
 //! - [`history`]: the per-symbol ring of recent ticks that `since` replays (PROTOCOL.md 10).
 //! - [`hub`]: stamping `seq`, encoding once, handing frames to the shards with subscribers.
+//! - [`resume`]: the client's side of recovery (last `seq` per symbol, the resuming subscribe).
 //! - [`sim`]: the tick simulator of the embedded demo.
 
 pub mod entitlement;
@@ -18,6 +19,7 @@ pub mod hub;
 pub mod json;
 pub mod msg;
 pub mod outbound;
+pub mod resume;
 pub mod sim;
 pub mod symbol;
 pub mod tick;

@@ -4,12 +4,21 @@
 //!
 //! It writes the upgrade request by hand, checks the `101` and `Sec-WebSocket-Accept`,
 //! sends one `subscribe`, then prints every text message, answering pings.
+//!
+//! Recovery (PROTOCOL.md section 10): it keeps the last `seq` of every symbol
+//! ([`Resume`]) and, when the connection ends in a way worth retrying (a drain's `1001`,
+//! a lost connection, `4000`, `4008`, `1011`), reconnects with backoff, to the next of its
+//! URLs (`--url` takes a comma-separated list: the nodes of a cluster), subscribing with
+//! `since`, so a rolling restart loses no tick. It says on stderr what it resumed from,
+//! and counts gaps and duplicates (there should be none) and resets. A failure before the
+//! first session (refused upgrade, TLS, wrong URL) is an error, not retried.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::feed::resume::{Resume, Seen};
 use crate::proto::frame::{OpCode, encode_client_frame_into};
 use crate::proto::http::accept_key;
 
@@ -62,19 +71,123 @@ fn send_text(s: &mut impl Write, text: &str) -> std::io::Result<()> {
     s.write_all(&out)
 }
 
-pub fn run(url: &str, token: &str, symbols: &str, count: u64, ca: Option<&Path>) -> Result<(), String> {
+/// What `tickgate client` was asked to do.
+pub struct ClientArgs<'a> {
+    /// One URL, or several separated by commas (tried in turn on reconnects).
+    pub url: &'a str,
+    pub token: &'a str,
+    pub symbols: &'a str,
+    /// Stop after this many messages (0 = forever).
+    pub count: u64,
+    pub ca: Option<&'a Path>,
+    /// Reconnect with `since` when a session ends in a retryable way.
+    pub reconnect: bool,
+}
+
+/// How one session ended.
+enum End {
+    /// `count` messages printed.
+    Done,
+    /// The server closed with this code.
+    Closed(u16),
+}
+
+/// Close codes after which a reconnect can succeed: going away (drain), abnormal (lost),
+/// server error, idle, slow consumer.
+fn retryable(code: u16) -> bool {
+    matches!(code, 1001 | 1006 | 1011 | 1012 | 1013 | 4000 | 4008)
+}
+
+/// Consecutive failed reconnects before giving up.
+const MAX_RETRIES: u32 = 10;
+
+pub fn run(args: &ClientArgs<'_>) -> Result<(), String> {
+    let urls: Vec<&str> = args
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("--url is empty".into());
+    }
+    let symbols = args.symbols.split(',').map(|x| x.trim().to_owned());
+    let mut st = State {
+        resume: Resume::new(symbols),
+        printed: 0,
+        count: args.count,
+        gaps: 0,
+        duplicates: 0,
+        resets: 0,
+    };
+    let mut sessions = 0u32;
+    let mut failures = 0u32;
+    let mut next = 0usize;
+    loop {
+        let url = urls[next % urls.len()];
+        let before = st.printed;
+        let r = connect_once(url, args, &mut st);
+        match r {
+            Ok(End::Done) => return Ok(()),
+            Ok(End::Closed(code)) if !args.reconnect || !retryable(code) => return Ok(()),
+            Err(e) if !args.reconnect || sessions == 0 && before == st.printed => return Err(e),
+            Ok(End::Closed(_)) => {}
+            Err(e) => eprintln!("connection to {url} ended: {e}"),
+        }
+        if st.printed > before {
+            sessions += 1;
+            failures = 0;
+        } else {
+            failures += 1;
+            if failures > MAX_RETRIES {
+                return Err(format!("gave up after {MAX_RETRIES} failed reconnects"));
+            }
+        }
+        next += 1;
+        // 100 ms doubling to 5 s, with up to a third of jitter so a drained node's clients
+        // do not all come back in the same millisecond.
+        let base = 100u64 << failures.min(6);
+        let jitter = u64::from(u32::from_le_bytes(mask())) % (base / 3 + 1);
+        std::thread::sleep(std::time::Duration::from_millis(base.min(5_000) + jitter));
+        let since = st.resume.subscribe(0);
+        eprintln!(
+            "reconnecting to {} with since {} (so far: {} gaps, {} duplicates, {} resets)",
+            urls[next % urls.len()],
+            since
+                .get("since")
+                .map_or_else(|| "{}".to_string(), |v| v.to_string()),
+            st.gaps,
+            st.duplicates,
+            st.resets
+        );
+    }
+}
+
+/// What lives across sessions.
+struct State {
+    resume: Resume,
+    printed: u64,
+    count: u64,
+    gaps: u64,
+    duplicates: u64,
+    resets: u64,
+}
+
+fn connect_once(url: &str, args: &ClientArgs<'_>, st: &mut State) -> Result<End, String> {
     let (tls, host, path) = parse_ws_url(url)?;
     let tcp = TcpStream::connect(&host).map_err(|e| format!("connect {host}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     if !tls {
         let mut s = tcp;
-        return stream(&mut s, &host, &path, token, symbols, count);
+        return stream(&mut s, &host, &path, args.token, st);
     }
-    let ca = ca.ok_or("wss:// needs --ca FILE (the PEM certificate(s) to trust)")?;
+    let ca = args
+        .ca
+        .ok_or("wss:// needs --ca FILE (the PEM certificate(s) to trust)")?;
     let conn =
         rustls::ClientConnection::new(tls_client(ca)?, server_name(&host)?).map_err(|e| e.to_string())?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    stream(&mut s, &host, &path, token, symbols, count)
+    stream(&mut s, &host, &path, args.token, st)
 }
 
 fn stream(
@@ -82,9 +195,8 @@ fn stream(
     host: &str,
     path: &str,
     token: &str,
-    symbols: &str,
-    count: u64,
-) -> Result<(), String> {
+    st: &mut State,
+) -> Result<End, String> {
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: md.v1.json\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -117,16 +229,7 @@ fn stream(
         return Err("bad Sec-WebSocket-Accept".into());
     }
     buf.drain(..head_end);
-    let list: Vec<String> = symbols.split(',').map(|x| format!("\"{}\"", x.trim())).collect();
-    send_text(
-        s,
-        &format!(
-            "{{\"op\":\"subscribe\",\"id\":1,\"symbols\":[{}],\"snapshot\":true}}",
-            list.join(",")
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut seen = 0u64;
+    send_text(s, &st.resume.subscribe(1).to_string()).map_err(|e| e.to_string())?;
     loop {
         // Parse as many server frames (unmasked) as are buffered.
         while buf.len() >= 2 {
@@ -152,9 +255,23 @@ fn stream(
             match op {
                 0x1 => {
                     println!("{}", String::from_utf8_lossy(&payload));
-                    seen += 1;
-                    if count > 0 && seen >= count {
-                        return Ok(());
+                    if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&payload) {
+                        match st.resume.observe(&m) {
+                            Seen::Gap { expected, got } => {
+                                st.gaps += 1;
+                                eprintln!("gap: expected seq {expected}, got {got}");
+                            }
+                            Seen::Duplicate { seq } => {
+                                st.duplicates += 1;
+                                eprintln!("duplicate: seq {seq} again");
+                            }
+                            Seen::Snapshot { reset: true } => st.resets += 1,
+                            _ => {}
+                        }
+                    }
+                    st.printed += 1;
+                    if st.count > 0 && st.printed >= st.count {
+                        return Ok(End::Done);
                     }
                 }
                 0x8 => {
@@ -167,7 +284,7 @@ fn stream(
                         "closed by server: {code} {}",
                         String::from_utf8_lossy(payload.get(2..).unwrap_or(&[]))
                     );
-                    return Ok(());
+                    return Ok(End::Closed(code));
                 }
                 0x9 => {
                     let mut out = Vec::new();
