@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# Side-by-side: tickgate vs the baseline (tools/baseline), same scenarios, back to back.
+# Side-by-side: tickgate vs the baseline (tools/baseline), same scenarios, back to back;
+# optionally a third server, the uWebSockets peer (tools/peers/uws).
 #
-#   perf/compare.sh           # full run (~2 minutes after a ~2.5-minute build)
-#   perf/compare.sh --quick   # ~1 minute version (shorter steps, fewer idle connections)
+#   perf/compare.sh           # full run (~2.5 minutes after a ~2.5-minute build)
+#   perf/compare.sh --quick   # ~1.5 minute version (shorter steps, fewer idle connections)
+#   UWS_PEER=/path/to/uws-peer perf/compare.sh [--quick]
+#                             # the same with the uWebSockets peer as a third column
+#
+# UWS_PEER: a binary of tools/peers/uws/main.cpp, a single-threaded uWebSockets pub/sub
+# server speaking the baseline's protocol (app.publish per tick, a topic per symbol, 1 MiB
+# backpressure limit, no compression, no SSL; perf/RESULTS.md, "uWebSockets peer", says
+# which uWebSockets and uSockets commits it was measured with). It runs every scenario
+# below after the baseline, started as `UWS_PEER --listen 127.0.0.1:18091 --key-dir KEYS`
+# on core 0 like the others, and adds a column to the table ("uWebSockets"), its JSON lines
+# (labels `A:uws`, `B:uws`, ...) and a line to the plot. Without UWS_PEER nothing of it runs.
 #
 # Output: the table on stdout, then the raw JSON lines, then where the latency plot of (A)
-# went: perf/latency.svg (or $PLOT), tickgate, the baseline and the floor (F) on one
-# latency-by-percentile plot (`loadgen plot`, from each run's `--save-hist`).
+# went: perf/latency.svg (or $PLOT), tickgate, the baseline (with UWS_PEER, the peer) and the
+# floor (F) on one latency-by-percentile plot (`loadgen plot`, from each run's `--save-hist`).
 #
 # Server on core 0 (`taskset -c 0`; tickgate with shards=1, the baseline with one tokio
-# worker thread), load generator on core 1 (`taskset -c 1`, one tokio worker). Scenarios:
+# worker thread, the uWebSockets peer single-threaded), load generator on core 1
+# (`taskset -c 1`, one tokio worker). Scenarios:
 #   (A) 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s)
 #   (B) the same, rate stepped up until the first step with drops: highest zero-drop rate
 #   (C) 10,000 idle authenticated connections: server RSS per connection
 #   (D) handshake storm: authenticated upgrades/s (64 concurrent workers, 8 source addresses)
+#   (E) 10,000 subscribers x 1 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s), a
+#       fresh server, connections from 8 source addresses
 #   (F) the machine's floor for (A): `loadgen floor`, no server at all (an ideal sender
 #       thread on core 0 writing pre-built records to the same 1,000 loopback connections,
 #       an ideal epoll receiver on core 1): the latency (A) would have if the server's
@@ -38,10 +52,15 @@ TARGET_DIR=$(bench_target_dir)
 TG="$TARGET_DIR/release/tickgate"
 LG="$TARGET_DIR/release/loadgen"
 BL="$TARGET_DIR/release/baseline"
+SERVERS=(tickgate baseline)
+if [[ -n "${UWS_PEER:-}" ]]; then
+  [[ -x "$UWS_PEER" ]] || { echo "UWS_PEER=$UWS_PEER: not an executable file" >&2; exit 1; }
+  SERVERS+=(uws)
+fi
 
 bench_scratch
 
-TG_PORT=18080; TG_ADMIN=19090; BL_PORT=18090
+TG_PORT=18080; TG_ADMIN=19090; BL_PORT=18090; UWS_PORT=18091
 "$TG" keygen --out "$TMP/keys" >/dev/null
 # The load generator opens its connections from one address (or eight): let its whole
 # connect burst wait in the upgrade at once.
@@ -59,9 +78,9 @@ else
 fi
 # Roughly doubling steps: a server that keeps up at one step and not at the next is
 # placed within a factor of two, in 8 steps of 3.5 s (the whole run, build included,
-# stays under five minutes on a 2-core VM). Zero drops means every tick was received by
-# the end of the step's drain: a server slightly over capacity builds a backlog it
-# cannot flush in the drain, and that shows as drops.
+# stays around five minutes on a 2-core VM; UWS_PEER adds half the scenario time). Zero
+# drops means every tick was received by the end of the step's drain: a server slightly
+# over capacity builds a backlog it cannot flush in the drain, and that shows as drops.
 RATES=250,500,1000,2000,5000,10000,20000,40000
 KEY="$TMP/keys/k1.key"
 RES="$TMP/results.jsonl"
@@ -74,10 +93,13 @@ wait_port() {
   done
   echo "server on port $1 did not come up" >&2; exit 2
 }
-start() { # $1 = tickgate|baseline
+start() { # $1 = tickgate|baseline|uws
   if [[ $1 == tickgate ]]; then
     taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tickgate.log" 2>&1 &
     SPID=$!; PORT=$TG_PORT
+  elif [[ $1 == uws ]]; then
+    taskset -c 0 "$UWS_PEER" --listen "127.0.0.1:$UWS_PORT" --key-dir "$TMP/keys" >"$TMP/uws.log" 2>&1 &
+    SPID=$!; PORT=$UWS_PORT
   else
     taskset -c 0 "$BL" --listen "127.0.0.1:$BL_PORT" --key-dir "$TMP/keys" --threads 1 >"$TMP/baseline.log" 2>&1 &
     SPID=$!; PORT=$BL_PORT
@@ -94,7 +116,7 @@ lg() { # $1 = label, rest = loadgen args
 
 echo "# $(date -u +%FT%TZ)  nproc=$(nproc)  $(uname -r)  nofile=$NOFILE  load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 T0=$SECONDS
-for S in tickgate baseline; do
+for S in "${SERVERS[@]}"; do
   echo "# [$S] (A) fanout 1000 x 10/100 @ 1000 ticks/s" >&2
   start "$S"
   lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID" \
@@ -111,6 +133,11 @@ for S in tickgate baseline; do
   start "$S"
   lg "D:$S" handshake --concurrency 64 --sources 8 --duration "$D_DUR" --server-pid "$SPID"
   stop
+  echo "# [$S] (E) fanout 10000 x 1/100 @ 1000 ticks/s" >&2
+  start "$S"
+  lg "E:$S" fanout --subscribers 10000 --symbols 100 --per-sub 1 --rate 1000 --sources 8 \
+    --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID"
+  stop
 done
 echo "# (F) machine floor for (A): loadgen floor, no server" >&2
 taskset -c 0,1 "$LG" floor --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 \
@@ -120,12 +147,12 @@ taskset -c 0,1 "$LG" floor --subscribers 1000 --symbols 100 --per-sub 10 --rate 
 grep '^{' "$TMP/out.txt" >>"$RES" || true
 echo "# scenarios took $((SECONDS - T0)) s; load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-# (A)'s latency by percentile distribution: the three runs on one SVG (a run that failed
-# is left out; the plot is skipped if none has a histogram).
+# (A)'s latency by percentile distribution: the runs on one SVG (a run that failed is left
+# out; the plot is skipped if none has a histogram).
 PLOT=${PLOT:-$ROOT/perf/latency.svg}
 PLOT_ARGS=()
-for s in tickgate baseline floor; do
-  name=$s; [[ $s == floor ]] && name="floor (F, no server)"
+for s in "${SERVERS[@]}" floor; do
+  name=$s; [[ $s == floor ]] && name="floor (F, no server)"; [[ $s == uws ]] && name="uWebSockets"
   [[ -s "$TMP/A-$s.hist" ]] && PLOT_ARGS+=(--series "$name=$TMP/A-$s.hist")
 done
 PLOT_MSG="latency plot (A): not written (no histogram saved)"
@@ -141,9 +168,11 @@ if [[ ${#PLOT_ARGS[@]} -gt 0 ]]; then
 fi
 echo "# $PLOT_MSG" >&2
 
-python3 - "$RES" <<'PY'
+python3 - "$RES" "${SERVERS[@]}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+servers = sys.argv[2:]  # tickgate first, then the others it is compared with
+title = {"tickgate": "tickgate", "baseline": "baseline", "uws": "uWebSockets"}
 def get(label, mode=None, pred=None):
     out = [r for r in rows if r.get("label") == label and (mode is None or r.get("mode") == mode)]
     if pred: out = [r for r in out if pred(r)]
@@ -154,47 +183,53 @@ def fmt(v):
         return f"{v:,.1f}" if abs(v) < 1000 else f"{v:,.0f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 lines = []
-def row(name, t, b, better):  # better: "low" or "high"
-    ratio = "-"
-    if isinstance(t, (int, float)) and isinstance(b, (int, float)) and t and b:
-        ratio = f"{(b / t) if better == 'low' else (t / b):.1f}x"
-    lines.append((name, fmt(t), fmt(b), ratio))
+def row(name, vals, better):  # vals: one value per server; better: "low" or "high"
+    t = vals[0]
+    ratios = []
+    for b in vals[1:]:
+        ratio = "-"
+        if isinstance(t, (int, float)) and isinstance(b, (int, float)) and t and b:
+            ratio = f"{(b / t) if better == 'low' else (t / b):.1f}x"
+        ratios.append(ratio)
+    lines.append((name, [fmt(v) for v in vals], ratios))
 def one(label, mode):
     r = get(label, mode); return r[-1] if r else {}
+def each(scen, mode, key):
+    return [one(f"{scen}:{s}", mode).get(key) for s in servers]
 for key, what in [("p50_us","low"),("p99_us","low"),("p999_us","low"),("delivered_per_s","high"),("delivery_pct","high"),("drops","low"),("server_cpu_pct","low"),("server_runq_wait_pct","low"),("client_cpu_pct","low")]:
-    row(f"(A) {key}", one("A:tickgate","fanout").get(key), one("A:baseline","fanout").get(key), what)
-bt, bb = one("B:tickgate","search"), one("B:baseline","search")
-row("(B) zero-drop deliveries/s", bt.get("max_zero_drop_deliveries_per_s"), bb.get("max_zero_drop_deliveries_per_s"), "high")
-row("(B) zero-drop ticks/s", bt.get("max_zero_drop_rate_ticks_per_s"), bb.get("max_zero_drop_rate_ticks_per_s"), "high")
+    row(f"(A) {key}", each("A", "fanout", key), what)
+row("(B) zero-drop deliveries/s", each("B", "search", "max_zero_drop_deliveries_per_s"), "high")
+row("(B) zero-drop ticks/s", each("B", "search", "max_zero_drop_rate_ticks_per_s"), "high")
 def at(label, rate):
     r = get(label, "fanout", lambda r: r.get("rate_ticks_per_s") == rate); return r[-1] if r else {}
-pt, pb = at("B:tickgate", bt.get("max_zero_drop_rate_ticks_per_s")), at("B:baseline", bb.get("max_zero_drop_rate_ticks_per_s"))
-row("(B) p99_us at that rate", pt.get("p99_us"), pb.get("p99_us"), "low")
-ct, cb = one("C:tickgate","idle"), one("C:baseline","idle")
-row("(C) established", ct.get("established"), cb.get("established"), "high")
-row("(C) RSS/conn KiB", ct.get("rss_per_conn_kib"), cb.get("rss_per_conn_kib"), "low")
-dt, db = one("D:tickgate","handshake"), one("D:baseline","handshake")
-row("(D) upgrades/s", dt.get("accepted_per_s"), db.get("accepted_per_s"), "high")
-row("(D) p99_us", dt.get("p99_us"), db.get("p99_us"), "low")
-row("(D) server_cpu_pct", dt.get("server_cpu_pct"), db.get("server_cpu_pct"), "low")
-row("(D) server_runq_wait_pct", dt.get("server_runq_wait_pct"), db.get("server_runq_wait_pct"), "low")
-row("(D) rejected+errors", (dt.get("rejected",0) or 0)+(dt.get("errors",0) or 0) if dt else None,
-    (db.get("rejected",0) or 0)+(db.get("errors",0) or 0) if db else None, "low")
+row("(B) p99_us at that rate", [at(f"B:{s}", one(f"B:{s}", "search").get("max_zero_drop_rate_ticks_per_s")).get("p99_us") for s in servers], "low")
+row("(C) established", each("C", "idle", "established"), "high")
+row("(C) RSS/conn KiB", each("C", "idle", "rss_per_conn_kib"), "low")
+row("(D) upgrades/s", each("D", "handshake", "accepted_per_s"), "high")
+row("(D) p99_us", each("D", "handshake", "p99_us"), "low")
+row("(D) server_cpu_pct", each("D", "handshake", "server_cpu_pct"), "low")
+row("(D) server_runq_wait_pct", each("D", "handshake", "server_runq_wait_pct"), "low")
+def failed(d): return (d.get("rejected",0) or 0)+(d.get("errors",0) or 0) if d else None
+row("(D) rejected+errors", [failed(one(f"D:{s}", "handshake")) for s in servers], "low")
+for key, what in [("p50_us","low"),("p99_us","low"),("p999_us","low"),("delivered_per_s","high"),("delivery_pct","high"),("drops","low"),("server_cpu_pct","low")]:
+    row(f"(E) {key}", each("E", "fanout", key), what)
 w = max(len(l[0]) for l in lines)
-print(f"{'scenario / metric':<{w}}  {'tickgate':>14}  {'baseline':>14}  {'tickgate advantage':>18}")
-for n, t, b, r in lines:
-    print(f"{n:<{w}}  {t:>14}  {b:>14}  {r:>18}")
+ratio_heads = ["tickgate advantage"] if len(servers) == 2 else [f"vs {title[s]}" for s in servers[1:]]
+print(f"{'scenario / metric':<{w}}  " + "  ".join(f"{title[s]:>14}" for s in servers) + "  " + "  ".join(f"{h:>18}" for h in ratio_heads))
+for n, vals, ratios in lines:
+    print(f"{n:<{w}}  " + "  ".join(f"{v:>14}" for v in vals) + "  " + "  ".join(f"{r:>18}" for r in ratios))
 print()
 # (F): not a server, so its own block: the latency (A) would have with a server that cost
 # nothing (loopback TCP, wake-ups and the host's scheduling remain).
 fl = one("F:floor", "floor")
-ta = one("A:tickgate", "fanout")
 print("(F) machine floor for (A): loadgen floor, no server")
 for key in ("p50_us", "p99_us", "p999_us", "drops", "sender_cpu_pct", "sender_ns_per_send"):
-    v, t = fl.get(key), ta.get(key)
+    v = fl.get(key)
     extra = ""
-    if key.endswith("_us") and isinstance(v, (int, float)) and isinstance(t, (int, float)) and v:
-        extra = f"   tickgate (A) / floor: {t / v:.1f}x"
+    for s in servers:
+        t = one(f"A:{s}", "fanout").get(key)
+        if s != "baseline" and key.endswith("_us") and isinstance(v, (int, float)) and isinstance(t, (int, float)) and v:
+            extra += f"   {title[s]} (A) / floor: {t / v:.1f}x"
     print(f"  {key:<20} {fmt(v):>14}{extra}")
 print()
 print("raw JSON lines:")
