@@ -70,10 +70,17 @@ impl Drop for Proc {
 
 /// The demo, its banner's lines, on ports chosen at run time. `lifetime.reauth_lead` is
 /// close to the demo token's ten minutes, so `reauth_required` comes within seconds.
+/// The first demo ticks fast (200 per symbol per second) so that the page's last `seq` is
+/// far above what a restarted demo (10 per second) reaches while the page reconnects.
 fn start_demo() -> (Proc, Receiver<String>) {
+    start_demo_on("127.0.0.1:0", 200)
+}
+
+fn start_demo_on(listen: &str, rate: u32) -> (Proc, Receiver<String>) {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
-        .env("TICKGATE_SERVER_LISTEN", "127.0.0.1:0")
+        .env("TICKGATE_SERVER_LISTEN", listen)
+        .env("TICKGATE_FEED_SIMULATOR_RATE", rate.to_string())
         .env("TICKGATE_ADMIN_LISTEN", "127.0.0.1:0")
         .env("TICKGATE_LOG_SECURITY", "/dev/null")
         .env("TICKGATE_LIFETIME_REAUTH_LEAD", "597s")
@@ -423,6 +430,33 @@ async fn demo_page_in_headless_chromium() {
     assert!(
         st["close"]["words"].as_str().unwrap().contains("going away"),
         "{st}"
+    );
+
+    // The page resumes by itself (PROTOCOL.md 10): when a demo is back on the same
+    // address it reconnects with `since`; the restarted demo numbers from 1 again, so
+    // each symbol comes back as a `reset` snapshot, and ticks flow again in order.
+    let mut demo = demo;
+    let _ = demo.child.wait();
+    let ticks_before = st["ticks_shown"].as_u64().unwrap();
+    let (_demo2, lines2) = start_demo_on(&addr.to_string(), 10);
+    banner_line(&lines2, "tickgate listening on ");
+    let st = cdp
+        .wait_for(&page, "the page to resume on the restarted demo", |s| {
+            s["phase"] == "open"
+                && s["resets"].as_u64().unwrap_or(0) >= 1
+                && s["ticks_shown"].as_u64().unwrap_or(0) > ticks_before + 5
+                || s["phase"] == "failed"
+        })
+        .await;
+    println!(
+        "demo page after the restart: reconnects {} resets {}",
+        st["reconnects"], st["resets"]
+    );
+    assert_eq!(st["phase"], "open", "{st}");
+    assert!(st["reconnects"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(
+        st["seq_increasing"], true,
+        "only reset snapshots restart a seq: {st}"
     );
     // Chromium may hang up before it answers: the group is killed on drop anyway.
     let _ = cdp

@@ -243,6 +243,11 @@ pub struct ShardCore<I> {
     /// first tick of the name (or a subscription to it once it exists) turns them into
     /// ordinary subscriptions ([`Self::activate_waiting`]).
     waiting: Waiters,
+    /// Subscriptions with `since` to a symbol that had no tick yet, by (connection index,
+    /// generation, symbol): its first tick is a `reset` snapshot unless it is `since + 1`
+    /// (the order restarted). Consulted only for entries still at `last_seq` 0; an entry
+    /// goes with that first tick, or with the subscription.
+    since_first: std::collections::HashMap<(usize, u32, SymbolId), u64>,
     wheel: TimerWheel<TimerEvent>,
     /// Wheel entries due at the last [`Self::advance_timers`], not fired yet, from
     /// `fired_pos` on.
@@ -267,6 +272,7 @@ impl<I: ConnIo> ShardCore<I> {
             conns: Slab::with_capacity(1024),
             table: Vec::new(),
             waiting: Waiters::new(),
+            since_first: std::collections::HashMap::new(),
             wheel: TimerWheel::with_capacity(now, 4096),
             fired: Vec::new(),
             fired_pos: 0,
@@ -663,6 +669,9 @@ impl<I: ConnIo> ShardCore<I> {
 
     fn table_remove(&mut self, idx: usize, generation: u32, ids: &[SymbolId]) {
         for id in ids {
+            if !self.since_first.is_empty() {
+                self.since_first.remove(&(idx, generation, *id));
+            }
             if let Some(list) = self.table.get_mut(id.0 as usize) {
                 let before = list.len();
                 list.retain(|e| !(e.idx == idx && e.generation == generation));
@@ -837,7 +846,7 @@ impl<I: ConnIo> ShardCore<I> {
             let snap = if already {
                 self.shared.hub.latest(*id)
             } else {
-                let since = match since.is_empty() {
+                let since_of = match since.is_empty() {
                     true => None,
                     false => self
                         .shared
@@ -846,7 +855,7 @@ impl<I: ConnIo> ShardCore<I> {
                         .name(*id)
                         .and_then(|n| since.get(&*n).copied()),
                 };
-                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty(), since) else {
+                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty(), since_of) else {
                     retired.push(*id);
                     continue;
                 };
@@ -856,6 +865,9 @@ impl<I: ConnIo> ShardCore<I> {
                     last_seq: base.seq,
                 });
                 if let Some(replay) = base.replay {
+                    if let (Replay::Nothing, Some(&s)) = (&replay, since_of.as_ref().filter(|s| **s > 0)) {
+                        self.since_first.insert((idx, generation, *id), s);
+                    }
                     // A slow-consumer deadline this starts is filed by `apply`.
                     let _ = queue_replay(session, replay, now, &self.shared.metrics);
                     continue;
@@ -905,6 +917,12 @@ impl<I: ConnIo> ShardCore<I> {
             if t.seq <= e.last_seq {
                 continue;
             }
+            let restarted = e.last_seq == 0
+                && !self.since_first.is_empty()
+                && self
+                    .since_first
+                    .remove(&(e.idx, e.generation, t.symbol))
+                    .is_some_and(|since| since.checked_add(1) != Some(t.seq));
             let gap = t.seq - e.last_seq - 1;
             e.last_seq = t.seq;
             let Some(conn) = self.conns.get(e.idx) else {
@@ -915,6 +933,15 @@ impl<I: ConnIo> ShardCore<I> {
                 continue;
             }
             let Some(s) = c.session.as_mut() else { continue };
+            if restarted {
+                // The symbol's first tick does not follow the client's `since`: its state
+                // is replaced (PROTOCOL.md 10), the tick is not sent twice.
+                self.shared.metrics.replay_resets.fetch_add(1, Relaxed);
+                s.push_snapshot(encode_for_subscriber(TickKind::Reset, t, 0));
+                kick(&mut self.effects, e.idx, &mut c);
+                delivered += 1;
+                continue;
+            }
             let conflated_before = s.conflated_total();
             let slow = if gap == 0 {
                 s.push_tick(t, now)

@@ -910,3 +910,49 @@ fn a_bus_backfill_is_replayed_to_a_waiting_since_subscriber() {
     );
     assert_eq!(tick_seqs(&out), vec![42]);
 }
+
+/// The same for a symbol that exists but has had no tick (a configured symbol of a server
+/// that just restarted): the first tick is a reset unless it follows `since`.
+#[test]
+fn since_on_a_symbol_without_ticks_turns_a_restarted_order_into_a_reset() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    let b = w.connect("bob", "s2", "j2");
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":50}}"#,
+    );
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["BTC-USD"],"since":{"BTC-USD":0}}"#,
+    );
+    assert_eq!(w.out(a).len(), 1, "only the ack: nothing to replay yet");
+    w.out(b);
+    w.publish("BTC-USD", 1.0);
+    w.publish("BTC-USD", 2.0);
+    w.dispatch();
+    let out = w.out(a);
+    assert_eq!(
+        (out[0]["seq"].as_u64(), &out[0]["reset"]),
+        (Some(1), &true.into()),
+        "{out:?}"
+    );
+    assert_eq!(tick_seqs(&out), vec![2]);
+    assert_eq!(tick_seqs(&w.out(b)), vec![1, 2]);
+    // An unsubscribe (or the close) forgets what was asked.
+    assert!(w.core.since_first.is_empty());
+    w.text(
+        a,
+        r#"{"op":"subscribe","symbols":["ETH-USD"],"since":{"ETH-USD":9}}"#,
+    );
+    assert_eq!(w.core.since_first.len(), 1);
+    w.text(a, r#"{"op":"unsubscribe","symbols":["ETH-USD"]}"#);
+    assert!(w.core.since_first.is_empty());
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["ETH-USD"],"since":{"ETH-USD":9}}"#,
+    );
+    assert_eq!(w.core.since_first.len(), 1);
+    w.core.handle_gone(b);
+    assert!(w.core.since_first.is_empty());
+}
