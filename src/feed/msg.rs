@@ -1222,6 +1222,20 @@ mod tests {
             prop_assert_eq!(m, Ok(ClientMsg::Subscribe { id, symbols: syms, snapshot, since: vec![] }));
         }
 
+        /// `since` as a client library would write it (serde_json, any symbols, any u64)
+        /// reads back exactly, in order.
+        #[test]
+        fn since_round_trip(entries in proptest::collection::btree_map("[A-Z0-9][A-Z0-9._:/-]{0,31}", any::<u64>(), 0..20)) {
+            let syms: Vec<String> = entries.keys().cloned().collect();
+            let since: serde_json::Map<String, serde_json::Value> =
+                entries.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+            let msg = serde_json::json!({"op":"subscribe","id":1,"symbols":syms,"since":since});
+            let mut o = serde_json::to_vec(&msg).unwrap();
+            let m = parse_client_msg(&mut o, &MsgLimits::default());
+            let want: Vec<(String, u64)> = entries.into_iter().collect();
+            prop_assert_eq!(m, Ok(ClientMsg::Subscribe { id: Some(1), symbols: syms, snapshot: false, since: want }));
+        }
+
         #[test]
         fn publish_numbers_round_trip(ts in any::<u64>(),
                                       px in proptest::collection::vec(
