@@ -3,6 +3,8 @@
 # round by round so that both sides see the same minutes of a shared, noisy host.
 #
 #   perf/ab.sh OLD_TICKGATE NEW_TICKGATE [ROUNDS]     # ROUNDS defaults to 3
+#   MODES="A E B" perf/ab.sh ...   # also (E): 10,000 subscribers x 1 of 100 symbols,
+#                                  # 100,000 deliveries/s (issue 17's one-tick-per-write case)
 #
 # Builds the load generator from this tree (release). Server pinned to core 0 with one
 # shard, load generator on core 1, the same config for both sides (the keys only the newer
@@ -46,8 +48,10 @@ for r in $(seq 1 "$ROUNDS"); do
     taskset -c 0 "$bin" serve --config "$TMP/tickgate.toml" >"$TMP/server.log" 2>&1 &
     SPID=$!
     wait_port
-    for mode in A B; do
-      if [[ $mode == A ]]; then
+    for mode in ${MODES:-A B}; do
+      if [[ $mode == E ]]; then
+        args=(fanout --subscribers 10000 --symbols 100 --per-sub 1 --rate 1000 --sources 8 --warmup 2 --duration 5)
+      elif [[ $mode == A ]]; then
         args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 1 --duration 4)
       else
         args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates 5000,10000,20000,40000
@@ -73,14 +77,20 @@ def summary(vals):
     return f"median {statistics.median(vals):,.0f} (min {min(vals):,.0f}, max {max(vals):,.0f}, n={len(vals)})"
 for side in ("old", "new"):
     a = pick("A", side, "fanout")
+    e = pick("E", side, "fanout")
     b = pick("B", side, "search")
     print(f"{side}: (A) p50_us {summary([r.get('p50_us') for r in a])}")
     print(f"{side}: (A) p99_us {summary([r.get('p99_us') for r in a])}")
     print(f"{side}: (A) server_cpu_pct {summary([r.get('server_cpu_pct') for r in a])}")
+    if e:
+        print(f"{side}: (E) p50_us {summary([r.get('p50_us') for r in e])}")
+        print(f"{side}: (E) p99_us {summary([r.get('p99_us') for r in e])}")
+        print(f"{side}: (E) server_cpu_pct {summary([r.get('server_cpu_pct') for r in e])}")
+        print(f"{side}: (E) dropped {summary([r.get('dropped') for r in e])}")
     print(f"{side}: (B) zero-drop deliveries/s {summary([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
 print()
 for r in rows:
-    if (r.get("mode") == "fanout" and r.get("label", "").startswith("A:")) or r.get("mode") == "search":
+    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:")) or r.get("mode") == "search":
         keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s")
         print(r.get("label"), {k: r[k] for k in keys if k in r})
 PY

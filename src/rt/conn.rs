@@ -103,7 +103,7 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     // A plain function, so nothing of the admission (claims, strings) stays in this
     // long-lived future's state while the reader waits.
     open_session(&ctx, &conn, id, admitted, tls);
-    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle));
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle, None));
     if !leftover.is_empty() {
         let mut data = leftover;
         process(&ctx, &conn, idx, &mut data);
@@ -435,8 +435,76 @@ fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 /// is already running (a running writer looks at the queue again after each write, so
 /// it needs no wake-up).
 pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn) {
+    if c.io.whandle.is_none() {
+        return;
+    }
+    // Most kicks find a socket with room: write right here, no task, no io_uring op.
+    let first = match send_inline(ctx, c) {
+        Inline::Sent | Inline::Idle => return,
+        Inline::Rest(b) => Some(b),
+        Inline::NotTried => None,
+    };
     let Some(handle) = c.io.whandle.take() else { return };
-    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, c.generation, handle));
+    monoio::spawn(writer(
+        ctx.clone(),
+        conn.clone(),
+        idx,
+        c.generation,
+        handle,
+        first,
+    ));
+}
+
+/// What [`send_inline`] did.
+enum Inline {
+    /// Everything queued went to the kernel: the writer stays parked.
+    Sent,
+    /// Part of it did (or the socket was full): the writer takes over with the rest.
+    Rest(Vec<u8>),
+    /// Not for this path (TLS, a close on its way, a dead connection): the writer does it.
+    NotTried,
+    /// Nothing queued (an earlier kick of the same turn sent it all).
+    Idle,
+}
+
+/// The fan-out's common case done without a writer task: a plain connection whose
+/// writer is parked, with output queued and no close pending, gets its coalesced frames
+/// in one `send(MSG_DONTWAIT)` from the shard's loop, as an epoll server writes. What the
+/// kernel does not take (a full socket) goes to a writer task, which waits for room as
+/// before. Compared with spawning the writer for every kick this saves a task, an
+/// io_uring operation and its completion per write (perf/RESULTS.md, issue 17).
+fn send_inline(ctx: &Rc<ShardCtx>, c: &mut Conn) -> Inline {
+    if c.dead || c.io.tls.is_some() {
+        return Inline::NotTried;
+    }
+    let Some(s) = c.session.as_mut() else {
+        return Inline::NotTried;
+    };
+    if s.is_closing() {
+        return Inline::NotTried;
+    }
+    if !s.has_output() {
+        return Inline::Idle;
+    }
+    let mut buf = ctx.take_buffer();
+    let t = s.poll_transmit_with(&mut buf, MAX_WRITE, &mut ctx.tick_deflate.borrow_mut());
+    if buf.is_empty() {
+        ctx.put_buffer(buf);
+        return Inline::NotTried;
+    }
+    ctx.note_tick_write(t.oldest_tick_ns);
+    let sent = crate::rt::io::send_now(c.io.fd, &buf);
+    if sent == buf.len() && !s.has_output() {
+        ctx.put_buffer(buf);
+        return Inline::Sent;
+    }
+    buf.drain(..sent);
+    if buf.is_empty() {
+        // All of it went, but more than one write's worth is queued: the writer goes on.
+        ctx.put_buffer(buf);
+        return Inline::NotTried;
+    }
+    Inline::Rest(buf)
 }
 
 /// Carries out the effects the shard's core produced, in order. Called after every
@@ -519,8 +587,19 @@ pub(crate) async fn writer(
     idx: usize,
     generation: u32,
     mut handle: WriteHandle,
+    first: Option<Vec<u8>>,
 ) {
     let mut graceful = false;
+    // The rest of a write the kick began inline ([`send_inline`]): out first, in order.
+    if let Some(rest) = first {
+        let (res, b) = handle.write_all(rest).await;
+        ctx.put_buffer(b);
+        if res.is_err() {
+            task_done(&ctx, idx, generation, true);
+            drop(handle);
+            return;
+        }
+    }
     loop {
         // Buffers come from the shard's pool and go back after the write: a busy
         // connection never regrows one, an idle one holds none.

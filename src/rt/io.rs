@@ -166,6 +166,30 @@ pub(crate) fn tls_seal(
 /// Writes through a shared reference: the reader holds the stream by `&`, so the HTTP
 /// phase writes with `send` after waiting for writability (the response is small and the
 /// socket buffer empty, so this normally completes at once).
+/// One `send(2)` that never blocks (`MSG_DONTWAIT`) nor raises `SIGPIPE`: how many bytes
+/// the kernel took (0 when the socket is full or failed; the writer that takes over the
+/// rest sees the failure again and ends the connection).
+pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
+    loop {
+        // SAFETY: `buf` is a live slice for the length given; `fd` is the connection's
+        // descriptor, open while its `Conn` lives (the reader's stream owns it).
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return n as usize;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 0;
+        }
+    }
+}
+
 pub(crate) async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     let mut off = 0;

@@ -62,14 +62,16 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         while n < DISPATCH_BUDGET {
             let Some(t) = inbox.ticks.pop() else { break };
             delivered += ctx.core.borrow_mut().handle_tick(now, &t) as u64;
-            // Start the writers of subscribers whose writer was parked.
-            carry_out(&ctx);
             if ctx.one_in(64) {
                 let us = crate::metrics::mono_ns().saturating_sub(t.accepted_ns) / 1000;
                 ctx.shared.metrics.publish_to_dispatch.observe_us(us);
             }
             n += 1;
         }
+        // Write to the subscribers that got something, once each for the whole pass
+        // (inline, or by starting their writers): a subscriber of several of the pass's
+        // ticks gets them in one write.
+        carry_out(&ctx);
         let g = ctx.shared.metrics.shard(ctx.id);
         g.ticks_out
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
