@@ -35,9 +35,11 @@ fn bench_replay(c: &mut Criterion) {
     let mut buf = Vec::with_capacity(64 * 1024);
     g.bench_function("1000_ticks_to_one_client", |b| {
         b.iter(|| {
-            let base = hub.subscribe(0, id, false, Some(black_box(0))).unwrap();
-            let Some(Replay::Ticks(ticks)) = base.replay else {
-                panic!("a replay of the held ticks")
+            let base = hub
+                .subscribe(0, id, false, Some((black_box(0), 1 << 20)))
+                .unwrap();
+            let Some(Replay::Ticks { ticks, skipped: 0 }) = base.replay else {
+                panic!("a whole replay of the held ticks")
             };
             assert_eq!(ticks.len(), 1000);
             let mut q = OutboundQueue::new(1 << 20);

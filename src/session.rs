@@ -494,10 +494,25 @@ impl Session {
     /// earlier now (the only input on the hot path, so the only one that says so).
     #[must_use]
     pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> bool {
+        self.push_tick_after(t, 0, now_ms)
+    }
+
+    /// Bytes the outbound queue can still take before it conflates: what a replay is cut
+    /// to ([`crate::feed::history::History::replay`]), so queuing a `since` costs at most
+    /// a queue's worth of work however many symbols and ticks it names.
+    pub fn outbound_room(&self) -> usize {
+        self.cfg
+            .outbound_queue_bytes
+            .saturating_sub(self.outbound.queued_bytes())
+    }
+
+    /// [`Self::push_tick`] of a tick standing for `skipped` ticks left out right before it
+    /// (a replay cut to the queue's budget, [`crate::feed::history::Replay::Ticks`]).
+    pub fn push_tick_after(&mut self, t: &Arc<SharedTick>, skipped: u64, now_ms: u64) -> bool {
         if self.state == State::Closing {
             return false;
         }
-        match self.outbound.push_tick(t) {
+        match self.outbound.push_tick_after(t, skipped) {
             Pushed::Queued => false,
             Pushed::Conflated | Pushed::OverBudget => {
                 if self.slow_since_ms.is_none() {

@@ -774,7 +774,8 @@ impl<I: ConnIo> ShardCore<I> {
                 let mut owed = last_seq;
                 match (start.since, first) {
                     (Some(since), Some(t)) if t.prime => {
-                        let replay = hub.replay(id, since, t).unwrap_or(Replay::Nothing);
+                        let budget = s.outbound_room();
+                        let replay = hub.replay(id, since, t, budget).unwrap_or(Replay::Nothing);
                         if queue_replay(s, replay, now, &self.shared.metrics) {
                             refile_session(wheel, c, widx);
                         }
@@ -855,7 +856,12 @@ impl<I: ConnIo> ShardCore<I> {
                         .name(*id)
                         .and_then(|n| since.get(&*n).copied()),
                 };
-                let Some(base) = self.shared.hub.subscribe(self.id, *id, list.is_empty(), since_of) else {
+                let budget = session.outbound_room();
+                let Some(base) =
+                    self.shared
+                        .hub
+                        .subscribe(self.id, *id, list.is_empty(), since_of.map(|q| (q, budget)))
+                else {
                     retired.push(*id);
                     continue;
                 };
@@ -1152,13 +1158,15 @@ pub const DRAIN_REASON_CLUSTER: &str = "server draining: reconnect with since";
 /// started a slow-consumer episode (the session's deadline may be earlier: re-file it).
 fn queue_replay(s: &mut Session, replay: Replay, now: u64, metrics: &crate::metrics::Metrics) -> bool {
     match replay {
-        Replay::Ticks(ticks) => {
+        Replay::Ticks { ticks, skipped } => {
             let mut slow = false;
             let conflated_before = s.conflated_total();
-            for t in &ticks {
-                slow |= s.push_tick(t, now);
+            let n = ticks.len();
+            for (i, t) in ticks.iter().enumerate() {
+                let left_out = if i + 1 == n { skipped } else { 0 };
+                slow |= s.push_tick_after(t, left_out, now);
             }
-            metrics.replayed.fetch_add(ticks.len() as u64, Relaxed);
+            metrics.replayed.fetch_add(n as u64 + skipped, Relaxed);
             let conflated = s.conflated_total() - conflated_before;
             if conflated > 0 {
                 metrics.conflated.fetch_add(conflated, Relaxed);

@@ -42,8 +42,15 @@ impl HistoryLimits {
 /// What a subscriber with `since` gets, decided under the symbol's lock.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replay {
-    /// Every tick after `since` up to the baseline, in `seq` order, contiguous.
-    Ticks(Vec<Arc<SharedTick>>),
+    /// Every tick after `since` up to the baseline, in `seq` order, contiguous; or, when
+    /// their frames exceed the connection's queue budget, as many as fit and then the
+    /// newest, with `skipped` the ticks left out right before it (what the queue would
+    /// have conflated anyway, without the work of queuing each: a client cannot make the
+    /// shard clone and queue a whole history per symbol and message).
+    Ticks {
+        ticks: Vec<Arc<SharedTick>>,
+        skipped: u64,
+    },
     /// The history does not reach back to `since + 1` (or `since` is ahead of the symbol:
     /// the server's order restarted): the newest tick, to be sent as a `snapshot` with
     /// `"reset":true`.
@@ -144,7 +151,8 @@ impl History {
     /// What a subscriber that processed `since` is owed so that the live stream can take
     /// over after `upto` (the subscription's baseline): the ticks `since + 1 ..= upto`
     /// when every one of them is held and younger than the age at `now_ns`, else a reset
-    /// to `newest` (the tick with `seq == upto`).
+    /// to `newest` (the tick with `seq == upto`). `budget`: the bytes of frames worth
+    /// queuing (the connection's outbound bound); past it, only the newest follows.
     pub fn replay(
         &self,
         since: u64,
@@ -152,6 +160,7 @@ impl History {
         newest: Option<&Arc<SharedTick>>,
         now_ns: u64,
         age_ns: u64,
+        budget: usize,
     ) -> Replay {
         let Some(newest) = newest.filter(|_| upto > 0) else {
             return Replay::Nothing;
@@ -173,7 +182,25 @@ impl History {
         if !complete {
             return Replay::Reset(newest.clone());
         }
-        Replay::Ticks(self.ring.range(from..to).cloned().collect())
+        let mut ticks = Vec::new();
+        let mut bytes = 0usize;
+        for t in self.ring.range(from..to) {
+            bytes = bytes.saturating_add(t.frame.len());
+            if bytes > budget {
+                break;
+            }
+            ticks.push(t.clone());
+        }
+        let skipped = (to - from - ticks.len()) as u64;
+        if skipped > 0 {
+            // The newest stands for what did not fit.
+            ticks.push(newest.clone());
+            return Replay::Ticks {
+                ticks,
+                skipped: skipped - 1,
+            };
+        }
+        Replay::Ticks { ticks, skipped: 0 }
     }
 }
 
@@ -208,8 +235,8 @@ mod tests {
 
     fn seqs(r: &Replay) -> Vec<u64> {
         match r {
-            Replay::Ticks(v) => v.iter().map(|t| t.seq).collect(),
-            other => panic!("not a replay: {other:?}"),
+            Replay::Ticks { ticks, skipped: 0 } => ticks.iter().map(|t| t.seq).collect(),
+            other => panic!("not a whole replay: {other:?}"),
         }
     }
 
@@ -241,8 +268,14 @@ mod tests {
             x
         }
         fn replay(&self, since: u64, now_ms: u64) -> Replay {
-            self.h
-                .replay(since, self.seq, self.last.as_ref(), now_ms * MS, self.lim.age_ns)
+            self.h.replay(
+                since,
+                self.seq,
+                self.last.as_ref(),
+                now_ms * MS,
+                self.lim.age_ns,
+                usize::MAX,
+            )
         }
     }
 
@@ -325,6 +358,37 @@ mod tests {
         assert_eq!(s.h.oldest_seq(), Some(11));
     }
 
+    /// A replay bigger than the connection's queue budget: the ticks that fit, then the
+    /// newest standing for the rest (`skipped`), so the work is bounded by the budget.
+    #[test]
+    fn a_replay_past_the_queue_budget_is_cut_to_what_fits_and_the_newest() {
+        let mut s = Sym::new(lim(1000));
+        for i in 0..1000 {
+            s.tick(i);
+        }
+        let one = s.h.ring[0].frame.len();
+        let r =
+            s.h.replay(0, 1000, s.last.as_ref(), 0, u64::MAX, one * 10 + one / 2);
+        let Replay::Ticks { ticks, skipped } = r else {
+            panic!("{r:?}")
+        };
+        let got: Vec<u64> = ticks.iter().map(|t| t.seq).collect();
+        let n = got.len();
+        assert!((9..=11).contains(&n), "{n}");
+        assert_eq!(got[..n - 1], (1..n as u64).collect::<Vec<_>>()[..]);
+        assert_eq!(got[n - 1], 1000);
+        // Every tick accounted for: the listed ones plus the skipped.
+        assert_eq!(n as u64 + skipped, 1000);
+        // No room at all: the newest alone, standing for all the others.
+        let r = s.h.replay(0, 1000, s.last.as_ref(), 0, u64::MAX, 0);
+        assert!(
+            matches!(r, Replay::Ticks { ref ticks, skipped: 999 } if ticks.len() == 1 && ticks[0].seq == 1000)
+        );
+        // Within the budget: all of them, nothing skipped.
+        let r = s.h.replay(990, 1000, s.last.as_ref(), 0, u64::MAX, one * 100);
+        assert_eq!(seqs(&r), (991..=1000).collect::<Vec<_>>());
+    }
+
     #[test]
     fn off_keeps_nothing_and_old_or_equal_seq_is_ignored() {
         let mut h = History::default();
@@ -349,7 +413,7 @@ mod tests {
             h.push(t(seq, 0), &l, 0);
         }
         let newest = t(8, 0);
-        let r = |since| h.replay(since, 8, Some(&newest), 0, l.age_ns);
+        let r = |since| h.replay(since, 8, Some(&newest), 0, l.age_ns, usize::MAX);
         assert_eq!(seqs(&r(6)), vec![7, 8]);
         assert!(matches!(r(2), Replay::Reset(_)));
         assert!(matches!(r(4), Replay::Reset(_)));
@@ -379,7 +443,7 @@ mod tests {
                     }
                     let since = since.min(before);
                     let mut got: Vec<u64> = match replay {
-                        Replay::Ticks(v) => v.iter().map(|t| t.seq).collect(),
+                        Replay::Ticks { ticks, .. } => ticks.iter().map(|t| t.seq).collect(),
                         Replay::Reset(n) => {
                             assert!(since + (depth as u64) < before, "reset only when out of reach");
                             assert_eq!(n.seq, baseline);

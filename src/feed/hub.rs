@@ -250,7 +250,8 @@ impl Hub {
     /// The replay owed to a subscriber of `id` that processed `since`, up to `head` (the
     /// tick its live stream starts after), or `None` when the symbol is not live. For a
     /// connection activated by a bus head ([`SharedTick::prime`]) after waiting.
-    pub fn replay(&self, id: SymbolId, since: u64, head: &Arc<SharedTick>) -> Option<Replay> {
+    /// `budget`: the subscriber's outbound bound in bytes ([`History::replay`]).
+    pub fn replay(&self, id: SymbolId, since: u64, head: &Arc<SharedTick>, budget: usize) -> Option<Replay> {
         let (_, _, st) = self.lock_live(id, false)?;
         Some(st.history.replay(
             since,
@@ -258,6 +259,7 @@ impl Hub {
             Some(head),
             crate::metrics::mono_ns(),
             self.history_limits.age_ns,
+            budget,
         ))
     }
 
@@ -604,25 +606,27 @@ impl Hub {
     /// A shard subscribes a connection. `first_on_shard` sets the shard's bit. `None`:
     /// the symbol was retired since the connection looked it up (it must wait for the name
     /// instead).
-    /// With `since` the baseline comes with the [`Replay`] of the ticks after it.
+    /// With `since` the baseline comes with the [`Replay`] of the ticks after it, cut to
+    /// `budget` bytes of frames (the subscriber's outbound bound, [`History::replay`]).
     pub fn subscribe(
         &self,
         shard: usize,
         id: SymbolId,
         first_on_shard: bool,
-        since: Option<u64>,
+        since: Option<(u64, usize)>,
     ) -> Option<Baseline> {
         let (_, _, mut st) = self.lock_live(id, false)?;
         if first_on_shard && shard < 64 {
             st.shard_mask |= 1 << shard;
         }
-        let replay = since.map(|since| {
+        let replay = since.map(|(since, budget)| {
             st.history.replay(
                 since,
                 st.seq,
                 st.last.as_ref(),
                 crate::metrics::mono_ns(),
                 self.history_limits.age_ns,
+                budget,
             )
         });
         Some(Baseline {

@@ -365,6 +365,44 @@ impl OutboundQueue {
         }
     }
 
+    /// Queues `t` as standing for `skipped` ticks of its symbol left out right before it
+    /// (a replay cut to the budget): as if those ticks had been pushed and conflated, the
+    /// queue goes into conflation mode and `t` goes out with `skipped` counting them.
+    pub fn push_tick_after(&mut self, t: &Arc<SharedTick>, skipped: u64) -> Pushed {
+        if skipped == 0 {
+            return self.push_tick(t);
+        }
+        let entered = !self.conflating;
+        self.conflating = true;
+        let len = t.frame.len();
+        let c = self.conflated.get_or_insert_with(Box::default);
+        match c.slots.get_mut(&t.symbol) {
+            Some(slot) => {
+                self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
+                slot.tick = Arc::clone(t);
+                slot.skipped += skipped + 1;
+                self.conflated_total += skipped + 1;
+            }
+            None => {
+                self.queued_bytes += len;
+                c.slots.insert(
+                    t.symbol,
+                    Slot {
+                        tick: Arc::clone(t),
+                        skipped,
+                    },
+                );
+                c.order.push_back(t.symbol);
+                self.conflated_total += skipped;
+            }
+        }
+        if entered {
+            Pushed::OverBudget
+        } else {
+            Pushed::Conflated
+        }
+    }
+
     /// Moves whole frames, FIFO first then conflated ticks, into `out` until `max` bytes
     /// would be exceeded; returns the bytes appended. A first frame larger than `max` is
     /// still moved, so a small `max` cannot stall the queue.
@@ -869,6 +907,50 @@ mod tests {
                 if sm.pushed_in_epoch > 0 {
                     prop_assert_eq!(sm.last_delivered, sm.next_seq - 1, "newest not delivered");
                 }
+            }
+        }
+    }
+
+    /// A tick standing for `skipped` left-out ones is what pushing those and it one by one
+    /// into a conflating queue gives: same frames out, same `skipped`, same counters.
+    #[test]
+    fn push_tick_after_is_pushing_the_left_out_ticks_one_by_one() {
+        let name: Arc<str> = Arc::from("A");
+        let t = |seq| {
+            Arc::new(SharedTick::new(
+                SymbolId(1),
+                name.clone(),
+                seq,
+                Tick {
+                    ts: seq,
+                    bid: 1.0,
+                    ask: 2.0,
+                    last: 1.5,
+                    qty: 1.0,
+                },
+            ))
+        };
+        for pre in [0u64, 3] {
+            for skipped in [1u64, 5] {
+                let mut one_by_one = OutboundQueue::new(4096);
+                let mut at_once = OutboundQueue::new(4096);
+                for q in [&mut one_by_one, &mut at_once] {
+                    for s in 1..=pre {
+                        q.push_tick(&t(s));
+                    }
+                }
+                for s in pre + 1..=pre + skipped {
+                    // Past the bound: these conflate.
+                    one_by_one.conflating = true;
+                    one_by_one.push_tick(&t(s));
+                }
+                one_by_one.push_tick(&t(pre + skipped + 1));
+                at_once.push_tick_after(&t(pre + skipped + 1), skipped);
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                one_by_one.drain_into(&mut a, usize::MAX);
+                at_once.drain_into(&mut b, usize::MAX);
+                assert_eq!(a, b, "pre {pre} skipped {skipped}");
+                assert_eq!(one_by_one.conflated_total(), at_once.conflated_total());
             }
         }
     }
