@@ -800,24 +800,37 @@ async fn want(bus: &Arc<Bus>, subs: &mut HashMap<Box<str>, Delivery>, name: Box<
     // Live ticks are subscribed to first and held in the subscription while the history
     // (or the head) is read, then delivered: a tick appended in between is at worst seen
     // twice (the hub keeps the newer), never missed, and the history reaches the hub
-    // before any live tick, so a `since` is replayed up to the head, then goes live.
-    let subject = bus.subjects.ordered(&name);
+    // before any live tick, so a `since` is replayed up to the head, then goes live. One
+    // task per symbol does both, so a client subscribing to many symbols at once has
+    // their histories read side by side, not one after the other.
+    let task = tokio::spawn({
+        let (bus, name) = (bus.clone(), name.clone());
+        async move {
+            take_head(&bus, &name).await;
+            deliver(bus, name, sub).await;
+        }
+    });
+    subs.insert(name, Delivery { task });
+}
+
+/// What this node starts a symbol from: the stream's history of it (kept as the symbol's
+/// history, its newest as the head), or just the head when there is no recent history.
+async fn take_head(bus: &Bus, name: &str) {
+    let subject = bus.subjects.ordered(name);
     let held = match bus.shared.cfg.feed.history {
         0 => Vec::new(),
-        _ => history(bus, &subject, &name).await.unwrap_or_default(),
+        _ => history(bus, &subject, name).await.unwrap_or_default(),
     };
     if !held.is_empty() {
-        bus.shared.hub.backfill(&name, &held);
+        bus.shared.hub.backfill(name, &held);
         bus.shared
             .bus
             .metrics
             .backfilled
             .fetch_add(held.len() as u64, Ordering::Relaxed);
     } else if let Ok(Some((h, Some(tick)))) = newest(bus, &subject).await {
-        bus.shared.hub.ingest_ordered(&name, h.seq, &tick, true);
+        bus.shared.hub.ingest_ordered(name, h.seq, &tick, true);
     }
-    let task = tokio::spawn(deliver(bus.clone(), name.clone(), sub));
-    subs.insert(name, Delivery { task });
 }
 
 fn unix_ns_now() -> i128 {
