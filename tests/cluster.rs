@@ -702,7 +702,11 @@ async fn racing_publishes_on_two_nodes_never_share_a_seq() {
         .iter()
         .map(|s| s.handle.shared.bus.metrics.conflicts.load(Ordering::Relaxed))
         .sum();
-    eprintln!("append conflicts resolved: {conflicts}");
+    let reordered: u64 = [&a, &b]
+        .iter()
+        .map(|s| s.handle.shared.bus.metrics.reordered.load(Ordering::Relaxed))
+        .sum();
+    eprintln!("append conflicts resolved: {conflicts}; ticks put back in order: {reordered}");
 }
 
 /// PROTOCOL.md 10 across nodes: the feed keeps publishing through NATS while a client's

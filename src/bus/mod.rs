@@ -613,6 +613,151 @@ impl Link {
     }
 }
 
+/// Puts one symbol's ordered ticks back in `seq` order when the bus hands them over out of
+/// order (NATS 2.9's republish can swap two messages stored back to back by different
+/// connections): a tick ahead of the next expected `seq` is held until the missing ones
+/// arrive, for at most `wait_ms` and `max` ticks; then everything held goes out in order
+/// and what is still missing stays a gap (`skipped` for subscribers). Sans-IO: the caller
+/// passes `now_ms` and sleeps until [`Self::deadline`].
+pub struct Reorder<T> {
+    /// The newest `seq` handed out (0: none yet; the first tick sets it).
+    last: u64,
+    held: std::collections::BTreeMap<u64, T>,
+    /// When the oldest held tick arrived.
+    since_ms: Option<u64>,
+    max: usize,
+    wait_ms: u64,
+}
+
+impl<T> Reorder<T> {
+    pub fn new(last: u64, max: usize, wait_ms: u64) -> Self {
+        Reorder {
+            last,
+            held: std::collections::BTreeMap::new(),
+            since_ms: None,
+            max: max.max(1),
+            wait_ms,
+        }
+    }
+
+    /// Ticks held, waiting for an earlier one.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Takes a tick; appends to `out`, in order, what can be handed out now (a tick at or
+    /// below what was handed out is passed through: the hub drops it as stale). True when
+    /// this tick was held.
+    pub fn push(&mut self, seq: u64, item: T, now_ms: u64, out: &mut Vec<(u64, T)>) -> bool {
+        if self.last != 0 && seq > self.last.saturating_add(1) {
+            if self.held.insert(seq, item).is_none() && self.since_ms.is_none() {
+                self.since_ms = Some(now_ms);
+            }
+            if self.held.len() > self.max {
+                self.flush(out);
+            }
+            return true;
+        }
+        out.push((seq, item));
+        if seq > self.last {
+            self.last = seq;
+            self.drain_contiguous(out);
+        }
+        false
+    }
+
+    fn drain_contiguous(&mut self, out: &mut Vec<(u64, T)>) {
+        while let Some(e) = self.held.first_entry() {
+            if *e.key() > self.last.saturating_add(1) {
+                break;
+            }
+            let (seq, item) = e.remove_entry();
+            if seq > self.last {
+                self.last = seq;
+            }
+            out.push((seq, item));
+        }
+        if self.held.is_empty() {
+            self.since_ms = None;
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<(u64, T)>) {
+        for (seq, item) in std::mem::take(&mut self.held) {
+            self.last = self.last.max(seq);
+            out.push((seq, item));
+        }
+        self.since_ms = None;
+    }
+
+    /// When the held ticks stop waiting, if any are held.
+    pub fn deadline(&self) -> Option<u64> {
+        self.since_ms.map(|t| t.saturating_add(self.wait_ms))
+    }
+
+    /// Past the deadline: hands out everything held, in order (the missing ones are lost).
+    pub fn expire(&mut self, now_ms: u64, out: &mut Vec<(u64, T)>) {
+        if self.deadline().is_some_and(|d| now_ms >= d) {
+            self.flush(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod reorder_tests {
+    use super::Reorder;
+
+    fn seqs(v: &[(u64, char)]) -> Vec<u64> {
+        v.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn swapped_ticks_go_out_in_order_and_a_real_gap_waits_only_so_long() {
+        let mut r = Reorder::new(10, 8, 20);
+        let mut out = Vec::new();
+        assert!(!r.push(11, 'a', 0, &mut out));
+        // 13 before 12: held until 12 comes.
+        assert!(r.push(13, 'c', 1, &mut out));
+        assert_eq!(seqs(&out), vec![11]);
+        assert_eq!(r.deadline(), Some(21));
+        r.push(12, 'b', 2, &mut out);
+        assert_eq!(seqs(&out), vec![11, 12, 13]);
+        assert_eq!(r.deadline(), None);
+        // A stale one passes through (the hub drops it).
+        r.push(12, 'x', 3, &mut out);
+        assert_eq!(seqs(&out), vec![11, 12, 13, 12]);
+        // 14 never comes: 15 and 16 wait 20 ms, then go out.
+        out.clear();
+        r.push(15, 'e', 10, &mut out);
+        r.push(16, 'f', 15, &mut out);
+        r.expire(29, &mut out);
+        assert!(out.is_empty());
+        r.expire(30, &mut out);
+        assert_eq!(seqs(&out), vec![15, 16]);
+        out.clear();
+        r.push(17, 'g', 31, &mut out);
+        assert_eq!(seqs(&out), vec![17]);
+    }
+
+    #[test]
+    fn held_ticks_are_bounded_and_the_first_tick_sets_the_start() {
+        let mut r = Reorder::new(0, 3, 1_000);
+        let mut out = Vec::new();
+        r.push(41, 'a', 0, &mut out);
+        assert_eq!(seqs(&out), vec![41]);
+        out.clear();
+        for s in [43, 44, 45] {
+            assert!(r.push(s, 'x', 0, &mut out));
+        }
+        assert!(out.is_empty());
+        assert_eq!(r.held(), 3);
+        // One more than the bound: everything held goes out, in order.
+        r.push(46, 'y', 0, &mut out);
+        assert_eq!(seqs(&out), vec![43, 44, 45, 46]);
+        assert_eq!(r.held(), 0);
+    }
+}
+
 /// The bus's counters for `/metrics` (rendered only with `[cluster]`).
 #[derive(Default)]
 pub struct BusMetrics {
@@ -627,6 +772,9 @@ pub struct BusMetrics {
     pub received: AtomicU64,
     /// Ordered ticks at or below the newest `seq` already delivered (duplicates).
     pub stale: AtomicU64,
+    /// Ordered ticks that arrived ahead of an earlier one and were held to restore the
+    /// order ([`Reorder`]).
+    pub reordered: AtomicU64,
     /// Symbols this node holds a bus subscription for.
     pub subscriptions: AtomicU64,
     /// Ticks read back from the stream's history when taking interest in a symbol
@@ -710,6 +858,7 @@ impl BusMetrics {
         for (name, kind, v) in [
             ("tickgate_bus_received_total", "counter", &self.received),
             ("tickgate_bus_stale_total", "counter", &self.stale),
+            ("tickgate_bus_reordered_total", "counter", &self.reordered),
             ("tickgate_bus_subscriptions", "gauge", &self.subscriptions),
             ("tickgate_bus_backfilled_ticks_total", "counter", &self.backfilled),
             ("tickgate_bus_slow_consumer_total", "counter", &self.slow_consumer),

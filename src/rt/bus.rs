@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::auth::revocation::RevokeTarget;
 use crate::bus::{
     Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, REVOKED_AT_HEADER, Reject,
-    SEQ_HEADER, Sequencer, Subjects, TicketOp, backoff, encode_revocation, encode_tick_payload,
+    Reorder, SEQ_HEADER, Sequencer, Subjects, TicketOp, backoff, encode_revocation, encode_tick_payload,
     parse_revocation, parse_seq, parse_tick_payload,
 };
 use crate::config::ClusterConfig;
@@ -937,7 +937,24 @@ async fn wake_shards(bus: Arc<Bus>) {
 async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber) {
     let mut scratch = Vec::with_capacity(crate::bus::MAX_INGEST_BYTES);
     let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
-    while let Some(msg) = sub.next().await {
+    let mut order = Reorder::new(bus.shared.hub.seq_of(&name), REORDER_MAX, REORDER_WAIT_MS);
+    let mut ready: Vec<(u64, Tick)> = Vec::new();
+    loop {
+        let msg = match order.deadline() {
+            None => sub.next().await,
+            Some(at) => {
+                let left = at.saturating_sub(bus.shared.now_ms());
+                tokio::select! {
+                    m = sub.next() => m,
+                    _ = tokio::time::sleep(Duration::from_millis(left)) => {
+                        order.expire(bus.shared.now_ms(), &mut ready);
+                        hand_over(&bus, &name, &mut ready);
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(msg) = msg else { break };
         let m = &bus.shared.bus.metrics;
         let seq = parse_seq(
             msg.headers
@@ -951,26 +968,42 @@ async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber)
         match r {
             Ok((seq, tick)) => {
                 m.received.fetch_add(1, Ordering::Relaxed);
-                let mut wake = 0;
-                let ingested = bus
-                    .shared
-                    .hub
-                    .ingest_ordered_deferred(&name, seq, &tick, false, &mut wake);
-                if wake != 0 && bus.to_wake.fetch_or(wake, Ordering::AcqRel) == 0 {
-                    bus.wake_batch.notify_one();
+                if order.push(seq, tick, bus.shared.now_ms(), &mut ready) {
+                    m.reordered.fetch_add(1, Ordering::Relaxed);
                 }
-                match ingested {
-                    Ingested::Accepted => {
-                        bus.shared.metrics.ticks_in.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ingested::Stale => {
-                        m.stale.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ingested::TableFull => m.reject(Reject::TableFull),
-                    Ingested::NoInterest => {}
-                }
+                hand_over(&bus, &name, &mut ready);
             }
             Err(why) => m.reject(why),
+        }
+    }
+}
+
+/// Ordered ticks of one symbol held at most this long for an earlier one ([`Reorder`]).
+const REORDER_WAIT_MS: u64 = 20;
+/// And at most this many.
+const REORDER_MAX: usize = 1024;
+
+/// Ticks of `name` in `seq` order into the hub; the shards are woken once per batch.
+fn hand_over(bus: &Bus, name: &str, ready: &mut Vec<(u64, Tick)>) {
+    let m = &bus.shared.bus.metrics;
+    for (seq, tick) in ready.drain(..) {
+        let mut wake = 0;
+        let ingested = bus
+            .shared
+            .hub
+            .ingest_ordered_deferred(name, seq, &tick, false, &mut wake);
+        if wake != 0 && bus.to_wake.fetch_or(wake, Ordering::AcqRel) == 0 {
+            bus.wake_batch.notify_one();
+        }
+        match ingested {
+            Ingested::Accepted => {
+                bus.shared.metrics.ticks_in.fetch_add(1, Ordering::Relaxed);
+            }
+            Ingested::Stale => {
+                m.stale.fetch_add(1, Ordering::Relaxed);
+            }
+            Ingested::TableFull => m.reject(Reject::TableFull),
+            Ingested::NoInterest => {}
         }
     }
 }
