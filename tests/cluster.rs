@@ -709,6 +709,26 @@ async fn racing_publishes_on_two_nodes_never_share_a_seq() {
     eprintln!("append conflicts resolved: {conflicts}; ticks put back in order: {reordered}");
 }
 
+/// A feed handler publishing ticks 1..=n of `sym` on `<p>.in.<sym>`, pausing `pause_ms`
+/// every ten.
+fn feed(nats: &Nats, p: &str, sym: &'static str, n: u64, pause_ms: u64) -> tokio::task::JoinHandle<()> {
+    let url = nats.url();
+    let subject = format!("{p}.in.{sym}");
+    tokio::spawn(async move {
+        let feed = async_nats::connect(url).await.unwrap();
+        for k in 1..=n {
+            feed.publish(subject.clone(), tick(sym, k).to_string().into())
+                .await
+                .unwrap();
+            if k % 10 == 0 {
+                feed.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            }
+        }
+        feed.flush().await.unwrap();
+    })
+}
+
 /// PROTOCOL.md 10 across nodes: the feed keeps publishing through NATS while a client's
 /// node drains; its `1001` says to reconnect with `since`, and on the other node (which
 /// never had the symbol: it reads the cluster's history from the stream) the client gets
@@ -729,20 +749,7 @@ async fn a_client_of_a_draining_node_resumes_on_the_other_with_since_and_misses_
     let sym = "RR-SYM";
     let mut sa = subscribe(&a, sym, false).await;
     leader(&[&a, &b]).await;
-    let feed = async_nats::connect(nats.url()).await.unwrap();
-    let subject = format!("{p}.in.{sym}");
-    let feeder = tokio::spawn(async move {
-        for n in 1..=N {
-            feed.publish(subject.clone(), tick(sym, n).to_string().into())
-                .await
-                .unwrap();
-            if n % 10 == 0 {
-                feed.flush().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        feed.flush().await.unwrap();
-    });
+    let feeder = feed(&nats, &p, sym, N, 5);
     let mut got = Vec::new();
     while got.len() < 50 {
         got.push(next_tick(&mut sa).await.0);
@@ -836,20 +843,7 @@ async fn the_demo_client_resumes_on_another_node_with_since() {
     });
     let (_, out) = lines.await.unwrap();
     leader(&[&a, &b]).await;
-    let feed = async_nats::connect(nats.url()).await.unwrap();
-    let subject = format!("{p}.in.{sym}");
-    let feeder = tokio::spawn(async move {
-        for n in 1..=N {
-            feed.publish(subject.clone(), tick(sym, n).to_string().into())
-                .await
-                .unwrap();
-            if n % 10 == 0 {
-                feed.flush().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        feed.flush().await.unwrap();
-    });
+    let feeder = feed(&nats, &p, sym, N, 10);
     let seqs = tokio::task::spawn_blocking(move || {
         let mut seqs = Vec::new();
         let mut drained = false;

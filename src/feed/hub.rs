@@ -344,13 +344,9 @@ impl Hub {
         head: bool,
         wake: &mut u64,
     ) -> Ingested {
-        let id = match self.symbols.lookup(name) {
-            Some(id) => id,
-            None if self.symbols.is_waited(name) => match self.symbols.intern(name) {
-                Ok(id) => id,
-                Err(_) => return Ingested::TableFull,
-            },
-            None => return Ingested::NoInterest,
+        let id = match self.bus_symbol(name) {
+            Ok(id) => id,
+            Err(r) => return r,
         };
         let Some((id, name, mut st)) = self.lock_live(id, true) else {
             return Ingested::TableFull;
@@ -385,6 +381,18 @@ impl Hub {
         Ingested::Accepted
     }
 
+    /// The symbol a tick from the bus is for: one that exists, or one a shard waits for
+    /// (created now); else why it is not taken.
+    fn bus_symbol(&self, name: &str) -> Result<SymbolId, Ingested> {
+        match self.symbols.lookup(name) {
+            Some(id) => Ok(id),
+            None if self.symbols.is_waited(name) => {
+                self.symbols.intern(name).map_err(|_| Ingested::TableFull)
+            }
+            None => Err(Ingested::NoInterest),
+        }
+    }
+
     /// `[cluster]`: what the bus's stream still holds of a symbol this node just took
     /// interest in, oldest first, each with its `seq` and how long ago (ns) the bus took
     /// it. Kept as the symbol's history (so `since` reaches back as far as the cluster's
@@ -395,13 +403,9 @@ impl Hub {
         let Some(&(last_seq, ref last_tick, _)) = ticks.last() else {
             return Ingested::Stale;
         };
-        let id = match self.symbols.lookup(name) {
-            Some(id) => id,
-            None if self.symbols.is_waited(name) => match self.symbols.intern(name) {
-                Ok(id) => id,
-                Err(_) => return Ingested::TableFull,
-            },
-            None => return Ingested::NoInterest,
+        let id = match self.bus_symbol(name) {
+            Ok(id) => id,
+            Err(r) => return r,
         };
         let Some((id, arc_name, mut st)) = self.lock_live(id, true) else {
             return Ingested::TableFull;

@@ -336,33 +336,7 @@ impl OutboundQueue {
             self.fifo.push_back(Entry::Tick(Arc::clone(t)));
             return Pushed::Queued;
         }
-        let entered = !self.conflating;
-        self.conflating = true;
-        let c = self.conflated.get_or_insert_with(Box::default);
-        match c.slots.get_mut(&t.symbol) {
-            Some(slot) => {
-                self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
-                slot.tick = Arc::clone(t);
-                slot.skipped += 1;
-                self.conflated_total += 1;
-            }
-            None => {
-                self.queued_bytes += len;
-                c.slots.insert(
-                    t.symbol,
-                    Slot {
-                        tick: Arc::clone(t),
-                        skipped: 0,
-                    },
-                );
-                c.order.push_back(t.symbol);
-            }
-        }
-        if entered {
-            Pushed::OverBudget
-        } else {
-            Pushed::Conflated
-        }
+        self.conflate(t, 0)
     }
 
     /// Queues `t` as standing for `skipped` ticks of its symbol left out right before it
@@ -372,16 +346,22 @@ impl OutboundQueue {
         if skipped == 0 {
             return self.push_tick(t);
         }
+        self.conflate(t, skipped)
+    }
+
+    /// `t` into the conflation map, replacing its symbol's entry (which then counts as
+    /// left out), after `left_out` ticks of the symbol that never reached the queue.
+    fn conflate(&mut self, t: &Arc<SharedTick>, left_out: u64) -> Pushed {
+        let len = t.frame.len();
         let entered = !self.conflating;
         self.conflating = true;
-        let len = t.frame.len();
         let c = self.conflated.get_or_insert_with(Box::default);
         match c.slots.get_mut(&t.symbol) {
             Some(slot) => {
                 self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
                 slot.tick = Arc::clone(t);
-                slot.skipped += skipped + 1;
-                self.conflated_total += skipped + 1;
+                slot.skipped += left_out + 1;
+                self.conflated_total += left_out + 1;
             }
             None => {
                 self.queued_bytes += len;
@@ -389,11 +369,11 @@ impl OutboundQueue {
                     t.symbol,
                     Slot {
                         tick: Arc::clone(t),
-                        skipped,
+                        skipped: left_out,
                     },
                 );
                 c.order.push_back(t.symbol);
-                self.conflated_total += skipped;
+                self.conflated_total += left_out;
             }
         }
         if entered {
