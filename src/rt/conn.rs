@@ -429,6 +429,7 @@ fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
         .handle_bytes(ctx.now_ms(), idx, data, &mut partial, &verifier);
     conn.borrow_mut().io.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
     carry_out(ctx);
+    crate::rt::shard::dispatch_waiting(ctx);
 }
 
 /// Output is queued for connection `idx` (or it must end): start its writer unless one
