@@ -101,7 +101,7 @@ pub struct FanoutArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PubPriority {
+pub(crate) enum PubPriority {
     Fifo,
     Nice,
     Normal,
@@ -155,18 +155,38 @@ struct Counters {
     reauth_fail: AtomicU64,
 }
 
-struct Shared {
-    t0: AtomicU64,
-    t1: AtomicU64,
+/// What the subscribers and the publisher share. `recover.rs` uses it for the publisher
+/// only (the window `[t0, t1)` and the publisher's lag).
+pub(crate) struct Shared {
+    pub(crate) t0: AtomicU64,
+    pub(crate) t1: AtomicU64,
     c: Counters,
     interval_ns: AtomicU64,
     co_correct: bool,
     deflate: bool,
     /// Bytes read by the subscribers in the measured window (frames as on the wire).
     wire_bytes: AtomicU64,
-    pub_max_lag_ns: AtomicU64,
+    pub(crate) pub_max_lag_ns: AtomicU64,
     hists: Vec<Mutex<Histogram<u64>>>,
     hs_hist: Mutex<Histogram<u64>>,
+}
+
+impl Shared {
+    /// No window yet (`t0` = `t1` = never).
+    pub(crate) fn new(co_correct: bool, deflate: bool) -> Shared {
+        Shared {
+            t0: AtomicU64::new(u64::MAX),
+            t1: AtomicU64::new(u64::MAX),
+            c: Counters::default(),
+            interval_ns: AtomicU64::new(0),
+            co_correct,
+            deflate,
+            wire_bytes: AtomicU64::new(0),
+            pub_max_lag_ns: AtomicU64::new(0),
+            hists: (0..NHIST).map(|_| Mutex::new(histogram())).collect(),
+            hs_hist: Mutex::new(histogram()),
+        }
+    }
 }
 
 pub fn main(a: FanoutArgs, reauth: bool) -> i32 {
@@ -222,18 +242,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         a.rates.clone()
     };
     let mode = if reauth { "reauth" } else { "fanout" };
-    let sh = Arc::new(Shared {
-        t0: AtomicU64::new(u64::MAX),
-        t1: AtomicU64::new(u64::MAX),
-        c: Counters::default(),
-        interval_ns: AtomicU64::new(0),
-        co_correct: a.co_correct,
-        deflate: a.deflate,
-        wire_bytes: AtomicU64::new(0),
-        pub_max_lag_ns: AtomicU64::new(0),
-        hists: (0..NHIST).map(|_| Mutex::new(histogram())).collect(),
-        hs_hist: Mutex::new(histogram()),
-    });
+    let sh = Arc::new(Shared::new(a.co_correct, a.deflate));
     let ttl = if reauth && a.common.ttl == 300 {
         20
     } else {
@@ -343,36 +352,20 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         let publ = if a.simulator {
             None
         } else {
-            // The publisher gets a thread and runtime of its own: on the subscribers'
-            // runtime its 1 ms timer waited behind thousands of ready reader tasks (up
-            // to 28 ms with 10,000 subscribers on one worker), and a late publisher
-            // stamps ticks with their due time, so the generator's own backlog was
-            // reported as server latency. The kernel wakes this thread promptly instead.
-            let (ctx, sh, names, stop) = (ctx.clone(), sh.clone(), names.clone(), stop.clone());
-            let batch_ms = a.batch_ms.max(1);
-            let prio = a.pub_priority;
-            let sched = sched.clone();
-            let nats = a.nats.clone().map(|u| (u, a.nats_prefix.clone()));
-            Some(tokio::task::spawn_blocking(move || {
-                let nice = current_nice();
-                let _ = sched.set(raise_priority(prio));
-                let r = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("publisher runtime: {e}"))
-                    .and_then(|rt| {
-                        rt.block_on(async {
-                            match nats {
-                                Some((url, prefix)) => {
-                                    nats_publisher(&url, &prefix, sh, names, rate, batch_ms, stop).await
-                                }
-                                None => publisher(ctx, sh, names, rate, batch_ms, stop, step).await,
-                            }
-                        })
-                    });
-                restore_priority(nice);
-                r
-            }))
+            Some(spawn_publisher(
+                PubSpec {
+                    ctx: ctx.clone(),
+                    sh: sh.clone(),
+                    names: names.clone(),
+                    rate,
+                    batch_ms: a.batch_ms,
+                    prio: a.pub_priority,
+                    nats: a.nats.clone().map(|u| (u, a.nats_prefix.clone())),
+                    step,
+                },
+                sched.clone(),
+                stop.clone(),
+            ))
         };
         tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
         let t0 = now_ns();
@@ -387,22 +380,10 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         let secs = (t1 - t0) as f64 / 1e9;
         stop.store(true, Relaxed);
         let pstats = match publ {
-            Some(mut p) => match tokio::time::timeout(Duration::from_secs(5), &mut p)
-                .await
-                .unwrap_or_else(|_| {
-                    p.abort();
-                    Ok(Err(
-                        "publisher did not stop within 5 s (server not reading?)".into()
-                    ))
-                }) {
-                Ok(Ok(s)) => Some(s),
-                Ok(Err(e)) => {
-                    eprintln!("loadgen: publisher: {e}");
-                    exit = 2;
-                    None
-                }
+            Some(p) => match join_publisher(p).await {
+                Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln!("loadgen: publisher task: {e}");
+                    eprintln!("loadgen: {e}");
                     exit = 2;
                     None
                 }
@@ -857,10 +838,76 @@ fn on_text(st: &mut Conn, p: &[u8], now: u64, t0: u64, t1: u64, c: &Counters) {
     }
 }
 
-struct PubStats {
-    window_counts: Vec<u64>,
-    acked: u64,
-    errors: u64,
+pub(crate) struct PubStats {
+    /// Ticks per symbol stamped within the window `[t0, t1)`.
+    pub(crate) window_counts: Vec<u64>,
+    pub(crate) acked: u64,
+    pub(crate) errors: u64,
+}
+
+/// What a publisher run needs: where, which symbols, how fast, and (for a cluster) the
+/// NATS URL and subject prefix instead of a WebSocket.
+pub(crate) struct PubSpec {
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) sh: Arc<Shared>,
+    pub(crate) names: Vec<String>,
+    pub(crate) rate: u64,
+    pub(crate) batch_ms: u64,
+    pub(crate) prio: PubPriority,
+    pub(crate) nats: Option<(String, String)>,
+    /// Names the publisher's token (one per step).
+    pub(crate) step: usize,
+}
+
+/// Starts the publisher, which runs until `stop`; `sched` records the priority that took
+/// effect.
+///
+/// The publisher gets a thread and runtime of its own: on the subscribers' runtime its 1 ms
+/// timer waited behind thousands of ready reader tasks (up to 28 ms with 10,000 subscribers
+/// on one worker), and a late publisher stamps ticks with their due time, so the
+/// generator's own backlog was reported as server latency. The kernel wakes this thread
+/// promptly instead.
+pub(crate) fn spawn_publisher(
+    p: PubSpec,
+    sched: Arc<std::sync::OnceLock<&'static str>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<PubStats, String>> {
+    let batch_ms = p.batch_ms.max(1);
+    tokio::task::spawn_blocking(move || {
+        let nice = current_nice();
+        let _ = sched.set(raise_priority(p.prio));
+        let r = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("publisher runtime: {e}"))
+            .and_then(|rt| {
+                rt.block_on(async {
+                    match p.nats {
+                        Some((url, prefix)) => {
+                            nats_publisher(&url, &prefix, p.sh, p.names, p.rate, batch_ms, stop).await
+                        }
+                        None => publisher(p.ctx, p.sh, p.names, p.rate, batch_ms, stop, p.step).await,
+                    }
+                })
+            });
+        restore_priority(nice);
+        r
+    })
+}
+
+/// A stopped publisher's figures, waiting at most 5 s for it to finish.
+pub(crate) async fn join_publisher(
+    mut p: tokio::task::JoinHandle<Result<PubStats, String>>,
+) -> Result<PubStats, String> {
+    match tokio::time::timeout(Duration::from_secs(5), &mut p).await {
+        Ok(Ok(Ok(s))) => Ok(s),
+        Ok(Ok(Err(e))) => Err(format!("publisher: {e}")),
+        Ok(Err(e)) => Err(format!("publisher task: {e}")),
+        Err(_) => {
+            p.abort();
+            Err("publisher: publisher did not stop within 5 s (server not reading?)".into())
+        }
+    }
 }
 
 /// The publisher: paced batches every `batch_ms`, the number of ticks due so far at `rate`,

@@ -1,10 +1,12 @@
 //! `loadgen`: the load generator for tickgate and the baseline (same wire protocol).
 //!
 //! Modes: `fanout` (end-to-end tick latency and delivery), `reauth` (fanout with short
-//! tokens refreshed in-band), `handshake` (authenticated upgrade storm, optional invalid-token
-//! flood), `idle` (memory per idle authenticated connection), `floor` (no server: the kernel's
-//! latency floor for the same fan-out on this machine), `abuse` (replays one of five
-//! denial-of-service attacks while a watcher measures the server's service to others).
+//! tokens refreshed in-band), `recover` (fanout while clients reconnect with `since`, or a
+//! reconnect storm; gaps and duplicates checked end to end, see `perf/recovery.sh`),
+//! `handshake` (authenticated upgrade storm, optional invalid-token flood), `idle` (memory
+//! per idle authenticated connection), `floor` (no server: the kernel's latency floor for
+//! the same fan-out on this machine), `abuse` (replays one of five denial-of-service
+//! attacks while a watcher measures the server's service to others).
 //! Loopback only, every mode bounded in count and time. See `perf/compare.sh` for the
 //! scenarios of issue 6.
 //!
@@ -50,6 +52,7 @@ mod handshake;
 mod idle;
 mod lean;
 mod plot;
+mod recover;
 
 use clap::{Parser, Subcommand};
 
@@ -76,6 +79,10 @@ enum Mode {
     /// Replays a denial-of-service attack (head, pings, silent, admin, symbols) while a
     /// watcher from a second loopback address measures whether others are still served.
     Abuse(abuse::AbuseArgs),
+    /// Recovery on reconnect (`since`, issue 19): fanout's load while a share of the
+    /// subscribers reconnects with `since`, and/or a storm of clients subscribing with
+    /// `since` far back; every client checks its `seq`s end to end (details in recover.rs).
+    Recover(recover::RecoverArgs),
     /// Draws saved histograms (`--save-hist`) on one latency-by-percentile SVG plot.
     Plot(plot::PlotArgs),
 }
@@ -91,6 +98,7 @@ fn main() {
         Mode::Idle(a) => idle::main(a),
         Mode::Floor(a) => floor::main(a),
         Mode::Abuse(a) => abuse::main(a),
+        Mode::Recover(a) => recover::main(a),
         Mode::Plot(a) => plot::main(a),
     };
     std::process::exit(code);
