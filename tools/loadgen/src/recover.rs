@@ -360,7 +360,7 @@ impl Client {
         m
     }
 
-    /// A storm client has every tick it was owed.
+    /// A storm client has every tick it was owed (with `subscribed`, it is served).
     fn caught_up(&self) -> bool {
         self.syms.iter().all(|s| s.last.is_some_and(|l| l >= s.head))
     }
@@ -583,7 +583,7 @@ async fn pump(
         if closed {
             return End::Lost;
         }
-        if cl.group == STORM && !cl.served && cl.caught_up() {
+        if cl.group == STORM && !cl.served && cl.subscribed_once && cl.caught_up() {
             cl.served = true;
             if let Some(t) = cl.storm_start {
                 env.storm_hist
