@@ -107,6 +107,9 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     if !leftover.is_empty() {
         let mut data = leftover;
         process(&ctx, &conn, idx, &mut data);
+    } else {
+        // A wave of upgrades (a reconnect storm) must not hold the live stream either.
+        crate::rt::shard::dispatch_waiting(&ctx);
     }
     // The reader is a task of its own: this future's state (the admission's locals keep
     // their storage until the end of the function, about 0.9 KiB) is freed here, and an
