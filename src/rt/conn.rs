@@ -109,7 +109,7 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         process(&ctx, &conn, idx, &mut data);
     } else {
         // A wave of upgrades (a reconnect storm) must not hold the live stream either.
-        crate::rt::shard::dispatch_waiting(&ctx);
+        dispatch_waiting(&ctx);
     }
     // The reader is a task of its own: this future's state (the admission's locals keep
     // their storage until the end of the function, about 0.9 KiB) is freed here, and an
@@ -432,7 +432,7 @@ fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
         .handle_bytes(ctx.now_ms(), idx, data, &mut partial, &verifier);
     conn.borrow_mut().io.rx_partial = (!partial.is_empty()).then(|| Box::new(partial));
     carry_out(ctx);
-    crate::rt::shard::dispatch_waiting(ctx);
+    dispatch_waiting(ctx);
 }
 
 /// Output is queued for connection `idx` (or it must end): start its writer unless one
@@ -551,6 +551,50 @@ pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
         }
     }
     *ctx.effects.borrow_mut() = effects;
+}
+
+/// One pass over the inbox: control messages, then up to [`DISPATCH_BUDGET`](crate::rt::ctx::DISPATCH_BUDGET) ticks to
+/// the subscribers' queues, then their writes. True when more is queued. Run by the
+/// dispatcher, and by a reader that just did a burst of work while ticks waited
+/// ([`dispatch_waiting`]).
+pub(crate) fn dispatch_pass(ctx: &Rc<ShardCtx>) -> bool {
+    let inbox = ctx.shared.hub.inbox(ctx.id);
+    for m in inbox.control_rx.try_iter().take(crate::rt::ctx::BURST_SLICE) {
+        let now = ctx.now_ms();
+        ctx.core.borrow_mut().handle_control(now, m);
+        carry_out(ctx);
+    }
+    let now = ctx.now_ms();
+    let mut n = 0;
+    let mut delivered = 0u64;
+    while n < crate::rt::ctx::DISPATCH_BUDGET {
+        let Some(t) = inbox.ticks.pop() else { break };
+        delivered += ctx.core.borrow_mut().handle_tick(now, &t) as u64;
+        if ctx.one_in(64) {
+            let us = crate::metrics::mono_ns().saturating_sub(t.accepted_ns) / 1000;
+            ctx.shared.metrics.publish_to_dispatch.observe_us(us);
+        }
+        n += 1;
+    }
+    // Write to the subscribers that got something, once each for the whole pass
+    // (inline, or by starting their writers): a subscriber of several of the pass's
+    // ticks gets them in one write.
+    carry_out(ctx);
+    let g = ctx.shared.metrics.shard(ctx.id);
+    g.ticks_out
+        .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+    !inbox.ticks.is_empty() || !inbox.control_rx.is_empty()
+}
+
+/// Ticks first: called by a connection's reader after it handled what it read. When
+/// ticks wait in the inbox they are dispatched now instead of after every other ready
+/// task of the turn, so a burst of work on many connections at once (a reconnect storm
+/// replaying history, a wave of subscribes) does not hold the live stream of everyone
+/// else for the length of the burst (perf/RESULTS.md, issue 19's storm).
+pub(crate) fn dispatch_waiting(ctx: &Rc<ShardCtx>) {
+    if !ctx.shared.hub.inbox(ctx.id).ticks.is_empty() {
+        dispatch_pass(ctx);
+    }
 }
 
 /// One of the connection's tasks ended; when it was the last, the core frees the slot,

@@ -12,6 +12,18 @@ use crate::core::shard::{Effect, ShardCore};
 use crate::rt::io::Io;
 use crate::state::Shared;
 
+/// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
+pub(crate) const DISPATCH_BUDGET: usize = 8192;
+
+/// Timer events fired, and control messages (reauth results, ...) handled, per loop
+/// turn before the task yields. Deadlines cluster: 10,000 tokens minted in the same
+/// second reach `exp - reauth_lead` in the same millisecond, and their reauth results
+/// come back together. Handled in one go, that is 10,000 messages queued and 10,000
+/// writes submitted before the dispatcher runs again, and every tick behind them waited
+/// (a 30 ms p99 spike with 10,000 connections). In slices, ticks interleave; the burst
+/// itself is spread over a few more milliseconds, far inside any reauth lead time.
+pub(crate) const BURST_SLICE: usize = 64;
+
 pub struct ShardCtx {
     pub id: usize,
     pub shared: Arc<Shared>,

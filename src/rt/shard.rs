@@ -22,17 +22,7 @@ use crate::rt::conn::carry_out;
 use crate::rt::ctx::ShardCtx;
 use crate::rt::io::yield_now;
 
-/// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
-const DISPATCH_BUDGET: usize = 8192;
-
-/// Timer events fired, and control messages (reauth results, ...) handled, per loop
-/// turn before the task yields. Deadlines cluster: 10,000 tokens minted in the same
-/// second reach `exp - reauth_lead` in the same millisecond, and their reauth results
-/// come back together. Handled in one go, that is 10,000 messages queued and 10,000
-/// writes submitted before the dispatcher runs again, and every tick behind them waited
-/// (a 30 ms p99 spike with 10,000 connections). In slices, ticks interleave; the burst
-/// itself is spread over a few more milliseconds, far inside any reauth lead time.
-const BURST_SLICE: usize = 64;
+use crate::rt::ctx::BURST_SLICE;
 
 /// Drains the hub inbox: control messages first, then ticks.
 pub async fn dispatcher(ctx: Rc<ShardCtx>) {
@@ -51,56 +41,12 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         })
         .await;
         inbox.pending.store(false, std::sync::atomic::Ordering::Release);
-        if dispatch_pass(&ctx) {
+        if crate::rt::conn::dispatch_pass(&ctx) {
             // More is queued (other shards' publishers keep pushing while this pass runs):
             // let the writers, readers and ticker run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);
             yield_now().await;
         }
-    }
-}
-
-/// One pass over the inbox: control messages, then up to [`DISPATCH_BUDGET`] ticks to
-/// the subscribers' queues, then their writes. True when more is queued. Run by the
-/// dispatcher, and by a reader that just did a burst of work while ticks waited
-/// ([`dispatch_waiting`]).
-fn dispatch_pass(ctx: &Rc<ShardCtx>) -> bool {
-    let inbox = ctx.shared.hub.inbox(ctx.id);
-    for m in inbox.control_rx.try_iter().take(BURST_SLICE) {
-        let now = ctx.now_ms();
-        ctx.core.borrow_mut().handle_control(now, m);
-        carry_out(ctx);
-    }
-    let now = ctx.now_ms();
-    let mut n = 0;
-    let mut delivered = 0u64;
-    while n < DISPATCH_BUDGET {
-        let Some(t) = inbox.ticks.pop() else { break };
-        delivered += ctx.core.borrow_mut().handle_tick(now, &t) as u64;
-        if ctx.one_in(64) {
-            let us = crate::metrics::mono_ns().saturating_sub(t.accepted_ns) / 1000;
-            ctx.shared.metrics.publish_to_dispatch.observe_us(us);
-        }
-        n += 1;
-    }
-    // Write to the subscribers that got something, once each for the whole pass
-    // (inline, or by starting their writers): a subscriber of several of the pass's
-    // ticks gets them in one write.
-    carry_out(ctx);
-    let g = ctx.shared.metrics.shard(ctx.id);
-    g.ticks_out
-        .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-    !inbox.ticks.is_empty() || !inbox.control_rx.is_empty()
-}
-
-/// Ticks first: called by a connection's reader after it handled what it read. When
-/// ticks wait in the inbox they are dispatched now instead of after every other ready
-/// task of the turn, so a burst of work on many connections at once (a reconnect storm
-/// replaying history, a wave of subscribes) does not hold the live stream of everyone
-/// else for the length of the burst (perf/RESULTS.md, issue 19's storm).
-pub(crate) fn dispatch_waiting(ctx: &Rc<ShardCtx>) {
-    if !ctx.shared.hub.inbox(ctx.id).ticks.is_empty() {
-        dispatch_pass(ctx);
     }
 }
 
