@@ -30,13 +30,7 @@ PORT=18080
 bench_config "$TMP/tickgate.toml" "$TMP/keys" "$PORT" 19090 "$TMP"
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "server did not come up" >&2; exit 2
-}
+wait_port() { bench_wait_port "$PORT"; }
 RES="$TMP/res.jsonl"
 : >"$RES"
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -46,6 +46,15 @@ bench_stop() {
   SPID=""
 }
 
+# Wait until a server listens on loopback port $1 (10 s at most; exit 2 otherwise).
+bench_wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "server on port $1 did not come up" >&2; exit 2
+}
+
 # A scratch directory in $TMP, removed at exit together with the server in $SPID.
 bench_scratch() {
   TMP=$(mktemp -d)

@@ -86,13 +86,7 @@ KEY="$TMP/keys/k1.key"
 RES="$TMP/results.jsonl"
 : >"$RES"
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "server on port $1 did not come up" >&2; exit 2
-}
+wait_port() { bench_wait_port "$1"; }
 start() { # $1 = tickgate|baseline|uws
   if [[ $1 == tickgate ]]; then
     taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tickgate.log" 2>&1 &

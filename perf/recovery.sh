@@ -45,13 +45,7 @@ bench_config "$TMP/tickgate.toml" "$TMP/keys" "$PORT" "$ADMIN" "$TMP" \
 printf '\n[feed]\nhistory = 1000\nhistory_age = "5m"\n' >>"$TMP/tickgate.toml"
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "server did not come up" >&2; exit 2
-}
+wait_port() { bench_wait_port "$PORT"; }
 # The server's recovery counters as one JSON line.
 metrics() { # $1 = label
   curl -s "http://127.0.0.1:$ADMIN/metrics" | python3 -c '
