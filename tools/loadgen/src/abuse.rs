@@ -733,13 +733,7 @@ async fn probe(st: &Setup, kind: ProbeKind, n: u64, admin_token: &str) -> (Durat
                 .map_err(|e| io_word(&e))?;
             if status == 101 {
                 let mut out = Vec::new();
-                encode_client_frame_into(
-                    OpCode::Close,
-                    true,
-                    &1000u16.to_be_bytes(),
-                    [1, 2, 3, 4],
-                    &mut out,
-                );
+                crate::lean::close_frame(&mut out);
                 let _ = s.write_all(&out).await;
             }
             status

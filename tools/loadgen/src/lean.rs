@@ -240,6 +240,11 @@ pub fn pong_frame(payload: &[u8], out: &mut Vec<u8>) {
     encode_client_frame_into(OpCode::Pong, true, payload, [0x9a, 0xbc, 0xde, 0xf0], out);
 }
 
+/// Appends a masked client close frame with code 1000 (normal closure).
+pub fn close_frame(out: &mut Vec<u8>) {
+    encode_client_frame_into(OpCode::Close, true, &1000u16.to_be_bytes(), [1, 2, 3, 4], out);
+}
+
 /// First position of `needle` in `hay`.
 #[inline]
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

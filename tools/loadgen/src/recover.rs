@@ -47,8 +47,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use tickgate::proto::frame::{OpCode, encode_client_frame_into};
-
 use crate::common::{self, Common, Ctx, Report, Scenario, histogram, now_ns, percentiles, us};
 use crate::fanout::{self, PubPriority, PubSpec, Shared};
 use crate::lean;
@@ -530,13 +528,7 @@ async fn send_text(s: &mut lean::Stream, text: &str) -> std::io::Result<()> {
 /// Sends a close frame (1000) and closes the socket.
 async fn close(mut s: lean::Stream) {
     let mut out = Vec::with_capacity(8);
-    encode_client_frame_into(
-        OpCode::Close,
-        true,
-        &1000u16.to_be_bytes(),
-        [1, 2, 3, 4],
-        &mut out,
-    );
+    lean::close_frame(&mut out);
     let _ = s.write_all(&out).await;
     let _ = s.shutdown().await;
 }
