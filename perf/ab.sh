@@ -5,6 +5,8 @@
 #   perf/ab.sh OLD_TICKGATE NEW_TICKGATE [ROUNDS]     # ROUNDS defaults to 3
 #   MODES="A E B" perf/ab.sh ...   # also (E): 10,000 subscribers x 1 of 100 symbols,
 #                                  # 100,000 deliveries/s (issue 17's one-tick-per-write case)
+#   MODES="C A" perf/ab.sh ...     # also (C): RSS per idle authenticated connection (10,000);
+#                                  # put C first: it reads the fresh server's RSS growth
 #
 # Builds the load generator from this tree (release). Server pinned to core 0 with one
 # shard, load generator on core 1, the same config for both sides (the keys only the newer
@@ -43,7 +45,9 @@ for r in $(seq 1 "$ROUNDS"); do
     SPID=$!
     wait_port
     for mode in ${MODES:-A B}; do
-      if [[ $mode == E ]]; then
+      if [[ $mode == C ]]; then
+        args=(idle --connections 10000 --sources 8 --hold 2 --settle 1)
+      elif [[ $mode == E ]]; then
         args=(fanout --subscribers 10000 --symbols 100 --per-sub 1 --rate 1000 --sources 8 --warmup 2 --duration 5)
       elif [[ $mode == A ]]; then
         args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 1 --duration 4)
@@ -73,6 +77,9 @@ for side in ("old", "new"):
     a = pick("A", side, "fanout")
     e = pick("E", side, "fanout")
     b = pick("B", side, "search")
+    c = pick("C", side, "idle")
+    if c:
+        print(f"{side}: (C) RSS bytes per idle connection {summary([r.get('rss_per_conn_bytes') for r in c])}")
     print(f"{side}: (A) p50_us {summary([r.get('p50_us') for r in a])}")
     print(f"{side}: (A) p99_us {summary([r.get('p99_us') for r in a])}")
     print(f"{side}: (A) server_cpu_pct {summary([r.get('server_cpu_pct') for r in a])}")
@@ -84,7 +91,7 @@ for side in ("old", "new"):
     print(f"{side}: (B) zero-drop deliveries/s {summary([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
 print()
 for r in rows:
-    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:")) or r.get("mode") == "search":
-        keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s")
+    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:")) or r.get("mode") in ("search", "idle"):
+        keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "rss_per_conn_bytes")
         print(r.get("label"), {k: r[k] for k in keys if k in r})
 PY

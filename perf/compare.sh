@@ -28,6 +28,8 @@
 #   (D) handshake storm: authenticated upgrades/s (64 concurrent workers, 8 source addresses)
 #   (E) 10,000 subscribers x 1 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s), a
 #       fresh server, connections from 8 source addresses
+#   (G) (A)'s connections at 10,000 ticks/s (1,000,000 deliveries/s), right after (A) on
+#       the same server: latency near the top of what one core sends
 #   (F) the machine's floor for (A): `loadgen floor`, no server at all (an ideal sender
 #       thread on core 0 writing pre-built records to the same 1,000 loopback connections,
 #       an ideal epoll receiver on core 1): the latency (A) would have if the server's
@@ -115,6 +117,8 @@ for S in "${SERVERS[@]}"; do
   start "$S"
   lg "A:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID" \
     --save-hist "$TMP/A-$S.hist"
+  echo "# [$S] (G) fanout 1000 x 10/100 @ 10000 ticks/s" >&2
+  lg "G:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 10000 --warmup "$A_WARM" --duration "$A_DUR" --server-pid "$SPID"
   echo "# [$S] (B) zero-drop search over $RATES ticks/s" >&2
   lg "B:$S" fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates "$RATES" --stop-on-drop \
     --warmup "$B_WARM" --duration "$B_DUR" --drain "$B_DRAIN" --server-pid "$SPID"
@@ -192,6 +196,8 @@ def each(scen, mode, key):
     return [one(f"{scen}:{s}", mode).get(key) for s in servers]
 for key, what in [("p50_us","low"),("p99_us","low"),("p999_us","low"),("delivered_per_s","high"),("delivery_pct","high"),("drops","low"),("server_cpu_pct","low"),("server_runq_wait_pct","low"),("client_cpu_pct","low")]:
     row(f"(A) {key}", each("A", "fanout", key), what)
+for key, what in [("p50_us","low"),("p99_us","low"),("delivered_per_s","high"),("drops","low"),("server_cpu_pct","low")]:
+    row(f"(G) {key}", each("G", "fanout", key), what)
 row("(B) zero-drop deliveries/s", each("B", "search", "max_zero_drop_deliveries_per_s"), "high")
 row("(B) zero-drop ticks/s", each("B", "search", "max_zero_drop_rate_ticks_per_s"), "high")
 def at(label, rate):

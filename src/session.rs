@@ -608,6 +608,13 @@ impl Session {
         if !self.outbound.over_budget() && !self.outbound.is_conflating() {
             self.slow_since_ms = None;
         }
+        if self.subs.is_empty() {
+            // No subscription: what was queued were replies (the welcome, a pong), not a
+            // stream that will refill the queue at once. The queue's buffer goes back now
+            // rather than at the next once-a-second trim, so a connection that has just
+            // been admitted and waits costs its state and nothing more.
+            self.outbound.shrink_if_empty();
+        }
         Transmit {
             bytes,
             oldest_tick_ns,
@@ -1285,6 +1292,33 @@ mod tests {
         s.handle_timeout(now_ms);
         events.extend(polled(s));
         s.poll_timeout()
+    }
+
+    #[test]
+    fn a_session_without_subscriptions_gives_back_its_queue_once_drained() {
+        let w = world();
+        let now = T0 * 1000;
+        let mut s = open(&w, T0 + 300);
+        // The welcome went out: an admitted connection that waits holds no queue buffer.
+        assert_eq!(s.outbound.capacity(), 0);
+        let mut events = Vec::new();
+        text(
+            &w,
+            &mut s,
+            now,
+            serde_json::json!({"op":"ping","id":1}),
+            &mut events,
+        );
+        assert_eq!(drain(&mut s)[0]["type"], "pong");
+        assert_eq!(s.outbound.capacity(), 0);
+        // A subscriber keeps it between writes (its stream refills it); the once-a-second
+        // trim gives it back when it is empty.
+        let sub = serde_json::json!({"op":"subscribe","id":2,"symbols":["BTC-USD"]});
+        text(&w, &mut s, now, sub, &mut events);
+        assert_eq!(drain(&mut s)[0]["type"], "subscribed");
+        assert!(s.outbound.capacity() > 0);
+        s.trim();
+        assert_eq!(s.outbound.capacity(), 0);
     }
 
     #[test]

@@ -208,7 +208,9 @@ impl UserCaps {
 /// One live connection's claim on its user's cap. Dropping it releases the claim.
 pub struct UserSlot {
     caps: Arc<UserCaps>,
-    user: String,
+    /// Boxed, not a `String`: 8 bytes less in every connection (see the connection's
+    /// size-class test in `rt::ctx`).
+    user: Box<str>,
 }
 
 impl UserSlot {
@@ -271,7 +273,7 @@ pub fn acquire_at(caps: &Arc<UserCaps>, user: &str, now_ms: u64) -> Option<UserS
     caps.changed(user);
     Some(UserSlot {
         caps: Arc::clone(caps),
-        user: user.to_owned(),
+        user: Box::from(user),
     })
 }
 

@@ -236,7 +236,7 @@ pub struct OutboundQueue {
     /// Bytes of queued control frames (replies, pings, pongs, close): they are never
     /// conflated, so this is what a client that asks without reading can grow. 32 bits
     /// (saturating): the session closes a connection long before 4 GiB, and the queue then
-    /// stays in the connection's 640-byte allocation class.
+    /// stays in the connection's 512-byte allocation class.
     control_bytes: u32,
     conflating: bool,
     /// A pong is in the FIFO.
@@ -482,6 +482,12 @@ impl OutboundQueue {
     /// alone can push it there). The slow-consumer timer runs while this is true.
     pub fn over_budget(&self) -> bool {
         self.conflating || self.queued_bytes > self.max_bytes
+    }
+
+    /// Entries the queue can hold without allocating (its buffer; 0: none held).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.fifo.capacity()
     }
 
     /// Release the queue's spare capacity when it is empty (an idle connection then holds

@@ -227,11 +227,15 @@ enum MessageKind {
 /// Server-side frame decoder for one connection. See the module docs for the buffer contract.
 #[derive(Debug)]
 pub struct Decoder {
-    cfg: DecoderConfig,
+    /// `DecoderConfig`'s two limits, in 32 bits (the configuration caps them at 16 MiB;
+    /// larger values saturate): 8 bytes less in every connection, which keeps it in its
+    /// allocation size class (see the test in `rt::ctx`).
+    max_message: u32,
+    max_frame: u32,
     partial: Option<PartialFrame>,
     /// Kind of the fragmented message being reassembled, if any.
     message: Option<MessageKind>,
-    /// Payload of the fragments so far; never longer than `cfg.max_message_bytes`.
+    /// Payload of the fragments so far; never longer than `max_message`.
     message_buf: Vec<u8>,
     /// UTF-8 state of the current text message, carried across fragments and partial reads.
     utf8: Utf8Validator,
@@ -266,8 +270,10 @@ impl std::fmt::Debug for InflaterBox {
 
 impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Self {
+        let cap = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         Self {
-            cfg,
+            max_message: cap(cfg.max_message_bytes),
+            max_frame: cap(cfg.max_frame_bytes),
             partial: None,
             message: None,
             message_buf: Vec::new(),
@@ -372,7 +378,7 @@ impl Decoder {
             127 => return WholeFrame::NotApplicable,
             n => (usize::from(n), 6, rest),
         };
-        if payload_len > self.cfg.max_frame_bytes || payload_len > self.cfg.max_message_bytes {
+        if payload_len > (self.max_frame as usize) || payload_len > (self.max_message as usize) {
             return WholeFrame::NotApplicable;
         }
         let Some((mask, rest)) = rest.split_first_chunk_mut::<4>() else {
@@ -493,8 +499,8 @@ impl Decoder {
                 _ => self.message_buf.len(),
             };
             // Only now, before any payload is buffered, is the size known: check it here.
-            if payload_len > self.cfg.max_frame_bytes
-                || so_far.saturating_add(payload_len) > self.cfg.max_message_bytes
+            if payload_len > (self.max_frame as usize)
+                || so_far.saturating_add(payload_len) > (self.max_message as usize)
             {
                 return Err(ProtocolError::TooBig);
             }
@@ -575,7 +581,7 @@ impl Decoder {
         payload: &[u8],
     ) -> Result<Option<Incoming>, ProtocolError> {
         use super::deflate::{InflateError, Inflater};
-        let max = self.cfg.max_message_bytes;
+        let max = self.max_message as usize;
         let Some(i) = self.inflate.as_deref_mut() else {
             return Err(ProtocolError::ReservedBits);
         };
@@ -613,7 +619,7 @@ impl Decoder {
         if need > self.message_buf.capacity() {
             let target = need
                 .max(self.message_buf.capacity().saturating_mul(2))
-                .min(self.cfg.max_message_bytes.max(need));
+                .min((self.max_message as usize).max(need));
             self.message_buf.reserve_exact(target - self.message_buf.len());
         }
         self.message_buf.extend_from_slice(payload);

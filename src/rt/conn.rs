@@ -1,16 +1,20 @@
 //! The connection pump: bytes between a socket and the sans-IO parts.
 //!
-//! A connection runs as two tasks on its shard:
-//! - the **reader** owns the accepted `TcpStream`. It waits for readiness (an io_uring
-//!   `PollAdd`) and then reads with `recv(MSG_DONTWAIT)` into the *shard's* read buffer, so an
-//!   idle connection pins no read buffer at all; only the bytes of an incomplete frame are
-//!   kept per connection. During the HTTP phase it parses the request, asks the gate, and
-//!   writes the response or the `101`.
-//! - the **writer** owns a second handle on the same socket (on io_uring an alias of the
-//!   descriptor, since io_uring writes need the stream by `&mut`; on epoll the reader's
-//!   stream itself, written with `send(2)`). It sleeps until the session's outbound
-//!   queue has frames, coalesces everything queued into one buffer and submits one write;
-//!   on io_uring the writes of every connection woken in the same loop turn go to the
+//! A connection has two parts on its shard, a reader and a writer, and no task of its own
+//! once it is established:
+//! - the **handshake** is a task per connection (`run`): it owns the accepted `TcpStream`,
+//!   parses the request, asks the gate, and writes the response or the `101`. After the
+//!   `101` the connection owns the descriptor ([`Io`]) and the task ends.
+//! - the **reader**: the descriptor joins the shard's ready set (one level-triggered epoll
+//!   set, [`crate::rt::io::ReadySet`]), and the shard's one reader task (`readers`) reads
+//!   each connection that has input with `recv(MSG_DONTWAIT)` into the *shard's* read
+//!   buffer. An idle connection pins no read buffer, no task and no pending operation;
+//!   only the bytes of an incomplete frame are kept per connection.
+//! - the **writer** writes inline when the session queued output (`kick`: one
+//!   `send(MSG_DONTWAIT)` of the coalesced frames from the shard's loop, as an epoll server
+//!   writes); only when the socket is full, or for TLS and the close, does a writer task
+//!   run, on a handle over the same descriptor ([`WriteHandle`]), until the queue is
+//!   empty. On io_uring the writes of every writer woken in the same loop turn go to the
 //!   kernel in one `io_uring_enter`; on epoll each is a `send(2)` and the writer yields
 //!   between writes.
 //!
@@ -32,12 +36,13 @@
 //! down, an `Audit` writes the security log.
 //!
 //! Every error path ends the same way: `task_done`, which shuts the socket down (waking
-//! the other task) and, when both tasks are gone, has the core free the slot, the
-//! subscriptions, the timers and the per-user cap. Network input never panics: parsers
+//! the other part) and, when both parts are done, has the core free the slot, the
+//! subscriptions, the timers and the per-user cap; the descriptor is closed when the last
+//! holder of the connection lets go. Network input never panics: parsers
 //! return errors, which become a status code or a close code for this connection only.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::rc::Rc;
 
 use monoio::net::TcpStream;
@@ -51,7 +56,8 @@ use crate::proto::frame::{Decoder, DecoderConfig};
 use crate::proto::http::{self, RequestLimits, Response};
 use crate::rt::ctx::ShardCtx;
 use crate::rt::io::{
-    Conn, ConnRef, Io, Read, TlsIn, WriteHandle, recv, shutdown, tls_feed, tls_seal, write_all_fd, yield_now,
+    Conn, ConnRef, Io, Read, TlsIn, WriteHandle, Writer, ready_key, ready_key_parts, recv, shutdown,
+    tls_feed, tls_seal, write_all_fd, yield_now,
 };
 use crate::session::Session;
 
@@ -95,31 +101,121 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         task_done(&ctx, idx, generation, true);
         return;
     };
-    let stream = Rc::new(stream);
-    let Some(whandle) = WriteHandle::new(ctx.uring, &stream) else {
+    // The writer's part starts parked.
+    conn.borrow_mut().io.writer = Writer::Parked;
+    // A plain function, so nothing of the admission (claims, strings) stays in this
+    // future's state.
+    open_session(&ctx, &conn, id, admitted, tls);
+    // From here the connection owns its descriptor (closed when it is freed), and the
+    // handshake's stream lets go of it without closing (on epoll this also takes it out
+    // of the runtime's poller: the shard's ready set watches it instead).
+    let fd = stream.into_raw_fd();
+    {
+        // The welcome is queued: out it goes (inline, normally).
+        let mut c = conn.borrow_mut();
+        c.io.take_ownership();
+        kick(&ctx, idx, &conn, &mut c);
+    }
+    carry_out(&ctx);
+    // The reader's part: the descriptor joins the shard's ready set, where the shard's one
+    // reader task (`readers`) finds it when input comes. This task ends here: an idle
+    // connection keeps no task, no future and no pending operation.
+    if !ctx.ready.add(fd, ready_key(idx, generation)) {
+        tracing::warn!("cannot watch a connection for input (epoll: out of memory or max_user_watches)");
         task_done(&ctx, idx, generation, true);
         return;
-    };
-    // A plain function, so nothing of the admission (claims, strings) stays in this
-    // long-lived future's state while the reader waits.
-    open_session(&ctx, &conn, id, admitted, tls);
-    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, generation, whandle, None));
+    }
+    conn.borrow_mut().io.reading = true;
     if !leftover.is_empty() {
         let mut data = leftover;
         process(&ctx, &conn, idx, &mut data);
+        reader_check(&ctx, &conn, idx, generation, false);
     } else {
         // A wave of upgrades (a reconnect storm) must not hold the live stream either.
         dispatch_waiting(&ctx);
     }
-    // The reader is a task of its own: this future's state (the admission's locals keep
-    // their storage until the end of the function, about 0.9 KiB) is freed here, and an
-    // idle connection keeps only the reader's ~0.2 KiB future.
-    monoio::spawn(reader_task(ctx, stream, conn, idx, generation));
 }
 
-async fn reader_task(ctx: Rc<ShardCtx>, stream: Rc<TcpStream>, conn: ConnRef, idx: usize, generation: u32) {
-    reader(&ctx, &stream, &conn, idx).await;
-    task_done(&ctx, idx, generation, true);
+/// Connections read per batch of the shard's ready set before the reader task lets the
+/// shard's other tasks (dispatcher, writers, ticker, handshakes) run.
+const READY_BATCH: usize = 128;
+
+/// The shard's one reader task, for every established connection of the shard: waits
+/// until the ready set has input, then reads each ready connection once (`recv` of up to
+/// the shard's 64 KiB read buffer, `MSG_DONTWAIT`) and has the core handle the bytes.
+/// A connection with more waiting stays ready (the set is level-triggered) and is read
+/// again in the next batch, after the other tasks had a turn: a client that keeps its
+/// socket full gets one buffer per batch and cannot hold the loop.
+pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
+    loop {
+        let n = ctx.ready.collect(&mut events);
+        if n == 0 {
+            if let Err(e) = ctx.ready.readable().await {
+                // Not expected for an epoll descriptor; back off rather than spin.
+                tracing::warn!(error = %e, "waiting on the shard's ready set failed");
+                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            continue;
+        }
+        for ev in &events[..n] {
+            let key = ev.u64;
+            let (idx, generation) = ready_key_parts(key);
+            read_ready(&ctx, idx, generation);
+        }
+        yield_now().await;
+    }
+}
+
+/// One ready connection: read once, hand the bytes to the core, and end the reader's part
+/// when the input is over or the connection is done.
+fn read_ready(ctx: &Rc<ShardCtx>, idx: usize, generation: u32) {
+    let Some(conn) = ctx.core.borrow().get(ConnId { idx, generation }) else {
+        // Freed since the batch was collected (its descriptor left the set when closed).
+        return;
+    };
+    let (fd, tls) = {
+        let c = conn.borrow();
+        if !c.io.reading {
+            return;
+        }
+        (c.io.fd, c.io.tls.is_some())
+    };
+    if reader_check(ctx, &conn, idx, generation, false) {
+        return;
+    }
+    let eof = {
+        let mut buf = ctx.read_buf.borrow_mut();
+        match recv(fd, &mut buf) {
+            Read::Data(n) if tls => !decrypt_and_process(ctx, &conn, idx, &buf[..n]),
+            Read::Data(n) => {
+                process(ctx, &conn, idx, &mut buf[..n]);
+                false
+            }
+            Read::WouldBlock => false,
+            Read::Eof => true,
+        }
+    };
+    reader_check(ctx, &conn, idx, generation, eof);
+}
+
+/// Ends the reader's part when the input is over (`eof`), the connection is dead, or the
+/// close handshake completed in both directions; true when it has ended.
+fn reader_check(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, generation: u32, eof: bool) -> bool {
+    let fd = {
+        let mut c = conn.borrow_mut();
+        if !c.io.reading {
+            return true;
+        }
+        if !(eof || c.dead || (c.peer_closed && c.io.tasks <= 1)) {
+            return false;
+        }
+        c.io.reading = false;
+        c.io.fd
+    };
+    ctx.ready.remove(fd);
+    task_done(ctx, idx, generation, true);
+    true
 }
 
 /// The connection becomes a session: verified identity, decoder, timers, user slot.
@@ -332,51 +428,6 @@ async fn respond(stream: &TcpStream, tls: &mut Option<Box<ServerConnection>>, re
     shutdown(stream.as_raw_fd(), libc::SHUT_WR);
 }
 
-async fn reader(ctx: &Rc<ShardCtx>, stream: &TcpStream, conn: &ConnRef, idx: usize) {
-    let fd = stream.as_raw_fd();
-    let tls = conn.borrow().io.tls.is_some();
-    loop {
-        {
-            let c = conn.borrow();
-            // Done once the close handshake completed in both directions.
-            if c.dead || (c.peer_closed && c.io.tasks <= 1) {
-                return;
-            }
-        }
-        if stream.readable(false).await.is_err() {
-            return;
-        }
-        loop {
-            let r = {
-                let mut buf = ctx.read_buf.borrow_mut();
-                match recv(fd, &mut buf) {
-                    Read::Data(n) if tls => {
-                        if decrypt_and_process(ctx, conn, idx, &buf[..n]) {
-                            Read::Data(n)
-                        } else {
-                            Read::Eof
-                        }
-                    }
-                    Read::Data(n) => {
-                        process(ctx, conn, idx, &mut buf[..n]);
-                        Read::Data(n)
-                    }
-                    other => other,
-                }
-            };
-            match r {
-                Read::Eof => return,
-                Read::WouldBlock => break,
-                Read::Data(n) if n < ctx.read_buf.borrow().len() => break,
-                // A full buffer: more is likely waiting. Read it on the next turn, after
-                // the shard's other tasks, so a client that keeps its socket full gets one
-                // buffer per turn and cannot hold the loop.
-                Read::Data(_) => yield_now().await,
-            }
-        }
-    }
-}
-
 /// TLS: decrypt received bytes into the shard's `plain_buf` and process the plaintext.
 /// Returns `false` when the connection's input is over (close_notify or a TLS error).
 fn decrypt_and_process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, cipher: &[u8]) -> bool {
@@ -439,7 +490,7 @@ fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 /// is already running (a running writer looks at the queue again after each write, so
 /// it needs no wake-up).
 pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn) {
-    if c.io.whandle.is_none() {
+    if c.io.writer != Writer::Parked {
         return;
     }
     // Most kicks find a socket with room: write right here, no task, no io_uring op.
@@ -448,15 +499,8 @@ pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn)
         Inline::Rest(b) => Some(b),
         Inline::NotTried => None,
     };
-    let Some(handle) = c.io.whandle.take() else { return };
-    monoio::spawn(writer(
-        ctx.clone(),
-        conn.clone(),
-        idx,
-        c.generation,
-        handle,
-        first,
-    ));
+    c.io.writer = Writer::Running;
+    monoio::spawn(writer(ctx.clone(), conn.clone(), idx, c.generation, first));
 }
 
 /// What [`send_inline`] did.
@@ -617,26 +661,33 @@ pub(crate) fn task_done(ctx: &Rc<ShardCtx>, idx: usize, generation: u32, force: 
         if c.io.tasks > 0 {
             return;
         }
-        // Every task has ended, so no writer holds the handle; a parked one is released
-        // (without closing the descriptor the reader's stream owns).
-        drop(c.io.whandle.take());
+        // Every part has ended: no writer will start again.
+        c.io.writer = Writer::None;
     }
     ctx.core.borrow_mut().handle_gone(id);
     carry_out(ctx);
 }
 
-/// Writes what the session queued, coalesced, until the queue is empty; then parks its
-/// handle in the `Conn` and ends (the next [`kick`] starts a new run). It ends
-/// for good, releasing the writer's part of the connection, when the connection is dead
-/// or its close frame is out.
+/// Writes what the session queued, coalesced, until the queue is empty; then parks (the
+/// next [`kick`] writes inline or starts a new run) and ends. It ends for good,
+/// releasing the writer's part of the connection, when the connection is dead or its
+/// close frame is out.
 pub(crate) async fn writer(
     ctx: Rc<ShardCtx>,
     conn: ConnRef,
     idx: usize,
     generation: u32,
-    mut handle: WriteHandle,
     first: Option<Vec<u8>>,
 ) {
+    let fd = conn.borrow().io.fd;
+    let Some(mut handle) = WriteHandle::new(ctx.uring, fd) else {
+        // epoll: the runtime could not register the descriptor; the connection cannot write.
+        if let Some(b) = first {
+            ctx.put_buffer(b);
+        }
+        task_done(&ctx, idx, generation, true);
+        return;
+    };
     let mut graceful = false;
     // The rest of a write the kick began inline ([`send_inline`]): out first, in order.
     if let Some(rest) = first {
@@ -664,7 +715,7 @@ pub(crate) async fn writer(
             let c = &mut *c;
             let Some(s) = c.session.as_mut() else { break };
             if !s.has_output() && !c.io.tls.as_ref().is_some_and(|t| t.wants_write()) {
-                c.io.whandle = Some(handle);
+                c.io.writer = Writer::Parked;
                 return;
             }
             buf = ctx.take_buffer();
@@ -715,14 +766,14 @@ pub(crate) async fn writer(
             // and the server closes TCP first (RFC 6455 7.1.1). Otherwise half-close and let
             // the reader wait for the peer's close frame (the hard-drop timer bounds that).
             if !conn.borrow().peer_closed {
-                shutdown(handle.fd(), libc::SHUT_WR);
+                shutdown(fd, libc::SHUT_WR);
                 graceful = true;
             }
             break;
         }
     }
-    // `task_done` may shut `Io::fd` down: it runs while this handle still keeps that
-    // descriptor open (the reader may have ended and dropped its stream already).
+    // The handle is released before `conn`: the connection (which owns the descriptor)
+    // outlives the alias.
     task_done(&ctx, idx, generation, !graceful);
     drop(handle);
 }

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::core::shard::{Effect, ShardCore};
-use crate::rt::io::Io;
+use crate::rt::io::{Io, ReadySet};
 use crate::state::Shared;
 
 /// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
@@ -40,6 +40,8 @@ pub struct ShardCtx {
     write_pool: RefCell<Vec<Vec<u8>>>,
     /// The shard runs on io_uring (not the epoll fallback).
     pub uring: bool,
+    /// The established connections, for the shard's reader task (`conn::readers`).
+    pub(crate) ready: ReadySet,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -56,16 +58,18 @@ const POOL_BUFFERS: usize = 256;
 const POOL_MAX_CAPACITY: usize = 1 << 20;
 
 impl ShardCtx {
-    /// `uring`: the shard's runtime runs on io_uring (the writer aliases the reader's
-    /// descriptor) rather than epoll (the writer shares the reader's stream).
+    /// `uring`: the shard's runtime runs on io_uring rather than epoll (see
+    /// [`crate::rt::io::WriteHandle`]). Runs on the shard's runtime thread; fails when the
+    /// kernel will not give it an epoll set.
     pub fn new(
         id: usize,
         shared: Arc<Shared>,
         verify_pool: crate::rt::verify::VerifyPool,
         uring: bool,
-    ) -> Rc<ShardCtx> {
+    ) -> std::io::Result<Rc<ShardCtx>> {
         let now = shared.now_ms();
-        Rc::new(ShardCtx {
+        let ready = ReadySet::new()?;
+        Ok(Rc::new(ShardCtx {
             id,
             core: RefCell::new(ShardCore::new(id, shared.clone(), now)),
             shared,
@@ -76,10 +80,11 @@ impl ShardCtx {
             write_pool: RefCell::new(Vec::new()),
             verify_pool,
             uring,
+            ready,
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
-        })
+        }))
     }
 
     /// A write is about to be issued; `oldest_ns` is the oldest `accepted_ns` of the
@@ -131,13 +136,13 @@ mod tests {
     use std::cell::RefCell;
 
     /// Every connection is one `Rc<RefCell<Conn>>` allocation: the core's state and the
-    /// socket's ([`Io`]) together. mimalloc rounds it up to its size class (640, 768, 896,
-    /// 1024 bytes...): at 10,000 idle connections a field that pushes it over 640 costs
-    /// 128 bytes per connection, 6 % of the 2 KiB budget. A new field needs an old one to
-    /// shrink.
+    /// socket's ([`Io`]) together. mimalloc rounds it up to its size class (448, 512, 640,
+    /// 768 bytes...): at 10,000 idle connections a field that pushes it over 512 costs
+    /// 128 bytes per connection, an eighth of the 1 KiB budget (issue 17). A new field
+    /// needs an old one to shrink.
     #[test]
-    fn a_connection_fits_the_640_byte_size_class() {
+    fn a_connection_fits_the_512_byte_size_class() {
         let rc_box = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<RefCell<crate::rt::io::Conn>>();
-        assert!(rc_box <= 640, "Rc<RefCell<Conn>> is {rc_box} bytes");
+        assert!(rc_box <= 512, "Rc<RefCell<Conn>> is {rc_box} bytes");
     }
 }

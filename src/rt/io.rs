@@ -4,7 +4,6 @@
 //! feed and seal steps, `shutdown(2)` and a yield.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::rc::Rc;
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -22,13 +21,29 @@ pub struct Io {
     pub tls: Option<Box<ServerConnection>>,
     /// The start of a frame split across reads (boxed: most connections never hold one).
     pub rx_partial: Option<Box<Vec<u8>>>,
-    /// The writer's socket handle while no writer task runs. Writers run on demand: an
-    /// idle connection has no writer task (and none of its ~0.6 KiB future); queued
-    /// output makes the core emit a `Kick`, which spawns one (`conn::kick`), and it parks
-    /// the handle here again once the queue is empty.
-    pub(crate) whandle: Option<WriteHandle>,
-    /// Tasks still running for this connection (reader, writer).
+    /// Where the connection's writer is. Writers run on demand: an idle connection has no
+    /// writer task (and none of its future); queued output makes the core emit a `Kick`,
+    /// which writes inline or spawns a writer (`conn::kick`), and the writer parks again
+    /// once the queue is empty.
+    pub(crate) writer: Writer,
+    /// Tasks still running for this connection (the reader's part, the writer's part).
     pub tasks: u8,
+    /// The descriptor is in the shard's [`ReadySet`]: the reader's part is running.
+    pub(crate) reading: bool,
+    /// The `Io` owns the descriptor and closes it when the connection is freed (from the
+    /// `101` on; before, the handshake's stream owns it).
+    owned: bool,
+}
+
+/// Where a connection's writer is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Writer {
+    /// No session yet, or the writer's part has ended.
+    None,
+    /// No writer task runs: a `Kick` writes inline or starts one.
+    Parked,
+    /// A writer task runs; it looks at the queue again after each write.
+    Running,
 }
 
 impl Io {
@@ -37,15 +52,37 @@ impl Io {
             fd,
             tls: None,
             rx_partial: None,
-            whandle: None,
+            writer: Writer::None,
             tasks: 1,
+            reading: false,
+            owned: false,
+        }
+    }
+
+    /// From the `101` on the connection owns its descriptor: the handshake's stream gave it
+    /// up (`into_raw_fd`), and it is closed when the connection is freed, after every task
+    /// that could use it has ended (each holds the connection).
+    pub(crate) fn take_ownership(&mut self) {
+        self.owned = true;
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: the descriptor is this connection's own (see `take_ownership`); no
+            // stream wraps it any more (the writer's alias is released without closing
+            // before its task ends) and nothing uses it after the connection is freed.
+            unsafe {
+                libc::close(self.fd);
+            }
         }
     }
 }
 
 impl ConnIo for Io {
     fn writer_parked(&self) -> bool {
-        self.whandle.is_some()
+        self.writer == Writer::Parked
     }
 }
 
@@ -163,16 +200,14 @@ pub(crate) fn tls_seal(
     Ok(())
 }
 
-/// Writes through a shared reference: the reader holds the stream by `&`, so the HTTP
-/// phase writes with `send` after waiting for writability (the response is small and the
-/// socket buffer empty, so this normally completes at once).
 /// One `send(2)` that never blocks (`MSG_DONTWAIT`) nor raises `SIGPIPE`: how many bytes
 /// the kernel took (0 when the socket is full or failed; the writer that takes over the
 /// rest sees the failure again and ends the connection).
 pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
     loop {
         // SAFETY: `buf` is a live slice for the length given; `fd` is the connection's
-        // descriptor, open while its `Conn` lives (the reader's stream owns it).
+        // descriptor, open while its `Conn` lives (the handshake's stream owns it until the
+        // `101`, the `Conn` after).
         let n = unsafe {
             libc::send(
                 fd,
@@ -190,6 +225,10 @@ pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
     }
 }
 
+/// Writes all of `bytes` through a shared reference to the stream: `send` until the kernel
+/// has it all, waiting for writability when the socket is full. The handshake writes its
+/// responses this way (small, into an empty socket buffer: normally at once), and so does
+/// the epoll writer.
 pub(crate) async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     let mut off = 0;
@@ -217,74 +256,154 @@ pub(crate) async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::R
     Ok(())
 }
 
-/// The writer's handle on the socket. Parked in the `Conn` between writer runs.
-pub(crate) enum WriteHandle {
-    /// io_uring: a second `TcpStream` value over the *same* descriptor (no extra fd per
-    /// connection), since io_uring writes take the stream by `&mut`. `_keep` holds the
-    /// reader's stream alive, so the descriptor cannot be closed (and its number reused)
-    /// while a write is in flight; when the handle goes, the alias is released with
-    /// `into_raw_fd`, which does not close (see `Drop`).
-    Alias {
-        stream: Option<TcpStream>,
-        _keep: Rc<TcpStream>,
-    },
-    /// epoll: the reader's own stream. The writer sends with `send(2)` and, when the socket
-    /// is full, waits for writability on it; monoio's epoll driver keeps a reader and a
-    /// writer waker per descriptor, so the two tasks wait on one registration (an alias
-    /// would register the fd twice). One descriptor per connection, as on io_uring.
-    Shared(Rc<TcpStream>),
+/// The writer's handle on the socket, made when a writer task starts and released when it
+/// ends, since the runtime's writes and its wait for writability take a stream of its
+/// own. The connection owns the descriptor and outlives the writer task (which holds it),
+/// so the descriptor cannot be closed (and its number reused) while a write is in flight.
+/// - io_uring: a `TcpStream` value over the connection's descriptor itself (an
+///   allocation, no system call), released with `into_raw_fd`, which does not close.
+/// - epoll: a stream over a `dup` of it, registered with the runtime's poller for the
+///   writer's run and closed (deregistered) when the run ends. A failed registration then
+///   closes the duplicate, never the connection's descriptor.
+pub(crate) struct WriteHandle {
+    stream: Option<TcpStream>,
+    uring: bool,
 }
 
 impl WriteHandle {
-    pub(crate) fn new(uring: bool, stream: &Rc<TcpStream>) -> Option<WriteHandle> {
-        if !uring {
-            return Some(WriteHandle::Shared(stream.clone()));
-        }
-        let fd = stream.as_raw_fd();
-        // SAFETY: `fd` is open and stays open for as long as `keep` (the reader's stream)
-        // lives, which outlives every use of the alias; the alias never closes it
-        // (released with `into_raw_fd` when the handle is dropped).
-        let alias = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?;
-        Some(WriteHandle::Alias {
-            stream: Some(alias),
-            _keep: stream.clone(),
+    pub(crate) fn new(uring: bool, fd: RawFd) -> Option<WriteHandle> {
+        let stream = if uring {
+            // SAFETY: `fd` is the connection's descriptor, open for as long as the
+            // connection, which the writer task holding this handle keeps alive; the alias
+            // never closes it (released with `into_raw_fd` when the handle is dropped).
+            // On io_uring `from_std` registers nothing and cannot fail (had it failed, it
+            // would have closed `fd`).
+            TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) }).ok()?
+        } else {
+            // SAFETY: `dup` takes a descriptor number and returns a new one or -1.
+            let dup = unsafe { libc::dup(fd) };
+            if dup < 0 {
+                return None;
+            }
+            // SAFETY: `dup` is a fresh descriptor owned by nothing else; the stream takes it
+            // (and closes it, only it, if the registration fails).
+            TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(dup) }).ok()?
+        };
+        Some(WriteHandle {
+            stream: Some(stream),
+            uring,
         })
-    }
-
-    pub(crate) fn fd(&self) -> i32 {
-        match self {
-            WriteHandle::Alias { _keep, .. } => _keep.as_raw_fd(),
-            WriteHandle::Shared(s) => s.as_raw_fd(),
-        }
     }
 
     /// Writes all of `out` and hands the buffer back.
     pub(crate) async fn write_all(&mut self, out: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
-        match self {
-            WriteHandle::Alias { stream, .. } => {
-                let s = stream.as_mut().expect("alias present until drop");
-                let (res, b) = s.write_all(out).await;
-                (res.map(|_| ()), b)
-            }
-            WriteHandle::Shared(s) => {
-                let res = write_all_fd(s, &out).await;
-                (res, out)
-            }
+        let Some(s) = self.stream.as_mut() else {
+            return (Err(std::io::ErrorKind::NotConnected.into()), out);
+        };
+        if self.uring {
+            let (res, b) = s.write_all(out).await;
+            (res.map(|_| ()), b)
+        } else {
+            let res = write_all_fd(s, &out).await;
+            (res, out)
         }
     }
 }
 
 impl Drop for WriteHandle {
-    /// Gives an alias's descriptor back without closing it (the reader's stream owns it).
+    /// io_uring: gives the alias's descriptor back without closing it (the connection owns
+    /// it). epoll: the duplicate is dropped, which deregisters and closes it.
     fn drop(&mut self) {
-        if let WriteHandle::Alias { stream, .. } = self
-            && let Some(alias) = stream.take()
+        if self.uring
+            && let Some(alias) = self.stream.take()
         {
             // No operation is in flight (every write is awaited before the handle is
-            // parked or dropped), so the alias is the only reference to its shared fd
-            // and `into_raw_fd` succeeds.
+            // dropped), so the alias is the only reference to its shared fd and
+            // `into_raw_fd` succeeds.
             let _ = alias.into_raw_fd();
         }
+    }
+}
+
+/// The shard's established connections waiting for input: one level-triggered epoll set
+/// holding each connection's descriptor under its slot and generation, waited on as a
+/// whole by the shard's one reader task (`conn::readers`). An idle connection costs an
+/// entry in the kernel's set, not a task, a pending poll operation and their bookkeeping
+/// in the process (perf/RESULTS.md, issue 17). Used the same way on io_uring and epoll.
+pub(crate) struct ReadySet {
+    /// The epoll descriptor, held as a stream only so that the runtime can wait for it to
+    /// become readable (monoio waits for readiness on its own socket types; on io_uring
+    /// that is a poll operation, which works on any pollable descriptor). No socket call
+    /// is ever made on it; it is closed with the shard.
+    waiter: TcpStream,
+}
+
+/// An event's key: a connection's slot and generation.
+pub(crate) fn ready_key(idx: usize, generation: u32) -> u64 {
+    ((idx as u64) << 32) | u64::from(generation)
+}
+
+pub(crate) fn ready_key_parts(key: u64) -> (usize, u32) {
+    ((key >> 32) as usize, key as u32)
+}
+
+impl ReadySet {
+    /// Must run on the shard's runtime thread (the waiter registers with its driver).
+    pub(crate) fn new() -> std::io::Result<ReadySet> {
+        // SAFETY: takes a flag, returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns; the stream takes it
+        // (and closes it if `from_std` fails).
+        let waiter = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) })?;
+        Ok(ReadySet { waiter })
+    }
+
+    fn epfd(&self) -> RawFd {
+        self.waiter.as_raw_fd()
+    }
+
+    /// Watch `fd` for input (and hang-ups) under `key`. False when the kernel refuses
+    /// (out of memory, or `max_user_watches`).
+    pub(crate) fn add(&self, fd: RawFd, key: u64) -> bool {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: key,
+        };
+        // SAFETY: `ev` is a valid event for the call's duration; both are descriptors.
+        unsafe { libc::epoll_ctl(self.epfd(), libc::EPOLL_CTL_ADD, fd, &mut ev) == 0 }
+    }
+
+    /// Stop watching `fd` (its reader is done; a shut-down socket would otherwise stay
+    /// readable). Closing the descriptor also takes it out.
+    pub(crate) fn remove(&self, fd: RawFd) {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: as in `add`; an fd not in the set fails with ENOENT, which is harmless.
+        unsafe {
+            libc::epoll_ctl(self.epfd(), libc::EPOLL_CTL_DEL, fd, &mut ev);
+        }
+    }
+
+    /// The keys of the descriptors ready now (without waiting), at most `out.len()`.
+    pub(crate) fn collect(&self, out: &mut [libc::epoll_event]) -> usize {
+        loop {
+            // SAFETY: `out` is a valid, exclusively borrowed buffer of `out.len()` events;
+            // the kernel writes at most that many.
+            let n = unsafe { libc::epoll_wait(self.epfd(), out.as_mut_ptr(), out.len() as i32, 0) };
+            if n >= 0 {
+                return n as usize;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return 0;
+            }
+        }
+    }
+
+    /// Until some descriptor in the set is ready.
+    pub(crate) async fn readable(&self) -> std::io::Result<()> {
+        self.waiter.readable(false).await
     }
 }
 

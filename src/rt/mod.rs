@@ -312,8 +312,15 @@ fn run_shard(
                 return;
             }
         };
-        let ctx = ctx::ShardCtx::new(id, shared, pool, driver == Driver::IoUring);
+        let ctx = match ctx::ShardCtx::new(id, shared, pool, driver == Driver::IoUring) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: cannot create its epoll set: {e}")));
+                return;
+            }
+        };
         monoio::spawn(shard::dispatcher(ctx.clone()));
+        monoio::spawn(conn::readers(ctx.clone()));
         monoio::spawn(shard::ticker(ctx.clone()));
         let _ = ready.send(Ok(()));
         drop(ready);
