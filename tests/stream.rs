@@ -192,8 +192,8 @@ async fn fanout_across_shards_in_seq_order() {
 }
 
 /// The epoll fallback (`server.driver = "epoll"`, what a kernel without io_uring gets)
-/// serves the same fan-out: its listener must be non-blocking, and its writer shares the
-/// reader's stream.
+/// serves the same fan-out: its listener must be non-blocking, and the shard's ready set
+/// and the writers' handles work on it as on io_uring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_across_shards_on_epoll() {
     let mut cfg = test_config(2);
@@ -403,7 +403,8 @@ async fn slow_consumer_is_conflated_then_cut() {
     conflated_then_cut(test_config(1)).await;
 }
 
-/// On epoll the stalled writer waits for writability on the reader's registration.
+/// On epoll the stalled writer waits for writability on its own registration (a `dup` of
+/// the connection's descriptor, held while it waits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_conflated_then_cut_on_epoll() {
     let mut cfg = test_config(1);
