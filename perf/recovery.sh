@@ -6,6 +6,9 @@
 #   perf/recovery.sh [ROUNDS]      # ROUNDS of each side, default 3 (~25 s per run)
 #   STORM_PER_SUB=1 perf/recovery.sh   # a smaller storm: one symbol per storm client
 #   STORM_BACK=0 perf/recovery.sh      # control: the same 1,000 connections, nothing to replay
+#   STORM_NICE=19 perf/recovery.sh     # the storm clients' thread at nice 19 (default 0): they
+#                                      # get only the generator core's spare time, as clients
+#                                      # on other machines would take none of it
 #
 # (A): 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s), 10 s
 # measured after 2 s of warm-up; server on core 0 (`taskset -c 0`, shards = 1,
@@ -70,9 +73,10 @@ RES="$TMP/res.jsonl"
 : >"$RES"
 A=(recover --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 2 --duration 10
   --drain 1 --prefill 600 --reconnect-every 0)
-STORM=(--storm 1000 --storm-back "${STORM_BACK:-500}" --storm-at 3 --storm-per-sub "${STORM_PER_SUB:-10}")
+STORM=(--storm 1000 --storm-back "${STORM_BACK:-500}" --storm-at 3 --storm-per-sub "${STORM_PER_SUB:-10}"
+  --storm-nice "${STORM_NICE:-0}")
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" \
-  "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back" >&2
+  "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back, nice ${STORM_NICE:-0}" >&2
 for r in $(seq 1 "$ROUNDS"); do
   # Alternate which side goes first, so neither always gets the fresher minute.
   if (( r % 2 )); then order="calm storm"; else order="storm calm"; fi

@@ -64,6 +64,26 @@ use crate::session::Session;
 /// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
 const MAX_WRITE: usize = 256 * 1024;
 
+/// About how many bytes the shard's writer tasks hand the kernel in one loop turn: each
+/// writer's write is cut to this divided by the writers running (between [`MIN_WRITE`]
+/// and [`MAX_WRITE`]). On io_uring a turn's writes go to the kernel in one
+/// `io_uring_enter`, which performs them all (on loopback the receiving side's TCP work
+/// too) before the loop reads or dispatches anything: 1,000 writers replaying history at
+/// once (a reconnect storm with `since`) at 256 KiB each held the live stream for a
+/// quarter of a second (perf/RESULTS.md, issue 19).
+const TURN_WRITE_BYTES: usize = 4 * 1024 * 1024;
+const MIN_WRITE: usize = 16 * 1024;
+
+/// Largest write done inline from the shard's loop (`send_inline`); more queued (a
+/// history replay) goes on in a writer task. A live stream's write is far smaller; the
+/// bound keeps a batch of readers that each queued a replay from holding the loop.
+const INLINE_WRITE: usize = 64 * 1024;
+
+/// The size of one writer's next write, given the writers running on the shard.
+fn writer_chunk(ctx: &ShardCtx) -> usize {
+    (TURN_WRITE_BYTES / ctx.writers.get().max(1)).clamp(MIN_WRITE, MAX_WRITE)
+}
+
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let fd = stream.as_raw_fd();
@@ -535,7 +555,11 @@ fn send_inline(ctx: &Rc<ShardCtx>, c: &mut Conn) -> Inline {
         return Inline::Idle;
     }
     let mut buf = ctx.take_buffer();
-    let t = s.poll_transmit_with(&mut buf, MAX_WRITE, &mut ctx.tick_deflate.borrow_mut());
+    let t = s.poll_transmit_with(
+        &mut buf,
+        writer_chunk(ctx).min(INLINE_WRITE),
+        &mut ctx.tick_deflate.borrow_mut(),
+    );
     if buf.is_empty() {
         ctx.put_buffer(buf);
         return Inline::NotTried;
@@ -679,6 +703,7 @@ pub(crate) async fn writer(
     generation: u32,
     first: Option<Vec<u8>>,
 ) {
+    let _running = RunningWriter::new(&ctx);
     let fd = conn.borrow().io.fd;
     let Some(mut handle) = WriteHandle::new(ctx.uring, fd) else {
         // epoll: the runtime could not register the descriptor; the connection cannot write.
@@ -719,7 +744,7 @@ pub(crate) async fn writer(
                 return;
             }
             buf = ctx.take_buffer();
-            let t = s.poll_transmit_with(&mut buf, MAX_WRITE, &mut ctx.tick_deflate.borrow_mut());
+            let t = s.poll_transmit_with(&mut buf, writer_chunk(&ctx), &mut ctx.tick_deflate.borrow_mut());
             oldest_tick = t.oldest_tick_ns;
             closing_done = t.done;
             encrypted = match c.io.tls.as_deref_mut() {
@@ -776,6 +801,22 @@ pub(crate) async fn writer(
     // outlives the alias.
     task_done(&ctx, idx, generation, !graceful);
     drop(handle);
+}
+
+/// Counts a writer task in [`ShardCtx::writers`] for as long as it runs (however it ends).
+struct RunningWriter<'a>(&'a ShardCtx);
+
+impl<'a> RunningWriter<'a> {
+    fn new(ctx: &'a ShardCtx) -> Self {
+        ctx.writers.set(ctx.writers.get() + 1);
+        RunningWriter(ctx)
+    }
+}
+
+impl Drop for RunningWriter<'_> {
+    fn drop(&mut self) {
+        self.0.writers.set(self.0.writers.get().saturating_sub(1));
+    }
 }
 
 /// `[cluster]`: puts a ticket issued here on the bus, sealed with a key only the ticket

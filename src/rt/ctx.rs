@@ -42,6 +42,8 @@ pub struct ShardCtx {
     pub uring: bool,
     /// The established connections, for the shard's reader task (`conn::readers`).
     pub(crate) ready: ReadySet,
+    /// Writer tasks running (see `conn::writer_chunk`).
+    pub(crate) writers: Cell<usize>,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -81,6 +83,7 @@ impl ShardCtx {
             verify_pool,
             uring,
             ready,
+            writers: Cell::new(0),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
