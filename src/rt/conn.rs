@@ -9,14 +9,15 @@
 //!   set, [`crate::rt::io::ReadySet`]), and the shard's one reader task (`readers`) reads
 //!   each connection that has input with `recv(MSG_DONTWAIT)` into the *shard's* read
 //!   buffer. An idle connection pins no read buffer, no task and no pending operation;
-//!   only the bytes of an incomplete frame are kept per connection.
+//!   only the bytes of an incomplete frame are kept per connection. Publishers are read
+//!   ahead of their turn when many connections have input (`read_feeds`).
 //! - the **writer** writes inline when the session queued output (`kick`: one
 //!   `send(MSG_DONTWAIT)` of the coalesced frames from the shard's loop, as an epoll server
 //!   writes); only when the socket is full, or for TLS and the close, does a writer task
 //!   run, on a handle over the same descriptor ([`WriteHandle`]), until the queue is
 //!   empty. On io_uring the writes of every writer woken in the same loop turn go to the
-//!   kernel in one `io_uring_enter`; on epoll each is a `send(2)` and the writer yields
-//!   between writes.
+//!   kernel in one `io_uring_enter`, so each write is cut to the turn's share
+//!   (`writer_chunk`); on epoll each is a `send(2)` and the writer yields between writes.
 //!
 //! **TLS** (when `[tls]` is configured) is rustls driven sans-IO, not a stream wrapper: the
 //! per-IP rate limit is charged at accept, before any TLS work (an address over its limit is
@@ -146,12 +147,22 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         return;
     }
     conn.borrow_mut().io.reading = true;
+    let publisher = conn
+        .borrow()
+        .session
+        .as_ref()
+        .is_some_and(|s| s.claims().has_role(crate::auth::jwt::Role::Publisher));
+    if publisher {
+        ctx.add_feed(idx, generation);
+    }
     if !leftover.is_empty() {
         let mut data = leftover;
         process(&ctx, &conn, idx, &mut data);
         reader_check(&ctx, &conn, idx, generation, false);
     } else {
-        // A wave of upgrades (a reconnect storm) must not hold the live stream either.
+        // A wave of upgrades (a reconnect storm) must not hold the live stream either:
+        // the publishers' input first, then the ticks waiting.
+        read_feeds(&ctx);
         dispatch_waiting(&ctx);
     }
 }
@@ -178,12 +189,33 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
             }
             continue;
         }
-        for ev in &events[..n] {
+        for (i, ev) in events[..n].iter().enumerate() {
             let key = ev.u64;
             let (idx, generation) = ready_key_parts(key);
             read_ready(&ctx, idx, generation);
+            if i % FEEDS_EVERY == FEEDS_EVERY - 1 {
+                read_feeds(&ctx);
+            }
         }
         yield_now().await;
+    }
+}
+
+/// Connections read between two looks at the shard's publishers ([`read_feeds`]).
+const FEEDS_EVERY: usize = 16;
+
+/// Feeds first: reads the shard's publishers (connections whose token has the publisher
+/// role, up to [`crate::rt::ctx::MAX_FEEDS`]) once each, whether or not their turn in the
+/// ready set has come; called every [`FEEDS_EVERY`] connections of a batch and after each
+/// upgrade. The ready set reports its connections in turn, so when a thousand
+/// connections have input at once (a reconnect storm's subscribes, each replaying
+/// history) a publisher's next ticks waited for all of them to be handled, and so did
+/// every subscriber (perf/RESULTS.md, issue 19). A publisher with nothing waiting costs a
+/// `recv` that finds the socket empty.
+fn read_feeds(ctx: &Rc<ShardCtx>) {
+    let feeds = ctx.feeds();
+    for &(idx, generation) in feeds.iter() {
+        read_ready(ctx, idx, generation);
     }
 }
 
@@ -234,6 +266,7 @@ fn reader_check(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, generation: u32,
         c.io.fd
     };
     ctx.ready.remove(fd);
+    ctx.remove_feed(idx, generation);
     task_done(ctx, idx, generation, true);
     true
 }

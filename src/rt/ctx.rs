@@ -44,6 +44,9 @@ pub struct ShardCtx {
     pub(crate) ready: ReadySet,
     /// Writer tasks running (see `conn::writer_chunk`).
     pub(crate) writers: Cell<usize>,
+    /// The shard's publishers, by slot and generation, read ahead of their turn
+    /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
+    feeds: RefCell<Vec<(usize, u32)>>,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -54,6 +57,9 @@ pub struct ShardCtx {
     /// subscribers without context takeover (made on first use).
     pub tick_deflate: RefCell<Option<crate::proto::deflate::Deflater>>,
 }
+
+/// Publishers per shard read ahead of their turn; more are read in their turn only.
+pub(crate) const MAX_FEEDS: usize = 16;
 
 /// Buffers kept in a shard's pool, and the largest one worth keeping.
 const POOL_BUFFERS: usize = 256;
@@ -84,6 +90,7 @@ impl ShardCtx {
             uring,
             ready,
             writers: Cell::new(0),
+            feeds: RefCell::new(Vec::new()),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
@@ -114,6 +121,24 @@ impl ShardCtx {
 
     pub fn now_ms(&self) -> u64 {
         self.shared.now_ms()
+    }
+
+    /// A publisher's connection joined the shard (ignored past [`MAX_FEEDS`]).
+    pub(crate) fn add_feed(&self, idx: usize, generation: u32) {
+        let mut f = self.feeds.borrow_mut();
+        if f.len() < MAX_FEEDS {
+            f.push((idx, generation));
+        }
+    }
+
+    /// A connection's reader ended: it is no longer a feed, if it was one.
+    pub(crate) fn remove_feed(&self, idx: usize, generation: u32) {
+        self.feeds.borrow_mut().retain(|&f| f != (idx, generation));
+    }
+
+    /// The shard's feeds now (a copy: reading one may end it and change the list).
+    pub(crate) fn feeds(&self) -> Vec<(usize, u32)> {
+        self.feeds.borrow().clone()
     }
 
     /// A write buffer from the shard's pool (empty, possibly with capacity).
