@@ -168,6 +168,14 @@ pub fn now_ns() -> u64 {
 }
 
 /// User + system CPU of this process.
+/// Moves a connection-local count into the shared counter (skipping the atomic when zero):
+/// the clients count locally and flush now and then, so the hot loop touches no shared line.
+pub fn flush_count(local: &mut u64, global: &std::sync::atomic::AtomicU64) {
+    if *local > 0 {
+        global.fetch_add(std::mem::take(local), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub fn cpu_time() -> Duration {
     // SAFETY: getrusage writes one rusage struct into the zeroed value we pass.
     let ru = unsafe {

@@ -769,12 +769,7 @@ async fn subscriber(
 }
 
 fn flush(st: &mut Conn, c: &Counters) {
-    /// Move a connection-local count into the shared counter (skipping the atomic when zero).
-    fn take(local: &mut u64, global: &AtomicU64) {
-        if *local > 0 {
-            global.fetch_add(std::mem::take(local), Relaxed);
-        }
-    }
+    use crate::common::flush_count as take;
     take(&mut st.window_rx, &c.window_rx);
     take(&mut st.gaps, &c.seq_gaps);
     take(&mut st.backwards, &c.seq_backwards);

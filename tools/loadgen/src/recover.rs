@@ -186,11 +186,7 @@ struct Tally {
 
 impl Tally {
     fn flush(&mut self, t: &Totals) {
-        fn take(local: &mut u64, global: &AtomicU64) {
-            if *local > 0 {
-                global.fetch_add(std::mem::take(local), Relaxed);
-            }
-        }
+        use crate::common::flush_count as take;
         take(&mut self.ticks, &t.ticks);
         take(&mut self.window_rx, &t.window_rx);
         take(&mut self.gaps, &t.gaps);
