@@ -7,7 +7,8 @@
 #   UWS_PEER=/path/to/uws-peer perf/compare.sh [--quick]
 #                             # the same with the uWebSockets peer as a third column
 #
-# UWS_PEER: a binary of tools/peers/uws/main.cpp, a single-threaded uWebSockets pub/sub
+# UWS_PEER: a binary of tools/peers/uws/main.cpp (tools/peers/uws/build.sh builds it from the
+# pinned uWebSockets and uSockets commits), a single-threaded uWebSockets pub/sub
 # server speaking the baseline's protocol (app.publish per tick, a topic per symbol, 1 MiB
 # backpressure limit, no compression, no SSL; perf/RESULTS.md, "uWebSockets peer", says
 # which uWebSockets and uSockets commits it was measured with). It runs every scenario
