@@ -72,6 +72,21 @@ leader_up() {
   echo "no ingest leader" >&2; exit 2
 }
 
+# Waits until the nodes on these admin ports have taken nothing from NATS for half a second
+# (at most 60 s), so a scenario never measures the backlog an overloaded one left queued in
+# NATS and the nodes (the (B) and (I) searches end past the knee on purpose).
+settle() { # ADMIN_PORT...
+  local before="" now waited=0
+  while (( waited < 120 )); do
+    now=$(for a in "$@"; do curl -fsS "http://127.0.0.1:$a/metrics" 2>/dev/null |
+      awk '/^tickgate_bus_received_total /{print $2}'; done | awk '{s += $1} END {print s + 0}')
+    [[ -n $before && $now == "$before" ]] && break
+    before=$now; sleep 0.5; waited=$((waited + 1))
+  done
+  (( waited > 2 )) && echo "  (waited $((waited / 2)) s for the nodes to drain what the last scenario left)" >&2
+  return 0
+}
+
 RES="$TMP/res.jsonl"
 : >"$RES"
 run_lg() { # LABEL PID ARGS...
@@ -109,18 +124,34 @@ cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinn
   taskset -c $cores "$TG" serve --config "$TMP/n2.toml" >"$TMP/n2.log" 2>&1 &
   local p2=$!; PIDS+=("$p2")
   wait_ready 19281; wait_ready 19282; leader_up
+  # One client per node holds the 100 symbols for the whole layout, as a node serving
+  # traffic does: the scenarios measure the steady state, not each scenario's first
+  # subscribers making the nodes take the symbols again (head, then history read behind
+  # the live ticks: up to feed.history messages per symbol through NATS).
+  local tok syms
+  tok=$("$TG" token --key "$TMP/keys/k1.key" --sub holder --symbols '*' --ttl 900 2>/dev/null)
+  syms=$(seq -f 'S%04g' 0 99 | paste -sd,)
+  for port in 18281 18282; do
+    taskset -c 1 "$TG" client --url "ws://127.0.0.1:$port/v1/stream" --token "$tok" \
+      --symbols "$syms" --no-reconnect >/dev/null 2>&1 &
+    PIDS+=("$!")
+  done
   local via=(--target 127.0.0.1:18281 --also-target 127.0.0.1:18282 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench)
   run_lg "A:$side:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
+  settle 19281 19282
   run_lg "A10k:$side:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"
+  settle 19281 19282
   run_lg "H:$side:$1" "$p1" "${H[@]}" "${via[@]}"
+  settle 19281 19282
   run_lg "B:$side:$1" "$p1" "${B[@]}" "${via[@]}"
   # One node's ingest: node 2 stopped, node 1 leads (after the claim expires) and has one
   # subscriber per symbol.
   kill "$p2"; wait "$p2" 2>/dev/null || true
-  leader_up
+  leader_up; settle 19281
   run_lg "I:$side:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 \
     --rates 5000,10000,20000,40000,80000,160000 --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5 \
     --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
+  settle 19281
   run_lg "C:$side:$1" "$p1" fanout --subscribers 100 --symbols 100 --per-sub 1 --rate 10000 \
     --warmup 1 --duration 4 --target 127.0.0.1:18281 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench
   kill "$p1" "$np"; wait "$p1" "$np" 2>/dev/null || true

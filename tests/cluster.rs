@@ -879,3 +879,58 @@ async fn the_demo_client_resumes_on_another_node_with_since() {
     );
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>(), "{stderr:?}");
 }
+
+/// A node that takes a symbol for a subscriber without `since` waits only for the stream's
+/// head, not for its history (the live ticks of a node taking many symbols at once would
+/// wait for up to `feed.history` messages each); the history is read behind the live
+/// ticks and put in front of what the node kept, and a `since` from before the node took
+/// the symbol waits for that read if it is still under way: replayed in full, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_took_a_symbol_from_its_head_still_replays_the_cluster_history() {
+    const N: u64 = 120;
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
+    let sym = "HB-SYM";
+    let mut sa = subscribe(&a, sym, false).await;
+    leader(&[&a, &b]).await;
+    feed(&nats, &p, sym, N, 1).await.unwrap();
+    for n in 1..=N {
+        assert_eq!(next_tick(&mut sa).await.0, n);
+    }
+    // Node b takes the symbol now, from its head (seq N), for a subscriber without since.
+    let mut first = subscribe(&b, sym, true).await;
+    let snap = next_json(&mut first).await;
+    assert_eq!(
+        (snap["type"].as_str(), snap["seq"].as_u64()),
+        (Some("snapshot"), Some(N)),
+        "{snap}"
+    );
+    // A client that processed tick 10 resumes on b, while b may still be reading the
+    // history (then the subscription waits for it): ticks 11..=N, a replay, not a reset.
+    let mut late = session(&b, &b.token("sub")).await;
+    send_json(
+        &mut late,
+        json!({"op":"subscribe","id":2,"symbols":[sym],"since":{sym: 10}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut late).await["type"], "subscribed");
+    for n in 11..=N {
+        let m = next_json(&mut late).await;
+        assert_eq!(
+            (m["type"].as_str(), m["seq"].as_u64()),
+            (Some("tick"), Some(n)),
+            "{m}"
+        );
+        assert!(m.get("skipped").is_none(), "{m}");
+    }
+    let shared = b.handle.shared.clone();
+    wait_until("b to count the history it read behind the head", move || {
+        shared.bus.metrics.backfilled.load(Ordering::Relaxed) == N - 1
+    })
+    .await;
+}

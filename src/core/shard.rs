@@ -226,6 +226,10 @@ struct Start {
     snapshot: bool,
     /// The last `seq` the client processed: replay what follows (PROTOCOL.md 10).
     since: Option<u64>,
+    /// `[cluster]`: the `since` reaches back past what the node holds of a symbol whose
+    /// bus history is still being read: only the marker that ends the read (a
+    /// [`SharedTick::prime`]) activates it, with the replay up to that marker.
+    after_backfill: bool,
 }
 
 /// Names awaited by this shard's connections: name -> (connection index, generation,
@@ -616,6 +620,7 @@ impl<I: ConnIo> ShardCore<I> {
                     let start = Start {
                         snapshot,
                         since: since.get(&name).copied(),
+                        after_backfill: false,
                     };
                     self.wait(idx, c, name, start, now);
                 }
@@ -675,7 +680,15 @@ impl<I: ConnIo> ShardCore<I> {
             if let Some(list) = self.table.get_mut(id.0 as usize) {
                 let before = list.len();
                 list.retain(|e| !(e.idx == idx && e.generation == generation));
-                if before > 0 && list.is_empty() {
+                // A subscription waiting for the symbol's bus history keeps the shard on it.
+                let waited = !self.waiting.is_empty()
+                    && self
+                        .shared
+                        .hub
+                        .symbols()
+                        .name(*id)
+                        .is_some_and(|n| self.waiting.contains_key(&*n));
+                if before > 0 && list.is_empty() && !waited {
                     self.shared.hub.unsubscribe_last(self.id, *id);
                 }
             }
@@ -698,7 +711,7 @@ impl<I: ConnIo> ShardCore<I> {
             Wait::Waiting => {
                 // With `[cluster]` the bus is asked for the name (its newest tick, then
                 // its live ticks); alone, this is a no-op.
-                self.shared.hub.want(&name);
+                self.shared.hub.want(&name, start.since.is_some());
                 self.waiting
                     .entry(name)
                     .or_default()
@@ -762,7 +775,26 @@ impl<I: ConnIo> ShardCore<I> {
         };
         let head = first.filter(|t| t.prime);
         let hub = &self.shared.hub;
+        let backfilling = list.iter().any(|(_, _, s)| s.since.is_some()) && hub.backfilling(id);
+        let mut kept = Vec::new();
         for (widx, generation, start) in list {
+            // A `since` on a symbol whose bus history is still being read waits for the
+            // marker that ends the read (or, if the head arrives after it, for the head).
+            let wait = match start.after_backfill {
+                true => head.is_none() || backfilling,
+                false => start.since.is_some() && backfilling,
+            };
+            if wait {
+                kept.push((
+                    widx,
+                    generation,
+                    Start {
+                        after_backfill: true,
+                        ..start
+                    },
+                ));
+                continue;
+            }
             let go = |c: &mut Conn<I>, effects: &mut Vec<Effect>, wheel: &mut TimerWheel<TimerEvent>| {
                 if c.generation != generation {
                     return None;
@@ -813,7 +845,10 @@ impl<I: ConnIo> ShardCore<I> {
                 });
             }
         }
-        if self.table[i].is_empty() {
+        if !kept.is_empty() {
+            // Still waiting: the shard keeps receiving the symbol's ticks for the marker.
+            self.waiting.insert(Box::from(name), kept);
+        } else if self.table[i].is_empty() {
             self.shared.hub.unsubscribe_last(self.id, id);
         }
     }
@@ -837,6 +872,7 @@ impl<I: ConnIo> ShardCore<I> {
         let generation = c.generation;
         let Some(session) = c.session.as_mut() else { return };
         let mut retired = Vec::new();
+        let mut backfilling = Vec::new();
         for id in ids {
             let i = id.0 as usize;
             if self.table.len() <= i {
@@ -865,6 +901,13 @@ impl<I: ConnIo> ShardCore<I> {
                     retired.push(*id);
                     continue;
                 };
+                if base.backfilling {
+                    // The `since` reaches past what this node holds while the bus's
+                    // history is still being read: the subscription waits for the read's
+                    // marker (the shard now receives the symbol's ticks).
+                    backfilling.push((*id, since_of));
+                    continue;
+                }
                 list.push(SubEntry {
                     idx,
                     generation,
@@ -884,6 +927,22 @@ impl<I: ConnIo> ShardCore<I> {
                 session.push_snapshot(encode_for_subscriber(TickKind::Snapshot, &t, 0));
             }
         }
+        for (id, since_of) in backfilling {
+            let name = self.shared.hub.symbols().name(id);
+            if let (Some(name), Some(s)) = (name, c.session.as_mut())
+                && s.wait_again(id, &name)
+            {
+                self.waiting.entry(Box::from(&*name)).or_default().push((
+                    idx,
+                    generation,
+                    Start {
+                        snapshot,
+                        since: since_of,
+                        after_backfill: true,
+                    },
+                ));
+            }
+        }
         // Retired between the session's look-up and now (it was idle for
         // `feed.symbol_idle`): the subscription waits for the name like any other.
         for id in retired {
@@ -894,6 +953,7 @@ impl<I: ConnIo> ShardCore<I> {
                 let start = Start {
                     snapshot,
                     since: since.get(&*name).copied(),
+                    after_backfill: false,
                 };
                 self.wait(idx, c, Box::from(&*name), start, now);
             }

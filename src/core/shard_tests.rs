@@ -911,6 +911,103 @@ fn a_bus_backfill_is_replayed_to_a_waiting_since_subscriber() {
     assert_eq!(tick_seqs(&out), vec![42]);
 }
 
+/// `[cluster]`: a node took a symbol from the bus's head alone (its first subscriber had
+/// no `since`), the live ticks flow, and the stream's history is still being read. A
+/// `since` from before the head waits for that read (no reset, no tick yet), then gets
+/// every tick after it: the older history, the head, the live ones meanwhile, then live.
+#[test]
+fn a_since_waits_for_the_bus_history_read_behind_the_live_ticks() {
+    let mut w = world();
+    let a = w.connect("alice", "s1", "j1");
+    let b = w.connect("bob", "s2", "j2");
+    w.subscribe(a, "CL-SYM");
+    w.effects();
+    assert_eq!(
+        w.shared.hub.ingest_head_before_history("CL-SYM", 41, &tick(41.0)),
+        crate::feed::hub::Ingested::Accepted
+    );
+    assert_eq!(w.dispatch(), 0, "a head is delivered to no one");
+    w.shared.hub.ingest_ordered("CL-SYM", 42, &tick(42.0), false);
+    w.dispatch();
+    assert_eq!(tick_seqs(&w.out(a)), vec![42]);
+    // Since 36, before the head: it waits.
+    w.text(
+        b,
+        r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":36}}"#,
+    );
+    let out = w.out(b);
+    assert_eq!((out.len(), &out[0]["type"]), (1, &"subscribed".into()), "{out:?}");
+    assert_eq!(w.core.waiting_names(), 1);
+    w.shared.hub.ingest_ordered("CL-SYM", 43, &tick(43.0), false);
+    w.dispatch();
+    assert_eq!(tick_seqs(&w.out(a)), vec![43]);
+    assert!(w.out(b).is_empty(), "nothing before the history is in");
+    // Since 41, the head: what the node holds is enough, no wait.
+    let c = w.connect("carol", "s3", "j3");
+    w.text(
+        c,
+        r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":41}}"#,
+    );
+    assert_eq!(tick_seqs(&w.out(c)), vec![42, 43]);
+    // The read ends: 30..=40 go in front of the head (41 is held already).
+    let held: Vec<(u64, Tick, u64)> = (30..=41).map(|q| (q, tick(q as f64), 1_000)).collect();
+    assert_eq!(w.shared.hub.backfill_older("CL-SYM", &held), 11);
+    assert_eq!(w.dispatch(), 0, "the read's marker is delivered to no one");
+    assert_eq!(tick_seqs(&w.out(b)), (37..=43).collect::<Vec<_>>());
+    assert_eq!(w.core.waiting_names(), 0);
+    w.shared.hub.ingest_ordered("CL-SYM", 44, &tick(44.0), false);
+    assert_eq!(w.dispatch(), 3);
+    for id in [a, b, c] {
+        let out = w.out(id);
+        assert_eq!(tick_seqs(&out), vec![44], "{out:?}");
+        assert!(out[0].get("skipped").is_none(), "{out:?}");
+    }
+}
+
+/// The same when the `since` waited for the name before the head came, beside a
+/// subscriber without `since` that made the node take the head alone; and when the read
+/// brings nothing (it failed), the wait ends in a `reset`, not in silence.
+#[test]
+fn a_since_waiting_for_a_new_name_waits_for_the_history_too_and_a_failed_read_resets() {
+    for held in [true, false] {
+        let mut w = world();
+        let a = w.connect("alice", "s1", "j1");
+        let b = w.connect("bob", "s2", "j2");
+        w.subscribe(a, "CL-SYM");
+        w.text(
+            b,
+            r#"{"op":"subscribe","symbols":["CL-SYM"],"since":{"CL-SYM":38}}"#,
+        );
+        w.out(a);
+        w.out(b);
+        w.shared.hub.ingest_head_before_history("CL-SYM", 41, &tick(41.0));
+        w.shared.hub.ingest_ordered("CL-SYM", 42, &tick(42.0), false);
+        w.dispatch();
+        assert_eq!(tick_seqs(&w.out(a)), vec![42]);
+        assert!(w.out(b).is_empty());
+        let older: Vec<(u64, Tick, u64)> = match held {
+            true => (35..=40).map(|q| (q, tick(q as f64), 1_000)).collect(),
+            false => Vec::new(),
+        };
+        w.shared.hub.backfill_older("CL-SYM", &older);
+        w.dispatch();
+        let out = w.out(b);
+        if held {
+            assert_eq!(tick_seqs(&out), vec![39, 40, 41, 42]);
+        } else {
+            assert_eq!(
+                (&out[0]["type"], &out[0]["seq"], &out[0]["reset"]),
+                (&"snapshot".into(), &42.into(), &true.into()),
+                "{out:?}"
+            );
+            assert_eq!(out.len(), 1, "{out:?}");
+        }
+        w.shared.hub.ingest_ordered("CL-SYM", 43, &tick(43.0), false);
+        w.dispatch();
+        assert_eq!(tick_seqs(&w.out(b)), vec![43]);
+    }
+}
+
 /// The same for a symbol that exists but has had no tick (a configured symbol of a server
 /// that just restarted): the first tick is a reset unless it follows `since`.
 #[test]

@@ -122,6 +122,50 @@ impl History {
         added as i64 - freed as i64
     }
 
+    /// Puts `older` (oldest first) in front of what is held: the run of it that ends right
+    /// before the oldest `seq` held (ticks at or above it are ignored, and so is everything
+    /// when the run does not reach it: a ring never holds a gap). Taken newest first while
+    /// the depth, the byte budget (`total`, as in [`Self::push`]) and the age at `now_ns`
+    /// allow; an empty ring takes the run as it is. Returns the bytes added.
+    pub fn prepend(
+        &mut self,
+        older: &[Arc<SharedTick>],
+        lim: &HistoryLimits,
+        total: u64,
+        now_ns: u64,
+    ) -> u64 {
+        if lim.depth == 0 {
+            return 0;
+        }
+        let end = match self.ring.front() {
+            Some(f) => older.partition_point(|t| t.seq < f.seq),
+            None => older.len(),
+        };
+        let run = &older[..end];
+        if let (Some(f), Some(last)) = (self.ring.front(), run.last())
+            && last.seq + 1 != f.seq
+        {
+            return 0;
+        }
+        let mut added = 0u64;
+        let mut next: Option<u64> = None;
+        for t in run.iter().rev() {
+            let b = entry_bytes(t);
+            if self.ring.len() >= lim.depth
+                || total.saturating_add(added).saturating_add(b) > lim.max_bytes
+                || now_ns.saturating_sub(t.accepted_ns) > lim.age_ns
+                || next.is_some_and(|n| t.seq + 1 != n)
+            {
+                break;
+            }
+            next = Some(t.seq);
+            self.ring.push_front(t.clone());
+            self.bytes += b;
+            added += b;
+        }
+        added
+    }
+
     fn front_expired(&self, now_ns: u64, age_ns: u64) -> bool {
         self.ring
             .front()
@@ -292,6 +336,65 @@ mod tests {
         assert_eq!(s.replay(5, 5), Replay::UpToDate);
         // Ahead of the symbol (the order restarted): a reset to the newest tick.
         assert!(matches!(s.replay(9, 5), Replay::Reset(ref n) if n.seq == 5));
+    }
+
+    /// `[cluster]`: the bus's older history arrives after the head and live ticks.
+    #[test]
+    fn older_ticks_go_in_front_only_as_a_run_that_meets_the_oldest_held() {
+        let older: Vec<_> = (1..=6).map(|q| t(q, q)).collect();
+        // Held: 5, 6, 7 (the head 5, then live); the run 1..=4 goes in front, 5 and 6
+        // are ignored.
+        let mut s = Sym::new(lim(10));
+        s.seq = 4;
+        for i in 5..=7 {
+            s.tick(i);
+        }
+        let added = s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+        assert_eq!(added, older[..4].iter().map(|t| entry_bytes(t)).sum::<u64>());
+        assert_eq!(seqs(&s.replay(0, 10)), (1..=7).collect::<Vec<_>>());
+        assert_eq!(s.h.bytes(), (1..=7).map(|q| entry_bytes(&t(q, 0))).sum::<u64>());
+        // A run that stops short of the oldest held (a gap) is not taken.
+        let mut s = Sym::new(lim(10));
+        s.seq = 5;
+        s.tick(6);
+        assert_eq!(s.h.prepend(&older[..4], &s.lim, s.total, 10 * MS), 0);
+        assert_eq!(s.h.len(), 1);
+        // The depth keeps the newest of the run; so does the age.
+        let mut s = Sym::new(lim(4));
+        s.seq = 6;
+        s.tick(7);
+        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+        assert_eq!(s.h.oldest_seq(), Some(4));
+        assert_eq!(s.h.len(), 4);
+        let mut s = Sym::new(HistoryLimits {
+            age_ns: 7 * MS,
+            ..lim(10)
+        });
+        s.seq = 6;
+        s.tick(10);
+        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+        assert_eq!(
+            s.h.oldest_seq(),
+            Some(3),
+            "ticks 1 and 2 are past the age at 10 ms"
+        );
+        // The byte budget: room for two more.
+        let b = entry_bytes(&older[0]);
+        let mut s = Sym::new(HistoryLimits {
+            max_bytes: 3 * b,
+            ..lim(10)
+        });
+        s.seq = 6;
+        s.tick(7);
+        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+        assert_eq!(s.h.oldest_seq(), Some(5));
+        // An empty ring takes the whole run; depth 0 takes nothing.
+        let mut h = History::default();
+        h.prepend(&older, &lim(10), 0, 10 * MS);
+        assert_eq!((h.len(), h.oldest_seq()), (6, Some(1)));
+        let mut h = History::default();
+        assert_eq!(h.prepend(&older, &HistoryLimits::OFF, 0, 10 * MS), 0);
+        assert!(h.is_empty());
     }
 
     #[test]

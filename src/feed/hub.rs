@@ -103,6 +103,10 @@ struct SymbolState {
     retired: bool,
     /// A configured symbol (the simulator's): never retired.
     pinned: bool,
+    /// `[cluster]`: taken from the bus's head alone; the stream's older history is still
+    /// being read ([`Hub::ingest_head_before_history`], [`Hub::backfill_older`]). A
+    /// `since` it may reach waits for it.
+    backfilling: bool,
 }
 
 pub struct Hub {
@@ -122,8 +126,10 @@ pub struct Hub {
 /// A change of this node's interest in a symbol, for the bus thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Interest {
-    /// A connection waits for this name: take its head and its live ticks.
-    Want(Box<str>),
+    /// A connection waits for this name: take its head and its live ticks. `history`: one
+    /// of the connections asked for `since`, so the stream's history is read before any
+    /// live tick (else it is read beside them, [`Hub::backfill_older`]).
+    Want { name: Box<str>, history: bool },
     /// The last local subscriber of this symbol left: release it if still unused.
     Release(SymbolId),
 }
@@ -160,6 +166,10 @@ pub struct Baseline {
     /// With `since`: what to queue before the live stream (read with `seq`, under the
     /// symbol's lock, so the two meet with no gap and no duplicate).
     pub replay: Option<Replay>,
+    /// With `since` from before what is held while the bus's history of the symbol is
+    /// still being read: no replay yet; the subscription waits for the marker
+    /// [`Hub::backfill_older`] sends ([`SharedTick::prime`], the newest tick).
+    pub backfilling: bool,
 }
 
 impl Hub {
@@ -282,10 +292,14 @@ impl Hub {
         }
     }
 
-    /// A connection waits for `name` (it does not exist on this node yet).
-    pub fn want(&self, name: &str) {
+    /// A connection waits for `name` (it does not exist on this node yet); `since`: it
+    /// asked to resume after a `seq` ([`Interest::Want`]).
+    pub fn want(&self, name: &str, since: bool) {
         if self.interest.get().is_some() {
-            self.note_interest(Interest::Want(Box::from(name)));
+            self.note_interest(Interest::Want {
+                name: Box::from(name),
+                history: since,
+            });
         }
     }
 
@@ -434,6 +448,88 @@ impl Hub {
         }
         drop(st);
         self.ingest_ordered(name, last_seq, last_tick, true)
+    }
+
+    /// `[cluster]`: the stream's history of a symbol this node took interest in from its
+    /// head alone (no subscriber asked for `since`), read while the live ticks already
+    /// flowed: the run that ends right before the oldest tick kept goes in front of the
+    /// symbol's history, within `feed.history`, `feed.history_age` and the byte budget, so
+    /// a later `since` reaches back as far as the cluster's history. Returns how many were
+    /// taken (none when the symbol is gone, or the run does not meet what is kept).
+    /// Ends the read either way (also with no tick, when it failed): the subscriptions
+    /// with `since` that waited for it get a marker, the newest tick as a
+    /// [`SharedTick::prime`], and are replayed up to it.
+    pub fn backfill_older(&self, name: &str, ticks: &[(u64, Tick, u64)]) -> u64 {
+        let Some(id) = self.symbols.lookup(name) else {
+            return 0;
+        };
+        let Some((id, arc_name, mut st)) = self.lock_live(id, false) else {
+            return 0;
+        };
+        if std::mem::take(&mut st.backfilling)
+            && let Some(last) = st.last.clone()
+        {
+            let marker = Arc::new(SharedTick {
+                prime: true,
+                ..(*last).clone()
+            });
+            let mask = st.shard_mask;
+            self.push_to(mask, &marker);
+            self.wake_shards(mask);
+        }
+        if self.history_limits.depth == 0 || ticks.is_empty() {
+            return 0;
+        }
+        let now = crate::metrics::mono_ns();
+        let oldest = st.history.oldest_seq().unwrap_or(u64::MAX);
+        let older: Vec<Arc<SharedTick>> = ticks
+            .iter()
+            .filter(|(seq, _, _)| *seq < oldest)
+            .map(|(seq, tick, ago_ns)| {
+                stamp(
+                    id,
+                    arc_name.clone(),
+                    *seq,
+                    tick,
+                    now.saturating_sub(*ago_ns),
+                    false,
+                )
+            })
+            .collect();
+        let before = st.history.len();
+        let total = self.history_bytes.load(Ordering::Relaxed);
+        let added = st.history.prepend(&older, &self.history_limits, total, now);
+        let n = st.history.len() - before;
+        self.account(added as i64, n as i64);
+        n as u64
+    }
+
+    /// `[cluster]`: [`Self::ingest_ordered`] of a bus head when the symbol's history is
+    /// to be read after it, beside the live ticks: until [`Self::backfill_older`] a
+    /// `since` that reaches back past what is held waits instead of being reset.
+    pub fn ingest_head_before_history(&self, name: &str, seq: u64, tick: &Tick) -> Ingested {
+        if self.history_limits.depth > 0
+            && let Ok(id) = self.bus_symbol(name)
+            && let Some((_, _, mut st)) = self.lock_live(id, true)
+        {
+            st.backfilling = true;
+        }
+        let r = self.ingest_ordered(name, seq, tick, true);
+        if let Some(id) = self.symbols.lookup(name)
+            && let Some(state) = self.state(id)
+        {
+            // No head taken after all: nothing for a marker to carry, nothing to wait for.
+            let mut st = lock(state);
+            if st.last.is_none() {
+                st.backfilling = false;
+            }
+        }
+        r
+    }
+
+    /// The symbol's bus history is still being read ([`Self::ingest_head_before_history`]).
+    pub fn backfilling(&self, id: SymbolId) -> bool {
+        self.state(id).is_some_and(|s| lock(s).backfilling)
     }
 
     fn push_to(&self, mask: u64, t: &Arc<SharedTick>) {
@@ -623,6 +719,20 @@ impl Hub {
         if first_on_shard && shard < 64 {
             st.shard_mask |= 1 << shard;
         }
+        if let Some((since, _)) = since
+            && st.backfilling
+            && st
+                .history
+                .oldest_seq()
+                .is_none_or(|o| since.saturating_add(1) < o)
+        {
+            return Some(Baseline {
+                seq: st.seq,
+                snapshot: None,
+                replay: None,
+                backfilling: true,
+            });
+        }
         let replay = since.map(|(since, budget)| {
             st.history.replay(
                 since,
@@ -637,6 +747,7 @@ impl Hub {
             seq: st.seq,
             snapshot: st.last.clone(),
             replay,
+            backfilling: false,
         })
     }
 

@@ -740,6 +740,9 @@ struct Delivery {
 /// Follows the shards' interest: a delivery subscription per wanted symbol.
 async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
     let mut subs: HashMap<Box<str>, Delivery> = HashMap::new();
+    let (backfills, rx) = mpsc::channel(BACKFILL_QUEUE);
+    let backfiller = tokio::spawn(backfiller(bus.clone(), rx));
+    let _abort = AbortOnDrop(backfiller);
     let mut changes = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -754,7 +757,9 @@ async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
             let n = changes.len();
             for c in changes.drain(..) {
                 match c {
-                    Interest::Want(name) => want(&bus, &mut subs, name).await,
+                    Interest::Want { name, history } => {
+                        want(&bus, &mut subs, &backfills, name, history).await
+                    }
                     Interest::Release(id) => {
                         if let Some(name) = bus.shared.hub.symbols().name(id) {
                             release(&bus, &mut subs, &name);
@@ -771,7 +776,7 @@ async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
             // Dropped changes, a failed subscribe, names no longer waited for: the
             // tables say what is wanted.
             for name in bus.shared.hub.wanted_names() {
-                want(&bus, &mut subs, name).await;
+                want(&bus, &mut subs, &backfills, name, true).await;
             }
             let held: Vec<Box<str>> = subs.keys().cloned().collect();
             for name in held {
@@ -786,7 +791,13 @@ async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
     }
 }
 
-async fn want(bus: &Arc<Bus>, subs: &mut HashMap<Box<str>, Delivery>, name: Box<str>) {
+async fn want(
+    bus: &Arc<Bus>,
+    subs: &mut HashMap<Box<str>, Delivery>,
+    backfills: &mpsc::Sender<Box<str>>,
+    name: Box<str>,
+    history: bool,
+) {
     if subs.contains_key(&name) || !crate::bus::is_bus_symbol(&name) {
         return;
     }
@@ -797,16 +808,29 @@ async fn want(bus: &Arc<Bus>, subs: &mut HashMap<Box<str>, Delivery>, name: Box<
             return;
         }
     };
-    // Live ticks are subscribed to first and held in the subscription while the history
-    // (or the head) is read, then delivered: a tick appended in between is at worst seen
-    // twice (the hub keeps the newer), never missed, and the history reaches the hub
-    // before any live tick, so a `since` is replayed up to the head, then goes live. One
-    // task per symbol does both, so a client subscribing to many symbols at once has
-    // their histories read side by side, not one after the other.
+    // Live ticks are subscribed to first and held in the subscription while the head (and
+    // the history) is read, then delivered: a tick appended in between is at worst seen
+    // twice (the hub keeps the newer), never missed. When a waiting connection asked for
+    // `since`, the history reaches the hub before any live tick, so the `since` is
+    // replayed up to the head, then goes live. Otherwise only the head is waited for (one
+    // read), and the history is read beside the live ticks and put in front of what the
+    // hub kept meanwhile: the first subscriber of a symbol does not wait for up to
+    // `feed.history` messages, nor do the live ticks of a node that takes interest in
+    // many symbols at once ([`backfiller`] reads those histories one after the other).
+    // One task per symbol reads its head (and its history when asked first), so a client
+    // subscribing to many symbols at once has them read side by side.
     let task = tokio::spawn({
-        let (bus, name) = (bus.clone(), name.clone());
+        let (bus, name, backfills) = (bus.clone(), name.clone(), backfills.clone());
         async move {
-            take_head(&bus, &name).await;
+            if history || bus.shared.cfg.feed.history == 0 {
+                take_head(&bus, &name).await;
+            } else {
+                if take_head_only(&bus, &name).await && backfills.try_send(name.clone()).is_err() {
+                    // Too many queued: a `since` waiting for this one is served from
+                    // what the node holds.
+                    bus.shared.hub.backfill_older(&name, &[]);
+                }
+            }
             deliver(bus, name, sub).await;
         }
     });
@@ -830,6 +854,48 @@ async fn take_head(bus: &Bus, name: &str) {
             .fetch_add(held.len() as u64, Ordering::Relaxed);
     } else if let Ok(Some((h, Some(tick)))) = newest(bus, &subject).await {
         bus.shared.hub.ingest_ordered(name, h.seq, &tick, true);
+    }
+}
+
+/// The stream's newest tick of `name` as this node's head for it, its history to be read
+/// later ([`backfiller`]). False when the stream has none.
+async fn take_head_only(bus: &Bus, name: &str) -> bool {
+    match newest(bus, &bus.subjects.ordered(name)).await {
+        Ok(Some((h, Some(tick)))) => {
+            bus.shared.hub.ingest_head_before_history(name, h.seq, &tick);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Symbols whose history waits to be read behind their live ticks (more are left to a
+/// later `since`, which reads it first).
+const BACKFILL_QUEUE: usize = 4096;
+
+/// Reads the stream's history of the symbols taken from their head alone, one symbol at a
+/// time, into the hub's history of each ([`crate::feed::hub::Hub::backfill_older`]): a
+/// node that takes interest in many symbols at once gets their live ticks first, and its
+/// connection to NATS never carries more than one symbol's history at once ahead of them.
+async fn backfiller(bus: Arc<Bus>, mut rx: mpsc::Receiver<Box<str>>) {
+    while let Some(name) = rx.recv().await {
+        if !bus.shared.hub.has_interest(&name) {
+            bus.shared.hub.backfill_older(&name, &[]);
+            continue;
+        }
+        let subject = bus.subjects.ordered(&name);
+        let held = history(&bus, &subject, &name).await.unwrap_or_default();
+        let n = bus.shared.hub.backfill_older(&name, &held);
+        bus.shared.bus.metrics.backfilled.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Aborts a task when dropped (the interest task's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
