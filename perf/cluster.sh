@@ -17,6 +17,11 @@
 #   (B)   zero-drop deliveries/s, rate stepped up to 80,000 ticks/s;
 #   (I)   one node's ingest (node 2 stopped): 100 subscribers, one per symbol, stepped up;
 #   (C)   CPU per ingested tick at 10,000 ticks/s on that node.
+# (H) runs first on each side, on an empty stream. After it, one client per cluster node
+# subscribes to all 100 symbols and stays (as a serving node keeps its symbols), so the
+# other scenarios do not measure the nodes taking the symbols again; on (I) and (C) it is
+# one more delivery per tick. Between scenarios the script waits until the nodes have
+# taken nothing from NATS for half a second (an overloaded step leaves a backlog).
 # Needs nats-server (Debian's package). Loopback only; every step is bounded in time.
 set -euo pipefail
 
@@ -105,9 +110,9 @@ single() { # ROUND
   taskset -c 0 "$TG" serve --config "$TMP/single.toml" >"$TMP/single.log" 2>&1 &
   local pid=$!; PIDS+=("$pid")
   wait_ready 19280
+  run_lg "H:single:$1" "$pid" "${H[@]}" --target 127.0.0.1:18280
   run_lg "A:single:$1" "$pid" "${A[@]}" --rate 1000 --target 127.0.0.1:18280
   run_lg "A10k:single:$1" "$pid" "${A[@]}" --rate 10000 --target 127.0.0.1:18280
-  run_lg "H:single:$1" "$pid" "${H[@]}" --target 127.0.0.1:18280
   run_lg "B:single:$1" "$pid" "${B[@]}" --target 127.0.0.1:18280
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -124,7 +129,11 @@ cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinn
   taskset -c $cores "$TG" serve --config "$TMP/n2.toml" >"$TMP/n2.log" 2>&1 &
   local p2=$!; PIDS+=("$p2")
   wait_ready 19281; wait_ready 19282; leader_up
-  # One client per node holds the 100 symbols for the whole layout, as a node serving
+  local via=(--target 127.0.0.1:18281 --also-target 127.0.0.1:18282 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench)
+  # The hop first, on an empty stream (nothing to read back) and with no other client.
+  run_lg "H:$side:$1" "$p1" "${H[@]}" "${via[@]}"
+  settle 19281 19282
+  # Then one client per node holds the 100 symbols for the whole layout, as a node serving
   # traffic does: the scenarios measure the steady state, not each scenario's first
   # subscribers making the nodes take the symbols again (head, then history read behind
   # the live ticks: up to feed.history messages per symbol through NATS).
@@ -136,12 +145,9 @@ cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinn
       --symbols "$syms" --no-reconnect >/dev/null 2>&1 &
     PIDS+=("$!")
   done
-  local via=(--target 127.0.0.1:18281 --also-target 127.0.0.1:18282 --nats "nats://127.0.0.1:$NATS_PORT" --nats-prefix bench)
   run_lg "A:$side:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
   settle 19281 19282
   run_lg "A10k:$side:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"
-  settle 19281 19282
-  run_lg "H:$side:$1" "$p1" "${H[@]}" "${via[@]}"
   settle 19281 19282
   run_lg "B:$side:$1" "$p1" "${B[@]}" "${via[@]}"
   # One node's ingest: node 2 stopped, node 1 leads (after the claim expires) and has one
