@@ -78,13 +78,14 @@ leader_up() {
 }
 
 # Waits until the nodes on these admin ports have taken nothing from NATS for half a second
-# (at most 60 s), so a scenario never measures the backlog an overloaded one left queued in
-# NATS and the nodes (the (B) and (I) searches end past the knee on purpose).
+# (at most 60 s): no tick and no history read back. So a scenario never measures the
+# backlog an overloaded one left queued in NATS and the nodes (the (B) and (I) searches end
+# past the knee on purpose), nor the history the holders' symbols are read back with.
 settle() { # ADMIN_PORT...
   local before="" now waited=0
   while (( waited < 120 )); do
     now=$(for a in "$@"; do curl -fsS "http://127.0.0.1:$a/metrics" 2>/dev/null |
-      awk '/^tickgate_bus_received_total /{print $2}'; done | awk '{s += $1} END {print s + 0}')
+      awk '/^tickgate_bus_(received|backfilled_ticks)_total /{print $2}'; done | awk '{s += $1} END {print s + 0}')
     [[ -n $before && $now == "$before" ]] && break
     before=$now; sleep 0.5; waited=$((waited + 1))
   done
@@ -145,6 +146,7 @@ cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinn
       --symbols "$syms" --no-reconnect >/dev/null 2>&1 &
     PIDS+=("$!")
   done
+  sleep 0.5; settle 19281 19282
   run_lg "A:$side:$1" "$p1" "${A[@]}" --rate 1000 "${via[@]}"
   settle 19281 19282
   run_lg "A10k:$side:$1" "$p1" "${A[@]}" --rate 10000 "${via[@]}"

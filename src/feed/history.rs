@@ -359,35 +359,31 @@ mod tests {
         s.tick(6);
         assert_eq!(s.h.prepend(&older[..4], &s.lim, s.total, 10 * MS), 0);
         assert_eq!(s.h.len(), 1);
-        // The depth keeps the newest of the run; so does the age.
-        let mut s = Sym::new(lim(4));
-        s.seq = 6;
-        s.tick(7);
-        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
-        assert_eq!(s.h.oldest_seq(), Some(4));
-        assert_eq!(s.h.len(), 4);
-        let mut s = Sym::new(HistoryLimits {
+        // The depth keeps the newest of the run; so do the age and the byte budget. Each
+        // case: tick 7 held (accepted at `at_ms`), the run 1..=6 offered at 10 ms.
+        let oldest_after = |lim: HistoryLimits, at_ms: u64| {
+            let mut s = Sym::new(lim);
+            s.seq = 6;
+            s.tick(at_ms);
+            s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+            (s.h.oldest_seq(), s.h.len())
+        };
+        assert_eq!(oldest_after(lim(4), 7), (Some(4), 4));
+        let aged = HistoryLimits {
             age_ns: 7 * MS,
             ..lim(10)
-        });
-        s.seq = 6;
-        s.tick(10);
-        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
+        };
         assert_eq!(
-            s.h.oldest_seq(),
+            oldest_after(aged, 10).0,
             Some(3),
-            "ticks 1 and 2 are past the age at 10 ms"
+            "1 and 2 are past the age at 10 ms"
         );
-        // The byte budget: room for two more.
         let b = entry_bytes(&older[0]);
-        let mut s = Sym::new(HistoryLimits {
+        let budget = HistoryLimits {
             max_bytes: 3 * b,
             ..lim(10)
-        });
-        s.seq = 6;
-        s.tick(7);
-        s.h.prepend(&older, &s.lim, s.total, 10 * MS);
-        assert_eq!(s.h.oldest_seq(), Some(5));
+        };
+        assert_eq!(oldest_after(budget, 7).0, Some(5), "room for two more");
         // An empty ring takes the whole run; depth 0 takes nothing.
         let mut h = History::default();
         h.prepend(&older, &lim(10), 0, 10 * MS);
