@@ -941,6 +941,9 @@ impl<I: ConnIo> ShardCore<I> {
                         after_backfill: true,
                     },
                 ));
+            } else if self.table.get(id.0 as usize).is_none_or(|l| l.is_empty()) {
+                // Nothing waits after all: the shard does not stay on the symbol for it.
+                self.shared.hub.unsubscribe_last(self.id, id);
             }
         }
         // Retired between the session's look-up and now (it was idle for
