@@ -393,6 +393,49 @@ mod tests {
         assert!(h.is_empty());
     }
 
+    proptest::proptest! {
+        /// Whatever is held and whatever run the bus brings back: the ring stays strictly
+        /// increasing and gap-free, within its depth, its bytes add up, and a `since`
+        /// replays exactly the ticks after it or resets.
+        #[test]
+        fn prepend_keeps_the_ring_whole(
+            held_from in 1u64..60,
+            held_n in 0usize..8,
+            run_from in 1u64..60,
+            run_n in 0usize..60,
+            depth in 1usize..40,
+            since in 0u64..80,
+        ) {
+            let mut s = Sym::new(lim(depth));
+            s.seq = held_from - 1;
+            for _ in 0..held_n {
+                s.tick(1);
+            }
+            let run: Vec<_> = (run_from..run_from + run_n as u64).map(|q| t(q, 1)).collect();
+            s.h.prepend(&run, &s.lim, s.total, 2 * MS);
+            let seqs: Vec<u64> = s.h.ring.iter().map(|t| t.seq).collect();
+            proptest::prop_assert!(seqs.len() <= depth.max(held_n));
+            proptest::prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", seqs);
+            proptest::prop_assert_eq!(s.h.bytes(), s.h.ring.iter().map(|t| entry_bytes(t)).sum::<u64>());
+            if held_n > 0 {
+                proptest::prop_assert_eq!(seqs.last().copied(), Some(s.seq));
+                match s.replay(since.min(s.seq), 2) {
+                    Replay::Ticks { ticks, skipped: 0 } => {
+                        let got: Vec<u64> = ticks.iter().map(|t| t.seq).collect();
+                        let want: Vec<u64> = (since.min(s.seq) + 1..=s.seq).collect();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                    Replay::Reset(n) => {
+                        proptest::prop_assert_eq!(n.seq, s.seq);
+                        proptest::prop_assert!(seqs.first().is_none_or(|&f| f > since.min(s.seq) + 1));
+                    }
+                    Replay::UpToDate => proptest::prop_assert_eq!(since.min(s.seq), s.seq),
+                    other => proptest::prop_assert!(false, "{:?}", other),
+                }
+            }
+        }
+    }
+
     #[test]
     fn wrapping_and_depth() {
         let mut s = Sym::new(lim(4));
