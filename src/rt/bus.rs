@@ -741,8 +741,7 @@ struct Delivery {
 async fn interests(bus: Arc<Bus>, wake: Arc<Notify>) {
     let mut subs: HashMap<Box<str>, Delivery> = HashMap::new();
     let (backfills, rx) = mpsc::channel(BACKFILL_QUEUE);
-    let backfiller = tokio::spawn(backfiller(bus.clone(), rx));
-    let _abort = AbortOnDrop(backfiller);
+    tokio::spawn(backfiller(bus.clone(), rx));
     let mut changes = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -887,15 +886,6 @@ async fn backfiller(bus: Arc<Bus>, mut rx: mpsc::Receiver<Box<str>>) {
         let held = history(&bus, &subject, &name).await.unwrap_or_default();
         let n = bus.shared.hub.backfill_older(&name, &held);
         bus.shared.bus.metrics.backfilled.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-/// Aborts a task when dropped (the interest task's helpers end with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
