@@ -681,14 +681,16 @@ impl<I: ConnIo> ShardCore<I> {
                 let before = list.len();
                 list.retain(|e| !(e.idx == idx && e.generation == generation));
                 // A subscription waiting for the symbol's bus history keeps the shard on it.
-                let waited = !self.waiting.is_empty()
-                    && self
-                        .shared
-                        .hub
-                        .symbols()
-                        .name(*id)
-                        .is_some_and(|n| self.waiting.contains_key(&*n));
-                if before > 0 && list.is_empty() && !waited {
+                if before > 0
+                    && list.is_empty()
+                    && (self.waiting.is_empty()
+                        || !self
+                            .shared
+                            .hub
+                            .symbols()
+                            .name(*id)
+                            .is_some_and(|n| self.waiting.contains_key(&*n)))
+                {
                     self.shared.hub.unsubscribe_last(self.id, *id);
                 }
             }

@@ -372,11 +372,7 @@ impl Hub {
             if handoff != 0
                 && let Some(last) = st.last.clone()
             {
-                let h = Arc::new(SharedTick {
-                    prime: true,
-                    ..(*last).clone()
-                });
-                self.push_to(handoff, &h);
+                self.push_to(handoff, &as_prime(&last));
                 *wake |= handoff;
             }
             return Ingested::Stale;
@@ -466,42 +462,41 @@ impl Hub {
         let Some((id, arc_name, mut st)) = self.lock_live(id, false) else {
             return 0;
         };
+        let mut taken = 0;
+        if self.history_limits.depth > 0 && !ticks.is_empty() {
+            let now = crate::metrics::mono_ns();
+            let oldest = st.history.oldest_seq().unwrap_or(u64::MAX);
+            let older: Vec<Arc<SharedTick>> = ticks
+                .iter()
+                .filter(|(seq, _, _)| *seq < oldest)
+                .map(|(seq, tick, ago_ns)| {
+                    stamp(
+                        id,
+                        arc_name.clone(),
+                        *seq,
+                        tick,
+                        now.saturating_sub(*ago_ns),
+                        false,
+                    )
+                })
+                .collect();
+            let before = st.history.len();
+            let total = self.history_bytes.load(Ordering::Relaxed);
+            let added = st.history.prepend(&older, &self.history_limits, total, now);
+            taken = st.history.len() - before;
+            self.account(added as i64, taken as i64);
+        }
+        // Then the marker, with the history complete.
+        let mut mask = 0;
         if std::mem::take(&mut st.backfilling)
-            && let Some(last) = st.last.clone()
+            && let Some(last) = &st.last
         {
-            let marker = Arc::new(SharedTick {
-                prime: true,
-                ..(*last).clone()
-            });
-            let mask = st.shard_mask;
-            self.push_to(mask, &marker);
-            self.wake_shards(mask);
+            mask = st.shard_mask;
+            self.push_to(mask, &as_prime(last));
         }
-        if self.history_limits.depth == 0 || ticks.is_empty() {
-            return 0;
-        }
-        let now = crate::metrics::mono_ns();
-        let oldest = st.history.oldest_seq().unwrap_or(u64::MAX);
-        let older: Vec<Arc<SharedTick>> = ticks
-            .iter()
-            .filter(|(seq, _, _)| *seq < oldest)
-            .map(|(seq, tick, ago_ns)| {
-                stamp(
-                    id,
-                    arc_name.clone(),
-                    *seq,
-                    tick,
-                    now.saturating_sub(*ago_ns),
-                    false,
-                )
-            })
-            .collect();
-        let before = st.history.len();
-        let total = self.history_bytes.load(Ordering::Relaxed);
-        let added = st.history.prepend(&older, &self.history_limits, total, now);
-        let n = st.history.len() - before;
-        self.account(added as i64, n as i64);
-        n as u64
+        drop(st);
+        self.wake_shards(mask);
+        taken as u64
     }
 
     /// `[cluster]`: [`Self::ingest_ordered`] of a bus head when the symbol's history is
@@ -794,6 +789,15 @@ fn lock(m: &Mutex<SymbolState>) -> std::sync::MutexGuard<'_, SymbolState> {
 }
 
 /// A tick in the order with its `seq`, its frame encoded once for every subscriber.
+/// A copy of `t` that is a head: a baseline or a marker, delivered to no one
+/// ([`SharedTick::prime`]).
+fn as_prime(t: &SharedTick) -> Arc<SharedTick> {
+    Arc::new(SharedTick {
+        prime: true,
+        ..t.clone()
+    })
+}
+
 fn stamp(
     id: SymbolId,
     name: Arc<str>,
