@@ -938,3 +938,64 @@ async fn a_node_that_took_a_symbol_from_its_head_still_replays_the_cluster_histo
     })
     .await;
 }
+
+/// Under a burst the leader appends what queued for a symbol as one message (up to 64
+/// ticks): the stream stores fewer messages than ticks, yet every node delivers each
+/// `seq` once and in order, a snapshot read from the stream on another node is the last
+/// tick of the last message, and a `since` there is replayed tick by tick from the
+/// batched messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_appended_in_batches_and_read_back_tick_by_tick() {
+    const N: u64 = 2000;
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
+    let sym = "BURST-SYM";
+    let mut sa = subscribe(&a, sym, false).await;
+    leader(&[&a, &b]).await;
+    feed(&nats, &p, sym, N, 0).await.unwrap();
+    for n in 1..=N {
+        let (seq, bid) = next_tick(&mut sa).await;
+        assert_eq!(
+            (seq, bid),
+            (n, 100.0 + n as f64),
+            "each seq once, in the feed's order"
+        );
+    }
+    let subjects = tickgate::bus::Subjects::new(&p);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream(subjects.stream()).await.unwrap();
+    let appends = stream.info().await.unwrap().state.last_sequence;
+    eprintln!("{N} ticks in {appends} appends");
+    assert!(
+        appends < N,
+        "a burst goes in batches: {appends} appends for {N} ticks"
+    );
+    // Another node reads the newest message for the snapshot, and the history for since.
+    let mut snap = subscribe(&b, sym, true).await;
+    let m = next_json(&mut snap).await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64(), m["bid"].as_f64()),
+        (Some("snapshot"), Some(N), Some(100.0 + N as f64)),
+        "{m}"
+    );
+    let mut late = session(&b, &b.token("sub")).await;
+    send_json(
+        &mut late,
+        json!({"op":"subscribe","id":2,"symbols":[sym],"since":{sym: N - 300}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut late).await["type"], "subscribed");
+    for n in N - 299..=N {
+        let m = next_json(&mut late).await;
+        assert_eq!(
+            (m["type"].as_str(), m["seq"].as_u64(), m["bid"].as_f64()),
+            (Some("tick"), Some(n), Some(100.0 + n as f64)),
+            "{m}"
+        );
+    }
+}

@@ -15,13 +15,17 @@
 //!   `parse_tick_payload` gives the same tick back, and re-encoding gives the same bytes
 //!   (the canonical payload is a fixed point);
 //! - `parse_seq` accepts only 1-20 ASCII digits with a value from 1 to `u64::MAX`;
+//! - an ordered message (one tick, or a batch of up to `MAX_BATCH` separated by `\n`) is
+//!   taken whole or not at all: its ticks carry consecutive `seq`s from the header's,
+//!   each is what `parse_tick_payload` gives for its part, and re-encoding the batch with
+//!   `encode_batch_tick` reads back the same;
 //! - a revocation that parses round-trips through `encode_revocation`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tickgate::bus::{
-    Buffers, MAX_INGEST_BYTES, Subjects, encode_revocation, encode_tick_payload, is_bus_symbol,
-    parse_revocation, parse_seq, parse_tick_payload,
+    Buffers, MAX_BATCH, MAX_INGEST_BYTES, Subjects, encode_batch_tick, encode_revocation, encode_tick_payload,
+    is_bus_symbol, parse_ordered_payload, parse_revocation, parse_seq, parse_tick_payload,
 };
 
 /// A valid symbol, for payloads whose subject did not yield one.
@@ -97,6 +101,27 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => assert!(!digits || !matches!(header.parse::<u64>(), Ok(1..))),
     }
     assert!(parse_seq(None).is_err());
+
+    // An ordered message: the header's seq (or 1) and one tick or a batch.
+    let first = parse_seq(Some(&header)).unwrap_or(1);
+    let mut got = Vec::new();
+    match parse_ordered_payload(FIXED_SYMBOL, first, payload, &mut scratch, &mut buffers, &mut got) {
+        Ok(n) => {
+            assert!(n == got.len() && (1..=MAX_BATCH).contains(&n));
+            let parts: Vec<&[u8]> = payload.split(|&b| b == b'\n').collect();
+            assert_eq!(parts.len(), n);
+            let (mut again, mut enc) = (Vec::new(), Vec::new());
+            for (k, ((seq, t), part)) in got.iter().zip(&parts).enumerate() {
+                assert_eq!(*seq, first + k as u64);
+                assert_eq!(parse_tick_payload(FIXED_SYMBOL, part, &mut scratch, &mut buffers), Ok(*t));
+                encode_batch_tick(FIXED_SYMBOL, t, &mut again, &mut enc);
+            }
+            let mut back = Vec::new();
+            let r = parse_ordered_payload(FIXED_SYMBOL, first, &again, &mut scratch, &mut buffers, &mut back);
+            assert_eq!((r, back), (Ok(n), got));
+        }
+        Err(_) => assert!(got.is_empty(), "a refused message leaves nothing"),
+    }
 
     // A revocation with its Tg-Revoked-At header (and without one).
     assert!(parse_revocation(payload, None).is_err());

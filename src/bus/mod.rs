@@ -12,15 +12,18 @@
 //! keep their order. The leader validates each and appends it to the JetStream stream over
 //! `<prefix>.t.<SYMBOL>` with two headers: `Tg-Seq` (the symbol's next `seq`, one more
 //! than the newest tick of that subject in the stream) and
-//! `Nats-Expected-Last-Subject-Sequence` (the stream sequence of that newest tick). The
+//! `Nats-Expected-Last-Subject-Sequence` (the stream sequence of that newest message). The
 //! stream accepts the append only if nothing else was appended to the subject meanwhile;
 //! otherwise the node reads the subject's newest message again and retries
-//! ([`Sequencer`]). So two nodes can never give two ticks the same `seq`, and `seq` grows
-//! by one per tick in the stream. Every node with local subscribers of a symbol holds a
-//! plain NATS subscription on its `<prefix>.t.<SYMBOL>` subject (interest-based: taken with
-//! the first local subscriber, released with the last), reads `seq` from the header, and
+//! ([`Sequencer`]). What queued for a symbol while its previous append was in flight goes
+//! as one message of up to [`MAX_BATCH`] ticks with consecutive `seq`s from `Tg-Seq`
+//! ([`encode_batch_tick`], [`parse_ordered_payload`]). So two nodes can never give two
+//! ticks the same `seq`, and `seq` grows by one per tick in the stream. The stream
+//! republishes what it stored on `<prefix>.o.<SYMBOL>`; every node with local subscribers
+//! of a symbol holds a plain NATS subscription there (interest-based: taken with the
+//! first local subscriber, released with the last), reads `seq` from the header, and
 //! never delivers a `seq` at or below the last it delivered. Snapshots come from the
-//! stream's newest message of the subject, the same on every node.
+//! last tick of the stream's newest message of the subject, the same on every node.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -289,6 +292,67 @@ pub fn encode_tick_payload(symbol: &str, t: &Tick, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
+/// Ticks of one symbol carried by one message on the ordered subjects, at most: a node
+/// appends what queued for a symbol while its previous append was in flight as one
+/// message (its `seq`s consecutive from the `Tg-Seq` header), so under load the bus
+/// stores, acknowledges and republishes one message for many ticks. A quiet symbol's
+/// messages carry one tick each, exactly as a feed handler's payload.
+pub const MAX_BATCH: usize = 64;
+/// The largest ordered payload read: [`MAX_BATCH`] ticks of at most
+/// [`MAX_INGEST_BYTES`] each, with their separators.
+pub const MAX_BATCH_BYTES: usize = MAX_BATCH * (MAX_INGEST_BYTES + 1);
+
+/// Appends the canonical payload of `t` ([`encode_tick_payload`]) to a batch in `out`:
+/// ticks are separated by one `\n` (JSON never has a raw newline inside a string, and
+/// the canonical payload has none outside one).
+pub fn encode_batch_tick(symbol: &str, t: &Tick, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+    if !out.is_empty() {
+        out.push(b'\n');
+    }
+    encode_tick_payload(symbol, t, scratch);
+    out.extend_from_slice(scratch);
+}
+
+/// Reads an ordered message of `symbol`: `first` is the `seq` of its first tick (its
+/// `Tg-Seq` header), the payload one tick or up to [`MAX_BATCH`] ticks separated by `\n`
+/// ([`encode_batch_tick`]). Pushes `(seq, tick)` for each onto `out`, or nothing at all
+/// when any part is invalid (a message is one append: it is taken whole or not at all).
+/// Each tick is checked as [`parse_tick_payload`] checks a feed handler's.
+pub fn parse_ordered_payload(
+    symbol: &str,
+    first: u64,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+    buffers: &mut Buffers,
+    out: &mut Vec<(u64, Tick)>,
+) -> Result<usize, Reject> {
+    if payload.len() > MAX_BATCH_BYTES {
+        return Err(Reject::TooLarge);
+    }
+    let start = out.len();
+    let mut seq = first;
+    for (k, part) in payload.split(|&b| b == b'\n').enumerate() {
+        let r = if k >= MAX_BATCH {
+            Err(Reject::TooLarge)
+        } else if k > 0 && seq == u64::MAX {
+            Err(Reject::BadSeq)
+        } else {
+            if k > 0 {
+                seq += 1;
+            }
+            parse_tick_payload(symbol, part, scratch, buffers)
+        };
+        match r {
+            Ok(t) => out.push((seq, t)),
+            Err(why) => {
+                out.truncate(start);
+                return Err(why);
+            }
+        }
+    }
+    Ok(out.len() - start)
+}
+
 /// Where a symbol stands in the stream, as far as this node knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Head {
@@ -306,17 +370,18 @@ pub struct Append {
 }
 
 /// How long what a node knows of a symbol's head is trusted without reading it again.
-/// Appends after the first of a round carry no per-subject check, only their
-/// `Nats-Msg-Id`; so the head they build on must be younger than the stream's duplicate
-/// window ([`DUPLICATE_WINDOW_MS`]), or a `seq` another node appended long ago could be
-/// stored a second time.
+/// An append to a subject believed empty carries an expected subject sequence of 0, which
+/// servers before 2.10 do not check, so only its `Nats-Msg-Id` guards it; the head it
+/// builds on must be younger than the stream's duplicate window
+/// ([`DUPLICATE_WINDOW_MS`]), or a `seq` another node appended long ago could be stored a
+/// second time.
 pub const HEAD_FRESH_MS: u64 = 1_000;
 
 /// The ticks stream's duplicate window: it must cover [`HEAD_FRESH_MS`] plus the time an
 /// append is in flight. Small, because the server keeps every id in it in memory (at
 /// 20,000 ticks/s a two-minute window holds 2.4 million ids).
 pub const DUPLICATE_WINDOW_MS: u64 = 10_000;
-// The window the pipelined appends rely on covers the freshness and then some flight.
+// The window the first appends rely on covers the freshness and then some flight.
 const _: () = assert!(DUPLICATE_WINDOW_MS >= 5 * HEAD_FRESH_MS);
 
 /// The per-symbol sequencer's memory: the head of each symbol this node appended to and
@@ -1052,6 +1117,81 @@ mod tests {
         assert_eq!(q.next("A", 5_500).map(|a| a.seq), Some(9));
     }
 
+    fn batch(first: u64, p: &[u8]) -> Result<Vec<(u64, Tick)>, Reject> {
+        let zero = Tick {
+            ts: 0,
+            bid: 0.0,
+            ask: 0.0,
+            last: 0.0,
+            qty: 0.0,
+        };
+        let mut out = vec![(9, zero)];
+        let r = parse_ordered_payload(
+            "BTC-USD",
+            first,
+            p,
+            &mut Vec::new(),
+            &mut Buffers::new(64),
+            &mut out,
+        );
+        let got = out.split_off(1);
+        assert_eq!(out, vec![(9, zero)], "what was there stays");
+        match r {
+            Ok(n) => {
+                assert_eq!(n, got.len());
+                Ok(got)
+            }
+            Err(e) => {
+                assert!(got.is_empty(), "nothing pushed on {e:?}");
+                Err(e)
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_carries_consecutive_seqs_and_is_taken_whole_or_not_at_all() {
+        let t = |ts| Tick {
+            ts,
+            bid: 1.5,
+            ask: 2.5,
+            last: 2.0,
+            qty: 0.1,
+        };
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        for ts in 1..=3 {
+            encode_batch_tick("BTC-USD", &t(ts), &mut out, &mut scratch);
+        }
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
+        assert_eq!(batch(41, &out), Ok(vec![(41, t(1)), (42, t(2)), (43, t(3))]));
+        // One tick is a feed handler's payload, as it always was.
+        assert_eq!(batch(7, GOOD.as_bytes()).unwrap().len(), 1);
+        // A bad part, an empty part, a foreign symbol: nothing at all.
+        let mut bad = out.clone();
+        bad.extend_from_slice(b"\nnot json");
+        assert_eq!(batch(41, &bad), Err(Reject::NotJson));
+        let mut empty = out.clone();
+        empty.push(b'\n');
+        assert_eq!(batch(41, &empty), Err(Reject::Empty));
+        assert_eq!(batch(41, b""), Err(Reject::Empty));
+        let eth = GOOD.replace("BTC-USD", "ETH-USD");
+        assert_eq!(
+            batch(1, format!("{GOOD}\n{eth}").as_bytes()),
+            Err(Reject::SymbolMismatch)
+        );
+        // Seqs cannot run past u64::MAX.
+        assert_eq!(batch(u64::MAX, GOOD.as_bytes()).unwrap()[0].0, u64::MAX);
+        assert_eq!(
+            batch(u64::MAX, format!("{GOOD}\n{GOOD}").as_bytes()),
+            Err(Reject::BadSeq)
+        );
+        // At most MAX_BATCH ticks, and MAX_BATCH_BYTES, in a message.
+        let full = vec![GOOD; MAX_BATCH].join("\n");
+        assert_eq!(batch(1, full.as_bytes()).unwrap().len(), MAX_BATCH);
+        let over = vec![GOOD; MAX_BATCH + 1].join("\n");
+        assert_eq!(batch(1, over.as_bytes()), Err(Reject::TooLarge));
+        assert_eq!(batch(1, &vec![b'\n'; MAX_BATCH_BYTES + 1]), Err(Reject::TooLarge));
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         assert_eq!(backoff(0, 0), Duration::from_millis(100));
@@ -1076,6 +1216,39 @@ mod tests {
             let mut out = Vec::new();
             encode_tick_payload("BTC-USD", &t, &mut out);
             prop_assert_eq!(parse("BTC-USD", &out), Ok(t), "{}", String::from_utf8_lossy(&out));
+        }
+
+        #[test]
+        fn any_batch_round_trips_and_any_bytes_are_handled(
+            ticks in proptest::collection::vec(
+                (any::<u64>(), proptest::array::uniform4(-1e12f64..1e12)),
+                1..=MAX_BATCH,
+            ),
+            first in 1u64..u64::MAX / 2,
+            junk in proptest::collection::vec(any::<u8>(), 0..300),
+            at in any::<prop::sample::Index>(),
+        ) {
+            let ticks: Vec<Tick> = ticks
+                .into_iter()
+                .map(|(ts, [bid, ask, last, qty])| Tick { ts, bid, ask, last, qty })
+                .collect();
+            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            for t in &ticks {
+                encode_batch_tick("BTC-USD", t, &mut out, &mut scratch);
+            }
+            let want: Vec<(u64, Tick)> = (first..).zip(ticks.iter().copied()).collect();
+            prop_assert_eq!(batch(first, &out), Ok(want));
+            // Any bytes spliced in anywhere: the whole message or nothing, never a panic.
+            let cut = at.index(out.len() + 1);
+            let mut spliced = out[..cut].to_vec();
+            spliced.extend_from_slice(&junk);
+            spliced.extend_from_slice(&out[cut..]);
+            if let Ok(got) = batch(first, &spliced) {
+                prop_assert!(!got.is_empty() && got.len() <= MAX_BATCH);
+                for (k, (seq, _)) in got.iter().enumerate() {
+                    prop_assert_eq!(*seq, first + k as u64);
+                }
+            }
         }
 
         #[test]

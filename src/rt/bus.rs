@@ -28,9 +28,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth::revocation::RevokeTarget;
 use crate::bus::{
-    Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, PublishRequest, REVOKED_AT_HEADER, Reject,
-    Reorder, SEQ_HEADER, Sequencer, Subjects, TicketOp, backoff, encode_revocation, encode_tick_payload,
-    parse_revocation, parse_seq, parse_tick_payload,
+    Buffers, EXPECTED_LAST_SUBJECT_SEQ, Head, MAX_APPEND_TRIES, MAX_BATCH, PublishRequest, REVOKED_AT_HEADER,
+    Reject, Reorder, SEQ_HEADER, Sequencer, Subjects, TicketOp, backoff, encode_batch_tick,
+    encode_revocation, parse_ordered_payload, parse_revocation, parse_seq, parse_tick_payload,
 };
 use crate::config::ClusterConfig;
 use crate::feed::hub::{Control, Ingested, Interest};
@@ -322,21 +322,21 @@ impl Appenders {
     }
 }
 
-/// Appends sent before the first acknowledgement is awaited (per symbol).
-const PIPELINE: usize = 64;
-
-/// Appends one symbol's ticks in the order they came, each after the last, up to
-/// [`PIPELINE`] in flight: the first of a round carries the per-subject sequence check
-/// (it starts where the stream is), every one carries its `Nats-Msg-Id` (`SYMBOL:seq`,
-/// which the stream stores once), so whatever another node appends meanwhile, the stream
-/// holds each `seq` once, +1 after +1. An append refused in a round (another node took
-/// that `seq`) goes into the next round with a fresh head; a tick refused
-/// [`MAX_APPEND_TRIES`] times is dropped and counted.
+/// Appends one symbol's ticks in the order they came, each after the last. What queued
+/// while the previous append was in flight goes as one message (up to
+/// [`crate::bus::MAX_BATCH`] ticks, `seq`s consecutive from its `Tg-Seq`), so a quiet
+/// symbol appends one tick per message and a busy one many: the bus stores, acknowledges
+/// and republishes one message for all of them. Every append carries the per-subject
+/// sequence check (it starts where the stream is) and its `Nats-Msg-Id` (`SYMBOL:seq` of
+/// its first tick, for a subject's very first append, which servers before 2.10 do not
+/// check), so whatever another node appends meanwhile, the stream holds each `seq` once,
+/// +1 after +1. An append refused (another node took that `seq`) is tried again with a
+/// fresh head; a tick refused [`MAX_APPEND_TRIES`] times is dropped and counted.
 async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job>) {
     let mut seqr = Sequencer::new(1);
     let subject = bus.subjects.ordered(&symbol);
     let mut pending: std::collections::VecDeque<(Job, u32)> = std::collections::VecDeque::new();
-    let mut payload = Vec::with_capacity(256);
+    let (mut payload, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(256));
     loop {
         if pending.is_empty() {
             match rx.recv().await {
@@ -344,7 +344,7 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
                 None => return,
             }
         }
-        while pending.len() < PIPELINE {
+        while pending.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => pending.push_back((j, 0)),
                 Err(_) => break,
@@ -362,79 +362,68 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             }
             continue;
         };
-        // Send the round.
-        let n = pending.len().min(PIPELINE);
-        let mut acks = Vec::with_capacity(n);
-        for (k, (job, _)) in pending.iter().take(n).enumerate() {
-            let seq = next.seq + k as u64;
-            let mut headers = HeaderMap::new();
-            headers.insert(SEQ_HEADER, itoa::Buffer::new().format(seq));
-            if k == 0 {
-                headers.insert(
-                    EXPECTED_LAST_SUBJECT_SEQ,
-                    itoa::Buffer::new().format(next.expect_stream_seq),
-                );
-            }
-            // Servers before 2.10 ignore an expected sequence of 0 (a symbol's first
-            // tick); the duplicate window covers that case and every pipelined append.
-            headers.insert(MSG_ID, format!("{symbol}:{seq}").as_str());
-            encode_tick_payload(&symbol, &job.tick, &mut payload);
-            match bus
-                .js
-                .publish_with_headers(subject.clone(), headers, bytes::Bytes::copy_from_slice(&payload))
-                .await
-            {
-                Ok(f) => acks.push(f),
-                Err(_) => break,
-            }
+        let n = pending.len().min(MAX_BATCH);
+        payload.clear();
+        for (job, _) in pending.iter().take(n) {
+            encode_batch_tick(&symbol, &job.tick, &mut payload, &mut scratch);
         }
-        // Settle it in order.
-        let sent = acks.len();
-        let mut retry = Vec::new();
-        let mut refused = false;
-        for (k, f) in acks.into_iter().enumerate() {
-            let (job, tries) = match pending.pop_front() {
-                Some(j) => j,
-                None => break,
-            };
-            match f.await {
-                Ok(ack) if !ack.duplicate => {
-                    seqr.appended(&symbol, next.seq + k as u64, ack.sequence, bus.shared.now_ms());
+        let mut headers = HeaderMap::new();
+        headers.insert(SEQ_HEADER, itoa::Buffer::new().format(next.seq));
+        headers.insert(
+            EXPECTED_LAST_SUBJECT_SEQ,
+            itoa::Buffer::new().format(next.expect_stream_seq),
+        );
+        // Servers before 2.10 ignore an expected sequence of 0 (a symbol's first
+        // append); the duplicate window covers that case.
+        headers.insert(MSG_ID, format!("{symbol}:{}", next.seq).as_str());
+        let sent = bus
+            .js
+            .publish_with_headers(subject.clone(), headers, bytes::Bytes::copy_from_slice(&payload))
+            .await;
+        let outcome = match sent {
+            Ok(f) => f.await,
+            Err(_) => {
+                // Not even sent (the connection is away): fail the round.
+                seqr.forget(&symbol);
+                for (job, _) in pending.drain(..) {
+                    finish(&bus, job, false);
+                }
+                continue;
+            }
+        };
+        let tries = match outcome {
+            Ok(ack) if !ack.duplicate => {
+                seqr.appended(
+                    &symbol,
+                    next.seq + n as u64 - 1,
+                    ack.sequence,
+                    bus.shared.now_ms(),
+                );
+                for (job, _) in pending.drain(..n) {
                     finish(&bus, job, true);
                 }
-                Ok(_) => {
-                    bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                    refused = true;
-                    retry.push((job, tries + 1));
-                }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
-                    refused = true;
-                    retry.push((job, tries + 1));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, symbol = %symbol, "bus: append failed");
-                    refused = true;
-                    retry.push((job, MAX_APPEND_TRIES));
-                }
+                continue;
             }
-        }
-        if refused || sent < n {
-            seqr.forget(&symbol);
-        }
-        if sent == 0 {
-            // Not even one could be sent (the connection is away): fail the round.
-            for (job, _) in pending.drain(..) {
-                finish(&bus, job, false);
+            Ok(_) => 1,
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => 1,
+            Err(e) => {
+                tracing::debug!(error = %e, symbol = %symbol, "bus: append failed");
+                MAX_APPEND_TRIES
             }
-            continue;
+        };
+        // Refused (another node appended first) or failed: read the head again, and try
+        // these ticks again in their order, each at most MAX_APPEND_TRIES times.
+        if tries == 1 {
+            bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
         }
-        // Refused ones go first into the next round, in their order.
-        for (job, tries) in retry.into_iter().rev() {
-            if tries >= MAX_APPEND_TRIES {
+        seqr.forget(&symbol);
+        let round: Vec<(Job, u32)> = pending.drain(..n).collect();
+        for (job, t) in round.into_iter().rev() {
+            let t = t.saturating_add(tries);
+            if t >= MAX_APPEND_TRIES {
                 finish(&bus, job, false);
             } else {
-                pending.push_front((job, tries));
+                pending.push_front((job, t));
             }
         }
     }
@@ -476,15 +465,28 @@ async fn newest_at(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick
         .map_err(|_| ())?;
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => {
-            let seq = parse_seq(m.headers.get(SEQ_HEADER).map(|v| v.as_str())).ok();
+            // The newest tick is the last of the newest message (one append).
             let symbol = bus.subjects.ordered_symbol(subject).unwrap_or_default();
-            let tick = parse_tick_payload(symbol, &m.payload, &mut Vec::new(), &mut Buffers::new(256)).ok();
+            let mut ticks = Vec::new();
+            let last = parse_seq(m.headers.get(SEQ_HEADER).map(|v| v.as_str()))
+                .and_then(|first| {
+                    parse_ordered_payload(
+                        symbol,
+                        first,
+                        &m.payload,
+                        &mut Vec::new(),
+                        &mut Buffers::new(256),
+                        &mut ticks,
+                    )
+                })
+                .ok()
+                .and_then(|_| ticks.pop());
             Ok(Some((
                 Head {
-                    seq: seq.unwrap_or(0),
+                    seq: last.map_or(0, |(seq, _)| seq),
                     stream_seq: m.sequence,
                 },
-                tick.filter(|_| seq.is_some()),
+                last.map(|(_, t)| t),
                 m.time.unix_timestamp_nanos(),
             )))
         }
@@ -929,6 +931,7 @@ async fn history(bus: &Bus, subject: &str, symbol: &str) -> Result<Vec<(u64, Tic
         std::collections::VecDeque::with_capacity(f.history.min(1024));
     let mut scratch = Vec::new();
     let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
+    let mut ticks = Vec::with_capacity(MAX_BATCH);
     let deadline = tokio::time::sleep(BACKFILL_TIMEOUT);
     tokio::pin!(deadline);
     loop {
@@ -949,13 +952,17 @@ async fn history(bus: &Bus, subject: &str, symbol: &str) -> Result<Vec<(u64, Tic
                 .and_then(|h| h.get(SEQ_HEADER))
                 .map(|v| v.as_str()),
         );
-        if let Ok(seq) = seq
-            && let Ok(tick) = parse_tick_payload(symbol, &m.payload, &mut scratch, &mut buffers)
+        ticks.clear();
+        if let Ok(first) = seq
+            && parse_ordered_payload(symbol, first, &m.payload, &mut scratch, &mut buffers, &mut ticks)
+                .is_ok()
         {
-            if out.len() == f.history {
-                out.pop_front();
+            for &(seq, tick) in &ticks {
+                if out.len() == f.history {
+                    out.pop_front();
+                }
+                out.push_back((seq, tick, ago));
             }
-            out.push_back((seq, tick, ago));
         }
         if stream_seq >= head.stream_seq || pending == 0 {
             break;
@@ -995,6 +1002,7 @@ async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber)
     let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
     let mut order = Reorder::new(bus.shared.hub.seq_of(&name), REORDER_MAX, REORDER_WAIT_MS);
     let mut ready: Vec<(u64, Tick)> = Vec::new();
+    let mut ticks = Vec::with_capacity(MAX_BATCH);
     loop {
         let msg = match order.deadline() {
             None => sub.next().await,
@@ -1018,14 +1026,17 @@ async fn deliver(bus: Arc<Bus>, name: Box<str>, mut sub: async_nats::Subscriber)
                 .and_then(|h| h.get(SEQ_HEADER))
                 .map(|v| v.as_str()),
         );
-        let r = seq.and_then(|seq| {
-            parse_tick_payload(&name, &msg.payload, &mut scratch, &mut buffers).map(|t| (seq, t))
+        ticks.clear();
+        let r = seq.and_then(|first| {
+            parse_ordered_payload(&name, first, &msg.payload, &mut scratch, &mut buffers, &mut ticks)
         });
         match r {
-            Ok((seq, tick)) => {
-                m.received.fetch_add(1, Ordering::Relaxed);
-                if order.push(seq, tick, bus.shared.now_ms(), &mut ready) {
-                    m.reordered.fetch_add(1, Ordering::Relaxed);
+            Ok(n) => {
+                m.received.fetch_add(n as u64, Ordering::Relaxed);
+                for &(seq, tick) in &ticks {
+                    if order.push(seq, tick, bus.shared.now_ms(), &mut ready) {
+                        m.reordered.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 hand_over(&bus, &name, &mut ready);
             }
