@@ -187,6 +187,15 @@ for side in ("single", "core0", "shared"):
         print(f"{side:8} ({m}) p50 us {med([r.get('p50_us') for r in a])}; p99 us {med([r.get('p99_us') for r in a])}")
     b = pick(f"B:{side}:")
     print(f"{side:8} (B) zero-drop deliveries/s {med([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
+    # How long those deliveries took: the p50 of each run's highest zero-drop step (a
+    # search passes a step that queues, as long as every tick arrives by its drain).
+    tops = []
+    for s in b:
+        top = s.get("max_zero_drop_rate_ticks_per_s")
+        steps = [r for r in b if r["label"] == s["label"] and r.get("rate_ticks_per_s") == top and "step" in r]
+        if steps and isinstance(steps[-1].get("p50_us"), (int, float)):
+            tops.append(steps[-1]["p50_us"])
+    print(f"{side:8} (B) p50 us at that rate {med(tops)}")
 for side in ("core0", "shared"):
     hops = []
     for h in pick(f"H:{side}:"):
