@@ -18,14 +18,15 @@
 //! - an ordered message (one tick, or a batch of up to `MAX_BATCH` separated by `\n`) is
 //!   taken whole or not at all: its ticks carry consecutive `seq`s from the header's,
 //!   each is what `parse_tick_payload` gives for its part, and re-encoding the batch with
-//!   `encode_batch_tick` reads back the same;
+//!   `encode_batch_tick` reads back the same, and `ordered_last_seq` (the head from the
+//!   number of parts alone) is its last tick's `seq`;
 //! - a revocation that parses round-trips through `encode_revocation`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tickgate::bus::{
     Buffers, MAX_BATCH, MAX_INGEST_BYTES, Subjects, encode_batch_tick, encode_revocation, encode_tick_payload,
-    is_bus_symbol, parse_ordered_payload, parse_revocation, parse_seq, parse_tick_payload,
+    is_bus_symbol, ordered_last_seq, parse_ordered_payload, parse_revocation, parse_seq, parse_tick_payload,
 };
 
 /// A valid symbol, for payloads whose subject did not yield one.
@@ -102,12 +103,24 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(parse_seq(None).is_err());
 
-    // An ordered message: the header's seq (or 1) and one tick or a batch.
+    // An ordered message: the header's seq (or 1) and one tick or a batch. Flag bit 1
+    // makes a batch of the payload repeated 1-64 times (bits 2-7), so batches of valid
+    // ticks are reached without the fuzzer having to find the separator first.
     let first = parse_seq(Some(&header)).unwrap_or(1);
+    let batch: Vec<u8>;
+    let payload = if flags & 2 != 0 {
+        let k = usize::from(flags >> 2) + 1;
+        batch = vec![payload; k].join(&b'\n');
+        &batch[..]
+    } else {
+        payload
+    };
+    let last = ordered_last_seq(first, payload);
     let mut got = Vec::new();
     match parse_ordered_payload(FIXED_SYMBOL, first, payload, &mut scratch, &mut buffers, &mut got) {
         Ok(n) => {
             assert!(n == got.len() && (1..=MAX_BATCH).contains(&n));
+            assert_eq!(last, got.last().map(|&(seq, _)| seq), "the head from the parts alone");
             let parts: Vec<&[u8]> = payload.split(|&b| b == b'\n').collect();
             assert_eq!(parts.len(), n);
             let (mut again, mut enc) = (Vec::new(), Vec::new());

@@ -35,7 +35,8 @@ use crate::feed::tick::Tick;
 pub mod names;
 pub use simd_json::Buffers;
 
-/// The header carrying a tick's `seq` on `<prefix>.t.<SYMBOL>`.
+/// The header carrying the `seq` of an ordered message's first tick on
+/// `<prefix>.t.<SYMBOL>` (the others follow +1, [`parse_ordered_payload`]).
 pub const SEQ_HEADER: &str = "Tg-Seq";
 /// JetStream's optimistic concurrency header (per-subject).
 pub const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
@@ -313,6 +314,15 @@ pub fn encode_batch_tick(symbol: &str, t: &Tick, out: &mut Vec<u8>, scratch: &mu
     out.extend_from_slice(scratch);
 }
 
+/// The `seq` of the last tick of an ordered message whose first is `first` (its
+/// `Tg-Seq`), from the number of parts alone: what a head is, even when the payload
+/// does not parse (a hostile or damaged newest message must not make the next append
+/// go back to a `seq` already given). `None` past `u64::MAX`.
+pub fn ordered_last_seq(first: u64, payload: &[u8]) -> Option<u64> {
+    let newlines = payload.iter().filter(|&&b| b == b'\n').count();
+    first.checked_add(u64::try_from(newlines).ok()?)
+}
+
 /// Reads an ordered message of `symbol`: `first` is the `seq` of its first tick (its
 /// `Tg-Seq` header), the payload one tick or up to [`MAX_BATCH`] ticks separated by `\n`
 /// ([`encode_batch_tick`]). Pushes `(seq, tick)` for each onto `out`, or nothing at all
@@ -401,15 +411,18 @@ impl Sequencer {
     }
 
     /// The append for `symbol` at `now_ms`, or `None` when its head must be read first
-    /// ([`Self::learn`]): never read, or learned more than [`HEAD_FRESH_MS`] ago.
+    /// ([`Self::learn`]): never read, or learned more than [`HEAD_FRESH_MS`] ago. Also
+    /// `None` right after a read when the head is at `u64::MAX` (only a hostile message
+    /// can put it there): no `seq` is left to give.
     pub fn next(&self, symbol: &str, now_ms: u64) -> Option<Append> {
-        self.heads
+        let (h, _) = self
+            .heads
             .get(symbol)
-            .filter(|(_, at)| now_ms.saturating_sub(*at) <= HEAD_FRESH_MS)
-            .map(|(h, _)| Append {
-                seq: h.seq + 1,
-                expect_stream_seq: h.stream_seq,
-            })
+            .filter(|(_, at)| now_ms.saturating_sub(*at) <= HEAD_FRESH_MS)?;
+        Some(Append {
+            seq: h.seq.checked_add(1)?,
+            expect_stream_seq: h.stream_seq,
+        })
     }
 
     /// The head read from the stream (`None`: the subject is empty). `floor` is the
@@ -1190,6 +1203,25 @@ mod tests {
         let over = vec![GOOD; MAX_BATCH + 1].join("\n");
         assert_eq!(batch(1, over.as_bytes()), Err(Reject::TooLarge));
         assert_eq!(batch(1, &vec![b'\n'; MAX_BATCH_BYTES + 1]), Err(Reject::TooLarge));
+    }
+
+    #[test]
+    fn a_head_counts_the_parts_even_when_they_do_not_parse() {
+        assert_eq!(ordered_last_seq(7, GOOD.as_bytes()), Some(7));
+        assert_eq!(
+            ordered_last_seq(7, format!("{GOOD}\n{GOOD}\n{GOOD}").as_bytes()),
+            Some(9)
+        );
+        assert_eq!(ordered_last_seq(7, b"junk\njunk"), Some(8));
+        assert_eq!(ordered_last_seq(u64::MAX, b"x"), Some(u64::MAX));
+        assert_eq!(ordered_last_seq(u64::MAX, b"x\ny"), None);
+        // And the sequencer gives nothing past u64::MAX.
+        let mut s = Sequencer::new(4);
+        let head = |seq| Some(Head { seq, stream_seq: 5 });
+        s.learn("A", head(u64::MAX - 1), 0, 0);
+        assert_eq!(s.next("A", 0).map(|a| a.seq), Some(u64::MAX));
+        s.learn("A", head(u64::MAX), 0, 0);
+        assert_eq!(s.next("A", 0), None);
     }
 
     #[test]

@@ -214,8 +214,8 @@ async fn connect(
     let config = stream::Config {
         name: stream_name.clone(),
         subjects: vec![subjects.ordered_all()],
-        // The cluster's history (PROTOCOL.md 10): `feed.history` ticks per symbol (the
-        // head needs one). No age limit on the stream: a quiet symbol keeps its head; the
+        // The cluster's history (PROTOCOL.md 10): `feed.history` messages per symbol, each
+        // one append of 1 to MAX_BATCH ticks (the head needs one). No age limit on the stream: a quiet symbol keeps its head; the
         // age applies when the history is read.
         max_messages_per_subject: shared.cfg.feed.history.max(1) as i64,
         storage: stream::StorageType::File,
@@ -350,19 +350,28 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
                 Err(_) => break,
             }
         }
-        let Some(next) = seqr.next(&symbol, bus.shared.now_ms()) else {
-            match head(&bus, &subject).await {
-                Ok(h) => seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol), bus.shared.now_ms()),
-                Err(()) => {
-                    // The bus cannot say where the symbol stands: this round fails.
-                    for (job, _) in pending.drain(..) {
-                        finish(&bus, job, false);
-                    }
+        let next = match seqr.next(&symbol, bus.shared.now_ms()) {
+            Some(next) => Some(next),
+            None => match head(&bus, &subject).await {
+                Ok(h) => {
+                    seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol), bus.shared.now_ms());
+                    seqr.next(&symbol, bus.shared.now_ms())
                 }
+                Err(()) => None,
+            },
+        };
+        let Some(next) = next else {
+            // The bus cannot say where the symbol stands (or no `seq` is left): this
+            // round fails.
+            seqr.forget(&symbol);
+            for (job, _) in pending.drain(..) {
+                finish(&bus, job, false);
             }
             continue;
         };
-        let n = pending.len().min(MAX_BATCH);
+        // At most MAX_BATCH, and never a `seq` past u64::MAX.
+        let room = usize::try_from(u64::MAX - next.seq).map_or(usize::MAX, |r| r.saturating_add(1));
+        let n = pending.len().min(MAX_BATCH).min(room);
         payload.clear();
         for (job, _) in pending.iter().take(n) {
             encode_batch_tick(&symbol, &job.tick, &mut payload, &mut scratch);
@@ -467,8 +476,12 @@ async fn newest_at(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick
         Ok(m) => {
             // The newest tick is the last of the newest message (one append).
             let symbol = bus.subjects.ordered_symbol(subject).unwrap_or_default();
+            // Its `seq` comes from the header and the number of parts, so a newest message
+            // that does not parse still moves the head on (the tick is then unknown).
+            let first = parse_seq(m.headers.get(SEQ_HEADER).map(|v| v.as_str())).ok();
+            let seq = first.and_then(|f| crate::bus::ordered_last_seq(f, &m.payload));
             let mut ticks = Vec::new();
-            let last = parse_seq(m.headers.get(SEQ_HEADER).map(|v| v.as_str()))
+            let tick = first
                 .and_then(|first| {
                     parse_ordered_payload(
                         symbol,
@@ -478,15 +491,20 @@ async fn newest_at(bus: &Bus, subject: &str) -> Result<Option<(Head, Option<Tick
                         &mut Buffers::new(256),
                         &mut ticks,
                     )
+                    .ok()
                 })
-                .ok()
-                .and_then(|_| ticks.pop());
+                .and_then(|_| ticks.pop())
+                .map(|(_, t)| t);
+            if first.is_some() && seq.is_none() {
+                // Past u64::MAX: nothing can be appended after it.
+                return Err(());
+            }
             Ok(Some((
                 Head {
-                    seq: last.map_or(0, |(seq, _)| seq),
+                    seq: seq.unwrap_or(0),
                     stream_seq: m.sequence,
                 },
-                last.map(|(_, t)| t),
+                tick,
                 m.time.unix_timestamp_nanos(),
             )))
         }
