@@ -215,8 +215,8 @@ async fn connect(
         name: stream_name.clone(),
         subjects: vec![subjects.ordered_all()],
         // The cluster's history (PROTOCOL.md 10): `feed.history` messages per symbol, each
-        // one append of 1 to MAX_BATCH ticks (the head needs one). No age limit on the stream: a quiet symbol keeps its head; the
-        // age applies when the history is read.
+        // one append of 1 to MAX_BATCH ticks (the head needs one). No age limit on the
+        // stream: a quiet symbol keeps its head; the age applies when the history is read.
         max_messages_per_subject: shared.cfg.feed.history.max(1) as i64,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
@@ -364,9 +364,7 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             // The bus cannot say where the symbol stands (or no `seq` is left): this
             // round fails.
             seqr.forget(&symbol);
-            for (job, _) in pending.drain(..) {
-                finish(&bus, job, false);
-            }
+            retry(&bus, &mut pending, usize::MAX, MAX_APPEND_TRIES);
             continue;
         };
         // At most MAX_BATCH, and never a `seq` past u64::MAX.
@@ -391,12 +389,10 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             .await;
         let outcome = match sent {
             Ok(f) => f.await,
+            // Not even sent (the connection is away): the round fails.
             Err(_) => {
-                // Not even sent (the connection is away): fail the round.
                 seqr.forget(&symbol);
-                for (job, _) in pending.drain(..) {
-                    finish(&bus, job, false);
-                }
+                retry(&bus, &mut pending, n, MAX_APPEND_TRIES);
                 continue;
             }
         };
@@ -426,14 +422,21 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             bus.shared.bus.metrics.conflicts.fetch_add(1, Ordering::Relaxed);
         }
         seqr.forget(&symbol);
-        let round: Vec<(Job, u32)> = pending.drain(..n).collect();
-        for (job, t) in round.into_iter().rev() {
-            let t = t.saturating_add(tries);
-            if t >= MAX_APPEND_TRIES {
-                finish(&bus, job, false);
-            } else {
-                pending.push_front((job, t));
-            }
+        retry(&bus, &mut pending, n, tries);
+    }
+}
+
+/// The first `n` pending jobs (all when fewer) failed a round, `tries` more times each:
+/// those tried [`MAX_APPEND_TRIES`] times are dropped and answered, the others go first
+/// into the next round, in their order.
+fn retry(bus: &Bus, pending: &mut std::collections::VecDeque<(Job, u32)>, n: usize, tries: u32) {
+    let round: Vec<(Job, u32)> = pending.drain(..n.min(pending.len())).collect();
+    for (job, t) in round.into_iter().rev() {
+        let t = t.saturating_add(tries);
+        if t >= MAX_APPEND_TRIES {
+            finish(bus, job, false);
+        } else {
+            pending.push_front((job, t));
         }
     }
 }
