@@ -999,3 +999,52 @@ async fn a_burst_is_appended_in_batches_and_read_back_tick_by_tick() {
         );
     }
 }
+
+/// Anyone who may publish on `<prefix>.t.>` can leave a damaged newest message in the
+/// stream. Its `Tg-Seq` and line count still say where the order stands, so the next
+/// append never reuses a `seq` at or below it, even on a leader that holds no subscriber
+/// of the symbol (no local floor): the subscribers on the other node see the order go on,
+/// with `skipped` for the damaged message's two, not a `seq` going back and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_newest_message_never_sends_seq_back() {
+    let Pair {
+        nats,
+        p,
+        key: _,
+        a,
+        b,
+    } = pair().await;
+    let sym = "DMG-SYM";
+    leader(&[&a, &b]).await;
+    let (lead, other) = if a.handle.shared.bus.metrics.leader.load(Ordering::Acquire) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let mut sub = subscribe(other, sym, false).await;
+    feed(&nats, &p, sym, 5, 0).await.unwrap();
+    for n in 1..=5 {
+        assert_eq!(next_tick(&mut sub).await.0, n);
+    }
+    assert_eq!(
+        lead.handle.shared.hub.seq_of(sym),
+        0,
+        "the leader holds no subscriber of it"
+    );
+    let subjects = tickgate::bus::Subjects::new(&p);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Tg-Seq", "6");
+    js.publish_with_headers(subjects.ordered(sym), headers, "junk\njunk".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    feed(&nats, &p, sym, 1, 0).await.unwrap();
+    let m = next_json(&mut sub).await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64(), m["skipped"].as_u64()),
+        (Some("tick"), Some(8), Some(2)),
+        "{m}"
+    );
+}
