@@ -214,6 +214,6 @@ for r in c:
         print(f"  {r['label']}: 10,000 ticks/s in, node CPU {cpu:.0f}% of a core = {cpu / 100 * 10:.2f} s of CPU per 100,000 ingested ticks; p50/p99 {r.get('p50_us')}/{r.get('p99_us')} us")
 print()
 for r in rows:
-    keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "delivered", "expected")
+    keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "delivered", "expected", "pub_max_lag_us")
     print(r.get("label"), {k: r[k] for k in keys if k in r})
 PY
