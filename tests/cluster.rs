@@ -132,6 +132,14 @@ async fn pair() -> Pair {
     Pair { nats, p, key, a, b }
 }
 
+/// A pair with a subscriber of `sym` on node a (no snapshot) and an ingest leader.
+async fn pair_subscribed(sym: &str) -> (Pair, Ws) {
+    let pair = pair().await;
+    let ws = subscribe(&pair.a, sym, false).await;
+    leader(&[&pair.a, &pair.b]).await;
+    (pair, ws)
+}
+
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
     for _ in 0..400 {
         if f() {
@@ -743,16 +751,8 @@ async fn a_client_of_a_draining_node_resumes_on_the_other_with_since_and_misses_
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     const N: u64 = 400;
-    let Pair {
-        nats,
-        p,
-        key: _,
-        a,
-        b,
-    } = pair().await;
     let sym = "RR-SYM";
-    let mut sa = subscribe(&a, sym, false).await;
-    leader(&[&a, &b]).await;
+    let (Pair { nats, p, a, b, .. }, mut sa) = pair_subscribed(sym).await;
     let feeder = feed(&nats, &p, sym, N, 5);
     let mut got = Vec::new();
     while got.len() < 50 {
@@ -892,16 +892,8 @@ async fn the_demo_client_resumes_on_another_node_with_since() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_took_a_symbol_from_its_head_still_replays_the_cluster_history() {
     const N: u64 = 120;
-    let Pair {
-        nats,
-        p,
-        key: _,
-        a,
-        b,
-    } = pair().await;
     let sym = "HB-SYM";
-    let mut sa = subscribe(&a, sym, false).await;
-    leader(&[&a, &b]).await;
+    let (Pair { nats, p, b, .. }, mut sa) = pair_subscribed(sym).await;
     feed(&nats, &p, sym, N, 1).await.unwrap();
     for n in 1..=N {
         assert_eq!(next_tick(&mut sa).await.0, n);
@@ -947,16 +939,8 @@ async fn a_node_that_took_a_symbol_from_its_head_still_replays_the_cluster_histo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_appended_in_batches_and_read_back_tick_by_tick() {
     const N: u64 = 2000;
-    let Pair {
-        nats,
-        p,
-        key: _,
-        a,
-        b,
-    } = pair().await;
     let sym = "BURST-SYM";
-    let mut sa = subscribe(&a, sym, false).await;
-    leader(&[&a, &b]).await;
+    let (Pair { nats, p, b, .. }, mut sa) = pair_subscribed(sym).await;
     feed(&nats, &p, sym, N, 0).await.unwrap();
     for n in 1..=N {
         let (seq, bid) = next_tick(&mut sa).await;
