@@ -9,6 +9,13 @@
 #   STORM_NICE=19 perf/recovery.sh     # the storm clients' thread at nice 19 (default 0): they
 #                                      # get only the generator core's spare time, as clients
 #                                      # on other machines would take none of it
+#   STORM_ELSEWHERE=1 perf/recovery.sh # control: the storm goes to a second server (core 1)
+#                                      # that the staying subscribers' server shares nothing
+#                                      # with: what is left is the generator's and the host's
+#   PUB_CORE=0 perf/recovery.sh        # the publisher's thread on core 0 (the server's), out
+#                                      # of the clients' core
+#   ARRIVAL=1 perf/recovery.sh         # staying subscribers read one tick per recvmsg, so the
+#                                      # arrival figures (below) are exact
 #
 # (A): 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s), 10 s
 # measured after 2 s of warm-up; server on core 0 (`taskset -c 0`, shards = 1,
@@ -27,7 +34,10 @@
 # `tickgate_replayed_ticks_total`), the resets, the storm's p99 against the calm
 # side's, and the server's own p99 from accepting a tick to issuing its write
 # (`tickgate_publish_to_write_seconds`): what the server adds, without the load
-# generator's core, which receives the storm's replays too. Needs: cargo, taskset, curl, python3. Loopback only; every run is bounded.
+# generator's core, which receives the storm's replays too. The staying subscribers' latency
+# is given twice: at the read, and at the arrival in their kernel (`arrival_*`, from the
+# kernel's receive stamp of each read, SO_TIMESTAMPNS): the second leaves out how long the
+# clients' own thread took to get to the bytes. Needs: cargo, taskset, curl, python3. Loopback only; every run is bounded.
 set -euo pipefail
 
 ROUNDS=${1:-3}
@@ -75,8 +85,16 @@ A=(recover --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 2 
   --drain 1 --prefill 600 --reconnect-every 0)
 STORM=(--storm 1000 --storm-back "${STORM_BACK:-500}" --storm-at 3 --storm-per-sub "${STORM_PER_SUB:-10}"
   --storm-nice "${STORM_NICE:-0}")
+[[ -n ${STORM_ELSEWHERE:-} ]] && STORM+=(--storm-target "127.0.0.1:$((PORT + 1))")
+[[ -n ${PUB_CORE:-} ]] && A+=(--pub-core "$PUB_CORE")
+[[ -n ${ARRIVAL:-} ]] && A+=(--arrival)
+if [[ -n ${STORM_ELSEWHERE:-} ]]; then
+  bench_config "$TMP/elsewhere.toml" "$TMP/keys" "$((PORT + 1))" "$((ADMIN + 1))" "$TMP" \
+    "per_ip_pending_handshakes = 1024"
+fi
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" \
-  "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back, nice ${STORM_NICE:-0}" >&2
+  "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back, nice ${STORM_NICE:-0}" \
+  "${STORM_ELSEWHERE:+to a second server on core 1 }${PUB_CORE:+publisher on core $PUB_CORE }${ARRIVAL:+exact arrival}" >&2
 for r in $(seq 1 "$ROUNDS"); do
   # Alternate which side goes first, so neither always gets the fresher minute.
   if (( r % 2 )); then order="calm storm"; else order="storm calm"; fi
@@ -85,13 +103,19 @@ for r in $(seq 1 "$ROUNDS"); do
     taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/server.log" 2>&1 &
     SPID=$!
     wait_port
+    OPID=""
+    if [[ $side == storm && -n ${STORM_ELSEWHERE:-} ]]; then
+      taskset -c 1 "$TG" serve --config "$TMP/elsewhere.toml" >"$TMP/elsewhere.log" 2>&1 &
+      OPID=$!
+      bench_wait_port "$((PORT + 1))"
+    fi
     echo "# $side round $r (load $(cut -d' ' -f1 /proc/loadavg))" >&2
     taskset -c 1 "$LG" "${A[@]}" "${extra[@]}" --server-pid "$SPID" --target "127.0.0.1:$PORT" \
       --key "$TMP/keys/k1.key" --label "$side:$r" --json >"$TMP/out.txt" 2>"$TMP/err.txt" ||
       echo "  (loadgen exit $? for $side:$r: $(grep -v '^loadgen: [0-9]' "$TMP/err.txt" | tail -3 | tr '\n' ' '))" >&2
     grep '^{' "$TMP/out.txt" >>"$RES" || true
     metrics "$side:$r" >>"$RES" || true
-    bench_stop; sleep 0.3
+    bench_stop; [[ -n $OPID ]] && { kill "$OPID" 2>/dev/null; wait "$OPID" 2>/dev/null || true; }; sleep 0.3
   done
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -119,6 +143,8 @@ for s in ("calm", "storm"):
     g = lambda k: [r.get(k) for r, _ in rs]
     print(f"{s} (n={len(rs)}): staying subscribers p50 us {med(g('p50_us'))}, p99 us {med(g('p99_us'))}, "
           f"p99.9 us {med(g('p999_us'))}, max us {med(g('max_us'))}")
+    print(f"{s}: the same at their arrival in the clients' kernel: p50 us {med(g('arrival_p50_us'))}, "
+          f"p99 us {med(g('arrival_p99_us'))}, p99.9 us {med(g('arrival_p999_us'))}")
     print(f"{s}: drops {med(g('drops'), 0)}, gaps {med(g('gaps'), 0)}, dups {med(g('dups'), 0)}, "
           f"behind at end {med(g('behind_at_end'), 0)}, server CPU % {med(g('server_cpu_pct'))}, "
           f"client CPU % {med(g('client_cpu_pct'))}")
@@ -132,6 +158,9 @@ for s in ("calm", "storm"):
               f"server CPU % during the storm {med(g('storm_server_cpu_pct'))}")
         for r, _ in rs:
             print(f"  {r['label']} staying p99 per second of the window (us): {r.get('stay_p99_by_s_us')}")
+            print(f"  {r['label']} the same at arrival (us): {r.get('stay_arrival_p99_by_s_us')}")
+            print(f"  {r['label']} the generator's 1 ms timer, worst lateness per second (ms): "
+                  f"{r.get('gen_timer_late_max_by_s_ms')}")
 def srv_p99(m):
     # The server's own view: hub accepted -> socket write issued (`tickgate_publish_to_
     # write_seconds`, one write in 16 sampled), as the bucket holding the 99th percentile.
@@ -155,6 +184,11 @@ if calm and storm:
     drops = sum((r.get("drops") or 0) + (r.get("stay_gaps") or 0) for r, _ in side("storm"))
     print(f"\ncriterion: staying subscribers' drops+gaps during the storms: {drops} (target 0); "
           f"p99 storm/calm (medians): {ratio:.2f}x (target <= 2x)")
+    ca = [r.get("arrival_p99_us") for r, _ in side("calm") if isinstance(r.get("arrival_p99_us"), (int, float))]
+    sa = [r.get("arrival_p99_us") for r, _ in side("storm") if isinstance(r.get("arrival_p99_us"), (int, float))]
+    if ca and sa:
+        print(f"at arrival in the clients' kernel: p99 storm/calm (medians): "
+              f"{statistics.median(sa) / statistics.median(ca):.2f}x")
 print("\nraw JSON lines:")
 for r in rows: print(json.dumps(r, sort_keys=True))
 PY

@@ -160,10 +160,8 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         process(&ctx, &conn, idx, &mut data);
         reader_check(&ctx, &conn, idx, generation, false);
     } else {
-        // A wave of upgrades (a reconnect storm) must not hold the live stream either:
-        // the publishers' input first, then the ticks waiting.
-        read_feeds(&ctx);
-        dispatch_waiting(&ctx);
+        // A wave of upgrades (a reconnect storm) must not hold the live stream either.
+        feeds_first(&ctx);
     }
 }
 
@@ -189,29 +187,42 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
             }
             continue;
         }
-        for (i, ev) in events[..n].iter().enumerate() {
-            let key = ev.u64;
-            let (idx, generation) = ready_key_parts(key);
+        for ev in &events[..n] {
+            let (idx, generation) = ready_key_parts(ev.u64);
             read_ready(&ctx, idx, generation);
-            if i % FEEDS_EVERY == FEEDS_EVERY - 1 {
-                read_feeds(&ctx);
-            }
+            feeds_first(&ctx);
         }
         yield_now().await;
     }
 }
 
-/// Connections read between two looks at the shard's publishers ([`read_feeds`]).
-const FEEDS_EVERY: usize = 16;
+/// How long other work may run between two looks at the shard's publishers
+/// ([`feeds_first`]) while many connections want the loop at once.
+const FEEDS_EVERY_NS: u64 = 200_000;
 
-/// Feeds first: reads the shard's publishers (connections whose token has the publisher
-/// role, up to [`crate::rt::ctx::MAX_FEEDS`]) once each, whether or not their turn in the
-/// ready set has come; called every [`FEEDS_EVERY`] connections of a batch and after each
-/// upgrade. The ready set reports its connections in turn, so when a thousand
-/// connections have input at once (a reconnect storm's subscribes, each replaying
-/// history) a publisher's next ticks waited for all of them to be handled, and so did
-/// every subscriber (perf/RESULTS.md, issue 19). A publisher with nothing waiting costs a
-/// `recv` that finds the socket empty.
+/// Feeds first: when [`FEEDS_EVERY_NS`] have passed since the shard last read its
+/// publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
+/// else is queued. Called after each connection a reader batch handles, after each
+/// upgrade, and before each handshake's token check. In a reconnect storm a thousand
+/// connections want the loop at once (their token checks, their subscribes, the history
+/// each replays, about 50-200 µs apiece); read in turn, the publisher's next ticks, and so
+/// every staying subscriber's, waited for all of them (perf/RESULTS.md, issue 19). Bounded
+/// by time rather than by a count of connections, so a burst of expensive ones (a 60 KB
+/// replay each) delays the live stream no more than a burst of cheap ones. Costs a clock
+/// read when not due; a shard without publishers reads none.
+pub(crate) fn feeds_first(ctx: &Rc<ShardCtx>) {
+    let now = crate::metrics::mono_ns();
+    if now.saturating_sub(ctx.feeds_read_ns.get()) < FEEDS_EVERY_NS {
+        return;
+    }
+    ctx.feeds_read_ns.set(now);
+    read_feeds(ctx);
+    dispatch_waiting(ctx);
+}
+
+/// Reads the shard's publishers (connections whose token has the publisher role, up to
+/// [`crate::rt::ctx::MAX_FEEDS`]) once each, whether or not their turn in the ready set
+/// has come. A publisher with nothing waiting costs a `recv` that finds the socket empty.
 fn read_feeds(ctx: &Rc<ShardCtx>) {
     let feeds = ctx.feeds();
     for &(idx, generation) in feeds.iter() {
@@ -419,6 +430,9 @@ async fn handshake(
         wait = false;
         yield_now().await;
     };
+    // The token check (tens of µs) runs back to back for every request of a storm that
+    // arrived in the same turn: the live stream first.
+    feeds_first(ctx);
     if ctx.shared.bus.enabled()
         && let Some(ticket) = gate::ticket_to_redeem(&ctx.shared, &req)
     {

@@ -47,6 +47,8 @@ pub struct ShardCtx {
     /// The shard's publishers, by slot and generation, read ahead of their turn
     /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
     feeds: RefCell<Vec<(usize, u32)>>,
+    /// When the feeds were last read (`metrics::mono_ns`), for `conn::feeds_first`.
+    pub(crate) feeds_read_ns: Cell<u64>,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -91,6 +93,7 @@ impl ShardCtx {
             ready,
             writers: Cell::new(0),
             feeds: RefCell::new(Vec::new()),
+            feeds_read_ns: Cell::new(0),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),

@@ -354,6 +354,7 @@ async fn run(a: FanoutArgs, ctx: Arc<Ctx>, reauth: bool) -> i32 {
         } else {
             Some(spawn_publisher(
                 PubSpec {
+                    core: None,
                     ctx: ctx.clone(),
                     sh: sh.clone(),
                     names: names.clone(),
@@ -852,6 +853,26 @@ pub(crate) struct PubSpec {
     pub(crate) nats: Option<(String, String)>,
     /// Names the publisher's token (one per step).
     pub(crate) step: usize,
+    /// Pin the publisher's thread to this core (`--pub-core`; default: the process's cores).
+    pub(crate) core: Option<usize>,
+}
+
+/// The calling thread's CPU mask, to put back after pinning (the publisher runs on
+/// tokio's blocking pool, whose threads are reused).
+fn current_affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most its
+    // size into it; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0).then_some(set)
+    }
+}
+
+fn restore_affinity(set: &libc::cpu_set_t) {
+    // SAFETY: sched_setaffinity reads one valid cpu_set_t; pid 0 is this thread.
+    unsafe {
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set);
+    }
 }
 
 /// Starts the publisher, which runs until `stop`; `sched` records the priority that took
@@ -870,6 +891,13 @@ pub(crate) fn spawn_publisher(
     let batch_ms = p.batch_ms.max(1);
     tokio::task::spawn_blocking(move || {
         let nice = current_nice();
+        let mask = p.core.and_then(|c| {
+            let old = current_affinity();
+            if !tickgate::rt::pin_to_core(c) {
+                eprintln!("loadgen: could not pin the publisher to core {c}");
+            }
+            old
+        });
         let _ = sched.set(raise_priority(p.prio));
         let r = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -886,6 +914,9 @@ pub(crate) fn spawn_publisher(
                 })
             });
         restore_priority(nice);
+        if let Some(m) = &mask {
+            restore_affinity(m);
+        }
         r
     })
 }

@@ -115,6 +115,83 @@ impl tokio::io::AsyncWrite for Stream {
     }
 }
 
+/// Asks the kernel to stamp every segment this socket receives (`SO_TIMESTAMPNS`,
+/// `CLOCK_REALTIME`, the clock ticks are stamped with): [`Stream::read_stamped`] then says
+/// when the bytes it read reached this host's TCP stack, before the client's thread got to
+/// them. Clients that share a core with other load (a storm's clients, on a 2-core
+/// machine) see their own scheduling in the read time; the arrival time leaves it out, as
+/// a receive timestamp of a client's NIC would. False when the kernel refused.
+pub fn enable_rx_timestamps(s: &Stream) -> bool {
+    let Stream::Plain(t) = s else { return false };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
+    unsafe {
+        libc::setsockopt(
+            t.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// One `recvmsg(MSG_DONTWAIT)`: the bytes read, and the kernel's receive stamp of the last
+/// segment they came from (ns since the Unix epoch) when the socket has
+/// [`enable_rx_timestamps`].
+fn recv_stamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one `timespec` control message, aligned for `cmsghdr`.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is a valid empty one; the fields that matter are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (which covers `buf`) and `control`, all alive and
+    // writable for the call; the kernel writes at most their lengths.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG_* macros walk the control messages the kernel wrote into `control`
+    // (bounded by `msg.msg_controllen`, which it set); an `SCM_TIMESTAMPNS` message carries
+    // one `timespec`, read unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
+impl Stream {
+    /// `read`, with when the kernel received the last byte read (see
+    /// [`enable_rx_timestamps`]; `None` over TLS or without them).
+    pub async fn read_stamped(&mut self, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+        match self {
+            Stream::Plain(s) => loop {
+                s.readable().await?;
+                match s.try_io(tokio::io::Interest::READABLE, || recv_stamped(s.as_raw_fd(), buf)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            },
+            Stream::Tls(_) => Ok((self.read(buf).await?, None)),
+        }
+    }
+}
+
 /// Makes the next close send an RST (no TIME_WAIT on the client side).
 pub fn set_linger_zero(s: &TcpStream) {
     let l = libc::linger {
@@ -331,5 +408,35 @@ mod tests {
         big.extend(std::iter::repeat_n(b'x', 256));
         let fr = parse_frame(&big).unwrap();
         assert_eq!((fr.start, fr.end), (4, 260));
+    }
+
+    /// The kernel's receive stamp comes back with the bytes, on the clock ticks carry, and
+    /// between the send and the read; without `enable_rx_timestamps` there is none.
+    #[tokio::test]
+    async fn reads_carry_the_kernels_receive_stamp() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(connect(addr, None), l.accept());
+        let mut stamped = Stream::Plain(c.unwrap());
+        let mut server = s.unwrap().0;
+        assert!(enable_rx_timestamps(&stamped));
+        let before = crate::common::now_ns();
+        server.write_all(b"one tick").await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, stamp) = stamped.read_stamped(&mut buf).await.unwrap();
+        let after = crate::common::now_ns();
+        assert_eq!(&buf[..n], b"one tick");
+        let stamp = stamp.expect("a stamp");
+        assert!(
+            before <= stamp && stamp <= after,
+            "{before} <= {stamp} <= {after}"
+        );
+
+        let (c, s) = tokio::join!(connect(addr, None), l.accept());
+        let mut plain = Stream::Plain(c.unwrap());
+        s.unwrap().0.write_all(b"x").await.unwrap();
+        let (n, stamp) = plain.read_stamped(&mut buf).await.unwrap();
+        assert_eq!((n, stamp), (1, None));
     }
 }

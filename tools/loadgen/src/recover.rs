@@ -78,6 +78,21 @@ pub struct RecoverArgs {
     /// Scheduling of the publisher thread (as for `fanout`).
     #[arg(long, value_enum, default_value_t = PubPriority::Fifo)]
     pub pub_priority: PubPriority,
+    /// Staying subscribers read about one tick frame per `recvmsg`, so the kernel's receive
+    /// stamp of each read is its tick's own (`arrival_*` figures exact to one segment);
+    /// costs the load generator a system call per tick. Without it the arrival figures are
+    /// an upper bound: a read after the client's own stall carries its newest segment's
+    /// stamp for every tick in it.
+    #[arg(long)]
+    pub arrival: bool,
+    /// Pin the publisher's thread to this core (default: the cores the load generator was
+    /// started on). On a 2-core machine with the server on core 0 and the clients on core
+    /// 1, `--pub-core 0` keeps the feed out of the clients' core: what a storm's clients
+    /// cost their own core (connects, replays read) then no longer delays the ticks
+    /// before the server gets them, as it would not with clients on other machines. The
+    /// publisher's own cost on the server's core is small (one `send` per batch).
+    #[arg(long)]
+    pub pub_core: Option<usize>,
     /// The server's pid: its CPU and run-queue wait during the window and the storm.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -111,6 +126,12 @@ pub struct RecoverArgs {
     /// Symbols per storm client (default: --per-sub).
     #[arg(long)]
     pub storm_per_sub: Option<usize>,
+    /// The storm clients connect here instead of `--target` (a control: a second server
+    /// that the staying subscribers' server shares nothing with, so what the storm still
+    /// does to their latency is the load generator's and the host's part). Its history
+    /// need not reach back: a `since` it cannot serve gets a reset snapshot.
+    #[arg(long)]
+    pub storm_target: Option<std::net::SocketAddr>,
     /// Storm clients stay subscribed once served (default: they leave).
     #[arg(long)]
     pub storm_stay: bool,
@@ -223,6 +244,15 @@ struct Env {
     /// second of it (by the tick's `ts`).
     stay_hist: Mutex<Histogram<u64>>,
     stay_by_s: Vec<Mutex<Histogram<u64>>>,
+    /// The same ticks' latency to their arrival in the client's kernel
+    /// ([`lean::enable_rx_timestamps`]), over the window and per second.
+    stay_arrival_hist: Mutex<Histogram<u64>>,
+    stay_arrival_by_s: Vec<Mutex<Histogram<u64>>>,
+    /// `--arrival`: staying subscribers read [`STAMPED_READ`] bytes at a time.
+    stamp_small_reads: bool,
+    /// Reads of the staying subscribers, and those the kernel stamped.
+    stay_reads: AtomicU64,
+    stay_reads_stamped: AtomicU64,
     /// Window latency of the reconnecting subscribers' live ticks.
     reconn_hist: Mutex<Histogram<u64>>,
     storm_n: u64,
@@ -262,6 +292,13 @@ impl Env {
             stay_by_s: (0..secs_n)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1_000, 100_000_000_000, 2).expect("bounds")))
                 .collect(),
+            stay_arrival_hist: Mutex::new(histogram()),
+            stay_arrival_by_s: (0..secs_n)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1_000, 100_000_000_000, 2).expect("bounds")))
+                .collect(),
+            stamp_small_reads: a.arrival,
+            stay_reads: AtomicU64::new(0),
+            stay_reads_stamped: AtomicU64::new(0),
             reconn_hist: Mutex::new(histogram()),
             storm_n: a.storm as u64,
             storm_stay: a.storm_stay,
@@ -299,8 +336,8 @@ struct Client {
     group: usize,
     syms: Vec<Sym>,
     tally: Tally,
-    /// (ts, latency) of window ticks to record.
-    lat: Vec<(u64, u64)>,
+    /// (ts, latency at the read, latency at the kernel's arrival) of window ticks to record.
+    lat: Vec<(u64, u64, u64)>,
     /// Ticks stamped before this (the last re-subscribe, ns) count as replayed.
     live_from_ns: u64,
     subscribed_once: bool,
@@ -359,7 +396,9 @@ impl Client {
         self.syms.iter().all(|s| s.last.is_some_and(|l| l >= s.head))
     }
 
-    fn on_text(&mut self, p: &[u8], now: u64, t0: u64, t1: u64, env: &Env) {
+    /// `now`: when the bytes were read; `arrived`: when the kernel received them (`now`
+    /// when unknown).
+    fn on_text(&mut self, p: &[u8], now: u64, arrived: u64, t0: u64, t1: u64, env: &Env) {
         let Some(ty) = lean::msg_type(p) else {
             self.tally.errors += 1;
             return;
@@ -421,7 +460,8 @@ impl Client {
                     _ if ts < self.live_from_ns => self.tally.replayed += 1,
                     _ if ts >= t0 && ts < t1 => {
                         self.tally.window_rx += 1;
-                        self.lat.push((ts, now.saturating_sub(ts)));
+                        self.lat
+                            .push((ts, now.saturating_sub(ts), arrived.saturating_sub(ts)));
                     }
                     _ => {}
                 }
@@ -465,25 +505,36 @@ impl Client {
         }
         if self.group == STAY {
             let mut h = env.stay_hist.lock().unwrap();
-            for &(_, v) in &self.lat {
+            for &(_, v, _) in &self.lat {
                 h.record(v.max(1)).ok();
             }
             drop(h);
-            for &(ts, v) in &self.lat {
+            let mut h = env.stay_arrival_hist.lock().unwrap();
+            for &(_, _, a) in &self.lat {
+                h.record(a.max(1)).ok();
+            }
+            drop(h);
+            for &(ts, v, a) in &self.lat {
                 let s = (ts.saturating_sub(t0) / 1_000_000_000) as usize;
                 if let Some(h) = env.stay_by_s.get(s) {
                     h.lock().unwrap().record(v.max(1_000)).ok();
                 }
+                if let Some(h) = env.stay_arrival_by_s.get(s) {
+                    h.lock().unwrap().record(a.max(1_000)).ok();
+                }
             }
         } else {
             let mut h = env.reconn_hist.lock().unwrap();
-            for &(_, v) in &self.lat {
+            for &(_, v, _) in &self.lat {
                 h.record(v.max(1)).ok();
             }
         }
         self.lat.clear();
     }
 }
+
+/// Bytes per read of a staying subscriber with `--arrival` (about one tick frame).
+const STAMPED_READ: usize = 256;
 
 /// How a connection's reading ended.
 enum End {
@@ -499,13 +550,23 @@ enum End {
 
 /// Connects and upgrades; `Err(true)` when the TCP connect failed, `Err(false)` when the
 /// upgrade did. Bytes after the `101`'s head are left in `buf[..end]`, the returned `end`.
-async fn open(ctx: &Ctx, src: usize, token: &str, buf: &mut Vec<u8>) -> Result<(lean::Stream, usize), bool> {
+/// `stamps`: the kernel stamps what the connection receives ([`lean::enable_rx_timestamps`]).
+async fn open(
+    ctx: &Ctx,
+    src: usize,
+    token: &str,
+    buf: &mut Vec<u8>,
+    stamps: bool,
+) -> Result<(lean::Stream, usize), bool> {
     let mut s = lean::Stream::connect(ctx, ctx.source(src))
         .await
         .map_err(|_| true)?;
     let req = lean::upgrade_request(&ctx.host, token);
     match lean::upgrade(&mut s, &req, buf).await {
         Ok((101, end)) => {
+            if stamps {
+                lean::enable_rx_timestamps(&s);
+            }
             if buf.len() < 128 * 1024 {
                 buf.resize(128 * 1024, 0);
             }
@@ -539,15 +600,18 @@ async fn pump(
     ctl: &mut watch::Receiver<u64>,
 ) -> End {
     let mut out = Vec::new();
+    // When the kernel received the bytes of the last read (`None`: not stamped).
+    let mut stamp: Option<u64> = None;
     loop {
         let now = now_ns();
+        let arrived = stamp.map_or(now, |t| t.min(now));
         let (t0, t1) = (env.sh.t0.load(Relaxed), env.sh.t1.load(Relaxed));
         let mut start = 0usize;
         let mut closed = false;
         while let Some(f) = lean::parse_frame(&buf[start..end]) {
             let payload = &buf[start + f.start..start + f.end];
             match f.opcode {
-                1 | 0 => cl.on_text(payload, now, t0, t1, env),
+                1 | 0 => cl.on_text(payload, now, arrived, t0, t1, env),
                 9 => lean::pong_frame(payload, &mut out),
                 8 => closed = true,
                 _ => {}
@@ -588,10 +652,26 @@ async fn pump(
                 return End::Served;
             }
         }
+        // A staying subscriber reads one tick's worth at a time when the kernel stamps its
+        // segments: the stamp is that of the last segment a read touched, so a bigger read
+        // after a stall of the client's own thread would give its older ticks the newest
+        // segment's arrival time.
+        let read_to = if cl.group == STAY && env.stamp_small_reads {
+            (end + STAMPED_READ).min(buf.len())
+        } else {
+            buf.len()
+        };
         tokio::select! {
-            r = s.read(&mut buf[end..]) => match r {
-                Ok(0) | Err(_) => return End::Lost,
-                Ok(n) => end += n,
+            r = s.read_stamped(&mut buf[end..read_to]) => match r {
+                Ok((0, _)) | Err(_) => return End::Lost,
+                Ok((n, t)) => {
+                    end += n;
+                    stamp = t;
+                    if cl.group == STAY {
+                        env.stay_reads.fetch_add(1, Relaxed);
+                        env.stay_reads_stamped.fetch_add(u64::from(t.is_some()), Relaxed);
+                    }
+                }
             },
             c = ctl.changed() => {
                 let v = if c.is_err() { FINISH } else { *ctl.borrow_and_update() };
@@ -621,7 +701,7 @@ async fn subscriber(
 ) -> Client {
     let mut buf = vec![0u8; 4096];
     let permit = sem.acquire_owned().await;
-    let (mut s, mut end) = match open(&ctx, cl.i, &token, &mut buf).await {
+    let (mut s, mut end) = match open(&ctx, cl.i, &token, &mut buf, cl.group == STAY).await {
         Ok(x) => x,
         Err(tcp) => {
             if tcp {
@@ -666,7 +746,7 @@ async fn subscriber(
                 let t = Instant::now();
                 let mut next = None;
                 for _ in 0..50 {
-                    if let Ok((mut s2, e2)) = open(&ctx, cl.i, &token, &mut buf).await {
+                    if let Ok((mut s2, e2)) = open(&ctx, cl.i, &token, &mut buf, false).await {
                         let sub = cl.subscribe_json(true, env.since_offset);
                         cl.live_from_ns = now_ns();
                         cl.resub_start = Some(t);
@@ -704,7 +784,7 @@ async fn storm_client(
     mut ctl: watch::Receiver<u64>,
 ) -> Client {
     let mut buf = vec![0u8; 4096];
-    let (mut s, end) = match open(&ctx, src, &token, &mut buf).await {
+    let (mut s, end) = match open(&ctx, src, &token, &mut buf, false).await {
         Ok(x) => x,
         Err(_) => {
             env.storm_fail.fetch_add(1, Relaxed);
@@ -798,7 +878,7 @@ async fn stall_probe(env: Arc<Env>) {
 /// of one subscribe to all of `names`.
 async fn probe_heads(ctx: &Ctx, token: &str, names: &[String]) -> Result<Vec<u64>, String> {
     let mut buf = vec![0u8; 4096];
-    let (mut s, mut end) = open(ctx, 0, token, &mut buf)
+    let (mut s, mut end) = open(ctx, 0, token, &mut buf, false)
         .await
         .map_err(|_| "probe: could not connect".to_string())?;
     let list: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
@@ -930,6 +1010,7 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
     let env = Arc::new(Env::new(sh.clone(), &a));
     let sched = Arc::new(OnceLock::<&'static str>::new());
     let pub_spec = |rate: u64, step: usize| PubSpec {
+        core: a.pub_core,
         ctx: ctx.clone(),
         sh: sh.clone(),
         names: names.clone(),
@@ -1074,7 +1155,11 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
                     cl.storm_start = Some(storm_start);
                     clients.push((n + j, token.clone(), cl));
                 }
-                match spawn_storm(ctx.clone(), env.clone(), clients, ctl_rx.clone(), a.storm_nice) {
+                let storm_ctx = match a.storm_target {
+                    Some(t) => Arc::new(ctx.with_target(t)),
+                    None => ctx.clone(),
+                };
+                match spawn_storm(storm_ctx, env.clone(), clients, ctl_rx.clone(), a.storm_nice) {
                     Ok(rx) => storm = Some((storm_start, rx)),
                     Err(e) => {
                         eprintln!("loadgen: storm thread: {e}");
@@ -1180,6 +1265,25 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
         .map(|h| us(h.value_at_quantile(0.99)))
         .collect();
     r.add("stay_p99_by_s_us", p99_by_s);
+    // The same ticks at their arrival in the clients' kernel: without the time they waited
+    // for the client's thread (the storm's clients share its core on this machine).
+    let h = env.stay_arrival_hist.lock().unwrap().clone();
+    for (name, v) in percentiles(&h) {
+        r.add(&format!("arrival_{name}"), v);
+    }
+    let p99_by_s: Vec<f64> = env
+        .stay_arrival_by_s
+        .iter()
+        .map(|h| h.lock().unwrap())
+        .filter(|h| !h.is_empty())
+        .map(|h| us(h.value_at_quantile(0.99)))
+        .collect();
+    r.add("stay_arrival_p99_by_s_us", p99_by_s);
+    let reads = env.stay_reads.load(Relaxed).max(1);
+    r.add(
+        "stay_reads_stamped_pct",
+        (env.stay_reads_stamped.load(Relaxed) as f64 * 1000.0 / reads as f64).round() / 10.0,
+    );
     let stalls: Vec<f64> = env
         .stall_by_s
         .iter()
@@ -1354,7 +1458,7 @@ mod tests {
     fn the_checker_tells_gaps_duplicates_conflation_and_resets_apart() {
         let env = env();
         let mut c = Client::new(0, RECONN, vec!["A".into(), "B".into()]);
-        let feed = |c: &mut Client, m: Vec<u8>| c.on_text(&m, 10, 0, u64::MAX, &env);
+        let feed = |c: &mut Client, m: Vec<u8>| c.on_text(&m, 10, 10, 0, u64::MAX, &env);
         // The first tick of a symbol is its baseline, whatever its seq.
         feed(&mut c, tick("A", 7, ""));
         feed(&mut c, tick("A", 8, ""));
@@ -1408,10 +1512,10 @@ mod tests {
             r#"{"op":"subscribe","id":1,"symbols":["A","B"],"since":{"A":7,"B":17}}"#
         );
         for m in [tick("A", 9, ""), tick("A", 10, ""), tick("B", 19, "")] {
-            c.on_text(&m, 10, 0, u64::MAX, &env);
+            c.on_text(&m, 10, 10, 0, u64::MAX, &env);
         }
         assert!(!c.caught_up());
-        c.on_text(&tick("B", 20, ""), 10, 0, u64::MAX, &env);
+        c.on_text(&tick("B", 20, ""), 10, 10, 0, u64::MAX, &env);
         assert!(c.caught_up());
         assert_eq!((c.tally.replayed, c.tally.gaps), (4, 0));
         // No since before any tick.
