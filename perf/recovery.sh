@@ -9,6 +9,8 @@
 #   STORM_NICE=19 perf/recovery.sh     # the storm clients' thread at nice 19 (default 0): they
 #                                      # get only the generator core's spare time, as clients
 #                                      # on other machines would take none of it
+#   STORM_IDLE=1 perf/recovery.sh      # the storm clients' thread as SCHED_IDLE: it runs only
+#                                      # when the measuring clients leave the core idle
 #   STORM_ELSEWHERE=1 perf/recovery.sh # control: the storm goes to a second server (core 1)
 #                                      # that the staying subscribers' server shares nothing
 #                                      # with: what is left is the generator's and the host's
@@ -85,6 +87,7 @@ A=(recover --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 2 
   --drain 1 --prefill 600 --reconnect-every 0)
 STORM=(--storm 1000 --storm-back "${STORM_BACK:-500}" --storm-at 3 --storm-per-sub "${STORM_PER_SUB:-10}"
   --storm-nice "${STORM_NICE:-0}")
+[[ -n ${STORM_IDLE:-} ]] && STORM+=(--storm-idle)
 [[ -n ${STORM_ELSEWHERE:-} ]] && STORM+=(--storm-target "127.0.0.1:$((PORT + 1))")
 [[ -n ${PUB_CORE:-} ]] && A+=(--pub-core "$PUB_CORE")
 [[ -n ${ARRIVAL:-} ]] && A+=(--arrival)
@@ -94,7 +97,7 @@ if [[ -n ${STORM_ELSEWHERE:-} ]]; then
 fi
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" \
   "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back, nice ${STORM_NICE:-0}" \
-  "${STORM_ELSEWHERE:+to a second server on core 1 }${PUB_CORE:+publisher on core $PUB_CORE }${ARRIVAL:+exact arrival}" >&2
+  "${STORM_IDLE:+storm thread SCHED_IDLE }${STORM_ELSEWHERE:+to a second server on core 1 }${PUB_CORE:+publisher on core $PUB_CORE }${ARRIVAL:+exact arrival}" >&2
 for r in $(seq 1 "$ROUNDS"); do
   # Alternate which side goes first, so neither always gets the fresher minute.
   if (( r % 2 )); then order="calm storm"; else order="storm calm"; fi

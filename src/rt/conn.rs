@@ -65,14 +65,16 @@ use crate::session::Session;
 /// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
 const MAX_WRITE: usize = 256 * 1024;
 
-/// About how many bytes the shard's writer tasks hand the kernel in one loop turn: each
-/// writer's write is cut to this divided by the writers running (between [`MIN_WRITE`]
-/// and [`MAX_WRITE`]). On io_uring a turn's writes go to the kernel in one
-/// `io_uring_enter`, which performs them all (on loopback the receiving side's TCP work
-/// too) before the loop reads or dispatches anything: 1,000 writers replaying history at
-/// once (a reconnect storm with `since`) at 256 KiB each held the live stream for a
-/// quarter of a second (perf/RESULTS.md, issue 19).
-const TURN_WRITE_BYTES: usize = 4 * 1024 * 1024;
+/// At most about this many bytes go from the shard's writer tasks to the kernel per
+/// millisecond, and so in one loop turn: each writer's write is cut to this divided by
+/// the writers running (between [`MIN_WRITE`] and [`MAX_WRITE`]), and a writer that finds
+/// the millisecond's bytes spent waits for the next one ([`writer_budget_open`]). On
+/// io_uring a turn's writes go to the kernel in one `io_uring_enter`, which performs them
+/// all (on loopback the receiving side's TCP work too) before the loop reads or
+/// dispatches anything: 1,000 writers replaying history at once (a reconnect storm with
+/// `since`) at 256 KiB each held the live stream for a quarter of a second, and still
+/// 20-37 ms at 16 KiB each (perf/RESULTS.md, issue 19).
+const TURN_WRITE_BYTES: usize = 1024 * 1024;
 const MIN_WRITE: usize = 16 * 1024;
 
 /// Largest write done inline from the shard's loop (`send_inline`); more queued (a
@@ -83,6 +85,24 @@ const INLINE_WRITE: usize = 64 * 1024;
 /// The size of one writer's next write, given the writers running on the shard.
 fn writer_chunk(ctx: &ShardCtx) -> usize {
     (TURN_WRITE_BYTES / ctx.writers.get().max(1)).clamp(MIN_WRITE, MAX_WRITE)
+}
+
+/// True when the writers may still hand the kernel bytes in this millisecond (see
+/// [`TURN_WRITE_BYTES`]); a new millisecond starts a new count.
+fn writer_budget_open(ctx: &ShardCtx) -> bool {
+    let ms = crate::metrics::mono_ns() / 1_000_000;
+    let (window, spent) = ctx.writer_window.get();
+    if window != ms {
+        ctx.writer_window.set((ms, 0));
+        return true;
+    }
+    spent < TURN_WRITE_BYTES
+}
+
+/// A writer handed the kernel `n` bytes in this millisecond.
+fn writer_spent(ctx: &ShardCtx, n: usize) {
+    let (window, spent) = ctx.writer_window.get();
+    ctx.writer_window.set((window, spent.saturating_add(n)));
 }
 
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
@@ -772,6 +792,11 @@ pub(crate) async fn writer(
         }
     }
     loop {
+        // The shard's writers have had their bytes for this millisecond: the live stream
+        // (dispatch, inline writes) goes first.
+        while !writer_budget_open(&ctx) {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         // Buffers come from the shard's pool and go back after the write: a busy
         // connection never regrows one, an idle one holds none.
         let mut buf;
@@ -819,6 +844,7 @@ pub(crate) async fn writer(
             out
         } else {
             ctx.note_tick_write(oldest_tick);
+            writer_spent(&ctx, out.len());
             let (res, b) = handle.write_all(out).await;
             failed = res.is_err();
             b

@@ -44,6 +44,9 @@ pub struct ShardCtx {
     pub(crate) ready: ReadySet,
     /// Writer tasks running (see `conn::writer_chunk`).
     pub(crate) writers: Cell<usize>,
+    /// The millisecond (monotonic) the writers' byte count is for, and the count (see
+    /// `conn::writer_budget_open`).
+    pub(crate) writer_window: Cell<(u64, usize)>,
     /// The shard's publishers, by slot and generation, read ahead of their turn
     /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
     feeds: RefCell<Vec<(usize, u32)>>,
@@ -92,6 +95,7 @@ impl ShardCtx {
             uring,
             ready,
             writers: Cell::new(0),
+            writer_window: Cell::new((0, 0)),
             feeds: RefCell::new(Vec::new()),
             feeds_read_ns: Cell::new(0),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),

@@ -148,6 +148,14 @@ pub struct RecoverArgs {
     /// clients reading at wire speed would.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub storm_nice: i32,
+    /// Runs the storm clients' thread as `SCHED_IDLE`: it gets the generator's core only
+    /// when nothing else there wants it, and any other thread that wakes takes the core
+    /// from it at once (nice 19 still shares the core in slices). The storm then costs the
+    /// measuring clients as little as a storm on the same core can; clients on other
+    /// machines would cost them nothing. The server still sees 1,000 clients at once
+    /// (their connects spread over tens of ms instead of a few).
+    #[arg(long)]
+    pub storm_idle: bool,
     /// Checks the checker: a reconnecting subscriber asks for `since` = last + N (N > 0
     /// must show gaps, N < 0 duplicates). 0 in any real measurement.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -813,11 +821,19 @@ fn spawn_storm(
     clients: Vec<(usize, String, Client)>,
     ctl: watch::Receiver<u64>,
     nice: i32,
+    idle: bool,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Vec<Client>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("storm".into()).spawn(move || {
         if nice != 0 && !tickgate::rt::set_thread_nice(nice) {
             eprintln!("loadgen: storm thread: could not set nice {nice}");
+        }
+        if idle {
+            let p = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler reads one valid sched_param; pid 0 is this thread.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) } != 0 {
+                eprintln!("loadgen: storm thread: could not set SCHED_IDLE");
+            }
         }
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -1159,7 +1175,14 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
                     Some(t) => Arc::new(ctx.with_target(t)),
                     None => ctx.clone(),
                 };
-                match spawn_storm(storm_ctx, env.clone(), clients, ctl_rx.clone(), a.storm_nice) {
+                match spawn_storm(
+                    storm_ctx,
+                    env.clone(),
+                    clients,
+                    ctl_rx.clone(),
+                    a.storm_nice,
+                    a.storm_idle,
+                ) {
                     Ok(rx) => storm = Some((storm_start, rx)),
                     Err(e) => {
                         eprintln!("loadgen: storm thread: {e}");
