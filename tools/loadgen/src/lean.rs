@@ -18,16 +18,21 @@ const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// port is picked at connect time, per destination, so one source address is not limited
 /// to one ephemeral port range for all destinations. Best effort.
 pub fn bind_address_no_port(sock: &TcpSocket) {
+    set_flag(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT);
+}
+
+/// Turns on an integer socket option (`setsockopt` with 1); false when refused.
+fn set_flag(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int) -> bool {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
     unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
+            fd,
+            level,
+            name,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        ) == 0
     }
 }
 
@@ -123,17 +128,7 @@ impl tokio::io::AsyncWrite for Stream {
 /// a receive timestamp of a client's NIC would. False when the kernel refused.
 pub fn enable_rx_timestamps(s: &Stream) -> bool {
     let Stream::Plain(t) = s else { return false };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int.
-    unsafe {
-        libc::setsockopt(
-            t.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+    set_flag(t.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS)
 }
 
 /// One `recvmsg(MSG_DONTWAIT)`: the bytes read, and the kernel's receive stamp of the last

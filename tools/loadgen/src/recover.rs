@@ -541,6 +541,15 @@ impl Client {
     }
 }
 
+/// The p99 of each second that has ticks, µs.
+fn p99_by_s(by_s: &[Mutex<Histogram<u64>>]) -> Vec<f64> {
+    by_s.iter()
+        .map(|h| h.lock().unwrap())
+        .filter(|h| !h.is_empty())
+        .map(|h| us(h.value_at_quantile(0.99)))
+        .collect()
+}
+
 /// Bytes per read of a staying subscriber with `--arrival` (about one tick frame).
 const STAMPED_READ: usize = 256;
 
@@ -1280,28 +1289,14 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
     for (name, v) in percentiles(&h) {
         r.add(name, v);
     }
-    let p99_by_s: Vec<f64> = env
-        .stay_by_s
-        .iter()
-        .map(|h| h.lock().unwrap())
-        .filter(|h| !h.is_empty())
-        .map(|h| us(h.value_at_quantile(0.99)))
-        .collect();
-    r.add("stay_p99_by_s_us", p99_by_s);
+    r.add("stay_p99_by_s_us", p99_by_s(&env.stay_by_s));
     // The same ticks at their arrival in the clients' kernel: without the time they waited
     // for the client's thread (the storm's clients share its core on this machine).
     let h = env.stay_arrival_hist.lock().unwrap().clone();
     for (name, v) in percentiles(&h) {
         r.add(&format!("arrival_{name}"), v);
     }
-    let p99_by_s: Vec<f64> = env
-        .stay_arrival_by_s
-        .iter()
-        .map(|h| h.lock().unwrap())
-        .filter(|h| !h.is_empty())
-        .map(|h| us(h.value_at_quantile(0.99)))
-        .collect();
-    r.add("stay_arrival_p99_by_s_us", p99_by_s);
+    r.add("stay_arrival_p99_by_s_us", p99_by_s(&env.stay_arrival_by_s));
     let reads = env.stay_reads.load(Relaxed).max(1);
     r.add(
         "stay_reads_stamped_pct",
