@@ -74,7 +74,7 @@ const MAX_WRITE: usize = 256 * 1024;
 /// dispatches anything: 1,000 writers replaying history at once (a reconnect storm with
 /// `since`) at 256 KiB each held the live stream for a quarter of a second, and still
 /// 20-37 ms at 16 KiB each (perf/RESULTS.md, issue 19).
-const TURN_WRITE_BYTES: usize = 1024 * 1024;
+pub(crate) const TURN_WRITE_BYTES: usize = 1024 * 1024;
 const MIN_WRITE: usize = 16 * 1024;
 
 /// Largest write done inline from the shard's loop (`send_inline`); more queued (a
@@ -88,21 +88,19 @@ fn writer_chunk(ctx: &ShardCtx) -> usize {
 }
 
 /// True when the writers may still hand the kernel bytes in this millisecond (see
-/// [`TURN_WRITE_BYTES`]); a new millisecond starts a new count.
+/// [`TURN_WRITE_BYTES`]).
 fn writer_budget_open(ctx: &ShardCtx) -> bool {
-    let ms = crate::metrics::mono_ns() / 1_000_000;
-    let (window, spent) = ctx.writer_window.get();
-    if window != ms {
-        ctx.writer_window.set((ms, 0));
-        return true;
-    }
-    spent < TURN_WRITE_BYTES
+    let mut b = ctx.writer_budget.get();
+    let open = b.open(crate::metrics::mono_ns() / 1_000_000);
+    ctx.writer_budget.set(b);
+    open
 }
 
 /// A writer handed the kernel `n` bytes in this millisecond.
 fn writer_spent(ctx: &ShardCtx, n: usize) {
-    let (window, spent) = ctx.writer_window.get();
-    ctx.writer_window.set((window, spent.saturating_add(n)));
+    let mut b = ctx.writer_budget.get();
+    b.spend(n);
+    ctx.writer_budget.set(b);
 }
 
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
@@ -218,7 +216,7 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
 
 /// How long other work may run between two looks at the shard's publishers
 /// ([`feeds_first`]) while many connections want the loop at once.
-const FEEDS_EVERY_NS: u64 = 200_000;
+pub(crate) const FEEDS_EVERY_NS: u64 = 200_000;
 
 /// Feeds first: when [`FEEDS_EVERY_NS`] have passed since the shard last read its
 /// publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
@@ -231,11 +229,12 @@ const FEEDS_EVERY_NS: u64 = 200_000;
 /// replay each) delays the live stream no more than a burst of cheap ones. Costs a clock
 /// read when not due; a shard without publishers reads none.
 pub(crate) fn feeds_first(ctx: &Rc<ShardCtx>) {
-    let now = crate::metrics::mono_ns();
-    if now.saturating_sub(ctx.feeds_read_ns.get()) < FEEDS_EVERY_NS {
+    let mut pace = ctx.feeds_pace.get();
+    let due = pace.due(crate::metrics::mono_ns());
+    ctx.feeds_pace.set(pace);
+    if !due {
         return;
     }
-    ctx.feeds_read_ns.set(now);
     read_feeds(ctx);
     dispatch_waiting(ctx);
 }

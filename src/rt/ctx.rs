@@ -44,14 +44,13 @@ pub struct ShardCtx {
     pub(crate) ready: ReadySet,
     /// Writer tasks running (see `conn::writer_chunk`).
     pub(crate) writers: Cell<usize>,
-    /// The millisecond (monotonic) the writers' byte count is for, and the count (see
-    /// `conn::writer_budget_open`).
-    pub(crate) writer_window: Cell<(u64, usize)>,
+    /// The writers' bytes per millisecond (see `conn::TURN_WRITE_BYTES`).
+    pub(crate) writer_budget: Cell<crate::timer::pace::WindowBudget>,
     /// The shard's publishers, by slot and generation, read ahead of their turn
     /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
     feeds: RefCell<Vec<(usize, u32)>>,
-    /// When the feeds were last read (`metrics::mono_ns`), for `conn::feeds_first`.
-    pub(crate) feeds_read_ns: Cell<u64>,
+    /// When the feeds are next read ahead of their turn (`conn::feeds_first`).
+    pub(crate) feeds_pace: Cell<crate::timer::pace::Every>,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -95,9 +94,11 @@ impl ShardCtx {
             uring,
             ready,
             writers: Cell::new(0),
-            writer_window: Cell::new((0, 0)),
+            writer_budget: Cell::new(crate::timer::pace::WindowBudget::new(
+                crate::rt::conn::TURN_WRITE_BYTES,
+            )),
             feeds: RefCell::new(Vec::new()),
-            feeds_read_ns: Cell::new(0),
+            feeds_pace: Cell::new(crate::timer::pace::Every::new(crate::rt::conn::FEEDS_EVERY_NS)),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),

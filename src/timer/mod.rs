@@ -17,6 +17,7 @@
 //! files only its earliest deadline in the wheel ([`deadlines`]).
 
 pub mod deadlines;
+pub mod pace;
 pub mod wheel;
 
 pub use deadlines::DeadlineSet;
