@@ -65,16 +65,6 @@ use crate::session::Session;
 /// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
 const MAX_WRITE: usize = 256 * 1024;
 
-/// At most about this many bytes go from the shard's writer tasks to the kernel per
-/// millisecond, and so in one loop turn: each writer's write is cut to this divided by
-/// the writers running (between [`MIN_WRITE`] and [`MAX_WRITE`]), and a writer that finds
-/// the millisecond's bytes spent waits for the next one ([`writer_budget_open`]). On
-/// io_uring a turn's writes go to the kernel in one `io_uring_enter`, which performs them
-/// all (on loopback the receiving side's TCP work too) before the loop reads or
-/// dispatches anything: 1,000 writers replaying history at once (a reconnect storm with
-/// `since`) at 256 KiB each held the live stream for a quarter of a second, and still
-/// 20-37 ms at 16 KiB each (perf/RESULTS.md, issue 19).
-pub(crate) const TURN_WRITE_BYTES: usize = 1024 * 1024;
 const MIN_WRITE: usize = 16 * 1024;
 
 /// Largest write done inline from the shard's loop (`send_inline`); more queued (a
@@ -84,11 +74,11 @@ const INLINE_WRITE: usize = 64 * 1024;
 
 /// The size of one writer's next write, given the writers running on the shard.
 fn writer_chunk(ctx: &ShardCtx) -> usize {
-    (TURN_WRITE_BYTES / ctx.writers.get().max(1)).clamp(MIN_WRITE, MAX_WRITE)
+    (crate::rt::ctx::TURN_WRITE_BYTES / ctx.writers.get().max(1)).clamp(MIN_WRITE, MAX_WRITE)
 }
 
 /// True when the writers may still hand the kernel bytes in this millisecond (see
-/// [`TURN_WRITE_BYTES`]).
+/// [`crate::rt::ctx::TURN_WRITE_BYTES`]).
 fn writer_budget_open(ctx: &ShardCtx) -> bool {
     let mut b = ctx.writer_budget.get();
     let open = b.open(crate::metrics::mono_ns() / 1_000_000);
@@ -214,12 +204,8 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
     }
 }
 
-/// How long other work may run between two looks at the shard's publishers
-/// ([`feeds_first`]) while many connections want the loop at once.
-pub(crate) const FEEDS_EVERY_NS: u64 = 200_000;
-
-/// Feeds first: when [`FEEDS_EVERY_NS`] have passed since the shard last read its
-/// publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
+/// Feeds first: when [`crate::rt::ctx::FEEDS_EVERY_NS`] have passed since the shard last
+/// read its publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
 /// else is queued. Called after each connection a reader batch handles, after each
 /// upgrade, and before each handshake's token check. In a reconnect storm a thousand
 /// connections want the loop at once (their token checks, their subscribes, the history

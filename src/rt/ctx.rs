@@ -44,7 +44,7 @@ pub struct ShardCtx {
     pub(crate) ready: ReadySet,
     /// Writer tasks running (see `conn::writer_chunk`).
     pub(crate) writers: Cell<usize>,
-    /// The writers' bytes per millisecond (see `conn::TURN_WRITE_BYTES`).
+    /// The writers' bytes per millisecond (see [`TURN_WRITE_BYTES`]).
     pub(crate) writer_budget: Cell<crate::timer::pace::WindowBudget>,
     /// The shard's publishers, by slot and generation, read ahead of their turn
     /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
@@ -61,6 +61,22 @@ pub struct ShardCtx {
     /// subscribers without context takeover (made on first use).
     pub tick_deflate: RefCell<Option<crate::proto::deflate::Deflater>>,
 }
+
+/// At most about this many bytes go from the shard's writer tasks to the kernel per
+/// millisecond, and so in one loop turn: each writer's write is cut to this divided by
+/// the writers running (between `conn::MIN_WRITE` and `conn::MAX_WRITE`), and a writer
+/// that finds the millisecond's bytes spent waits for the next one
+/// (`conn::writer_budget_open`). On
+/// io_uring a turn's writes go to the kernel in one `io_uring_enter`, which performs them
+/// all (on loopback the receiving side's TCP work too) before the loop reads or
+/// dispatches anything: 1,000 writers replaying history at once (a reconnect storm with
+/// `since`) at 256 KiB each held the live stream for a quarter of a second, and still
+/// 20-37 ms at 16 KiB each (perf/RESULTS.md, issue 19).
+pub(crate) const TURN_WRITE_BYTES: usize = 1024 * 1024;
+
+/// How long other work may run between two looks at the shard's publishers
+/// (`conn::feeds_first`) while many connections want the loop at once.
+pub(crate) const FEEDS_EVERY_NS: u64 = 200_000;
 
 /// Publishers per shard read ahead of their turn; more are read in their turn only.
 pub(crate) const MAX_FEEDS: usize = 16;
@@ -94,11 +110,9 @@ impl ShardCtx {
             uring,
             ready,
             writers: Cell::new(0),
-            writer_budget: Cell::new(crate::timer::pace::WindowBudget::new(
-                crate::rt::conn::TURN_WRITE_BYTES,
-            )),
+            writer_budget: Cell::new(crate::timer::pace::WindowBudget::new(TURN_WRITE_BYTES)),
             feeds: RefCell::new(Vec::new()),
-            feeds_pace: Cell::new(crate::timer::pace::Every::new(crate::rt::conn::FEEDS_EVERY_NS)),
+            feeds_pace: Cell::new(crate::timer::pace::Every::new(FEEDS_EVERY_NS)),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
