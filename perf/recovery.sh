@@ -11,6 +11,10 @@
 #                                      # on other machines would take none of it
 #   STORM_IDLE=1 perf/recovery.sh      # the storm clients' thread as SCHED_IDLE: it runs only
 #                                      # when the measuring clients leave the core idle
+#   STORM_CORE=0 perf/recovery.sh      # the storm clients' thread on core 0 (the server's; with
+#                                      # STORM_IDLE=1 it takes only the server's idle time): the
+#                                      # kernel's work for the storm's sockets then runs on the
+#                                      # server's core, as for clients on other machines
 #   STORM_ELSEWHERE=1 perf/recovery.sh # control: the storm goes to a second server (core 1)
 #                                      # that the staying subscribers' server shares nothing
 #                                      # with: what is left is the generator's and the host's
@@ -88,6 +92,7 @@ A=(recover --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 2 
 STORM=(--storm 1000 --storm-back "${STORM_BACK:-500}" --storm-at 3 --storm-per-sub "${STORM_PER_SUB:-10}"
   --storm-nice "${STORM_NICE:-0}")
 [[ -n ${STORM_IDLE:-} ]] && STORM+=(--storm-idle)
+[[ -n ${STORM_CORE:-} ]] && STORM+=(--storm-core "$STORM_CORE")
 [[ -n ${STORM_ELSEWHERE:-} ]] && STORM+=(--storm-target "127.0.0.1:$((PORT + 1))")
 [[ -n ${PUB_CORE:-} ]] && A+=(--pub-core "$PUB_CORE")
 [[ -n ${ARRIVAL:-} ]] && A+=(--arrival)
@@ -97,7 +102,7 @@ if [[ -n ${STORM_ELSEWHERE:-} ]]; then
 fi
 echo "# $(date -u +%FT%TZ) nproc=$(nproc) $(uname -r) load: $(cut -d' ' -f1-3 /proc/loadavg)" \
   "storm: 1000 clients x ${STORM_PER_SUB:-10} symbols, since ${STORM_BACK:-500} back, nice ${STORM_NICE:-0}" \
-  "${STORM_IDLE:+storm thread SCHED_IDLE }${STORM_ELSEWHERE:+to a second server on core 1 }${PUB_CORE:+publisher on core $PUB_CORE }${ARRIVAL:+exact arrival}" >&2
+  "${STORM_IDLE:+storm thread SCHED_IDLE }${STORM_CORE:+storm thread on core $STORM_CORE }${STORM_ELSEWHERE:+to a second server on core 1 }${PUB_CORE:+publisher on core $PUB_CORE }${ARRIVAL:+exact arrival}" >&2
 for r in $(seq 1 "$ROUNDS"); do
   # Alternate which side goes first, so neither always gets the fresher minute.
   if (( r % 2 )); then order="calm storm"; else order="storm calm"; fi
@@ -166,12 +171,12 @@ for s in ("calm", "storm"):
                   f"{r.get('gen_timer_late_max_by_s_ms')}")
 def srv_p99(m):
     # The server's own view: hub accepted -> socket write issued (`tickgate_publish_to_
-    # write_seconds`, one write in 16 sampled), as the bucket holding the 99th percentile.
-    # Writes past the top bucket are replays (their oldest tick is from the history), left out.
+    # write_seconds`, one write in 16 sampled, live ticks only: the server leaves replayed
+    # ones out), as the bucket holding the 99th percentile.
     b = m.get("srv_write_buckets") or {}
     les = sorted((float(k), v) for k, v in b.items() if k != "+Inf")
     if not les: return None
-    live = les[-1][1]
+    live = b.get("+Inf", les[-1][1])
     prev = 0.0
     for le, n in les:
         if n >= 0.99 * live:

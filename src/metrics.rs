@@ -7,9 +7,11 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Upper bounds (microseconds) of the latency histograms' buckets.
-pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+/// Upper bounds (microseconds) of the latency histograms' buckets: finer between 1 and
+/// 10 ms, where a loaded server's p99 lives, so a ratio of two p99s can be read from them.
+pub const LATENCY_BUCKETS_US: [u64; 19] = [
+    10, 25, 50, 100, 250, 500, 1_000, 1_500, 2_000, 2_500, 3_000, 4_000, 5_000, 7_500, 10_000, 25_000,
+    50_000, 100_000, 250_000,
 ];
 
 /// Nanoseconds on a monotonic clock since the first call in this process. Published ticks
@@ -169,7 +171,7 @@ impl Metrics {
         );
         self.publish_to_write.render(
             "tickgate_publish_to_write_seconds",
-            "Time from the hub accepting a tick to the issue of the socket write carrying it (oldest tick per write, sampled).",
+            "Time from the hub accepting a tick to the issue of the socket write carrying it (oldest live tick per write, sampled; replayed ticks are not counted).",
             out,
         );
     }

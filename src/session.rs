@@ -494,7 +494,11 @@ impl Session {
     /// earlier now (the only input on the hot path, so the only one that says so).
     #[must_use]
     pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> bool {
-        self.push_tick_after(t, 0, now_ms)
+        if self.state == State::Closing {
+            return false;
+        }
+        let pushed = self.outbound.push_tick(t);
+        self.pushed(pushed, now_ms)
     }
 
     /// Bytes the outbound queue can still take before it conflates: what a replay is cut
@@ -506,13 +510,20 @@ impl Session {
             .saturating_sub(self.outbound.queued_bytes())
     }
 
-    /// [`Self::push_tick`] of a tick standing for `skipped` ticks left out right before it
-    /// (a replay cut to the queue's budget, [`crate::feed::history::Replay::Ticks`]).
-    pub fn push_tick_after(&mut self, t: &Arc<SharedTick>, skipped: u64, now_ms: u64) -> bool {
+    /// [`Self::push_tick`] of a replayed tick (`since`), standing for `skipped` ticks left
+    /// out right before it (a replay cut to the queue's budget,
+    /// [`crate::feed::history::Replay::Ticks`]). It is not sampled for publish-to-write.
+    pub fn push_replayed(&mut self, t: &Arc<SharedTick>, skipped: u64, now_ms: u64) -> bool {
         if self.state == State::Closing {
             return false;
         }
-        match self.outbound.push_tick_after(t, skipped) {
+        let pushed = self.outbound.push_replayed(t, skipped);
+        self.pushed(pushed, now_ms)
+    }
+
+    /// True when `pushed` started a slow-consumer episode.
+    fn pushed(&mut self, pushed: Pushed, now_ms: u64) -> bool {
+        match pushed {
             Pushed::Queued => false,
             Pushed::Conflated | Pushed::OverBudget => {
                 if self.slow_since_ms.is_none() {

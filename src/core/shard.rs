@@ -1229,7 +1229,7 @@ fn queue_replay(s: &mut Session, replay: Replay, now: u64, metrics: &crate::metr
             let n = ticks.len();
             for (i, t) in ticks.iter().enumerate() {
                 let left_out = if i + 1 == n { skipped } else { 0 };
-                slow |= s.push_tick_after(t, left_out, now);
+                slow |= s.push_replayed(t, left_out, now);
             }
             metrics.replayed.fetch_add(n as u64 + skipped, Relaxed);
             let conflated = s.conflated_total() - conflated_before;

@@ -203,19 +203,21 @@ enum Entry {
     Control(Bytes),
     /// A pong frame: at most one is queued; a newer ping replaces its payload.
     Pong(Bytes),
-    Tick(Arc<SharedTick>),
+    /// A tick; `true` when it comes from a replay (`since`): published before this
+    /// connection asked for it, so it has no place in the publish-to-write histogram.
+    Tick(Arc<SharedTick>, bool),
 }
 
 impl Entry {
     fn len(&self) -> usize {
         match self {
             Entry::Control(b) | Entry::Pong(b) => b.len(),
-            Entry::Tick(t) => t.frame.len(),
+            Entry::Tick(t, _) => t.frame.len(),
         }
     }
 
     fn is_control(&self) -> bool {
-        !matches!(self, Entry::Tick(_))
+        !matches!(self, Entry::Tick(..))
     }
 }
 
@@ -223,6 +225,8 @@ struct Slot {
     tick: Arc<SharedTick>,
     /// Ticks of this symbol replaced (left out) since the last one queued or delivered.
     skipped: u64,
+    /// `tick` comes from a replay (see [`Entry::Tick`]).
+    replayed: bool,
 }
 
 /// A connection's bounded outbound queue with per-symbol conflation.
@@ -330,28 +334,34 @@ impl OutboundQueue {
 
     /// Queues a tick for this connection (FIFO below the bound, conflated at/over it).
     pub fn push_tick(&mut self, t: &Arc<SharedTick>) -> Pushed {
+        self.push(t, false)
+    }
+
+    fn push(&mut self, t: &Arc<SharedTick>, replayed: bool) -> Pushed {
         let len = t.frame.len();
         if !self.conflating && self.queued_bytes.saturating_add(len) <= self.max_bytes {
             self.queued_bytes += len;
-            self.fifo.push_back(Entry::Tick(Arc::clone(t)));
+            self.fifo.push_back(Entry::Tick(Arc::clone(t), replayed));
             return Pushed::Queued;
         }
-        self.conflate(t, 0)
+        self.conflate(t, 0, replayed)
     }
 
-    /// Queues `t` as standing for `skipped` ticks of its symbol left out right before it
-    /// (a replay cut to the budget): as if those ticks had been pushed and conflated, the
-    /// queue goes into conflation mode and `t` goes out with `skipped` counting them.
-    pub fn push_tick_after(&mut self, t: &Arc<SharedTick>, skipped: u64) -> Pushed {
+    /// Queues a replayed tick (`since`), as [`Self::push_tick`] does a live one, standing
+    /// for `skipped` ticks of its symbol left out right before it (a replay cut to the
+    /// budget): as if those ticks had been pushed and conflated, the queue then goes into
+    /// conflation mode and `t` goes out with `skipped` counting them. A replayed tick is
+    /// left out of the publish-to-write stamp [`Self::drain_stamped`] reports.
+    pub fn push_replayed(&mut self, t: &Arc<SharedTick>, skipped: u64) -> Pushed {
         if skipped == 0 {
-            return self.push_tick(t);
+            return self.push(t, true);
         }
-        self.conflate(t, skipped)
+        self.conflate(t, skipped, true)
     }
 
     /// `t` into the conflation map, replacing its symbol's entry (which then counts as
     /// left out), after `left_out` ticks of the symbol that never reached the queue.
-    fn conflate(&mut self, t: &Arc<SharedTick>, left_out: u64) -> Pushed {
+    fn conflate(&mut self, t: &Arc<SharedTick>, left_out: u64, replayed: bool) -> Pushed {
         let len = t.frame.len();
         let entered = !self.conflating;
         self.conflating = true;
@@ -360,6 +370,7 @@ impl OutboundQueue {
             Some(slot) => {
                 self.queued_bytes = self.queued_bytes - slot.tick.frame.len() + len;
                 slot.tick = Arc::clone(t);
+                slot.replayed = replayed;
                 slot.skipped += left_out + 1;
                 self.conflated_total += left_out + 1;
             }
@@ -370,6 +381,7 @@ impl OutboundQueue {
                     Slot {
                         tick: Arc::clone(t),
                         skipped: left_out,
+                        replayed,
                     },
                 );
                 c.order.push_back(t.symbol);
@@ -390,8 +402,10 @@ impl OutboundQueue {
         self.drain_stamped(out, max).0
     }
 
-    /// [`Self::drain_into`], also returning the oldest `accepted_ns` among the ticks moved
-    /// (`u64::MAX` when no tick was moved), for the publish-to-write histogram.
+    /// [`Self::drain_into`], also returning the oldest `accepted_ns` among the live ticks
+    /// moved (`u64::MAX` when none was), for the publish-to-write histogram. Replayed ticks
+    /// ([`Self::push_replayed`]) are left out: they were published before the connection
+    /// asked for them, and a storm of replays would fill the histogram's top bucket.
     pub fn drain_stamped(&mut self, out: &mut Vec<u8>, max: usize) -> (usize, u64) {
         self.drain_with(out, max, &mut Plain)
     }
@@ -419,8 +433,10 @@ impl OutboundQueue {
                     self.pong_queued = false;
                     sink.frame(&b, out);
                 }
-                Some(Entry::Tick(t)) => {
-                    oldest = oldest.min(t.accepted_ns);
+                Some(Entry::Tick(t, replayed)) => {
+                    if !replayed {
+                        oldest = oldest.min(t.accepted_ns);
+                    }
                     sink.tick(&t, out);
                 }
                 None => break,
@@ -445,7 +461,9 @@ impl OutboundQueue {
             c.order.pop_front();
             if let Some(slot) = c.slots.remove(&sym) {
                 let t = &slot.tick;
-                oldest = oldest.min(t.accepted_ns);
+                if !slot.replayed {
+                    oldest = oldest.min(t.accepted_ns);
+                }
                 if slot.skipped == 0 {
                     sink.tick(t, out);
                 } else if S::PLAIN {
@@ -522,7 +540,7 @@ impl OutboundQueue {
     pub fn remove_symbol(&mut self, symbol: SymbolId) {
         let mut freed = 0;
         self.fifo.retain(|e| match e {
-            Entry::Tick(t) if t.symbol == symbol => {
+            Entry::Tick(t, _) if t.symbol == symbol => {
                 freed += t.frame.len();
                 false
             }
@@ -721,6 +739,21 @@ mod tests {
         let (moved, oldest) = q.drain_stamped(&mut out, usize::MAX);
         assert!(moved > 0 && q.is_empty());
         assert_eq!(oldest, 40);
+        // Replayed ticks carry no stamp, queued or conflated; a live one after them does.
+        let mut q = OutboundQueue::new(flen * 2);
+        q.push_replayed(&stamped(0, 1, 5), 0);
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, u64::MAX);
+        q.push_replayed(&stamped(0, 2, 6), 0);
+        q.push_tick(&stamped(1, 1, 800));
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, 800);
+        q.push_replayed(&stamped(0, 9, 7), 6);
+        assert!(q.is_conflating());
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, u64::MAX);
+        // A live tick replacing a replayed one in its slot brings its stamp.
+        q.push_replayed(&stamped(0, 12, 8), 2);
+        q.push_tick(&stamped(0, 13, 900));
+        assert_eq!(q.drain_stamped(&mut out, usize::MAX).1, 900);
+        assert!(q.is_empty());
     }
 
     #[test]
@@ -900,7 +933,7 @@ mod tests {
     /// A tick standing for `skipped` left-out ones is what pushing those and it one by one
     /// into a conflating queue gives: same frames out, same `skipped`, same counters.
     #[test]
-    fn push_tick_after_is_pushing_the_left_out_ticks_one_by_one() {
+    fn push_replayed_is_pushing_the_left_out_ticks_one_by_one() {
         let name: Arc<str> = Arc::from("A");
         let t = |seq| {
             Arc::new(SharedTick::new(
@@ -931,7 +964,7 @@ mod tests {
                     one_by_one.push_tick(&t(s));
                 }
                 one_by_one.push_tick(&t(pre + skipped + 1));
-                at_once.push_tick_after(&t(pre + skipped + 1), skipped);
+                at_once.push_replayed(&t(pre + skipped + 1), skipped);
                 let (mut a, mut b) = (Vec::new(), Vec::new());
                 one_by_one.drain_into(&mut a, usize::MAX);
                 at_once.drain_into(&mut b, usize::MAX);

@@ -156,6 +156,13 @@ pub struct RecoverArgs {
     /// (their connects spread over tens of ms instead of a few).
     #[arg(long)]
     pub storm_idle: bool,
+    /// Pins the storm clients' thread to this core. With `--storm-idle` and the server's
+    /// core (`--storm-core 0` on a 2-core machine), the storm's clients take only the time
+    /// the server leaves idle, and the kernel's work for their sockets (connects, the
+    /// acknowledgements of what they read) runs on the server's core, as it would for
+    /// clients on other machines; the measuring clients' core carries no storm at all.
+    #[arg(long)]
+    pub storm_core: Option<usize>,
     /// Checks the checker: a reconnecting subscriber asks for `since` = last + N (N > 0
     /// must show gaps, N < 0 duplicates). 0 in any real measurement.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -831,9 +838,15 @@ fn spawn_storm(
     ctl: watch::Receiver<u64>,
     nice: i32,
     idle: bool,
+    core: Option<usize>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Vec<Client>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("storm".into()).spawn(move || {
+        if let Some(c) = core
+            && !tickgate::rt::pin_to_core(c)
+        {
+            eprintln!("loadgen: storm thread: could not pin to core {c}");
+        }
         if nice != 0 && !tickgate::rt::set_thread_nice(nice) {
             eprintln!("loadgen: storm thread: could not set nice {nice}");
         }
@@ -1191,6 +1204,7 @@ async fn run(a: RecoverArgs, ctx: Arc<Ctx>) -> i32 {
                     ctl_rx.clone(),
                     a.storm_nice,
                     a.storm_idle,
+                    a.storm_core,
                 ) {
                     Ok(rx) => storm = Some((storm_start, rx)),
                     Err(e) => {
