@@ -1143,47 +1143,79 @@ async fn revocation_out(bus: Arc<Bus>, t: RevokeTarget) {
 }
 
 /// Every node applies every revocation on the bus: those kept from before it started
-/// (then it reports ready) and each new one (closing matching sessions with `4003`).
+/// (then it reports ready) and each new one (closing matching sessions with `4003`). Should
+/// the consumer's stream ever end, or keep failing, the node follows the stream again from
+/// the first revocation it has not applied, after a backoff: a node never silently stops
+/// applying revocations.
 async fn revocations_in(bus: Arc<Bus>) {
-    let mut attempt = 0u32;
-    let consumer = loop {
-        let r = async {
-            let stream = bus
-                .js
-                .get_or_create_stream(revocation_stream(&bus))
-                .await
-                .map_err(|e| e.to_string())?;
-            stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        match r {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(error = %e, "bus: cannot follow the revocations");
-                tokio::time::sleep(backoff(attempt, rand32())).await;
-                attempt = attempt.saturating_add(1);
-            }
-        }
-    };
     let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::spawn(revocations_loaded(bus.clone(), applied.clone()));
-    let mut msgs = loop {
-        match consumer.clone().messages().await {
-            Ok(m) => break m,
-            Err(e) => {
-                tracing::warn!(error = %e, "bus: cannot read the revocations");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+    let mut attempt = 0u32;
+    loop {
+        let before = applied.load(Ordering::Acquire);
+        let why = follow_revocations(&bus, &applied).await;
+        if applied.load(Ordering::Acquire) > before {
+            attempt = 0;
+        }
+        tracing::warn!(error = %why, "bus: following the revocations again");
+        tokio::time::sleep(backoff(attempt, rand32())).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// Consecutive errors from the revocations' consumer before [`follow_revocations`] starts
+/// over with a fresh one.
+const REVOCATION_ERRORS_MAX: u32 = 8;
+
+/// Applies the revocations after the newest in `applied` until the consumer ends or keeps
+/// failing; returns why it stopped.
+async fn follow_revocations(bus: &Arc<Bus>, applied: &std::sync::atomic::AtomicU64) -> String {
+    let after = applied.load(Ordering::Acquire);
+    let deliver_policy = if after == 0 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
         }
     };
+    let consumer = async {
+        let stream = bus
+            .js
+            .get_or_create_stream(revocation_stream(bus))
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let consumer = match consumer {
+        Ok(c) => c,
+        Err(e) => return format!("cannot follow the revocations: {e}"),
+    };
+    let mut msgs = match consumer.messages().await {
+        Ok(m) => m,
+        Err(e) => return format!("cannot read the revocations: {e}"),
+    };
+    let mut errors = 0u32;
     while let Some(m) = msgs.next().await {
-        let Ok(m) = m else { continue };
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                // Never a tight loop on a consumer that only fails.
+                errors += 1;
+                if errors >= REVOCATION_ERRORS_MAX {
+                    return format!("reading the revocations failed {errors} times in a row: {e}");
+                }
+                tokio::time::sleep(backoff(errors, rand32())).await;
+                continue;
+            }
+        };
+        errors = 0;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         let at = m
             .headers
@@ -1203,6 +1235,7 @@ async fn revocations_in(bus: Arc<Bus>) {
         }
         applied.fetch_max(seq, Ordering::AcqRel);
     }
+    "the revocations' consumer ended".to_string()
 }
 
 /// Loaded once everything in the stream when last looked is applied; checked four times

@@ -68,6 +68,13 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
             next_housekeeping = now + 1000;
             housekeeping(&ctx, now);
         }
+        // A backstop for the dispatcher's wake-up: should one ever be lost (its `pending`
+        // flag left set, so producers no longer wake it), waiting ticks still go out
+        // within this task's period (at most 10 ms), not only when a client next sends.
+        let inbox = ctx.shared.hub.inbox(ctx.id);
+        if !inbox.ticks.is_empty() || !inbox.control_rx.is_empty() {
+            inbox.waker.wake();
+        }
         let next = ctx.core.borrow().poll_timeout().unwrap_or(u64::MAX);
         let wait = next.saturating_sub(now).clamp(1, 10);
         monoio::time::sleep(Duration::from_millis(wait)).await;
