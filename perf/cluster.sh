@@ -22,6 +22,10 @@
 # other scenarios do not measure the nodes taking the symbols again; on (I) and (C) it is
 # one more delivery per tick. Between scenarios the script waits until the nodes have
 # taken nothing from NATS for half a second (an overloaded step leaves a backlog).
+# When a cluster latency row ((H), (A) or (A10k)) has a p50 over ANOMALY_US (default 4,000
+# µs, about ten times a normal run's), the script saves what explains it into
+# DIAG_DIR (default: a folder under /tmp, named in the output): both nodes' /metrics,
+# nats-server's /varz, /connz?subs=1 and /jsz?streams=1, every thread's CPU, and the logs.
 # Needs nats-server (Debian's package). Loopback only; every step is bounded in time.
 set -euo pipefail
 
@@ -100,6 +104,29 @@ run_lg() { # LABEL PID ARGS...
   taskset -c 1 "$LG" "$@" --server-pid "$pid" --key "$TMP/keys/k1.key" --label "$label" --json \
     >"$TMP/out.txt" 2>"$TMP/err.txt" || echo "  (loadgen exit $? for $label: $(tail -1 "$TMP/err.txt"))" >&2
   grep '^{' "$TMP/out.txt" >>"$RES" || true
+  diagnose "$label"
+}
+NATS_MON=${NATS_MON:-18222}
+ANOMALY_US=${ANOMALY_US:-4000}
+DIAG_DIR=${DIAG_DIR:-$(dirname "$TMP")/tickgate-cluster-diag-$(date -u +%Y%m%dT%H%M%SZ)}
+# A cluster latency row far off the normal: save the state of the nodes and the bus.
+diagnose() { # LABEL
+  local label=$1 p50
+  [[ $label == H:* || $label == A:* || $label == A10k:* ]] || return 0
+  [[ $label == *:single:* ]] && return 0
+  p50=$(grep '^{' "$TMP/out.txt" | tail -1 | python3 -c 'import json, sys
+print(int(json.loads(sys.stdin.read()).get("p50_us") or 0))' 2>/dev/null || echo 0)
+  (( p50 > ANOMALY_US )) || return 0
+  local d="$DIAG_DIR/${label//:/-}"
+  mkdir -p "$d"
+  echo "  !! $label: p50 $p50 µs over $ANOMALY_US µs; state saved in $d" >&2
+  for a in 19281 19282; do curl -fsS "http://127.0.0.1:$a/metrics" >"$d/metrics-$a.txt" 2>/dev/null || true; done
+  for q in varz "connz?subs=1" "jsz?streams=1"; do
+    curl -fsS "http://127.0.0.1:$NATS_MON/$q" >"$d/nats-${q%%\?*}.json" 2>/dev/null || true
+  done
+  ps -eLo pid,tid,psr,pcpu,stat,comm >"$d/threads.txt" 2>/dev/null || true
+  cat /proc/loadavg >"$d/loadavg.txt"
+  cp "$TMP/out.txt" "$TMP/err.txt" "$TMP/n1.log" "$TMP/n2.log" "$TMP/nats.log" "$d/" 2>/dev/null || true
 }
 A=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --warmup 1 --duration 4)
 B=(fanout --subscribers 1000 --symbols 100 --per-sub 10
@@ -122,7 +149,7 @@ cluster() { # ROUND LAYOUT (core0: nats and both nodes on core 0; shared: unpinn
   local cores=0 side="core0"
   [[ $2 == shared ]] && cores=0,1 side="shared"
   rm -rf "$TMP/js"
-  taskset -c $cores nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
+  taskset -c $cores nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
   local np=$!; PIDS+=("$np")
   sleep 0.3
   taskset -c $cores "$TG" serve --config "$TMP/n1.toml" >"$TMP/n1.log" 2>&1 &
