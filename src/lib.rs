@@ -47,9 +47,12 @@
 //! - [`feed`]: `symbol` (syntax, interning), `entitlement` (compiled patterns), `json` (JSON
 //!   string escaping, a leaf shared by `msg` and `tick`), `msg` (client messages, server
 //!   message encoding), `tick`, `outbound` (bounded queue with conflation), `hub`
-//!   (cross-core fan-out), `sim` (the simulator's random walk, one batch per `step(ts)`).
-//! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock)
-//!   and `deadlines` (a connection's deadlines behind one wheel entry).
+//!   (cross-core fan-out), `history` (per-symbol ring of encoded ticks that `since`
+//!   replays), `resume` (the client's side of recovery: last `seq` per symbol, the resuming
+//!   `subscribe`), `sim` (the simulator's random walk, one batch per `step(ts)`).
+//! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock),
+//!   `deadlines` (a connection's deadlines behind one wheel entry) and `pace` (the loop's
+//!   pacing rules: feeds first every so often, writers' bytes per millisecond).
 //! - [`core`]: `shard`, one shard's decisions, sans-IO: the connection table (slab index +
 //!   generation) with each connection's session, decoder and deadlines; the subscription
 //!   table and the waiting table; the fan-out of a tick with `seq`-gap detection; applying
@@ -59,8 +62,10 @@
 //!   SIGHUP and by `rt::tls_watch`); the connection pump drives rustls sans-IO.
 //! - [`admin`]: the admin listener's decisions, sans-IO: the connection registry
 //!   (admission, eviction), [`admin::route`] (a request in; a response, or a revocation for
-//!   `rt::admin` to carry out, out). [`cluster`]: the revocation relay's decisions (peer
-//!   syntax, backoff, the relayed request, classifying a peer's answer).
+//!   `rt::admin` to carry out, out).
+//! - [`bus`]: `[cluster]`'s sans-IO half: subject and stream names, the ingest parser,
+//!   the per-symbol sequencer and reorder buffer, the reconnect backoff; `names` (the
+//!   `[cluster]` keys' syntax, a leaf the configuration uses).
 //! - [`state`]: what all shards share ([`state::Shared`], in named parts: `cfg`, `auth`
 //!   ([`state::AuthParts`]: the reloadable keys, policy and allow-lists, the rate limiter,
 //!   the user caps), `tickets`, `revocation`, `security` ([`state::SecurityParts`]: the
@@ -74,8 +79,8 @@
 //!   (`conn`: HTTP phase, reader, writer, carrying out the core's effects), socket-level
 //!   helpers (`io`), reauth verifier threads (`verify`), `serve` (building [`state::Shared`]
 //!   from the config, starting, SIGHUP reload, SIGTERM drain), `admin` (the admin
-//!   listener's acceptor and request threads), `relay` (the revocation relay's per-peer
-//!   threads and sockets), `tls_watch` (the certificate watcher thread), `sim` (the
+//!   listener's acceptor and request threads), `bus` (the `[cluster]` thread: `async-nats`
+//!   on a small tokio runtime, bridged to the shards through the hub), `tls_watch` (the certificate watcher thread), `sim` (the
 //!   simulator thread), `jitter` (doctor's probe threads), `client` (the demo client).
 //!
 //! Clocks are read in `rt` (deadlines of blocking sockets, pacing, the shard's `now`),

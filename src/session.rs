@@ -16,7 +16,7 @@
 //!   driver files exactly that one (one timer per connection) and, when it is reached,
 //!   calls [`Session::handle_timeout`], which handles every due deadline. The session is
 //!   the only owner of its deadlines: `reauth_required` at `exp - reauth_lead` (up to
-//!   `reauth_spread` earlier, drawn per token: [`reauth_notice_ms`]), the `4001` close at
+//!   `reauth_spread` earlier, drawn per token: `reauth_notice_ms`), the `4001` close at
 //!   `exp + reauth_grace` exactly (leeway never extends a deadline), the heartbeat every
 //!   `heartbeat`, the idle close at `last_rx + idle_timeout`, the slow-consumer close at
 //!   the start of an episode plus `slow_consumer_grace`. After any `handle_*` call (and
@@ -56,7 +56,7 @@ pub struct SessionConfig {
     pub reauth_lead_ms: u64,
     pub reauth_grace_ms: u64,
     /// `reauth_required` goes out up to this much earlier than `exp - reauth_lead` (see
-    /// [`reauth_notice_ms`]). 0 in the default (and in tests that expect exact times).
+    /// `reauth_notice_ms`). 0 in the default (and in tests that expect exact times).
     pub reauth_spread_ms: u64,
     pub heartbeat_ms: u64,
     pub idle_timeout_ms: u64,

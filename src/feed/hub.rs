@@ -1,7 +1,7 @@
 //! The cross-core fan-out: ticks in from any shard, encoded once, out to the shards that
 //! have subscribers.
 //!
-//! Per symbol the hub keeps a small mutex-protected [`SymbolState`]: the server-wide `seq`,
+//! Per symbol the hub keeps a small mutex-protected `SymbolState`: the server-wide `seq`,
 //! the latest tick (for `snapshot`) and the bitmask of shards with at least one local
 //! subscriber. Publishing a tick takes that symbol's lock only: it assigns `seq`, encodes the
 //! WebSocket frame once (an `Arc<SharedTick>` every subscriber on every shard writes as is)

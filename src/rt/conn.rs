@@ -6,7 +6,7 @@
 //!   parses the request, asks the gate, and writes the response or the `101`. After the
 //!   `101` the connection owns the descriptor ([`Io`]) and the task ends.
 //! - the **reader**: the descriptor joins the shard's ready set (one level-triggered epoll
-//!   set, [`crate::rt::io::ReadySet`]), and the shard's one reader task (`readers`) reads
+//!   set, `rt::io::ReadySet`), and the shard's one reader task (`readers`) reads
 //!   each connection that has input with `recv(MSG_DONTWAIT)` into the *shard's* read
 //!   buffer. An idle connection pins no read buffer, no task and no pending operation;
 //!   only the bytes of an incomplete frame are kept per connection. Publishers are read
@@ -14,7 +14,7 @@
 //! - the **writer** writes inline when the session queued output (`kick`: one
 //!   `send(MSG_DONTWAIT)` of the coalesced frames from the shard's loop, as an epoll server
 //!   writes); only when the socket is full, or for TLS and the close, does a writer task
-//!   run, on a handle over the same descriptor ([`WriteHandle`]), until the queue is
+//!   run, on a handle over the same descriptor (`rt::io::WriteHandle`), until the queue is
 //!   empty. On io_uring the writes of every writer woken in the same loop turn go to the
 //!   kernel in one `io_uring_enter`, so each write is cut to the turn's share
 //!   (`writer_chunk`); on epoll each is a `send(2)` and the writer yields between writes.

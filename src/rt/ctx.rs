@@ -87,7 +87,7 @@ const POOL_MAX_CAPACITY: usize = 1 << 20;
 
 impl ShardCtx {
     /// `uring`: the shard's runtime runs on io_uring rather than epoll (see
-    /// [`crate::rt::io::WriteHandle`]). Runs on the shard's runtime thread; fails when the
+    /// `rt::io::WriteHandle`). Runs on the shard's runtime thread; fails when the
     /// kernel will not give it an epoll set.
     pub fn new(
         id: usize,
