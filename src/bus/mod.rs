@@ -834,6 +834,116 @@ mod reorder_tests {
         assert_eq!(seqs(&out), vec![43, 44, 45, 46]);
         assert_eq!(r.held(), 0);
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// One sequencer's order (consecutive `seq`s, one tick or a batch per message)
+        /// never waits: nothing is held and no deadline is set, at any time.
+        #[test]
+        fn a_gapless_order_is_never_held(
+            start in 0u64..1_000_000,
+            batches in proptest::collection::vec(1usize..=64, 1..50),
+            gaps_ms in proptest::collection::vec(0u64..200, 1..50),
+        ) {
+            let mut r = Reorder::new(start, 1024, 20);
+            let (mut out, mut next, mut now) = (Vec::new(), start + 1, 0u64);
+            for (i, n) in batches.iter().enumerate() {
+                now += gaps_ms[i % gaps_ms.len()];
+                for _ in 0..*n {
+                    prop_assert!(!r.push(next, (), now, &mut out));
+                    next += 1;
+                }
+                prop_assert_eq!(r.held(), 0);
+                prop_assert_eq!(r.deadline(), None);
+            }
+            let want: Vec<u64> = (start + 1..next).collect();
+            prop_assert_eq!(out.iter().map(|(s, _)| *s).collect::<Vec<_>>(), want);
+        }
+
+        /// Any arrival order: every `seq` that came in goes out once the deadline has
+        /// passed (stale ones pass straight through; the hub drops them), at most the
+        /// bound is held, and a hold never outlasts its deadline.
+        #[test]
+        fn any_order_goes_out_whole_and_never_waits_past_the_deadline(
+            seqs_in in proptest::collection::vec(1u64..200, 1..200),
+            step_ms in 0u64..10,
+        ) {
+            let mut r = Reorder::new(0, 64, 20);
+            let (mut out, mut now) = (Vec::new(), 0u64);
+            for &s in &seqs_in {
+                now += step_ms;
+                r.expire(now, &mut out);
+                r.push(s, (), now, &mut out);
+                prop_assert!(r.held() <= 64);
+                if let Some(d) = r.deadline() {
+                    prop_assert!(d <= now + 20);
+                }
+            }
+            r.expire(now + 20, &mut out);
+            prop_assert_eq!(r.held(), 0);
+            let mut seen: Vec<u64> = out.iter().map(|(s, _)| *s).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            let mut all = seqs_in.clone();
+            all.sort_unstable();
+            all.dedup();
+            prop_assert_eq!(seen, all);
+        }
+    }
+}
+
+#[cfg(test)]
+mod sequencer_tests {
+    use super::{Head, Sequencer};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// One writer: whatever the stream says of its head, whenever it is read again,
+        /// and whatever is forgotten, the next append is one past the last one stored,
+        /// and never at or below a `seq` this node has seen.
+        #[test]
+        fn one_writer_appends_one_past_the_last(
+            ops in proptest::collection::vec(0u8..3, 1..200),
+            first_head in 0u64..1_000,
+        ) {
+            let mut s = Sequencer::new(16);
+            let (mut stored_seq, mut stored_stream, mut now) = (first_head, first_head, 0u64);
+            s.learn("A", Some(Head { seq: stored_seq, stream_seq: stored_stream }), 0, now);
+            for op in ops {
+                now += 7;
+                match op {
+                    // Append what `next` says; the stream stores it.
+                    0 | 1 => {
+                        let Some(a) = s.next("A", now) else {
+                            s.learn("A", Some(Head { seq: stored_seq, stream_seq: stored_stream }), stored_seq, now);
+                            continue;
+                        };
+                        prop_assert_eq!(a.seq, stored_seq + 1);
+                        prop_assert_eq!(a.expect_stream_seq, stored_stream);
+                        stored_seq = a.seq;
+                        stored_stream += 1;
+                        s.appended("A", stored_seq, stored_stream, now);
+                    }
+                    // The append failed: read the head again.
+                    _ => {
+                        s.forget("A");
+                        prop_assert!(s.next("A", now).is_none());
+                        s.learn("A", Some(Head { seq: stored_seq, stream_seq: stored_stream }), stored_seq, now);
+                    }
+                }
+            }
+        }
+
+        /// A stream that lost its messages never sends `seq` back: the floor wins.
+        #[test]
+        fn the_floor_wins_over_a_head_behind_it(floor in 1u64..u64::MAX / 2, head in 0u64..1_000) {
+            let mut s = Sequencer::new(4);
+            s.learn("A", Some(Head { seq: head, stream_seq: 3 }), floor, 0);
+            let a = s.next("A", 0).expect("fresh head");
+            prop_assert!(a.seq > floor && a.seq > head);
+        }
+    }
 }
 
 /// The bus's counters for `/metrics` (rendered only with `[cluster]`).
