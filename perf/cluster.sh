@@ -119,14 +119,14 @@ diagnose() { # LABEL
 print(int(json.loads(sys.stdin.read()).get("p50_us") or 0))' 2>/dev/null || echo 0)
   (( p50 > ANOMALY_US )) || return 0
   local d="$DIAG_DIR/${label//:/-}"
-  mkdir -p "$d"
+  mkdir -p "$d" || return 0
   echo "  !! $label: p50 $p50 µs over $ANOMALY_US µs; state saved in $d" >&2
   for a in 19281 19282; do curl -fsS "http://127.0.0.1:$a/metrics" >"$d/metrics-$a.txt" 2>/dev/null || true; done
   for q in varz "connz?subs=1" "jsz?streams=1"; do
     curl -fsS "http://127.0.0.1:$NATS_MON/$q" >"$d/nats-${q%%\?*}.json" 2>/dev/null || true
   done
   ps -eLo pid,tid,psr,pcpu,stat,comm >"$d/threads.txt" 2>/dev/null || true
-  cat /proc/loadavg >"$d/loadavg.txt"
+  cat /proc/loadavg >"$d/loadavg.txt" || true
   cp "$TMP/out.txt" "$TMP/err.txt" "$TMP/n1.log" "$TMP/n2.log" "$TMP/nats.log" "$d/" 2>/dev/null || true
 }
 A=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --warmup 1 --duration 4)

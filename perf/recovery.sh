@@ -182,6 +182,7 @@ def srv_p99(m):
         if n >= 0.99 * live:
             return f"{prev * 1e3:g}-{le * 1e3:g} ms"
         prev = le
+    return f"over {prev * 1e3:g} ms"
 for s in ("calm", "storm"):
     print(f"{s}: server-side p99 (publish -> write issued), per run: "
           f"{[srv_p99(m) for _, m in side(s)]}")

@@ -514,6 +514,110 @@ async fn a_revocation_on_one_node_closes_on_the_other_and_binds_a_later_node() {
     assert!(connect(&c.url(), Some(&c.token("alice")), &[]).await.is_ok());
 }
 
+/// Revocations expire from the stream with the longest token lifetime: a node that starts
+/// after every kept revocation expired has nothing to apply and says ready (the stream's
+/// last sequence stays behind them; before the fix it waited for it forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starting_after_every_revocation_expired_is_ready() {
+    let nats = Nats::start();
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let subjects = tickgate::bus::Subjects::new(&p);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    // Made first with a 1 s age (the nodes keep an existing stream's settings), so the
+    // test need not wait out a real token lifetime.
+    let name = format!("{}_REVOKED", subjects.stream());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subjects.revoke()],
+        max_age: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a = node(&nats.url(), &p, &key);
+    ready(&a).await;
+    let (status, body) = admin_post(
+        a.admin(),
+        "/admin/revoke",
+        Some(&a.admin_token()),
+        r#"{"sub":"mallory"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    // Stored, then expired.
+    let mut gone = false;
+    for _ in 0..200 {
+        let mut s = js.get_stream(&name).await.unwrap();
+        let st = s.info().await.unwrap().state.clone();
+        if st.last_sequence >= 1 && st.messages == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the revocation was stored and expired");
+    let c = node(&nats.url(), &p, &key);
+    ready(&c).await;
+    let r = admin_get(c.admin(), "/readyz");
+    assert_eq!(status_of(&r), 200, "{r}");
+}
+
+/// A bus that comes back without its store (the revocations stream gone, its numbers
+/// starting again at 1): the nodes make the stream again and apply what is revoked from
+/// then on, though they had applied higher numbers before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_followed_again_after_the_bus_lost_its_store() {
+    let Pair { mut nats, a, b, .. } = pair().await;
+    // Two revocations: both nodes have applied stream sequences 1 and 2.
+    for sub in ["mallory", "trudy"] {
+        let (status, body) = admin_post(
+            a.admin(),
+            "/admin/revoke",
+            Some(&a.admin_token()),
+            &format!(r#"{{"sub":"{sub}"}}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let shared = b.handle.shared.clone();
+    wait_until("node b applied both", move || {
+        shared
+            .revocation
+            .revoked_at(&tickgate::auth::revocation::RevokeTarget::Sub("trudy".into()))
+            .is_some()
+    })
+    .await;
+    // The store is lost.
+    nats.stop();
+    for e in std::fs::read_dir(nats.store.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    nats.restart();
+    let mut victim = session(&b, &b.token("eve")).await;
+    // Revoked on node a after the loss: stored as sequence 1 of the new stream, below
+    // what both nodes applied before. Node b closes eve's session all the same.
+    let mut status = 0;
+    for _ in 0..100 {
+        let (s, _) = admin_post(
+            a.admin(),
+            "/admin/revoke",
+            Some(&a.admin_token()),
+            r#"{"sub":"eve"}"#,
+        );
+        status = s;
+        if s == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(close_code(&mut victim, Duration::from_secs(15)).await, Some(4003));
+}
+
 /// POST /v1/ticket with a bearer token; the ticket.
 fn issue_ticket(srv: &TestServer, token: &str) -> (u16, String) {
     let req = format!(

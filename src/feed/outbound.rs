@@ -82,7 +82,6 @@ impl SharedTick {
     }
 
     /// The tick's frame compressed alone ([`Self::deflated`]), compressing it with
-    /// `shared` (a compressor without context takeover) the first time.
     /// `shared` (a compressor without context takeover, made at `level` when absent) the
     /// first time.
     pub fn deflated_frame(&self, shared: &mut Option<Deflater>, level: u32) -> &Bytes {
@@ -821,6 +820,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Tick(u32),
+        /// A replayed tick standing for this many left out before it.
+        Replayed(u32, u64),
         Control,
         Drain(usize),
         Remove(u32),
@@ -829,6 +830,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             8 => (0u32..4).prop_map(Op::Tick),
+            2 => ((0u32..4), prop_oneof![3 => Just(0u64), 1 => 1u64..5]).prop_map(|(s, k)| Op::Replayed(s, k)),
             1 => Just(Op::Control),
             2 => (0usize..1200).prop_map(Op::Drain),
             1 => (0u32..4).prop_map(Op::Remove),
@@ -890,6 +892,14 @@ mod tests {
                         sm.next_seq += 1;
                         sm.pushed_in_epoch += 1;
                         q.push_tick(&t);
+                    }
+                    Op::Replayed(s, skipped) => {
+                        let sm = &mut m[s as usize];
+                        sm.next_seq += skipped;
+                        let t = shared(s, sm.next_seq);
+                        sm.next_seq += 1;
+                        sm.pushed_in_epoch += 1 + skipped;
+                        q.push_replayed(&t, skipped);
                     }
                     Op::Control => {
                         let c = control(next_control);

@@ -1145,15 +1145,30 @@ async fn revocation_out(bus: Arc<Bus>, t: RevokeTarget) {
 /// Every node applies every revocation on the bus: those kept from before it started
 /// (then it reports ready) and each new one (closing matching sessions with `4003`). Should
 /// the consumer's stream ever end, or keep failing, the node follows the stream again from
-/// the first revocation it has not applied, after a backoff: a node never silently stops
-/// applying revocations.
+/// the first revocation it has not applied, after a backoff; should the stream's numbers go
+/// back (a bus that lost its store made it again), from its start. A node never silently
+/// stops applying revocations.
 async fn revocations_in(bus: Arc<Bus>) {
     let applied = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    tokio::spawn(revocations_loaded(bus.clone(), applied.clone()));
+    let renumbered = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(revocations_loaded(
+        bus.clone(),
+        applied.clone(),
+        renumbered.clone(),
+    ));
     let mut attempt = 0u32;
     loop {
         let before = applied.load(Ordering::Acquire);
-        let why = follow_revocations(&bus, &applied).await;
+        let why = tokio::select! {
+            why = follow_revocations(&bus, &applied) => why,
+            _ = renumbered.notified() => {
+                // The consumer is dropped with the future above: nothing applies a message
+                // of the old numbering after this.
+                applied.store(0, Ordering::Release);
+                attempt = 0;
+                "the revocations stream's numbers went back (made again by a bus that lost its store): reading it from the start".to_string()
+            }
+        };
         if applied.load(Ordering::Acquire) > before {
             attempt = 0;
         }
@@ -1217,6 +1232,10 @@ async fn follow_revocations(bus: &Arc<Bus>, applied: &std::sync::atomic::AtomicU
         };
         errors = 0;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if seq != 0 && seq <= applied.load(Ordering::Acquire) {
+            // Read again (the client library re-made its consumer from the start): applied.
+            continue;
+        }
         let at = m
             .headers
             .as_ref()
@@ -1238,18 +1257,45 @@ async fn follow_revocations(bus: &Arc<Bus>, applied: &std::sync::atomic::AtomicU
     "the revocations' consumer ended".to_string()
 }
 
-/// Loaded once everything in the stream when last looked is applied; checked four times
-/// a second, so a reconnect (when the stream may have grown) is covered too.
-async fn revocations_loaded(bus: Arc<Bus>, applied: Arc<std::sync::atomic::AtomicU64>) {
-    let name = format!("{}_REVOKED", bus.stream_name);
+/// Loaded once everything in the stream when last looked is applied
+/// ([`crate::bus::revocations_loaded`]); checked four times a second, so a reconnect (when
+/// the stream may have grown) is covered too. Tells [`revocations_in`] when the stream's
+/// numbers went back.
+async fn revocations_loaded(
+    bus: Arc<Bus>,
+    applied: Arc<std::sync::atomic::AtomicU64>,
+    renumbered: Arc<tokio::sync::Notify>,
+) {
+    let name = revocation_stream(&bus).name;
     loop {
-        if let Ok(mut s) = bus.js.get_stream(&name).await
-            && let Ok(info) = s.info().await
-        {
-            let loaded = applied.load(Ordering::Acquire) >= info.state.last_sequence;
-            bus.shared.bus.revocations_loaded.store(loaded, Ordering::Release);
-        }
+        // First after a pause: the follower makes the stream if it is missing.
         tokio::time::sleep(Duration::from_millis(250)).await;
+        // Read before the stream's state: anything applied was stored before, so only a
+        // stream made again can have a last sequence below it.
+        let a = applied.load(Ordering::Acquire);
+        match bus.js.get_stream(&name).await {
+            Ok(mut s) => {
+                if let Ok(info) = s.info().await {
+                    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+                    let loaded = if crate::bus::revocations_renumbered(a, last) {
+                        renumbered.notify_one();
+                        false
+                    } else {
+                        crate::bus::revocations_loaded(a, first, last)
+                    };
+                    bus.shared.bus.revocations_loaded.store(loaded, Ordering::Release);
+                }
+            }
+            // The bus lost its store: the stream is made again when it is followed again.
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                bus.shared.bus.revocations_loaded.store(false, Ordering::Release);
+                renumbered.notify_one();
+            }
+            Err(_) => {}
+        }
     }
 }
 
