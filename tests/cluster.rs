@@ -562,6 +562,81 @@ async fn a_node_starting_after_every_revocation_expired_is_ready() {
     assert_eq!(status_of(&r), 200, "{r}");
 }
 
+/// nats-server restarted (same store): its memory streams (the ingest leader's claim, the
+/// tickets) are gone. The nodes make them again, so a node leads the ingest again, raw
+/// feed ticks go on from the stored order, and tickets are issued again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
+    let sym = "DOT-USD";
+    let (
+        Pair {
+            mut nats, p, a, b, ..
+        },
+        mut sa,
+    ) = pair_subscribed(sym).await;
+    feed(&nats, &p, sym, 2, 0).await.unwrap();
+    assert_eq!(next_tick(&mut sa).await.0, 1);
+    assert_eq!(next_tick(&mut sa).await.0, 2);
+
+    nats.stop();
+    let (sa_, sb_) = (a.handle.shared.clone(), b.handle.shared.clone());
+    wait_until("both nodes notice", move || {
+        !sa_.bus.is_ready() && !sb_.bus.is_ready()
+    })
+    .await;
+    nats.restart();
+    ready(&a).await;
+    ready(&b).await;
+    // Past the claim's lifetime (3 s): a leader from before the restart has had to
+    // refresh its claim, in a stream that is gone unless made again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A leader again (its claim's stream lived in memory).
+    let (sa_, sb_) = (a.handle.shared.clone(), b.handle.shared.clone());
+    wait_until("an ingest leader after the restart", move || {
+        [&sa_, &sb_]
+            .iter()
+            .any(|s| s.bus.metrics.leader.load(Ordering::Acquire))
+    })
+    .await;
+    // Published until one is read (the leader may take its subscription a moment after
+    // the claim); each later one follows it with the next `seq`.
+    let url = nats.url();
+    let subject = format!("{p}.in.{sym}");
+    let pusher = tokio::spawn(async move {
+        let c = async_nats::connect(url).await.unwrap();
+        for k in 3..=400u64 {
+            c.publish(subject.clone(), tick(sym, k).to_string().into())
+                .await
+                .unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let m = loop {
+        let m = next_json(&mut sa).await;
+        if m["type"] == "tick" {
+            break m;
+        }
+    };
+    assert_eq!(
+        m["seq"].as_u64(),
+        Some(3),
+        "the order goes on from the store: {m}"
+    );
+    assert_eq!(next_tick(&mut sa).await.0, 4);
+    pusher.abort();
+    // Tickets: the stream lived in memory too.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = issue_ticket(&b, &b.token("alice")).0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "tickets are issued again after the restart");
+}
+
 /// A bus that comes back without its store (the revocations stream gone, its numbers
 /// starting again at 1): the nodes make the stream again and apply what is revoked from
 /// then on, though they had applied higher numbers before.

@@ -173,6 +173,7 @@ async fn run(
     tokio::spawn(wake_shards(bus.clone()));
     tokio::spawn(ingest(bus.clone(), appenders.clone(), node.clone()));
     tokio::spawn(revocations_in(bus.clone()));
+    tokio::spawn(streams_kept(bus.clone()));
     tokio::spawn(counts_in(bus.clone()));
     tokio::spawn(publishes(bus.clone(), appenders.clone(), publish_wake, queues));
     interests(bus, interest).await;
@@ -211,25 +212,8 @@ async fn connect(
     let client = opts.connect(urls.as_slice()).await.map_err(|e| e.to_string())?;
     let js = jetstream::new(client.clone());
     let stream_name = subjects.stream();
-    let config = stream::Config {
-        name: stream_name.clone(),
-        subjects: vec![subjects.ordered_all()],
-        // The cluster's history (PROTOCOL.md 10): `feed.history` messages per symbol, each
-        // one append of 1 to MAX_BATCH ticks (the head needs one). No age limit on the
-        // stream: a quiet symbol keeps its head; the age applies when the history is read.
-        max_messages_per_subject: shared.cfg.feed.history.max(1) as i64,
-        storage: stream::StorageType::File,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: Duration::from_millis(crate::bus::DUPLICATE_WINDOW_MS),
-        republish: Some(stream::Republish {
-            source: subjects.ordered_all(),
-            destination: subjects.delivered_all(),
-            headers_only: false,
-        }),
-        ..Default::default()
-    };
     // Updated when it exists: a new `feed.history` takes effect (give every node the same).
-    js.create_or_update_stream(config)
+    js.create_or_update_stream(ticks_stream(shared, subjects))
         .await
         .map_err(|e| format!("JetStream stream {stream_name}: {e}"))?;
     // Made once here, so no ticket operation waits for it.
@@ -246,6 +230,73 @@ async fn connect(
         to_wake: std::sync::atomic::AtomicU64::new(0),
         wake_batch: Notify::new(),
     })
+}
+
+/// The ticks: `<prefix>.t.<SYMBOL>`, republished on `<prefix>.o.<SYMBOL>`.
+fn ticks_stream(shared: &Shared, subjects: &Subjects) -> stream::Config {
+    stream::Config {
+        name: subjects.stream(),
+        subjects: vec![subjects.ordered_all()],
+        // The cluster's history (PROTOCOL.md 10): `feed.history` messages per symbol, each
+        // one append of 1 to MAX_BATCH ticks (the head needs one). No age limit on the
+        // stream: a quiet symbol keeps its head; the age applies when the history is read.
+        max_messages_per_subject: shared.cfg.feed.history.max(1) as i64,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_millis(crate::bus::DUPLICATE_WINDOW_MS),
+        republish: Some(stream::Republish {
+            source: subjects.ordered_all(),
+            destination: subjects.delivered_all(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    }
+}
+
+/// How often a node checks that the bus still has its streams ([`streams_kept`]).
+const STREAMS_CHECK: Duration = Duration::from_secs(1);
+
+/// NATS can come back without a stream: a memory stream (the ingest leader's claim, the
+/// tickets) does not survive a restart of nats-server, and a file stream (the ticks, the
+/// revocations) does not survive the loss of its store. Without the leader's stream no
+/// node could claim the ingest again, and raw feed ticks would go unread for good. Every
+/// [`STREAMS_CHECK`], each stream found missing is made again (the revocations' follower
+/// then reads its stream from the start, [`revocations_loaded`]). When the ticks' stream
+/// is made again empty, the appending node numbers on from the newest `seq` it knows (its
+/// own appends, its local subscribers'); a node that delivered higher ones drops the
+/// lower as stale until the order passes them (docs/CLUSTER.md, "Faults").
+async fn streams_kept(bus: Arc<Bus>) {
+    let configs = [
+        ticks_stream(&bus.shared, &bus.subjects),
+        ticket_stream(&bus.shared, &bus.subjects, &bus.stream_name),
+        Leader::new(&bus).config(),
+        revocation_stream(&bus),
+    ];
+    let mut every = tokio::time::interval(STREAMS_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        for c in &configs {
+            let Err(e) = bus.js.get_stream(&c.name).await else {
+                continue;
+            };
+            if !stream_not_found(&e) {
+                continue;
+            }
+            match bus.js.get_or_create_stream(c.clone()).await {
+                Ok(_) => tracing::warn!(stream = %c.name, "bus: NATS had lost a stream; made it again"),
+                Err(e) => {
+                    tracing::debug!(stream = %c.name, error = %e, "bus: cannot make a lost stream again yet")
+                }
+            }
+        }
+    }
+}
+
+/// The bus answered that the stream does not exist (not merely that it could not answer).
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// The client options and server addresses `[cluster]` names (2 s to connect to each).
@@ -334,6 +385,10 @@ impl Appenders {
 /// fresh head; a tick refused [`MAX_APPEND_TRIES`] times is dropped and counted.
 async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job>) {
     let mut seqr = Sequencer::new(1);
+    // The newest `seq` this task appended: with the hub's, the floor of a head read again
+    // (a stream made again empty, on a node with no subscriber of the symbol, must not
+    // number from 1 again).
+    let mut appended = 0u64;
     let subject = bus.subjects.ordered(&symbol);
     let mut pending: std::collections::VecDeque<(Job, u32)> = std::collections::VecDeque::new();
     let (mut payload, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(256));
@@ -354,7 +409,8 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
             Some(next) => Some(next),
             None => match head(&bus, &subject).await {
                 Ok(h) => {
-                    seqr.learn(&symbol, h, bus.shared.hub.seq_of(&symbol), bus.shared.now_ms());
+                    let floor = bus.shared.hub.seq_of(&symbol).max(appended);
+                    seqr.learn(&symbol, h, floor, bus.shared.now_ms());
                     seqr.next(&symbol, bus.shared.now_ms())
                 }
                 Err(()) => None,
@@ -398,12 +454,8 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
         };
         let tries = match outcome {
             Ok(ack) if !ack.duplicate => {
-                seqr.appended(
-                    &symbol,
-                    next.seq + n as u64 - 1,
-                    ack.sequence,
-                    bus.shared.now_ms(),
-                );
+                appended = next.seq + n as u64 - 1;
+                seqr.appended(&symbol, appended, ack.sequence, bus.shared.now_ms());
                 for (job, _) in pending.drain(..n) {
                     finish(&bus, job, true);
                 }
@@ -1287,10 +1339,7 @@ async fn revocations_loaded(
                 }
             }
             // The bus lost its store: the stream is made again when it is followed again.
-            Err(e)
-                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
+            Err(e) if stream_not_found(&e) => {
                 bus.shared.bus.revocations_loaded.store(false, Ordering::Release);
                 renumbered.notify_one();
             }
