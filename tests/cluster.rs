@@ -637,6 +637,130 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     assert_eq!(status, 200, "tickets are issued again after the restart");
 }
 
+/// A TCP proxy to nats-server whose connections can be frozen: they stay open and carry
+/// nothing (a NATS host that died without closing them, a network that drops every
+/// packet). Connections made after the freeze work.
+struct Freezer {
+    port: u16,
+    /// Connections numbered below this are frozen.
+    frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Freezer {
+    async fn start(upstream: u16) -> Freezer {
+        use std::sync::atomic::AtomicU64;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let frozen_below = std::sync::Arc::new(AtomicU64::new(0));
+        let accepted = std::sync::Arc::new(AtomicU64::new(0));
+        let (fb, acc) = (frozen_below.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((c, _)) = l.accept().await {
+                let (id, fb) = (acc.fetch_add(1, Ordering::AcqRel), fb.clone());
+                tokio::spawn(async move {
+                    let Ok(u) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (cr, cw) = c.into_split();
+                    let (ur, uw) = u.into_split();
+                    let up = tokio::spawn(Self::pump(cr, uw, id, fb.clone()));
+                    let down = tokio::spawn(Self::pump(ur, cw, id, fb));
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        Freezer {
+            port,
+            frozen_below,
+            accepted,
+            task,
+        }
+    }
+
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        id: u64,
+        frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if id < frozen_below.load(Ordering::Acquire) {
+                // Lost on the way; the socket stays open.
+                continue;
+            }
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Every connection made so far carries nothing from now on.
+    fn freeze(&self) {
+        self.frozen_below
+            .store(self.accepted.load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// NATS stops answering on a connection that stays open: the node notices within a few
+/// seconds (its own checks, not the client's pings, which every request postpones), is
+/// not ready meanwhile, and connects again; `publish` works once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_bus_on_an_open_connection_is_noticed_and_left() {
+    let nats = Nats::start();
+    let proxy = Freezer::start(nats.port).await;
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let a = node(&proxy.url(), &p, &key);
+    ready(&a).await;
+    let connects = a.handle.shared.bus.metrics.connects.load(Ordering::Acquire);
+    let mut pa = session(&a, &a.publisher_token("pa")).await;
+    assert_eq!(
+        publish_ws(&mut pa, 1, tick("LTC-USD", 1)).await["type"],
+        "published"
+    );
+
+    // The node's connection carries nothing from now on; a new one would work.
+    proxy.freeze();
+    let shared = a.handle.shared.clone();
+    let mut reconnected = false;
+    for _ in 0..120 {
+        if shared.bus.metrics.connects.load(Ordering::Acquire) > connects && shared.bus.is_serving() {
+            reconnected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(reconnected, "the node connected again");
+    let mut ok = false;
+    for n in 2..40u64 {
+        if publish_ws(&mut pa, n, tick("LTC-USD", n)).await["type"] == "published" {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "publish works again");
+}
+
 /// A bus that comes back without its store (the revocations stream gone, its numbers
 /// starting again at 1): the nodes make the stream again and apply what is revoked from
 /// then on, though they had applied higher numbers before.

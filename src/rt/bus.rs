@@ -50,6 +50,9 @@ const COUNT_TTL: Duration = Duration::from_secs(15);
 
 /// Raw ticks queued per symbol for its append task; beyond, they are dropped and counted.
 const APPEND_QUEUE: usize = 1024;
+/// A symbol's append task ends after this long with nothing to append (the next tick
+/// starts a new one, which reads the symbol's head again).
+const APPEND_IDLE: Duration = Duration::from_secs(60);
 /// How long taking interest in a symbol may spend reading its history from the stream
 /// before it settles for what it has (the rest of a replay then becomes a `reset`).
 const BACKFILL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -274,15 +277,23 @@ async fn streams_kept(bus: Arc<Bus>) {
     ];
     let mut every = tokio::time::interval(STREAMS_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unanswered = 0u32;
     loop {
         every.tick().await;
+        let mut answered = false;
         for c in &configs {
-            let Err(e) = bus.js.get_stream(&c.name).await else {
+            let Ok(r) = tokio::time::timeout(STREAMS_CHECK, bus.js.get_stream(&c.name)).await else {
+                // No answer within a second: the others would not get one either.
+                break;
+            };
+            let Err(e) = r else {
+                answered = true;
                 continue;
             };
             if !stream_not_found(&e) {
                 continue;
             }
+            answered = true;
             match bus.js.get_or_create_stream(c.clone()).await {
                 Ok(_) => tracing::warn!(stream = %c.name, "bus: NATS had lost a stream; made it again"),
                 Err(e) => {
@@ -290,8 +301,29 @@ async fn streams_kept(bus: Arc<Bus>) {
                 }
             }
         }
+        unanswered = if answered { 0 } else { unanswered.saturating_add(1) };
+        let connected = bus.client.connection_state() == async_nats::connection::State::Connected;
+        if connected && unanswered >= BUS_SILENT_CHECKS {
+            // The connection looks open but nothing comes back (a NATS host that died
+            // without closing it, a network that drops everything): the client's own
+            // pings only start after minutes of silence, since every request resets them.
+            tracing::warn!(
+                checks = unanswered,
+                "bus: NATS does not answer on an open connection; reconnecting"
+            );
+            bus.shared.bus.ready.store(false, Ordering::Release);
+            let _ = bus.client.force_reconnect().await;
+            unanswered = 0;
+        } else {
+            // Readiness follows the connection even if an event about it was lost.
+            bus.shared.bus.ready.store(connected, Ordering::Release);
+        }
     }
 }
+
+/// Checks in a row ([`STREAMS_CHECK`] apart) with no answer from the bus on an open
+/// connection before the node declares it dead and reconnects.
+const BUS_SILENT_CHECKS: u32 = 3;
 
 /// The bus answered that the stream does not exist (not merely that it could not answer).
 fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -363,7 +395,11 @@ impl Appenders {
             };
         }
         if tasks.len() >= self.bus.shared.cfg.feed.max_symbols {
-            return false;
+            // Tasks of symbols gone quiet have ended ([`APPEND_IDLE`]): their places are free.
+            tasks.retain(|_, tx| !tx.is_closed());
+            if tasks.len() >= self.bus.shared.cfg.feed.max_symbols {
+                return false;
+            }
         }
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let _ = tx.try_send(job);
@@ -394,9 +430,20 @@ async fn append_task(bus: Arc<Bus>, symbol: Box<str>, mut rx: mpsc::Receiver<Job
     let (mut payload, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(256));
     loop {
         if pending.is_empty() {
-            match rx.recv().await {
-                Some(j) => pending.push_back((j, 0)),
-                None => return,
+            // A symbol quiet for APPEND_IDLE gives its task back: symbols that come and go
+            // (expired instruments, or a feed handler inventing names) cannot hold the
+            // table at `feed.max_symbols` and refuse every new one.
+            match tokio::time::timeout(APPEND_IDLE, rx.recv()).await {
+                Ok(Some(j)) => pending.push_back((j, 0)),
+                Ok(None) => return,
+                Err(_) => {
+                    rx.close();
+                    // Anything queued between the timeout and the close is still appended.
+                    match rx.try_recv() {
+                        Ok(j) => pending.push_back((j, 0)),
+                        Err(_) => return,
+                    }
+                }
             }
         }
         while pending.len() < MAX_BATCH {
@@ -629,7 +676,9 @@ impl Leader {
             subjects: vec![self.subject.clone()],
             max_messages_per_subject: 1,
             max_age: LEADER_TTL,
-            storage: stream::StorageType::Memory,
+            // On file, so a claim outlives a quick restart of nats-server: the leader goes
+            // on refreshing it, and no second node claims the ingest meanwhile.
+            storage: stream::StorageType::File,
             ..Default::default()
         }
     }
@@ -699,7 +748,15 @@ async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, n
     let mut logged = Instant::now() - Duration::from_secs(10);
     let mut refresh = tokio::time::interval(LEADER_TTL / 3);
     refresh.tick().await;
+    // The connection this claim was made on: after a reconnect the subscription comes
+    // back by itself, but another node may have claimed the ingest meanwhile (two readers
+    // would append every tick twice), so the claim is made again first.
+    let connection = bus.shared.bus.metrics.connects.load(Ordering::Acquire);
     loop {
+        if bus.shared.bus.metrics.connects.load(Ordering::Acquire) != connection {
+            let _ = sub.unsubscribe().await;
+            return;
+        }
         let msg = tokio::select! {
             m = sub.next() => match m {
                 Some(m) => m,
@@ -1358,7 +1415,9 @@ fn ticket_stream(shared: &Shared, subjects: &Subjects, stream_name: &str) -> str
         max_messages_per_subject: 1,
         max_messages: 1_000_000,
         discard: stream::DiscardPolicy::Old,
-        storage: stream::StorageType::Memory,
+        // On file: a ticket outlives a restart of nats-server (it is sealed: useless
+        // without the ticket itself).
+        storage: stream::StorageType::File,
         ..Default::default()
     }
 }
