@@ -690,6 +690,67 @@ async fn a_draining_ingest_leader_hands_the_ingest_over_and_no_tick_is_lost() {
     }
 }
 
+/// A symbol first asked for while the bus does not answer (here: node b's connection
+/// silently frozen): its head cannot be read then, and is read again once the node has
+/// connected again, so the waiting subscriber gets its snapshot without waiting for the
+/// symbol's next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_that_could_not_be_read_is_read_again_when_the_bus_answers() {
+    let sym = "NEAR-USD";
+    let nats = Nats::start();
+    let proxy = Freezer::start(nats.port).await;
+    let p = prefix();
+    let key = tickgate::auth::mint::generate_signing_key().unwrap();
+    let a = node(&nats.url(), &p, &key);
+    let b = node(&proxy.url(), &p, &key);
+    ready(&a).await;
+    ready(&b).await;
+    let mut sa = subscribe(&a, sym, false).await;
+    leader(&[&a, &b]).await;
+    let url = nats.url();
+    let subject = format!("{p}.in.{sym}");
+    // Until one is read (the leader may subscribe a moment after its claim).
+    let pusher = tokio::spawn(async move {
+        let c = async_nats::connect(url).await.unwrap();
+        for k in 1..=400u64 {
+            c.publish(subject.clone(), tick(sym, k).to_string().into())
+                .await
+                .unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    assert_eq!(next_tick(&mut sa).await.0, 1);
+    pusher.abort();
+    let _ = pusher.await;
+    // Whatever else was appended before the feed stopped: the newest `seq` is the head.
+    let mut head = 1;
+    while let Some(m) = next_json_within(&mut sa, Duration::from_millis(300)).await {
+        if m["type"] == "tick" {
+            head = m["seq"].as_u64().unwrap();
+        }
+    }
+
+    proxy.freeze();
+    let mut sb = session(&b, &b.token("late")).await;
+    send_json(
+        &mut sb,
+        json!({"op":"subscribe","id":1,"symbols":[sym],"snapshot":true}),
+    )
+    .await;
+    // The node notices the silence within seconds and connects again.
+    let snap = loop {
+        let m = next_json_within(&mut sb, Duration::from_secs(30))
+            .await
+            .expect("a snapshot after the node connected again");
+        if m["type"] == "snapshot" {
+            break m;
+        }
+        assert_ne!(m["type"], "tick", "the snapshot comes first: {m}");
+    };
+    assert_eq!(snap["seq"].as_u64(), Some(head), "{snap}");
+}
+
 /// A TCP proxy to nats-server whose connections can be frozen: they stay open and carry
 /// nothing (a NATS host that died without closing them, a network that drops every
 /// packet). Connections made after the freeze work.

@@ -1065,17 +1065,30 @@ async fn want(
     // many symbols at once ([`backfiller`] reads those histories one after the other).
     // One task per symbol reads its head (and its history when asked first), so a client
     // subscribing to many symbols at once has them read side by side.
+    // A read that fails (the bus away, a timeout) is tried again, with a backoff, while the
+    // symbol is wanted: the waiting subscribers' snapshot and a `since` depend on it.
     let task = tokio::spawn({
         let (bus, name, backfills) = (bus.clone(), name.clone(), backfills.clone());
         async move {
-            if history || bus.shared.cfg.feed.history == 0 {
-                take_head(&bus, &name).await;
-            } else {
-                if take_head_only(&bus, &name).await && backfills.try_send(name.clone()).is_err() {
-                    // Too many queued: a `since` waiting for this one is served from
-                    // what the node holds.
-                    bus.shared.hub.backfill_older(&name, &[]);
+            let mut attempt = 0u32;
+            loop {
+                let read = if history || bus.shared.cfg.feed.history == 0 {
+                    take_head(&bus, &name).await
+                } else {
+                    take_head_only(&bus, &name).await.map(|found| {
+                        if found && backfills.try_send(name.clone()).is_err() {
+                            // Too many queued: a `since` waiting for this one is served
+                            // from what the node holds.
+                            bus.shared.hub.backfill_older(&name, &[]);
+                        }
+                    })
+                };
+                if read.is_ok() || !bus.shared.hub.has_interest(&name) {
+                    break;
                 }
+                tracing::debug!(symbol = %name, attempt, "bus: reading a symbol's head failed; trying again");
+                tokio::time::sleep(backoff(attempt, rand32())).await;
+                attempt = attempt.saturating_add(1);
             }
             deliver(bus, name, sub).await;
         }
@@ -1085,11 +1098,12 @@ async fn want(
 
 /// What this node starts a symbol from: the stream's history of it (kept as the symbol's
 /// history, its newest as the head), or just the head when there is no recent history.
-async fn take_head(bus: &Bus, name: &str) {
+/// `Err` when the bus could not say (nothing was taken).
+async fn take_head(bus: &Bus, name: &str) -> Result<(), ()> {
     let subject = bus.subjects.ordered(name);
     let held = match bus.shared.cfg.feed.history {
         0 => Vec::new(),
-        _ => history(bus, &subject, name).await.unwrap_or_default(),
+        _ => history(bus, &subject, name).await?,
     };
     if !held.is_empty() {
         bus.shared.hub.backfill(name, &held);
@@ -1098,20 +1112,22 @@ async fn take_head(bus: &Bus, name: &str) {
             .metrics
             .backfilled
             .fetch_add(held.len() as u64, Ordering::Relaxed);
-    } else if let Ok(Some((h, Some(tick)))) = newest(bus, &subject).await {
+    } else if let Some((h, Some(tick))) = newest(bus, &subject).await? {
         bus.shared.hub.ingest_ordered(name, h.seq, &tick, true);
     }
+    Ok(())
 }
 
 /// The stream's newest tick of `name` as this node's head for it, its history to be read
-/// later ([`backfiller`]). False when the stream has none.
-async fn take_head_only(bus: &Bus, name: &str) -> bool {
-    match newest(bus, &bus.subjects.ordered(name)).await {
-        Ok(Some((h, Some(tick)))) => {
+/// later ([`backfiller`]). `Ok(false)` when the stream has none, `Err` when the bus could
+/// not say.
+async fn take_head_only(bus: &Bus, name: &str) -> Result<bool, ()> {
+    match newest(bus, &bus.subjects.ordered(name)).await? {
+        Some((h, Some(tick))) => {
             bus.shared.hub.ingest_head_before_history(name, h.seq, &tick);
-            true
+            Ok(true)
         }
-        _ => false,
+        _ => Ok(false),
     }
 }
 
