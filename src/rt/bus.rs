@@ -150,7 +150,15 @@ async fn run(
             .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "tickgate".into());
-        format!("{host}-{port}")
+        // Within what `cluster.node` allows (64 of `[A-Za-z0-9._-]`): other nodes drop
+        // announcements from a longer name, and this node's users would not count there.
+        let suffix = format!("-{port}");
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .take(64 - suffix.len())
+            .collect();
+        format!("{host}{suffix}")
     } else {
         cfg.node.clone()
     };
@@ -199,6 +207,9 @@ async fn connect(
             match ev {
                 async_nats::Event::Disconnected => {
                     s.bus.ready.store(false, Ordering::Release);
+                    // Revocations made meanwhile are applied after the reconnect before
+                    // the node says ready again.
+                    s.bus.revocations_loaded.store(false, Ordering::Release);
                     tracing::warn!("bus: disconnected from NATS");
                 }
                 async_nats::Event::SlowConsumer(_) => {
