@@ -637,59 +637,6 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     assert_eq!(status, 200, "tickets are issued again after the restart");
 }
 
-/// A rolling restart of the ingest leader loses no feed tick: draining, it deletes its
-/// claim, so another node leads at once (not when the claim expires), and goes on reading
-/// until that node has claimed (both in one queue group meanwhile: each tick read once);
-/// then it stops. A feed publishing all along reaches a subscriber whole, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_ingest_leader_hands_the_ingest_over_and_no_tick_is_lost() {
-    let sym = "ATOM-USD";
-    let Pair { nats, p, a, b, .. } = pair().await;
-    leader(&[&a, &b]).await;
-    let a_leads = a.handle.shared.bus.leads_ingest();
-    let (lead, other) = if a_leads { (&a, &b) } else { (&b, &a) };
-    let mut sub = subscribe(other, sym, false).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (url, subject, st) = (nats.url(), format!("{p}.in.{sym}"), stop.clone());
-    let pusher = tokio::spawn(async move {
-        let c = async_nats::connect(url).await.unwrap();
-        let mut k = 0u64;
-        while !st.load(Ordering::Acquire) {
-            k += 1;
-            c.publish(subject.clone(), tick(sym, k).to_string().into())
-                .await
-                .unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        k
-    });
-    // Some ticks through the first leader (the feed may have started before its
-    // subscription: the first one read takes `seq` 1, whatever its count).
-    let (seq, bid) = next_tick(&mut sub).await;
-    assert_eq!(seq, 1);
-    let first = bid as u64 - 100;
-    for want in 2..=5 {
-        assert_eq!(next_tick(&mut sub).await, (want, (100 + first + want - 1) as f64));
-    }
-    lead.handle.drain();
-    let (sl, so) = (lead.handle.shared.clone(), other.handle.shared.clone());
-    wait_until("the ingest handed over", move || {
-        sl.bus.ingest_released.load(Ordering::Acquire) && !sl.bus.leads_ingest() && so.bus.leads_ingest()
-    })
-    .await;
-    // A little more through the new leader, then the feed stops.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let last = pusher.await.unwrap();
-    // Every tick the feed sent from then on, once, in order: `seq` and the feed's own
-    // count go up together to its last one.
-    for k in first + 5..=last {
-        let want = (k - first + 1, (100 + k) as f64);
-        assert_eq!(next_tick(&mut sub).await, want, "tick {k} of {last}");
-    }
-}
-
 /// A symbol first asked for while the bus does not answer (here: node b's connection
 /// silently frozen): its head cannot be read then, and is read again once the node has
 /// connected again, so the waiting subscriber gets its snapshot without waiting for the

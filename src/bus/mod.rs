@@ -615,9 +615,6 @@ pub struct Link {
     pub ready: AtomicBool,
     /// Every revocation the bus holds is applied here (at start, and after a reconnect).
     pub revocations_loaded: AtomicBool,
-    /// Draining: this node handed the ingest over (it stopped reading the feed, appended
-    /// what it had read, and deleted its claim), or never led it.
-    pub ingest_released: AtomicBool,
     pub metrics: BusMetrics,
 }
 
@@ -632,12 +629,6 @@ impl Link {
         self.tx.set((tx, wake)).ok()?;
         self.metrics.enabled.store(true, Ordering::Release);
         Some(rx)
-    }
-
-    /// This node reads the feed subjects now (a draining leader until it has handed the
-    /// ingest over: the process waits for that before exiting).
-    pub fn leads_ingest(&self) -> bool {
-        self.metrics.leader.load(Ordering::Acquire)
     }
 
     pub fn enabled(&self) -> bool {

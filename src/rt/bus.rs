@@ -131,8 +131,6 @@ struct Bus {
     /// [`wake_shards`] (the delivery tasks only mark them here).
     to_wake: std::sync::atomic::AtomicU64,
     wake_batch: Notify,
-    /// Ticks taken by the append tasks and not yet answered ([`finish`]).
-    appends_waiting: std::sync::atomic::AtomicUsize,
 }
 
 async fn run(
@@ -245,7 +243,6 @@ async fn connect(
         stream_name,
         to_wake: std::sync::atomic::AtomicU64::new(0),
         wake_batch: Notify::new(),
-        appends_waiting: std::sync::atomic::AtomicUsize::new(0),
     })
 }
 
@@ -398,16 +395,10 @@ impl Appenders {
     fn submit(&self, symbol: &str, job: Job) -> bool {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = tasks.get(symbol) {
-            // Counted before the task can take it (and answer it, [`finish`]).
-            self.bus.appends_waiting.fetch_add(1, Ordering::AcqRel);
             return match tx.try_send(job) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
-                    false
-                }
+                Err(mpsc::error::TrySendError::Full(_)) => false,
                 Err(mpsc::error::TrySendError::Closed(job)) => {
-                    self.bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
                     tasks.remove(symbol);
                     drop(tasks);
                     self.submit(symbol, job)
@@ -422,8 +413,6 @@ impl Appenders {
             }
         }
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-        // A new channel has room for one.
-        self.bus.appends_waiting.fetch_add(1, Ordering::AcqRel);
         let _ = tx.try_send(job);
         tasks.insert(Box::from(symbol), tx);
         tokio::spawn(append_task(self.bus.clone(), Box::from(symbol), rx));
@@ -564,7 +553,6 @@ fn retry(bus: &Bus, pending: &mut std::collections::VecDeque<(Job, u32)>, n: usi
 
 /// A job is done: answer its publisher, or count it.
 fn finish(bus: &Bus, job: Job, ok: bool) {
-    bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
     let m = &bus.shared.bus.metrics;
     if ok {
         m.append_us_sum
@@ -659,87 +647,14 @@ async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
         attempt = attempt.saturating_add(1);
     }
     loop {
-        if bus.shared.is_draining() {
-            // A draining node never claims the ingest.
-            bus.shared.bus.ingest_released.store(true, Ordering::Release);
-        } else if let Some(claim) = leader.claim(&bus, &node).await {
+        if let Some(claim) = leader.claim(&bus, &node).await {
             tracing::info!(node, "bus: this node leads the ingest");
             bus.shared.bus.metrics.leader.store(true, Ordering::Release);
-            let handed_over = lead(&bus, &appenders, &leader, claim, &node).await;
+            lead(&bus, &appenders, &leader, claim, &node).await;
             bus.shared.bus.metrics.leader.store(false, Ordering::Release);
-            if handed_over {
-                tracing::info!(node, "bus: draining: the ingest is handed over");
-                bus.shared.bus.ingest_released.store(true, Ordering::Release);
-            } else {
-                tracing::warn!(node, "bus: this node no longer leads the ingest");
-            }
+            tracing::warn!(node, "bus: this node no longer leads the ingest");
         }
         tokio::time::sleep(LEADER_TTL / 3).await;
-    }
-}
-
-/// How often a leader looks at whether it drains, and a draining one at the claim.
-const HANDOVER_POLL: Duration = Duration::from_millis(50);
-/// How long a draining leader goes on reading the feed once another node has claimed the
-/// ingest (and subscribed: it does so right after its claim), so that no tick falls
-/// between the two subscriptions; NATS gives each tick to one of the two meanwhile.
-const HANDOVER_OVERLAP: Duration = Duration::from_millis(200);
-/// How long a draining leader waits for another node to claim the ingest before it stops
-/// reading anyway (a cluster of one).
-const HANDOVER_WAIT: Duration = Duration::from_secs(5);
-/// How long a draining leader waits for its queued appends once it stopped reading.
-const HANDOVER_FLUSH: Duration = Duration::from_secs(1);
-
-/// A draining ingest leader's handover, so a rolling restart loses no feed tick: it
-/// deletes its claim (the next node's claim, checked every `LEADER_TTL / 3`, then
-/// succeeds at once instead of after the claim's expiry) but goes on reading until
-/// another node has claimed the ingest and [`HANDOVER_OVERLAP`] has passed; then it stops
-/// reading, ingests what its subscription had buffered, and waits for its appends.
-#[derive(Clone, Copy)]
-enum Handover {
-    Leading,
-    /// The claim is deleted (since then); still reading.
-    Released(Instant),
-    /// Another node claimed (then); still reading for the overlap.
-    Claimed(Instant),
-    /// Reading no more: what was buffered, then the appends.
-    Unsubscribed,
-}
-
-impl Handover {
-    async fn step(self, bus: &Bus, leader: &Leader, rev: u64, node: &str) -> Handover {
-        match self {
-            Handover::Leading if bus.shared.is_draining() => {
-                match bus.js.get_stream(&leader.stream).await {
-                    Ok(s) => {
-                        if let Err(e) = s.delete_message(rev).await {
-                            tracing::warn!(error = %e, "bus: draining: could not delete the ingest claim (it expires by itself)");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "bus: draining: could not reach the claim's stream"),
-                }
-                tracing::info!(node, "bus: draining: handing the ingest over");
-                Handover::Released(Instant::now())
-            }
-            Handover::Released(since) => {
-                let claimed = match bus.js.get_stream(&leader.stream).await {
-                    Ok(s) => s
-                        .get_last_raw_message_by_subject(&leader.subject)
-                        .await
-                        .is_ok_and(|m| m.payload.as_ref() != node.as_bytes()),
-                    Err(_) => false,
-                };
-                if claimed {
-                    Handover::Claimed(Instant::now())
-                } else if since.elapsed() >= HANDOVER_WAIT {
-                    Handover::Unsubscribed
-                } else {
-                    self
-                }
-            }
-            Handover::Claimed(at) if at.elapsed() >= HANDOVER_OVERLAP => Handover::Unsubscribed,
-            other => other,
-        }
     }
 }
 
@@ -830,23 +745,15 @@ impl Leader {
     }
 }
 
-/// Reads the feed subjects while this node's claim holds; returns when it is lost, or
-/// when the node drains (then true, after handing the ingest over).
-async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, node: &str) -> bool {
-    // In the nodes' queue group: while a draining leader hands over, it and the next
-    // leader both hold a subscription, and NATS gives each tick to one of them.
-    let mut sub = match bus
-        .client
-        .queue_subscribe(bus.subjects.ingest_all(), bus.subjects.ingest_group())
-        .await
-    {
+/// Reads the feed subjects while this node's claim holds; returns when it is lost.
+async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, node: &str) {
+    let mut sub = match bus.client.subscribe(bus.subjects.ingest_all()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "bus: cannot subscribe to the feed subjects");
-            return false;
+            return;
         }
     };
-    let mut drain_check = tokio::time::interval(HANDOVER_POLL);
     let mut scratch = Vec::with_capacity(crate::bus::MAX_INGEST_BYTES);
     let mut buffers = Buffers::new(crate::bus::MAX_INGEST_BYTES);
     let mut logged = Instant::now() - Duration::from_secs(10);
@@ -856,47 +763,25 @@ async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, n
     // back by itself, but another node may have claimed the ingest meanwhile (two readers
     // would append every tick twice), so the claim is made again first.
     let connection = bus.shared.bus.metrics.connects.load(Ordering::Acquire);
-    let mut handover = Handover::Leading;
     loop {
         if bus.shared.bus.metrics.connects.load(Ordering::Acquire) != connection {
             let _ = sub.unsubscribe().await;
-            return false;
+            return;
         }
-        let msg = if let Handover::Unsubscribed = handover {
-            // What the subscription had buffered is still ingested.
-            match tokio::time::timeout(HANDOVER_POLL, sub.next()).await {
-                Ok(Some(m)) => m,
-                _ => {
-                    let until = Instant::now() + HANDOVER_FLUSH;
-                    while bus.appends_waiting.load(Ordering::Acquire) > 0 && Instant::now() < until {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    return true;
-                }
-            }
-        } else {
-            tokio::select! {
-                m = sub.next() => match m {
-                    Some(m) => m,
-                    None => return false,
-                },
-                _ = refresh.tick(), if matches!(handover, Handover::Leading) => {
-                    match leader.write(bus, node, ClaimAfter::Refresh(rev)).await {
-                        Some(r) => rev = r,
-                        None => {
-                            let _ = sub.unsubscribe().await;
-                            return false;
-                        }
-                    }
-                    continue;
-                }
-                _ = drain_check.tick() => {
-                    handover = handover.step(bus, leader, rev, node).await;
-                    if let Handover::Unsubscribed = handover {
+        let msg = tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = refresh.tick() => {
+                match leader.write(bus, node, ClaimAfter::Refresh(rev)).await {
+                    Some(r) => rev = r,
+                    None => {
                         let _ = sub.unsubscribe().await;
+                        return;
                     }
-                    continue;
                 }
+                continue;
             }
         };
         let m = &bus.shared.bus.metrics;

@@ -287,9 +287,6 @@ pub fn start(cfg: Config, config: Option<PathBuf>) -> Result<Running, Failure> {
     })
 }
 
-/// How long a draining node waits for the bus thread to hand the ingest over.
-const INGEST_HANDOVER_WAIT: Duration = Duration::from_secs(3);
-
 fn wait_for_signals(
     mut signals: signal_hook::iterator::Signals,
     handle: &ServerHandle,
@@ -303,13 +300,6 @@ fn wait_for_signals(
                 tracing::info!("draining");
                 let timeout = handle.shared.cfg.server.drain_timeout;
                 let clean = handle.drain_and_wait(timeout);
-                // `[cluster]`: an ingest leader hands the ingest over before it goes (its
-                // read ticks appended, its claim deleted), so the next node takes it at
-                // once instead of when the claim expires.
-                let until = std::time::Instant::now() + INGEST_HANDOVER_WAIT;
-                while handle.shared.bus.leads_ingest() && std::time::Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
                 // Give the last close frames a moment to reach the wire.
                 std::thread::sleep(Duration::from_millis(50));
                 tracing::info!(clean, "drained, exiting");
