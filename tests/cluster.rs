@@ -562,9 +562,10 @@ async fn a_node_starting_after_every_revocation_expired_is_ready() {
     assert_eq!(status_of(&r), 200, "{r}");
 }
 
-/// nats-server restarted (same store): its memory streams (the ingest leader's claim, the
-/// tickets) are gone. The nodes make them again, so a node leads the ingest again, raw
-/// feed ticks go on from the stored order, and tickets are issued again.
+/// nats-server restarted (same store): the ingest leader's claim and the tickets are on
+/// file and survive (in memory, as they once were, they were gone: no node led the ingest
+/// again), so a node leads the ingest past the claim's lifetime, raw feed ticks go on
+/// from the stored order, and tickets are issued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     let sym = "DOT-USD";
@@ -588,9 +589,9 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     ready(&a).await;
     ready(&b).await;
     // Past the claim's lifetime (3 s): a leader from before the restart has had to
-    // refresh its claim, in a stream that is gone unless made again.
+    // refresh its claim since.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    // A leader again (its claim's stream lived in memory).
+    // A leader still, or again.
     let (sa_, sb_) = (a.handle.shared.clone(), b.handle.shared.clone());
     wait_until("an ingest leader after the restart", move || {
         [&sa_, &sb_]
@@ -625,7 +626,7 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     );
     assert_eq!(next_tick(&mut sa).await.0, 4);
     pusher.abort();
-    // Tickets: the stream lived in memory too.
+    // Tickets.
     let mut status = 0;
     for _ in 0..50 {
         status = issue_ticket(&b, &b.token("alice")).0;
@@ -635,6 +636,63 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200, "tickets are issued again after the restart");
+}
+
+/// An exiting ingest leader (what `SIGTERM` does after the drain) deletes its claim, so
+/// another node leads the ingest at once instead of when the claim expires, and the feed
+/// goes on through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exiting_ingest_leader_releases_its_claim() {
+    let sym = "ATOM-USD";
+    let Pair { nats, p, a, b, .. } = pair().await;
+    leader(&[&a, &b]).await;
+    let (lead, other) = if a.handle.shared.bus.leads_ingest() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let mut sub = subscribe(other, sym, false).await;
+    lead.handle
+        .shared
+        .bus
+        .release_ingest
+        .store(true, Ordering::Release);
+    let shared = lead.handle.shared.clone();
+    wait_until("the leader lets the ingest go", move || {
+        !shared.bus.leads_ingest()
+    })
+    .await;
+    // Its claim is gone now, not when it expires (3 s after its last refresh): what the
+    // claim subject holds, if anything, is the other node's.
+    let subjects = tickgate::bus::Subjects::new(&p);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let claims = js
+        .get_stream(format!("{}_LEADER", subjects.stream()))
+        .await
+        .unwrap();
+    let name = lead.handle.shared.bus.node_name();
+    if let Ok(m) = claims.get_last_raw_message_by_subject(&subjects.leader()).await {
+        assert_ne!(
+            m.payload.as_ref(),
+            name.as_bytes(),
+            "the exiting node's claim is deleted"
+        );
+    }
+    let shared = other.handle.shared.clone();
+    wait_until("the other node leads", move || shared.bus.leads_ingest()).await;
+    let (url, subject) = (nats.url(), format!("{p}.in.{sym}"));
+    let pusher = tokio::spawn(async move {
+        let c = async_nats::connect(url).await.unwrap();
+        for k in 1..=400u64 {
+            c.publish(subject.clone(), tick(sym, k).to_string().into())
+                .await
+                .unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    assert_eq!(next_tick(&mut sub).await.0, 1);
+    pusher.abort();
 }
 
 /// A symbol first asked for while the bus does not answer (here: node b's connection
@@ -826,8 +884,10 @@ async fn a_silent_bus_on_an_open_connection_is_noticed_and_left() {
 /// starting again at 1): the nodes make the stream again and apply what is revoked from
 /// then on, though they had applied higher numbers before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocations_are_followed_again_after_the_bus_lost_its_store() {
-    let Pair { mut nats, a, b, .. } = pair().await;
+async fn after_the_bus_lost_its_store_streams_are_made_again_and_revocations_followed() {
+    let Pair {
+        mut nats, p, a, b, ..
+    } = pair().await;
     // Two revocations: both nodes have applied stream sequences 1 and 2.
     for sub in ["mallory", "trudy"] {
         let (status, body) = admin_post(
@@ -876,6 +936,32 @@ async fn revocations_are_followed_again_after_the_bus_lost_its_store() {
     }
     assert_eq!(status, 200);
     assert_eq!(close_code(&mut victim, Duration::from_secs(15)).await, Some(4003));
+    // The other streams were made again too: a node claims the ingest in the claim's
+    // stream made again, and tickets are issued.
+    let subjects = tickgate::bus::Subjects::new(&p);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut claimed = false;
+    for _ in 0..100 {
+        if let Ok(s) = js.get_stream(format!("{}_LEADER", subjects.stream())).await
+            && s.get_last_raw_message_by_subject(&subjects.leader())
+                .await
+                .is_ok()
+        {
+            claimed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(claimed, "a node claims the ingest after the loss");
+    let mut status = 0;
+    for _ in 0..50 {
+        status = issue_ticket(&b, &b.token("alice")).0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "tickets are issued again after the loss");
 }
 
 /// POST /v1/ticket with a bearer token; the ticket.

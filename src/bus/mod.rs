@@ -615,6 +615,12 @@ pub struct Link {
     pub ready: AtomicBool,
     /// Every revocation the bus holds is applied here (at start, and after a reconnect).
     pub revocations_loaded: AtomicBool,
+    /// The process is about to exit: an ingest leader stops reading the feed and deletes
+    /// its claim, so another node claims the ingest at once instead of when the claim
+    /// expires; no node claims it here any more.
+    pub release_ingest: AtomicBool,
+    /// This node's name on the bus (`cluster.node`, or the default), once connected.
+    pub node: std::sync::OnceLock<String>,
     pub metrics: BusMetrics,
 }
 
@@ -629,6 +635,16 @@ impl Link {
         self.tx.set((tx, wake)).ok()?;
         self.metrics.enabled.store(true, Ordering::Release);
         Some(rx)
+    }
+
+    /// This node's name on the bus ("" before it is known).
+    pub fn node_name(&self) -> String {
+        self.node.get().cloned().unwrap_or_default()
+    }
+
+    /// This node reads the feed subjects now.
+    pub fn leads_ingest(&self) -> bool {
+        self.metrics.leader.load(Ordering::Acquire)
     }
 
     pub fn enabled(&self) -> bool {

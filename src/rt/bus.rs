@@ -131,6 +131,8 @@ struct Bus {
     /// [`wake_shards`] (the delivery tasks only mark them here).
     to_wake: std::sync::atomic::AtomicU64,
     wake_batch: Notify,
+    /// Ticks taken by the append tasks and not yet answered ([`finish`]).
+    appends_waiting: std::sync::atomic::AtomicUsize,
 }
 
 async fn run(
@@ -150,16 +152,11 @@ async fn run(
             .unwrap_or_else(|| "tickgate".into());
         // Within what `cluster.node` allows (64 of `[A-Za-z0-9._-]`): other nodes drop
         // announcements from a longer name, and this node's users would not count there.
-        let suffix = format!("-{port}");
-        let host: String = host
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            .take(64 - suffix.len())
-            .collect();
-        format!("{host}{suffix}")
+        crate::bus::names::default_node_name(&host, port)
     } else {
         cfg.node.clone()
     };
+    let _ = shared.bus.node.set(node.clone());
     // Connect (and make sure the stream exists) with backoff; serve meanwhile.
     let mut attempt = 0u32;
     let bus = loop {
@@ -243,6 +240,7 @@ async fn connect(
         stream_name,
         to_wake: std::sync::atomic::AtomicU64::new(0),
         wake_batch: Notify::new(),
+        appends_waiting: std::sync::atomic::AtomicUsize::new(0),
     })
 }
 
@@ -297,14 +295,15 @@ async fn streams_kept(bus: Arc<Bus>) {
                 // No answer within a second: the others would not get one either.
                 break;
             };
+            // Any reply is an answer (no JetStream responders, an error: the server is
+            // there); only silence counts against the connection.
+            answered = true;
             let Err(e) = r else {
-                answered = true;
                 continue;
             };
             if !stream_not_found(&e) {
                 continue;
             }
-            answered = true;
             match bus.js.get_or_create_stream(c.clone()).await {
                 Ok(_) => tracing::warn!(stream = %c.name, "bus: NATS had lost a stream; made it again"),
                 Err(e) => {
@@ -323,7 +322,9 @@ async fn streams_kept(bus: Arc<Bus>) {
                 "bus: NATS does not answer on an open connection; reconnecting"
             );
             bus.shared.bus.ready.store(false, Ordering::Release);
-            let _ = bus.client.force_reconnect().await;
+            // Bounded: on a connection whose buffers are full the client may not take the
+            // command at once (its own pings end that connection later).
+            let _ = tokio::time::timeout(STREAMS_CHECK, bus.client.force_reconnect()).await;
             unanswered = 0;
         } else {
             // Readiness follows the connection even if an event about it was lost.
@@ -349,7 +350,9 @@ async fn nats_options(
 ) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), String> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
-        .connection_timeout(Duration::from_secs(2));
+        .connection_timeout(Duration::from_secs(2))
+        // The client's own liveness check (it pings after this long without traffic out).
+        .ping_interval(Duration::from_secs(10));
     if !cfg.credentials.is_empty() {
         opts = opts
             .credentials_file(&cfg.credentials)
@@ -395,10 +398,16 @@ impl Appenders {
     fn submit(&self, symbol: &str, job: Job) -> bool {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = tasks.get(symbol) {
+            // Counted before the task can take it (and answer it, [`finish`]).
+            self.bus.appends_waiting.fetch_add(1, Ordering::AcqRel);
             return match tx.try_send(job) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => false,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
+                    false
+                }
                 Err(mpsc::error::TrySendError::Closed(job)) => {
+                    self.bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
                     tasks.remove(symbol);
                     drop(tasks);
                     self.submit(symbol, job)
@@ -413,6 +422,8 @@ impl Appenders {
             }
         }
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        // A new channel has room for one.
+        self.bus.appends_waiting.fetch_add(1, Ordering::AcqRel);
         let _ = tx.try_send(job);
         tasks.insert(Box::from(symbol), tx);
         tokio::spawn(append_task(self.bus.clone(), Box::from(symbol), rx));
@@ -553,6 +564,7 @@ fn retry(bus: &Bus, pending: &mut std::collections::VecDeque<(Job, u32)>, n: usi
 
 /// A job is done: answer its publisher, or count it.
 fn finish(bus: &Bus, job: Job, ok: bool) {
+    bus.appends_waiting.fetch_sub(1, Ordering::AcqRel);
     let m = &bus.shared.bus.metrics;
     if ok {
         m.append_us_sum
@@ -647,7 +659,9 @@ async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
         attempt = attempt.saturating_add(1);
     }
     loop {
-        if let Some(claim) = leader.claim(&bus, &node).await {
+        if bus.shared.bus.release_ingest.load(Ordering::Acquire) {
+            // Exiting: no more claims here.
+        } else if let Some(claim) = leader.claim(&bus, &node).await {
             tracing::info!(node, "bus: this node leads the ingest");
             bus.shared.bus.metrics.leader.store(true, Ordering::Release);
             lead(&bus, &appenders, &leader, claim, &node).await;
@@ -656,6 +670,30 @@ async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
         }
         tokio::time::sleep(LEADER_TTL / 3).await;
     }
+}
+
+/// How long an exiting leader waits for its queued appends before it deletes its claim.
+const RELEASE_FLUSH: Duration = Duration::from_secs(1);
+
+/// An exiting ingest leader (it read the feed all through its drain) has stopped reading:
+/// what it read goes into the order (its append queues empty, for at most
+/// [`RELEASE_FLUSH`]), then its claim is deleted, so the next node's claim (checked every
+/// `LEADER_TTL / 3`) succeeds at once instead of when the claim expires. Ticks published
+/// between this and the next leader's subscription (about a second) are not ingested.
+async fn release_claim(bus: &Bus, leader: &Leader, rev: u64) {
+    let until = Instant::now() + RELEASE_FLUSH;
+    while bus.appends_waiting.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match bus.js.get_stream(&leader.stream).await {
+        Ok(s) => {
+            if let Err(e) = s.delete_message(rev).await {
+                tracing::warn!(error = %e, "bus: could not delete the ingest claim (it expires by itself)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "bus: could not reach the ingest claim's stream"),
+    }
+    tracing::info!("bus: exiting: the ingest claim is released");
 }
 
 /// What a claim is written after (see [`Leader::write`]).
@@ -762,13 +800,31 @@ async fn lead(bus: &Bus, appenders: &Appenders, leader: &Leader, mut rev: u64, n
     // The connection this claim was made on: after a reconnect the subscription comes
     // back by itself, but another node may have claimed the ingest meanwhile (two readers
     // would append every tick twice), so the claim is made again first.
-    let connection = bus.shared.bus.metrics.connects.load(Ordering::Acquire);
+    let mut connection = bus.shared.bus.metrics.connects.load(Ordering::Acquire);
+    let mut release_check = tokio::time::interval(Duration::from_millis(50));
     loop {
-        if bus.shared.bus.metrics.connects.load(Ordering::Acquire) != connection {
-            let _ = sub.unsubscribe().await;
-            return;
+        let now_connection = bus.shared.bus.metrics.connects.load(Ordering::Acquire);
+        if now_connection != connection {
+            // The subscription came back with the connection; the claim is confirmed at
+            // once (it lives on file, so it normally survived), or the feed is left.
+            connection = now_connection;
+            match leader.write(bus, node, ClaimAfter::Refresh(rev)).await {
+                Some(r) => rev = r,
+                None => {
+                    let _ = sub.unsubscribe().await;
+                    return;
+                }
+            }
         }
         let msg = tokio::select! {
+            _ = release_check.tick() => {
+                if bus.shared.bus.release_ingest.load(Ordering::Acquire) {
+                    let _ = sub.unsubscribe().await;
+                    release_claim(bus, leader, rev).await;
+                    return;
+                }
+                continue;
+            }
             m = sub.next() => match m {
                 Some(m) => m,
                 None => return,
@@ -1403,6 +1459,9 @@ async fn revocations_loaded(
     renumbered: Arc<tokio::sync::Notify>,
 ) {
     let name = revocation_stream(&bus).name;
+    // When the stream was made: another time is another stream (a bus that lost its
+    // store made it again), even if it has grown past what was applied.
+    let mut created: Option<i128> = None;
     loop {
         // First after a pause: the follower makes the stream if it is missing.
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1413,7 +1472,10 @@ async fn revocations_loaded(
             Ok(mut s) => {
                 if let Ok(info) = s.info().await {
                     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-                    let loaded = if crate::bus::revocations_renumbered(a, last) {
+                    let made = info.created.unix_timestamp_nanos();
+                    let remade = created.is_some_and(|c| c != made);
+                    created = Some(made);
+                    let loaded = if remade || crate::bus::revocations_renumbered(a, last) {
                         renumbered.notify_one();
                         false
                     } else {

@@ -287,6 +287,9 @@ pub fn start(cfg: Config, config: Option<PathBuf>) -> Result<Running, Failure> {
     })
 }
 
+/// How long an exiting node waits for the bus thread to release the ingest.
+const INGEST_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 fn wait_for_signals(
     mut signals: signal_hook::iterator::Signals,
     handle: &ServerHandle,
@@ -300,6 +303,18 @@ fn wait_for_signals(
                 tracing::info!("draining");
                 let timeout = handle.shared.cfg.server.drain_timeout;
                 let clean = handle.drain_and_wait(timeout);
+                // `[cluster]`: an ingest leader (which read the feed all through the drain)
+                // deletes its claim before the process goes, so the next node claims the
+                // ingest within a second instead of when the claim expires (3 s later).
+                handle
+                    .shared
+                    .bus
+                    .release_ingest
+                    .store(true, std::sync::atomic::Ordering::Release);
+                let until = std::time::Instant::now() + INGEST_RELEASE_WAIT;
+                while handle.shared.bus.leads_ingest() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 // Give the last close frames a moment to reach the wire.
                 std::thread::sleep(Duration::from_millis(50));
                 tracing::info!(clean, "drained, exiting");
