@@ -601,18 +601,7 @@ async fn after_nats_restarts_the_feed_is_read_again_and_tickets_work() {
     .await;
     // Published until one is read (the leader may take its subscription a moment after
     // the claim); each later one follows it with the next `seq`.
-    let url = nats.url();
-    let subject = format!("{p}.in.{sym}");
-    let pusher = tokio::spawn(async move {
-        let c = async_nats::connect(url).await.unwrap();
-        for k in 3..=400u64 {
-            c.publish(subject.clone(), tick(sym, k).to_string().into())
-                .await
-                .unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
+    let pusher = feed_until_read(&nats, &p, sym, 3);
     let m = loop {
         let m = next_json(&mut sa).await;
         if m["type"] == "tick" {
@@ -680,17 +669,7 @@ async fn an_exiting_ingest_leader_releases_its_claim() {
     }
     let shared = other.handle.shared.clone();
     wait_until("the other node leads", move || shared.bus.leads_ingest()).await;
-    let (url, subject) = (nats.url(), format!("{p}.in.{sym}"));
-    let pusher = tokio::spawn(async move {
-        let c = async_nats::connect(url).await.unwrap();
-        for k in 1..=400u64 {
-            c.publish(subject.clone(), tick(sym, k).to_string().into())
-                .await
-                .unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
+    let pusher = feed_until_read(&nats, &p, sym, 1);
     assert_eq!(next_tick(&mut sub).await.0, 1);
     pusher.abort();
 }
@@ -712,19 +691,7 @@ async fn a_head_that_could_not_be_read_is_read_again_when_the_bus_answers() {
     ready(&b).await;
     let mut sa = subscribe(&a, sym, false).await;
     leader(&[&a, &b]).await;
-    let url = nats.url();
-    let subject = format!("{p}.in.{sym}");
-    // Until one is read (the leader may subscribe a moment after its claim).
-    let pusher = tokio::spawn(async move {
-        let c = async_nats::connect(url).await.unwrap();
-        for k in 1..=400u64 {
-            c.publish(subject.clone(), tick(sym, k).to_string().into())
-                .await
-                .unwrap();
-            c.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
+    let pusher = feed_until_read(&nats, &p, sym, 1);
     assert_eq!(next_tick(&mut sa).await.0, 1);
     pusher.abort();
     let _ = pusher.await;
@@ -1188,6 +1155,23 @@ fn feed(nats: &Nats, p: &str, sym: &'static str, n: u64, pause_ms: u64) -> tokio
             }
         }
         feed.flush().await.unwrap();
+    })
+}
+
+/// Feeds `sym` through NATS, one tick every 25 ms counted from `from`, until aborted (at
+/// most 400): for a test that waits until one is read, as a new ingest leader may
+/// subscribe a moment after its claim.
+fn feed_until_read(nats: &Nats, p: &str, sym: &'static str, from: u64) -> tokio::task::JoinHandle<()> {
+    let (url, subject) = (nats.url(), format!("{p}.in.{sym}"));
+    tokio::spawn(async move {
+        let c = async_nats::connect(url).await.unwrap();
+        for k in from..=400u64 {
+            c.publish(subject.clone(), tick(sym, k).to_string().into())
+                .await
+                .unwrap();
+            c.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     })
 }
 
