@@ -494,11 +494,7 @@ impl Session {
     /// earlier now (the only input on the hot path, so the only one that says so).
     #[must_use]
     pub fn push_tick(&mut self, t: &Arc<SharedTick>, now_ms: u64) -> bool {
-        if self.state == State::Closing {
-            return false;
-        }
-        let pushed = self.outbound.push_tick(t);
-        self.pushed(pushed, now_ms)
+        self.push_with(now_ms, |q| q.push_tick(t))
     }
 
     /// Bytes the outbound queue can still take before it conflates: what a replay is cut
@@ -514,16 +510,16 @@ impl Session {
     /// out right before it (a replay cut to the queue's budget,
     /// [`crate::feed::history::Replay::Ticks`]). It is not sampled for publish-to-write.
     pub fn push_replayed(&mut self, t: &Arc<SharedTick>, skipped: u64, now_ms: u64) -> bool {
+        self.push_with(now_ms, |q| q.push_replayed(t, skipped))
+    }
+
+    /// A tick into the outbound queue (none once closing); true when the push started a
+    /// slow-consumer episode.
+    fn push_with(&mut self, now_ms: u64, push: impl FnOnce(&mut OutboundQueue) -> Pushed) -> bool {
         if self.state == State::Closing {
             return false;
         }
-        let pushed = self.outbound.push_replayed(t, skipped);
-        self.pushed(pushed, now_ms)
-    }
-
-    /// True when `pushed` started a slow-consumer episode.
-    fn pushed(&mut self, pushed: Pushed, now_ms: u64) -> bool {
-        match pushed {
+        match push(&mut self.outbound) {
             Pushed::Queued => false,
             Pushed::Conflated | Pushed::OverBudget => {
                 if self.slow_since_ms.is_none() {

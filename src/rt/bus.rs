@@ -659,9 +659,10 @@ async fn ingest(bus: Arc<Bus>, appenders: Appenders, node: String) {
         attempt = attempt.saturating_add(1);
     }
     loop {
-        if bus.shared.bus.release_ingest.load(Ordering::Acquire) {
-            // Exiting: no more claims here.
-        } else if let Some(claim) = leader.claim(&bus, &node).await {
+        // An exiting node claims no more.
+        if !bus.shared.bus.release_ingest.load(Ordering::Acquire)
+            && let Some(claim) = leader.claim(&bus, &node).await
+        {
             tracing::info!(node, "bus: this node leads the ingest");
             bus.shared.bus.metrics.leader.store(true, Ordering::Release);
             lead(&bus, &appenders, &leader, claim, &node).await;
