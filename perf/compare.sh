@@ -6,6 +6,9 @@
 #   perf/compare.sh --quick   # ~1.5 minute version (shorter steps, fewer idle connections)
 #   UWS_PEER=/path/to/uws-peer perf/compare.sh [--quick]
 #                             # the same with the uWebSockets peer as a third column
+#   BUSY_POLL=1s perf/compare.sh [--quick]
+#                             # and tickgate with `server.busy_poll = BUSY_POLL` as one more
+#                             # column ("tickgate bp"), right after tickgate's
 #
 # UWS_PEER: a binary of tools/peers/uws/main.cpp (tools/peers/uws/build.sh builds it from the
 # pinned uWebSockets and uSockets commits), a single-threaded uWebSockets pub/sub
@@ -56,6 +59,7 @@ TG="$TARGET_DIR/release/tickgate"
 LG="$TARGET_DIR/release/loadgen"
 BL="$TARGET_DIR/release/baseline"
 SERVERS=(tickgate baseline)
+[[ -n "${BUSY_POLL:-}" ]] && SERVERS=(tickgate tgbp baseline)
 if [[ -n "${UWS_PEER:-}" ]]; then
   [[ -x "$UWS_PEER" ]] || { echo "UWS_PEER=$UWS_PEER: not an executable file" >&2; exit 1; }
   SERVERS+=(uws)
@@ -90,9 +94,12 @@ RES="$TMP/results.jsonl"
 : >"$RES"
 
 wait_port() { bench_wait_port "$1"; }
-start() { # $1 = tickgate|baseline|uws
+start() { # $1 = tickgate|tgbp|baseline|uws
   if [[ $1 == tickgate ]]; then
     taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tickgate.log" 2>&1 &
+    SPID=$!; PORT=$TG_PORT
+  elif [[ $1 == tgbp ]]; then
+    TICKGATE_SERVER_BUSY_POLL=$BUSY_POLL taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tgbp.log" 2>&1 &
     SPID=$!; PORT=$TG_PORT
   elif [[ $1 == uws ]]; then
     taskset -c 0 "$UWS_PEER" --listen "127.0.0.1:$UWS_PORT" --key-dir "$TMP/keys" >"$TMP/uws.log" 2>&1 &
@@ -152,6 +159,7 @@ PLOT=${PLOT:-$ROOT/perf/latency.svg}
 PLOT_ARGS=()
 for s in "${SERVERS[@]}" floor; do
   name=$s; [[ $s == floor ]] && name="floor (F, no server)"; [[ $s == uws ]] && name="uWebSockets"
+  [[ $s == tgbp ]] && name="tickgate, busy_poll $BUSY_POLL"
   [[ -s "$TMP/A-$s.hist" ]] && PLOT_ARGS+=(--series "$name=$TMP/A-$s.hist")
 done
 PLOT_MSG="latency plot (A): not written (no histogram saved)"
@@ -171,7 +179,7 @@ python3 - "$RES" "${SERVERS[@]}" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 servers = sys.argv[2:]  # tickgate first, then the others it is compared with
-title = {"tickgate": "tickgate", "baseline": "baseline", "uws": "uWebSockets"}
+title = {"tickgate": "tickgate", "tgbp": "tickgate bp", "baseline": "baseline", "uws": "uWebSockets"}
 def get(label, mode=None, pred=None):
     out = [r for r in rows if r.get("label") == label and (mode is None or r.get("mode") == mode)]
     if pred: out = [r for r in out if pred(r)]

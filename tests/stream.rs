@@ -203,6 +203,19 @@ async fn fanout_across_shards_on_epoll() {
         .expect("the epoll shard stopped serving");
 }
 
+/// Busy polling (`server.busy_poll`): a shard that polls instead of sleeping still sees
+/// what only the runtime's sleep used to look at. Here the publisher and the subscribers
+/// are spread over two shards, so every tick crosses to the other shard through its inbox
+/// and a wake-up from another thread (reaped only when the runtime polls as it would sleep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_across_shards_with_busy_poll() {
+    let mut cfg = test_config(2);
+    cfg.server.busy_poll = Duration::from_secs(1);
+    tokio::time::timeout(Duration::from_secs(60), fanout_in_seq_order(cfg))
+        .await
+        .expect("a busy-polling shard stopped serving");
+}
+
 async fn fanout_in_seq_order(cfg: tickgate::config::Config) {
     let want = if cfg.server.driver == "epoll" {
         Some(tickgate::rt::Driver::Epoll)
@@ -412,6 +425,18 @@ async fn slow_consumer_is_conflated_then_cut_on_epoll() {
     tokio::time::timeout(Duration::from_secs(60), conflated_then_cut(cfg))
         .await
         .expect("the epoll shard stopped serving");
+}
+
+/// A busy-polling shard (`server.busy_poll`) still fires its deadlines: the slow
+/// consumer's grace and the hard drop are the ticker's, whose sleep is one of the
+/// runtime's timers, which turn only when the runtime polls as it would sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_conflated_then_cut_with_busy_poll() {
+    let mut cfg = test_config(1);
+    cfg.server.busy_poll = Duration::from_secs(1);
+    tokio::time::timeout(Duration::from_secs(60), conflated_then_cut(cfg))
+        .await
+        .expect("the busy-polling shard stopped serving");
 }
 
 async fn conflated_then_cut(mut cfg: tickgate::config::Config) {

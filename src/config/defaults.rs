@@ -27,6 +27,7 @@ impl Default for ServerConfig {
             pending_handshakes_per_shard: 1024,
             driver: "auto".to_owned(),
             demo_page: false,
+            busy_poll: Duration::ZERO,
         }
     }
 }

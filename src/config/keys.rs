@@ -32,6 +32,7 @@ pub const KEYS: &[(&str, &[(&str, KeyKind)])] = {
                 ("pending_handshakes_per_shard", Int),
                 ("driver", Str),
                 ("demo_page", Bool),
+                ("busy_poll", Str),
             ],
         ),
         ("tls", &[("cert", Str), ("key", Str)]),

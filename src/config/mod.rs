@@ -44,6 +44,7 @@
 //! | `server.pending_handshakes_per_shard` | 1024 | connections still in the HTTP upgrade, per shard |
 //! | `server.driver` | "auto" | `"auto"`: io_uring when the kernel allows it, else epoll; `"epoll"`: always epoll |
 //! | `server.demo_page` | false | serve the live demo page at `GET /` of the public listener (the embedded demo: on) |
+//! | `server.busy_poll` | 0s | how long a shard keeps polling for work after its last piece of work before it sleeps in the kernel (0s: off; at most 10s) |
 //! | `limits.max_head_bytes` | 8192 | bytes of an HTTP request head (request line + headers) |
 //! | `limits.max_headers` | 32 | header lines in an HTTP request head |
 //! | `limits.first_byte_timeout` | 2s | a new socket must send its first byte within this (above `handshake_timeout` it never binds) |
@@ -226,6 +227,12 @@ pub struct ServerConfig {
     /// Extension: serve the live demo page (`GET /`, a page compiled into the binary) on
     /// the public listener. Default false; the embedded demo turns it on.
     pub demo_page: bool,
+    /// Extension: busy polling. After its last piece of work a shard keeps polling for
+    /// more this long (its core at 100 %) instead of sleeping in the kernel, so the next
+    /// tick does not wait for the thread (on a VM, the virtual CPU) to be woken. `0s`: off.
+    /// At most 10s. Default `0s`.
+    #[serde(with = "duration_serde")]
+    pub busy_poll: Duration,
 }
 
 /// `[tls]`: both files are required when the section is present.

@@ -125,6 +125,9 @@ impl Config {
         if s.drain_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::invalid("server.drain_timeout", "must be at most 1h"));
         }
+        if s.busy_poll > Duration::from_secs(10) {
+            return Err(ConfigError::invalid("server.busy_poll", "must be at most 10s"));
+        }
         if !matches!(s.driver.as_str(), "auto" | "epoll") {
             return Err(ConfigError::invalid(
                 "server.driver",

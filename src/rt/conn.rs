@@ -195,6 +195,7 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
             }
             continue;
         }
+        ctx.note_work();
         for ev in &events[..n] {
             let (idx, generation) = ready_key_parts(ev.u64);
             read_ready(&ctx, idx, generation);

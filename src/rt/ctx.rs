@@ -60,6 +60,16 @@ pub struct ShardCtx {
     /// The compressor of tick frames shared by the shard's permessage-deflate
     /// subscribers without context takeover (made on first use).
     pub tick_deflate: RefCell<Option<crate::proto::deflate::Deflater>>,
+    /// Busy polling (`server.busy_poll`), when on: see `shard::busy_poll`.
+    pub(crate) spin: Option<Spin>,
+}
+
+/// A busy-polling shard's shared part: the count of work the shard did (bumped by
+/// [`ShardCtx::note_work`]) and the poller's waker while it sleeps.
+pub(crate) struct Spin {
+    pub(crate) budget_ns: u64,
+    pub(crate) work: Cell<u64>,
+    pub(crate) waker: Cell<Option<std::task::Waker>>,
 }
 
 /// At most about this many bytes go from the shard's writer tasks to the kernel per
@@ -97,6 +107,7 @@ impl ShardCtx {
     ) -> std::io::Result<Rc<ShardCtx>> {
         let now = shared.now_ms();
         let ready = ReadySet::new()?;
+        let busy_poll = shared.cfg.server.busy_poll;
         Ok(Rc::new(ShardCtx {
             id,
             core: RefCell::new(ShardCore::new(id, shared.clone(), now)),
@@ -116,6 +127,12 @@ impl ShardCtx {
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
+            // The epoll driver cannot poll its runtime without sleeping (`io::Nudge`).
+            spin: busy_poll_ns(&busy_poll).filter(|_| uring).map(|budget_ns| Spin {
+                budget_ns,
+                work: Cell::new(0),
+                waker: Cell::new(None),
+            }),
         }))
     }
 
@@ -158,6 +175,18 @@ impl ShardCtx {
         self.feeds.borrow_mut().retain(|&f| f != (idx, generation));
     }
 
+    /// The shard handled something (input read, ticks dispatched, a connection accepted):
+    /// a busy-polling shard keeps polling for a whole `server.busy_poll` from now, and a
+    /// sleeping poller is woken. Nothing when busy polling is off.
+    pub(crate) fn note_work(&self) {
+        if let Some(s) = &self.spin {
+            s.work.set(s.work.get().wrapping_add(1));
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
     /// The shard's feeds now (a copy: reading one may end it and change the list).
     pub(crate) fn feeds(&self) -> Vec<(usize, u32)> {
         self.feeds.borrow().clone()
@@ -179,6 +208,11 @@ impl ShardCtx {
             pool.push(buf);
         }
     }
+}
+
+/// `server.busy_poll` in nanoseconds, `None` when off.
+fn busy_poll_ns(d: &std::time::Duration) -> Option<u64> {
+    (!d.is_zero()).then(|| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -407,6 +407,42 @@ impl ReadySet {
     }
 }
 
+/// A descriptor that is always readable (an eventfd whose count is never read), waited
+/// on by the busy poller (`shard::busy_poll`) to poll the runtime without sleeping. The
+/// runtime (monoio) looks at what only its sleep looks at (completions of readiness
+/// polls, wake-ups from other threads, due timers) only when its run queue is empty and
+/// it goes to sleep; a task that merely yields keeps the queue non-empty and so would
+/// hold all of that back. A task waiting here leaves the queue empty, and the sleep that
+/// follows ends at once: on io_uring the poll of a readable descriptor completes as it is
+/// submitted. io_uring only: the epoll driver answers a readiness wait on a ready
+/// descriptor without sleeping at all.
+pub(crate) struct Nudge {
+    /// Held as a stream only so that the runtime can wait on it (as [`ReadySet`]'s epoll
+    /// descriptor); closed with the nudge.
+    waiter: TcpStream,
+}
+
+impl Nudge {
+    /// Must run on the shard's runtime thread (the waiter registers with its driver).
+    pub(crate) fn new() -> std::io::Result<Nudge> {
+        // SAFETY: takes an initial count (1: readable from the start) and flags, returns
+        // a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns; the stream takes it
+        // (and closes it if `from_std` fails).
+        let waiter = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) })?;
+        Ok(Nudge { waiter })
+    }
+
+    /// One poll of the runtime: its sleep, for no time.
+    pub(crate) async fn poll(&self) -> std::io::Result<()> {
+        self.waiter.readable(false).await
+    }
+}
+
 /// Returns `Pending` once (waking itself), so the task goes to the back of the run queue.
 pub(crate) struct YieldNow(bool);
 

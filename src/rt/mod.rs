@@ -322,6 +322,11 @@ fn run_shard(
         monoio::spawn(shard::dispatcher(ctx.clone()));
         monoio::spawn(conn::readers(ctx.clone()));
         monoio::spawn(shard::ticker(ctx.clone()));
+        if ctx.spin.is_some() {
+            monoio::spawn(shard::busy_poll(ctx.clone()));
+        } else if id == 0 && !ctx.shared.cfg.server.busy_poll.is_zero() {
+            tracing::warn!("server.busy_poll is ignored on the epoll driver (io_uring only)");
+        }
         let _ = ready.send(Ok(()));
         drop(ready);
         accept_loop(ctx, listener).await;
@@ -340,6 +345,7 @@ async fn accept_loop(ctx: Rc<ctx::ShardCtx>, listener: monoio::net::TcpListener)
         if ctx.core.borrow().is_draining() {
             return;
         }
+        ctx.note_work();
         match accepted {
             Ok((stream, peer)) => {
                 if ctx.core.borrow().len() >= max_conns {

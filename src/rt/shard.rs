@@ -7,7 +7,9 @@
 //!   frames and write them with one `write` each;
 //! - the **ticker** reads the clock, lets the core fire the connection deadlines that are
 //!   due (handshake timeout, reauth, heartbeat, idle, slow consumer, hard drop) and does
-//!   the periodic housekeeping. There is no timer task per connection.
+//!   the periodic housekeeping. There is no timer task per connection;
+//! - with `server.busy_poll`, the **busy poller** keeps the shard's thread polling for
+//!   work instead of sleeping in the kernel, for that long after its last work.
 //!
 //! What happens to a tick, a control message or a deadline is decided in
 //! [`crate::core::shard::ShardCore`]; these tasks only read the inbox and the clock and
@@ -41,11 +43,61 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
         })
         .await;
         inbox.pending.store(false, std::sync::atomic::Ordering::Release);
+        ctx.note_work();
         if crate::rt::conn::dispatch_pass(&ctx) {
             // More is queued (other shards' publishers keep pushing while this pass runs):
             // let the writers, readers and ticker run, then come back without waiting.
             inbox.pending.store(true, std::sync::atomic::Ordering::Release);
             yield_now().await;
+        }
+    }
+}
+
+/// Busy polling (`server.busy_poll`, io_uring only; nothing when off). While the shard
+/// has seen work within the budget, this task polls the runtime over and over
+/// ([`Nudge`]): each poll submits what the other tasks queued, reaps the completions, the
+/// wake-ups from other threads and the due timers, and runs what they woke, all without
+/// sleeping in `io_uring_enter`. A tick then costs no wake-up of the thread, and on a VM
+/// no wake-up of the virtual CPU from its halt (about 30 µs on the benchmark VM,
+/// perf/RESULTS.md). After a whole budget without work it sleeps until
+/// [`ShardCtx::note_work`] wakes it. The rule is [`crate::timer::pace::BusyPoll`].
+///
+/// [`Nudge`]: crate::rt::io::Nudge
+pub async fn busy_poll(ctx: Rc<ShardCtx>) {
+    use crate::timer::pace::{BusyPoll, Poll as Next};
+    let Some(spin) = ctx.spin.as_ref() else {
+        return;
+    };
+    let nudge = match crate::rt::io::Nudge::new() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(shard = ctx.id, error = %e, "busy polling off: no eventfd");
+            return;
+        }
+    };
+    let now = crate::metrics::mono_ns;
+    let mut rule = BusyPoll::new(spin.budget_ns, spin.work.get(), now());
+    loop {
+        match rule.next(spin.work.get(), now()) {
+            Next::Again => {
+                if let Err(e) = nudge.poll().await {
+                    tracing::warn!(shard = ctx.id, error = %e, "busy polling off: cannot poll");
+                    return;
+                }
+            }
+            Next::Sleep => {
+                let seen = spin.work.get();
+                poll_fn(|cx| {
+                    if spin.work.get() != seen {
+                        Poll::Ready(())
+                    } else {
+                        spin.waker.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                })
+                .await;
+                rule.wake(spin.work.get(), now());
+            }
         }
     }
 }
