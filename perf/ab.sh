@@ -7,6 +7,11 @@
 #                                  # 100,000 deliveries/s (issue 17's one-tick-per-write case)
 #   MODES="C A" perf/ab.sh ...     # also (C): RSS per idle authenticated connection (10,000);
 #                                  # put C first: it reads the fresh server's RSS growth
+#   MODES="L A" perf/ab.sh ...     # also (L): a light load, 10 subscribers x 1 symbol at 1,000
+#                                  # ticks/s (what a tick pays on a mostly idle shard)
+#   NEW_ENV="TICKGATE_SERVER_BUSY_POLL=1s" perf/ab.sh TG TG
+#                                  # one binary, two settings: OLD_ENV / NEW_ENV are
+#                                  # VAR=value words put in the environment of that side's server
 #
 # Builds the load generator from this tree (release). Server pinned to core 0 with one
 # shard, load generator on core 1, the same config for both sides (the keys only the newer
@@ -41,12 +46,16 @@ for r in $(seq 1 "$ROUNDS"); do
   if (( r % 2 )); then order="old new"; else order="new old"; fi
   for side in $order; do
     bin=$OLD; [[ $side == new ]] && bin=$NEW
-    taskset -c 0 "$bin" serve --config "$TMP/tickgate.toml" >"$TMP/server.log" 2>&1 &
+    envs=${OLD_ENV:-}; [[ $side == new ]] && envs=${NEW_ENV:-}
+    # shellcheck disable=SC2086 # VAR=value words, split on purpose
+    env $envs taskset -c 0 "$bin" serve --config "$TMP/tickgate.toml" >"$TMP/server.log" 2>&1 &
     SPID=$!
     wait_port
     for mode in ${MODES:-A B}; do
       if [[ $mode == C ]]; then
         args=(idle --connections 10000 --sources 8 --hold 2 --settle 1)
+      elif [[ $mode == L ]]; then
+        args=(fanout --subscribers 10 --symbols 1 --per-sub 1 --rate 1000 --warmup 1 --duration 4)
       elif [[ $mode == E ]]; then
         args=(fanout --subscribers 10000 --symbols 100 --per-sub 1 --rate 1000 --sources 8 --warmup 2 --duration 5)
       elif [[ $mode == A ]]; then
@@ -76,6 +85,10 @@ def summary(vals):
 for side in ("old", "new"):
     a = pick("A", side, "fanout")
     e = pick("E", side, "fanout")
+    light = pick("L", side, "fanout")
+    if light:
+        print(f"{side}: (L) p50_us {summary([r.get('p50_us') for r in light])}")
+        print(f"{side}: (L) p99_us {summary([r.get('p99_us') for r in light])}")
     b = pick("B", side, "search")
     c = pick("C", side, "idle")
     if c:
@@ -91,7 +104,7 @@ for side in ("old", "new"):
     print(f"{side}: (B) zero-drop deliveries/s {summary([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
 print()
 for r in rows:
-    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:")) or r.get("mode") in ("search", "idle"):
+    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:", "L:")) or r.get("mode") in ("search", "idle"):
         keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "rss_per_conn_bytes")
         print(r.get("label"), {k: r[k] for k in keys if k in r})
 PY
