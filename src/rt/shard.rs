@@ -55,14 +55,12 @@ pub async fn dispatcher(ctx: Rc<ShardCtx>) {
 
 /// Busy polling (`server.busy_poll`, io_uring only; nothing when off). While the shard
 /// has seen work within the budget, this task polls the runtime over and over
-/// ([`Nudge`]): each poll submits what the other tasks queued, reaps the completions, the
+/// (`rt::io::Nudge`): each poll submits what the other tasks queued, reaps the completions, the
 /// wake-ups from other threads and the due timers, and runs what they woke, all without
 /// sleeping in `io_uring_enter`. A tick then costs no wake-up of the thread, and on a VM
 /// no wake-up of the virtual CPU from its halt (about 30 µs on the benchmark VM,
 /// perf/RESULTS.md). After a whole budget without work it sleeps until
-/// [`ShardCtx::note_work`] wakes it. The rule is [`crate::timer::pace::BusyPoll`].
-///
-/// [`Nudge`]: crate::rt::io::Nudge
+/// `ShardCtx::note_work` wakes it. The rule is [`crate::timer::pace::BusyPoll`].
 pub async fn busy_poll(ctx: Rc<ShardCtx>) {
     use crate::timer::pace::{BusyPoll, Poll as Next};
     let Some(spin) = ctx.spin.as_ref() else {
