@@ -94,6 +94,7 @@ fn defaults_are_the_ops_values() {
     assert!(!c.server.sqpoll);
     assert_eq!(c.server.driver, "auto");
     assert!(!c.server.demo_page);
+    assert_eq!(c.server.busy_poll, Duration::ZERO);
     assert_eq!(c.server.drain_timeout, secs(10));
     assert_eq!(c.server.max_connections_per_shard, 100_000);
     assert_eq!(c.server.pending_handshakes_per_shard, 1024);
@@ -345,6 +346,8 @@ fn overrides_of_every_type() {
     assert!(c.server.sqpoll);
     c.apply_override("server", "driver", "epoll").unwrap();
     assert_eq!(c.server.driver, "epoll");
+    c.apply_override("server", "busy_poll", "250ms").unwrap();
+    assert_eq!(c.server.busy_poll, Duration::from_millis(250));
     c.apply_override("admin", "request_timeout", "500ms").unwrap();
     assert_eq!(c.admin.request_timeout, Duration::from_millis(500));
     c.apply_override("admin", "max_connections_per_ip", "4").unwrap();
@@ -513,6 +516,7 @@ fn validate_rejects_each_rule_in_one_line() {
             Box::new(|c| c.server.io_uring_entries = 1000),
             "server.io_uring_entries",
         ),
+        (Box::new(|c| c.server.busy_poll = secs(11)), "server.busy_poll"),
         (
             Box::new(|c| c.server.io_uring_entries = 65536),
             "server.io_uring_entries",
