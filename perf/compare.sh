@@ -97,11 +97,10 @@ RES="$TMP/results.jsonl"
 
 wait_port() { bench_wait_port "$1"; }
 start() { # $1 = tickgate|tgbp|baseline|uws
-  if [[ $1 == tickgate ]]; then
-    taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tickgate.log" 2>&1 &
-    SPID=$!; PORT=$TG_PORT
-  elif [[ $1 == tgbp ]]; then
-    TICKGATE_SERVER_BUSY_POLL=$BUSY_POLL taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/tgbp.log" 2>&1 &
+  if [[ $1 == tickgate || $1 == tgbp ]]; then
+    # tgbp: the same server with busy polling.
+    TICKGATE_SERVER_BUSY_POLL=$([[ $1 == tgbp ]] && echo "$BUSY_POLL" || echo 0s) \
+      taskset -c 0 "$TG" serve --config "$TMP/tickgate.toml" >"$TMP/$1.log" 2>&1 &
     SPID=$!; PORT=$TG_PORT
   elif [[ $1 == uws ]]; then
     taskset -c 0 "$UWS_PEER" --listen "127.0.0.1:$UWS_PORT" --key-dir "$TMP/keys" >"$TMP/uws.log" 2>&1 &

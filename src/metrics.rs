@@ -20,7 +20,12 @@ pub const LATENCY_BUCKETS_US: [u64; 19] = [
 pub fn mono_ns() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    duration_ns(start.elapsed())
+}
+
+/// A duration in nanoseconds, `u64::MAX` past what a `u64` holds (about 584 years).
+pub fn duration_ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A Prometheus histogram over [`LATENCY_BUCKETS_US`] (observations in microseconds,

@@ -174,7 +174,7 @@ impl Shared {
             metrics: Metrics::new(shards),
             hub: Hub::new(shards, cfg.feed.max_symbols).with_history(crate::feed::history::HistoryLimits {
                 depth: cfg.feed.history,
-                age_ns: cfg.feed.history_age.as_nanos().min(u128::from(u64::MAX)) as u64,
+                age_ns: crate::metrics::duration_ns(cfg.feed.history_age),
                 max_bytes: cfg.feed.history_bytes,
             }),
             node: NodeParts {

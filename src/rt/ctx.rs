@@ -128,8 +128,8 @@ impl ShardCtx {
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),
             // The epoll driver cannot poll its runtime without sleeping (`io::Nudge`).
-            spin: busy_poll_ns(&busy_poll).filter(|_| uring).map(|budget_ns| Spin {
-                budget_ns,
+            spin: (uring && !busy_poll.is_zero()).then(|| Spin {
+                budget_ns: crate::metrics::duration_ns(busy_poll),
                 work: Cell::new(0),
                 waker: Cell::new(None),
             }),
@@ -208,11 +208,6 @@ impl ShardCtx {
             pool.push(buf);
         }
     }
-}
-
-/// `server.busy_poll` in nanoseconds, `None` when off.
-fn busy_poll_ns(d: &std::time::Duration) -> Option<u64> {
-    (!d.is_zero()).then(|| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

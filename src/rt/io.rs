@@ -331,11 +331,19 @@ impl Drop for WriteHandle {
 /// entry in the kernel's set, not a task, a pending poll operation and their bookkeeping
 /// in the process (perf/RESULTS.md, issue 17). Used the same way on io_uring and epoll.
 pub(crate) struct ReadySet {
-    /// The epoll descriptor, held as a stream only so that the runtime can wait for it to
-    /// become readable (monoio waits for readiness on its own socket types; on io_uring
-    /// that is a poll operation, which works on any pollable descriptor). No socket call
-    /// is ever made on it; it is closed with the shard.
+    /// The epoll descriptor, as a [`waiter`]; closed with the shard.
     waiter: TcpStream,
+}
+
+/// A pollable descriptor that is not a socket (an epoll set, an eventfd), held as a stream
+/// only so that the runtime can wait for it to become readable: monoio waits for readiness
+/// on its own socket types, and on io_uring that is a poll operation, which works on any
+/// pollable descriptor. No socket call is ever made on it; dropping it closes `fd`.
+/// `fd` must be fresh and owned by nothing else.
+fn waiter(fd: RawFd) -> std::io::Result<TcpStream> {
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns (the caller's contract);
+    // the stream takes it (and closes it if `from_std` fails).
+    TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) })
 }
 
 /// An event's key: a connection's slot and generation.
@@ -355,10 +363,7 @@ impl ReadySet {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns; the stream takes it
-        // (and closes it if `from_std` fails).
-        let waiter = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) })?;
-        Ok(ReadySet { waiter })
+        Ok(ReadySet { waiter: waiter(fd)? })
     }
 
     fn epfd(&self) -> RawFd {
@@ -417,8 +422,7 @@ impl ReadySet {
 /// submitted. io_uring only: the epoll driver answers a readiness wait on a ready
 /// descriptor without sleeping at all.
 pub(crate) struct Nudge {
-    /// Held as a stream only so that the runtime can wait on it (as [`ReadySet`]'s epoll
-    /// descriptor); closed with the nudge.
+    /// The eventfd, as a [`waiter`]; closed with the nudge.
     waiter: TcpStream,
 }
 
@@ -431,10 +435,7 @@ impl Nudge {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns; the stream takes it
-        // (and closes it if `from_std` fails).
-        let waiter = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(fd) })?;
-        Ok(Nudge { waiter })
+        Ok(Nudge { waiter: waiter(fd)? })
     }
 
     /// One poll of the runtime: its sleep, for no time.

@@ -162,13 +162,7 @@ const RECLAIM_SLICE: usize = 1024;
 
 /// Retire idle symbols, a slice per call, and free the ids whose quarantine is over.
 fn reclaim_symbols(ctx: &ShardCtx, now: u64) {
-    let idle_ns = ctx
-        .shared
-        .cfg
-        .feed
-        .symbol_idle
-        .as_nanos()
-        .min(u128::from(u64::MAX)) as u64;
+    let idle_ns = crate::metrics::duration_ns(ctx.shared.cfg.feed.symbol_idle);
     let mono = crate::metrics::mono_ns();
     // The same slice's histories give back what is past `feed.history_age`.
     ctx.shared
