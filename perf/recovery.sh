@@ -20,6 +20,7 @@
 #                                      # with: what is left is the generator's and the host's
 #   PUB_CORE=0 perf/recovery.sh        # the publisher's thread on core 0 (the server's), out
 #                                      # of the clients' core
+#   TG=/path/to/tickgate perf/recovery.sh  # another build of the server (before/after pairs)
 #   ARRIVAL=1 perf/recovery.sh         # staying subscribers read one tick per recvmsg, so the
 #                                      # arrival figures (below) are exact
 #
@@ -54,7 +55,7 @@ cargo build --release -q -p tickgate -p tickgate-loadgen
 # shellcheck source=perf/bench_config.sh
 . "$ROOT/perf/bench_config.sh"
 TARGET_DIR=$(bench_target_dir)
-TG="$TARGET_DIR/release/tickgate"
+TG=${TG:-"$TARGET_DIR/release/tickgate"}
 LG="$TARGET_DIR/release/loadgen"
 
 bench_scratch

@@ -15,9 +15,10 @@
 //!   `send(MSG_DONTWAIT)` of the coalesced frames from the shard's loop, as an epoll server
 //!   writes); only when the socket is full, or for TLS and the close, does a writer task
 //!   run, on a handle over the same descriptor (`rt::io::WriteHandle`), until the queue is
-//!   empty. On io_uring the writes of every writer woken in the same loop turn go to the
-//!   kernel in one `io_uring_enter`, so each write is cut to the turn's share
-//!   (`writer_chunk`); on epoll each is a `send(2)` and the writer yields between writes.
+//!   empty. A writer's writes are `send(MSG_DONTWAIT)` too, at most `WRITE_CHUNK` each,
+//!   with the shard's publishers read between them when their time has come
+//!   (`feeds_first`); it waits for writability (an io_uring poll, or epoll) only when the
+//!   socket is full.
 //!
 //! **TLS** (when `[tls]` is configured) is rustls driven sans-IO, not a stream wrapper: the
 //! per-IP rate limit is charged at accept, before any TLS work (an address over its limit is
@@ -62,36 +63,11 @@ use crate::rt::io::{
 };
 use crate::session::Session;
 
-/// Largest coalesced write. Bounded so one connection cannot hog a loop turn.
-const MAX_WRITE: usize = 256 * 1024;
-
-const MIN_WRITE: usize = 16 * 1024;
-
-/// Largest write done inline from the shard's loop (`send_inline`); more queued (a
-/// history replay) goes on in a writer task. A live stream's write is far smaller; the
-/// bound keeps a batch of readers that each queued a replay from holding the loop.
-const INLINE_WRITE: usize = 64 * 1024;
-
-/// The size of one writer's next write, given the writers running on the shard.
-fn writer_chunk(ctx: &ShardCtx) -> usize {
-    (crate::rt::ctx::TURN_WRITE_BYTES / ctx.writers.get().max(1)).clamp(MIN_WRITE, MAX_WRITE)
-}
-
-/// True when the writers may still hand the kernel bytes in this millisecond (see
-/// [`crate::rt::ctx::TURN_WRITE_BYTES`]).
-fn writer_budget_open(ctx: &ShardCtx) -> bool {
-    let mut b = ctx.writer_budget.get();
-    let open = b.open(crate::metrics::mono_ns() / 1_000_000);
-    ctx.writer_budget.set(b);
-    open
-}
-
-/// A writer handed the kernel `n` bytes in this millisecond.
-fn writer_spent(ctx: &ShardCtx, n: usize) {
-    let mut b = ctx.writer_budget.get();
-    b.spend(n);
-    ctx.writer_budget.set(b);
-}
+/// Largest write, inline from the shard's loop or in a writer task. A live stream's write
+/// is far smaller; the bound keeps one connection's backlog (a history replay) from
+/// holding the loop: the writer reads the shard's publishers between two of its writes
+/// when their time has come (`feeds_first`).
+const WRITE_CHUNK: usize = 64 * 1024;
 
 pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
@@ -208,7 +184,7 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
 /// Feeds first: when [`crate::rt::ctx::FEEDS_EVERY_NS`] have passed since the shard last
 /// read its publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
 /// else is queued. Called after each connection a reader batch handles, after each
-/// upgrade, and before each handshake's token check. In a reconnect storm a thousand
+/// upgrade, before each handshake's token check, and after each write of a writer task. In a reconnect storm a thousand
 /// connections want the loop at once (their token checks, their subscribes, the history
 /// each replays, about 50-200 µs apiece); read in turn, the publisher's next ticks, and so
 /// every staying subscriber's, waited for all of them (perf/RESULTS.md, issue 19). Bounded
@@ -608,11 +584,7 @@ fn send_inline(ctx: &Rc<ShardCtx>, c: &mut Conn) -> Inline {
         return Inline::Idle;
     }
     let mut buf = ctx.take_buffer();
-    let t = s.poll_transmit_with(
-        &mut buf,
-        writer_chunk(ctx).min(INLINE_WRITE),
-        &mut ctx.tick_deflate.borrow_mut(),
-    );
+    let t = s.poll_transmit_with(&mut buf, WRITE_CHUNK, &mut ctx.tick_deflate.borrow_mut());
     if buf.is_empty() {
         ctx.put_buffer(buf);
         return Inline::NotTried;
@@ -756,7 +728,6 @@ pub(crate) async fn writer(
     generation: u32,
     first: Option<Vec<u8>>,
 ) {
-    let _running = RunningWriter::new(&ctx);
     let fd = conn.borrow().io.fd;
     let Some(mut handle) = WriteHandle::new(ctx.uring, fd) else {
         // epoll: the runtime could not register the descriptor; the connection cannot write.
@@ -769,8 +740,8 @@ pub(crate) async fn writer(
     let mut graceful = false;
     // The rest of a write the kick began inline ([`send_inline`]): out first, in order.
     if let Some(rest) = first {
-        let (res, b) = handle.write_all(rest).await;
-        ctx.put_buffer(b);
+        let res = handle.write_all(&rest, || feeds_first(&ctx)).await;
+        ctx.put_buffer(rest);
         if res.is_err() {
             task_done(&ctx, idx, generation, true);
             drop(handle);
@@ -778,11 +749,6 @@ pub(crate) async fn writer(
         }
     }
     loop {
-        // The shard's writers have had their bytes for this millisecond: the live stream
-        // (dispatch, inline writes) goes first.
-        while !writer_budget_open(&ctx) {
-            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
         // Buffers come from the shard's pool and go back after the write: a busy
         // connection never regrows one, an idle one holds none.
         let mut buf;
@@ -802,7 +768,7 @@ pub(crate) async fn writer(
                 return;
             }
             buf = ctx.take_buffer();
-            let t = s.poll_transmit_with(&mut buf, writer_chunk(&ctx), &mut ctx.tick_deflate.borrow_mut());
+            let t = s.poll_transmit_with(&mut buf, WRITE_CHUNK, &mut ctx.tick_deflate.borrow_mut());
             oldest_tick = t.oldest_tick_ns;
             closing_done = t.done;
             encrypted = match c.io.tls.as_deref_mut() {
@@ -830,19 +796,17 @@ pub(crate) async fn writer(
             out
         } else {
             ctx.note_tick_write(oldest_tick);
-            writer_spent(&ctx, out.len());
-            let (res, b) = handle.write_all(out).await;
-            failed = res.is_err();
-            b
+            failed = handle.write_all(&out, || feeds_first(&ctx)).await.is_err();
+            out
         };
         ctx.put_buffer(out);
         ctx.put_buffer(buf);
         if failed {
             break;
         }
-        if !ctx.uring && !closing_done && conn.borrow().session.as_ref().is_some_and(Session::has_output) {
-            // epoll: a `send` that did not block never yielded; let the rest of the turn
-            // run before this connection's next `MAX_WRITE`.
+        if !closing_done && conn.borrow().session.as_ref().is_some_and(Session::has_output) {
+            // A `send` that did not block never yielded; let the rest of the turn (other
+            // writers, the reader, timers) run before this connection's next chunk.
             yield_now().await;
         }
         if closing_done {
@@ -860,22 +824,6 @@ pub(crate) async fn writer(
     // outlives the alias.
     task_done(&ctx, idx, generation, !graceful);
     drop(handle);
-}
-
-/// Counts a writer task in [`ShardCtx::writers`] for as long as it runs (however it ends).
-struct RunningWriter<'a>(&'a ShardCtx);
-
-impl<'a> RunningWriter<'a> {
-    fn new(ctx: &'a ShardCtx) -> Self {
-        ctx.writers.set(ctx.writers.get() + 1);
-        RunningWriter(ctx)
-    }
-}
-
-impl Drop for RunningWriter<'_> {
-    fn drop(&mut self) {
-        self.0.writers.set(self.0.writers.get().saturating_sub(1));
-    }
 }
 
 /// `[cluster]`: puts a ticket issued here on the bus, sealed with a key only the ticket

@@ -42,10 +42,6 @@ pub struct ShardCtx {
     pub uring: bool,
     /// The established connections, for the shard's reader task (`conn::readers`).
     pub(crate) ready: ReadySet,
-    /// Writer tasks running (see `conn::writer_chunk`).
-    pub(crate) writers: Cell<usize>,
-    /// The writers' bytes per millisecond (see [`TURN_WRITE_BYTES`]).
-    pub(crate) writer_budget: Cell<crate::timer::pace::WindowBudget>,
     /// The shard's publishers, by slot and generation, read ahead of their turn
     /// (`conn::read_feeds`); at most [`MAX_FEEDS`], the first ones to connect.
     feeds: RefCell<Vec<(usize, u32)>>,
@@ -71,18 +67,6 @@ pub(crate) struct Spin {
     pub(crate) work: Cell<u64>,
     pub(crate) waker: Cell<Option<std::task::Waker>>,
 }
-
-/// At most about this many bytes go from the shard's writer tasks to the kernel per
-/// millisecond, and so in one loop turn: each writer's write is cut to this divided by
-/// the writers running (between `conn::MIN_WRITE` and `conn::MAX_WRITE`), and a writer
-/// that finds the millisecond's bytes spent waits for the next one
-/// (`conn::writer_budget_open`). On
-/// io_uring a turn's writes go to the kernel in one `io_uring_enter`, which performs them
-/// all (on loopback the receiving side's TCP work too) before the loop reads or
-/// dispatches anything: 1,000 writers replaying history at once (a reconnect storm with
-/// `since`) at 256 KiB each held the live stream for a quarter of a second, and still
-/// 20-37 ms at 16 KiB each (perf/RESULTS.md, issue 19).
-pub(crate) const TURN_WRITE_BYTES: usize = 1024 * 1024;
 
 /// How long other work may run between two looks at the shard's publishers
 /// (`conn::feeds_first`) while many connections want the loop at once.
@@ -120,8 +104,6 @@ impl ShardCtx {
             verify_pool,
             uring,
             ready,
-            writers: Cell::new(0),
-            writer_budget: Cell::new(crate::timer::pace::WindowBudget::new(TURN_WRITE_BYTES)),
             feeds: RefCell::new(Vec::new()),
             feeds_pace: Cell::new(crate::timer::pace::Every::new(FEEDS_EVERY_NS)),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),

@@ -5,7 +5,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
-use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rustls::ServerConnection;
 
@@ -227,9 +226,17 @@ pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
 
 /// Writes all of `bytes` through a shared reference to the stream: `send` until the kernel
 /// has it all, waiting for writability when the socket is full. The handshake writes its
-/// responses this way (small, into an empty socket buffer: normally at once), and so does
-/// the epoll writer.
+/// responses this way (small, into an empty socket buffer: normally at once).
 pub(crate) async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    send_all(stream, bytes, || {}).await
+}
+
+/// [`write_all_fd`] calling `between` after every `send` that the kernel took bytes from.
+/// Every write from the shard's thread is a `send(MSG_DONTWAIT)` done right here, so its
+/// cost is paid in this task's turn, where `between` can let other work in (the writer
+/// reads the shard's publishers there, `conn::feeds_first`), rather than in one
+/// `io_uring_enter` that carries every writer's write of the loop turn together.
+async fn send_all(stream: &TcpStream, bytes: &[u8], mut between: impl FnMut()) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     let mut off = 0;
     while off < bytes.len() {
@@ -244,6 +251,7 @@ pub(crate) async fn write_all_fd(stream: &TcpStream, bytes: &[u8]) -> std::io::R
         };
         if n > 0 {
             off += n as usize;
+            between();
             continue;
         }
         let err = std::io::Error::last_os_error();
@@ -295,18 +303,13 @@ impl WriteHandle {
         })
     }
 
-    /// Writes all of `out` and hands the buffer back.
-    pub(crate) async fn write_all(&mut self, out: Vec<u8>) -> (std::io::Result<()>, Vec<u8>) {
-        let Some(s) = self.stream.as_mut() else {
-            return (Err(std::io::ErrorKind::NotConnected.into()), out);
+    /// Writes all of `out`, calling `between` after each `send` that made progress (see
+    /// [`send_all`]).
+    pub(crate) async fn write_all(&mut self, out: &[u8], between: impl FnMut()) -> std::io::Result<()> {
+        let Some(s) = self.stream.as_ref() else {
+            return Err(std::io::ErrorKind::NotConnected.into());
         };
-        if self.uring {
-            let (res, b) = s.write_all(out).await;
-            (res.map(|_| ()), b)
-        } else {
-            let res = write_all_fd(s, &out).await;
-            (res, out)
-        }
+        send_all(s, out, between).await
     }
 }
 
@@ -456,5 +459,86 @@ impl std::future::Future for YieldNow {
         self.0 = true;
         cx.waker().wake_by_ref();
         std::task::Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A writer's write to a socket that fills (a small send buffer, a reader that takes
+    /// its time): every byte arrives in order, the writer waits for room instead of
+    /// failing, and `between` runs after each `send` that moved bytes, so the shard gets
+    /// to its publishers many times during one large write (`conn::feeds_first`).
+    fn send_all_lets_work_in_between(uring: bool) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match s.read(&mut chunk) {
+                    Ok(0) => return got,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) => panic!("reader: {e}"),
+                }
+                std::thread::yield_now();
+            }
+        });
+        let out: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect();
+        let std_stream = std::net::TcpStream::connect(addr).unwrap();
+        let small = 16 * 1024i32;
+        // SAFETY: sets an int option on a live socket, from a valid pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                std_stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&small as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        std_stream.set_nonblocking(true).unwrap();
+        let sends = std::cell::Cell::new(0usize);
+        let body = async {
+            let stream = TcpStream::from_std(std_stream).unwrap();
+            send_all(&stream, &out, || sends.set(sends.get() + 1))
+                .await
+                .unwrap();
+            drop(stream);
+        };
+        if uring {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .build()
+                .expect("io_uring (the server's own driver)")
+                .block_on(body);
+        } else {
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap()
+                .block_on(body);
+        }
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), out.len());
+        assert!(got == out, "bytes out of order");
+        // 1 MiB through a send buffer of at most 32 KiB (the kernel doubles the value set).
+        assert!(sends.get() >= 16, "between ran {} times", sends.get());
+    }
+
+    #[test]
+    fn send_all_lets_work_in_between_on_io_uring() {
+        send_all_lets_work_in_between(true);
+    }
+
+    #[test]
+    fn send_all_lets_work_in_between_on_epoll() {
+        send_all_lets_work_in_between(false);
     }
 }

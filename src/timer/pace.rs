@@ -1,7 +1,7 @@
 //! Small pacing rules of a shard's loop, sans-IO (the caller passes `now`): [`Every`],
-//! "at most once per period", and [`WindowBudget`], "at most so many bytes per window",
-//! which the runtime uses to keep a burst of work on many connections (a reconnect storm)
-//! from holding the live stream (`rt::conn::feeds_first`, `rt::conn::writer`); and
+//! "at most once per period", which the runtime uses to keep a burst of work on many
+//! connections (a reconnect storm) from holding the live stream (`rt::conn::feeds_first`,
+//! from the reader, the handshakes and the writers); and
 //! [`BusyPoll`], when a shard that polls for work instead of sleeping
 //! (`server.busy_poll`) lets its runtime run timers, and when it stops polling.
 
@@ -25,40 +25,6 @@ impl Every {
         }
         self.last = Some(now);
         true
-    }
-}
-
-/// At most about `limit` bytes per window (windows are numbered by the caller, e.g. the
-/// millisecond): [`Self::open`] says whether the current window has room, [`Self::spend`]
-/// counts a write. One write may overshoot the limit; the next window starts from zero.
-#[derive(Clone, Copy, Debug)]
-pub struct WindowBudget {
-    limit: usize,
-    window: u64,
-    spent: usize,
-}
-
-impl WindowBudget {
-    pub const fn new(limit: usize) -> WindowBudget {
-        WindowBudget {
-            limit,
-            window: 0,
-            spent: 0,
-        }
-    }
-
-    /// True when window `now` still has room (a new window starts empty).
-    pub fn open(&mut self, now: u64) -> bool {
-        if now != self.window {
-            self.window = now;
-            self.spent = 0;
-        }
-        self.spent < self.limit
-    }
-
-    /// `n` bytes went out in the current window.
-    pub fn spend(&mut self, n: usize) {
-        self.spent = self.spent.saturating_add(n);
     }
 }
 
@@ -166,20 +132,5 @@ mod tests {
         // A clock read that goes back (never from a monotonic clock) is not due.
         assert!(!e.due(900));
         assert!(e.due(5_000));
-    }
-
-    #[test]
-    fn a_window_budget_closes_when_spent_and_opens_with_the_next_window() {
-        let mut b = WindowBudget::new(1024);
-        assert!(b.open(7));
-        b.spend(600);
-        assert!(b.open(7));
-        b.spend(600); // one write may overshoot
-        assert!(!b.open(7));
-        assert!(b.open(8));
-        b.spend(usize::MAX);
-        b.spend(1);
-        assert!(!b.open(8));
-        assert!(b.open(9));
     }
 }
