@@ -47,6 +47,9 @@ pub struct ShardCtx {
     feeds: RefCell<Vec<(usize, u32)>>,
     /// When the feeds are next read ahead of their turn (`conn::feeds_first`).
     pub(crate) feeds_pace: Cell<crate::timer::pace::Every>,
+    /// The ms (the shard's clock) at which the ticker's sleep should end; past it,
+    /// `conn::feeds_first` fires the due timers itself (`shard::fire_timers`).
+    pub(crate) timers_due: Cell<u64>,
     /// Verifier threads for in-band reauth tokens.
     pub verify_pool: crate::rt::verify::VerifyPool,
     /// State of the sampler for the latency histograms (xorshift32, never 0).
@@ -106,6 +109,7 @@ impl ShardCtx {
             ready,
             feeds: RefCell::new(Vec::new()),
             feeds_pace: Cell::new(crate::timer::pace::Every::new(FEEDS_EVERY_NS)),
+            timers_due: Cell::new(u64::MAX),
             sampler: Cell::new((0x9E37_79B9 ^ (id as u32).wrapping_mul(0x85EB_CA6B)) | 1),
             reclaim_cursor: Cell::new(0),
             tick_deflate: RefCell::new(None),

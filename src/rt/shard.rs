@@ -7,7 +7,9 @@
 //!   frames and write them with one `write` each;
 //! - the **ticker** reads the clock, lets the core fire the connection deadlines that are
 //!   due (handshake timeout, reauth, heartbeat, idle, slow consumer, hard drop) and does
-//!   the periodic housekeeping. There is no timer task per connection;
+//!   the periodic housekeeping. There is no timer task per connection. While the shard
+//!   stays too busy for its runtime to park (monoio runs timers only then), the due
+//!   deadlines are fired from `conn::feeds_first` instead (`conn::fire_timers`);
 //! - with `server.busy_poll`, the **busy poller** keeps the shard's thread polling for
 //!   work instead of sleeping in the kernel, for that long after its last work.
 //!
@@ -20,11 +22,8 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
-use crate::rt::conn::carry_out;
 use crate::rt::ctx::ShardCtx;
 use crate::rt::io::yield_now;
-
-use crate::rt::ctx::BURST_SLICE;
 
 /// Drains the hub inbox: control messages first, then ticks.
 pub async fn dispatcher(ctx: Rc<ShardCtx>) {
@@ -105,13 +104,7 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
     let mut next_housekeeping = 0u64;
     loop {
         let now = ctx.now_ms();
-        ctx.core.borrow_mut().advance_timers(now);
-        loop {
-            let more = ctx.core.borrow_mut().fire_due(now, BURST_SLICE);
-            carry_out(&ctx);
-            if !more {
-                break;
-            }
+        while crate::rt::conn::fire_timers(&ctx, now) {
             yield_now().await;
         }
         if now >= next_housekeeping {
@@ -127,6 +120,7 @@ pub async fn ticker(ctx: Rc<ShardCtx>) {
         }
         let next = ctx.core.borrow().poll_timeout().unwrap_or(u64::MAX);
         let wait = next.saturating_sub(now).clamp(1, 10);
+        ctx.timers_due.set(now + wait);
         monoio::time::sleep(Duration::from_millis(wait)).await;
     }
 }
@@ -180,4 +174,76 @@ fn reclaim_symbols(ctx: &ShardCtx, now: u64) {
             .fetch_add(retired as u64, std::sync::atomic::Ordering::Relaxed);
     }
     ctx.shared.hub.symbols().recycle(now);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auth::keys::KeySet;
+    use crate::auth::mint::generate_signing_key;
+    use crate::auth::seclog::SecurityLog;
+    use crate::config::Config;
+    use crate::state::{AuthState, Shared};
+
+    /// A shard that never runs out of work never parks its runtime, and monoio runs its
+    /// timers (the ticker's sleep) only when it parks. Here a task keeps yielding and
+    /// calling `feeds_first`, as the reader and the writers do between connections and
+    /// chunks during a reconnect storm; a socket that sends no byte must still be shut
+    /// down at its first-byte deadline. Without the timers fired from `feeds_first` the
+    /// deadline never comes and the spinner gives up.
+    #[test]
+    fn deadlines_fire_while_the_shard_never_parks() {
+        let mut cfg = Config::default_production();
+        cfg.server.shards = 1;
+        cfg.limits.first_byte_timeout = Duration::from_millis(20);
+        let key = generate_signing_key().unwrap();
+        let mut ks = KeySet::new();
+        ks.insert("k1", key.verifying_key()).unwrap();
+        let auth = AuthState::build(&cfg, ks).unwrap();
+        let shared = Arc::new(Shared::new(cfg, auth, SecurityLog::discard()));
+        let pool = crate::rt::verify::VerifyPool::start(shared.clone(), 1).unwrap();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring (the server's own driver)");
+        let shut = rt.block_on(async move {
+            let ctx = ShardCtx::new(0, shared, pool, true).unwrap();
+            monoio::spawn(ticker(ctx.clone()));
+            let now = ctx.now_ms();
+            let _ = ctx
+                .core
+                .borrow_mut()
+                .register(now, crate::rt::io::Io::new(ours.into_raw_fd()));
+            let spinner = monoio::spawn(async move {
+                let mut byte = [0u8; 1];
+                for _ in 0..20_000_000u64 {
+                    crate::rt::conn::feeds_first(&ctx);
+                    yield_now().await;
+                    // SAFETY: reads at most one byte into a live buffer from an open socket.
+                    let n = unsafe {
+                        libc::recv(
+                            theirs.as_raw_fd(),
+                            byte.as_mut_ptr().cast(),
+                            1,
+                            libc::MSG_DONTWAIT,
+                        )
+                    };
+                    if n == 0 {
+                        return true; // our side was shut down: the deadline fired
+                    }
+                }
+                false
+            });
+            spinner.await
+        });
+        assert!(
+            shut,
+            "the first-byte deadline never fired while the shard stayed busy"
+        );
+    }
 }
