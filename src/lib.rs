@@ -52,7 +52,7 @@
 //!   `subscribe`), `sim` (the simulator's random walk, one batch per `step(ts)`).
 //! - [`timer`]: the hierarchical timer wheel (u64 millisecond ticks, never reads a clock),
 //!   `deadlines` (a connection's deadlines behind one wheel entry) and `pace` (the loop's
-//!   pacing rules: feeds first every so often, writers' bytes per millisecond).
+//!   pacing rules: feeds first every so often, busy polling).
 //! - [`core`]: `shard`, one shard's decisions, sans-IO: the connection table (slab index +
 //!   generation) with each connection's session, decoder and deadlines; the subscription
 //!   table and the waiting table; the fan-out of a tick with `seq`-gap detection; applying

@@ -182,15 +182,17 @@ pub(crate) async fn readers(ctx: Rc<ShardCtx>) {
 }
 
 /// Feeds first: when [`crate::rt::ctx::FEEDS_EVERY_NS`] have passed since the shard last
-/// read its publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting, whatever
-/// else is queued. Called after each connection a reader batch handles, after each
-/// upgrade, before each handshake's token check, and after each write of a writer task. In a reconnect storm a thousand
-/// connections want the loop at once (their token checks, their subscribes, the history
-/// each replays, about 50-200 µs apiece); read in turn, the publisher's next ticks, and so
-/// every staying subscriber's, waited for all of them (perf/RESULTS.md, issue 19). Bounded
-/// by time rather than by a count of connections, so a burst of expensive ones (a 60 KB
-/// replay each) delays the live stream no more than a burst of cheap ones. Costs a clock
-/// read when not due; a shard without publishers reads none.
+/// read its publishers, reads them now ([`read_feeds`]) and dispatches the ticks waiting,
+/// whatever else is queued; and when the ticker is late, fires the due deadlines
+/// ([`fire_timers`]). Called after each connection a reader batch handles, after each
+/// upgrade, before each handshake's token check, and after each `send` of a writer task.
+/// In a reconnect storm a thousand connections want the loop at once (their token checks,
+/// their subscribes, the history each replays, about 50-200 µs apiece); read in turn, the
+/// publisher's next ticks, and so every staying subscriber's, waited for all of them
+/// (perf/RESULTS.md, issue 19). Bounded by time rather than by a count of connections, so
+/// a burst of expensive ones (a 60 KB replay each) delays the live stream no more than a
+/// burst of cheap ones. Costs a clock read when not due; a shard without publishers reads
+/// none.
 pub(crate) fn feeds_first(ctx: &Rc<ShardCtx>) {
     let mut pace = ctx.feeds_pace.get();
     let due = pace.due(crate::metrics::mono_ns());

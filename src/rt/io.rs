@@ -254,6 +254,10 @@ async fn send_all(stream: &TcpStream, bytes: &[u8], mut between: impl FnMut()) -
             between();
             continue;
         }
+        if n == 0 {
+            // Not for a stream socket and a non-empty buffer; never read a stale errno.
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
@@ -265,9 +269,12 @@ async fn send_all(stream: &TcpStream, bytes: &[u8], mut between: impl FnMut()) -
 }
 
 /// The writer's handle on the socket, made when a writer task starts and released when it
-/// ends, since the runtime's writes and its wait for writability take a stream of its
-/// own. The connection owns the descriptor and outlives the writer task (which holds it),
-/// so the descriptor cannot be closed (and its number reused) while a write is in flight.
+/// ends, since the runtime's wait for writability (a poll holding a reference to the
+/// descriptor) takes a stream of its own; the writes themselves are `send` calls. The
+/// connection owns the descriptor and outlives the writer task (which holds it), so the
+/// descriptor cannot be closed (and its number reused) while a wait is in flight. The
+/// rule the release relies on: a writer task is never dropped while it waits (the
+/// shard's runtime never cancels tasks; its thread exits with the process).
 /// - io_uring: a `TcpStream` value over the connection's descriptor itself (an
 ///   allocation, no system call), released with `into_raw_fd`, which does not close.
 /// - epoll: a stream over a `dup` of it, registered with the runtime's poller for the
@@ -320,9 +327,9 @@ impl Drop for WriteHandle {
         if self.uring
             && let Some(alias) = self.stream.take()
         {
-            // No operation is in flight (every write is awaited before the handle is
-            // dropped), so the alias is the only reference to its shared fd and
-            // `into_raw_fd` succeeds.
+            // No wait is in flight (every one is awaited before the handle is dropped),
+            // so the alias is the only reference to its shared fd and `into_raw_fd`
+            // succeeds.
             let _ = alias.into_raw_fd();
         }
     }
@@ -528,8 +535,9 @@ mod tests {
         let got = reader.join().unwrap();
         assert_eq!(got.len(), out.len());
         assert!(got == out, "bytes out of order");
-        // 1 MiB through a send buffer of at most 32 KiB (the kernel doubles the value set).
-        assert!(sends.get() >= 16, "between ran {} times", sends.get());
+        // 1 MiB through a send buffer of 32 KiB (the kernel doubles the value set): many
+        // sends, even when loopback lets one take more than the buffer's size.
+        assert!(sends.get() >= 4, "between ran {} times", sends.get());
     }
 
     #[test]
