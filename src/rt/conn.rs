@@ -201,7 +201,12 @@ pub(crate) fn feeds_first(ctx: &Rc<ShardCtx>) {
         return;
     }
     read_feeds(ctx);
-    dispatch_waiting(ctx);
+    // Control messages too (reauth results, revocations, drain): they come from other
+    // threads, whose wake-ups the runtime, like its timers, takes only when it parks.
+    let inbox = ctx.shared.hub.inbox(ctx.id);
+    if !inbox.ticks.is_empty() || !inbox.control_rx.is_empty() {
+        dispatch_pass(ctx);
+    }
     // The ticker's sleep should have ended: the runtime has not run its timers (it has
     // not parked), so the core's deadlines are fired from here, a slice per millisecond.
     let now = ctx.now_ms();

@@ -188,6 +188,75 @@ mod tests {
     use crate::config::Config;
     use crate::state::{AuthState, Shared};
 
+    fn busy_world(
+        first_byte_ms: u64,
+    ) -> (
+        Arc<Shared>,
+        crate::rt::verify::VerifyPool,
+        monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>,
+    ) {
+        let mut cfg = Config::default_production();
+        cfg.server.shards = 1;
+        cfg.limits.first_byte_timeout = Duration::from_millis(first_byte_ms);
+        let key = generate_signing_key().unwrap();
+        let mut ks = KeySet::new();
+        ks.insert("k1", key.verifying_key()).unwrap();
+        let auth = AuthState::build(&cfg, ks).unwrap();
+        let shared = Arc::new(Shared::new(cfg, auth, SecurityLog::discard()));
+        let pool = crate::rt::verify::VerifyPool::start(shared.clone(), 1).unwrap();
+        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring (the server's own driver)");
+        (shared, pool, rt)
+    }
+
+    /// A control message from another thread (here a revocation from the admin API)
+    /// reaches a shard through a wake-up that the runtime takes only when it parks: while
+    /// the shard stays busy, `feeds_first` must handle it. Without that the revocation is
+    /// never answered and the spinner gives up.
+    #[test]
+    fn control_messages_are_handled_while_the_shard_never_parks() {
+        let (shared, pool, mut rt) = busy_world(2_000);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let answered = rt.block_on(async move {
+            let ctx = ShardCtx::new(0, shared.clone(), pool, true).unwrap();
+            monoio::spawn(dispatcher(ctx.clone()));
+            monoio::spawn(ticker(ctx.clone()));
+            let spinner = monoio::spawn(async move {
+                let mut sent = false;
+                for turn in 0..20_000_000u64 {
+                    crate::rt::conn::feeds_first(&ctx);
+                    yield_now().await;
+                    if turn == 1_000 {
+                        // From another thread, as the admin listener sends it.
+                        let (shared, tx) = (shared.clone(), tx.clone());
+                        std::thread::spawn(move || {
+                            shared.hub.broadcast(|| {
+                                crate::feed::hub::Control::Revoke(
+                                    crate::auth::revocation::RevokeTarget::Sub("nobody".into()),
+                                    tx.clone(),
+                                )
+                            })
+                        })
+                        .join()
+                        .unwrap();
+                        sent = true;
+                    }
+                    if sent && rx.try_recv().is_ok() {
+                        return true;
+                    }
+                }
+                false
+            });
+            spinner.await
+        });
+        assert!(
+            answered,
+            "the revocation was never answered while the shard stayed busy"
+        );
+    }
+
     /// A shard that never runs out of work never parks its runtime, and monoio runs its
     /// timers (the ticker's sleep) only when it parks. Here a task keeps yielding and
     /// calling `feeds_first`, as the reader and the writers do between connections and
@@ -196,21 +265,9 @@ mod tests {
     /// deadline never comes and the spinner gives up.
     #[test]
     fn deadlines_fire_while_the_shard_never_parks() {
-        let mut cfg = Config::default_production();
-        cfg.server.shards = 1;
-        cfg.limits.first_byte_timeout = Duration::from_millis(20);
-        let key = generate_signing_key().unwrap();
-        let mut ks = KeySet::new();
-        ks.insert("k1", key.verifying_key()).unwrap();
-        let auth = AuthState::build(&cfg, ks).unwrap();
-        let shared = Arc::new(Shared::new(cfg, auth, SecurityLog::discard()));
-        let pool = crate::rt::verify::VerifyPool::start(shared.clone(), 1).unwrap();
+        let (shared, pool, mut rt) = busy_world(20);
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         theirs.set_nonblocking(true).unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("io_uring (the server's own driver)");
         let shut = rt.block_on(async move {
             let ctx = ShardCtx::new(0, shared, pool, true).unwrap();
             monoio::spawn(ticker(ctx.clone()));
