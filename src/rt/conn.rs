@@ -216,13 +216,13 @@ pub(crate) fn feeds_first(ctx: &Rc<ShardCtx>) {
     }
 }
 
-/// Fires up to [`BURST_SLICE`](crate::rt::ctx::BURST_SLICE) of the core's timer events due at `now` (heartbeats,
-/// reauth deadlines, slow-consumer cuts, hard drops) and carries out their effects; true
-/// when more are due. The ticker calls it when its sleep ends; so does
-/// [`feeds_first`] when the ticker is late, since monoio runs its timers only when it
+/// Fires up to [`BURST_SLICE`](crate::rt::ctx::BURST_SLICE) of the core's timer events
+/// due at `now` (heartbeats, reauth deadlines, slow-consumer cuts, hard drops) and carries
+/// out their effects; true when more are due. The ticker calls it when its sleep ends; so
+/// does [`feeds_first`] when the ticker is late, since monoio runs its timers only when it
 /// parks, and it parks only once no task is runnable: a shard kept busy (a reconnect
-/// storm's writers draining replays, each yielding between chunks) held the ticker back by
-/// up to 2.8 s.
+/// storm's writers draining replays, each yielding between chunks) held the ticker back
+/// by up to 2.8 s.
 pub(crate) fn fire_timers(ctx: &Rc<ShardCtx>, now: u64) -> bool {
     ctx.core.borrow_mut().advance_timers(now);
     let more = ctx.core.borrow_mut().fire_due(now, crate::rt::ctx::BURST_SLICE);
