@@ -454,7 +454,13 @@ impl Nudge {
     }
 }
 
-/// Returns `Pending` once (waking itself), so the task goes to the back of the run queue.
+/// Returns `Pending` once, so the task goes to the back of the run queue.
+///
+/// The wake-up comes from a task of its own, spawned behind everything runnable now:
+/// monoio puts a task that wakes itself while it runs back at the *front* of the queue
+/// and polls it again at once, so a plain `wake_by_ref` here let nothing else run (the
+/// reader's batches, the dispatcher's passes and the ticker's slices each held the loop
+/// until they ran out of work).
 pub(crate) struct YieldNow(bool);
 
 impl std::future::Future for YieldNow {
@@ -464,7 +470,8 @@ impl std::future::Future for YieldNow {
             return std::task::Poll::Ready(());
         }
         self.0 = true;
-        cx.waker().wake_by_ref();
+        let waker = cx.waker().clone();
+        monoio::spawn(async move { waker.wake() });
         std::task::Poll::Pending
     }
 }
@@ -538,6 +545,52 @@ mod tests {
         // 1 MiB through a send buffer of 32 KiB (the kernel doubles the value set): many
         // sends, even when loopback lets one take more than the buffer's size.
         assert!(sends.get() >= 4, "between ran {} times", sends.get());
+    }
+
+    /// Two tasks that yield in turn must interleave, on both drivers: the loop's tasks
+    /// (reader, dispatcher, ticker, writers) take turns only through [`yield_now`].
+    fn yielding_tasks_take_turns(uring: bool) {
+        let body = async {
+            let log = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
+            let task = |c: char, n: usize| {
+                let log = log.clone();
+                monoio::spawn(async move {
+                    for _ in 0..n {
+                        log.borrow_mut().push(c);
+                        yield_now().await;
+                    }
+                })
+            };
+            let (a, b, c) = (task('a', 4), task('b', 4), task('c', 1));
+            a.await;
+            b.await;
+            c.await;
+            log.take()
+        };
+        let order = if uring {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .build()
+                .expect("io_uring (the server's own driver)")
+                .block_on(body)
+        } else {
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap()
+                .block_on(body)
+        };
+        assert_eq!(order, "abcababab");
+    }
+
+    #[test]
+    fn yielding_tasks_take_turns_on_io_uring() {
+        yielding_tasks_take_turns(true);
+    }
+
+    #[test]
+    fn yielding_tasks_take_turns_on_epoll() {
+        yielding_tasks_take_turns(false);
     }
 
     #[test]
