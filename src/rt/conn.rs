@@ -832,11 +832,11 @@ pub(crate) async fn writer(
         if failed {
             break;
         }
-        if !closing_done && conn.borrow().session.as_ref().is_some_and(Session::has_output) {
-            // A `send` that did not block never yielded; let the rest of the turn (other
-            // writers, the reader, timers) run before this connection's next chunk.
-            yield_now().await;
-        }
+        // No yield between chunks: the writer goes on until its queue is empty or its
+        // socket full (then it waits for room), as it always has; the publishers and the
+        // due deadlines are served between its sends (`feeds_first`). Yielding after each
+        // chunk put a thousand replaying writers' turns between the reader's, and the
+        // staying subscribers' p99 in a reconnect storm rose (perf/RESULTS.md, issue 19).
         if closing_done {
             // Our close frame is out. If the peer closed first, the handshake is complete
             // and the server closes TCP first (RFC 6455 7.1.1). Otherwise half-close and let
