@@ -479,6 +479,24 @@ impl std::future::Future for YieldNow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `body` on a fresh runtime of the shard's driver: io_uring, or the epoll
+    /// fallback.
+    fn block_on<F: std::future::Future>(uring: bool, body: F) -> F::Output {
+        if uring {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .build()
+                .expect("io_uring (the server's own driver)")
+                .block_on(body)
+        } else {
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap()
+                .block_on(body)
+        }
+    }
     use std::io::Read;
 
     /// A writer's write to a socket that fills (a small send buffer, a reader that takes
@@ -526,19 +544,7 @@ mod tests {
                 .unwrap();
             drop(stream);
         };
-        if uring {
-            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .enable_timer()
-                .build()
-                .expect("io_uring (the server's own driver)")
-                .block_on(body);
-        } else {
-            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()
-                .unwrap()
-                .block_on(body);
-        }
+        block_on(uring, body);
         let got = reader.join().unwrap();
         assert_eq!(got.len(), out.len());
         assert!(got == out, "bytes out of order");
@@ -567,19 +573,7 @@ mod tests {
             c.await;
             log.take()
         };
-        let order = if uring {
-            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .enable_timer()
-                .build()
-                .expect("io_uring (the server's own driver)")
-                .block_on(body)
-        } else {
-            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()
-                .unwrap()
-                .block_on(body)
-        };
+        let order = block_on(uring, body);
         assert_eq!(order, "abcababab");
     }
 
