@@ -9,6 +9,9 @@
 #                                  # put C first: it reads the fresh server's RSS growth
 #   MODES="L A" perf/ab.sh ...     # also (L): a light load, 10 subscribers x 1 symbol at 1,000
 #                                  # ticks/s (what a tick pays on a mostly idle shard)
+#   MODES="G B" perf/ab.sh ...     # (G): (A)'s connections at 10,000 ticks/s (1,000,000
+#                                  # deliveries/s); B_RATES=5000,...,80000 sets (B)'s steps
+#                                  # in ticks/s (default 5000,10000,20000,40000)
 #   NEW_ENV="TICKGATE_SERVER_BUSY_POLL=1s" perf/ab.sh TG TG
 #                                  # one binary, two settings: OLD_ENV / NEW_ENV are
 #                                  # VAR=value words put in the environment of that side's server
@@ -58,10 +61,12 @@ for r in $(seq 1 "$ROUNDS"); do
         args=(fanout --subscribers 10 --symbols 1 --per-sub 1 --rate 1000 --warmup 1 --duration 4)
       elif [[ $mode == E ]]; then
         args=(fanout --subscribers 10000 --symbols 100 --per-sub 1 --rate 1000 --sources 8 --warmup 2 --duration 5)
+      elif [[ $mode == G ]]; then
+        args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 10000 --warmup 1 --duration 4)
       elif [[ $mode == A ]]; then
         args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rate 1000 --warmup 1 --duration 4)
       else
-        args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates 5000,10000,20000,40000
+        args=(fanout --subscribers 1000 --symbols 100 --per-sub 10 --rates "${B_RATES:-5000,10000,20000,40000}"
           --stop-on-drop --warmup 0.5 --duration 2 --drain 0.5)
       fi
       taskset -c 1 "$LG" "${args[@]}" --server-pid "$SPID" --target "127.0.0.1:$PORT" \
@@ -85,6 +90,7 @@ def summary(vals):
 for side in ("old", "new"):
     a = pick("A", side, "fanout")
     e = pick("E", side, "fanout")
+    g = pick("G", side, "fanout")
     light = pick("L", side, "fanout")
     if light:
         print(f"{side}: (L) p50_us {summary([r.get('p50_us') for r in light])}")
@@ -96,6 +102,10 @@ for side in ("old", "new"):
     print(f"{side}: (A) p50_us {summary([r.get('p50_us') for r in a])}")
     print(f"{side}: (A) p99_us {summary([r.get('p99_us') for r in a])}")
     print(f"{side}: (A) server_cpu_pct {summary([r.get('server_cpu_pct') for r in a])}")
+    if g:
+        print(f"{side}: (G) p50_us {summary([r.get('p50_us') for r in g])}")
+        print(f"{side}: (G) p99_us {summary([r.get('p99_us') for r in g])}")
+        print(f"{side}: (G) server_cpu_pct {summary([r.get('server_cpu_pct') for r in g])}")
     if e:
         print(f"{side}: (E) p50_us {summary([r.get('p50_us') for r in e])}")
         print(f"{side}: (E) p99_us {summary([r.get('p99_us') for r in e])}")
@@ -104,7 +114,7 @@ for side in ("old", "new"):
     print(f"{side}: (B) zero-drop deliveries/s {summary([r.get('max_zero_drop_deliveries_per_s') for r in b])}")
 print()
 for r in rows:
-    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:", "L:")) or r.get("mode") in ("search", "idle"):
+    if (r.get("mode") == "fanout" and r.get("label", "")[:2] in ("A:", "E:", "G:", "L:")) or r.get("mode") in ("search", "idle"):
         keys = ("p50_us", "p99_us", "server_cpu_pct", "max_zero_drop_deliveries_per_s", "rss_per_conn_bytes")
         print(r.get("label"), {k: r[k] for k in keys if k in r})
 PY

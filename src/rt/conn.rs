@@ -56,7 +56,7 @@ use crate::core::shard::{ConnId, Effect};
 use crate::gate::{self, Outcome, PeerRate};
 use crate::proto::frame::{Decoder, DecoderConfig};
 use crate::proto::http::{self, RequestLimits, Response};
-use crate::rt::ctx::ShardCtx;
+use crate::rt::ctx::{ShardCtx, Staged};
 use crate::rt::io::{
     Conn, ConnRef, Io, Read, TlsIn, WriteHandle, Writer, ready_key, ready_key_parts, recv, shutdown,
     tls_feed, tls_seal, write_all_fd, yield_now,
@@ -119,7 +119,7 @@ pub async fn run(ctx: Rc<ShardCtx>, stream: TcpStream, peer: SocketAddr) {
         // The welcome is queued: out it goes (inline, normally).
         let mut c = conn.borrow_mut();
         c.io.take_ownership();
-        kick(&ctx, idx, &conn, &mut c);
+        kick(&ctx, idx, &conn, &mut c, false);
     }
     carry_out(&ctx);
     // The reader's part: the descriptor joins the shard's ready set, where the shard's one
@@ -518,7 +518,7 @@ fn decrypt_and_process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, cipher: &
         let fed = tls_feed(t, cipher, &mut plain);
         if t.wants_write() {
             // Post-handshake messages (key updates, alerts) go out with the next write.
-            kick(ctx, idx, conn, &mut c);
+            kick(ctx, idx, conn, &mut c, false);
         }
         fed
     };
@@ -565,14 +565,16 @@ fn process(ctx: &Rc<ShardCtx>, conn: &ConnRef, idx: usize, data: &mut [u8]) {
 
 /// Output is queued for connection `idx` (or it must end): start its writer unless one
 /// is already running (a running writer looks at the queue again after each write, so
-/// it needs no wake-up).
-pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn) {
+/// it needs no wake-up). `batch`: the caller is [`carry_out`], which sends what this
+/// stages ([`flush_sends`]) before it returns.
+pub(crate) fn kick(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn, batch: bool) {
     if c.io.writer != Writer::Parked {
         return;
     }
-    // Most kicks find a socket with room: write right here, no task, no io_uring op.
-    let first = match send_inline(ctx, c) {
-        Inline::Sent | Inline::Idle => return,
+    // Most kicks find a socket with room: write right here (or in the pass's batch), no
+    // task, no io_uring op of the runtime.
+    let first = match send_inline(ctx, idx, conn, c, batch) {
+        Inline::Sent | Inline::Idle | Inline::Batched => return,
         Inline::Rest(b) => Some(b),
         Inline::NotTried => None,
     };
@@ -590,6 +592,8 @@ enum Inline {
     NotTried,
     /// Nothing queued (an earlier kick of the same turn sent it all).
     Idle,
+    /// Prepared for the shard's next batch of sends ([`flush_sends`]).
+    Batched,
 }
 
 /// The fan-out's common case done without a writer task: a plain connection whose
@@ -598,7 +602,12 @@ enum Inline {
 /// kernel does not take (a full socket) goes to a writer task, which waits for room as
 /// before. Compared with spawning the writer for every kick this saves a task, an
 /// io_uring operation and its completion per write (perf/RESULTS.md, issue 17).
-fn send_inline(ctx: &Rc<ShardCtx>, c: &mut Conn) -> Inline {
+///
+/// On io_uring, a kick from [`carry_out`] (`batch`) stages the write instead: the pass's
+/// writes then go to the kernel [`SEND_BATCH`](crate::rt::io::SEND_BATCH) at a time in one
+/// system call ([`flush_sends`]), and until then the connection's writer counts as
+/// running (the core emits no more kicks for it; the flush looks at its queue again).
+fn send_inline(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn, batch: bool) -> Inline {
     if c.dead || c.io.tls.is_some() {
         return Inline::NotTried;
     }
@@ -618,20 +627,115 @@ fn send_inline(ctx: &Rc<ShardCtx>, c: &mut Conn) -> Inline {
         return Inline::NotTried;
     }
     ctx.note_tick_write(t.oldest_tick_ns);
+    if batch && ctx.send_ring.borrow().is_some() {
+        c.io.writer = Writer::Running;
+        ctx.staged.borrow_mut().push(Staged {
+            conn: conn.clone(),
+            idx,
+            generation: c.generation,
+            fd: c.io.fd,
+            buf,
+        });
+        return Inline::Batched;
+    }
     let sent = crate::rt::io::send_now(c.io.fd, &buf);
-    if sent == buf.len() && !s.has_output() {
-        ctx.put_buffer(buf);
-        return Inline::Sent;
+    let more = s.has_output();
+    match after_send(ctx, buf, sent, more) {
+        None => Inline::Sent,
+        Some(rest) if rest.is_empty() => {
+            ctx.put_buffer(rest);
+            Inline::NotTried
+        }
+        Some(rest) => Inline::Rest(rest),
     }
-    buf.drain(..sent);
-    if buf.is_empty() {
-        // All of it went, but more than one write's worth is queued: the writer goes on.
-        ctx.put_buffer(buf);
-        return Inline::NotTried;
-    }
-    Inline::Rest(buf)
 }
 
+/// After a write of `buf` of which the kernel took `sent` bytes: None when the connection's
+/// writer may park (all of it went and nothing more is queued; the buffer is back in the
+/// pool), else what the writer task must send first (empty when only more queued output
+/// is left for it).
+fn after_send(ctx: &ShardCtx, mut buf: Vec<u8>, sent: usize, more: bool) -> Option<Vec<u8>> {
+    if sent >= buf.len() && !more {
+        ctx.put_buffer(buf);
+        return None;
+    }
+    buf.drain(..sent.min(buf.len()));
+    Some(buf)
+}
+
+/// Sends the staged writes ([`send_inline`]), [`SEND_BATCH`](crate::rt::io::SEND_BATCH)
+/// per system call, and settles each connection's writer as a kick would have: parked
+/// when all of it went and nothing more is queued, else a writer task started with the
+/// rest (a full socket, more output, or a connection that died meanwhile).
+pub(crate) fn flush_sends(ctx: &Rc<ShardCtx>) {
+    use crate::rt::io::SEND_BATCH;
+    let mut staged = std::mem::take(&mut *ctx.staged.borrow_mut());
+    if staged.is_empty() {
+        *ctx.staged.borrow_mut() = staged;
+        return;
+    }
+    let mut start = 0;
+    while start < staged.len() {
+        let end = staged.len().min(start + SEND_BATCH);
+        let mut taken = [0usize; SEND_BATCH];
+        {
+            let mut items: [(std::os::fd::RawFd, &[u8]); SEND_BATCH] = [(-1, &[]); SEND_BATCH];
+            for (item, w) in items.iter_mut().zip(&staged[start..end]) {
+                *item = (w.fd, &w.buf);
+            }
+            let items = &items[..end - start];
+            let taken = &mut taken[..end - start];
+            let mut ring = ctx.send_ring.borrow_mut();
+            match ring.as_mut() {
+                // One write alone costs less as a plain `send`.
+                Some(r) if items.len() > 1 => {
+                    if !r.send_each(items, taken) {
+                        tracing::warn!(
+                            shard = ctx.id,
+                            "the send ring failed: one send per write from now on"
+                        );
+                        *ring = None;
+                    }
+                }
+                _ => {
+                    for (t, &(fd, bytes)) in taken.iter_mut().zip(items) {
+                        *t = crate::rt::io::send_now(fd, bytes);
+                    }
+                }
+            }
+        }
+        for (w, &sent) in staged[start..end].iter_mut().zip(&taken) {
+            settle(ctx, w, sent);
+        }
+        start = end;
+    }
+    staged.clear();
+    let mut slot = ctx.staged.borrow_mut();
+    if slot.is_empty() {
+        *slot = staged;
+    }
+}
+
+/// A staged write went out (`sent` bytes of it): the connection's writer parks, or a
+/// writer task takes over with the rest (see [`flush_sends`]).
+fn settle(ctx: &Rc<ShardCtx>, w: &mut Staged, sent: usize) {
+    let buf = std::mem::take(&mut w.buf);
+    let mut c = w.conn.borrow_mut();
+    // A connection that died since is handed to a writer, which ends its part.
+    let more = c.dead || c.session.as_ref().is_none_or(|s| s.has_output());
+    match after_send(ctx, buf, sent, more) {
+        None => c.io.writer = Writer::Parked,
+        Some(rest) => {
+            let first = if rest.is_empty() {
+                ctx.put_buffer(rest);
+                None
+            } else {
+                Some(rest)
+            };
+            monoio::spawn(writer(ctx.clone(), w.conn.clone(), w.idx, w.generation, first));
+        }
+    }
+}
 /// Carries out the effects the shard's core produced, in order. Called after every
 /// `handle_*` call on the core, with no borrow of the core or of a connection held.
 pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
@@ -649,8 +753,11 @@ pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
                     if let Some(conn) = conn {
                         let mut c = conn.borrow_mut();
                         if c.generation == id.generation {
-                            kick(ctx, id.idx, &conn, &mut c);
+                            kick(ctx, id.idx, &conn, &mut c, true);
                         }
+                    }
+                    if ctx.staged.borrow().len() >= crate::rt::io::SEND_BATCH {
+                        flush_sends(ctx);
                     }
                 }
                 Effect::Shutdown(id) => {
@@ -670,6 +777,7 @@ pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
                 }
             }
         }
+        flush_sends(ctx);
     }
     *ctx.effects.borrow_mut() = effects;
 }
@@ -733,7 +841,7 @@ pub(crate) fn task_done(ctx: &Rc<ShardCtx>, idx: usize, generation: u32, force: 
         if force {
             c.dead = true;
             shutdown(c.io.fd, libc::SHUT_RDWR);
-            kick(ctx, idx, &conn, &mut c);
+            kick(ctx, idx, &conn, &mut c, false);
         }
         if c.io.tasks > 0 {
             return;

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::core::shard::{Effect, ShardCore};
-use crate::rt::io::{Io, ReadySet};
+use crate::rt::io::{ConnRef, Io, ReadySet, SendRing};
 use crate::state::Shared;
 
 /// Ticks dispatched before the dispatcher yields so writers and readers get their turn.
@@ -61,6 +61,23 @@ pub struct ShardCtx {
     pub tick_deflate: RefCell<Option<crate::proto::deflate::Deflater>>,
     /// Busy polling (`server.busy_poll`), when on: see `shard::busy_poll`.
     pub(crate) spin: Option<Spin>,
+    /// io_uring shards: the ring that sends a dispatch pass's writes in batches
+    /// (`conn::flush_sends`); None on epoll, or when the kernel refused it (then each
+    /// write is its own `send`).
+    pub(crate) send_ring: RefCell<Option<SendRing>>,
+    /// Writes prepared by `conn::kick` for the next batch (at most `io::SEND_BATCH`).
+    pub(crate) staged: RefCell<Vec<Staged>>,
+}
+
+/// One connection's write waiting for its batch: the connection (held, so its descriptor
+/// stays open until the batch is sent), its slot and generation, its descriptor and the
+/// coalesced frames. While staged, the connection's writer counts as running.
+pub(crate) struct Staged {
+    pub(crate) conn: ConnRef,
+    pub(crate) idx: usize,
+    pub(crate) generation: u32,
+    pub(crate) fd: std::os::fd::RawFd,
+    pub(crate) buf: Vec<u8>,
 }
 
 /// A busy-polling shard's shared part: the count of work the shard did (bumped by
@@ -119,6 +136,8 @@ impl ShardCtx {
                 work: Cell::new(0),
                 waker: Cell::new(None),
             }),
+            send_ring: RefCell::new(if uring { SendRing::new() } else { None }),
+            staged: RefCell::new(Vec::with_capacity(crate::rt::io::SEND_BATCH)),
         }))
     }
 
