@@ -88,9 +88,10 @@ fi
 # stays around five minutes on a 2-core VM; UWS_PEER adds half the scenario time). Zero
 # drops means every tick was received by the end of the step's drain: a server slightly
 # over capacity builds a backlog it cannot flush in the drain, and that shows as drops.
-# The last steps (50,000-80,000 ticks/s: 5-8 million deliveries/s) are finer, to place
-# tickgate's own knee, which is above the 4,000,000 of the earlier top step.
-RATES=250,500,1000,2000,5000,10000,20000,40000,50000,60000,80000
+# The steps from 20,000 ticks/s on are 10,000 apart (2-8 million deliveries/s), to place
+# both knees: uWebSockets' (between 1 and 3 million in every run so far) and tickgate's
+# own, above the 4,000,000 of the earlier top step.
+RATES=250,500,1000,2000,5000,10000,20000,30000,40000,50000,60000,70000,80000
 KEY="$TMP/keys/k1.key"
 RES="$TMP/results.jsonl"
 : >"$RES"

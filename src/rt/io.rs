@@ -202,7 +202,7 @@ pub(crate) fn tls_seal(
 /// One `send(2)` that never blocks (`MSG_DONTWAIT`) nor raises `SIGPIPE`: how many bytes
 /// the kernel took (0 when the socket is full or failed; the writer that takes over the
 /// rest sees the failure again and ends the connection).
-pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
+pub fn send_now(fd: RawFd, buf: &[u8]) -> usize {
     loop {
         // SAFETY: `buf` is a live slice for the length given; `fd` is the connection's
         // descriptor, open while its `Conn` lives (the handshake's stream owns it until the
@@ -227,7 +227,7 @@ pub(crate) fn send_now(fd: RawFd, buf: &[u8]) -> usize {
 /// Connections written per [`SendRing::send_each`] call: the ring's size, and how many
 /// of a dispatch pass's writes wait for one another before they go out (the first
 /// subscriber's bytes wait for the preparation of at most this many writes).
-pub(crate) const SEND_BATCH: usize = 32;
+pub const SEND_BATCH: usize = 32;
 
 /// Many connections' writes in one system call (io_uring shards only). A dispatch pass
 /// writes to each subscriber that got something, one `send` per connection; on this
@@ -236,14 +236,15 @@ pub(crate) const SEND_BATCH: usize = 32;
 /// 15-20 % less CPU each as one `io_uring_enter` than as 100 `send(2)` calls on the
 /// benchmark VM (perf/RESULTS.md, issue 17). A private ring, apart from the runtime's,
 /// used synchronously: every call submits its sends and reaps all their completions
-/// before it returns, so nothing of the caller's buffers is in flight afterwards.
-pub(crate) struct SendRing {
+/// before it returns, so nothing of the caller's buffers is in flight afterwards. Public
+/// for `loadgen floor --batch`, the machine's floor with the same batches.
+pub struct SendRing {
     ring: io_uring::IoUring,
 }
 
 impl SendRing {
     /// None when the kernel refuses a ring (the caller sends one by one instead).
-    pub(crate) fn new() -> Option<SendRing> {
+    pub fn new() -> Option<SendRing> {
         io_uring::IoUring::new(SEND_BATCH as u32)
             .ok()
             .map(|ring| SendRing { ring })
@@ -254,7 +255,7 @@ impl SendRing {
     /// many bytes the kernel took of item `i`, 0 when its socket was full or failed (as
     /// [`send_now`]). False when the ring itself failed: the items it had not taken were
     /// sent one by one, and the ring must not be used again.
-    pub(crate) fn send_each(&mut self, items: &[(RawFd, &[u8])], taken: &mut [usize]) -> bool {
+    pub fn send_each(&mut self, items: &[(RawFd, &[u8])], taken: &mut [usize]) -> bool {
         let n = items.len().min(SEND_BATCH).min(taken.len());
         let mut done = [false; SEND_BATCH];
         let mut pushed = 0;
