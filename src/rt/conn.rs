@@ -13,7 +13,9 @@
 //!   ahead of their turn when many connections have input (`read_feeds`).
 //! - the **writer** writes inline when the session queued output (`kick`: one
 //!   `send(MSG_DONTWAIT)` of the coalesced frames from the shard's loop, as an epoll server
-//!   writes); only when the socket is full, or for TLS and the close, does a writer task
+//!   writes; on io_uring the kicks of one `carry_out` are staged and their sends go to
+//!   the kernel up to 32 per system call, `flush_sends` with `rt::io::SendRing`); only
+//!   when the socket is full, or for TLS and the close, does a writer task
 //!   run, on a handle over the same descriptor (`rt::io::WriteHandle`), until the queue is
 //!   empty. A writer's writes are `send(MSG_DONTWAIT)` too, at most `WRITE_CHUNK` each,
 //!   with the shard's publishers read between them when their time has come
@@ -34,8 +36,9 @@
 //! What the bytes mean is not decided here: after the `101` received bytes go to the shard's
 //! core ([`crate::core::shard::ShardCore::handle_bytes`]), which decodes them into the
 //! session and applies what it asks for; this module then carries out the core's effects
-//! (`carry_out`): a `Kick` spawns the connection's writer, a `Shutdown` shuts its socket
-//! down, an `Audit` writes the security log.
+//! (`carry_out`): a `Kick` writes the connection's queued output (or stages it for the
+//! batch, or starts its writer task), a `Shutdown` shuts its socket down, an `Audit` writes
+//! the security log.
 //!
 //! Every error path ends the same way: `task_done`, which shuts the socket down (waking
 //! the other part) and, when both parts are done, has the core free the slot, the
@@ -688,15 +691,7 @@ pub(crate) fn flush_sends(ctx: &Rc<ShardCtx>) {
             let mut ring = ctx.send_ring.borrow_mut();
             match ring.as_mut() {
                 // One write alone costs less as a plain `send`.
-                Some(r) if items.len() > 1 => {
-                    if !r.send_each(items, taken) {
-                        tracing::warn!(
-                            shard = ctx.id,
-                            "the send ring failed: one send per write from now on"
-                        );
-                        *ring = None;
-                    }
-                }
+                Some(r) if items.len() > 1 => r.send_each(items, taken),
                 _ => {
                     for (t, &(fd, bytes)) in taken.iter_mut().zip(items) {
                         *t = crate::rt::io::send_now(fd, bytes);
@@ -746,6 +741,10 @@ pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {
             break;
         }
         for e in effects.drain(..) {
+            if !matches!(e, Effect::Kick(_)) {
+                // Effects go out in order: the writes staged so far first.
+                flush_sends(ctx);
+            }
             match e {
                 Effect::Kick(id) => {
                     // The hot path's one effect: one look-up, one borrow, then the spawn.
@@ -806,8 +805,8 @@ pub(crate) fn dispatch_pass(ctx: &Rc<ShardCtx>) -> bool {
         n += 1;
     }
     // Write to the subscribers that got something, once each for the whole pass
-    // (inline, or by starting their writers): a subscriber of several of the pass's
-    // ticks gets them in one write.
+    // (in batches of sends, inline, or by starting their writers): a subscriber of
+    // several of the pass's ticks gets them in one write.
     carry_out(ctx);
     let g = ctx.shared.metrics.shard(ctx.id);
     g.ticks_out

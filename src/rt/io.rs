@@ -22,8 +22,8 @@ pub struct Io {
     pub rx_partial: Option<Box<Vec<u8>>>,
     /// Where the connection's writer is. Writers run on demand: an idle connection has no
     /// writer task (and none of its future); queued output makes the core emit a `Kick`,
-    /// which writes inline or spawns a writer (`conn::kick`), and the writer parks again
-    /// once the queue is empty.
+    /// which writes inline (or stages the write for the dispatch pass's batch of sends) or
+    /// spawns a writer (`conn::kick`), and the writer parks again once the queue is empty.
     pub(crate) writer: Writer,
     /// Tasks still running for this connection (the reader's part, the writer's part).
     pub tasks: u8,
@@ -41,7 +41,9 @@ pub(crate) enum Writer {
     None,
     /// No writer task runs: a `Kick` writes inline or starts one.
     Parked,
-    /// A writer task runs; it looks at the queue again after each write.
+    /// A writer task runs; it looks at the queue again after each write. Also while a
+    /// write is staged for the pass's batch (`conn::flush_sends` then plays the writer's
+    /// part: it parks the writer or starts a task).
     Running,
 }
 
@@ -236,86 +238,151 @@ pub const SEND_BATCH: usize = 32;
 /// 15-20 % less CPU each as one `io_uring_enter` than as 100 `send(2)` calls on the
 /// benchmark VM (perf/RESULTS.md, issue 17). A private ring, apart from the runtime's,
 /// used synchronously: every call submits its sends and reaps all their completions
-/// before it returns, so nothing of the caller's buffers is in flight afterwards. Public
-/// for `loadgen floor --batch`, the machine's floor with the same batches.
+/// before it returns, so nothing of the caller's buffers is in flight afterwards. A ring
+/// that fails (the kernel refuses the submission, or a send does not complete at once)
+/// is dropped, and every later call sends one by one with [`send_now`]. Public for
+/// `loadgen floor --batch`, the machine's floor with the same batches.
 pub struct SendRing {
-    ring: io_uring::IoUring,
+    /// None once the ring failed.
+    ring: Option<io_uring::IoUring>,
+    /// The sends' flags: `MSG_DONTWAIT | MSG_NOSIGNAL` (tests take `MSG_DONTWAIT` away to
+    /// see the ring fail safely).
+    flags: i32,
 }
 
+/// `io_uring_enter`'s flag to wait for completions (linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// Bit set in the `user_data` of requests that are not sends (none are issued today;
+/// completions carrying it are skipped).
+const NOT_A_SEND: u64 = 1 << 63;
+
 impl SendRing {
-    /// None when the kernel refuses a ring (the caller sends one by one instead).
+    /// None when the kernel refuses a ring or does not know `IORING_OP_SEND` (the caller
+    /// sends one by one instead).
     pub fn new() -> Option<SendRing> {
-        io_uring::IoUring::new(SEND_BATCH as u32)
-            .ok()
-            .map(|ring| SendRing { ring })
+        let ring = io_uring::IoUring::new(SEND_BATCH as u32).ok()?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).ok()?;
+        probe
+            .is_supported(io_uring::opcode::Send::CODE)
+            .then_some(SendRing {
+                ring: Some(ring),
+                flags: libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            })
+    }
+
+    /// Still sending in batches (false once the ring failed and was dropped).
+    pub fn healthy(&self) -> bool {
+        self.ring.is_some()
     }
 
     /// For each `(fd, bytes)` of `items` (at most [`SEND_BATCH`], distinct descriptors),
     /// one `send(MSG_DONTWAIT | MSG_NOSIGNAL)`, all submitted at once; `taken[i]` is how
     /// many bytes the kernel took of item `i`, 0 when its socket was full or failed (as
-    /// [`send_now`]). False when the ring itself failed: the items it had not taken were
-    /// sent one by one, and the ring must not be used again.
-    pub fn send_each(&mut self, items: &[(RawFd, &[u8])], taken: &mut [usize]) -> bool {
+    /// [`send_now`]). Items the ring could not send (it failed) are sent one by one.
+    pub fn send_each(&mut self, items: &[(RawFd, &[u8])], taken: &mut [usize]) {
         let n = items.len().min(SEND_BATCH).min(taken.len());
         let mut done = [false; SEND_BATCH];
-        let mut pushed = 0;
+        if let Some(ring) = self.ring.as_mut()
+            && !batch(ring, self.flags, &items[..n], &mut taken[..n], &mut done[..n])
         {
-            let mut sq = self.ring.submission();
-            for (i, &(fd, bytes)) in items[..n].iter().enumerate() {
-                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let sqe = io_uring::opcode::Send::new(io_uring::types::Fd(fd), bytes.as_ptr(), len)
-                    .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(i as u64);
-                // SAFETY: the entry points at `bytes`, which the caller keeps alive for
-                // this whole call, and this call does not return before the kernel has
-                // completed every entry it took (the loop below) or the entry was never
-                // taken (then the ring is dropped with it, see `healthy`); `fd` is a
-                // descriptor the caller keeps open for the call. The queue is empty on
-                // entry (every earlier call consumed and reaped all of its entries) and
-                // holds `SEND_BATCH` entries, so the push cannot fail.
-                if unsafe { sq.push(&sqe) }.is_err() {
-                    break;
-                }
-                pushed += 1;
-            }
-        }
-        // MSG_DONTWAIT: a full socket completes at once with EAGAIN instead of waiting
-        // for room (io_uring does not park a request its flags forbid to wait), so every
-        // request completes while the kernel submits it and the wait below returns at once.
-        let mut completed = 0;
-        let mut healthy = true;
-        let mut failures = 0;
-        while completed < pushed {
-            match self.ring.submit_and_wait(pushed - completed) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(_) => {
-                    failures += 1;
-                    if failures >= 3 {
-                        healthy = false;
-                    }
-                }
-            }
-            for cqe in self.ring.completion() {
-                let i = cqe.user_data() as usize;
-                if i < n && !done[i] {
-                    done[i] = true;
-                    taken[i] = usize::try_from(cqe.result()).unwrap_or(0);
-                    completed += 1;
-                }
-            }
-            if !healthy {
-                break;
-            }
+            tracing::warn!("the send ring failed: one send per write from now on");
+            // Dropping the ring discards the entries it never took; every entry it took
+            // has completed (`batch`).
+            self.ring = None;
         }
         for i in 0..n {
             if !done[i] {
-                // Never taken by the ring (it failed, or the push did): sent the plain way.
                 taken[i] = send_now(items[i].0, items[i].1);
             }
         }
-        healthy
+    }
+}
+
+/// One batch through `ring`: pushes a send per item, submits them, and reaps until each
+/// has completed (`done[i]`, `taken[i]`). False when the ring failed: the kernel kept
+/// refusing the submission, or some send was still pending after a second (it should
+/// complete at once, see below). Then every entry the kernel had taken has been cancelled
+/// and has completed before this returns, and the entries it never took are left in the
+/// queue for the caller to drop with the ring.
+fn batch(
+    ring: &mut io_uring::IoUring,
+    flags: i32,
+    items: &[(RawFd, &[u8])],
+    taken: &mut [usize],
+    done: &mut [bool],
+) -> bool {
+    let mut pushed = 0;
+    {
+        let mut sq = ring.submission();
+        for (i, &(fd, bytes)) in items.iter().enumerate() {
+            let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            let sqe = io_uring::opcode::Send::new(io_uring::types::Fd(fd), bytes.as_ptr(), len)
+                .flags(flags)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: the entry points at `bytes`, which the caller keeps alive and
+            // unchanged for this whole call; this function does not return before every
+            // entry the kernel took has completed (the loop below; a failed ring cancels
+            // what is pending and waits for it), and the entries it did not take are never
+            // submitted (the caller drops the ring). `fd` is a descriptor the caller keeps
+            // open for the call. The queue is empty on entry (every earlier batch was
+            // consumed and reaped, or its ring dropped) and holds `SEND_BATCH` entries, so
+            // the push cannot fail.
+            if unsafe { sq.push(&sqe) }.is_err() {
+                break;
+            }
+            pushed += 1;
+        }
+    }
+    // MSG_DONTWAIT: a full socket completes at once with EAGAIN instead of waiting for
+    // room (io_uring fails a request whose flags forbid waiting rather than park it), so
+    // every send completes while the kernel submits it and the first wait returns at once.
+    let wait = io_uring::types::Timespec::new().nsec(100_000_000);
+    let mut completed = 0;
+    let mut refused = 0;
+    let mut waits = 0;
+    loop {
+        for cqe in ring.completion() {
+            let i = cqe.user_data();
+            if i & NOT_A_SEND == 0 && (i as usize) < pushed && !done[i as usize] {
+                done[i as usize] = true;
+                taken[i as usize] = usize::try_from(cqe.result()).unwrap_or(0);
+                completed += 1;
+            }
+        }
+        if completed == pushed {
+            return refused < 3;
+        }
+        // Entries the kernel has not taken yet; the others are running.
+        let untaken = ring.submission().len();
+        let running = pushed - completed - untaken.min(pushed - completed);
+        if refused >= 3 || waits >= 10 {
+            if running == 0 {
+                return false;
+            }
+            // Pending sends must end before their buffers may go: cancel them (Linux 6.0
+            // on) and wait for their completions without submitting anything more.
+            let _ = ring
+                .submitter()
+                .register_sync_cancel(None, io_uring::types::CancelBuilder::any().all());
+            // SAFETY: a plain `io_uring_enter` on the ring's own descriptor that submits
+            // nothing and waits for one completion; no argument pointer.
+            let _ = unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
+            };
+            refused = refused.max(3);
+            continue;
+        }
+        let args = io_uring::types::SubmitArgs::new().timespec(&wait);
+        match ring.submitter().submit_with_args(pushed - completed, &args) {
+            Ok(_) => waits += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => waits += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(_) => refused += 1,
+        }
     }
 }
 
@@ -602,23 +669,30 @@ mod tests {
     /// buffer; the receiving side).
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A fixed receive buffer (inherited by the accepted socket): no autotuning, so a
+        // socket filled while its peer does not read stays full.
+        set_int(listener.as_raw_fd(), libc::SO_RCVBUF, 16 * 1024);
         let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (rx, _) = listener.accept().unwrap();
-        let small = 16 * 1024i32;
+        set_int(tx.as_raw_fd(), libc::SO_SNDBUF, 16 * 1024);
+        tx.set_nonblocking(true).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        (tx, rx)
+    }
+
+    /// Sets a socket-level int option.
+    fn set_int(fd: RawFd, name: libc::c_int, value: i32) {
         // SAFETY: sets an int option on a live socket, from a valid pointer and length.
         let rc = unsafe {
             libc::setsockopt(
-                tx.as_raw_fd(),
+                fd,
                 libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&small as *const i32).cast(),
+                name,
+                (&value as *const i32).cast(),
                 std::mem::size_of::<i32>() as libc::socklen_t,
             )
         };
         assert_eq!(rc, 0);
-        tx.set_nonblocking(true).unwrap();
-        rx.set_nonblocking(true).unwrap();
-        (tx, rx)
     }
 
     /// Everything readable now from `rx`.
@@ -636,8 +710,9 @@ mod tests {
 
     /// The batch sends every item to its own socket, says how much each socket took, and
     /// never waits: a full socket's item comes back with 0 bytes taken (its writer then
-    /// waits for room), not as a request parked in the kernel. Several calls in a row
-    /// with more items than fit in one go reuse the ring.
+    /// waits for room), not as a request parked in the kernel (without `MSG_DONTWAIT` it
+    /// parks, and takes bytes once the peer's kernel has made room, or is cancelled after
+    /// a second: either fails the test). Several calls in a row reuse the ring.
     #[test]
     fn send_ring_sends_each_item_and_never_waits_for_a_full_socket() {
         let mut ring = SendRing::new().expect("io_uring (the server's own driver)");
@@ -662,7 +737,10 @@ mod tests {
                 items.push((p.0.as_raw_fd(), f));
             }
             let mut taken = vec![usize::MAX; items.len()];
-            assert!(ring.send_each(&items, &mut taken));
+            ring.send_each(&items, &mut taken);
+            // A send that waited in the kernel would have been cancelled after a second
+            // and the ring dropped.
+            assert!(ring.healthy(), "the ring failed in round {round}");
             assert_eq!(taken[0], 0, "a full socket takes nothing");
             for (i, t) in taken.iter().enumerate().skip(1) {
                 assert_eq!(*t, items[i].1.len(), "item {i} of round {round}");
@@ -681,6 +759,45 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(got, filled);
+    }
+
+    /// A send that waits in the kernel (here: `MSG_DONTWAIT` taken away, into a socket
+    /// whose peer never reads) makes the ring fail safely: the call returns, the pending
+    /// send is cancelled before its buffer could go, the other items went out, the ring is
+    /// dropped, and later calls send one by one.
+    #[test]
+    fn a_send_ring_whose_send_waits_cancels_it_and_falls_back() {
+        let mut ring = SendRing::new().expect("io_uring (the server's own driver)");
+        ring.flags = libc::MSG_NOSIGNAL;
+        let (full_tx, _full_rx) = pair();
+        // Full for good: the peer's window is closed too (room made by the ACKs of bytes
+        // already in flight is taken again, until none comes for a while).
+        let filler = vec![7u8; 65536];
+        let mut idle = 0;
+        while idle < 20 {
+            if send_now(full_tx.as_raw_fd(), &filler) > 0 {
+                idle = 0;
+            } else {
+                idle += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        let (ok_tx, mut ok_rx) = pair();
+        let big = vec![1u8; 4 << 20];
+        let items: [(RawFd, &[u8]); 2] = [(full_tx.as_raw_fd(), &big), (ok_tx.as_raw_fd(), b"hello")];
+        let mut taken = [usize::MAX; 2];
+        ring.send_each(&items, &mut taken);
+        assert!(!ring.healthy(), "a send still waiting must fail the ring");
+        assert_eq!(taken[1], 5);
+        assert_eq!(drain(&mut ok_rx), b"hello");
+        // Whatever the cancelled send had taken is reported (it may be a part).
+        assert!(taken[0] < big.len());
+        drop(big);
+        // From now on: one `send` each.
+        let mut taken = [usize::MAX; 1];
+        ring.send_each(&[(ok_tx.as_raw_fd(), b"again")], &mut taken);
+        assert_eq!(taken[0], 5);
+        assert_eq!(drain(&mut ok_rx), b"again");
     }
 
     fn send_all_lets_work_in_between(uring: bool) {

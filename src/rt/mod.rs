@@ -6,9 +6,11 @@
 //! its effects. Modules, each depending only on those listed before it:
 //! - `io`: socket-level pieces: a connection's socket state (`Io`, kept in the same
 //!   allocation as the core's per-connection state), the writer's socket handle,
-//!   non-blocking `recv`/`send`, the rustls feed/seal steps, `shutdown(2)`;
+//!   non-blocking `recv`/`send`, the batch of sends (`SendRing`), the rustls feed/seal
+//!   steps, `shutdown(2)`;
 //! - `ctx`: `ShardCtx`, a shard's state shared by its tasks: the core, the shared read
-//!   buffers, the write-buffer pool, the latency sampler, the accept canceller;
+//!   buffers, the write-buffer pool, the send ring and the writes staged for it, the
+//!   latency sampler, the accept canceller;
 //! - `conn`: the connection pump (HTTP phase, reader, on-demand writer) and `carry_out`,
 //!   which performs the core's effects (starting writers, shutting sockets down, logging);
 //! - `shard`: the shard's long-lived tasks, the dispatcher and the ticker;
