@@ -688,15 +688,9 @@ pub(crate) fn flush_sends(ctx: &Rc<ShardCtx>) {
             }
             let items = &items[..end - start];
             let taken = &mut taken[..end - start];
-            let mut ring = ctx.send_ring.borrow_mut();
-            match ring.as_mut() {
-                // One write alone costs less as a plain `send`.
-                Some(r) if items.len() > 1 => r.send_each(items, taken),
-                _ => {
-                    for (t, &(fd, bytes)) in taken.iter_mut().zip(items) {
-                        *t = crate::rt::io::send_now(fd, bytes);
-                    }
-                }
+            // Writes are staged only while the shard has a ring.
+            if let Some(r) = ctx.send_ring.borrow_mut().as_mut() {
+                r.send_each(items, taken);
             }
         }
         for (w, &sent) in staged[start..end].iter_mut().zip(&taken) {
@@ -731,6 +725,7 @@ fn settle(ctx: &Rc<ShardCtx>, w: &mut Staged, sent: usize) {
         }
     }
 }
+
 /// Carries out the effects the shard's core produced, in order. Called after every
 /// `handle_*` call on the core, with no borrow of the core or of a connection held.
 pub(crate) fn carry_out(ctx: &Rc<ShardCtx>) {

@@ -280,11 +280,14 @@ impl SendRing {
     /// For each `(fd, bytes)` of `items` (at most [`SEND_BATCH`], distinct descriptors),
     /// one `send(MSG_DONTWAIT | MSG_NOSIGNAL)`, all submitted at once; `taken[i]` is how
     /// many bytes the kernel took of item `i`, 0 when its socket was full or failed (as
-    /// [`send_now`]). Items the ring could not send (it failed) are sent one by one.
+    /// [`send_now`]). A lone item, and items the ring could not send (it failed), are
+    /// sent with [`send_now`].
     pub fn send_each(&mut self, items: &[(RawFd, &[u8])], taken: &mut [usize]) {
         let n = items.len().min(SEND_BATCH).min(taken.len());
         let mut done = [false; SEND_BATCH];
-        if let Some(ring) = self.ring.as_mut()
+        // One write alone costs less as a plain `send`.
+        if n > 1
+            && let Some(ring) = self.ring.as_mut()
             && !batch(ring, self.flags, &items[..n], &mut taken[..n], &mut done[..n])
         {
             tracing::warn!("the send ring failed: one send per write from now on");
