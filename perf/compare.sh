@@ -25,7 +25,10 @@
 #
 # Server on core 0 (`taskset -c 0`; tickgate with shards=1, the baseline with one tokio
 # worker thread, the uWebSockets peer single-threaded), load generator on core 1
-# (`taskset -c 1`, one tokio worker). Scenarios:
+# (`taskset -c 1`, one tokio worker). On a host with more cores, LG_CORES=1-3 LG_THREADS=3
+# gives the load generator three cores and three workers: on two cores its one core reads
+# as slowly as a server sends, and (A)'s latency runs at its pace (perf/RESULTS.md).
+# Scenarios:
 #   (A) 1,000 subscribers x 10 of 100 symbols, 1,000 ticks/s (100,000 deliveries/s)
 #   (B) the same, rate stepped up until the first step with drops: highest zero-drop rate
 #   (C) 10,000 idle authenticated connections: server RSS per connection
@@ -115,7 +118,8 @@ start() { # $1 = tickgate|tgbp|baseline|uws
 stop() { bench_stop; sleep 0.3; }
 lg() { # $1 = label, rest = loadgen args
   local label=$1; shift
-  taskset -c 1 "$LG" "$@" --target "127.0.0.1:$PORT" --key "$KEY" --label "$label" --json \
+  taskset -c "${LG_CORES:-1}" "$LG" "$@" --threads "${LG_THREADS:-1}" --target "127.0.0.1:$PORT" \
+    --key "$KEY" --label "$label" --json \
     >"$TMP/out.txt" 2>"$TMP/err.txt" || echo "  (loadgen exit $? for $label: $(tail -1 "$TMP/err.txt"))" >&2
   grep '^{' "$TMP/out.txt" >>"$RES" || true
 }
