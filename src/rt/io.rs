@@ -253,10 +253,6 @@ pub struct SendRing {
 /// `io_uring_enter`'s flag to wait for completions (linux/io_uring.h).
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
-/// Bit set in the `user_data` of requests that are not sends (none are issued today;
-/// completions carrying it are skipped).
-const NOT_A_SEND: u64 = 1 << 63;
-
 impl SendRing {
     /// None when the kernel refuses a ring or does not know `IORING_OP_SEND` (the caller
     /// sends one by one instead).
@@ -348,10 +344,10 @@ fn batch(
     let mut waits = 0;
     loop {
         for cqe in ring.completion() {
-            let i = cqe.user_data();
-            if i & NOT_A_SEND == 0 && (i as usize) < pushed && !done[i as usize] {
-                done[i as usize] = true;
-                taken[i as usize] = usize::try_from(cqe.result()).unwrap_or(0);
+            let i = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
+            if i < pushed && !done[i] {
+                done[i] = true;
+                taken[i] = usize::try_from(cqe.result()).unwrap_or(0);
                 completed += 1;
             }
         }
