@@ -635,8 +635,6 @@ fn send_inline(ctx: &Rc<ShardCtx>, idx: usize, conn: &ConnRef, c: &mut Conn, bat
         ctx.staged.borrow_mut().push(Staged {
             conn: conn.clone(),
             idx,
-            generation: c.generation,
-            fd: c.io.fd,
             buf,
         });
         return Inline::Batched;
@@ -684,7 +682,7 @@ pub(crate) fn flush_sends(ctx: &Rc<ShardCtx>) {
         {
             let mut items: [(std::os::fd::RawFd, &[u8]); SEND_BATCH] = [(-1, &[]); SEND_BATCH];
             for (item, w) in items.iter_mut().zip(&staged[start..end]) {
-                *item = (w.fd, &w.buf);
+                *item = (w.conn.borrow().io.fd, &w.buf);
             }
             let items = &items[..end - start];
             let taken = &mut taken[..end - start];
@@ -721,7 +719,8 @@ fn settle(ctx: &Rc<ShardCtx>, w: &mut Staged, sent: usize) {
             } else {
                 Some(rest)
             };
-            monoio::spawn(writer(ctx.clone(), w.conn.clone(), w.idx, w.generation, first));
+            let generation = c.generation;
+            monoio::spawn(writer(ctx.clone(), w.conn.clone(), w.idx, generation, first));
         }
     }
 }

@@ -70,13 +70,11 @@ pub struct ShardCtx {
 }
 
 /// One connection's write waiting for its batch: the connection (held, so its descriptor
-/// stays open until the batch is sent), its slot and generation, its descriptor and the
-/// coalesced frames. While staged, the connection's writer counts as running.
+/// stays open until the batch is sent), its slot and the coalesced frames. While staged,
+/// the connection's writer counts as running.
 pub(crate) struct Staged {
     pub(crate) conn: ConnRef,
     pub(crate) idx: usize,
-    pub(crate) generation: u32,
-    pub(crate) fd: std::os::fd::RawFd,
     pub(crate) buf: Vec<u8>,
 }
 

@@ -819,18 +819,7 @@ mod tests {
         });
         let out: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect();
         let std_stream = std::net::TcpStream::connect(addr).unwrap();
-        let small = 16 * 1024i32;
-        // SAFETY: sets an int option on a live socket, from a valid pointer and length.
-        let rc = unsafe {
-            libc::setsockopt(
-                std_stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&small as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        set_int(std_stream.as_raw_fd(), libc::SO_SNDBUF, 16 * 1024);
         std_stream.set_nonblocking(true).unwrap();
         let sends = std::cell::Cell::new(0usize);
         let body = async {

@@ -206,19 +206,23 @@ fn write_turn(
     out: &mut [Out],
     dirty: &mut Vec<u32>,
     ring: Option<&mut tickgate::rt::io::SendRing>,
+    results: &mut Vec<Result<usize, i32>>,
 ) -> u64 {
     use tickgate::rt::io::SEND_BATCH;
-    // What each connection's send did: bytes taken, or the error.
-    let mut results: Vec<Result<usize, i32>> = Vec::with_capacity(dirty.len());
+    // What each connection's send did: bytes taken, or the error (a buffer the sender
+    // reuses from turn to turn, so a turn allocates nothing).
+    results.clear();
     match ring {
         Some(r) => {
             for chunk in dirty.chunks(SEND_BATCH) {
-                let items: Vec<(i32, &[u8])> = chunk
-                    .iter()
-                    .map(|&c| (fds[c as usize], &out[c as usize].buf[out[c as usize].sent..]))
-                    .collect();
+                let mut items: [(i32, &[u8]); SEND_BATCH] = [(-1, &[]); SEND_BATCH];
+                for (item, &c) in items.iter_mut().zip(chunk) {
+                    let o = &out[c as usize];
+                    *item = (fds[c as usize], &o.buf[o.sent..]);
+                }
+                let items = &items[..chunk.len()];
                 let mut taken = [0usize; SEND_BATCH];
-                r.send_each(&items, &mut taken[..items.len()]);
+                r.send_each(items, &mut taken[..items.len()]);
                 // The batch reports 0 for a full socket and for a failed one alike; a dead
                 // receiver shows up as drops at the end, as a stuck one would.
                 results.extend(taken[..items.len()].iter().map(|&n| Ok(n)));
@@ -301,6 +305,7 @@ fn sender(
         })
         .collect();
     let mut dirty: Vec<u32> = Vec::with_capacity(socks.len());
+    let mut results = Vec::with_capacity(socks.len());
     let mut ring = if a.batch {
         match tickgate::rt::io::SendRing::new() {
             Some(r) => Some(r),
@@ -345,7 +350,7 @@ fn sender(
             }
             ticks += 1;
         }
-        sends += write_turn(&fds, &mut out, &mut dirty, ring.as_mut());
+        sends += write_turn(&fds, &mut out, &mut dirty, ring.as_mut(), &mut results);
         if dirty.is_empty() {
             sleep_until(due(ticks));
         } else {
@@ -359,7 +364,7 @@ fn sender(
     let give_up = mono_ns() + 2_000_000_000;
     wcpu.turn(mono_ns(), w, sends);
     while !dirty.is_empty() && mono_ns() < give_up {
-        sends += write_turn(&fds, &mut out, &mut dirty, ring.as_mut());
+        sends += write_turn(&fds, &mut out, &mut dirty, ring.as_mut(), &mut results);
         std::thread::sleep(Duration::from_millis(1));
     }
     wcpu.turn(mono_ns(), w, sends);
